@@ -1,0 +1,288 @@
+"""The scheduler: the single owner of the queue, the limits and every job's status.
+
+Commands arrive in its mailbox. For each, a pure ``decide_*`` turns state and
+command into events, which are appended at once (no await in between); then a
+scheduling pass places what can start. Placement asks the allocator for GPUs
+(asks flow scheduler -> allocator only), then records ``AttemptDispatched``.
+Processes are started by the node only once that event is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from eventq import events as ev
+from eventq import policy
+from eventq.actors.allocator import Allocate, Allocator, GpuTable, Release
+from eventq.actors.runtime import Actor
+from eventq.actors.scheduler_state import TERMINAL, JobState, SchedulerState
+from eventq.clock import Clock
+from eventq.log import EventLog
+
+
+class CommandError(Exception):
+    """A command the state does not allow; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+class Submit(msgspec.Struct, frozen=True):
+    spec: ev.JobSpec
+    principal: str
+    no_wait: bool = False
+
+
+class Cancel(msgspec.Struct, frozen=True):
+    job_id: str
+    principal: str
+
+
+class SetLimits(msgspec.Struct, frozen=True):
+    limits: ev.Limits
+    principal: str
+
+
+class AttemptReport(msgspec.Struct, frozen=True):
+    """From a node: an attempt's process started, or ended."""
+
+    job_id: str
+    attempt: int
+    kind: str  # "started" | "ended"
+    pid: int | None = None
+    adopted: bool = False
+    outcome: ev.Outcome = "exited"
+    exit_code: int | None = None
+    detail: str = ""
+
+
+class StopAttempt(msgspec.Struct, frozen=True):
+    job_id: str
+    attempt: int
+    reason: str  # "timeout"
+
+
+class ReleaseOrphans(msgspec.Struct, frozen=True):
+    """At start-up: free GPUs held by attempts that are not active."""
+
+
+class Process(msgspec.Struct, frozen=True):
+    """Run a scheduling pass now."""
+
+
+SchedulerMsg = Submit | Cancel | SetLimits | AttemptReport | StopAttempt | ReleaseOrphans | Process
+
+
+@dataclass
+class Outcome:
+    """What a command did, and the commit the caller must wait for before replying."""
+
+    events: Sequence[ev.Event]
+    durable: asyncio.Future[None] | None
+
+
+# --- pure decisions ------------------------------------------------------------------
+
+
+def decide_submit(state: SchedulerState, cmd: Submit) -> list[ev.Event]:
+    if cmd.spec.job_id in state.jobs:
+        raise CommandError(409, f"job {cmd.spec.job_id} already exists")
+    return [ev.JobSubmitted(job=cmd.spec)]
+
+
+def decide_cancel(state: SchedulerState, job_id: str) -> list[ev.Event]:
+    job = state.jobs.get(job_id)
+    if job is None:
+        raise CommandError(404, f"no job {job_id}")
+    if job.status in TERMINAL:
+        raise CommandError(409, f"job {job_id} is already {job.status}")
+    out: list[ev.Event] = [ev.JobCancelled(job_id=job_id)]
+    if job.active and job.stop_requested is None:
+        out.append(ev.AttemptStopRequested(job_id=job_id, attempt=job.attempt, reason="cancelled"))
+    return out
+
+
+def decide_stop(state: SchedulerState, cmd: StopAttempt) -> list[ev.Event]:
+    job = state.jobs.get(cmd.job_id)
+    if job is None or job.attempt != cmd.attempt or not job.active or job.stop_requested:
+        return []
+    return [ev.AttemptStopRequested(job_id=cmd.job_id, attempt=cmd.attempt, reason="timeout")]
+
+
+def decide_report(state: SchedulerState, r: AttemptReport) -> list[ev.Event]:
+    """Fencing first: a report about an attempt that is not the live one is only noted."""
+    job = state.jobs.get(r.job_id)
+    if job is None or job.attempt != r.attempt or not job.active:
+        current = job.attempt if job else 0
+        return [ev.StaleReportIgnored(job_id=r.job_id, attempt=r.attempt,
+                                      current_attempt=current, report=r.kind)]
+    if r.kind == "started":
+        if job.pid is not None:
+            return []
+        return [ev.AttemptStarted(job_id=r.job_id, attempt=r.attempt, pid=r.pid or 0,
+                                  adopted=r.adopted)]
+    outcome = job.stop_requested or r.outcome
+    ended = ev.AttemptEnded(job_id=r.job_id, attempt=r.attempt, outcome=outcome,  # type: ignore[arg-type]
+                            exit_code=r.exit_code, detail=r.detail)
+    return [ended, *_after_attempt(job, ended)]
+
+
+def _after_attempt(job: JobState, ended: ev.AttemptEnded) -> list[ev.Event]:
+    """The job's next state once its attempt has ended."""
+    spec, job_id = job.spec, job.spec.job_id
+    if job.status == "cancelled":
+        return []
+    if ended.outcome == "exited" and ended.exit_code == 0:
+        return [ev.JobCompleted(job_id=job_id)]
+    if ended.outcome in ("lost", "start_failed"):
+        why = ended.detail or ended.outcome
+        retry = True
+    elif ended.outcome == "timeout":
+        why, retry = f"max_runtime of {spec.max_runtime}s exceeded", spec.retry_on_failure
+    else:
+        why, retry = f"exit code {ended.exit_code}", spec.retry_on_failure
+    if retry and job.attempt < spec.max_attempts:
+        return [ev.JobRequeued(job_id=job_id, next_attempt=job.attempt + 1, reason=why)]
+    return [ev.JobFailed(job_id=job_id, reason=why)]
+
+
+def reason_changes(state: SchedulerState, plan: policy.Plan) -> list[ev.Event]:
+    """Record a job's reasons only when its set of reason codes changes."""
+    out: list[ev.Event] = []
+    for job_id, reasons in plan.reasons.items():
+        job = state.jobs[job_id]
+        if [r.code for r in job.reasons] != [r.code for r in reasons]:
+            out.append(ev.JobReasonsChanged(job_id=job_id, reasons=reasons))
+    return out
+
+
+# --- the actor -----------------------------------------------------------------------
+
+
+class Scheduler(Actor[SchedulerMsg]):
+    """Owns SchedulerState; every change goes decide -> append -> evolve."""
+
+    name = "scheduler"
+
+    def __init__(self, log: EventLog, state: SchedulerState, allocator: Allocator,
+                 gpu_table: GpuTable, clock: Clock) -> None:
+        super().__init__()
+        self.log, self.state, self.allocator, self.clock = log, state, allocator, clock
+        #: Read-only view of the allocator's table, for planning and reasons.
+        self.gpu_table = gpu_table
+        self.last_plan = policy.Plan()
+        self._durable: asyncio.Future[None] | None = None
+        self.dispatched = 0
+
+    def _append(self, principal: str, events: Sequence[ev.Event]) -> None:
+        if events:
+            self._durable = self.log.append(principal, events).durable
+
+    async def receive(self, message: SchedulerMsg) -> Outcome:
+        self._durable = None
+        events = await self._handle(message)
+        await self.run_pass()
+        if isinstance(message, Submit) and message.no_wait:
+            events = [*events, *self._reject_if_waiting(message.spec.job_id)]
+        return Outcome(events, self._durable)
+
+    async def _handle(self, m: SchedulerMsg) -> list[ev.Event]:
+        if isinstance(m, Submit):
+            events = decide_submit(self.state, m)
+            self._append(m.principal, events)
+        elif isinstance(m, Cancel):
+            events = decide_cancel(self.state, m.job_id)
+            self._append(m.principal, events)
+        elif isinstance(m, SetLimits):
+            events = [ev.LimitsChanged(limits=m.limits)]
+            self._append(m.principal, events)
+        elif isinstance(m, AttemptReport):
+            events = decide_report(self.state, m)
+            self._append("system", events)
+            if any(isinstance(e, ev.AttemptEnded) for e in events):
+                await self.allocator.ask(Release(m.job_id, m.attempt))
+        elif isinstance(m, StopAttempt):
+            events = decide_stop(self.state, m)
+            self._append("system", events)
+        elif isinstance(m, ReleaseOrphans):
+            events = await self._release_orphans()
+        else:
+            events = []
+        return events
+
+    async def _release_orphans(self) -> list[ev.Event]:
+        released: list[ev.Event] = []
+        holders = {h for node in self.gpu_table.nodes.values() for h in node.held.values()}
+        for job_id, attempt in sorted(holders):
+            job = self.state.jobs.get(job_id)
+            if job is None or not job.active or job.attempt != attempt:
+                released += await self.allocator.ask(Release(job_id, attempt, "orphaned"))
+        return released
+
+    def _reject_if_waiting(self, job_id: str) -> list[ev.Event]:
+        job = self.state.jobs[job_id]
+        if job.status != "pending":
+            return []
+        reasons = self.last_plan.reasons.get(job_id) or self.explain(job)
+        events = [ev.JobRejected(job_id=job_id, reasons=reasons)]
+        self._append("system", events)
+        return events
+
+    async def run_pass(self) -> None:
+        """Place everything that can start now, then record reasons that changed."""
+        now = self.clock.now()
+        plan = policy.plan(self.state.iter_waiting(now), self.state.counts, self.state.limits,
+                           self.node_views(), now)
+        for placement in plan.placements:
+            await self._dispatch(placement)
+        self._append("system", reason_changes(self.state, plan))
+        self.last_plan = plan
+
+    async def _dispatch(self, p: policy.Placement) -> None:
+        job = self.state.jobs[p.job_id]
+        attempt = job.attempt + 1
+        granted = await self.allocator.ask(Allocate(p.job_id, attempt, p.node, p.gpus,
+                                                    job.spec.device_ids, job.spec.any_gpu))
+        if granted is None:
+            return
+        self._append("system", [ev.AttemptDispatched(job_id=p.job_id, attempt=attempt,
+                                                     node=p.node, gpus=granted.gpus)])
+        self.dispatched += 1
+        if job.spec.max_runtime is not None:
+            self.arm_timeout(job)
+
+    def arm_timeout(self, job: JobState) -> None:
+        """Ask for a stop when the attempt's ``max_runtime`` has passed."""
+        if job.spec.max_runtime is None or job.dispatched_at is None:
+            return
+        stop = StopAttempt(job.spec.job_id, job.attempt, "timeout")
+        self.clock.call_at(job.dispatched_at + job.spec.max_runtime, lambda: self._tell(stop))
+
+    def _tell(self, message: SchedulerMsg) -> None:
+        if not self._stopped:
+            self.tell(message)
+
+    def node_views(self) -> list[policy.NodeView]:
+        views = self.gpu_table.views()
+        for view in views:
+            active = self.state.node_active.get(view.name, {})
+            view.ends = [(end, gpus, job_id) for job_id, (end, gpus) in active.items()]
+        return views
+
+    def explain(self, job: JobState) -> list[ev.Reason]:
+        """Every reason holding one waiting job now (for views and dry runs)."""
+        now = self.clock.now()
+        reasons = policy.explain(job.spec, self.state.counts, self.state.limits,
+                                 self.node_views(), self.last_plan.reservation, now)
+        position = self.state.position(job.spec.job_id, now)
+        if position is not None and position > 1 and not reasons:
+            reasons = [ev.Reason("priority", f"{position - 1} jobs ahead")]
+        return reasons

@@ -1,0 +1,232 @@
+"""The scheduler's state: jobs, the waiting order, running counts, limits.
+
+Folded only from events by ``SchedulerState.evolve``; nothing else writes it.
+Waiting jobs live in one sorted bucket per base priority, ordered by submission.
+Aging never reorders a bucket (an older job of the same base has at least the
+same boost), so the queue's order is a lazy k-way merge of the buckets by
+(effective priority, submission order): no re-sort as time passes, and finding
+the next job is O(log n).
+"""
+
+from __future__ import annotations
+
+import heapq
+import statistics
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from sortedcontainers import SortedList
+
+from eventq import events as ev
+from eventq.log import Record
+from eventq.policy import Counts, effective_priority, expected_runtime
+
+ACTIVE = ("dispatched", "running")
+TERMINAL = ("completed", "failed", "cancelled", "rejected")
+RUNTIME_HISTORY = 20
+
+
+class JobState(msgspec.Struct, gc=False):
+    """One job as the scheduler knows it."""
+
+    spec: ev.JobSpec
+    order: int
+    queued_at: float
+    status: str = "pending"
+    attempt: int = 0
+    #: An attempt is alive (dispatched or running, also while a cancel takes effect).
+    active: bool = False
+    node: str | None = None
+    gpus: list[int] = []
+    dispatched_at: float | None = None
+    expected_end: float | None = None
+    pid: int | None = None
+    exit_code: int | None = None
+    stop_requested: str | None = None
+    error: str | None = None
+    reasons: list[ev.Reason] = []
+
+
+@dataclass
+class SchedulerState:
+    jobs: dict[str, JobState] = field(default_factory=dict)
+    buckets: dict[int, SortedList] = field(default_factory=dict)
+    by_order: dict[int, str] = field(default_factory=dict)
+    counts: Counts = field(default_factory=Counts)
+    #: node -> job id -> (expected end, GPU count) of its active attempts.
+    node_active: dict[str, dict[str, tuple[float | None, int]]] = field(default_factory=dict)
+    limits: ev.Limits = field(default_factory=ev.Limits)
+    runtimes: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+
+    # --- the waiting order ---------------------------------------------------------------
+
+    def _key(self, job: JobState, now: float) -> tuple[int, int]:
+        return (-effective_priority(job.spec, job.queued_at, now, self.limits), job.order)
+
+    def _enqueue(self, job: JobState) -> None:
+        self.buckets.setdefault(job.spec.effective_base, SortedList()).add(job.order)
+        self.by_order[job.order] = job.spec.job_id
+
+    def _dequeue(self, job: JobState) -> None:
+        bucket = self.buckets.get(job.spec.effective_base)
+        if bucket is not None and job.order in self.by_order:
+            bucket.discard(job.order)
+            del self.by_order[job.order]
+            if not bucket:
+                del self.buckets[job.spec.effective_base]
+
+    def iter_waiting(self, now: float) -> Iterator[JobState]:
+        """Waiting jobs, highest effective priority first, FIFO within a priority."""
+        def bucket_jobs(bucket: SortedList) -> Iterator[JobState]:
+            for order in bucket:
+                yield self.jobs[self.by_order[order]]
+        return heapq.merge(*(bucket_jobs(b) for b in self.buckets.values()),
+                           key=lambda j: self._key(j, now))
+
+    def waiting_count(self) -> int:
+        return len(self.by_order)
+
+    def position(self, job_id: str, now: float) -> int | None:
+        """1-based place in the queue, by binary search in each bucket."""
+        job = self.jobs.get(job_id)
+        if job is None or job.order not in self.by_order:
+            return None
+        target = self._key(job, now)
+        ahead = 0
+        for bucket in self.buckets.values():
+            lo, hi = 0, len(bucket)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self._key(self.jobs[self.by_order[bucket[mid]]], now) < target:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            ahead += lo
+        return ahead + 1
+
+    # --- evolve ----------------------------------------------------------------------
+
+    def evolve(self, record: Record) -> None:
+        handler = _HANDLERS.get(type(record.event))
+        if handler is None:
+            raise TypeError(f"scheduler has no evolve step for {record.type}")
+        handler(self, record.event, record)
+
+    def _on_limits(self, e: ev.LimitsChanged, r: Record) -> None:
+        self.limits = e.limits
+
+    def _on_submitted(self, e: ev.JobSubmitted, r: Record) -> None:
+        job = JobState(spec=e.job, order=r.seq, queued_at=r.time)
+        self.jobs[e.job.job_id] = job
+        self._enqueue(job)
+
+    def _on_rejected(self, e: ev.JobRejected, r: Record) -> None:
+        job = self.jobs[e.job_id]
+        self._dequeue(job)
+        job.status, job.reasons = "rejected", list(e.reasons)
+
+    def _on_reasons(self, e: ev.JobReasonsChanged, r: Record) -> None:
+        self.jobs[e.job_id].reasons = list(e.reasons)
+
+    def _on_dispatched(self, e: ev.AttemptDispatched, r: Record) -> None:
+        job = self.jobs[e.job_id]
+        self._dequeue(job)
+        runtime = expected_runtime(job.spec)
+        if runtime is None:
+            history = self.runtimes.get((job.spec.user, job.spec.name))
+            runtime = statistics.median(history) if history else None
+        job.status, job.attempt, job.active, job.node, job.gpus = (
+            "dispatched", e.attempt, True, e.node, list(e.gpus))
+        job.dispatched_at, job.reasons, job.pid, job.exit_code = r.time, [], None, None
+        job.stop_requested = None
+        job.expected_end = None if runtime is None else r.time + runtime
+        self._count(job, +1)
+
+    def _on_started(self, e: ev.AttemptStarted, r: Record) -> None:
+        job = self.jobs[e.job_id]
+        job.pid = e.pid
+        if job.status == "dispatched":
+            job.status = "running"
+
+    def _on_stop_requested(self, e: ev.AttemptStopRequested, r: Record) -> None:
+        self.jobs[e.job_id].stop_requested = e.reason
+
+    def _on_ended(self, e: ev.AttemptEnded, r: Record) -> None:
+        job = self.jobs[e.job_id]
+        self._count(job, -1)
+        job.active, job.exit_code = False, e.exit_code
+        if e.outcome == "exited" and e.exit_code == 0 and job.dispatched_at is not None:
+            history = self.runtimes.setdefault((job.spec.user, job.spec.name), [])
+            history.append(r.time - job.dispatched_at)
+            del history[:-RUNTIME_HISTORY]
+
+    def _on_requeued(self, e: ev.JobRequeued, r: Record) -> None:
+        job = self.jobs[e.job_id]
+        job.status, job.node, job.gpus, job.error = "pending", None, [], e.reason
+        self._enqueue(job)
+
+    def _on_completed(self, e: ev.JobCompleted, r: Record) -> None:
+        self.jobs[e.job_id].status = "completed"
+
+    def _on_failed(self, e: ev.JobFailed, r: Record) -> None:
+        job = self.jobs[e.job_id]
+        job.status, job.error = "failed", e.reason
+
+    def _on_cancelled(self, e: ev.JobCancelled, r: Record) -> None:
+        job = self.jobs[e.job_id]
+        self._dequeue(job)
+        job.status = "cancelled"
+
+    def _ignore(self, e: Any, r: Record) -> None:
+        """Events other owners act on."""
+
+    def _count(self, job: JobState, delta: int) -> None:
+        spec, node = job.spec, job.node or ""
+        self.counts.total += delta
+        self.counts.by_user[spec.user] += delta
+        if spec.team:
+            self.counts.by_team[spec.team] += delta
+        if node == "local":
+            self.counts.local_jobs += delta
+            self.counts.local_gpus += delta * spec.gpus
+        active = self.node_active.setdefault(node, {})
+        if delta > 0:
+            active[spec.job_id] = (job.expected_end, spec.gpus)
+        else:
+            active.pop(spec.job_id, None)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Comparable state, for the live == replayed check."""
+        return {
+            "jobs": {k: msgspec.to_builtins(v) for k, v in sorted(self.jobs.items())},
+            "waiting": {p: list(b) for p, b in sorted(self.buckets.items())},
+            "counts": [self.counts.total, +self.counts.by_user, +self.counts.by_team,
+                       self.counts.local_jobs, self.counts.local_gpus],
+            "node_active": {n: dict(sorted(a.items()))
+                            for n, a in sorted(self.node_active.items()) if a},
+            "limits": msgspec.to_builtins(self.limits),
+        }
+
+
+_HANDLERS: dict[type, Callable[[SchedulerState, Any, Record], None]] = {
+    ev.LimitsChanged: SchedulerState._on_limits,
+    ev.JobSubmitted: SchedulerState._on_submitted,
+    ev.JobRejected: SchedulerState._on_rejected,
+    ev.JobReasonsChanged: SchedulerState._on_reasons,
+    ev.AttemptDispatched: SchedulerState._on_dispatched,
+    ev.AttemptStarted: SchedulerState._on_started,
+    ev.AttemptStopRequested: SchedulerState._on_stop_requested,
+    ev.AttemptEnded: SchedulerState._on_ended,
+    ev.JobRequeued: SchedulerState._on_requeued,
+    ev.JobCompleted: SchedulerState._on_completed,
+    ev.JobFailed: SchedulerState._on_failed,
+    ev.JobCancelled: SchedulerState._on_cancelled,
+    ev.ServerStarted: SchedulerState._ignore,
+    ev.NodeInventoryReported: SchedulerState._ignore,
+    ev.UserCreated: SchedulerState._ignore,
+    ev.GpusAllocated: SchedulerState._ignore,
+    ev.GpusReleased: SchedulerState._ignore,
+    ev.StaleReportIgnored: SchedulerState._ignore,
+}

@@ -1,0 +1,40 @@
+"""``eventq``: the entry point of every command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from eventq.cli import jobs, replay, serve
+from eventq.cli.client import CliError
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, help="default: $EVENTQ_HOME or ~/.eventq")
+    common.add_argument("--url", help="server address (default: $EVENTQ_URL, or the local one)")
+    common.add_argument("--token", help="API token (default: $EVENTQ_TOKEN, or the local admin's)")
+    common.add_argument("--format", choices=["table", "json"], default="table")
+    top = argparse.ArgumentParser(prog="eventq", description="GPU job queue and orchestrator")
+    sub = top.add_subparsers(dest="command", required=True)
+    serve.add_parser(sub, common)
+    jobs.add_parser(sub, common)
+    replay.add_parser(sub, common)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except CliError as exc:
+        print(f"eventq: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""``eventq server``: run the orchestrator and its HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+import structlog
+from aiohttp import web
+
+from eventq import gpus
+from eventq.cli.client import CliError
+from eventq.http.app import make_app
+from eventq.server import AlreadyRunning, Orchestrator, default_data_dir
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+               common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("server", parents=[common], help="run the orchestrator")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8001, help="0 picks a free port")
+    s.add_argument("--gpus", help="a simulated inventory, e.g. 4xA100-80GB (default: NVML)")
+    s.add_argument("--grace", type=float, default=10.0,
+                   help="seconds between SIGTERM and SIGKILL when stopping a job")
+    s.add_argument("--log-format", choices=["console", "json"], default="console")
+    s.set_defaults(run=run_server)
+
+
+def configure_logging(fmt: str) -> None:
+    renderer = (structlog.processors.JSONRenderer() if fmt == "json"
+                else structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso"), renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+
+
+def run_server(args: argparse.Namespace) -> int:
+    configure_logging(args.log_format)
+    try:
+        inventory = gpus.detect(args.gpus)
+    except gpus.InventorySpecError as exc:
+        raise CliError(str(exc)) from None
+    orch = Orchestrator(args.data_dir or default_data_dir(), inventory,
+                        grace_seconds=args.grace)
+    try:
+        asyncio.run(_serve(orch, args.host, args.port))
+    except AlreadyRunning as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+async def _serve(orch: Orchestrator, host: str, port: int) -> None:
+    await orch.start()
+    runner = web.AppRunner(make_app(orch), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0][1]
+    url = f"http://{host}:{bound}"
+    orch.write_server_file(url)
+    inv = orch.inventory
+    gpu_text = f"{len(inv.gpus)} GPUs" + (" (simulated)" if inv.simulated else "") + \
+        (f" — {inv.nvml_error}" if inv.nvml_error else "")
+    print(f"eventq server on {url}  data: {orch.data_dir}  {gpu_text}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    await orch.stop()

@@ -1,0 +1,313 @@
+"""Every event eventq records. A reader learns the whole domain here.
+
+Events are immutable facts named in the past tense. Each has a pinned ``tag`` so
+that renaming a class never changes what is stored. An event type is never
+changed incompatibly: a new shape is a new type or an optional field, and old
+stored shapes are turned into current ones by the upcasters at the bottom.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any, Literal
+
+import msgspec
+
+#: Version written with every new event; rows stored with an older version are
+#: upcast on read.
+SCHEMA_VERSION = 1
+
+
+class Level(enum.StrEnum):
+    """A user's level; it gives the default priority of their jobs."""
+
+    ADMIN = "admin"  #: Urgent (30)
+    LEAD = "lead"  #: High (20)
+    RESEARCHER = "researcher"  #: Normal (10)
+    VIEWER = "viewer"  #: Low (0)
+
+
+LEVEL_PRIORITY: dict[Level, int] = {
+    Level.ADMIN: 30,
+    Level.LEAD: 20,
+    Level.RESEARCHER: 10,
+    Level.VIEWER: 0,
+}
+
+Target = Literal["auto", "worker", "local"]
+
+
+class GpuInfo(msgspec.Struct, frozen=True, gc=False):
+    """One GPU of a node's inventory."""
+
+    index: int
+    name: str
+    memory_gb: float
+    #: Percent of memory used by processes eventq did not start; above the busy
+    #: threshold the GPU is not allocatable.
+    foreign_memory_percent: float = 0.0
+
+
+class Reason(msgspec.Struct, frozen=True, gc=False):
+    """One check that holds a waiting job, e.g. ``user_limit``: ``alice runs 2 of 2``."""
+
+    code: str
+    detail: str
+
+
+class Limits(msgspec.Struct, frozen=True, gc=False):
+    """Concurrency and fairness settings (SPEC 4); changed only by LimitsChanged."""
+
+    max_concurrent: int = 5
+    user_max_concurrent: int = 2
+    team_max_concurrent: int = 10
+    enable_fair_share: bool = False
+    local_job_max_concurrent: int = 1
+    local_gpu_max_concurrent: int | None = None
+    starvation_threshold_minutes: float = 60.0
+    aging_boost: int = 10
+    gpu_busy_memory_percent: float = 20.0
+
+
+class JobSpec(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
+    """Everything a submitter asked for, after validation and defaults."""
+
+    job_id: str
+    user: str
+    priority: int
+    command: list[str] | str
+    name: str = ""
+    team: str | None = None
+    priority_override: int | None = None
+    gpus: int = 1
+    device_ids: list[int] | None = None
+    any_gpu: bool = False
+    target: Target = "auto"
+    worker_labels: dict[str, str] = {}
+    max_attempts: int = 3
+    max_runtime: float | None = None
+    estimated_runtime: float | None = None
+    retry_on_failure: bool = False
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    metadata: dict[str, Any] = {}
+    config: dict[str, Any] | None = None
+    config_name: str | None = None
+
+    @property
+    def effective_base(self) -> int:
+        """Priority before aging: the override if set, else the level's."""
+        return self.priority if self.priority_override is None else self.priority_override
+
+
+class Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
+    """Base of every event; the tag is stored as the row's type."""
+
+
+# --- the orchestrator and its nodes ---------------------------------------------------
+
+
+class ServerStarted(Event, tag="server_started"):
+    pid: int
+    version: str
+
+
+class NodeInventoryReported(Event, tag="node_inventory_reported"):
+    """A node's GPUs; recorded at start and whenever allocatable GPUs change."""
+
+    node: str
+    gpus: list[GpuInfo]
+    simulated: bool
+    nvml_error: str | None = None
+
+
+class UserCreated(Event, tag="user_created"):
+    name: str
+    level: Level
+    team: str | None
+    token_sha256: str
+
+
+class LimitsChanged(Event, tag="limits_changed"):
+    limits: Limits
+
+
+# --- a job's life ---------------------------------------------------------------------
+
+
+class JobSubmitted(Event, tag="job_submitted"):
+    job: JobSpec
+
+
+class JobRejected(Event, tag="job_rejected"):
+    """Refused at submission (``no_wait`` and it could not start now)."""
+
+    job_id: str
+    reasons: list[Reason]
+
+
+class JobReasonsChanged(Event, tag="job_reasons_changed"):
+    """The set of checks holding a waiting job changed (only changes are recorded)."""
+
+    job_id: str
+    reasons: list[Reason]
+
+
+class GpusAllocated(Event, tag="gpus_allocated"):
+    job_id: str
+    attempt: int
+    node: str
+    gpus: list[int]
+
+
+class AttemptDispatched(Event, tag="attempt_dispatched"):
+    job_id: str
+    attempt: int
+    node: str
+    gpus: list[int]
+
+
+class AttemptStarted(Event, tag="attempt_started"):
+    """The attempt's process exists; ``adopted`` after a restart found it alive."""
+
+    job_id: str
+    attempt: int
+    pid: int
+    adopted: bool = False
+
+
+class AttemptStopRequested(Event, tag="attempt_stop_requested"):
+    job_id: str
+    attempt: int
+    reason: Literal["cancelled", "timeout"]
+
+
+Outcome = Literal["exited", "timeout", "cancelled", "lost", "start_failed"]
+
+
+class AttemptEnded(Event, tag="attempt_ended"):
+    """The attempt's process is gone; ``exit_code`` is None when it is unknown."""
+
+    job_id: str
+    attempt: int
+    outcome: Outcome
+    exit_code: int | None = None
+    detail: str = ""
+
+
+class GpusReleased(Event, tag="gpus_released"):
+    job_id: str
+    attempt: int
+    node: str
+    gpus: list[int]
+    reason: Literal["ended", "orphaned"]
+
+
+class JobRequeued(Event, tag="job_requeued"):
+    job_id: str
+    next_attempt: int
+    reason: str
+
+
+class JobCompleted(Event, tag="job_completed"):
+    job_id: str
+
+
+class JobFailed(Event, tag="job_failed"):
+    job_id: str
+    reason: str
+
+
+class JobCancelled(Event, tag="job_cancelled"):
+    job_id: str
+
+
+class StaleReportIgnored(Event, tag="stale_report_ignored"):
+    """A report about an attempt that is no longer current (fencing)."""
+
+    job_id: str
+    attempt: int
+    current_attempt: int
+    report: str
+
+
+AnyEvent = (
+    ServerStarted
+    | NodeInventoryReported
+    | UserCreated
+    | LimitsChanged
+    | JobSubmitted
+    | JobRejected
+    | JobReasonsChanged
+    | GpusAllocated
+    | AttemptDispatched
+    | AttemptStarted
+    | AttemptStopRequested
+    | AttemptEnded
+    | GpusReleased
+    | JobRequeued
+    | JobCompleted
+    | JobFailed
+    | JobCancelled
+    | StaleReportIgnored
+)
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    t.__struct_config__.tag: t  # type: ignore[misc]
+    for t in AnyEvent.__args__  # type: ignore[attr-defined]
+}
+
+
+def event_type(event: Event) -> str:
+    """The stored type name (the pinned tag) of an event."""
+    tag = event.__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+def event_job_id(event: Event) -> str | None:
+    """The job an event is about, for the log's by-job index."""
+    if isinstance(event, JobSubmitted):
+        return event.job.job_id
+    job_id = getattr(event, "job_id", None)
+    return job_id if isinstance(job_id, str) else None
+
+
+# --- encoding and upcasting -----------------------------------------------------------
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[AnyEvent] = msgspec.msgpack.Decoder(AnyEvent)
+_raw_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _v0_job_submitted(body: dict[str, Any]) -> dict[str, Any]:
+    """v0 stored SimpleTuner's ``num_processes`` where v1 stores ``gpus``."""
+    job = dict(body["job"])
+    if "num_processes" in job:
+        job["gpus"] = job.pop("num_processes")
+    return {**body, "job": job}
+
+
+#: (type, stored version) -> step to version + 1.
+UPCASTERS: dict[tuple[str, int], Upcaster] = {
+    ("job_submitted", 0): _v0_job_submitted,
+}
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(body: bytes, version: int = SCHEMA_VERSION) -> AnyEvent:
+    """Decode a stored body, upcasting it first if it was stored by an older version."""
+    if version == SCHEMA_VERSION:
+        return _decoder.decode(body)
+    raw = _raw_decoder.decode(body)
+    for step in range(version, SCHEMA_VERSION):
+        upcast = UPCASTERS.get((raw["type"], step))
+        if upcast is not None:
+            raw = upcast(raw)
+    return msgspec.convert(raw, AnyEvent)  # type: ignore[arg-type]

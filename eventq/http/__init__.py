@@ -1,0 +1,1 @@
+"""The aiohttp application: routes by area, auth middleware, JSON errors."""

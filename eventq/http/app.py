@@ -1,0 +1,96 @@
+"""Builds the aiohttp application around a started Orchestrator."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from eventq.actors.scheduler import CommandError
+from eventq.auth import User
+from eventq.server import Orchestrator
+
+ORCH = web.AppKey("orchestrator", Orchestrator)
+USER = web.RequestKey("user", User)
+T = TypeVar("T")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_FIELD = re.compile(r"at `\$\.([^`\[]+)")
+
+
+class ApiError(Exception):
+    """Answered as ``{"error": message, "field": field, "detail": detail}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, field: str | None = None,
+                 detail: Any = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field, self.detail = status, message, field, detail
+
+    def response(self) -> web.Response:
+        body: dict[str, Any] = {"error": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        if self.detail is not None:
+            body["detail"] = self.detail
+        return web.json_response(body, status=self.status)
+
+
+def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiError:
+    """msgspec says ``Expected `int`, got `str` - at `$.gpus```: name the field."""
+    text = str(exc)
+    match = _FIELD.search(text)
+    if isinstance(exc, msgspec.DecodeError) and match is None:
+        return ApiError(422, "request body is not valid JSON", detail=text)
+    field = match[1] if match else None
+    if field is None and "unknown field" in text:
+        field = text.split("`")[1]
+    if field is None and "missing required field" in text:
+        field = text.split("`")[1]
+    return ApiError(422, f"invalid field {field}" if field else "invalid request", field, text)
+
+
+def decode_body(raw: bytes, kind: type[T]) -> T:
+    try:
+        return msgspec.json.decode(raw or b"{}", type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise validation_error(exc) from None
+
+
+def current_user(request: web.Request) -> User:
+    return request[USER]
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except CommandError as exc:
+        return ApiError(exc.status, exc.message).response()
+
+
+@web.middleware
+async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
+    user = request.app[ORCH].users.authenticate(header.removeprefix("Bearer ").strip())
+    if user is None:
+        raise ApiError(401, "invalid or revoked token")
+    request[USER] = user
+    return await handler(request)
+
+
+def make_app(orchestrator: Orchestrator) -> web.Application:
+    from eventq.http import jobs, queue, system
+
+    app = web.Application(middlewares=[errors, auth], client_max_size=4 * 2**20)
+    app[ORCH] = orchestrator
+    app.add_routes(queue.routes)
+    app.add_routes(jobs.routes)
+    app.add_routes(system.routes)
+    return app

@@ -1,0 +1,205 @@
+"""``/api/queue``: submit, list, cancel, concurrency (seed 000 shapes)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+from aiohttp import web
+
+from eventq import events as ev
+from eventq.actors.scheduler import Cancel, Outcome, SetLimits, Submit
+from eventq.auth import User
+from eventq.http.app import ORCH, ApiError, current_user, decode_body
+from eventq.server import Orchestrator
+
+routes = web.RouteTableDef()
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The body of ``POST /api/queue/submit`` (SPEC 2)."""
+
+    command: list[str] | str | None = None
+    config: dict[str, Any] | None = None
+    config_name: str | None = None
+    name: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    gpus: NonNegative | None = None
+    num_processes: NonNegative | None = None
+    device_ids: list[NonNegative] | None = None
+    any_gpu: bool = False
+    no_wait: bool = False
+    target: Literal["auto", "worker", "local"] = "auto"
+    worker_labels: dict[str, str] = {}
+    priority_override: Annotated[int, msgspec.Meta(ge=0, le=1000)] | None = None
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    max_runtime: Positive | None = None
+    estimated_runtime: Positive | None = None
+    retry_on_failure: bool = False
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    metadata: dict[str, Any] = {}
+    team: str | None = None
+
+
+def build_spec(req: SubmitRequest, user: User, orch: Orchestrator) -> ev.JobSpec:
+    """Validate what msgspec cannot, and fill in defaults."""
+    if req.gpus is not None and req.num_processes is not None and req.gpus != req.num_processes:
+        raise ApiError(422, "gpus and num_processes disagree", "gpus")
+    gpus = req.gpus if req.gpus is not None else (req.num_processes or 0) \
+        if req.num_processes is not None else 1
+    if not req.command and req.config is None:
+        field = "config_name" if req.config_name else "command"
+        raise ApiError(422, "a job needs a command or a config", field)
+    if isinstance(req.command, list) and not all(req.command):
+        raise ApiError(422, "command items must be non-empty strings", "command")
+    if req.priority_override is not None and user.level not in (ev.Level.ADMIN, ev.Level.LEAD):
+        raise ApiError(403, "only leads and admins may override priority", "priority_override")
+    if req.cwd is not None and not os.path.isdir(req.cwd):
+        raise ApiError(422, f"cwd {req.cwd} is not a directory on the server", "cwd")
+    _check_gpus(req, gpus, orch)
+    return ev.JobSpec(
+        job_id=uuid.uuid4().hex[:12], user=user.name, priority=ev.LEVEL_PRIORITY[user.level],
+        command=req.command or [], name=req.name or req.config_name or _name_of(req.command),
+        team=req.team or user.team, priority_override=req.priority_override, gpus=gpus,
+        device_ids=req.device_ids, any_gpu=req.any_gpu, target=req.target,
+        worker_labels=req.worker_labels, max_attempts=req.max_attempts,
+        max_runtime=req.max_runtime, estimated_runtime=req.estimated_runtime,
+        retry_on_failure=req.retry_on_failure, env=req.env, cwd=req.cwd,
+        metadata=req.metadata, config=req.config, config_name=req.config_name)
+
+
+def _check_gpus(req: SubmitRequest, gpus: int, orch: Orchestrator) -> None:
+    local = orch.gpu_table.nodes.get("local")
+    total = len(orch.gpu_table.allocatable("local")) if local else 0
+    if req.target != "worker" and gpus > total:
+        raise ApiError(422, f"needs {gpus} GPUs; the local node has {total}"
+                       + (f" ({local.nvml_error})" if local and local.nvml_error else ""), "gpus")
+    if req.device_ids and local and not set(req.device_ids) <= local.gpus.keys():
+        raise ApiError(422, f"device_ids {req.device_ids} are not all GPUs of the local node "
+                            f"(it has {sorted(local.gpus)})", "device_ids")
+    if req.device_ids and not req.any_gpu and len(req.device_ids) != gpus:
+        raise ApiError(422, f"device_ids names {len(req.device_ids)} GPUs but gpus is {gpus}",
+                       "device_ids")
+
+
+def _name_of(command: list[str] | str | None) -> str:
+    words = command.split() if isinstance(command, str) else (command or [])
+    return os.path.basename(words[0]) if words else "job"
+
+
+def submit_reply(orch: Orchestrator, job_id: str) -> dict[str, Any]:
+    job = orch.state.jobs[job_id]
+    api_status = {"pending": "queued", "dispatched": "running"}.get(job.status, job.status)
+    reply: dict[str, Any] = {
+        "success": True, "job_id": job_id, "status": api_status, "allocated_gpus": job.gpus,
+        "queue_position": orch.state.position(job_id, orch.clock.now()),
+    }
+    if job.status in ("pending", "rejected"):
+        reply["reasons"] = [{"code": r.code, "detail": r.detail}
+                            for r in orch.queue.reasons(job)]
+    return reply
+
+
+async def settle(outcome: Outcome) -> None:
+    """Reply only once what the command recorded is durable."""
+    if outcome.durable is not None:
+        await outcome.durable
+
+
+@routes.post("/api/queue/submit")
+async def submit(request: web.Request) -> web.Response:
+    orch, user = request.app[ORCH], current_user(request)
+    req = decode_body(await request.read(), SubmitRequest)
+    spec = build_spec(req, user, orch)
+    outcome: Outcome = await orch.scheduler.ask(Submit(spec, user.principal, req.no_wait))
+    await settle(outcome)
+    return web.json_response(submit_reply(orch, spec.job_id))
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(422, f"{name} must be an integer", name) from None
+    if not lo <= value <= hi:
+        raise ApiError(422, f"{name} must be between {lo} and {hi}", name)
+    return value
+
+
+@routes.get("/api/queue")
+async def list_queue(request: web.Request) -> web.Response:
+    orch = request.app[ORCH]
+    limit = _int_param(request, "limit", 50, 1, 10_000)
+    jobs = orch.queue.list(request.query.get("status"), limit, _flag(request, "include_completed"))
+    return web.json_response({"jobs": jobs, "count": len(jobs)})
+
+
+@routes.get("/api/queue/stats")
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[ORCH].queue.stats())
+
+
+@routes.post("/api/queue/{job_id}/cancel")
+async def cancel(request: web.Request) -> web.Response:
+    orch, user = request.app[ORCH], current_user(request)
+    job_id = request.match_info["job_id"]
+    job = orch.state.jobs.get(job_id)
+    if job is None:
+        raise ApiError(404, f"no job {job_id}")
+    if job.spec.user != user.name and user.level != ev.Level.ADMIN:
+        raise ApiError(403, "only the job's owner or an admin may cancel it")
+    attempt, was_active = job.attempt, job.active
+    await settle(await orch.scheduler.ask(Cancel(job_id, user.principal)))
+    if was_active:
+        await orch.node.wait_ended(job_id, attempt, orch.grace_seconds + 2)
+    return web.json_response({"success": True, "job_id": job_id, "status": job.status,
+                              "process_stopped": not job.active})
+
+
+Count = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+Unset = msgspec.UnsetType
+
+
+class LimitsUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    """A partial change of the limits; fields left out keep their value."""
+
+    max_concurrent: Count | Unset = msgspec.UNSET
+    user_max_concurrent: Count | Unset = msgspec.UNSET
+    team_max_concurrent: Count | Unset = msgspec.UNSET
+    enable_fair_share: bool | Unset = msgspec.UNSET
+    local_job_max_concurrent: Count | Unset = msgspec.UNSET
+    #: null means unlimited.
+    local_gpu_max_concurrent: Count | None | Unset = msgspec.UNSET
+    starvation_threshold_minutes: Annotated[float, msgspec.Meta(gt=0)] | Unset = msgspec.UNSET
+
+
+def limits_dict(limits: ev.Limits) -> dict[str, Any]:
+    return msgspec.to_builtins(limits)  # type: ignore[no-any-return]
+
+
+@routes.get("/api/queue/concurrency")
+async def get_limits(request: web.Request) -> web.Response:
+    return web.json_response(limits_dict(request.app[ORCH].state.limits))
+
+
+@routes.post("/api/queue/concurrency")
+async def set_limits(request: web.Request) -> web.Response:
+    orch, user = request.app[ORCH], current_user(request)
+    if user.level != ev.Level.ADMIN:
+        raise ApiError(403, "only admins may change concurrency limits")
+    changes = msgspec.to_builtins(decode_body(await request.read(), LimitsUpdate))
+    limits = msgspec.structs.replace(orch.state.limits, **changes)
+    await settle(await orch.scheduler.ask(SetLimits(limits, user.principal)))
+    return web.json_response({"success": True, **limits_dict(limits)})

@@ -1,0 +1,283 @@
+"""The event log: one SQLite table, append-only, hash-chained, group-committed.
+
+``append`` is synchronous: it numbers and chains the events, hands them to every
+subscriber in seq order (actors and projections evolve at once, so a reply can
+read its own write), and queues them for the writer. The writer task owns the
+write connection and commits everything waiting in one ``BEGIN IMMEDIATE …
+COMMIT``. Effects (replies, process starts) wait for ``Appended.durable``. If a
+commit fails the process stops: memory must never run ahead of a disk that
+refused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sqlite3
+import struct
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiosqlite
+import msgspec
+
+from eventq import events as ev
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    principal TEXT NOT NULL,
+    type TEXT NOT NULL,
+    job_id TEXT,
+    v INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    hash BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, seq) WHERE job_id IS NOT NULL;
+"""
+
+GENESIS = b"\x00" * 32
+_SEQ_TIME = struct.Struct(">qd")
+
+Row = tuple[int, float, str, str, str | None, int, bytes, bytes]
+
+
+class Record(msgspec.Struct, frozen=True, gc=False):
+    """One logged event with its envelope."""
+
+    seq: int
+    time: float
+    principal: str
+    event: ev.AnyEvent
+    hash: bytes
+
+    @property
+    def type(self) -> str:
+        return ev.event_type(self.event)
+
+
+def chain_hash(prev: bytes, seq: int, time: float, principal: str, type_: str,
+               job_id: str | None, version: int, body: bytes) -> bytes:
+    """The hash of one row, chained to the previous row's hash."""
+    h = hashlib.sha256(prev)
+    h.update(_SEQ_TIME.pack(seq, time))
+    h.update(b"\x1f".join((principal.encode(), type_.encode(), (job_id or "").encode(),
+                           str(version).encode())))
+    h.update(body)
+    return h.digest()
+
+
+class LogCorrupt(Exception):
+    """The hash chain or the sequence is broken at ``seq``."""
+
+    def __init__(self, seq: int, why: str) -> None:
+        super().__init__(f"log is corrupt at seq {seq}: {why}")
+        self.seq = seq
+        self.why = why
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """A plain read connection, for replay and audit whether or not a server runs."""
+    if not path.exists():
+        raise FileNotFoundError(f"no event log at {path}")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def iter_rows(conn: sqlite3.Connection, from_seq: int = 1, to_seq: int | None = None,
+              job_id: str | None = None) -> Iterator[Row]:
+    sql = "SELECT seq, time, principal, type, job_id, v, body, hash FROM events WHERE seq >= ?"
+    args: list[object] = [from_seq]
+    if to_seq is not None:
+        sql += " AND seq <= ?"
+        args.append(to_seq)
+    if job_id is not None:
+        sql += " AND job_id = ?"
+        args.append(job_id)
+    cur = conn.execute(sql + " ORDER BY seq", args)
+    while batch := cur.fetchmany(4096):
+        yield from batch
+
+
+def iter_verified(conn: sqlite3.Connection) -> Iterator[Record]:
+    """Every record from seq 1, checking contiguity and the hash chain as it goes."""
+    prev, expected = GENESIS, 1
+    for seq, time, principal, type_, job_id, version, body, stored in iter_rows(conn):
+        if seq != expected:
+            raise LogCorrupt(expected, f"sequence jumps to {seq}")
+        if chain_hash(prev, seq, time, principal, type_, job_id, version, body) != stored:
+            raise LogCorrupt(seq, "hash does not match its contents and the previous hash")
+        try:
+            event = ev.decode(body, version)
+        except msgspec.DecodeError as exc:
+            raise LogCorrupt(seq, f"body does not decode: {exc}") from exc
+        if ev.event_type(event) != type_:
+            raise LogCorrupt(seq, f"type column {type_!r} differs from body")
+        yield Record(seq, time, principal, event, stored)
+        prev, expected = stored, seq + 1
+
+
+def to_record(row: Row) -> Record:
+    seq, time, principal, _type, _job, version, body, stored = row
+    return Record(seq, time, principal, ev.decode(body, version), stored)
+
+
+Subscriber = Callable[[Record], None]
+DurableSubscriber = Callable[[Sequence[Record]], None]
+
+
+@dataclass
+class Appended:
+    records: list[Record]
+    durable: asyncio.Future[None]
+
+
+def _fail_stop(exc: BaseException) -> None:
+    sys.stderr.write(f"eventq: FATAL: the event log could not be written ({exc!r}); stopping\n")
+    sys.stderr.flush()
+    os._exit(70)
+
+
+@dataclass
+class EventLog:
+    """The log of one data directory. Build it with ``await EventLog.open(path)``."""
+
+    path: Path
+    conn: aiosqlite.Connection
+    clock_now: Callable[[], float]
+    on_fatal: Callable[[BaseException], None] = _fail_stop
+    head_seq: int = 0
+    head_hash: bytes = GENESIS
+    subscribers: list[Subscriber] = field(default_factory=list)
+    durable_subscribers: list[DurableSubscriber] = field(default_factory=list)
+    commits: int = 0
+    committed_events: int = 0
+    _pending: list[Row] = field(default_factory=list)
+    _pending_records: list[Record] = field(default_factory=list)
+    _batch_future: asyncio.Future[None] | None = None
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _writer: asyncio.Task[None] | None = None
+    _reader: aiosqlite.Connection | None = None
+    _closing: bool = False
+
+    @classmethod
+    async def open(cls, path: Path, clock_now: Callable[[], float],
+                   on_fatal: Callable[[BaseException], None] = _fail_stop) -> EventLog:
+        conn = await aiosqlite.connect(path, isolation_level=None)
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA synchronous=FULL")
+        await conn.executescript(SCHEMA)
+        return cls(path=path, conn=conn, clock_now=clock_now, on_fatal=on_fatal)
+
+    def replay(self) -> int:
+        """Fold every stored event into the subscribers; returns the number replayed."""
+        with sqlite3.connect(self.path) as conn:
+            for record in iter_verified(conn):
+                for subscriber in self.subscribers:
+                    subscriber(record)
+                self.head_seq, self.head_hash = record.seq, record.hash
+        return self.head_seq
+
+    def start(self) -> None:
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        self.subscribers.append(subscriber)
+
+    def on_durable(self, subscriber: DurableSubscriber) -> None:
+        self.durable_subscribers.append(subscriber)
+
+    def append(self, principal: str, events: Sequence[ev.Event]) -> Appended:
+        """Number, chain and apply ``events``; they become durable at the next commit."""
+        if self._closing:
+            raise RuntimeError("the event log is closed")
+        now = self.clock_now()
+        records = []
+        for event in events:
+            seq, type_, job_id = self.head_seq + 1, ev.event_type(event), ev.event_job_id(event)
+            body = ev.encode(event)
+            digest = chain_hash(self.head_hash, seq, now, principal, type_, job_id,
+                                ev.SCHEMA_VERSION, body)
+            record = Record(seq, now, principal, event, digest)  # type: ignore[arg-type]
+            self._pending.append((seq, now, principal, type_, job_id, ev.SCHEMA_VERSION,
+                                  body, digest))
+            self._pending_records.append(record)
+            self.head_seq, self.head_hash = seq, digest
+            for subscriber in self.subscribers:
+                subscriber(record)
+            records.append(record)
+        if self._batch_future is None:
+            self._batch_future = asyncio.get_running_loop().create_future()
+        self._wake.set()
+        return Appended(records, self._batch_future)
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._pending:
+                if self._closing:
+                    return
+                continue
+            rows, records, future = self._pending, self._pending_records, self._batch_future
+            self._pending, self._pending_records, self._batch_future = [], [], None
+            try:
+                await self._commit(rows)
+            except BaseException as exc:  # noqa: BLE001 - any failure stops the process
+                self.on_fatal(exc)
+                if future is not None and not future.done():
+                    future.set_exception(RuntimeError(f"event log write failed: {exc!r}"))
+                return
+            self.commits += 1
+            self.committed_events += len(rows)
+            if future is not None and not future.done():
+                future.set_result(None)
+            for subscriber in self.durable_subscribers:
+                subscriber(records)
+
+    async def _commit(self, rows: list[Row]) -> None:
+        await self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            await self.conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            await self.conn.execute("COMMIT")
+        except BaseException:
+            await self.conn.execute("ROLLBACK")
+            raise
+
+    async def flush(self) -> None:
+        """Wait until everything appended so far is durable."""
+        if self._batch_future is not None:
+            await asyncio.shield(self._batch_future)
+
+    async def read(self, from_seq: int = 1, to_seq: int | None = None,
+                   job_id: str | None = None, limit: int = 10_000) -> list[Record]:
+        """Durable records by seq range and/or job, oldest first."""
+        sql = "SELECT seq, time, principal, type, job_id, v, body, hash FROM events WHERE seq >= ?"
+        args: list[object] = [from_seq]
+        if to_seq is not None:
+            sql += " AND seq <= ?"
+            args.append(to_seq)
+        if job_id is not None:
+            sql += " AND job_id = ?"
+            args.append(job_id)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        if self._reader is None:
+            # Its own connection: reads must never see the writer's open transaction.
+            self._reader = await aiosqlite.connect(self.path)
+        async with self._reader.execute(sql, args) as cur:
+            rows = await cur.fetchall()
+        return [to_record(tuple(row)) for row in rows]  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        """Commit what is waiting, then close the connection."""
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            await self._writer
+        await self.conn.close()
+        if self._reader is not None:
+            await self._reader.close()

@@ -1,0 +1,146 @@
+"""The local node: starts and stops attempts on the orchestrator's own machine.
+
+It acts only on durable events (write-ahead effects): a process is started once
+its ``AttemptDispatched`` is on disk, and stopped once ``AttemptStopRequested``
+is. It tells the scheduler what became of each process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from eventq import events as ev
+from eventq import runner
+from eventq.actors.scheduler import AttemptReport, Scheduler
+from eventq.actors.scheduler_state import SchedulerState
+from eventq.log import Record
+
+log = structlog.get_logger()
+
+
+@dataclass
+class LocalNode:
+    data_dir: Path
+    scheduler: Scheduler
+    state: SchedulerState
+    grace_seconds: float = 10.0
+    trainer: tuple[str, ...] = runner.DEFAULT_TRAINER
+    #: (job id, attempt) -> pid (= process group) of live attempts.
+    pids: dict[tuple[str, int], int] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    exited: dict[tuple[str, int], asyncio.Event] = field(default_factory=dict)
+
+    def on_durable(self, records: Sequence[Record]) -> None:
+        for record in records:
+            e = record.event
+            if isinstance(e, ev.AttemptDispatched) and e.node == "local":
+                self._spawn_task(self._run(e))
+            elif isinstance(e, ev.AttemptStopRequested):
+                job = self.state.jobs.get(e.job_id)
+                if job is not None and job.node == "local":
+                    self._spawn_task(self._stop(e.job_id, e.attempt))
+
+    def _spawn_task(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _report(self, report: AttemptReport) -> None:
+        if not self.scheduler._stopped:
+            self.scheduler.tell(report)
+
+    async def _run(self, e: ev.AttemptDispatched) -> None:
+        spec = self.state.jobs[e.job_id].spec
+        key = (e.job_id, e.attempt)
+        self.exited[key] = asyncio.Event()
+        directory = runner.attempt_dir(self.data_dir, e.job_id, e.attempt)
+        try:
+            proc = runner.spawn(spec, e.attempt, e.gpus, directory, self.trainer)
+        except OSError as exc:
+            self._ended(key, AttemptReport(e.job_id, e.attempt, "ended", outcome="start_failed",
+                                           detail=f"could not start: {exc}"))
+            return
+        self.pids[key] = proc.pid
+        self._report(AttemptReport(e.job_id, e.attempt, "started", pid=proc.pid))
+        code = await runner.wait_child(proc)
+        if code == runner.CLAIMED:
+            log.error("attempt_already_claimed", job_id=e.job_id, attempt=e.attempt)
+        self._ended(key, AttemptReport(e.job_id, e.attempt, "ended", exit_code=code))
+
+    def _ended(self, key: tuple[str, int], report: AttemptReport) -> None:
+        self.pids.pop(key, None)
+        self._report(report)
+        done = self.exited.pop(key, None)
+        if done is not None:
+            done.set()
+
+    async def _stop(self, job_id: str, attempt: int) -> None:
+        """SIGTERM to the whole group, SIGKILL after the grace period."""
+        key = (job_id, attempt)
+        pgid = self.pids.get(key)
+        if pgid is None:
+            return
+        runner.signal_group(pgid, signal.SIGTERM)
+        done = self.exited.get(key)
+        if done is not None:
+            try:
+                await asyncio.wait_for(done.wait(), self.grace_seconds)
+            except TimeoutError:
+                pass
+        runner.signal_group(pgid, signal.SIGKILL)
+
+    async def wait_ended(self, job_id: str, attempt: int, timeout: float) -> None:
+        done = self.exited.get((job_id, attempt))
+        if done is not None:
+            try:
+                await asyncio.wait_for(done.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    # --- recovery ----------------------------------------------------------------------
+
+    async def recover(self) -> dict[str, int]:
+        """Reconcile every attempt the log shows active here with its directory."""
+        found = {"adopted": 0, "exited": 0, "vanished": 0}
+        for job in list(self.state.jobs.values()):
+            if not job.active or job.node != "local":
+                continue
+            directory = runner.attempt_dir(self.data_dir, job.spec.job_id, job.attempt)
+            seen = await runner.inspect(directory)
+            key = (job.spec.job_id, job.attempt)
+            if seen.state == "alive" and seen.pid is not None:
+                found["adopted"] += 1
+                self.pids[key] = seen.pid
+                self.exited[key] = asyncio.Event()
+                self._report(AttemptReport(*key, "started", pid=seen.pid, adopted=True))
+                self._spawn_task(self._watch_adopted(key, seen.pid, directory))
+            elif seen.state == "exited":
+                found["exited"] += 1
+                self._report(AttemptReport(*key, "ended", pid=seen.pid, exit_code=seen.exit_code))
+            else:
+                found["vanished"] += 1
+                why = ("the process never started before the server stopped"
+                       if seen.state == "never_started" else "the process vanished while the "
+                       "server was down")
+                self._report(AttemptReport(*key, "ended", outcome="lost", detail=why))
+        return found
+
+    async def _watch_adopted(self, key: tuple[str, int], pid: int, directory: Path) -> None:
+        code = await runner.wait_foreign(pid, directory)
+        if code is None:
+            self._ended(key, AttemptReport(*key, "ended", outcome="lost",
+                                           detail="adopted process ended without an exit code"))
+        else:
+            self._ended(key, AttemptReport(*key, "ended", exit_code=code))
+
+    async def shutdown(self) -> None:
+        """Stop watching; running attempts keep running and are adopted after a restart."""
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)

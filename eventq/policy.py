@@ -1,0 +1,289 @@
+"""The scheduling policy (SPEC 4) as pure functions: no I/O, no clock, no mutation of inputs.
+
+``plan`` walks waiting jobs in priority order and returns the ones to place now,
+with every reason that holds each job it looked at. A job that fails a check is
+skipped and the next is tried, except that the highest job held only by GPUs gets
+a reservation (EASY backfilling): lower jobs may use that node's GPUs only if they
+end before its shadow time or use only the extra GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Protocol
+
+from eventq.events import JobSpec, Limits, Reason
+
+URGENT = 30
+#: Jobs examined per pass at most; the rest wait with reason ``priority``.
+SCAN_DEPTH = 2000
+#: Once the global limit is reached nothing more can start; this many more jobs
+#: are still examined so that their reasons stay current.
+REASON_DEPTH = 100
+
+
+class Waiting(Protocol):
+    """A waiting job as the policy sees it."""
+
+    @property
+    def spec(self) -> JobSpec: ...
+
+    @property
+    def queued_at(self) -> float: ...
+
+
+def effective_priority(spec: JobSpec, queued_at: float, now: float, limits: Limits) -> int:
+    """Override or level priority, plus the aging boost (capped at Urgent)."""
+    base = spec.effective_base
+    if base >= URGENT or limits.starvation_threshold_minutes <= 0:
+        return base
+    waited = max(0.0, now - queued_at) / (limits.starvation_threshold_minutes * 60)
+    return max(base, min(URGENT, base + limits.aging_boost * math.floor(waited)))
+
+
+@dataclass
+class NodeView:
+    """One node's GPUs at the moment of planning."""
+
+    name: str
+    local: bool
+    free: set[int]
+    #: GPUs eventq may ever use here (not busy with foreign processes).
+    allocatable: int
+    #: (expected end or None, GPU count, job id) of each active attempt.
+    ends: list[tuple[float | None, int, str]] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Counts:
+    """Active attempts, for the limits."""
+
+    total: int = 0
+    by_user: Counter[str] = field(default_factory=Counter)
+    by_team: Counter[str] = field(default_factory=Counter)
+    local_jobs: int = 0
+    local_gpus: int = 0
+
+
+@dataclass(frozen=True)
+class Placement:
+    job_id: str
+    node: str
+    gpus: int
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """GPUs held for the highest job that lacks them."""
+
+    job_id: str
+    node: str
+    needs: int
+    shadow: float | None
+    #: Job whose unknown end makes the shadow unknown.
+    waits_for: str | None
+    extra: int
+
+
+@dataclass
+class Plan:
+    placements: list[Placement] = field(default_factory=list)
+    reasons: dict[str, list[Reason]] = field(default_factory=dict)
+    reservation: Reservation | None = None
+    #: True when the walk stopped early (global limit or scan depth).
+    truncated: bool = False
+
+
+def fitting_nodes(spec: JobSpec, nodes: Iterable[NodeView]) -> list[NodeView]:
+    """Nodes that fit the job's target and labels, and could ever hold its GPU count."""
+    fit = []
+    for node in nodes:
+        if spec.target == "local" and not node.local:
+            continue
+        if spec.target == "worker" and node.local:
+            continue
+        if node.local and spec.worker_labels and spec.target == "worker":
+            continue
+        if not node.local and not all(fnmatchcase(node.labels.get(k, ""), glob)
+                                      for k, glob in spec.worker_labels.items()):
+            continue
+        if spec.gpus <= node.allocatable:
+            fit.append(node)
+    return fit
+
+
+def limit_reasons(spec: JobSpec, counts: Counts, limits: Limits) -> list[Reason]:
+    """Checks 1-3 of SPEC 4: global, user, team."""
+    out = []
+    if counts.total >= limits.max_concurrent:
+        out.append(Reason("global_limit", f"{counts.total} of {limits.max_concurrent} running"))
+    running = counts.by_user[spec.user]
+    if running >= limits.user_max_concurrent:
+        out.append(Reason("user_limit",
+                          f"{spec.user} runs {running} of {limits.user_max_concurrent}"))
+    if limits.enable_fair_share and spec.team:
+        team = counts.by_team[spec.team]
+        if team >= limits.team_max_concurrent:
+            out.append(Reason("team_limit",
+                              f"team {spec.team} runs {team} of {limits.team_max_concurrent}"))
+    return out
+
+
+def local_reasons(spec: JobSpec, counts: Counts, limits: Limits) -> list[Reason]:
+    """Check 4 of SPEC 4, for placement on the local node."""
+    out = []
+    if counts.local_jobs >= limits.local_job_max_concurrent:
+        out.append(Reason("local_limit", f"local runs {counts.local_jobs} of "
+                                         f"{limits.local_job_max_concurrent} jobs"))
+    cap = limits.local_gpu_max_concurrent
+    if cap is not None and counts.local_gpus + spec.gpus > cap:
+        out.append(Reason("local_limit", f"local GPUs in use {counts.local_gpus} + "
+                                         f"{spec.gpus} needed > {cap}"))
+    return out
+
+
+def gpus_fit(spec: JobSpec, node: NodeView) -> bool:
+    if spec.device_ids and node.local and not spec.any_gpu:
+        return set(spec.device_ids) <= node.free
+    return len(node.free) >= spec.gpus
+
+
+def gpu_reason(spec: JobSpec, node: NodeView) -> Reason:
+    if spec.device_ids and node.local and not spec.any_gpu:
+        held = sorted(set(spec.device_ids) - node.free)
+        return Reason("gpus", f"needs GPUs {spec.device_ids}; {held} not free on {node.name}")
+    return Reason("gpus", f"needs {spec.gpus}, node {node.name} has {len(node.free)} free")
+
+
+def shadow(node: NodeView, needs: int, job_id: str) -> Reservation:
+    """When ``needs`` GPUs will be free on ``node``, walking active attempts' ends."""
+    free = len(node.free)
+    known = sorted((e for e in node.ends if e[0] is not None), key=lambda e: e[0] or 0.0)
+    unknown = [e for e in node.ends if e[0] is None]
+    for end, gpus, _ in known:
+        free += gpus
+        if free >= needs:
+            return Reservation(job_id, node.name, needs, end, None, free - needs)
+    waits_for = unknown[0][2] if unknown else None
+    return Reservation(job_id, node.name, needs, None, waits_for, 0)
+
+
+def expected_runtime(spec: JobSpec) -> float | None:
+    return spec.max_runtime if spec.max_runtime is not None else spec.estimated_runtime
+
+
+class _Pass:
+    """The working state of one planning pass."""
+
+    def __init__(self, counts: Counts, limits: Limits, nodes: list[NodeView], now: float):
+        self.counts, self.limits, self.nodes, self.now = counts, limits, nodes, now
+        self.plan = Plan()
+
+    def consider(self, spec: JobSpec) -> None:
+        reasons = limit_reasons(spec, self.counts, self.limits)
+        fitting = fitting_nodes(spec, self.nodes)
+        if not fitting:
+            reasons.append(self._no_node(spec))
+            self.plan.reasons[spec.job_id] = reasons
+            return
+        node_reasons: list[Reason] = []
+        for node in fitting:
+            held = self._node_reasons(spec, node)
+            if not held and not reasons:
+                self._place(spec, node)
+                return
+            node_reasons = node_reasons or held
+        if not reasons and all(r.code == "gpus" for r in node_reasons):
+            self._reserve(spec, fitting)
+        self.plan.reasons[spec.job_id] = reasons + node_reasons
+
+    def _node_reasons(self, spec: JobSpec, node: NodeView) -> list[Reason]:
+        out = local_reasons(spec, self.counts, self.limits) if node.local else []
+        if not gpus_fit(spec, node):
+            out.append(gpu_reason(spec, node))
+            return out
+        res = self.plan.reservation
+        if res is not None and res.node == node.name and spec.gpus > 0:
+            runtime = expected_runtime(spec)
+            ends_in_time = (res.shadow is not None and runtime is not None
+                            and self.now + runtime <= res.shadow)
+            if not ends_in_time and spec.gpus > res.extra:
+                when = "unknown" if res.shadow is None else f"{res.shadow - self.now:.0f}s"
+                out.append(Reason("reserved", f"node {node.name}'s GPUs are held for job "
+                                              f"{res.job_id} (needs {res.needs}, starts in {when})"))
+        return out
+
+    def _no_node(self, spec: JobSpec) -> Reason:
+        if spec.target == "worker":
+            return Reason("no_worker", f"no connected worker has {spec.gpus} GPUs"
+                          + (f" and labels {spec.worker_labels}" if spec.worker_labels else ""))
+        most = max((n.allocatable for n in self.nodes), default=0)
+        return Reason("gpus", f"needs {spec.gpus}; no node can offer that many (most: {most})")
+
+    def _reserve(self, spec: JobSpec, fitting: list[NodeView]) -> None:
+        options = [shadow(n, spec.gpus, spec.job_id) for n in fitting]
+        known = [o for o in options if o.shadow is not None]
+        self.plan.reservation = (min(known, key=lambda o: o.shadow or 0.0) if known
+                                 else options[0])
+
+    def _place(self, spec: JobSpec, node: NodeView) -> None:
+        self.plan.placements.append(Placement(spec.job_id, node.name, spec.gpus))
+        taken = sorted(node.free)[: spec.gpus]
+        if spec.device_ids and node.local:
+            preferred = [g for g in spec.device_ids if g in node.free]
+            taken = (preferred + [g for g in sorted(node.free) if g not in preferred])[:spec.gpus]
+        node.free -= set(taken)
+        runtime = expected_runtime(spec)
+        node.ends.append((None if runtime is None else self.now + runtime, spec.gpus, spec.job_id))
+        res = self.plan.reservation
+        if res is not None and res.node == node.name and spec.gpus <= res.extra:
+            runtime_ok = res.shadow is not None and runtime is not None \
+                and self.now + runtime <= res.shadow
+            if not runtime_ok:
+                self.plan.reservation = Reservation(res.job_id, res.node, res.needs, res.shadow,
+                                                    res.waits_for, res.extra - spec.gpus)
+        self.counts.total += 1
+        self.counts.by_user[spec.user] += 1
+        if spec.team:
+            self.counts.by_team[spec.team] += 1
+        if node.local:
+            self.counts.local_jobs += 1
+            self.counts.local_gpus += spec.gpus
+
+
+def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
+         nodes: list[NodeView], now: float, scan_depth: int = SCAN_DEPTH) -> Plan:
+    """Decide which waiting jobs start now. ``counts`` and ``nodes`` are copied, not changed."""
+    work = _Pass(_copy_counts(counts), limits, [_copy_node(n) for n in nodes], now)
+    after_full = REASON_DEPTH
+    for examined, job in enumerate(waiting):
+        if work.counts.total >= limits.max_concurrent:
+            after_full -= 1
+        if examined >= scan_depth or after_full < 0:
+            work.plan.truncated = True
+            break
+        work.consider(job.spec)
+    return work.plan
+
+
+def explain(spec: JobSpec, counts: Counts, limits: Limits, nodes: list[NodeView],
+            reservation: Reservation | None, now: float) -> list[Reason]:
+    """Every check holding one job now, as if it were next; [] means it could start."""
+    work = _Pass(_copy_counts(counts), limits, [_copy_node(n) for n in nodes], now)
+    if reservation is not None and reservation.job_id != spec.job_id:
+        work.plan.reservation = reservation
+    work.consider(spec)
+    return work.plan.reasons.get(spec.job_id, [])
+
+
+def _copy_counts(c: Counts) -> Counts:
+    return Counts(c.total, Counter(c.by_user), Counter(c.by_team), c.local_jobs, c.local_gpus)
+
+
+def _copy_node(n: NodeView) -> NodeView:
+    return NodeView(n.name, n.local, set(n.free), n.allocatable, list(n.ends), dict(n.labels))

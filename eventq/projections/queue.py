@@ -1,0 +1,160 @@
+"""The queue view: job records, positions, reasons and stats for the API and CLI.
+
+It folds its own read model (timestamps, status counts, wait times) from the
+event stream and reads the scheduler's ordered index read-only, never through
+its mailbox, so a busy dashboard cannot slow dispatch. It is evolved in the same
+append step as the actors, so a reply reads its own write.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from eventq import events as ev
+from eventq.actors.allocator import GpuTable
+from eventq.actors.scheduler import Scheduler
+from eventq.actors.scheduler_state import TERMINAL, JobState, SchedulerState
+from eventq.log import Record
+from eventq.policy import effective_priority
+
+WAITING = ("pending",)
+RUNNING = ("dispatched", "running")
+
+
+@dataclass
+class Times:
+    submitted_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+@dataclass
+class QueueView:
+    state: SchedulerState
+    gpu_table: GpuTable
+    scheduler: Scheduler | None = None
+    times: dict[str, Times] = field(default_factory=dict)
+    waits: list[float] = field(default_factory=list)
+
+    def evolve(self, record: Record) -> None:
+        e = record.event
+        if isinstance(e, ev.JobSubmitted):
+            self.times[e.job.job_id] = Times(record.time)
+        elif isinstance(e, ev.AttemptDispatched):
+            t = self.times[e.job_id]
+            if t.started_at is None:
+                self.waits.append(record.time - t.submitted_at)
+                del self.waits[:-1000]
+            t.started_at = record.time
+        elif isinstance(e, ev.JobCompleted | ev.JobFailed | ev.JobCancelled | ev.JobRejected):
+            self.times[e.job_id].finished_at = record.time
+
+    def now(self) -> float:
+        assert self.scheduler is not None
+        return self.scheduler.clock.now()
+
+    def reasons(self, job: JobState) -> list[ev.Reason]:
+        """Live reasons: from the last pass if it looked at the job, else explained now."""
+        if job.status not in WAITING:
+            return list(job.reasons)
+        assert self.scheduler is not None
+        planned = self.scheduler.last_plan.reasons.get(job.spec.job_id)
+        return planned if planned is not None else self.scheduler.explain(job)
+
+    def job(self, job_id: str, detail: bool = True) -> dict[str, Any] | None:
+        job = self.state.jobs.get(job_id)
+        if job is None:
+            return None
+        spec, times = job.spec, self.times[job_id]
+        out: dict[str, Any] = {
+            "job_id": job_id, "name": spec.name, "user": spec.user, "team": spec.team,
+            "status": job.status, "priority": spec.effective_base,
+            "effective_priority": effective_priority(spec, job.queued_at, self.now(),
+                                                     self.state.limits),
+            "gpus": spec.gpus, "allocated_gpus": job.gpus, "node": job.node,
+            "target": spec.target, "attempt": job.attempt, "max_attempts": spec.max_attempts,
+            "queued_at": times.submitted_at, "started_at": times.started_at,
+            "completed_at": times.finished_at, "exit_code": job.exit_code, "error": job.error,
+            "metadata": spec.metadata,
+        }
+        if job.status in WAITING:
+            out["position"] = self.state.position(job_id, self.now())
+            out["reasons"] = [{"code": r.code, "detail": r.detail} for r in self.reasons(job)]
+        if detail:
+            out["command"] = spec.command
+            out["max_runtime"] = spec.max_runtime
+            out["estimated_runtime"] = spec.estimated_runtime
+            out["recorded_reasons"] = [{"code": r.code, "detail": r.detail} for r in job.reasons]
+        return out
+
+    def list(self, status: str | None = None, limit: int = 50,
+             include_completed: bool = False) -> list[dict[str, Any]]:
+        """Running jobs, then waiting jobs in queue order, then (optionally) finished ones."""
+        wanted = _statuses(status, include_completed)
+        out: list[dict[str, Any]] = []
+        groups = [
+            (RUNNING, (j for j in self.state.jobs.values() if j.status in RUNNING)),
+            (WAITING, self.state.iter_waiting(self.now())),
+            (TERMINAL, (j for j in reversed(self.state.jobs.values()) if j.status in TERMINAL)),
+        ]
+        for statuses, jobs in groups:
+            if not wanted.intersection(statuses):
+                continue
+            for job in jobs:
+                if len(out) >= limit:
+                    return out
+                if job.status in wanted:
+                    record = self.job(job.spec.job_id, detail=False)
+                    assert record is not None
+                    out.append(record)
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        jobs = self.state.jobs.values()
+        by_status = Counter(j.status for j in jobs)
+        by_user = Counter(j.spec.user for j in jobs if j.status not in TERMINAL)
+        limits = self.state.limits
+        local = self.local_block()
+        return {
+            "queue_depth": self.state.waiting_count(),
+            "running": self.state.counts.total,
+            "max_concurrent": limits.max_concurrent,
+            "user_max_concurrent": limits.user_max_concurrent,
+            "team_max_concurrent": limits.team_max_concurrent,
+            "enable_fair_share": limits.enable_fair_share,
+            "local_gpu_max_concurrent": limits.local_gpu_max_concurrent,
+            "local_job_max_concurrent": limits.local_job_max_concurrent,
+            "avg_wait_seconds": round(sum(self.waits) / len(self.waits), 3) if self.waits else 0.0,
+            "by_status": dict(by_status),
+            "by_user": dict(by_user),
+            "local": local,
+        }
+
+    def local_block(self) -> dict[str, Any]:
+        node = self.gpu_table.nodes.get("local")
+        limits = self.state.limits
+        allocated = sorted(node.held) if node else []
+        available = sorted(self.gpu_table.free("local")) if node else []
+        pending_local = sum(1 for j in self.state.jobs.values()
+                            if j.status in WAITING and j.spec.target != "worker")
+        return {
+            "running_jobs": self.state.counts.local_jobs, "pending_jobs": pending_local,
+            "allocated_gpus": allocated, "available_gpus": available,
+            "total_gpus": len(node.gpus) if node else 0,
+            "simulated": node.simulated if node else False,
+            "max_concurrent_gpus": limits.local_gpu_max_concurrent,
+            "max_concurrent_jobs": limits.local_job_max_concurrent,
+        }
+
+
+def _statuses(status: str | None, include_completed: bool) -> set[str]:
+    """API status words (seed 000: ``queued``/``pending`` mean waiting) to internal ones."""
+    if status is None:
+        return set(RUNNING) | set(WAITING) | (set(TERMINAL) if include_completed else set())
+    if status in ("queued", "pending", "waiting"):
+        return set(WAITING)
+    if status == "running":
+        return set(RUNNING)
+    return {status}

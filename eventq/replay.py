@@ -1,0 +1,91 @@
+"""Reading the log offline: verify the chain and the invariants, fold state at any seq."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from eventq import events as ev
+from eventq.actors.allocator import GpuTable
+from eventq.actors.scheduler_state import SchedulerState
+from eventq.log import LogCorrupt, Record, iter_verified
+
+
+@dataclass
+class Invariants:
+    """Folds the log and notes every breach of the rules eventq promises."""
+
+    held: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+    active: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def evolve(self, r: Record) -> None:
+        e = r.event
+        if isinstance(e, ev.GpusAllocated):
+            for gpu in e.gpus:
+                holder = self.held.get((e.node, gpu))
+                if holder is not None:
+                    self.problems.append(f"seq {r.seq}: GPU {e.node}:{gpu} given to "
+                                         f"{e.job_id}#{e.attempt} while {holder} holds it")
+                self.held[(e.node, gpu)] = (e.job_id, e.attempt)
+        elif isinstance(e, ev.GpusReleased):
+            for gpu in e.gpus:
+                self.held.pop((e.node, gpu), None)
+        elif isinstance(e, ev.AttemptDispatched):
+            if e.job_id in self.active:
+                self.problems.append(f"seq {r.seq}: job {e.job_id} dispatched as attempt "
+                                     f"{e.attempt} while attempt {self.active[e.job_id]} runs")
+            self.active[e.job_id] = e.attempt
+        elif isinstance(e, ev.AttemptEnded) and self.active.get(e.job_id) == e.attempt:
+            del self.active[e.job_id]
+
+
+@dataclass
+class Folded:
+    """The state of the actors as of a seq."""
+
+    scheduler: SchedulerState = field(default_factory=SchedulerState)
+    gpus: GpuTable = field(default_factory=GpuTable)
+    invariants: Invariants = field(default_factory=Invariants)
+    last_seq: int = 0
+    last_time: float = 0.0
+
+    def evolve(self, record: Record) -> None:
+        self.scheduler.evolve(record)
+        self.gpus.evolve(record)
+        self.invariants.evolve(record)
+        self.last_seq, self.last_time = record.seq, record.time
+
+
+def fold(conn: sqlite3.Connection, to_seq: int | None = None,
+         at_time: float | None = None) -> Folded:
+    """Fold verified records up to ``to_seq`` (or ``at_time``)."""
+    folded = Folded()
+    for record in iter_verified(conn):
+        if (to_seq is not None and record.seq > to_seq) or \
+                (at_time is not None and record.time > at_time):
+            break
+        folded.evolve(record)
+    return folded
+
+
+def verify(conn: sqlite3.Connection) -> tuple[int, list[str]]:
+    """Check the hash chain (raises LogCorrupt) and the invariants; (events, problems)."""
+    folded = fold(conn)
+    return folded.last_seq, folded.invariants.problems
+
+
+def select(records: Iterator[Record], job: str | None = None, type_: str | None = None,
+           principal: str | None = None) -> Iterator[Record]:
+    for r in records:
+        if job is not None and ev.event_job_id(r.event) != job:
+            continue
+        if type_ is not None and r.type != type_:
+            continue
+        if principal is not None and r.principal != principal:
+            continue
+        yield r
+
+
+__all__ = ["Folded", "Invariants", "LogCorrupt", "fold", "select", "verify"]

@@ -1,0 +1,163 @@
+"""Runs one attempt as a subprocess in its own process group and its own directory.
+
+Starting a process cannot be written ahead in the log, so the attempt directory
+is the process's own durable record. A tiny ``sh`` wrapper first claims the
+directory (``mkdir claim``, atomic), writes its pid, runs the job, and writes the
+exit code. Recovery claims the same directory: if recovery wins, the process never
+started and never will; if the wrapper won, its pid and exit files say what
+became of it. Either way an attempt runs at most once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from eventq.events import JobSpec
+
+WRAPPER = """\
+d=$1; shift
+mkdir "$d/claim" 2>/dev/null || exit 99
+echo $$ > "$d/pid.tmp" && mv "$d/pid.tmp" "$d/pid"
+trap ':' TERM INT HUP
+"$@"
+rc=$?
+echo $rc > "$d/exit.tmp" && mv "$d/exit.tmp" "$d/exit"
+exit $rc
+"""
+
+#: Exit code of a wrapper that found its directory already claimed.
+CLAIMED = 99
+DEFAULT_TRAINER = ("python", "-m", "simpletuner.train")
+
+
+def attempt_dir(data_dir: Path, job_id: str, attempt: int) -> Path:
+    return data_dir / "jobs" / job_id / str(attempt)
+
+
+def job_argv(spec: JobSpec, directory: Path, trainer: tuple[str, ...]) -> list[str]:
+    """The command to run: a list as is, a string through ``sh -c``, a config via the trainer."""
+    if spec.config is not None and not spec.command:
+        (directory / "config.json").write_text(json.dumps(spec.config))
+        return list(trainer)
+    if isinstance(spec.command, str):
+        return ["sh", "-c", spec.command]
+    return list(spec.command)
+
+
+def job_env(spec: JobSpec, attempt: int, gpus: list[int], directory: Path) -> dict[str, str]:
+    env = {**os.environ, **spec.env}
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    env["EVENTQ_JOB_ID"], env["EVENTQ_ATTEMPT"] = spec.job_id, str(attempt)
+    if spec.config is not None:
+        env["CONFIG_PATH"] = str(directory / "config.json")
+    return env
+
+
+def spawn(spec: JobSpec, attempt: int, gpus: list[int], directory: Path,
+          trainer: tuple[str, ...] = DEFAULT_TRAINER) -> subprocess.Popen[bytes]:
+    """Start the attempt in a new session (its own process group).
+
+    Plain Popen, not an asyncio transport: closing the event loop must not kill a
+    running job (a restarted server adopts it instead).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = job_argv(spec, directory, trainer)
+    with open(directory / "stdout.log", "ab") as out, open(directory / "stderr.log", "ab") as err:
+        return subprocess.Popen(
+            ["sh", "-c", WRAPPER, "eventq-attempt", str(directory), *argv],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            cwd=spec.cwd or str(directory), env=job_env(spec, attempt, gpus, directory),
+            start_new_session=True)
+
+
+async def wait_child(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for our own child without blocking the loop; its exit status."""
+    await _pidfd_ready(proc.pid)
+    return proc.wait()
+
+
+async def _pidfd_ready(pid: int) -> None:
+    """Return once ``pid`` has exited (a pidfd becomes readable)."""
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    done: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> bool:
+    """Signal the attempt's whole process group; False if nothing is left in it."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+@dataclass(frozen=True)
+class Found:
+    """What an attempt directory says about its process after a restart."""
+
+    state: str  # "never_started" | "alive" | "exited" | "vanished"
+    pid: int | None = None
+    exit_code: int | None = None
+
+
+def read_exit(directory: Path) -> int | None:
+    try:
+        return int((directory / "exit").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def is_ours(pid: int, directory: Path) -> bool:
+    """Is ``pid`` alive and still our wrapper for this directory (not a reused pid)?"""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    zombie = stat.rsplit(")", 1)[-1].split()[0] == "Z"
+    return not zombie and str(directory).encode() in cmdline.split(b"\0")
+
+
+async def inspect(directory: Path) -> Found:
+    """Claim the directory or read what its wrapper left (see module docstring)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        (directory / "claim").mkdir()
+        return Found("never_started")
+    except FileExistsError:
+        pass
+    pid = None
+    for _ in range(50):  # the wrapper writes its pid right after claiming
+        try:
+            pid = int((directory / "pid").read_text().strip())
+            break
+        except (FileNotFoundError, ValueError):
+            await asyncio.sleep(0.02)
+    code = read_exit(directory)
+    if code is not None:
+        return Found("exited", pid, code)
+    if pid is not None and is_ours(pid, directory):
+        return Found("alive", pid)
+    return Found("vanished", pid)
+
+
+async def wait_foreign(pid: int, directory: Path) -> int | None:
+    """Wait for a process that is not our child (adopted after a restart); its exit code."""
+    await _pidfd_ready(pid)
+    return read_exit(directory)

@@ -1,0 +1,130 @@
+"""Assembles one orchestrator: lock, log, actors, projections, local node, recovery."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import structlog
+
+from eventq import __version__
+from eventq import events as ev
+from eventq.actors.allocator import Allocator, GpuTable, ReportInventory
+from eventq.actors.scheduler import Process, ReleaseOrphans, Scheduler, SetLimits
+from eventq.actors.scheduler_state import SchedulerState
+from eventq.auth import TOKEN_FILE, Users, new_token, token_hash, write_secret
+from eventq.clock import Clock, RealClock
+from eventq.gpus import Inventory
+from eventq.log import EventLog
+from eventq.node import LocalNode
+from eventq.projections.queue import QueueView
+
+log = structlog.get_logger()
+
+LOG_FILE = "events.db"
+LOCK_FILE = "server.lock"
+SERVER_FILE = "server.json"
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("EVENTQ_HOME") or Path.home() / ".eventq")
+
+
+def take_lock(data_dir: Path) -> IO[str]:
+    """One server per data directory, so two schedulers can never run the same job."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the server's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise AlreadyRunning(
+            f"another eventq server (pid {holder}) is running on {data_dir}; "
+            "stop it first, or use another --data-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+@dataclass
+class Orchestrator:
+    data_dir: Path
+    inventory: Inventory
+    clock: Clock = field(default_factory=RealClock)
+    grace_seconds: float = 10.0
+    limits: ev.Limits | None = None
+
+    async def start(self) -> None:
+        self._lock = take_lock(self.data_dir)
+        self.log = await EventLog.open(self.data_dir / LOG_FILE, self.clock.now)
+        self.state, self.gpu_table, self.users = SchedulerState(), GpuTable(), Users()
+        self.allocator = Allocator(self.log, self.gpu_table)
+        self.scheduler = Scheduler(self.log, self.state, self.allocator, self.gpu_table,
+                                   self.clock)
+        self.queue = QueueView(self.state, self.gpu_table, self.scheduler)
+        for fold in (self.state.evolve, self.gpu_table.evolve, self.users.evolve,
+                     self.queue.evolve):
+            self.log.subscribe(fold)
+        replayed = self.log.replay()
+        self.node = LocalNode(self.data_dir, self.scheduler, self.state, self.grace_seconds)
+        self.log.on_durable(self.node.on_durable)
+        self.log.start()
+        self.allocator.start()
+        self.scheduler.start()
+        self.log.append("system", [ev.ServerStarted(pid=os.getpid(), version=__version__)])
+        self.admin_token = self._bootstrap_admin()
+        await self.allocator.ask(ReportInventory("local", self.inventory.gpus,
+                                                 self.inventory.simulated,
+                                                 self.inventory.nvml_error))
+        if self.limits is not None and self.limits != self.state.limits:
+            await self.scheduler.ask(SetLimits(self.limits, "system"))
+        await self.recover(replayed)
+
+    async def recover(self, replayed: int) -> None:
+        """Release orphans, reconcile attempts with their processes, dispatch at once."""
+        await self.scheduler.ask(ReleaseOrphans())
+        found = await self.node.recover()
+        for job in self.state.jobs.values():
+            if job.active and job.spec.max_runtime is not None:
+                self.scheduler.arm_timeout(job)
+        await self.scheduler.ask(Process())
+        await self.log.flush()
+        log.info("recovered", events=replayed, **found, waiting=self.state.waiting_count())
+
+    def _bootstrap_admin(self) -> str | None:
+        """First start: create the admin and write its token to a 0600 file."""
+        token_path = self.data_dir / TOKEN_FILE
+        if any(u.level == ev.Level.ADMIN for u in self.users.by_name.values()):
+            return token_path.read_text().strip() if token_path.exists() else None
+        token = new_token()
+        self.log.append("system", [ev.UserCreated(name="admin", level=ev.Level.ADMIN, team=None,
+                                                  token_sha256=token_hash(token))])
+        write_secret(token_path, token)
+        return token
+
+    def write_server_file(self, url: str) -> None:
+        (self.data_dir / SERVER_FILE).write_text(json.dumps({"url": url, "pid": os.getpid()}))
+
+    async def stop(self) -> None:
+        """Stop accepting work; running attempts keep running and are adopted on restart."""
+        running = self.state.counts.total
+        await self.scheduler.stop()
+        await self.allocator.stop()
+        await self.node.shutdown()
+        await self.log.close()
+        (self.data_dir / SERVER_FILE).unlink(missing_ok=True)
+        self._lock.close()
+        log.info("shutdown", running_attempts_left_running=running,
+                 waiting=self.state.waiting_count(), last_seq=self.log.head_seq)
