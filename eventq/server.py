@@ -114,6 +114,13 @@ class Orchestrator:
         write_secret(token_path, token)
         return token
 
+    def add_user(self, name: str, level: ev.Level, team: str | None = None) -> str:
+        """Create a user and return their token (shown once; only its hash is kept)."""
+        token = new_token()
+        self.log.append("system", [ev.UserCreated(name=name, level=level, team=team,
+                                                  token_sha256=token_hash(token))])
+        return token
+
     def write_server_file(self, url: str) -> None:
         (self.data_dir / SERVER_FILE).write_text(json.dumps({"url": url, "pid": os.getpid()}))
 
