@@ -108,12 +108,12 @@ class Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
 # --- the orchestrator and its nodes ---------------------------------------------------
 
 
-class ServerStarted(Event, tag="server_started"):
+class ServerStarted(Event, frozen=True, tag="server_started"):
     pid: int
     version: str
 
 
-class NodeInventoryReported(Event, tag="node_inventory_reported"):
+class NodeInventoryReported(Event, frozen=True, tag="node_inventory_reported"):
     """A node's GPUs; recorded at start and whenever allocatable GPUs change."""
 
     node: str
@@ -122,53 +122,53 @@ class NodeInventoryReported(Event, tag="node_inventory_reported"):
     nvml_error: str | None = None
 
 
-class UserCreated(Event, tag="user_created"):
+class UserCreated(Event, frozen=True, tag="user_created"):
     name: str
     level: Level
     team: str | None
     token_sha256: str
 
 
-class LimitsChanged(Event, tag="limits_changed"):
+class LimitsChanged(Event, frozen=True, tag="limits_changed"):
     limits: Limits
 
 
 # --- a job's life ---------------------------------------------------------------------
 
 
-class JobSubmitted(Event, tag="job_submitted"):
+class JobSubmitted(Event, frozen=True, tag="job_submitted"):
     job: JobSpec
 
 
-class JobRejected(Event, tag="job_rejected"):
+class JobRejected(Event, frozen=True, tag="job_rejected"):
     """Refused at submission (``no_wait`` and it could not start now)."""
 
     job_id: str
     reasons: list[Reason]
 
 
-class JobReasonsChanged(Event, tag="job_reasons_changed"):
+class JobReasonsChanged(Event, frozen=True, tag="job_reasons_changed"):
     """The set of checks holding a waiting job changed (only changes are recorded)."""
 
     job_id: str
     reasons: list[Reason]
 
 
-class GpusAllocated(Event, tag="gpus_allocated"):
+class GpusAllocated(Event, frozen=True, tag="gpus_allocated"):
     job_id: str
     attempt: int
     node: str
     gpus: list[int]
 
 
-class AttemptDispatched(Event, tag="attempt_dispatched"):
+class AttemptDispatched(Event, frozen=True, tag="attempt_dispatched"):
     job_id: str
     attempt: int
     node: str
     gpus: list[int]
 
 
-class AttemptStarted(Event, tag="attempt_started"):
+class AttemptStarted(Event, frozen=True, tag="attempt_started"):
     """The attempt's process exists; ``adopted`` after a restart found it alive."""
 
     job_id: str
@@ -177,7 +177,7 @@ class AttemptStarted(Event, tag="attempt_started"):
     adopted: bool = False
 
 
-class AttemptStopRequested(Event, tag="attempt_stop_requested"):
+class AttemptStopRequested(Event, frozen=True, tag="attempt_stop_requested"):
     job_id: str
     attempt: int
     reason: Literal["cancelled", "timeout"]
@@ -186,7 +186,7 @@ class AttemptStopRequested(Event, tag="attempt_stop_requested"):
 Outcome = Literal["exited", "timeout", "cancelled", "lost", "start_failed"]
 
 
-class AttemptEnded(Event, tag="attempt_ended"):
+class AttemptEnded(Event, frozen=True, tag="attempt_ended"):
     """The attempt's process is gone; ``exit_code`` is None when it is unknown."""
 
     job_id: str
@@ -196,7 +196,7 @@ class AttemptEnded(Event, tag="attempt_ended"):
     detail: str = ""
 
 
-class GpusReleased(Event, tag="gpus_released"):
+class GpusReleased(Event, frozen=True, tag="gpus_released"):
     job_id: str
     attempt: int
     node: str
@@ -204,26 +204,26 @@ class GpusReleased(Event, tag="gpus_released"):
     reason: Literal["ended", "orphaned"]
 
 
-class JobRequeued(Event, tag="job_requeued"):
+class JobRequeued(Event, frozen=True, tag="job_requeued"):
     job_id: str
     next_attempt: int
     reason: str
 
 
-class JobCompleted(Event, tag="job_completed"):
+class JobCompleted(Event, frozen=True, tag="job_completed"):
     job_id: str
 
 
-class JobFailed(Event, tag="job_failed"):
+class JobFailed(Event, frozen=True, tag="job_failed"):
     job_id: str
     reason: str
 
 
-class JobCancelled(Event, tag="job_cancelled"):
+class JobCancelled(Event, frozen=True, tag="job_cancelled"):
     job_id: str
 
 
-class StaleReportIgnored(Event, tag="stale_report_ignored"):
+class StaleReportIgnored(Event, frozen=True, tag="stale_report_ignored"):
     """A report about an attempt that is no longer current (fencing)."""
 
     job_id: str
@@ -254,8 +254,7 @@ AnyEvent = (
 )
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    t.__struct_config__.tag: t  # type: ignore[misc]
-    for t in AnyEvent.__args__  # type: ignore[attr-defined]
+    t.__struct_config__.tag: t for t in AnyEvent.__args__
 }
 
 
@@ -310,4 +309,5 @@ def decode(body: bytes, version: int = SCHEMA_VERSION) -> AnyEvent:
         upcast = UPCASTERS.get((raw["type"], step))
         if upcast is not None:
             raw = upcast(raw)
-    return msgspec.convert(raw, AnyEvent)  # type: ignore[arg-type]
+    event: AnyEvent = msgspec.convert(raw, AnyEvent)
+    return event

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
@@ -60,10 +61,8 @@ def from_nvml() -> Inventory:
     except pynvml.NVMLError as exc:
         return Inventory(gpus=[], simulated=False, nvml_error=f"NVML error: {exc}")
     finally:
-        try:
+        with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
 
 
 def _read_device(pynvml: object, index: int) -> GpuInfo:

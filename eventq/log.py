@@ -270,7 +270,7 @@ class EventLog:
             self._reader = await aiosqlite.connect(self.path)
         async with self._reader.execute(sql, args) as cur:
             rows = await cur.fetchall()
-        return [to_record(tuple(row)) for row in rows]  # type: ignore[arg-type]
+        return [to_record(tuple(row)) for row in rows]
 
     async def close(self) -> None:
         """Commit what is waiting, then close the connection."""

@@ -8,10 +8,12 @@ is. It tells the scheduler what became of each process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -46,8 +48,8 @@ class LocalNode:
                 if job is not None and job.node == "local":
                     self._spawn_task(self._stop(e.job_id, e.attempt))
 
-    def _spawn_task(self, coro: object) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -89,19 +91,15 @@ class LocalNode:
         runner.signal_group(pgid, signal.SIGTERM)
         done = self.exited.get(key)
         if done is not None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), self.grace_seconds)
-            except TimeoutError:
-                pass
         runner.signal_group(pgid, signal.SIGKILL)
 
     async def wait_ended(self, job_id: str, attempt: int, timeout: float) -> None:
         done = self.exited.get((job_id, attempt))
         if done is not None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), timeout)
-            except TimeoutError:
-                pass
 
     # --- recovery ----------------------------------------------------------------------
 

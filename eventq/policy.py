@@ -208,15 +208,16 @@ class _Pass:
             out.append(gpu_reason(spec, node))
             return out
         res = self.plan.reservation
-        if res is not None and res.node == node.name and spec.gpus > 0:
-            runtime = expected_runtime(spec)
-            ends_in_time = (res.shadow is not None and runtime is not None
-                            and self.now + runtime <= res.shadow)
-            if not ends_in_time and spec.gpus > res.extra:
-                when = "unknown" if res.shadow is None else f"{res.shadow - self.now:.0f}s"
-                out.append(Reason("reserved", f"node {node.name}'s GPUs are held for job "
-                                              f"{res.job_id} (needs {res.needs}, starts in {when})"))
+        if res is not None and res.node == node.name and spec.gpus > 0 \
+                and not self._ends_before_shadow(spec, res) and spec.gpus > res.extra:
+            when = "unknown" if res.shadow is None else f"{res.shadow - self.now:.0f}s"
+            out.append(Reason("reserved", f"node {node.name}'s GPUs are held for job "
+                                          f"{res.job_id} (needs {res.needs}, starts in {when})"))
         return out
+
+    def _ends_before_shadow(self, spec: JobSpec, res: Reservation) -> bool:
+        runtime = expected_runtime(spec)
+        return res.shadow is not None and runtime is not None and self.now + runtime <= res.shadow
 
     def _no_node(self, spec: JobSpec) -> Reason:
         if spec.target == "worker":
@@ -236,17 +237,16 @@ class _Pass:
         taken = sorted(node.free)[: spec.gpus]
         if spec.device_ids and node.local:
             preferred = [g for g in spec.device_ids if g in node.free]
-            taken = (preferred + [g for g in sorted(node.free) if g not in preferred])[:spec.gpus]
+            rest = [g for g in sorted(node.free) if g not in preferred]
+            taken = (preferred + rest)[: spec.gpus]
         node.free -= set(taken)
         runtime = expected_runtime(spec)
         node.ends.append((None if runtime is None else self.now + runtime, spec.gpus, spec.job_id))
         res = self.plan.reservation
-        if res is not None and res.node == node.name and spec.gpus <= res.extra:
-            runtime_ok = res.shadow is not None and runtime is not None \
-                and self.now + runtime <= res.shadow
-            if not runtime_ok:
-                self.plan.reservation = Reservation(res.job_id, res.node, res.needs, res.shadow,
-                                                    res.waits_for, res.extra - spec.gpus)
+        if res is not None and res.node == node.name and not self._ends_before_shadow(spec, res):
+            # It uses extra GPUs: they are no longer extra for the jobs after it.
+            self.plan.reservation = Reservation(res.job_id, res.node, res.needs, res.shadow,
+                                                res.waits_for, res.extra - spec.gpus)
         self.counts.total += 1
         self.counts.by_user[spec.user] += 1
         if spec.team:
@@ -287,3 +287,71 @@ def _copy_counts(c: Counts) -> Counts:
 
 def _copy_node(n: NodeView) -> NodeView:
     return NodeView(n.name, n.local, set(n.free), n.allocatable, list(n.ends), dict(n.labels))
+
+
+# --- estimated starts --------------------------------------------------------------------
+
+#: Waiting jobs given an estimate; deeper ones get None with a note.
+ESTIMATE_DEPTH = 200
+
+
+@dataclass(frozen=True)
+class Estimate:
+    start: float | None
+    note: str = ""
+
+
+@dataclass
+class _Occupancy:
+    """GPUs in use on one node over time: (start, end or None, GPU count)."""
+
+    allocatable: int
+    spans: list[tuple[float, float | None, int, str]]
+
+    def free_at(self, t: float) -> int:
+        used = sum(g for s, e, g, _ in self.spans if s <= t and (e is None or e > t))
+        return self.allocatable - used
+
+    def earliest(self, need: int, runtime: float | None, now: float) -> Estimate:
+        """The first time ``need`` GPUs are free for the whole run (or forever, if unknown)."""
+        points = sorted({now, *(e for _, e, _, _ in self.spans if e is not None and e > now)})
+        for t in points:
+            end = None if runtime is None else t + runtime
+            later = [p for p in {t, *(s for s, _, _, _ in self.spans)}
+                     if p >= t and (end is None or p < end)]
+            if all(self.free_at(p) >= need for p in later):
+                return Estimate(t)
+        blockers = [j for s, e, _, j in self.spans if e is None and s <= now]
+        return Estimate(None, f"waits for job {blockers[0]}, whose end is unknown" if blockers
+                        else "no GPU end time is known")
+
+
+def estimate_starts(waiting: Iterable[JobSpec], nodes: list[NodeView],
+                    now: float) -> dict[str, Estimate]:
+    """Project waiting jobs onto the allocation timeline, job by job in priority order.
+
+    Running attempts end at their expected end (None when unknown); each projected job
+    then occupies its GPUs from its estimated start for its expected runtime. Limits are
+    not projected, so an estimate is the earliest the GPUs allow.
+    """
+    # An attempt past its expected end has, in truth, an unknown end.
+    timeline = {n.name: _Occupancy(n.allocatable, [(now, e if e is None or e > now else None,
+                                                    g, j) for e, g, j in n.ends])
+                for n in nodes}
+    out: dict[str, Estimate] = {}
+    for spec in waiting:
+        if len(out) >= ESTIMATE_DEPTH:
+            break
+        runtime = expected_runtime(spec)
+        options = [(n.name, timeline[n.name].earliest(spec.gpus, runtime, now))
+                   for n in fitting_nodes(spec, nodes)]
+        known = [(name, e) for name, e in options if e.start is not None]
+        if not known:
+            out[spec.job_id] = options[0][1] if options else Estimate(None, "no node fits it")
+            continue
+        name, best = min(known, key=lambda o: o[1].start or 0.0)
+        out[spec.job_id] = best
+        assert best.start is not None
+        end = None if runtime is None else best.start + runtime
+        timeline[name].spans.append((best.start, end, spec.gpus, spec.job_id))
+    return out

@@ -90,12 +90,17 @@ async def _pidfd_ready(pid: int) -> None:
     except ProcessLookupError:
         return
     done: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    loop.add_reader(fd, _settle, done)
     try:
         await done
     finally:
         loop.remove_reader(fd)
         os.close(fd)
+
+
+def _settle(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> bool:

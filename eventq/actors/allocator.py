@@ -8,6 +8,7 @@ with no await between them, so two requests can never be granted the same GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import msgspec
 
@@ -92,7 +93,7 @@ class Allocate(msgspec.Struct, frozen=True):
 class Release(msgspec.Struct, frozen=True):
     job_id: str
     attempt: int
-    reason: str = "ended"
+    reason: Literal["ended", "orphaned"] = "ended"
 
 
 class ReportInventory(msgspec.Struct, frozen=True):
@@ -121,9 +122,8 @@ def decide_allocate(table: GpuTable, cmd: Allocate) -> ev.GpusAllocated | None:
 
 
 def decide_release(table: GpuTable, cmd: Release) -> list[ev.GpusReleased]:
-    reason = "orphaned" if cmd.reason == "orphaned" else "ended"
     return [ev.GpusReleased(job_id=cmd.job_id, attempt=cmd.attempt, node=node, gpus=gpus,
-                            reason=reason)
+                            reason=cmd.reason)
             for node, gpus in table.held_by(cmd.job_id, cmd.attempt).items()]
 
 

@@ -8,6 +8,7 @@ queued with ``ActorStopped``; no ``ask`` is left hanging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, Generic, TypeVar
 
 import structlog
@@ -60,7 +61,7 @@ class Actor(Generic[Msg]):
             self._current = reply
             try:
                 result = await self.receive(message)
-            except Exception as exc:  # noqa: BLE001 - the asker gets it; the actor goes on
+            except Exception as exc:
                 if reply is not None and not reply.done():
                     reply.set_exception(exc)
                 else:
@@ -74,10 +75,8 @@ class Actor(Generic[Msg]):
         self._stopped = True
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         if self._current is not None and not self._current.done():
             self._current.set_exception(ActorStopped(self.name))
         while not self._mailbox.empty():

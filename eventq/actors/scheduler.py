@@ -232,7 +232,7 @@ class Scheduler(Actor[SchedulerMsg]):
         if job.status != "pending":
             return []
         reasons = self.last_plan.reasons.get(job_id) or self.explain(job)
-        events = [ev.JobRejected(job_id=job_id, reasons=reasons)]
+        events: list[ev.Event] = [ev.JobRejected(job_id=job_id, reasons=reasons)]
         self._append("system", events)
         return events
 

@@ -7,7 +7,7 @@ import datetime
 import os
 from typing import Any
 
-from eventq.cli.client import CliError, Client
+from eventq.cli.client import Client, CliError
 from eventq.cli.output import cell, console, emit_json, pick, table
 
 LIST_FIELDS = ["job_id", "name", "user", "status", "gpus", "allocated_gpus", "position", "reasons"]

@@ -181,7 +181,7 @@ class LimitsUpdate(msgspec.Struct, forbid_unknown_fields=True):
     enable_fair_share: bool | Unset = msgspec.UNSET
     local_job_max_concurrent: Count | Unset = msgspec.UNSET
     #: null means unlimited.
-    local_gpu_max_concurrent: Count | None | Unset = msgspec.UNSET
+    local_gpu_max_concurrent: Count | Unset | None = msgspec.UNSET
     starvation_threshold_minutes: Annotated[float, msgspec.Meta(gt=0)] | Unset = msgspec.UNSET
 
 

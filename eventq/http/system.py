@@ -15,7 +15,8 @@ routes = web.RouteTableDef()
 
 def _memory_percent() -> float | None:
     try:
-        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
         total = int(info["MemTotal"].split()[0])
         return round(100.0 * (total - int(info["MemAvailable"].split()[0])) / total, 1)
     except (OSError, KeyError, ValueError):

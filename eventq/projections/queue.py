@@ -17,7 +17,7 @@ from eventq.actors.allocator import GpuTable
 from eventq.actors.scheduler import Scheduler
 from eventq.actors.scheduler_state import TERMINAL, JobState, SchedulerState
 from eventq.log import Record
-from eventq.policy import effective_priority
+from eventq.policy import ESTIMATE_DEPTH, Estimate, effective_priority, estimate_starts
 
 WAITING = ("pending",)
 RUNNING = ("dispatched", "running")
@@ -37,6 +37,7 @@ class QueueView:
     scheduler: Scheduler | None = None
     times: dict[str, Times] = field(default_factory=dict)
     waits: list[float] = field(default_factory=list)
+    _estimates: tuple[tuple[int, int], dict[str, Estimate]] | None = None
 
     def evolve(self, record: Record) -> None:
         e = record.event
@@ -63,6 +64,19 @@ class QueueView:
         planned = self.scheduler.last_plan.reasons.get(job.spec.job_id)
         return planned if planned is not None else self.scheduler.explain(job)
 
+    def estimate(self, job_id: str) -> Estimate:
+        """Estimated start from the allocation timeline; recomputed when the log moves on."""
+        assert self.scheduler is not None
+        now = self.now()
+        key = (self.scheduler.log.head_seq, int(now))
+        if self._estimates is None or self._estimates[0] != key:
+            waiting = (j.spec for j in self.state.iter_waiting(now))
+            self._estimates = (key, estimate_starts(waiting, self.scheduler.node_views(), now))
+        found = self._estimates[1].get(job_id)
+        if found is None:
+            return Estimate(None, f"more than {ESTIMATE_DEPTH} jobs ahead")
+        return found
+
     def job(self, job_id: str, detail: bool = True) -> dict[str, Any] | None:
         job = self.state.jobs.get(job_id)
         if job is None:
@@ -82,6 +96,10 @@ class QueueView:
         if job.status in WAITING:
             out["position"] = self.state.position(job_id, self.now())
             out["reasons"] = [{"code": r.code, "detail": r.detail} for r in self.reasons(job)]
+            estimate = self.estimate(job_id)
+            out["estimated_start"] = estimate.start
+            if estimate.note:
+                out["estimate_note"] = estimate.note
         if detail:
             out["command"] = spec.command
             out["max_runtime"] = spec.max_runtime
