@@ -216,11 +216,11 @@ class EventLog:
 
     async def _write_loop(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
             if not self._pending:
                 if self._closing:
                     return
+                await self._wake.wait()
+                self._wake.clear()
                 continue
             rows, records, future = self._pending, self._pending_records, self._batch_future
             self._pending, self._pending_records, self._batch_future = [], [], None
