@@ -63,14 +63,14 @@ class LocalNode:
         self.exited[key] = asyncio.Event()
         directory = runner.attempt_dir(self.data_dir, e.job_id, e.attempt)
         try:
-            proc = runner.spawn(spec, e.attempt, e.gpus, directory, self.trainer)
+            pid = runner.spawn(spec, e.attempt, e.gpus, directory, self.trainer)
         except OSError as exc:
             self._ended(key, AttemptReport(e.job_id, e.attempt, "ended", outcome="start_failed",
                                            detail=f"could not start: {exc}"))
             return
-        self.pids[key] = proc.pid
-        self._report(AttemptReport(e.job_id, e.attempt, "started", pid=proc.pid))
-        code = await runner.wait_child(proc)
+        self.pids[key] = pid
+        self._report(AttemptReport(e.job_id, e.attempt, "started", pid=pid))
+        code = await runner.wait_child(pid)
         if code == runner.CLAIMED:
             log.error("attempt_already_claimed", job_id=e.job_id, attempt=e.attempt)
         self._ended(key, AttemptReport(e.job_id, e.attempt, "ended", exit_code=code))

@@ -66,8 +66,11 @@ class Orchestrator:
     grace_seconds: float = 10.0
     limits: ev.Limits | None = None
 
+    running: bool = False
+
     async def start(self) -> None:
         self._lock = take_lock(self.data_dir)
+        self.running = True
         self.log = await EventLog.open(self.data_dir / LOG_FILE, self.clock.now)
         self.state, self.gpu_table, self.users = SchedulerState(), GpuTable(), Users()
         self.allocator = Allocator(self.log, self.gpu_table)
@@ -126,6 +129,9 @@ class Orchestrator:
 
     async def stop(self) -> None:
         """Stop accepting work; running attempts keep running and are adopted on restart."""
+        if not self.running:
+            return
+        self.running = False
         running = self.state.counts.total
         await self.scheduler.stop()
         await self.allocator.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,10 +24,8 @@ AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 def kill_attempts(orch: Orchestrator) -> None:
     """Tests leave nothing behind: a stopped server leaves jobs running by design."""
     for pgid in list(orch.node.pids.values()):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture
@@ -35,7 +34,8 @@ def clock() -> SimClock:
 
 
 @pytest.fixture
-def make_orch(tmp_path: Path, clock: SimClock) -> Callable[..., Awaitable[Orchestrator]]:
+async def make_orch(tmp_path: Path,
+                    clock: SimClock) -> AsyncIterator[Callable[..., Awaitable[Orchestrator]]]:
     """Start an orchestrator: ``await make_orch(gpus="4xA100-80GB", limits=Limits(...))``."""
     started: list[Orchestrator] = []
 
@@ -47,9 +47,10 @@ def make_orch(tmp_path: Path, clock: SimClock) -> Callable[..., Awaitable[Orches
         started.append(orch)
         return orch
 
-    yield start  # type: ignore[misc]
+    yield start
     for orch in started:
         kill_attempts(orch)
+        await orch.stop()
 
 
 @pytest.fixture

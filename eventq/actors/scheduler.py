@@ -125,7 +125,7 @@ def decide_report(state: SchedulerState, r: AttemptReport) -> list[ev.Event]:
         return [ev.StaleReportIgnored(job_id=r.job_id, attempt=r.attempt,
                                       current_attempt=current, report=r.kind)]
     if r.kind == "started":
-        if job.pid is not None:
+        if job.pid is not None and not r.adopted:
             return []
         return [ev.AttemptStarted(job_id=r.job_id, attempt=r.attempt, pid=r.pid or 0,
                                   adopted=r.adopted)]
