@@ -143,6 +143,6 @@ async def test_a_dispatch_that_never_started_is_requeued_and_runs_once(
 async def test_a_second_server_on_the_same_data_directory_refuses_to_start(
         make_orch: MakeOrch) -> None:
     first = await make_orch()
-    with pytest.raises(AlreadyRunning, match="another eventq server .* is running"):
+    with pytest.raises(AlreadyRunning, match=r"another eventq server .* is running"):
         await make_orch()
     await first.stop()
