@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Piped output is read by scripts and grep: do not squeeze it to 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def pick(record: dict[str, Any], path: str) -> Any:
@@ -37,7 +39,9 @@ def emit_json(value: Any) -> None:
 def table(rows: Sequence[dict[str, Any]], fields: Sequence[str], title: str | None = None) -> None:
     t = Table(title=title, show_lines=False)
     for f in fields:
-        t.add_column(f)
+        # Ids are copied into the next command: never cut them.
+        t.add_column(f, no_wrap=f.endswith("id"), min_width=12 if f.endswith("id") else None,
+                     overflow="fold")
     for row in rows:
         t.add_row(*(cell(pick(row, f)) for f in fields))
     console.print(t)
