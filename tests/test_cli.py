@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -52,10 +53,8 @@ def server(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
         if stream is not None:
             stream.close()
     for pid_file in data.glob("jobs/*/*/pid"):
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
 
 
 def test_a_user_submits_lists_shows_and_cancels(server: tuple[Path, Any],
@@ -99,7 +98,8 @@ def test_the_environment_and_directory_of_the_submitter_are_sent(
     work.mkdir()
     env = {**os.environ, "MY_SETTING": "from-the-shell"}
     done = subprocess.run([EVENTQ, "jobs", "submit", "--data-dir", str(data), "--gpus", "0",
-                           "--format", "json", "--", "sh", "-c", "pwd > out; echo $MY_SETTING >> out"],
+                           "--format", "json", "--",
+                           "sh", "-c", "pwd > out; echo $MY_SETTING >> out"],
                           cwd=work, env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     for _ in range(300):
