@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -11,7 +12,7 @@ from typing import IO
 
 import structlog
 
-from eventq import __version__
+from eventq import __version__, gpus
 from eventq import events as ev
 from eventq.actors.allocator import Allocator, GpuTable, ReportInventory
 from eventq.actors.scheduler import Process, ReleaseOrphans, Scheduler, SetLimits
@@ -28,6 +29,7 @@ log = structlog.get_logger()
 LOG_FILE = "events.db"
 LOCK_FILE = "server.lock"
 SERVER_FILE = "server.json"
+INVENTORY_REFRESH_SECONDS = 15.0
 
 
 class AlreadyRunning(RuntimeError):
@@ -67,6 +69,7 @@ class Orchestrator:
     limits: ev.Limits | None = None
 
     running: bool = False
+    _refresh: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._lock = take_lock(self.data_dir)
@@ -94,6 +97,16 @@ class Orchestrator:
         if self.limits is not None and self.limits != self.state.limits:
             await self.scheduler.ask(SetLimits(self.limits, "system"))
         await self.recover(replayed)
+        if not self.inventory.simulated and self.inventory.nvml_error is None:
+            self._refresh = asyncio.get_running_loop().create_task(self._refresh_inventory())
+
+    async def _refresh_inventory(self) -> None:
+        """Re-read NVML now and then: a GPU another program fills up stops being allocatable."""
+        while True:
+            await asyncio.sleep(INVENTORY_REFRESH_SECONDS)
+            inv = await asyncio.to_thread(gpus.from_nvml)
+            self.allocator.tell(ReportInventory("local", inv.gpus, inv.simulated, inv.nvml_error))
+            self.scheduler.tell(Process())
 
     async def recover(self, replayed: int) -> None:
         """Release orphans, reconcile attempts with their processes, dispatch at once."""
@@ -132,6 +145,8 @@ class Orchestrator:
         if not self.running:
             return
         self.running = False
+        if self._refresh is not None:
+            self._refresh.cancel()
         running = self.state.counts.total
         await self.scheduler.stop()
         await self.allocator.stop()

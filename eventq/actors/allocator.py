@@ -128,11 +128,18 @@ def decide_release(table: GpuTable, cmd: Release) -> list[ev.GpusReleased]:
 
 
 def decide_inventory(table: GpuTable, cmd: ReportInventory) -> ev.NodeInventoryReported | None:
-    """Record an inventory only when it differs from the one on record (the log stays bounded)."""
+    """Record an inventory only when what can be allocated changes (the log stays bounded).
+
+    Memory use moves all the time; only crossing the busy threshold matters.
+    """
+    def signature(gpus: list[ev.GpuInfo]) -> list[tuple[int, str, float, bool]]:
+        return sorted((g.index, g.name, g.memory_gb,
+                       g.foreign_memory_percent > table.busy_percent) for g in gpus)
+
     current = table.nodes.get(cmd.node)
-    if current is not None and sorted(current.gpus.values(), key=lambda g: g.index) == \
-            sorted(cmd.gpus, key=lambda g: g.index) and current.simulated == cmd.simulated \
-            and current.nvml_error == cmd.nvml_error:
+    if current is not None and current.simulated == cmd.simulated \
+            and current.nvml_error == cmd.nvml_error \
+            and signature(list(current.gpus.values())) == signature(cmd.gpus):
         return None
     return ev.NodeInventoryReported(node=cmd.node, gpus=cmd.gpus, simulated=cmd.simulated,
                                     nvml_error=cmd.nvml_error)

@@ -75,7 +75,7 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator) -> ev.JobSpec
 
 def _check_gpus(req: SubmitRequest, gpus: int, orch: Orchestrator) -> None:
     local = orch.gpu_table.nodes.get("local")
-    total = len(orch.gpu_table.allocatable("local")) if local else 0
+    total = len(local.gpus) if local else 0
     if req.target != "worker" and gpus > total:
         raise ApiError(422, f"needs {gpus} GPUs; the local node has {total}"
                        + (f" ({local.nvml_error})" if local and local.nvml_error else ""), "gpus")
