@@ -36,25 +36,32 @@ def new_token(prefix: str = "eq") -> str:
 
 @dataclass
 class Users:
-    """Users by token hash; lookups compare in constant time."""
+    """Users and their live tokens (by SHA-256), folded from events."""
 
-    by_hash: dict[str, User] = field(default_factory=dict)
     by_name: dict[str, User] = field(default_factory=dict)
+    tokens: dict[str, str] = field(default_factory=dict)  # token hash -> user name
 
     def evolve(self, record: Record) -> None:
         e = record.event
-        if isinstance(e, ev.UserCreated):
-            user = User(e.name, e.level, e.team)
-            self.by_hash[e.token_sha256] = user
-            self.by_name[e.name] = user
+        if isinstance(e, ev.UserCreated | ev.UserUpdated):
+            self.by_name[e.name] = User(e.name, e.level, e.team)
+        if isinstance(e, ev.UserCreated | ev.TokenIssued):
+            self.tokens[e.token_sha256] = e.name
+        elif isinstance(e, ev.TokenRevoked):
+            self.tokens = {h: n for h, n in self.tokens.items()
+                           if n != e.name or (e.token_sha256 is not None and h != e.token_sha256)}
 
     def authenticate(self, token: str) -> User | None:
+        """The user a token belongs to, compared in constant time; None if unknown or revoked."""
         digest = token_hash(token)
         found = None
-        for stored, user in self.by_hash.items():
+        for stored, name in self.tokens.items():
             if hmac.compare_digest(stored, digest):
-                found = user
+                found = self.by_name[name]
         return found
+
+    def token_count(self, name: str) -> int:
+        return sum(1 for n in self.tokens.values() if n == name)
 
 
 def write_secret(path: Path, text: str) -> None:

@@ -94,6 +94,8 @@ class JobSpec(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
     metadata: dict[str, Any] = {}
     config: dict[str, Any] | None = None
     config_name: str | None = None
+    requires_approval: bool = False
+    estimated_cost: float = 0.0
 
     @property
     def effective_base(self) -> int:
@@ -129,8 +131,34 @@ class UserCreated(Event, frozen=True, tag="user_created"):
     token_sha256: str
 
 
+class TokenIssued(Event, frozen=True, tag="token_issued"):
+    """A further token for an existing user (shown once; only its hash is kept)."""
+
+    name: str
+    token_sha256: str
+
+
+class TokenRevoked(Event, frozen=True, tag="token_revoked"):
+    """Revokes one token of a user, or every token when ``token_sha256`` is None."""
+
+    name: str
+    token_sha256: str | None = None
+
+
+class UserUpdated(Event, frozen=True, tag="user_updated"):
+    name: str
+    level: Level
+    team: str | None
+
+
 class LimitsChanged(Event, frozen=True, tag="limits_changed"):
     limits: Limits
+
+
+class SettingsChanged(Event, frozen=True, tag="settings_changed"):
+    """Orchestrator settings other than limits, e.g. the approval cost threshold."""
+
+    approval_cost_threshold: float | None
 
 
 # --- a job's life ---------------------------------------------------------------------
@@ -141,10 +169,43 @@ class JobSubmitted(Event, frozen=True, tag="job_submitted"):
 
 
 class JobRejected(Event, frozen=True, tag="job_rejected"):
-    """Refused at submission (``no_wait`` and it could not start now)."""
+    """Refused: at submission (``no_wait`` and it could not start now), or by an admin."""
 
     job_id: str
     reasons: list[Reason]
+
+
+class JobBlocked(Event, frozen=True, tag="job_blocked"):
+    """Waits for an admin's approval before it may queue."""
+
+    job_id: str
+    reason: str
+
+
+class JobApproved(Event, frozen=True, tag="job_approved"):
+    job_id: str
+
+
+class JobHeld(Event, frozen=True, tag="job_held"):
+    """Kept out of scheduling by its owner or an admin until released (Slurm's hold)."""
+
+    job_id: str
+
+
+class JobReleased(Event, frozen=True, tag="job_released"):
+    job_id: str
+
+
+class PriorityChanged(Event, frozen=True, tag="priority_changed"):
+    job_id: str
+    priority_override: int | None
+
+
+class JobsPurged(Event, frozen=True, tag="jobs_purged"):
+    """Terminal jobs removed from the read models (their events stay in the log)."""
+
+    job_ids: list[str]
+    older_than_days: int
 
 
 class JobReasonsChanged(Event, frozen=True, tag="job_reasons_changed"):
@@ -236,9 +297,19 @@ AnyEvent = (
     ServerStarted
     | NodeInventoryReported
     | UserCreated
+    | UserUpdated
+    | TokenIssued
+    | TokenRevoked
     | LimitsChanged
+    | SettingsChanged
     | JobSubmitted
     | JobRejected
+    | JobBlocked
+    | JobApproved
+    | JobHeld
+    | JobReleased
+    | PriorityChanged
+    | JobsPurged
     | JobReasonsChanged
     | GpusAllocated
     | AttemptDispatched

@@ -158,6 +158,8 @@ class EventLog:
     _pending: list[Row] = field(default_factory=list)
     _pending_records: list[Record] = field(default_factory=list)
     _batch_future: asyncio.Future[None] | None = None
+    #: The batch being committed right now (flush must wait for it too).
+    _inflight: asyncio.Future[None] | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _writer: asyncio.Task[None] | None = None
     _reader: aiosqlite.Connection | None = None
@@ -224,6 +226,7 @@ class EventLog:
                 continue
             rows, records, future = self._pending, self._pending_records, self._batch_future
             self._pending, self._pending_records, self._batch_future = [], [], None
+            self._inflight = future
             try:
                 await self._commit(rows)
             except BaseException as exc:  # noqa: BLE001 - any failure stops the process
@@ -249,8 +252,9 @@ class EventLog:
 
     async def flush(self) -> None:
         """Wait until everything appended so far is durable."""
-        if self._batch_future is not None:
-            await asyncio.shield(self._batch_future)
+        for future in (self._inflight, self._batch_future):
+            if future is not None and not future.done():
+                await asyncio.shield(future)
 
     async def read(self, from_seq: int = 1, to_seq: int | None = None,
                    job_id: str | None = None, limit: int = 10_000) -> list[Record]:

@@ -64,7 +64,7 @@ class LocalNode:
         directory = runner.attempt_dir(self.data_dir, e.job_id, e.attempt)
         try:
             pid = runner.spawn(spec, e.attempt, e.gpus, directory, self.trainer)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             self._ended(key, AttemptReport(e.job_id, e.attempt, "ended", outcome="start_failed",
                                            detail=f"could not start: {exc}"))
             return

@@ -261,13 +261,25 @@ def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
     """Decide which waiting jobs start now. ``counts`` and ``nodes`` are copied, not changed."""
     work = _Pass(_copy_counts(counts), limits, [_copy_node(n) for n in nodes], now)
     after_full = REASON_DEPTH
+    examined_held: list[JobSpec] = []
+    restate = 0  # examined_held[:restate] were looked at before the latest placement
     for examined, job in enumerate(waiting):
         if work.counts.total >= limits.max_concurrent:
             after_full -= 1
         if examined >= scan_depth or after_full < 0:
             work.plan.truncated = True
             break
+        placed = len(work.plan.placements)
         work.consider(job.spec)
+        if len(work.plan.placements) > placed:
+            restate = len(examined_held)
+        else:
+            examined_held.append(job.spec)
+    # A placement later in the walk changes what holds the jobs looked at before it.
+    for spec in examined_held[:restate]:
+        final = explain(spec, work.counts, limits, work.nodes, work.plan.reservation, now)
+        if final:
+            work.plan.reasons[spec.job_id] = final
     return work.plan
 
 

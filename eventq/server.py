@@ -15,6 +15,7 @@ import structlog
 from eventq import __version__, gpus
 from eventq import events as ev
 from eventq.actors.allocator import Allocator, GpuTable, ReportInventory
+from eventq.actors.registry import Registry
 from eventq.actors.scheduler import Process, ReleaseOrphans, Scheduler, SetLimits
 from eventq.actors.scheduler_state import SchedulerState
 from eventq.auth import TOKEN_FILE, Users, new_token, token_hash, write_secret
@@ -79,6 +80,7 @@ class Orchestrator:
         self.allocator = Allocator(self.log, self.gpu_table)
         self.scheduler = Scheduler(self.log, self.state, self.allocator, self.gpu_table,
                                    self.clock)
+        self.registry = Registry(self.log, self.users)
         self.queue = QueueView(self.state, self.gpu_table, self.scheduler)
         for fold in (self.state.evolve, self.gpu_table.evolve, self.users.evolve,
                      self.queue.evolve):
@@ -89,6 +91,7 @@ class Orchestrator:
         self.log.start()
         self.allocator.start()
         self.scheduler.start()
+        self.registry.start()
         self.log.append("system", [ev.ServerStarted(pid=os.getpid(), version=__version__)])
         self.admin_token = self._bootstrap_admin()
         await self.allocator.ask(ReportInventory("local", self.inventory.gpus,
@@ -150,6 +153,7 @@ class Orchestrator:
         running = self.state.counts.total
         await self.scheduler.stop()
         await self.allocator.stop()
+        await self.registry.stop()
         await self.node.shutdown()
         await self.log.close()
         (self.data_dir / SERVER_FILE).unlink(missing_ok=True)

@@ -10,6 +10,7 @@ Processes are started by the node only once that event is durable.
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import msgspec
 
 from eventq import events as ev
 from eventq import policy
-from eventq.actors.allocator import Allocate, Allocator, GpuTable, Release
+from eventq.actors.allocator import Allocate, Allocator, GpuTable, Release, decide_allocate
 from eventq.actors.runtime import Actor
 from eventq.actors.scheduler_state import TERMINAL, JobState, SchedulerState
 from eventq.clock import Clock
@@ -78,7 +79,48 @@ class Process(msgspec.Struct, frozen=True):
     """Run a scheduling pass now."""
 
 
-SchedulerMsg = Submit | Cancel | SetLimits | AttemptReport | StopAttempt | ReleaseOrphans | Process
+class JobAction(msgspec.Struct, frozen=True):
+    """A person acting on one job: approve, reject, hold, release, or set its priority."""
+
+    job_id: str
+    principal: str
+    action: str  # "approve" | "reject" | "hold" | "release" | "priority"
+    reason: str = ""
+    priority: int | None = None
+
+
+class CancelMany(msgspec.Struct, frozen=True):
+    """Cancel every matching job in one step, so no dispatch can slip in between."""
+
+    principal: str
+    statuses: list[str]
+    user: str | None = None
+
+
+class Cleanup(msgspec.Struct, frozen=True):
+    principal: str
+    days: int
+
+
+class SetSettings(msgspec.Struct, frozen=True):
+    principal: str
+    approval_cost_threshold: float | None
+
+
+SchedulerMsg = (Submit | Cancel | SetLimits | AttemptReport | StopAttempt | ReleaseOrphans
+                | Process | JobAction | CancelMany | Cleanup | SetSettings)
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a submission would do now."""
+
+    status: str
+    node: str | None
+    gpus: list[int]
+    reasons: list[ev.Reason]
+    estimated_start: float | None
+    estimate_note: str
 
 
 @dataclass
@@ -93,9 +135,63 @@ class Outcome:
 
 
 def decide_submit(state: SchedulerState, cmd: Submit) -> list[ev.Event]:
-    if cmd.spec.job_id in state.jobs:
-        raise CommandError(409, f"job {cmd.spec.job_id} already exists")
-    return [ev.JobSubmitted(job=cmd.spec)]
+    spec = cmd.spec
+    if spec.job_id in state.jobs:
+        raise CommandError(409, f"job {spec.job_id} already exists")
+    submitted: list[ev.Event] = [ev.JobSubmitted(job=spec)]
+    threshold = state.approval_cost_threshold
+    if spec.requires_approval:
+        return [*submitted, ev.JobBlocked(job_id=spec.job_id, reason="approval requested")]
+    if threshold is not None and spec.estimated_cost > threshold:
+        return [*submitted, ev.JobBlocked(
+            job_id=spec.job_id,
+            reason=f"estimated cost {spec.estimated_cost} is above {threshold}")]
+    return submitted
+
+
+def _job(state: SchedulerState, job_id: str) -> JobState:
+    job = state.jobs.get(job_id)
+    if job is None:
+        raise CommandError(404, f"no job {job_id}")
+    return job
+
+
+def decide_action(state: SchedulerState, cmd: JobAction) -> list[ev.Event]:
+    """Approve, reject, hold, release or re-prioritise one job, if its state allows it."""
+    job, job_id = _job(state, cmd.job_id), cmd.job_id
+    allowed = {"approve": ("blocked",), "reject": ("blocked",), "hold": ("pending",),
+               "release": ("held",), "priority": ("pending", "blocked", "held")}[cmd.action]
+    if job.status not in allowed:
+        raise CommandError(409, f"cannot {cmd.action} job {job_id}: it is {job.status} "
+                                f"(only {' or '.join(allowed)} jobs)")
+    if cmd.action == "approve":
+        return [ev.JobApproved(job_id=job_id)]
+    if cmd.action == "reject":
+        return [ev.JobRejected(job_id=job_id, reasons=[
+            ev.Reason("rejected", cmd.reason or "rejected by an admin")])]
+    if cmd.action == "hold":
+        return [ev.JobHeld(job_id=job_id)]
+    if cmd.action == "release":
+        return [ev.JobReleased(job_id=job_id)]
+    return [ev.PriorityChanged(job_id=job_id, priority_override=cmd.priority)]
+
+
+def decide_cancel_many(state: SchedulerState, cmd: CancelMany) -> list[ev.Event]:
+    out: list[ev.Event] = []
+    for job in state.jobs.values():
+        if job.status in cmd.statuses and job.status not in TERMINAL \
+                and (cmd.user is None or job.spec.user == cmd.user):
+            out += decide_cancel(state, job.spec.job_id)
+    return out
+
+
+def decide_cleanup(state: SchedulerState, cmd: Cleanup, now: float) -> list[ev.Event]:
+    """Purge terminal jobs finished more than ``days`` ago; active jobs are never touched."""
+    cutoff = now - cmd.days * 86400
+    old = [j.spec.job_id for j in state.jobs.values()
+           if j.status in TERMINAL and not j.active and j.finished_at is not None
+           and j.finished_at < cutoff]
+    return [ev.JobsPurged(job_ids=old, older_than_days=cmd.days)] if old else []
 
 
 def decide_cancel(state: SchedulerState, job_id: str) -> list[ev.Event]:
@@ -214,9 +310,21 @@ class Scheduler(Actor[SchedulerMsg]):
             self._append("system", events)
         elif isinstance(m, ReleaseOrphans):
             events = await self._release_orphans()
-        else:
+        elif isinstance(m, Process):
             events = []
+        else:
+            events = self._decide_admin(m)
+            self._append(m.principal, events)
         return events
+
+    def _decide_admin(self, m: JobAction | CancelMany | Cleanup | SetSettings) -> list[ev.Event]:
+        if isinstance(m, JobAction):
+            return decide_action(self.state, m)
+        if isinstance(m, CancelMany):
+            return decide_cancel_many(self.state, m)
+        if isinstance(m, Cleanup):
+            return decide_cleanup(self.state, m, self.clock.now())
+        return [ev.SettingsChanged(approval_cost_threshold=m.approval_cost_threshold)]
 
     async def _release_orphans(self) -> list[ev.Event]:
         released: list[ev.Event] = []
@@ -276,6 +384,28 @@ class Scheduler(Actor[SchedulerMsg]):
             active = self.state.node_active.get(view.name, {})
             view.ends = [(end, gpus, job_id) for job_id, (end, gpus) in active.items()]
         return views
+
+    def dry_run(self, spec: ev.JobSpec) -> DryRun:
+        """Where ``spec`` would run now, or every reason it would wait; records nothing."""
+        now = self.clock.now()
+        if spec.requires_approval or (self.state.approval_cost_threshold is not None and
+                                      spec.estimated_cost > self.state.approval_cost_threshold):
+            return DryRun("blocked", None, [], [ev.Reason("approval", "needs an admin's "
+                                                          "approval")], None, "")
+        hypo = JobState(spec=spec, order=self.log.head_seq + 1, queued_at=now)
+        waiting = list(heapq.merge(self.state.iter_waiting(now), [hypo],
+                                   key=lambda j: self.state.sort_key(j, now)))
+        plan = policy.plan(iter(waiting), self.state.counts, self.state.limits,
+                           self.node_views(), now)
+        placed = next((p for p in plan.placements if p.job_id == spec.job_id), None)
+        if placed is not None:
+            gpus = decide_allocate(self.gpu_table, Allocate(spec.job_id, 1, placed.node, spec.gpus,
+                                                            spec.device_ids, spec.any_gpu))
+            return DryRun("running", placed.node, gpus.gpus if gpus else [], [], now, "")
+        reasons = plan.reasons.get(spec.job_id) or self.explain(hypo)
+        estimate = policy.estimate_starts((j.spec for j in waiting), self.node_views(), now)
+        found = estimate.get(spec.job_id, policy.Estimate(None, "too many jobs ahead"))
+        return DryRun("queued", None, [], reasons, found.start, found.note)
 
     def explain(self, job: JobState) -> list[ev.Reason]:
         """Every reason holding one waiting job now (for views and dry runs)."""

@@ -25,6 +25,8 @@ from eventq.policy import Counts, effective_priority, expected_runtime
 
 ACTIVE = ("dispatched", "running")
 TERMINAL = ("completed", "failed", "cancelled", "rejected")
+#: Waiting for a person: an admin's approval, or the release of a hold.
+PARKED = ("blocked", "held")
 RUNTIME_HISTORY = 20
 
 
@@ -47,6 +49,7 @@ class JobState(msgspec.Struct, gc=False):
     stop_requested: str | None = None
     error: str | None = None
     reasons: list[ev.Reason] = []
+    finished_at: float | None = None
 
 
 @dataclass
@@ -58,11 +61,13 @@ class SchedulerState:
     #: node -> job id -> (expected end, GPU count) of its active attempts.
     node_active: dict[str, dict[str, tuple[float | None, int]]] = field(default_factory=dict)
     limits: ev.Limits = field(default_factory=ev.Limits)
+    approval_cost_threshold: float | None = None
     runtimes: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
     # --- the waiting order ---------------------------------------------------------------
 
-    def _key(self, job: JobState, now: float) -> tuple[int, int]:
+    def sort_key(self, job: JobState, now: float) -> tuple[int, int]:
+        """Queue order: higher effective priority first, then submission order."""
         return (-effective_priority(job.spec, job.queued_at, now, self.limits), job.order)
 
     def _enqueue(self, job: JobState) -> None:
@@ -83,7 +88,7 @@ class SchedulerState:
             for order in bucket:
                 yield self.jobs[self.by_order[order]]
         return heapq.merge(*(bucket_jobs(b) for b in self.buckets.values()),
-                           key=lambda j: self._key(j, now))
+                           key=lambda j: self.sort_key(j, now))
 
     def waiting_count(self) -> int:
         return len(self.by_order)
@@ -93,13 +98,13 @@ class SchedulerState:
         job = self.jobs.get(job_id)
         if job is None or job.order not in self.by_order:
             return None
-        target = self._key(job, now)
+        target = self.sort_key(job, now)
         ahead = 0
         for bucket in self.buckets.values():
             lo, hi = 0, len(bucket)
             while lo < hi:
                 mid = (lo + hi) // 2
-                if self._key(self.jobs[self.by_order[bucket[mid]]], now) < target:
+                if self.sort_key(self.jobs[self.by_order[bucket[mid]]], now) < target:
                     lo = mid + 1
                 else:
                     hi = mid
@@ -122,10 +127,40 @@ class SchedulerState:
         self.jobs[e.job.job_id] = job
         self._enqueue(job)
 
+    def _on_settings(self, e: ev.SettingsChanged, r: Record) -> None:
+        self.approval_cost_threshold = e.approval_cost_threshold
+
     def _on_rejected(self, e: ev.JobRejected, r: Record) -> None:
         job = self.jobs[e.job_id]
         self._dequeue(job)
-        job.status, job.reasons = "rejected", list(e.reasons)
+        job.status, job.reasons, job.finished_at = "rejected", list(e.reasons), r.time
+
+    def _on_blocked(self, e: ev.JobBlocked, r: Record) -> None:
+        job = self.jobs[e.job_id]
+        self._dequeue(job)
+        job.status, job.reasons = "blocked", [ev.Reason("approval", e.reason)]
+
+    def _on_held(self, e: ev.JobHeld, r: Record) -> None:
+        job = self.jobs[e.job_id]
+        self._dequeue(job)
+        job.status, job.reasons = "held", [ev.Reason("held", f"held since seq {r.seq}")]
+
+    def _on_back_to_queue(self, e: ev.JobApproved | ev.JobReleased, r: Record) -> None:
+        job = self.jobs[e.job_id]
+        job.status, job.reasons = "pending", []
+        self._enqueue(job)
+
+    def _on_priority(self, e: ev.PriorityChanged, r: Record) -> None:
+        job = self.jobs[e.job_id]
+        waiting = job.order in self.by_order
+        self._dequeue(job)
+        job.spec = msgspec.structs.replace(job.spec, priority_override=e.priority_override)
+        if waiting:
+            self._enqueue(job)
+
+    def _on_purged(self, e: ev.JobsPurged, r: Record) -> None:
+        for job_id in e.job_ids:
+            self.jobs.pop(job_id, None)
 
     def _on_reasons(self, e: ev.JobReasonsChanged, r: Record) -> None:
         self.jobs[e.job_id].reasons = list(e.reasons)
@@ -168,16 +203,17 @@ class SchedulerState:
         self._enqueue(job)
 
     def _on_completed(self, e: ev.JobCompleted, r: Record) -> None:
-        self.jobs[e.job_id].status = "completed"
+        job = self.jobs[e.job_id]
+        job.status, job.finished_at = "completed", r.time
 
     def _on_failed(self, e: ev.JobFailed, r: Record) -> None:
         job = self.jobs[e.job_id]
-        job.status, job.error = "failed", e.reason
+        job.status, job.error, job.finished_at = "failed", e.reason, r.time
 
     def _on_cancelled(self, e: ev.JobCancelled, r: Record) -> None:
         job = self.jobs[e.job_id]
         self._dequeue(job)
-        job.status = "cancelled"
+        job.status, job.finished_at = "cancelled", r.time
 
     def _ignore(self, e: Any, r: Record) -> None:
         """Events other owners act on."""
@@ -223,7 +259,17 @@ _HANDLERS: dict[type, Callable[[SchedulerState, Any, Record], None]] = {
     ev.JobCompleted: SchedulerState._on_completed,
     ev.JobFailed: SchedulerState._on_failed,
     ev.JobCancelled: SchedulerState._on_cancelled,
+    ev.SettingsChanged: SchedulerState._on_settings,
+    ev.JobBlocked: SchedulerState._on_blocked,
+    ev.JobApproved: SchedulerState._on_back_to_queue,
+    ev.JobHeld: SchedulerState._on_held,
+    ev.JobReleased: SchedulerState._on_back_to_queue,
+    ev.PriorityChanged: SchedulerState._on_priority,
+    ev.JobsPurged: SchedulerState._on_purged,
     ev.ServerStarted: SchedulerState._ignore,
+    ev.UserUpdated: SchedulerState._ignore,
+    ev.TokenIssued: SchedulerState._ignore,
+    ev.TokenRevoked: SchedulerState._ignore,
     ev.NodeInventoryReported: SchedulerState._ignore,
     ev.UserCreated: SchedulerState._ignore,
     ev.GpusAllocated: SchedulerState._ignore,

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from eventq.actors.scheduler import CommandError
 from eventq.auth import User
+from eventq.events import Level
 from eventq.server import Orchestrator
 
 ORCH = web.AppKey("orchestrator", Orchestrator)
@@ -42,7 +43,8 @@ def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiE
     """msgspec says ``Expected `int`, got `str` - at `$.gpus```: name the field."""
     text = str(exc)
     match = _FIELD.search(text)
-    if isinstance(exc, msgspec.DecodeError) and match is None:
+    # ValidationError is a DecodeError too: only a real decode failure is "not JSON".
+    if not isinstance(exc, msgspec.ValidationError) and match is None:
         return ApiError(422, "request body is not valid JSON", detail=text)
     field = match[1] if match else None
     if field is None and "unknown field" in text:
@@ -61,6 +63,21 @@ def decode_body(raw: bytes, kind: type[T]) -> T:
 
 def current_user(request: web.Request) -> User:
     return request[USER]
+
+
+def require_admin(request: web.Request) -> User:
+    user = current_user(request)
+    if user.level != Level.ADMIN:
+        raise ApiError(403, "only admins may do this")
+    return user
+
+
+def require_owner(request: web.Request, owner: str, doing: str) -> User:
+    """The job's owner or an admin (SPEC 8)."""
+    user = current_user(request)
+    if user.name != owner and user.level != Level.ADMIN:
+        raise ApiError(403, f"only the job's owner or an admin may {doing}")
+    return user
 
 
 @web.middleware
@@ -86,11 +103,12 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def make_app(orchestrator: Orchestrator) -> web.Application:
-    from eventq.http import jobs, queue, system
+    from eventq.http import admin, jobs, queue, system
 
     app = web.Application(middlewares=[errors, auth], client_max_size=4 * 2**20)
     app[ORCH] = orchestrator
     app.add_routes(queue.routes)
     app.add_routes(jobs.routes)
     app.add_routes(system.routes)
+    app.add_routes(admin.routes)
     return app

@@ -17,7 +17,7 @@ from eventq.server import Orchestrator
 
 routes = web.RouteTableDef()
 
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=4096)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 
 
@@ -59,6 +59,7 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator) -> ev.JobSpec
         raise ApiError(422, "command items must be non-empty strings", "command")
     if req.priority_override is not None and user.level not in (ev.Level.ADMIN, ev.Level.LEAD):
         raise ApiError(403, "only leads and admins may override priority", "priority_override")
+    _check_process_text(req)
     if req.cwd is not None and not os.path.isdir(req.cwd):
         raise ApiError(422, f"cwd {req.cwd} is not a directory on the server", "cwd")
     _check_gpus(req, gpus, orch)
@@ -71,6 +72,23 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator) -> ev.JobSpec
         max_runtime=req.max_runtime, estimated_runtime=req.estimated_runtime,
         retry_on_failure=req.retry_on_failure, env=req.env, cwd=req.cwd,
         metadata=req.metadata, config=req.config, config_name=req.config_name)
+
+
+def _check_process_text(req: SubmitRequest) -> None:
+    """What exec would refuse later must be refused now, while the client can hear it."""
+    words = [req.command] if isinstance(req.command, str) else list(req.command or [])
+    if any("\0" in w for w in words):
+        raise ApiError(422, "command must not contain NUL characters", "command")
+    for key, value in req.env.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise ApiError(422, f"env name {key!r} is not a valid variable name", "env")
+    if req.cwd is not None and "\0" in req.cwd:
+        raise ApiError(422, "cwd must not contain NUL characters", "cwd")
+    for field in ("metadata", "config"):
+        try:
+            msgspec.msgpack.encode(getattr(req, field))
+        except (OverflowError, msgspec.EncodeError) as exc:
+            raise ApiError(422, f"{field} cannot be stored: {exc}", field) from None
 
 
 def _check_gpus(req: SubmitRequest, gpus: int, orch: Orchestrator) -> None:

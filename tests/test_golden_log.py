@@ -1,0 +1,114 @@
+"""A checked-in history replays to its known state, and tampering with it is caught.
+
+``tests/golden/events.db`` is written by ``tools/make_golden_log.py`` (its docstring tells
+the story); ``expected_state.json`` is what the live actors held when it was written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from eventq import events as ev
+from eventq import replay
+
+GOLDEN = Path(__file__).parent / "golden"
+LOG = GOLDEN / "events.db"
+EVENTQ = Path(sys.executable).with_name("eventq")
+
+
+def known_state(folded: replay.Folded) -> dict[str, Any]:
+    """Jobs, GPU holdings, limits and queue order, in the shape of expected_state.json."""
+    state = folded.scheduler
+    return {
+        "last_seq": folded.last_seq,
+        "jobs": {job_id: {"status": j.status, "attempt": j.attempt, "gpus": j.spec.gpus,
+                          "allocated_gpus": j.gpus if j.active else [],
+                          "exit_code": j.exit_code, "error": j.error,
+                          "reasons": [r.code for r in j.reasons]}
+                 for job_id, j in sorted(state.jobs.items())},
+        "gpus": {node: {str(g): f"{h[0]}#{h[1]}" for g, h in sorted(n.held.items())}
+                 for node, n in sorted(folded.gpus.nodes.items())},
+        "limits": msgspec.to_builtins(state.limits),
+        "queue": [j.spec.job_id for j in state.iter_waiting(folded.last_time)],
+        "running": state.counts.total,
+    }
+
+
+def read_only(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def verify(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(EVENTQ), "replay", "verify", "--log", str(path), *extra],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.fixture
+def tampered(tmp_path: Path) -> tuple[Path, int]:
+    """A copy in which one byte of one job_submitted body is changed (bob becomes cob)."""
+    copy = tmp_path / "events.db"
+    shutil.copyfile(LOG, copy)
+    with sqlite3.connect(copy) as conn:
+        seq, body = conn.execute("SELECT seq, body FROM events WHERE type = 'job_submitted' "
+                                 "AND job_id = 'golden-d'").fetchone()
+        changed = body.replace(b"bob", b"cob", 1)
+        assert sum(a != b for a, b in zip(body, changed, strict=True)) == 1
+        conn.execute("UPDATE events SET body = ? WHERE seq = ?", (changed, seq))
+    conn.close()
+    return copy, seq
+
+
+def test_replaying_the_golden_log_gives_the_known_state() -> None:
+    expected = json.loads((GOLDEN / "expected_state.json").read_text())
+    with read_only(LOG) as conn:
+        folded = replay.fold(conn)
+    conn.close()
+    assert known_state(folded) == expected
+    assert folded.invariants.problems == []
+
+
+def test_the_version_0_row_decodes_with_its_gpus() -> None:
+    with read_only(LOG) as conn:
+        rows = conn.execute("SELECT seq, type, job_id, body FROM events WHERE v = 0").fetchall()
+        (seq, type_, job_id, body), = rows
+        folded = replay.fold(conn)
+    conn.close()
+    assert type_ == "job_submitted"
+    stored = msgspec.msgpack.decode(body)
+    assert stored["job"]["num_processes"] == 2 and "gpus" not in stored["job"]
+    event = ev.decode(body, 0)
+    assert isinstance(event, ev.JobSubmitted)
+    assert event.job.job_id == job_id and event.job.gpus == 2
+    # And the job it describes ran on two GPUs.
+    assert folded.scheduler.jobs[job_id].spec.gpus == 2
+    assert folded.scheduler.jobs[job_id].gpus == [0, 1]
+    assert seq < folded.last_seq
+
+
+def test_verify_passes_on_the_golden_log() -> None:
+    text = verify(LOG)
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert "OK: 62 events" in text.stdout
+    as_json = verify(LOG, "--format", "json")
+    assert as_json.returncode == 0
+    assert json.loads(as_json.stdout) == {"ok": True, "events": 62, "problems": []}
+
+
+def test_verify_names_the_first_row_that_was_changed(tampered: tuple[Path, int]) -> None:
+    path, seq = tampered
+    text = verify(path)
+    assert text.returncode != 0
+    assert f"first bad seq {seq}" in text.stdout
+    as_json = verify(path, "--format", "json")
+    assert as_json.returncode != 0
+    report = json.loads(as_json.stdout)
+    assert report["ok"] is False and report["first_bad_seq"] == seq
