@@ -68,6 +68,12 @@ class Orchestrator:
     clock: Clock = field(default_factory=RealClock)
     grace_seconds: float = 10.0
     limits: ev.Limits | None = None
+    #: Where ``config_name`` is resolved (default: DATA/configs).
+    configs_dir: Path = Path()
+
+    def __post_init__(self) -> None:
+        if self.configs_dir == Path():
+            self.configs_dir = self.data_dir / "configs"
 
     running: bool = False
     _refresh: asyncio.Task[None] | None = None

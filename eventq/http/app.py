@@ -103,10 +103,11 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def make_app(orchestrator: Orchestrator) -> web.Application:
-    from eventq.http import admin, jobs, queue, system
+    from eventq.http import actions, admin, jobs, queue, system
 
     app = web.Application(middlewares=[errors, auth], client_max_size=4 * 2**20)
     app[ORCH] = orchestrator
+    app.add_routes(actions.routes)
     app.add_routes(queue.routes)
     app.add_routes(jobs.routes)
     app.add_routes(system.routes)

@@ -10,9 +10,10 @@ import msgspec
 from aiohttp import web
 
 from eventq import events as ev
-from eventq.actors.scheduler import Cancel, Outcome, SetLimits, Submit
+from eventq.actors.scheduler import DryRun, Outcome, SetLimits, SetSettings, Submit
 from eventq.auth import User
-from eventq.http.app import ORCH, ApiError, current_user, decode_body
+from eventq.http.app import ORCH, ApiError, current_user, decode_body, require_admin
+from eventq.projections.queue import UnknownStatus
 from eventq.server import Orchestrator
 
 routes = web.RouteTableDef()
@@ -44,6 +45,9 @@ class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cwd: str | None = None
     metadata: dict[str, Any] = {}
     team: str | None = None
+    dry_run: bool = False
+    requires_approval: bool = False
+    estimated_cost: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 def build_spec(req: SubmitRequest, user: User, orch: Orchestrator) -> ev.JobSpec:
@@ -52,9 +56,8 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator) -> ev.JobSpec
         raise ApiError(422, "gpus and num_processes disagree", "gpus")
     gpus = req.gpus if req.gpus is not None else (req.num_processes or 0) \
         if req.num_processes is not None else 1
-    if not req.command and req.config is None:
-        field = "config_name" if req.config_name else "command"
-        raise ApiError(422, "a job needs a command or a config", field)
+    if not req.command and req.config is None and req.config_name is None:
+        raise ApiError(422, "a job needs a command, a config or a config_name", "command")
     if isinstance(req.command, list) and not all(req.command):
         raise ApiError(422, "command items must be non-empty strings", "command")
     if req.priority_override is not None and user.level not in (ev.Level.ADMIN, ev.Level.LEAD):
@@ -71,7 +74,9 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator) -> ev.JobSpec
         worker_labels=req.worker_labels, max_attempts=req.max_attempts,
         max_runtime=req.max_runtime, estimated_runtime=req.estimated_runtime,
         retry_on_failure=req.retry_on_failure, env=req.env, cwd=req.cwd,
-        metadata=req.metadata, config=req.config, config_name=req.config_name)
+        metadata=req.metadata, config=req.config if req.config is not None else
+        resolve_config(req.config_name, orch), config_name=req.config_name,
+        requires_approval=req.requires_approval, estimated_cost=req.estimated_cost)
 
 
 def _check_process_text(req: SubmitRequest) -> None:
@@ -105,6 +110,26 @@ def _check_gpus(req: SubmitRequest, gpus: int, orch: Orchestrator) -> None:
                        "device_ids")
 
 
+def resolve_config(name: str | None, orch: Orchestrator) -> dict[str, Any] | None:
+    """``<configs_dir>/<name>/config.json`` or ``<configs_dir>/<name>.json`` (SPEC 2)."""
+    if name is None:
+        return None
+    if "/" in name or name.startswith(".") or "\0" in name:
+        raise ApiError(422, f"config_name {name!r} is not a plain name", "config_name")
+    for path in (orch.configs_dir / name / "config.json", orch.configs_dir / f"{name}.json"):
+        if path.is_file():
+            try:
+                loaded = msgspec.json.decode(path.read_bytes())
+            except msgspec.DecodeError as exc:
+                raise ApiError(422, f"config {name} is not valid JSON: {exc}",
+                               "config_name") from None
+            if not isinstance(loaded, dict):
+                raise ApiError(422, f"config {name} is not a JSON object", "config_name")
+            return loaded
+    raise ApiError(422, f"unknown config_name {name!r} (looked in {orch.configs_dir})",
+                   "config_name")
+
+
 def _name_of(command: list[str] | str | None) -> str:
     words = command.split() if isinstance(command, str) else (command or [])
     return os.path.basename(words[0]) if words else "job"
@@ -112,14 +137,27 @@ def _name_of(command: list[str] | str | None) -> str:
 
 def submit_reply(orch: Orchestrator, job_id: str) -> dict[str, Any]:
     job = orch.state.jobs[job_id]
-    api_status = {"pending": "queued", "dispatched": "running"}.get(job.status, job.status)
+    api_status = {"pending": "queued", "dispatched": "running",
+                  "held": "queued"}.get(job.status, job.status)
     reply: dict[str, Any] = {
         "success": True, "job_id": job_id, "status": api_status, "allocated_gpus": job.gpus,
         "queue_position": orch.state.position(job_id, orch.clock.now()),
     }
-    if job.status in ("pending", "rejected"):
+    if job.status in ("pending", "rejected", "blocked"):
         reply["reasons"] = [{"code": r.code, "detail": r.detail}
                             for r in orch.queue.reasons(job)]
+    return reply
+
+
+def dry_run_reply(result: DryRun, no_wait: bool) -> dict[str, Any]:
+    status = "rejected" if no_wait and result.status == "queued" else result.status
+    reply: dict[str, Any] = {
+        "success": True, "dry_run": True, "job_id": None, "status": status,
+        "node": result.node, "allocated_gpus": result.gpus,
+        "reasons": [{"code": r.code, "detail": r.detail} for r in result.reasons],
+        "estimated_start": result.estimated_start}
+    if result.estimate_note:
+        reply["estimate_note"] = result.estimate_note
     return reply
 
 
@@ -134,6 +172,8 @@ async def submit(request: web.Request) -> web.Response:
     orch, user = request.app[ORCH], current_user(request)
     req = decode_body(await request.read(), SubmitRequest)
     spec = build_spec(req, user, orch)
+    if req.dry_run:
+        return web.json_response(dry_run_reply(orch.scheduler.dry_run(spec), req.no_wait))
     outcome: Outcome = await orch.scheduler.ask(Submit(spec, user.principal, req.no_wait))
     await settle(outcome)
     return web.json_response(submit_reply(orch, spec.job_id))
@@ -143,7 +183,7 @@ def _flag(request: web.Request, name: str) -> bool:
     return request.query.get(name, "false").lower() in ("1", "true", "yes")
 
 
-def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
@@ -159,8 +199,12 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
 @routes.get("/api/queue")
 async def list_queue(request: web.Request) -> web.Response:
     orch = request.app[ORCH]
-    limit = _int_param(request, "limit", 50, 1, 10_000)
-    jobs = orch.queue.list(request.query.get("status"), limit, _flag(request, "include_completed"))
+    limit = int_param(request, "limit", 50, 1, 10_000)
+    try:
+        jobs = orch.queue.list(request.query.get("status"), limit,
+                               _flag(request, "include_completed"))
+    except UnknownStatus as exc:
+        raise ApiError(422, str(exc), "status") from None
     return web.json_response({"jobs": jobs, "count": len(jobs)})
 
 
@@ -169,21 +213,18 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[ORCH].queue.stats())
 
 
-@routes.post("/api/queue/{job_id}/cancel")
-async def cancel(request: web.Request) -> web.Response:
-    orch, user = request.app[ORCH], current_user(request)
-    job_id = request.match_info["job_id"]
-    job = orch.state.jobs.get(job_id)
-    if job is None:
+@routes.get("/api/queue/me")
+async def me(request: web.Request) -> web.Response:
+    return web.json_response(request.app[ORCH].queue.me(current_user(request).name))
+
+
+@routes.get("/api/queue/position/{job_id}")
+async def position(request: web.Request) -> web.Response:
+    orch, job_id = request.app[ORCH], request.match_info["job_id"]
+    found = orch.queue.position_of(job_id)
+    if found is None:
         raise ApiError(404, f"no job {job_id}")
-    if job.spec.user != user.name and user.level != ev.Level.ADMIN:
-        raise ApiError(403, "only the job's owner or an admin may cancel it")
-    attempt, was_active = job.attempt, job.active
-    await settle(await orch.scheduler.ask(Cancel(job_id, user.principal)))
-    if was_active:
-        await orch.node.wait_ended(job_id, attempt, orch.grace_seconds + 2)
-    return web.json_response({"success": True, "job_id": job_id, "status": job.status,
-                              "process_stopped": not job.active})
+    return web.json_response(found)
 
 
 Count = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
@@ -200,24 +241,31 @@ class LimitsUpdate(msgspec.Struct, forbid_unknown_fields=True):
     local_job_max_concurrent: Count | Unset = msgspec.UNSET
     #: null means unlimited.
     local_gpu_max_concurrent: Count | Unset | None = msgspec.UNSET
-    starvation_threshold_minutes: Annotated[float, msgspec.Meta(gt=0)] | Unset = msgspec.UNSET
+    starvation_threshold_minutes: Annotated[float, msgspec.Meta(gt=0, le=525_600)] | Unset = \
+        msgspec.UNSET
+    #: Jobs whose estimated_cost is above it start blocked (null: no threshold).
+    approval_cost_threshold: Annotated[float, msgspec.Meta(ge=0)] | Unset | None = msgspec.UNSET
 
 
-def limits_dict(limits: ev.Limits) -> dict[str, Any]:
-    return msgspec.to_builtins(limits)  # type: ignore[no-any-return]
+def limits_dict(orch: Orchestrator) -> dict[str, Any]:
+    body: dict[str, Any] = msgspec.to_builtins(orch.state.limits)
+    body["approval_cost_threshold"] = orch.state.approval_cost_threshold
+    return body
 
 
 @routes.get("/api/queue/concurrency")
 async def get_limits(request: web.Request) -> web.Response:
-    return web.json_response(limits_dict(request.app[ORCH].state.limits))
+    return web.json_response(limits_dict(request.app[ORCH]))
 
 
 @routes.post("/api/queue/concurrency")
 async def set_limits(request: web.Request) -> web.Response:
-    orch, user = request.app[ORCH], current_user(request)
-    if user.level != ev.Level.ADMIN:
-        raise ApiError(403, "only admins may change concurrency limits")
+    orch, user = request.app[ORCH], require_admin(request)
     changes = msgspec.to_builtins(decode_body(await request.read(), LimitsUpdate))
+    threshold = changes.pop("approval_cost_threshold", orch.state.approval_cost_threshold)
+    if threshold != orch.state.approval_cost_threshold:
+        await settle(await orch.scheduler.ask(SetSettings(user.principal, threshold)))
     limits = msgspec.structs.replace(orch.state.limits, **changes)
-    await settle(await orch.scheduler.ask(SetLimits(limits, user.principal)))
-    return web.json_response({"success": True, **limits_dict(limits)})
+    if limits != orch.state.limits:
+        await settle(await orch.scheduler.ask(SetLimits(limits, user.principal)))
+    return web.json_response({"success": True, **limits_dict(orch)})

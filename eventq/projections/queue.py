@@ -15,7 +15,7 @@ from typing import Any
 from eventq import events as ev
 from eventq.actors.allocator import GpuTable
 from eventq.actors.scheduler import Scheduler
-from eventq.actors.scheduler_state import TERMINAL, JobState, SchedulerState
+from eventq.actors.scheduler_state import PARKED, TERMINAL, JobState, SchedulerState
 from eventq.log import Record
 from eventq.policy import ESTIMATE_DEPTH, Estimate, effective_priority, estimate_starts
 
@@ -51,6 +51,9 @@ class QueueView:
             t.started_at = record.time
         elif isinstance(e, ev.JobCompleted | ev.JobFailed | ev.JobCancelled | ev.JobRejected):
             self.times[e.job_id].finished_at = record.time
+        elif isinstance(e, ev.JobsPurged):
+            for job_id in e.job_ids:
+                self.times.pop(job_id, None)
 
     def now(self) -> float:
         assert self.scheduler is not None
@@ -93,6 +96,8 @@ class QueueView:
             "completed_at": times.finished_at, "exit_code": job.exit_code, "error": job.error,
             "metadata": spec.metadata,
         }
+        if job.status in PARKED:
+            out["reasons"] = [{"code": r.code, "detail": r.detail} for r in job.reasons]
         if job.status in WAITING:
             out["position"] = self.state.position(job_id, self.now())
             out["reasons"] = [{"code": r.code, "detail": r.detail} for r in self.reasons(job)]
@@ -115,6 +120,7 @@ class QueueView:
         groups = [
             (RUNNING, (j for j in self.state.jobs.values() if j.status in RUNNING)),
             (WAITING, self.state.iter_waiting(self.now())),
+            (PARKED, (j for j in self.state.jobs.values() if j.status in PARKED)),
             (TERMINAL, (j for j in reversed(self.state.jobs.values()) if j.status in TERMINAL)),
         ]
         for statuses, jobs in groups:
@@ -128,6 +134,30 @@ class QueueView:
                     assert record is not None
                     out.append(record)
         return out
+
+    def me(self, user: str) -> dict[str, Any]:
+        """Seed 000's ``/api/queue/me``: the user's waiting, running and blocked jobs."""
+        mine = [j for j in self.state.jobs.values() if j.spec.user == user]
+        pending = [j for j in mine if j.status in WAITING or j.status == "held"]
+        running = [j for j in mine if j.status in RUNNING]
+        positions = [p for j in pending
+                     if (p := self.state.position(j.spec.job_id, self.now())) is not None]
+        return {
+            "pending_count": len(pending), "running_count": len(running),
+            "blocked_count": sum(1 for j in mine if j.status == "blocked"),
+            "best_position": min(positions, default=None),
+            "pending_jobs": [self.job(j.spec.job_id, detail=False) for j in pending],
+            "running_jobs": [self.job(j.spec.job_id, detail=False) for j in running],
+        }
+
+    def position_of(self, job_id: str) -> dict[str, Any] | None:
+        """Seed 000's position, with every reason and the estimated start."""
+        record = self.job(job_id, detail=False)
+        if record is None:
+            return None
+        keys = ("job_id", "status", "position", "reasons", "estimated_start", "estimate_note")
+        return {"queue_depth": self.state.waiting_count(),
+                **{k: record.get(k) for k in keys if k in record or k != "estimate_note"}}
 
     def stats(self) -> dict[str, Any]:
         jobs = self.state.jobs.values()
@@ -167,12 +197,24 @@ class QueueView:
         }
 
 
+STATUS_WORDS: dict[str, tuple[str, ...]] = {
+    "queued": WAITING, "pending": WAITING, "waiting": WAITING, "running": RUNNING,
+    "dispatched": ("dispatched",), "blocked": ("blocked",), "held": ("held",),
+    **{t: (t,) for t in TERMINAL},
+}
+
+
+class UnknownStatus(ValueError):
+    pass
+
+
 def _statuses(status: str | None, include_completed: bool) -> set[str]:
     """API status words (seed 000: ``queued``/``pending`` mean waiting) to internal ones."""
     if status is None:
-        return set(RUNNING) | set(WAITING) | (set(TERMINAL) if include_completed else set())
-    if status in ("queued", "pending", "waiting"):
-        return set(WAITING)
-    if status == "running":
-        return set(RUNNING)
-    return {status}
+        return {*RUNNING, *WAITING, *PARKED, *(TERMINAL if include_completed else ())}
+    wanted: set[str] = set()
+    for word in status.split(","):
+        if word not in STATUS_WORDS:
+            raise UnknownStatus(f"unknown status {word!r}; use one of {sorted(STATUS_WORDS)}")
+        wanted.update(STATUS_WORDS[word])
+    return wanted
