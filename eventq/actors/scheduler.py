@@ -84,7 +84,7 @@ class JobAction(msgspec.Struct, frozen=True):
 
     job_id: str
     principal: str
-    action: str  # "approve" | "reject" | "hold" | "release" | "priority"
+    action: str  # "approve" | "reject" | "hold" | "release" | "priority" | "retry"
     reason: str = ""
     priority: int | None = None
 
@@ -160,7 +160,8 @@ def decide_action(state: SchedulerState, cmd: JobAction) -> list[ev.Event]:
     """Approve, reject, hold, release or re-prioritise one job, if its state allows it."""
     job, job_id = _job(state, cmd.job_id), cmd.job_id
     allowed = {"approve": ("blocked",), "reject": ("blocked",), "hold": ("pending",),
-               "release": ("held",), "priority": ("pending", "blocked", "held")}[cmd.action]
+               "release": ("held",), "priority": ("pending", "blocked", "held"),
+               "retry": ("failed", "cancelled")}[cmd.action]
     if job.status not in allowed:
         raise CommandError(409, f"cannot {cmd.action} job {job_id}: it is {job.status} "
                                 f"(only {' or '.join(allowed)} jobs)")
@@ -173,6 +174,11 @@ def decide_action(state: SchedulerState, cmd: JobAction) -> list[ev.Event]:
         return [ev.JobHeld(job_id=job_id)]
     if cmd.action == "release":
         return [ev.JobReleased(job_id=job_id)]
+    if cmd.action == "retry":
+        if job.active:
+            raise CommandError(409, f"job {job_id}'s last attempt is still stopping")
+        return [ev.JobRequeued(job_id=job_id, next_attempt=job.attempt + 1,
+                               reason=f"retried by {cmd.principal}")]
     return [ev.PriorityChanged(job_id=job_id, priority_override=cmd.priority)]
 
 

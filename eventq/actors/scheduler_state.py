@@ -200,6 +200,7 @@ class SchedulerState:
     def _on_requeued(self, e: ev.JobRequeued, r: Record) -> None:
         job = self.jobs[e.job_id]
         job.status, job.node, job.gpus, job.error = "pending", None, [], e.reason
+        job.finished_at = None
         self._enqueue(job)
 
     def _on_completed(self, e: ev.JobCompleted, r: Record) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -25,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     s.add_argument("--gpus", help="a simulated inventory, e.g. 4xA100-80GB (default: NVML)")
     s.add_argument("--grace", type=float, default=10.0,
                    help="seconds between SIGTERM and SIGKILL when stopping a job")
+    s.add_argument("--configs-dir", type=Path,
+                   help="where config_name is looked up (default: DATA_DIR/configs)")
     s.add_argument("--log-format", choices=["console", "json"], default="console")
     s.set_defaults(run=run_server)
 
@@ -46,7 +49,7 @@ def run_server(args: argparse.Namespace) -> int:
     except gpus.InventorySpecError as exc:
         raise CliError(str(exc)) from None
     orch = Orchestrator(args.data_dir or default_data_dir(), inventory,
-                        grace_seconds=args.grace)
+                        grace_seconds=args.grace, configs_dir=args.configs_dir or Path())
     try:
         asyncio.run(_serve(orch, args.host, args.port))
     except AlreadyRunning as exc:

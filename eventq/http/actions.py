@@ -125,6 +125,13 @@ async def release(request: web.Request) -> web.Response:
     return await _act(request, "release")
 
 
+@routes.post("/api/queue/{job_id}/retry")
+async def retry(request: web.Request) -> web.Response:
+    """Requeue a failed or cancelled job as its next attempt."""
+    require_owner(request, _job(request).spec.user, "retry it")
+    return await _act(request, "retry")
+
+
 @routes.post("/api/queue/process")
 async def process(request: web.Request) -> web.Response:
     require_admin(request)
