@@ -1,0 +1,207 @@
+"""The queue API of seed 000, route by route, with real jobs behind it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from eventq import events as ev
+from eventq.clock import SimClock
+from eventq.http.app import make_app
+from eventq.server import Orchestrator
+
+AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+MakeOrch = Callable[..., Awaitable[Orchestrator]]
+ROOMY = ev.Limits(max_concurrent=10, user_max_concurrent=10, local_job_max_concurrent=10)
+
+
+def runs_until(tmp_path: Path, name: str) -> list[str]:
+    return ["sh", "-c", f"while [ ! -e {tmp_path}/{name} ]; do sleep 0.02; done"]
+
+
+async def submit(api: TestClient[Any, Any], **body: Any) -> dict[str, Any]:
+    resp = await api.post("/api/queue/submit", json=body)
+    reply: dict[str, Any] = await resp.json()
+    assert resp.status == 200, reply
+    return reply
+
+
+async def until(check: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")
+
+
+async def test_submit_answers_seed_000s_shape(api: TestClient[Any, Any], tmp_path: Path) -> None:
+    running = await submit(api, command=runs_until(tmp_path, "a"), gpus=2)
+    assert set(running) == {"success", "job_id", "status", "allocated_gpus", "queue_position"}
+    assert running["status"] == "running" and running["queue_position"] is None
+    queued = await submit(api, command=["true"], gpus=1)
+    assert queued["status"] == "queued" and queued["queue_position"] == 1
+    assert queued["reasons"] == [{"code": "local_limit", "detail": "local runs 1 of 1 jobs"}]
+    rejected = await submit(api, command=["true"], gpus=1, no_wait=True)
+    assert rejected["status"] == "rejected" and rejected["queue_position"] is None
+    (tmp_path / "a").touch()
+
+
+async def test_dry_run_says_where_and_why_and_records_nothing(
+        api: TestClient[Any, Any], orch: Orchestrator, tmp_path: Path) -> None:
+    seq = orch.log.head_seq
+    would = await submit(api, command=["true"], gpus=3, dry_run=True)
+    assert would["status"] == "running" and would["allocated_gpus"] == [0, 1, 2]
+    assert would["node"] == "local" and would["job_id"] is None
+    assert orch.log.head_seq == seq and orch.state.jobs == {}
+    await submit(api, command=runs_until(tmp_path, "b"), gpus=3, max_runtime=600)
+    seq = orch.log.head_seq
+    wait = await submit(api, command=["true"], gpus=2, dry_run=True)
+    assert wait["status"] == "queued"
+    assert {r["code"] for r in wait["reasons"]} == {"local_limit", "gpus"}
+    assert wait["estimated_start"] is not None
+    assert orch.log.head_seq == seq
+    (tmp_path / "b").touch()
+
+
+async def test_stats_me_and_position(make_orch: MakeOrch, aiohttp_client: AiohttpClient,
+                                     tmp_path: Path) -> None:
+    orch = await make_orch(limits=ev.Limits(max_concurrent=1, user_max_concurrent=1,
+                                            local_job_max_concurrent=1))
+    alice = orch.add_user("alice", ev.Level.RESEARCHER, "alpha")
+    api = await aiohttp_client(make_app(orch), headers={"Authorization": f"Bearer {alice}"})
+    first = await submit(api, command=runs_until(tmp_path, "c"), gpus=1, max_runtime=300)
+    second = await submit(api, command=["true"], gpus=1)
+    third = await submit(api, command=["true"], gpus=1, requires_approval=True)
+    stats = await (await api.get("/api/queue/stats")).json()
+    assert stats["queue_depth"] == 1 and stats["running"] == 1
+    assert stats["by_status"] == {"running": 1, "pending": 1, "blocked": 1} or \
+        stats["by_status"] == {"dispatched": 1, "pending": 1, "blocked": 1}
+    assert stats["by_user"] == {"alice": 3}
+    assert stats["local"]["allocated_gpus"] == [0] and stats["local"]["total_gpus"] == 4
+    me = await (await api.get("/api/queue/me")).json()
+    assert (me["pending_count"], me["running_count"], me["blocked_count"]) == (1, 1, 1)
+    assert me["best_position"] == 1
+    assert [j["job_id"] for j in me["pending_jobs"]] == [second["job_id"]]
+    assert [j["job_id"] for j in me["running_jobs"]] == [first["job_id"]]
+    pos = await (await api.get(f"/api/queue/position/{second['job_id']}")).json()
+    assert pos["position"] == 1 and pos["queue_depth"] == 1
+    assert {r["code"] for r in pos["reasons"]} == {"global_limit", "user_limit", "local_limit"}
+    assert pos["estimated_start"] is not None, "the running job's max_runtime bounds it"
+    blocked = await (await api.get(f"/api/queue/position/{third['job_id']}")).json()
+    assert blocked["status"] == "blocked" and blocked["reasons"][0]["code"] == "approval"
+    (tmp_path / "c").touch()
+
+
+async def test_approval_by_flag_or_cost_then_approve_or_reject(
+        api: TestClient[Any, Any], orch: Orchestrator) -> None:
+    await api.post("/api/queue/concurrency", json={"approval_cost_threshold": 100.0,
+                                                   "local_job_max_concurrent": 4})
+    flagged = await submit(api, command=["true"], gpus=0, requires_approval=True)
+    costly = await submit(api, command=["true"], gpus=0, estimated_cost=250.0)
+    cheap = await submit(api, command=["true"], gpus=0, estimated_cost=20.0)
+    assert (flagged["status"], costly["status"]) == ("blocked", "blocked")
+    assert cheap["status"] == "running"
+    listed = await (await api.get("/api/queue?status=blocked")).json()
+    assert {j["job_id"] for j in listed["jobs"]} == {flagged["job_id"], costly["job_id"]}
+    approved = await (await api.post(f"/api/queue/{flagged['job_id']}/approve")).json()
+    assert approved["success"] and approved["status"] in ("dispatched", "running", "completed")
+    await api.post(f"/api/queue/{costly['job_id']}/reject?reason=over budget")
+    job = await (await api.get(f"/api/jobs/{costly['job_id']}")).json()
+    assert job["status"] == "rejected"
+    again = await api.post(f"/api/queue/{costly['job_id']}/approve")
+    assert again.status == 409 and "rejected" in (await again.json())["error"]
+
+
+async def test_priority_hold_release_and_process(api: TestClient[Any, Any],
+                                                 orch: Orchestrator, tmp_path: Path) -> None:
+    await submit(api, command=runs_until(tmp_path, "d"), gpus=0)
+    early = await submit(api, command=["true"], gpus=0)
+    late = await submit(api, command=["true"], gpus=0)
+    await api.post(f"/api/queue/{late['job_id']}/priority", json={"priority": 90})
+    order = [j["job_id"] for j in (await (await api.get("/api/queue?status=pending")).json())
+             ["jobs"]]
+    assert order == [late["job_id"], early["job_id"]]
+    held = await (await api.post(f"/api/queue/{late['job_id']}/hold")).json()
+    assert held["status"] == "held"
+    assert [j["job_id"] for j in (await (await api.get("/api/queue?status=pending")).json())
+            ["jobs"]] == [early["job_id"]]
+    assert (await (await api.post(f"/api/queue/{late['job_id']}/release")).json())["status"] \
+        == "pending"
+    processed = await (await api.post("/api/queue/process")).json()
+    assert processed == {"success": True, "dispatched": 0, "queue_depth": 2}
+    (tmp_path / "d").touch()
+    await until(lambda: orch.state.jobs[late["job_id"]].status == "completed")
+    assert orch.state.jobs[early["job_id"]].status in ("dispatched", "running", "completed")
+
+
+async def test_cancel_many_is_one_command_and_the_queue_goes_on(
+        api: TestClient[Any, Any], orch: Orchestrator, tmp_path: Path) -> None:
+    await api.post("/api/queue/concurrency", json={"local_job_max_concurrent": 2,
+                                                   "user_max_concurrent": 5})
+    running = [await submit(api, command=runs_until(tmp_path, "never"), gpus=0)
+               for _ in range(2)]
+    waiting = [await submit(api, command=["true"], gpus=0) for _ in range(3)]
+    reply = await (await api.post("/api/queue/cancel", json={"status": ["pending"]})).json()
+    assert reply["cancelled"] == 3
+    assert sorted(reply["job_ids"]) == sorted(j["job_id"] for j in waiting)
+    cancelled = [r for r in await orch.log.read() if r.type == "job_cancelled"]
+    assert len({r.seq for r in cancelled}) == 3 and len({r.time for r in cancelled}) == 1
+    after = await submit(api, command=["true"], gpus=0)
+    await (await api.post("/api/queue/cancel", json={"status": ["running"]})).json()
+    await until(lambda: orch.state.jobs[after["job_id"]].status == "completed")
+    assert all(orch.state.jobs[j["job_id"]].status == "cancelled" for j in running)
+
+
+async def test_cleanup_removes_only_old_finished_jobs(api: TestClient[Any, Any],
+                                                      orch: Orchestrator, clock: SimClock,
+                                                      tmp_path: Path) -> None:
+    done = await submit(api, command=["true"], gpus=0)
+    await until(lambda: orch.state.jobs[done["job_id"]].status == "completed")
+    active = await submit(api, command=runs_until(tmp_path, "e"), gpus=0)
+    clock.advance(8 * 86400)
+    for bad in ("0", "366", "x"):
+        resp = await api.post(f"/api/queue/cleanup?days={bad}")
+        assert resp.status == 422 and (await resp.json())["field"] == "days"
+    assert await (await api.post("/api/queue/cleanup?days=30")).json() == {
+        "success": True, "deleted": 0, "days": 30}
+    assert await (await api.post("/api/queue/cleanup?days=7")).json() == {
+        "success": True, "deleted": 1, "days": 7}
+    assert (await api.get(f"/api/jobs/{done['job_id']}")).status == 404
+    assert (await api.get(f"/api/jobs/{active['job_id']}")).status == 200
+    (tmp_path / "e").touch()
+
+
+async def test_concurrency_fields_are_bounded_effective_and_kept(
+        make_orch: MakeOrch, aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
+    orch = await make_orch()
+    api = await aiohttp_client(make_app(orch),
+                               headers={"Authorization": f"Bearer {orch.admin_token}"})
+    change = {"max_concurrent": 10, "user_max_concurrent": 3, "team_max_concurrent": 5,
+              "enable_fair_share": True, "local_gpu_max_concurrent": 6,
+              "local_job_max_concurrent": 2, "starvation_threshold_minutes": 30}
+    reply = await (await api.post("/api/queue/concurrency", json=change)).json()
+    assert {k: reply[k] for k in change} == change
+    for field, bad in (("max_concurrent", 0), ("user_max_concurrent", -1),
+                       ("local_gpu_max_concurrent", "six"), ("enable_fair_share", 3)):
+        resp = await api.post("/api/queue/concurrency", json={field: bad})
+        assert resp.status == 422 and (await resp.json())["field"] == field
+    await api.post("/api/queue/concurrency", json={"local_gpu_max_concurrent": None})
+    await orch.stop()
+    again = await make_orch()
+    assert again.state.limits.user_max_concurrent == 3
+    assert again.state.limits.local_gpu_max_concurrent is None
+
+
+async def test_system_status_shows_who_holds_each_gpu(api: TestClient[Any, Any],
+                                                      tmp_path: Path) -> None:
+    job = await submit(api, command=runs_until(tmp_path, "f"), gpus=2)
+    status = await (await api.get("/api/system/status?include_allocation=true")).json()
+    alloc = status["gpu_allocation"]
+    assert alloc["allocated_gpus"] == [0, 1] and alloc["available_gpus"] == [2, 3]
+    assert [d["job_id"] for d in alloc["devices"]] == [job["job_id"]] * 2 + [None, None]
+    assert "gpu_allocation" not in await (await api.get("/api/system/status")).json()
+    (tmp_path / "f").touch()
