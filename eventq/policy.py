@@ -304,7 +304,7 @@ def _copy_node(n: NodeView) -> NodeView:
 # --- estimated starts --------------------------------------------------------------------
 
 #: Waiting jobs given an estimate; deeper ones get None with a note.
-ESTIMATE_DEPTH = 200
+ESTIMATE_DEPTH = 1000
 
 
 @dataclass(frozen=True)
@@ -313,49 +313,37 @@ class Estimate:
     note: str = ""
 
 
-@dataclass
-class _Occupancy:
-    """GPUs in use on one node over time: (start, end or None, GPU count)."""
+INF = float("inf")
 
-    allocatable: int
-    spans: list[tuple[float, float | None, int, str]]
 
-    def free_at(self, t: float) -> int:
-        used = sum(g for s, e, g, _ in self.spans if s <= t and (e is None or e > t))
-        return self.allocatable - used
-
-    def earliest(self, need: int, runtime: float | None, now: float) -> Estimate:
-        """The first time ``need`` GPUs are free for the whole run (or forever, if unknown)."""
-        points = sorted({now, *(e for _, e, _, _ in self.spans if e is not None and e > now)})
-        for t in points:
-            end = None if runtime is None else t + runtime
-            later = [p for p in {t, *(s for s, _, _, _ in self.spans)}
-                     if p >= t and (end is None or p < end)]
-            if all(self.free_at(p) >= need for p in later):
-                return Estimate(t)
-        blockers = [j for s, e, _, j in self.spans if e is None and s <= now]
-        return Estimate(None, f"waits for job {blockers[0]}, whose end is unknown" if blockers
-                        else "no GPU end time is known")
+def _earliest(slots: list[tuple[float, str]], need: int, now: float) -> Estimate:
+    """When ``need`` of these GPUs are free: the need-th earliest free time."""
+    if need == 0:
+        return Estimate(now)
+    time, holder = sorted(slots)[need - 1]
+    if time == INF:
+        return Estimate(None, f"waits for job {holder}, whose end is unknown")
+    return Estimate(max(now, time))
 
 
 def estimate_starts(waiting: Iterable[JobSpec], nodes: list[NodeView],
                     now: float) -> dict[str, Estimate]:
-    """Project waiting jobs onto the allocation timeline, job by job in priority order.
+    """Project waiting jobs onto the GPUs' free times, job by job in priority order.
 
-    Running attempts end at their expected end (None when unknown); each projected job
-    then occupies its GPUs from its estimated start for its expected runtime. Limits are
-    not projected, so an estimate is the earliest the GPUs allow.
+    Each GPU has the time it becomes free: now if free, a running attempt's expected end,
+    or never known (its end is unknown). A job starts when enough of a fitting node's GPUs
+    are free and then holds the earliest of them for its expected runtime. This is list
+    scheduling: cheap (no holes are backfilled) and honest about what is unknown. Limits
+    are not projected, so an estimate is the earliest the GPUs allow.
     """
-    # An attempt past its expected end has, in truth, an unknown end.
-    timeline = {n.name: _Occupancy(n.allocatable, [(now, e if e is None or e > now else None,
-                                                    g, j) for e, g, j in n.ends])
-                for n in nodes}
+    slots = {n.name: [(now, "")] * len(n.free) + [
+        (INF if end is None or end <= now else end, job) for end, gpus, job in n.ends
+        for _ in range(gpus)] for n in nodes}
     out: dict[str, Estimate] = {}
     for spec in waiting:
         if len(out) >= ESTIMATE_DEPTH:
             break
-        runtime = expected_runtime(spec)
-        options = [(n.name, timeline[n.name].earliest(spec.gpus, runtime, now))
+        options = [(n.name, _earliest(slots[n.name], spec.gpus, now))
                    for n in fitting_nodes(spec, nodes)]
         known = [(name, e) for name, e in options if e.start is not None]
         if not known:
@@ -363,7 +351,8 @@ def estimate_starts(waiting: Iterable[JobSpec], nodes: list[NodeView],
             continue
         name, best = min(known, key=lambda o: o[1].start or 0.0)
         out[spec.job_id] = best
-        assert best.start is not None
-        end = None if runtime is None else best.start + runtime
-        timeline[name].spans.append((best.start, end, spec.gpus, spec.job_id))
+        runtime = expected_runtime(spec)
+        until = INF if runtime is None else (best.start or now) + runtime
+        taken = sorted(slots[name])
+        slots[name] = [(until, spec.job_id)] * spec.gpus + taken[spec.gpus:]
     return out

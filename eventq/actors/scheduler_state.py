@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import statistics
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,12 @@ class JobState(msgspec.Struct, gc=False):
 @dataclass
 class SchedulerState:
     jobs: dict[str, JobState] = field(default_factory=dict)
+    #: status -> job ids in that status (insertion-ordered), kept by ``_status``.
+    by_status: dict[str, dict[str, None]] = field(default_factory=dict)
+    #: user -> jobs not yet finished.
+    open_by_user: Counter[str] = field(default_factory=Counter)
+    #: Waiting jobs that may run on the local node.
+    waiting_local: int = 0
     buckets: dict[int, SortedList] = field(default_factory=dict)
     by_order: dict[int, str] = field(default_factory=dict)
     counts: Counts = field(default_factory=Counts)
@@ -73,12 +80,16 @@ class SchedulerState:
     def _enqueue(self, job: JobState) -> None:
         self.buckets.setdefault(job.spec.effective_base, SortedList()).add(job.order)
         self.by_order[job.order] = job.spec.job_id
+        if job.spec.target != "worker":
+            self.waiting_local += 1
 
     def _dequeue(self, job: JobState) -> None:
         bucket = self.buckets.get(job.spec.effective_base)
         if bucket is not None and job.order in self.by_order:
             bucket.discard(job.order)
             del self.by_order[job.order]
+            if job.spec.target != "worker":
+                self.waiting_local -= 1
             if not bucket:
                 del self.buckets[job.spec.effective_base]
 
@@ -125,6 +136,8 @@ class SchedulerState:
     def _on_submitted(self, e: ev.JobSubmitted, r: Record) -> None:
         job = JobState(spec=e.job, order=r.seq, queued_at=r.time)
         self.jobs[e.job.job_id] = job
+        self.by_status.setdefault("pending", {})[e.job.job_id] = None
+        self.open_by_user[e.job.user] += 1
         self._enqueue(job)
 
     def _on_settings(self, e: ev.SettingsChanged, r: Record) -> None:
@@ -133,21 +146,25 @@ class SchedulerState:
     def _on_rejected(self, e: ev.JobRejected, r: Record) -> None:
         job = self.jobs[e.job_id]
         self._dequeue(job)
-        job.status, job.reasons, job.finished_at = "rejected", list(e.reasons), r.time
+        self._status(job, "rejected")
+        job.reasons, job.finished_at = list(e.reasons), r.time
 
     def _on_blocked(self, e: ev.JobBlocked, r: Record) -> None:
         job = self.jobs[e.job_id]
         self._dequeue(job)
-        job.status, job.reasons = "blocked", [ev.Reason("approval", e.reason)]
+        self._status(job, "blocked")
+        job.reasons = [ev.Reason("approval", e.reason)]
 
     def _on_held(self, e: ev.JobHeld, r: Record) -> None:
         job = self.jobs[e.job_id]
         self._dequeue(job)
-        job.status, job.reasons = "held", [ev.Reason("held", f"held since seq {r.seq}")]
+        self._status(job, "held")
+        job.reasons = [ev.Reason("held", f"held since seq {r.seq}")]
 
     def _on_back_to_queue(self, e: ev.JobApproved | ev.JobReleased, r: Record) -> None:
         job = self.jobs[e.job_id]
-        job.status, job.reasons = "pending", []
+        self._status(job, "pending")
+        job.reasons = []
         self._enqueue(job)
 
     def _on_priority(self, e: ev.PriorityChanged, r: Record) -> None:
@@ -160,7 +177,9 @@ class SchedulerState:
 
     def _on_purged(self, e: ev.JobsPurged, r: Record) -> None:
         for job_id in e.job_ids:
-            self.jobs.pop(job_id, None)
+            job = self.jobs.pop(job_id, None)
+            if job is not None:
+                self.by_status[job.status].pop(job_id, None)
 
     def _on_reasons(self, e: ev.JobReasonsChanged, r: Record) -> None:
         self.jobs[e.job_id].reasons = list(e.reasons)
@@ -172,8 +191,8 @@ class SchedulerState:
         if runtime is None:
             history = self.runtimes.get((job.spec.user, job.spec.name))
             runtime = statistics.median(history) if history else None
-        job.status, job.attempt, job.active, job.node, job.gpus = (
-            "dispatched", e.attempt, True, e.node, list(e.gpus))
+        self._status(job, "dispatched")
+        job.attempt, job.active, job.node, job.gpus = e.attempt, True, e.node, list(e.gpus)
         job.dispatched_at, job.reasons, job.pid, job.exit_code = r.time, [], None, None
         job.stop_requested = None
         job.expected_end = None if runtime is None else r.time + runtime
@@ -183,7 +202,7 @@ class SchedulerState:
         job = self.jobs[e.job_id]
         job.pid = e.pid
         if job.status == "dispatched":
-            job.status = "running"
+            self._status(job, "running")
 
     def _on_stop_requested(self, e: ev.AttemptStopRequested, r: Record) -> None:
         self.jobs[e.job_id].stop_requested = e.reason
@@ -199,22 +218,46 @@ class SchedulerState:
 
     def _on_requeued(self, e: ev.JobRequeued, r: Record) -> None:
         job = self.jobs[e.job_id]
-        job.status, job.node, job.gpus, job.error = "pending", None, [], e.reason
+        self._status(job, "pending")
+        job.node, job.gpus, job.error = None, [], e.reason
         job.finished_at = None
         self._enqueue(job)
 
     def _on_completed(self, e: ev.JobCompleted, r: Record) -> None:
         job = self.jobs[e.job_id]
-        job.status, job.finished_at = "completed", r.time
+        self._status(job, "completed")
+        job.finished_at = r.time
 
     def _on_failed(self, e: ev.JobFailed, r: Record) -> None:
         job = self.jobs[e.job_id]
-        job.status, job.error, job.finished_at = "failed", e.reason, r.time
+        self._status(job, "failed")
+        job.error, job.finished_at = e.reason, r.time
 
     def _on_cancelled(self, e: ev.JobCancelled, r: Record) -> None:
         job = self.jobs[e.job_id]
         self._dequeue(job)
-        job.status, job.finished_at = "cancelled", r.time
+        self._status(job, "cancelled")
+        job.finished_at = r.time
+
+    def _status(self, job: JobState, status: str) -> None:
+        """Every status change goes through here, so the index stays exact."""
+        job_id = job.spec.job_id
+        self.by_status[job.status].pop(job_id, None)
+        self.by_status.setdefault(status, {})[job_id] = None
+        ended, ends = job.status in TERMINAL, status in TERMINAL
+        if ended != ends:
+            self.open_by_user[job.spec.user] += 1 if ended else -1
+        job.status = status
+
+    def with_status(self, *statuses: str, newest_first: bool = False) -> Iterator[JobState]:
+        """Jobs in these states, without scanning every job."""
+        for status in statuses:
+            ids = self.by_status.get(status, {})
+            for job_id in reversed(ids) if newest_first else ids:
+                yield self.jobs[job_id]
+
+    def status_counts(self) -> dict[str, int]:
+        return {s: len(ids) for s, ids in self.by_status.items() if ids}
 
     def _ignore(self, e: Any, r: Record) -> None:
         """Events other owners act on."""
@@ -239,6 +282,9 @@ class SchedulerState:
         return {
             "jobs": {k: msgspec.to_builtins(v) for k, v in sorted(self.jobs.items())},
             "waiting": {p: list(b) for p, b in sorted(self.buckets.items())},
+            "by_status": {s: sorted(ids) for s, ids in sorted(self.by_status.items()) if ids},
+            "open_by_user": dict(sorted((+self.open_by_user).items())),
+            "waiting_local": self.waiting_local,
             "counts": [self.counts.total, +self.counts.by_user, +self.counts.by_team,
                        self.counts.local_jobs, self.counts.local_gpus],
             "node_active": {n: dict(sorted(a.items()))

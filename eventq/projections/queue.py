@@ -8,7 +8,6 @@ append step as the actors, so a reply reads its own write.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,10 +117,10 @@ class QueueView:
         wanted = _statuses(status, include_completed)
         out: list[dict[str, Any]] = []
         groups = [
-            (RUNNING, (j for j in self.state.jobs.values() if j.status in RUNNING)),
+            (RUNNING, self.state.with_status(*RUNNING)),
             (WAITING, self.state.iter_waiting(self.now())),
-            (PARKED, (j for j in self.state.jobs.values() if j.status in PARKED)),
-            (TERMINAL, (j for j in reversed(self.state.jobs.values()) if j.status in TERMINAL)),
+            (PARKED, self.state.with_status(*PARKED)),
+            (TERMINAL, self.state.with_status(*TERMINAL, newest_first=True)),
         ]
         for statuses, jobs in groups:
             if not wanted.intersection(statuses):
@@ -160,9 +159,6 @@ class QueueView:
                 **{k: record.get(k) for k in keys if k in record or k != "estimate_note"}}
 
     def stats(self) -> dict[str, Any]:
-        jobs = self.state.jobs.values()
-        by_status = Counter(j.status for j in jobs)
-        by_user = Counter(j.spec.user for j in jobs if j.status not in TERMINAL)
         limits = self.state.limits
         local = self.local_block()
         return {
@@ -175,8 +171,8 @@ class QueueView:
             "local_gpu_max_concurrent": limits.local_gpu_max_concurrent,
             "local_job_max_concurrent": limits.local_job_max_concurrent,
             "avg_wait_seconds": round(sum(self.waits) / len(self.waits), 3) if self.waits else 0.0,
-            "by_status": dict(by_status),
-            "by_user": dict(by_user),
+            "by_status": self.state.status_counts(),
+            "by_user": dict(+self.state.open_by_user),
             "local": local,
         }
 
@@ -185,8 +181,7 @@ class QueueView:
         limits = self.state.limits
         allocated = sorted(node.held) if node else []
         available = sorted(self.gpu_table.free("local")) if node else []
-        pending_local = sum(1 for j in self.state.jobs.values()
-                            if j.status in WAITING and j.spec.target != "worker")
+        pending_local = self.state.waiting_local
         return {
             "running_jobs": self.state.counts.local_jobs, "pending_jobs": pending_local,
             "allocated_gpus": allocated, "available_gpus": available,
