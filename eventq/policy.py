@@ -21,8 +21,8 @@ from eventq.events import JobSpec, Limits, Reason
 URGENT = 30
 #: Jobs examined per pass at most; the rest wait with reason ``priority``.
 SCAN_DEPTH = 2000
-#: Once the global limit is reached nothing more can start; this many more jobs
-#: are still examined so that their reasons stay current.
+#: Once nothing more can start (global limit full, no free GPU or slot anywhere),
+#: this many more jobs are still examined so that their reasons stay current.
 REASON_DEPTH = 100
 
 
@@ -184,6 +184,16 @@ class _Pass:
         self.counts, self.limits, self.nodes, self.now = counts, limits, nodes, now
         self.plan = Plan()
 
+    def saturated(self) -> bool:
+        """Nothing more can start anywhere: the global limit is full, or no node has a
+        free GPU and no CPU job could start either."""
+        if self.counts.total >= self.limits.max_concurrent:
+            return True
+        if any(n.free for n in self.nodes):
+            return False
+        local_slots = self.counts.local_jobs < self.limits.local_job_max_concurrent
+        return not (local_slots and any(n.local for n in self.nodes))
+
     def consider(self, spec: JobSpec) -> None:
         reasons = limit_reasons(spec, self.counts, self.limits)
         fitting = fitting_nodes(spec, self.nodes)
@@ -264,7 +274,7 @@ def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
     examined_held: list[JobSpec] = []
     restate = 0  # examined_held[:restate] were looked at before the latest placement
     for examined, job in enumerate(waiting):
-        if work.counts.total >= limits.max_concurrent:
+        if work.saturated():
             after_full -= 1
         if examined >= scan_depth or after_full < 0:
             work.plan.truncated = True
@@ -283,14 +293,24 @@ def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
     return work.plan
 
 
-def explain(spec: JobSpec, counts: Counts, limits: Limits, nodes: list[NodeView],
-            reservation: Reservation | None, now: float) -> list[Reason]:
-    """Every check holding one job now, as if it were next; [] means it could start."""
+def plan_one(spec: JobSpec, counts: Counts, limits: Limits, nodes: list[NodeView],
+             reservation: Reservation | None, now: float) -> Plan:
+    """Consider one job as if it were next, under the standing reservation.
+
+    A newly queued job changes nothing for the jobs already waiting (it frees no
+    resources), so placing it needs no walk of the whole queue.
+    """
     work = _Pass(_copy_counts(counts), limits, [_copy_node(n) for n in nodes], now)
     if reservation is not None and reservation.job_id != spec.job_id:
         work.plan.reservation = reservation
     work.consider(spec)
-    return work.plan.reasons.get(spec.job_id, [])
+    return work.plan
+
+
+def explain(spec: JobSpec, counts: Counts, limits: Limits, nodes: list[NodeView],
+            reservation: Reservation | None, now: float) -> list[Reason]:
+    """Every check holding one job now, as if it were next; [] means it could start."""
+    return plan_one(spec, counts, limits, nodes, reservation, now).reasons.get(spec.job_id, [])
 
 
 def _copy_counts(c: Counts) -> Counts:

@@ -135,7 +135,10 @@ async def test_priority_hold_release_and_process(api: TestClient[Any, Any],
     assert processed == {"success": True, "dispatched": 0, "queue_depth": 2}
     (tmp_path / "d").touch()
     await until(lambda: orch.state.jobs[late["job_id"]].status == "completed")
-    assert orch.state.jobs[early["job_id"]].status in ("dispatched", "running", "completed")
+    await until(lambda: orch.state.jobs[early["job_id"]].status == "completed")
+    dispatches = [r.event.job_id for r in await orch.log.read()
+                  if isinstance(r.event, ev.AttemptDispatched)]
+    assert dispatches[1:] == [late["job_id"], early["job_id"]], "the override ran first"
 
 
 async def test_cancel_many_is_one_command_and_the_queue_goes_on(

@@ -256,6 +256,21 @@ def _after_attempt(job: JobState, ended: ev.AttemptEnded) -> list[ev.Event]:
     return [ev.JobFailed(job_id=job_id, reason=why)]
 
 
+#: Events after which the whole queue must be looked at again: resources freed,
+#: limits or order changed, or a job that may hold the reservation left.
+FREES_OR_REORDERS = (ev.AttemptEnded, ev.GpusReleased, ev.LimitsChanged, ev.JobCancelled,
+                     ev.PriorityChanged, ev.JobHeld, ev.NodeInventoryReported)
+
+
+def newcomers(events: Sequence[ev.Event]) -> list[str]:
+    """Jobs that joined the queue in these events (submitted, approved, released, retried)."""
+    blocked = {e.job_id for e in events if isinstance(e, ev.JobBlocked)}
+    out = [e.job.job_id for e in events if isinstance(e, ev.JobSubmitted)]
+    out += [e.job_id for e in events
+            if isinstance(e, ev.JobApproved | ev.JobReleased | ev.JobRequeued)]
+    return [j for j in out if j not in blocked]
+
+
 def reason_changes(state: SchedulerState, plan: policy.Plan) -> list[ev.Event]:
     """Record a job's reasons only when its set of reason codes changes."""
     out: list[ev.Event] = []
@@ -291,7 +306,11 @@ class Scheduler(Actor[SchedulerMsg]):
     async def receive(self, message: SchedulerMsg) -> Outcome:
         self._durable = None
         events = await self._handle(message)
-        await self.run_pass()
+        if isinstance(message, Process | ReleaseOrphans) or any(
+                isinstance(e, FREES_OR_REORDERS) for e in events):
+            await self.run_pass()
+        else:
+            await self.place_new(newcomers(events))
         if isinstance(message, Submit) and message.no_wait:
             events = [*events, *self._reject_if_waiting(message.spec.job_id)]
         return Outcome(events, self._durable)
@@ -359,6 +378,37 @@ class Scheduler(Actor[SchedulerMsg]):
             await self._dispatch(placement)
         self._append("system", reason_changes(self.state, plan))
         self.last_plan = plan
+
+    async def place_new(self, job_ids: list[str]) -> None:
+        """Place newly queued jobs one by one, without walking the queue.
+
+        A full pass runs instead when a newcomer lacks only GPUs and outranks the job
+        holding the reservation (or there is none): the reservation must move to it.
+        """
+        for job_id in job_ids:
+            job = self.state.jobs[job_id]
+            if job.status != "pending":
+                continue
+            now = self.clock.now()
+            held = self.last_plan.reservation
+            plan = policy.plan_one(job.spec, self.state.counts, self.state.limits,
+                                   self.node_views(), held, now)
+            for placement in plan.placements:
+                await self._dispatch(placement)
+                self.last_plan.reservation = plan.reservation
+            reasons = plan.reasons.get(job_id)
+            if reasons is None:
+                continue
+            if all(r.code == "gpus" for r in reasons) and self._outranks(job, held, now):
+                await self.run_pass()
+                return
+            self._append("system", reason_changes(self.state, plan))
+
+    def _outranks(self, job: JobState, held: policy.Reservation | None, now: float) -> bool:
+        holder = self.state.jobs.get(held.job_id) if held else None
+        if holder is None or holder.status != "pending":
+            return True
+        return self.state.sort_key(job, now) < self.state.sort_key(holder, now)
 
     async def _dispatch(self, p: policy.Placement) -> None:
         job = self.state.jobs[p.job_id]

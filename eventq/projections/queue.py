@@ -59,12 +59,11 @@ class QueueView:
         return self.scheduler.clock.now()
 
     def reasons(self, job: JobState) -> list[ev.Reason]:
-        """Live reasons: from the last pass if it looked at the job, else explained now."""
+        """Live reasons of a waiting job, with current details; the recorded ones otherwise."""
         if job.status not in WAITING:
             return list(job.reasons)
         assert self.scheduler is not None
-        planned = self.scheduler.last_plan.reasons.get(job.spec.job_id)
-        return planned if planned is not None else self.scheduler.explain(job)
+        return self.scheduler.explain(job)
 
     def estimate(self, job_id: str) -> Estimate:
         """Estimated start from the allocation timeline; recomputed when the log moves on."""
