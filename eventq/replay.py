@@ -88,4 +88,43 @@ def select(records: Iterator[Record], job: str | None = None, type_: str | None 
         yield r
 
 
-__all__ = ["Folded", "Invariants", "LogCorrupt", "fold", "select", "verify"]
+def job_history(conn: sqlite3.Connection, job_id: str) -> Iterator[Record]:
+    """Every verified record about one job, including a purge that names it."""
+    for r in iter_verified(conn):
+        e = r.event
+        if ev.event_job_id(e) == job_id or (isinstance(e, ev.JobsPurged) and job_id in e.job_ids):
+            yield r
+
+
+@dataclass
+class Holdings:
+    """The state at a point of the log, and since when each held GPU was held."""
+
+    folded: Folded
+    #: (node, gpu) -> time of the GpusAllocated that gave it to its holder.
+    since: dict[tuple[str, int], float]
+    first_time: float | None
+
+
+def holdings_at(conn: sqlite3.Connection, to_seq: int | None = None,
+                at_time: float | None = None) -> Holdings:
+    """Fold verified records up to ``to_seq`` (or ``at_time``), noting allocation times."""
+    folded = Folded()
+    since: dict[tuple[str, int], float] = {}
+    first_time: float | None = None
+    for record in iter_verified(conn):
+        if first_time is None:
+            first_time = record.time
+        if (to_seq is not None and record.seq > to_seq) or \
+                (at_time is not None and record.time > at_time):
+            break
+        folded.evolve(record)
+        if isinstance(record.event, ev.GpusAllocated):
+            for gpu in record.event.gpus:
+                since[(record.event.node, gpu)] = record.time
+    held = {(node, gpu) for node, n in folded.gpus.nodes.items() for gpu in n.held}
+    return Holdings(folded, {k: v for k, v in since.items() if k in held}, first_time)
+
+
+__all__ = ["Folded", "Holdings", "Invariants", "LogCorrupt", "fold", "holdings_at",
+           "job_history", "select", "verify"]

@@ -463,12 +463,15 @@ class Scheduler(Actor[SchedulerMsg]):
         found = estimate.get(spec.job_id, policy.Estimate(None, "too many jobs ahead"))
         return DryRun("queued", None, [], reasons, found.start, found.note)
 
-    def explain(self, job: JobState) -> list[ev.Reason]:
+    def explain(self, job: JobState, position: int | None = None) -> list[ev.Reason]:
         """Every reason holding one waiting job now (for views and dry runs)."""
         now = self.clock.now()
         reasons = policy.explain(job.spec, self.state.counts, self.state.limits,
                                  self.node_views(), self.last_plan.reservation, now)
-        position = self.state.position(job.spec.job_id, now)
-        if position is not None and position > 1 and not reasons:
+        if reasons:
+            return reasons
+        if position is None:
+            position = self.state.position(job.spec.job_id, now)
+        if position is not None and position > 1:
             reasons = [ev.Reason("priority", f"{position - 1} jobs ahead")]
         return reasons

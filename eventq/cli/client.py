@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,20 @@ from eventq.server import SERVER_FILE, default_data_dir
 
 class CliError(Exception):
     """Printed as ``eventq: <message>`` with a non-zero exit."""
+
+
+@dataclass(frozen=True)
+class ServerSentEvent:
+    """One message of a ``text/event-stream``."""
+
+    event: str
+    data: str
+    id: str | None
+
+
+def quote(part: str) -> str:
+    """One path segment of a URL (a job id or a user name as typed)."""
+    return urllib.parse.quote(part, safe="")
 
 
 @dataclass
@@ -37,23 +54,71 @@ class Client:
                            f"machine where {home / TOKEN_FILE} is readable")
         return cls(url.rstrip("/"), token)
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
+    def open(self, method: str, path: str, body: Any = None,
+             timeout: float | None = 60.0) -> http.client.HTTPResponse:
+        """The raw response of a successful request; errors become CliError."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method, headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return json.loads(resp.read() or b"null")
+            resp: http.client.HTTPResponse = urllib.request.urlopen(req, timeout=timeout)
         except urllib.error.HTTPError as exc:
             raise CliError(_error_text(exc)) from None
         except urllib.error.URLError as exc:
             raise CliError(f"cannot reach the server at {self.url}: {exc.reason}") from None
+        except OSError as exc:
+            raise CliError(f"cannot reach the server at {self.url}: {exc}") from None
+        return resp
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        with self.open(method, path, body) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def text(self, path: str) -> bytes:
+        """A plain-text resource, as the bytes the server sent."""
+        with self.open("GET", path) as resp:
+            return resp.read()
+
+    def stream(self, path: str) -> Iterator[ServerSentEvent]:
+        """Follow a ``text/event-stream`` until the server closes it.
+
+        No read timeout: a follow lasts as long as what it follows (Ctrl-C ends it).
+        """
+        with self.open("GET", path, timeout=None) as resp:
+            yield from parse_sse(resp)
+
+
+def parse_sse(lines: Iterator[bytes] | Any) -> Iterator[ServerSentEvent]:
+    """The messages of an event stream (the WHATWG format: fields, comments, blank lines)."""
+    event, last_id = "", None
+    data: list[str] = []
+    for raw in lines:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield ServerSentEvent(event or "message", "\n".join(data), last_id)
+            event, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id":
+            last_id = value
+    if data:
+        yield ServerSentEvent(event or "message", "\n".join(data), last_id)
 
 
 def _error_text(exc: urllib.error.HTTPError) -> str:
     try:
         body = json.loads(exc.read())
     except ValueError:
+        return f"HTTP {exc.code}"
+    if not isinstance(body, dict):
         return f"HTTP {exc.code}"
     text = f"{body.get('error', 'error')} (HTTP {exc.code})"
     if body.get("field"):

@@ -1,69 +1,112 @@
-"""``eventq jobs …``: submit, list, show, cancel."""
+"""``eventq jobs …``: submit, list, status, show, cancel (and the commands of actions/logs)."""
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import json
 import os
+from pathlib import Path
 from typing import Any
 
-from eventq.cli.client import Client, CliError
-from eventq.cli.output import cell, console, emit_json, pick, table
+from eventq.cli import actions, logs
+from eventq.cli.client import Client, CliError, quote
+from eventq.cli.output import (
+    cell,
+    console,
+    duration,
+    emit_json,
+    pick,
+    print_estimate,
+    print_reasons,
+    table,
+    when,
+)
 
 LIST_FIELDS = ["job_id", "name", "user", "status", "gpus", "allocated_gpus", "position", "reasons"]
+#: Exit status of a submission the server refused (``--no-wait`` and it cannot start now).
+REJECTED = 3
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                common: argparse.ArgumentParser) -> None:
     jobs = sub.add_parser("jobs", help="submit and manage jobs").add_subparsers(
         dest="action", required=True)
-    s = jobs.add_parser("submit", parents=[common], help="submit a job: eventq jobs submit -- CMD")
+    s = jobs.add_parser("submit", parents=[common],
+                        help="submit a job: eventq jobs submit [options] -- CMD ARGS…")
     s.add_argument("--gpus", type=int, default=1)
     s.add_argument("--name")
+    s.add_argument("--config-name", help="a config from the server's configs directory")
+    s.add_argument("--config", type=Path, metavar="FILE",
+                   help="a JSON file with the job's config (sent with the job)")
     s.add_argument("--target", choices=["auto", "worker", "local"], default="auto")
     s.add_argument("--no-wait", action="store_true", help="reject it if it cannot start now")
     s.add_argument("--any-gpu", action="store_true")
     s.add_argument("--device-ids", help="preferred GPU indices, e.g. 0,1")
+    s.add_argument("--dry-run", action="store_true",
+                   help="say where it would run or why it would wait; record nothing")
     s.add_argument("--max-runtime", type=float, help="seconds")
     s.add_argument("--estimated-runtime", type=float, help="seconds")
     s.add_argument("--max-attempts", type=int)
     s.add_argument("--retry-on-failure", action="store_true")
     s.add_argument("--priority", type=int, help="priority override (leads and admins)")
+    s.add_argument("--requires-approval", action="store_true",
+                   help="hold it until an admin approves it")
+    s.add_argument("--estimated-cost", type=float,
+                   help="jobs above the server's approval threshold wait for an admin")
+    s.add_argument("--team", help="the team it counts against (default: yours)")
     s.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--no-export-env", action="store_true",
                    help="send neither the working directory nor the environment")
     s.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     s.set_defaults(run=submit)
     ls = jobs.add_parser("list", parents=[common], help="list jobs")
-    ls.add_argument("--status")
+    ls.add_argument("--status", help="e.g. running, queued, blocked, failed (comma-separated)")
     ls.add_argument("-l", "--limit", type=int, default=50)
     ls.add_argument("-a", "--all", action="store_true", help="include finished jobs")
     ls.add_argument("-o", "--fields", help="comma-separated fields, dot paths allowed")
     ls.set_defaults(run=list_jobs)
+    st = jobs.add_parser("status", parents=[common],
+                         help="the queue at a glance: depth, running, limits, local GPUs")
+    st.set_defaults(run=queue_status)
     show = jobs.add_parser("show", parents=[common], help="a job and its event history")
     show.add_argument("job_id")
     show.set_defaults(run=show_job)
-    cancel = jobs.add_parser("cancel", parents=[common], help="cancel a job")
-    cancel.add_argument("job_id")
+    cancel = jobs.add_parser("cancel", parents=[common],
+                             help="cancel a job, or --all of yours (admins: everyone's)")
+    cancel.add_argument("job_id", nargs="?")
+    cancel.add_argument("--all", action="store_true", help="every job in --status")
+    cancel.add_argument("--status", action="append", metavar="STATUS",
+                        help="with --all: pending, blocked, held, running… (repeat or "
+                             "comma-separate; default: every unfinished state)")
+    cancel.add_argument("--user", help="with --all: only this user's jobs (admins)")
     cancel.set_defaults(run=cancel_job)
+    actions.add_parsers(jobs, common)
+    logs.add_parser(jobs, common)
 
 
-def _client(args: argparse.Namespace) -> Client:
+def client(args: argparse.Namespace) -> Client:
     return Client.find(args.url, args.token, args.data_dir)
 
 
 def submit_body(args: argparse.Namespace) -> dict[str, Any]:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        raise CliError("no command given: eventq jobs submit [options] -- CMD ARGS…")
-    body: dict[str, Any] = {"command": command, "gpus": args.gpus, "target": args.target,
+    if not command and not args.config_name and args.config is None:
+        raise CliError("no command given: eventq jobs submit [options] -- CMD ARGS… "
+                       "(or --config-name NAME, or --config FILE)")
+    body: dict[str, Any] = {"gpus": args.gpus, "target": args.target,
                             "no_wait": args.no_wait, "any_gpu": args.any_gpu}
+    if command:
+        body["command"] = command
     optional = {"name": args.name, "max_runtime": args.max_runtime,
                 "estimated_runtime": args.estimated_runtime, "max_attempts": args.max_attempts,
-                "priority_override": args.priority}
+                "priority_override": args.priority, "config_name": args.config_name,
+                "estimated_cost": args.estimated_cost, "team": args.team}
     body.update({k: v for k, v in optional.items() if v is not None})
-    if args.retry_on_failure:
-        body["retry_on_failure"] = True
+    for flag in ("retry_on_failure", "dry_run", "requires_approval"):
+        if getattr(args, flag):
+            body[flag] = True
+    if args.config is not None:
+        body["config"] = _config_file(args.config)
     if args.device_ids:
         try:
             body["device_ids"] = [int(x) for x in args.device_ids.split(",")]
@@ -77,6 +120,18 @@ def submit_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def _config_file(path: Path) -> dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text())
+    except OSError as exc:
+        raise CliError(f"cannot read --config {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CliError(f"--config {path} is not valid JSON: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise CliError(f"--config {path} must hold a JSON object, not {type(loaded).__name__}")
+    return loaded
+
+
 def _pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -85,41 +140,89 @@ def _pair(text: str) -> tuple[str, str]:
 
 
 def submit(args: argparse.Namespace) -> int:
-    reply = _client(args).call("POST", "/api/queue/submit", submit_body(args))
+    reply = client(args).call("POST", "/api/queue/submit", submit_body(args))
+    code = REJECTED if reply["status"] == "rejected" else 0
     if args.format == "json":
         emit_json(reply)
-        return 0 if reply["status"] != "rejected" else 3
-    gpus = cell(reply["allocated_gpus"])
-    console.print(f"{reply['job_id']} {reply['status']}  GPUs: {gpus}"
-                  + (f"  position: {reply['queue_position']}" if reply["queue_position"] else ""))
-    for reason in reply.get("reasons", []):
-        console.print(f"  waits on {reason['code']}: {reason['detail']}")
-    return 0 if reply["status"] != "rejected" else 3
+    elif reply.get("dry_run"):
+        _print_dry_run(reply)
+    else:
+        gpus = cell(reply["allocated_gpus"])
+        console.print(f"{reply['job_id']} {reply['status']}  GPUs: {gpus}"
+                      + (f"  position: {reply['queue_position']}"
+                         if reply["queue_position"] else ""))
+        print_reasons(reply.get("reasons"))
+    return code
 
 
-def _reasons_text(job: dict[str, Any]) -> str:
+def _print_dry_run(reply: dict[str, Any]) -> None:
+    status = reply["status"]
+    if status == "running":
+        console.print(f"dry run: would start now on {reply['node']} GPUs "
+                      f"{cell(reply['allocated_gpus'])}")
+    elif status == "rejected":
+        console.print("dry run: would be rejected (--no-wait, and it cannot start now)")
+    elif status == "blocked":
+        console.print("dry run: would wait for an admin's approval")
+    else:
+        console.print("dry run: would wait in the queue")
+    print_reasons(reply.get("reasons"))
+    if status in ("queued", "rejected"):
+        print_estimate(reply)
+    console.print("nothing was recorded")
+
+
+def reasons_text(job: dict[str, Any]) -> str:
     return "; ".join(f"{r['code']}: {r['detail']}" for r in job.get("reasons") or [])
 
 
 def list_jobs(args: argparse.Namespace) -> int:
     query = f"?limit={args.limit}" + ("&include_completed=true" if args.all else "")
     if args.status:
-        query += f"&status={args.status}"
-    jobs = _client(args).call("GET", "/api/queue" + query)["jobs"]
+        query += f"&status={quote(args.status)}"
+    jobs = client(args).call("GET", "/api/queue" + query)["jobs"]
     fields = args.fields.split(",") if args.fields else LIST_FIELDS
     if args.format == "json":
         emit_json([{f: pick(j, f) for f in fields} for j in jobs] if args.fields else jobs)
         return 0
     for job in jobs:
-        job["reasons"] = _reasons_text(job) or None
+        job["reasons"] = reasons_text(job) or None
     table(jobs, fields)
     return 0
 
 
+def queue_status(args: argparse.Namespace) -> int:
+    stats = client(args).call("GET", "/api/queue/stats")
+    if args.format == "json":
+        emit_json(stats)
+        return 0
+    local = stats["local"]
+    console.print(f"[bold]queue[/bold]: {stats['queue_depth']} waiting, {stats['running']} "
+                  f"running (average wait {duration(stats['avg_wait_seconds'])})")
+    gpu_cap = local["max_concurrent_gpus"]
+    console.print(
+        f"[bold]local[/bold]: {local['running_jobs']} running, {local['pending_jobs']} waiting; "
+        f"GPUs in use {cell(local['allocated_gpus'])}, free {cell(local['available_gpus'])} "
+        f"of {local['total_gpus']}" + (" (simulated)" if local.get("simulated") else ""))
+    console.print(
+        f"[bold]limits[/bold]: {stats['max_concurrent']} jobs, {stats['user_max_concurrent']} "
+        f"per user, {stats['team_max_concurrent']} per team; local "
+        f"{local['max_concurrent_jobs']} jobs, "
+        f"{'unlimited' if gpu_cap is None else gpu_cap} GPUs; fair share "
+        f"{'on' if stats['enable_fair_share'] else 'off'}")
+    if stats["by_status"]:
+        console.print("[bold]by status[/bold]: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(stats["by_status"].items())))
+    if stats["by_user"]:
+        console.print("[bold]unfinished by user[/bold]: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(stats["by_user"].items())))
+    return 0
+
+
 def show_job(args: argparse.Namespace) -> int:
-    client = _client(args)
-    job = client.call("GET", f"/api/jobs/{args.job_id}")
-    history = client.call("GET", f"/api/jobs/{args.job_id}/events")["events"]
+    api = client(args)
+    job = api.call("GET", f"/api/jobs/{quote(args.job_id)}")
+    history = api.call("GET", f"/api/jobs/{quote(args.job_id)}/events")["events"]
     if args.format == "json":
         emit_json({"job": job, "events": history})
         return 0
@@ -128,15 +231,11 @@ def show_job(args: argparse.Namespace) -> int:
         if job.get(key) is not None:
             console.print(f"[bold]{key}[/bold]: {cell(job[key])}")
     if job.get("reasons"):
-        console.print(f"[bold]waits on[/bold]: {_reasons_text(job)}")
-    rows = [{"seq": e["seq"], "time": _when(e["time"]), "by": e["principal"], "event": e["type"],
+        console.print(f"[bold]waits on[/bold]: {reasons_text(job)}")
+    rows = [{"seq": e["seq"], "time": when(e["time"]), "by": e["principal"], "event": e["type"],
              "detail": _short(e["body"])} for e in history]
     table(rows, ["seq", "time", "by", "event", "detail"], title="history")
     return 0
-
-
-def _when(t: float) -> str:
-    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
 def _short(body: dict[str, Any]) -> str:
@@ -145,11 +244,32 @@ def _short(body: dict[str, Any]) -> str:
 
 
 def cancel_job(args: argparse.Namespace) -> int:
-    reply = _client(args).call("POST", f"/api/queue/{args.job_id}/cancel")
+    if args.all == (args.job_id is not None):
+        raise CliError("give a job id, or --all (with --status to choose which)")
+    if not args.all and (args.status or args.user):
+        raise CliError("--status and --user go with --all")
+    if args.all:
+        return _cancel_many(args)
+    reply = client(args).call("POST", f"/api/queue/{quote(args.job_id)}/cancel")
     if args.format == "json":
         emit_json(reply)
     else:
         stopped = "process stopped, GPUs freed" if reply["process_stopped"] else \
             "process still stopping"
         console.print(f"{reply['job_id']} {reply['status']} ({stopped})")
+    return 0
+
+
+def _cancel_many(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.status:
+        body["status"] = [s for given in args.status for s in given.split(",") if s]
+    if args.user:
+        body["user"] = args.user
+    reply = client(args).call("POST", "/api/queue/cancel", body)
+    if args.format == "json":
+        emit_json(reply)
+    else:
+        console.print(f"cancelled {reply['cancelled']} jobs"
+                      + (f": {', '.join(reply['job_ids'])}" if reply["job_ids"] else ""))
     return 0

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # Piped output is read by scripts and grep: do not squeeze it to 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=200)
+# Messages that are not the answer (progress, the end of a followed log) go to stderr.
+errors = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
 
 
 def pick(record: dict[str, Any], path: str) -> Any:
@@ -43,5 +48,53 @@ def table(rows: Sequence[dict[str, Any]], fields: Sequence[str], title: str | No
         t.add_column(f, no_wrap=f.endswith("id"), min_width=12 if f.endswith("id") else None,
                      overflow="fold")
     for row in rows:
-        t.add_row(*(cell(pick(row, f)) for f in fields))
+        t.add_row(*(escape(cell(pick(row, f))) for f in fields))
     console.print(t)
+
+
+def when(t: float | None) -> str:
+    """An epoch time as local time, to the millisecond."""
+    if t is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def duration(seconds: float) -> str:
+    """``2h 5m``, ``4m 59s``, ``1.25s``: exact enough to compare, short enough to read."""
+    if seconds < 60:
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours}h {minutes}m"
+    if hours:
+        return f"{hours}h {minutes}m {secs}s"
+    return f"{minutes}m {secs}s"
+
+
+def from_now(t: float, now: float) -> str:
+    """``in 4m 59s`` or ``1m 2s ago``."""
+    delta = t - now
+    return f"in {duration(delta)}" if delta >= 0 else f"{duration(-delta)} ago"
+
+
+def print_reasons(reasons: list[dict[str, Any]] | None) -> None:
+    for reason in reasons or []:
+        console.print(f"  waits on {reason['code']}: {reason['detail']}", markup=False)
+
+
+def print_estimate(record: dict[str, Any]) -> None:
+    start = record.get("estimated_start")
+    note = record.get("estimate_note")
+    if start is None:
+        console.print(f"  estimated start: unknown ({note or 'no estimate'})", markup=False)
+        return
+    now = time.time()
+    if start <= now + 1 and record.get("reasons"):
+        # Estimates project GPUs, not limits: free GPUs do not mean it starts now.
+        console.print("  estimated start: as soon as the reasons above clear (its GPUs are "
+                      "free now)", markup=False)
+        return
+    console.print(f"  estimated start: {when(start)} ({from_now(start, now)})"
+                  + (f" — {note}" if note else ""), markup=False)

@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from eventq import replay
+from eventq.cli import why
 from eventq.cli.client import CliError
 from eventq.cli.output import console, emit_json, table
 from eventq.log import LogCorrupt, Record, connect_readonly, iter_verified
@@ -36,6 +37,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     st.add_argument("--log", type=Path)
     st.add_argument("--at", type=int, help="seq (default: the last)")
     st.set_defaults(run=state)
+    w = rp.add_parser("why", parents=[common],
+                      help="a job's story: each state, who did it, why and how long it waited")
+    w.add_argument("job_id")
+    w.add_argument("--log", type=Path)
+    w.set_defaults(run=lambda args: why.why(args, _conn(args)))
+    at = rp.add_parser("at", parents=[common], help="who held each GPU at a moment")
+    at.add_argument("time", help="ISO-8601 local time, epoch seconds, or a seq with --seq")
+    at.add_argument("what", choices=["gpus"], help="what to show")
+    at.add_argument("--seq", action="store_true", help="TIME is an event's seq")
+    at.add_argument("--log", type=Path)
+    at.set_defaults(run=lambda args: why.at(args, _conn(args)))
 
 
 def _conn(args: argparse.Namespace) -> Any:

@@ -144,8 +144,9 @@ def submit_reply(orch: Orchestrator, job_id: str) -> dict[str, Any]:
         "queue_position": orch.state.position(job_id, orch.clock.now()),
     }
     if job.status in ("pending", "rejected", "blocked"):
-        reply["reasons"] = [{"code": r.code, "detail": r.detail}
-                            for r in orch.queue.reasons(job)]
+        # Recorded by this very submission's decision: current, and free to read.
+        reasons = job.reasons or orch.queue.reasons(job)
+        reply["reasons"] = [{"code": r.code, "detail": r.detail} for r in reasons]
     return reply
 
 
@@ -200,12 +201,19 @@ def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -
 async def list_queue(request: web.Request) -> web.Response:
     orch = request.app[ORCH]
     limit = int_param(request, "limit", 50, 1, 10_000)
-    try:
-        jobs = orch.queue.list(request.query.get("status"), limit,
-                               _flag(request, "include_completed"))
-    except UnknownStatus as exc:
-        raise ApiError(422, str(exc), "status") from None
-    return web.json_response({"jobs": jobs, "count": len(jobs)})
+    status, completed = request.query.get("status"), _flag(request, "include_completed")
+    # The listing changes only when the log moves on, or as time ages jobs and estimates:
+    # dashboards polling an unchanged queue are answered from the last rendering.
+    key = (orch.log.head_seq, int(orch.clock.now()), status, limit, completed)
+    cached = orch.queue.rendered.get(key)
+    if cached is None:
+        try:
+            jobs = orch.queue.list(status, limit, completed)
+        except UnknownStatus as exc:
+            raise ApiError(422, str(exc), "status") from None
+        cached = msgspec.json.encode({"jobs": jobs, "count": len(jobs)})
+        orch.queue.remember(key, cached)
+    return web.Response(body=cached, content_type="application/json")
 
 
 @routes.get("/api/queue/stats")

@@ -37,6 +37,13 @@ class QueueView:
     times: dict[str, Times] = field(default_factory=dict)
     waits: list[float] = field(default_factory=list)
     _estimates: tuple[tuple[int, int], dict[str, Estimate]] | None = None
+    #: Rendered listings by (head seq, second, query); only the latest few are kept.
+    rendered: dict[tuple[Any, ...], bytes] = field(default_factory=dict)
+
+    def remember(self, key: tuple[Any, ...], body: bytes) -> None:
+        if len(self.rendered) >= 16:
+            self.rendered.clear()
+        self.rendered[key] = body
 
     def evolve(self, record: Record) -> None:
         e = record.event
@@ -58,12 +65,12 @@ class QueueView:
         assert self.scheduler is not None
         return self.scheduler.clock.now()
 
-    def reasons(self, job: JobState) -> list[ev.Reason]:
+    def reasons(self, job: JobState, position: int | None = None) -> list[ev.Reason]:
         """Live reasons of a waiting job, with current details; the recorded ones otherwise."""
         if job.status not in WAITING:
             return list(job.reasons)
         assert self.scheduler is not None
-        return self.scheduler.explain(job)
+        return self.scheduler.explain(job, position)
 
     def estimate(self, job_id: str) -> Estimate:
         """Estimated start from the allocation timeline; recomputed when the log moves on."""
@@ -78,7 +85,9 @@ class QueueView:
             return Estimate(None, f"more than {ESTIMATE_DEPTH} jobs ahead")
         return found
 
-    def job(self, job_id: str, detail: bool = True) -> dict[str, Any] | None:
+    def job(self, job_id: str, detail: bool = True,
+            position: int | None = None) -> dict[str, Any] | None:
+        """The API record of a job; ``position`` when the caller already knows it."""
         job = self.state.jobs.get(job_id)
         if job is None:
             return None
@@ -97,8 +106,11 @@ class QueueView:
         if job.status in PARKED:
             out["reasons"] = [{"code": r.code, "detail": r.detail} for r in job.reasons]
         if job.status in WAITING:
-            out["position"] = self.state.position(job_id, self.now())
-            out["reasons"] = [{"code": r.code, "detail": r.detail} for r in self.reasons(job)]
+            if position is None:
+                position = self.state.position(job_id, self.now())
+            out["position"] = position
+            out["reasons"] = [{"code": r.code, "detail": r.detail}
+                              for r in self.reasons(job, position)]
             estimate = self.estimate(job_id)
             out["estimated_start"] = estimate.start
             if estimate.note:
@@ -124,11 +136,12 @@ class QueueView:
         for statuses, jobs in groups:
             if not wanted.intersection(statuses):
                 continue
-            for job in jobs:
+            for place, job in enumerate(jobs, start=1):
                 if len(out) >= limit:
                     return out
                 if job.status in wanted:
-                    record = self.job(job.spec.job_id, detail=False)
+                    record = self.job(job.spec.job_id, detail=False,
+                                      position=place if statuses == WAITING else None)
                     assert record is not None
                     out.append(record)
         return out

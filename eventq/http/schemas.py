@@ -1,0 +1,340 @@
+"""What the HTTP API answers, as msgspec types: the OpenAPI document is generated from them.
+
+Each type mirrors one handler's reply field by field (seed 000 shapes). Every type forbids
+unknown fields, so its schema says ``additionalProperties: false``: a handler that starts
+answering a field nobody documented fails the schema tests. A field that is sometimes left
+out has the default ``UNSET`` (not required); ``None`` is a JSON null that is always sent.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from eventq import events as ev
+
+#: A job's status as the scheduler knows it (``pending`` is waiting in the queue).
+JobStatus = Literal["pending", "dispatched", "running", "blocked", "held",
+                    "completed", "failed", "cancelled", "rejected"]
+#: The word seed 000 answers a submission with (``queued`` is waiting, ``running`` placed).
+SubmitStatus = Literal["queued", "running", "blocked", "rejected",
+                       "completed", "failed", "cancelled"]
+EventType = Annotated[str, Meta(extra_json_schema={"enum": sorted(ev.EVENT_TYPES)})]
+GpuIndices = list[int]
+
+
+class Reply(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every reply type: unknown fields are a schema violation."""
+
+
+class ApiErrorBody(Reply):
+    """Every 4xx answer: what is wrong, the field it is about, and details when known."""
+
+    error: str
+    field: str | UnsetType = UNSET
+    detail: Any | UnsetType = UNSET
+
+
+class WaitReason(Reply):
+    """One check that holds a job, e.g. ``user_limit``: ``alice runs 2 of 2``."""
+
+    code: str
+    detail: str
+
+
+# --- the queue ------------------------------------------------------------------------
+
+
+class SubmitReply(Reply):
+    """A recorded submission; ``reasons`` when it waits, was refused or needs approval."""
+
+    success: bool
+    job_id: str
+    status: SubmitStatus
+    allocated_gpus: GpuIndices
+    queue_position: int | None
+    reasons: list[WaitReason] | UnsetType = UNSET
+
+
+class DryRunReply(Reply):
+    """What a submission would do now; nothing was recorded."""
+
+    success: bool
+    dry_run: bool
+    job_id: None
+    status: Literal["running", "queued", "blocked", "rejected"]
+    node: str | None
+    allocated_gpus: GpuIndices
+    reasons: list[WaitReason]
+    estimated_start: float | None
+    estimate_note: str | UnsetType = UNSET
+
+
+class JobSummary(Reply):
+    """A job as the queue lists it."""
+
+    job_id: str
+    name: str
+    user: str
+    team: str | None
+    status: JobStatus
+    #: Before aging: the override if set, else the level's.
+    priority: int
+    effective_priority: int
+    gpus: int
+    allocated_gpus: GpuIndices
+    node: str | None
+    target: ev.Target
+    attempt: int
+    max_attempts: int
+    queued_at: float
+    started_at: float | None
+    completed_at: float | None
+    exit_code: int | None
+    error: str | None
+    metadata: dict[str, Any]
+    #: Waiting, blocked and held jobs: what holds them.
+    reasons: list[WaitReason] | UnsetType = UNSET
+    #: Waiting jobs only.
+    position: int | None | UnsetType = UNSET
+    estimated_start: float | None | UnsetType = UNSET
+    estimate_note: str | UnsetType = UNSET
+
+
+class JobDetail(JobSummary, kw_only=True):
+    """One job in full (``GET /api/jobs/{job_id}``)."""
+
+    command: list[str] | str
+    max_runtime: float | None
+    estimated_runtime: float | None
+    #: The reasons last recorded in the log (the live ones are in ``reasons``).
+    recorded_reasons: list[WaitReason]
+
+
+class QueueList(Reply):
+    jobs: list[JobSummary]
+    count: int
+
+
+class LocalBlock(Reply):
+    """The local node in seed 000's stats."""
+
+    running_jobs: int
+    pending_jobs: int
+    allocated_gpus: GpuIndices
+    available_gpus: GpuIndices
+    total_gpus: int
+    simulated: bool
+    max_concurrent_gpus: int | None
+    max_concurrent_jobs: int
+
+
+class QueueStats(Reply):
+    queue_depth: int
+    running: int
+    max_concurrent: int
+    user_max_concurrent: int
+    team_max_concurrent: int
+    enable_fair_share: bool
+    local_gpu_max_concurrent: int | None
+    local_job_max_concurrent: int
+    avg_wait_seconds: float
+    #: Job count per status (statuses with no job are left out).
+    by_status: dict[str, int]
+    #: Jobs not yet finished, per user.
+    by_user: dict[str, int]
+    local: LocalBlock
+
+
+class MyJobs(Reply):
+    """``GET /api/queue/me``: the caller's waiting, running and blocked jobs."""
+
+    pending_count: int
+    running_count: int
+    blocked_count: int
+    best_position: int | None
+    pending_jobs: list[JobSummary]
+    running_jobs: list[JobSummary]
+
+
+class PositionReply(Reply):
+    queue_depth: int
+    job_id: str
+    status: JobStatus
+    position: int | None
+    reasons: list[WaitReason] | None
+    estimated_start: float | None
+    estimate_note: str | UnsetType = UNSET
+
+
+class LimitsReply(Reply):
+    """The concurrency and fairness settings (SPEC 4)."""
+
+    max_concurrent: int
+    user_max_concurrent: int
+    team_max_concurrent: int
+    enable_fair_share: bool
+    local_job_max_concurrent: int
+    local_gpu_max_concurrent: int | None
+    starvation_threshold_minutes: float
+    aging_boost: int
+    gpu_busy_memory_percent: float
+    approval_cost_threshold: float | None
+
+
+class LimitsSetReply(LimitsReply, kw_only=True):
+    success: bool
+
+
+class CancelReply(Reply):
+    success: bool
+    job_id: str
+    status: JobStatus
+    #: False when the attempt's process had not ended within the grace period.
+    process_stopped: bool
+
+
+class CancelManyReply(Reply):
+    success: bool
+    cancelled: int
+    job_ids: list[str]
+
+
+class ActionReply(Reply):
+    """Approve, reject, priority, hold, release, retry: the job's status afterwards."""
+
+    success: bool
+    job_id: str
+    status: JobStatus
+
+
+class ProcessReply(Reply):
+    success: bool
+    dispatched: int
+    queue_depth: int
+
+
+class CleanupReply(Reply):
+    success: bool
+    deleted: int
+    days: int
+
+
+# --- system ---------------------------------------------------------------------------
+
+
+class Gpu(Reply):
+    index: int
+    name: str
+    memory_gb: float
+
+
+class GpuInventory(Reply):
+    backend: Literal["simulated", "cuda", "none"]
+    count: int
+    simulated: bool
+    nvml_error: str | None
+    capabilities: dict[str, Any]
+
+
+class GpuDevice(Reply):
+    index: int
+    name: str
+    memory_gb: float
+    allocated: bool
+    job_id: str | None
+    #: False when another program fills its memory (it is busy with foreign work).
+    allocatable: bool
+    simulated: bool
+
+
+class GpuAllocation(Reply):
+    allocated_gpus: GpuIndices
+    available_gpus: GpuIndices
+    running_local_jobs: int
+    devices: list[GpuDevice]
+
+
+class SystemStatus(Reply):
+    timestamp: float
+    load_avg_5min: float
+    memory_percent: float | None
+    gpus: list[Gpu]
+    gpu_inventory: GpuInventory
+    #: With ``include_allocation=true`` only.
+    gpu_allocation: GpuAllocation | UnsetType = UNSET
+
+
+# --- jobs and events ------------------------------------------------------------------
+
+
+class EventRecord(Reply):
+    """One logged event: its envelope, and its fields (without ``type``) as ``body``."""
+
+    seq: int
+    time: float
+    principal: str
+    type: EventType
+    body: dict[str, Any]
+
+
+class JobEvents(Reply):
+    job_id: str
+    events: list[EventRecord]
+
+
+class LogChunk(Reply):
+    """``event: log`` of a followed log; the SSE ``id`` is ``<stream>:<byte offset>``."""
+
+    stream: Literal["stdout", "stderr"]
+    text: str
+
+
+class LogEnd(Reply):
+    """``event: end``: the attempt has ended and everything was sent."""
+
+    job_id: str
+    attempt: int
+    status: str
+    exit_code: int | None
+
+
+class StreamDropped(Reply):
+    """``event: dropped``: the subscriber fell behind and is closed; resume after ``last_seq``."""
+
+    reason: str
+    last_seq: int
+
+
+# --- admin ----------------------------------------------------------------------------
+
+
+class UserReply(Reply):
+    name: str
+    level: ev.Level
+    team: str | None
+    #: How many live tokens the user has.
+    tokens: int
+
+
+class UserList(Reply):
+    users: list[UserReply]
+
+
+class NewUserReply(UserReply, kw_only=True):
+    #: Shown once; only its SHA-256 is kept.
+    token: str
+
+
+class TokenReply(Reply):
+    name: str
+    #: Shown once; only its SHA-256 is kept.
+    token: str
+
+
+class TokensRevoked(Reply):
+    success: bool
+    name: str
+    tokens: int
+
