@@ -111,7 +111,10 @@ class SchedulerState:
             return None
         target = self.sort_key(job, now)
         ahead = 0
-        for bucket in self.buckets.values():
+        for base, bucket in self.buckets.items():
+            if base == job.spec.effective_base and bucket[-1] == job.order:
+                ahead += len(bucket) - 1  # the newest of its bucket: all of it is ahead
+                continue
             lo, hi = 0, len(bucket)
             while lo < hi:
                 mid = (lo + hi) // 2

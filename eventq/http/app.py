@@ -19,6 +19,8 @@ USER = web.RequestKey("user", User)
 T = TypeVar("T")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: Reachable without a token: the API's description holds no data.
+PUBLIC = frozenset({"/api/openapi.json"})
 _FIELD = re.compile(r"at `\$\.([^`\[]+)")
 
 
@@ -92,6 +94,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in PUBLIC:
+        return await handler(request)
     header = request.headers.get("Authorization", "")
     if not header.startswith("Bearer "):
         raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
@@ -103,7 +107,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def make_app(orchestrator: Orchestrator) -> web.Application:
-    from eventq.http import actions, admin, jobs, queue, system
+    from eventq.http import actions, admin, jobs, metrics, openapi, queue, system
 
     app = web.Application(middlewares=[errors, auth], client_max_size=4 * 2**20)
     app[ORCH] = orchestrator
@@ -112,4 +116,6 @@ def make_app(orchestrator: Orchestrator) -> web.Application:
     app.add_routes(jobs.routes)
     app.add_routes(system.routes)
     app.add_routes(admin.routes)
+    app.add_routes(openapi.routes)
+    metrics.install(app)
     return app

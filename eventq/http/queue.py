@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import uuid
+import random
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -67,7 +67,7 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator) -> ev.JobSpec
         raise ApiError(422, f"cwd {req.cwd} is not a directory on the server", "cwd")
     _check_gpus(req, gpus, orch)
     return ev.JobSpec(
-        job_id=uuid.uuid4().hex[:12], user=user.name, priority=ev.LEVEL_PRIORITY[user.level],
+        job_id=new_job_id(orch), user=user.name, priority=ev.LEVEL_PRIORITY[user.level],
         command=req.command or [], name=req.name or req.config_name or _name_of(req.command),
         team=req.team or user.team, priority_override=req.priority_override, gpus=gpus,
         device_ids=req.device_ids, any_gpu=req.any_gpu, target=req.target,
@@ -77,6 +77,17 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator) -> ev.JobSpec
         metadata=req.metadata, config=req.config if req.config is not None else
         resolve_config(req.config_name, orch), config_name=req.config_name,
         requires_approval=req.requires_approval, estimated_cost=req.estimated_cost)
+
+
+_ids = random.Random(os.urandom(16))
+
+
+def new_job_id(orch: Orchestrator) -> str:
+    """12 hex digits, unique among known jobs (ids name jobs; they guard nothing)."""
+    while True:
+        job_id = f"{_ids.getrandbits(48):012x}"
+        if job_id not in orch.state.jobs:
+            return job_id
 
 
 def _check_process_text(req: SubmitRequest) -> None:

@@ -97,8 +97,8 @@ class JobSummary(Reply):
     #: Waiting, blocked and held jobs: what holds them.
     reasons: list[WaitReason] | UnsetType = UNSET
     #: Waiting jobs only.
-    position: int | None | UnsetType = UNSET
-    estimated_start: float | None | UnsetType = UNSET
+    position: int | UnsetType | None = UNSET
+    estimated_start: float | UnsetType | None = UNSET
     estimate_note: str | UnsetType = UNSET
 
 
