@@ -161,6 +161,50 @@ class SettingsChanged(Event, frozen=True, tag="settings_changed"):
     approval_cost_threshold: float | None
 
 
+# --- remote workers (SPEC 6) ----------------------------------------------------------
+
+
+class WorkerCreated(Event, frozen=True, tag="worker_created"):
+    worker_id: str
+    name: str
+    worker_type: Literal["ephemeral", "persistent"]
+    labels: dict[str, str]
+    token_sha256: str
+
+
+class WorkerTokenRotated(Event, frozen=True, tag="worker_token_rotated"):
+    """The old token stops working at once; streams opened with it are closed."""
+
+    worker_id: str
+    token_sha256: str
+
+
+class WorkerConnected(Event, frozen=True, tag="worker_connected"):
+    """A worker (re)registered; its GPUs come as a NodeInventoryReported for its node."""
+
+    worker_id: str
+    transport: Literal["ws", "sse"]
+    #: Labels the worker reported; merged under the admin's, never erasing them.
+    labels: dict[str, str] = {}
+    #: Jobs it runs at once (SimpleTuner's stock worker: 1); None: as its GPUs allow.
+    max_jobs: int | None = None
+
+
+class WorkerDraining(Event, frozen=True, tag="worker_draining"):
+    worker_id: str
+
+
+class WorkerLost(Event, frozen=True, tag="worker_lost"):
+    """Offline: heartbeat timeout, disconnect without resumption, or a clean goodbye."""
+
+    worker_id: str
+    reason: str
+
+
+class WorkerRemoved(Event, frozen=True, tag="worker_removed"):
+    worker_id: str
+
+
 # --- a job's life ---------------------------------------------------------------------
 
 
@@ -302,6 +346,12 @@ AnyEvent = (
     | TokenRevoked
     | LimitsChanged
     | SettingsChanged
+    | WorkerCreated
+    | WorkerTokenRotated
+    | WorkerConnected
+    | WorkerDraining
+    | WorkerLost
+    | WorkerRemoved
     | JobSubmitted
     | JobRejected
     | JobBlocked
@@ -334,6 +384,11 @@ def event_type(event: Event) -> str:
     tag = event.__struct_config__.tag
     assert isinstance(tag, str)
     return tag
+
+
+def event_worker_id(event: Event) -> str | None:
+    worker_id = getattr(event, "worker_id", None)
+    return worker_id if isinstance(worker_id, str) else None
 
 
 def event_job_id(event: Event) -> str | None:

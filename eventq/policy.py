@@ -57,6 +57,14 @@ class NodeView:
     #: (expected end or None, GPU count, job id) of each active attempt.
     ends: list[tuple[float | None, int, str]] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
+    #: Jobs it runs at once at most (a SimpleTuner stock worker: 1); None: as GPUs allow.
+    max_jobs: int | None = None
+    #: Since when it has been idle (None while busy): the idle longest is chosen first.
+    idle_since: float | None = None
+
+    @property
+    def jobs(self) -> int:
+        return len(self.ends)
 
 
 @dataclass
@@ -99,22 +107,19 @@ class Plan:
     truncated: bool = False
 
 
+def matches(spec: JobSpec, node: NodeView) -> bool:
+    """Target, then labels (every key's fnmatch glob matches the worker's label)."""
+    if node.local:
+        return spec.target != "worker"
+    return spec.target != "local" and all(fnmatchcase(node.labels.get(k, ""), glob)
+                                          for k, glob in spec.worker_labels.items())
+
+
 def fitting_nodes(spec: JobSpec, nodes: Iterable[NodeView]) -> list[NodeView]:
-    """Nodes that fit the job's target and labels, and could ever hold its GPU count."""
-    fit = []
-    for node in nodes:
-        if spec.target == "local" and not node.local:
-            continue
-        if spec.target == "worker" and node.local:
-            continue
-        if node.local and spec.worker_labels and spec.target == "worker":
-            continue
-        if not node.local and not all(fnmatchcase(node.labels.get(k, ""), glob)
-                                      for k, glob in spec.worker_labels.items()):
-            continue
-        if spec.gpus <= node.allocatable:
-            fit.append(node)
-    return fit
+    """Nodes that fit the job's target and labels and could ever hold its GPU count:
+    workers first (the idle longest first, SPEC 6), then the local node (``auto``)."""
+    fit = [n for n in nodes if matches(spec, n) and spec.gpus <= n.allocatable]
+    return sorted(fit, key=lambda n: (n.local, n.idle_since is None, n.idle_since or 0.0))
 
 
 def limit_reasons(spec: JobSpec, counts: Counts, limits: Limits) -> list[Reason]:
@@ -214,6 +219,10 @@ class _Pass:
 
     def _node_reasons(self, spec: JobSpec, node: NodeView) -> list[Reason]:
         out = local_reasons(spec, self.counts, self.limits) if node.local else []
+        if node.max_jobs is not None and node.jobs >= node.max_jobs:
+            out.append(Reason("gpus", f"worker {node.name} runs {node.jobs} of "
+                                      f"{node.max_jobs} jobs"))
+            return out
         if not gpus_fit(spec, node):
             out.append(gpu_reason(spec, node))
             return out
@@ -230,9 +239,18 @@ class _Pass:
         return res.shadow is not None and runtime is not None and self.now + runtime <= res.shadow
 
     def _no_node(self, spec: JobSpec) -> Reason:
-        if spec.target == "worker":
-            return Reason("no_worker", f"no connected worker has {spec.gpus} GPUs"
-                          + (f" and labels {spec.worker_labels}" if spec.worker_labels else ""))
+        """Say which requirement nothing meets."""
+        workers = [n for n in self.nodes if not n.local]
+        if spec.target == "worker" or (spec.target == "auto" and workers):
+            if not workers:
+                return Reason("no_worker", "no worker is connected")
+            labelled = [n for n in workers if matches(spec, n)]
+            if not labelled:
+                return Reason("no_worker", f"no connected worker has labels {spec.worker_labels}")
+            most = max(n.allocatable for n in labelled)
+            which = " with those labels" if spec.worker_labels else ""
+            return Reason("no_worker", f"no connected worker{which} has {spec.gpus} GPUs "
+                                       f"(most: {most})")
         most = max((n.allocatable for n in self.nodes), default=0)
         return Reason("gpus", f"needs {spec.gpus}; no node can offer that many (most: {most})")
 
@@ -318,7 +336,8 @@ def _copy_counts(c: Counts) -> Counts:
 
 
 def _copy_node(n: NodeView) -> NodeView:
-    return NodeView(n.name, n.local, set(n.free), n.allocatable, list(n.ends), dict(n.labels))
+    return NodeView(n.name, n.local, set(n.free), n.allocatable, list(n.ends), n.labels,
+                    n.max_jobs, n.idle_since)
 
 
 # --- estimated starts --------------------------------------------------------------------

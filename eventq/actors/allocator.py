@@ -54,6 +54,8 @@ class GpuTable:
                     del held[gpu]
         elif isinstance(e, ev.LimitsChanged):
             self.busy_percent = e.limits.gpu_busy_memory_percent
+        elif isinstance(e, ev.WorkerRemoved):
+            self.nodes.pop(e.worker_id, None)
 
     def allocatable(self, node: str) -> set[int]:
         """GPUs eventq may use on ``node``: held by eventq, or not busy with foreign work."""

@@ -21,6 +21,7 @@ from eventq import policy
 from eventq.actors.allocator import Allocate, Allocator, GpuTable, Release, decide_allocate
 from eventq.actors.runtime import Actor
 from eventq.actors.scheduler_state import TERMINAL, JobState, SchedulerState
+from eventq.actors.workers_state import Workers
 from eventq.clock import Clock
 from eventq.log import EventLog
 
@@ -58,6 +59,8 @@ class AttemptReport(msgspec.Struct, frozen=True):
     job_id: str
     attempt: int
     kind: str  # "started" | "ended"
+    #: The node reporting; a report from a node that does not run the attempt is stale.
+    node: str = "local"
     pid: int | None = None
     adopted: bool = False
     outcome: ev.Outcome = "exited"
@@ -77,6 +80,20 @@ class ReleaseOrphans(msgspec.Struct, frozen=True):
 
 class Process(msgspec.Struct, frozen=True):
     """Run a scheduling pass now."""
+
+
+class NodeLost(msgspec.Struct, frozen=True):
+    """A worker went offline: its attempts are lost (and requeued while attempts remain)."""
+
+    node: str
+    reason: str
+
+
+class NodeReconnected(msgspec.Struct, frozen=True):
+    """A worker came back and listed the attempts it still runs."""
+
+    node: str
+    running: list[tuple[str, int]]
 
 
 class JobAction(msgspec.Struct, frozen=True):
@@ -108,7 +125,8 @@ class SetSettings(msgspec.Struct, frozen=True):
 
 
 SchedulerMsg = (Submit | Cancel | SetLimits | AttemptReport | StopAttempt | ReleaseOrphans
-                | Process | JobAction | CancelMany | Cleanup | SetSettings)
+                | Process | JobAction | CancelMany | Cleanup | SetSettings | NodeLost
+                | NodeReconnected)
 
 
 @dataclass(frozen=True)
@@ -129,6 +147,8 @@ class Outcome:
 
     events: Sequence[ev.Event]
     durable: asyncio.Future[None] | None
+    #: A command's answer beyond its events (e.g. what a reconnecting worker must do).
+    result: object = None
 
 
 # --- pure decisions ------------------------------------------------------------------
@@ -182,6 +202,47 @@ def decide_action(state: SchedulerState, cmd: JobAction) -> list[ev.Event]:
     return [ev.PriorityChanged(job_id=job_id, priority_override=cmd.priority)]
 
 
+def decide_node_lost(state: SchedulerState, cmd: NodeLost) -> list[ev.Event]:
+    out: list[ev.Event] = []
+    for job_id in list(state.node_active.get(cmd.node, {})):
+        job = state.jobs[job_id]
+        ended = ev.AttemptEnded(job_id=job_id, attempt=job.attempt, outcome="lost",
+                                detail=f"worker_lost: {cmd.reason}")
+        out += [ended, *_after_attempt(job, ended)]
+    return out
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What a reconnecting worker must be told."""
+
+    keep: list[tuple[str, int]]
+    stop: list[tuple[str, int]]
+    resend: list[tuple[str, int]]
+
+
+def decide_reconnected(state: SchedulerState,
+                       cmd: NodeReconnected) -> tuple[list[ev.Event], Reconciled]:
+    """A worker keeps what is still its own; it stops what was given away (never the other
+    way round); a dispatch it never received is sent again; a started attempt it no longer
+    has is lost."""
+    ours = {(j, state.jobs[j].attempt) for j in state.node_active.get(cmd.node, {})}
+    reported = set(cmd.running)
+    keep = sorted(ours & reported)
+    stop = sorted(reported - ours)
+    events: list[ev.Event] = []
+    resend: list[tuple[str, int]] = []
+    for job_id, attempt in sorted(ours - reported):
+        job = state.jobs[job_id]
+        if job.pid is None and job.stop_requested is None:
+            resend.append((job_id, attempt))
+            continue
+        ended = ev.AttemptEnded(job_id=job_id, attempt=attempt, outcome="lost",
+                                detail="worker_lost: the worker came back without it")
+        events += [ended, *_after_attempt(job, ended)]
+    return events, Reconciled(keep, stop, resend)
+
+
 def decide_cancel_many(state: SchedulerState, cmd: CancelMany) -> list[ev.Event]:
     out: list[ev.Event] = []
     for job in state.jobs.values():
@@ -222,7 +283,7 @@ def decide_stop(state: SchedulerState, cmd: StopAttempt) -> list[ev.Event]:
 def decide_report(state: SchedulerState, r: AttemptReport) -> list[ev.Event]:
     """Fencing first: a report about an attempt that is not the live one is only noted."""
     job = state.jobs.get(r.job_id)
-    if job is None or job.attempt != r.attempt or not job.active:
+    if job is None or job.attempt != r.attempt or not job.active or job.node != r.node:
         current = job.attempt if job else 0
         return [ev.StaleReportIgnored(job_id=r.job_id, attempt=r.attempt,
                                       current_attempt=current, report=r.kind)]
@@ -297,6 +358,9 @@ class Scheduler(Actor[SchedulerMsg]):
         self.gpu_table = gpu_table
         self.last_plan = policy.Plan()
         self._durable: asyncio.Future[None] | None = None
+        self._result: object = None
+        #: Read-only view of the registry's workers, for placement on worker nodes.
+        self.workers: Workers | None = None
         self.dispatched = 0
 
     def _append(self, principal: str, events: Sequence[ev.Event]) -> None:
@@ -304,7 +368,7 @@ class Scheduler(Actor[SchedulerMsg]):
             self._durable = self.log.append(principal, events).durable
 
     async def receive(self, message: SchedulerMsg) -> Outcome:
-        self._durable = None
+        self._durable, self._result = None, None
         events = await self._handle(message)
         if isinstance(message, Process | ReleaseOrphans) or any(
                 isinstance(e, FREES_OR_REORDERS) for e in events):
@@ -313,7 +377,7 @@ class Scheduler(Actor[SchedulerMsg]):
             await self.place_new(newcomers(events))
         if isinstance(message, Submit) and message.no_wait:
             events = [*events, *self._reject_if_waiting(message.spec.job_id)]
-        return Outcome(events, self._durable)
+        return Outcome(events, self._durable, self._result)
 
     async def _handle(self, m: SchedulerMsg) -> list[ev.Event]:
         if isinstance(m, Submit):
@@ -326,21 +390,39 @@ class Scheduler(Actor[SchedulerMsg]):
             events = [ev.LimitsChanged(limits=m.limits)]
             self._append(m.principal, events)
         elif isinstance(m, AttemptReport):
+            principal = "system" if m.node == "local" else f"worker:{m.node}"
             events = decide_report(self.state, m)
-            self._append("system", events)
-            if any(isinstance(e, ev.AttemptEnded) for e in events):
-                await self.allocator.ask(Release(m.job_id, m.attempt))
+            await self._append_and_release(principal, events)
         elif isinstance(m, StopAttempt):
             events = decide_stop(self.state, m)
             self._append("system", events)
         elif isinstance(m, ReleaseOrphans):
             events = await self._release_orphans()
+        elif isinstance(m, NodeLost):
+            events = decide_node_lost(self.state, m)
+            await self._append_and_release("system", events)
+        elif isinstance(m, NodeReconnected):
+            events, self._result = decide_reconnected(self.state, m)
+            await self._append_and_release(f"worker:{m.node}", events)
         elif isinstance(m, Process):
             events = []
         else:
             events = self._decide_admin(m)
             self._append(m.principal, events)
         return events
+
+    async def _append_and_release(self, principal: str, events: list[ev.Event]) -> None:
+        """Record attempt ends, then free their GPUs (the allocator owns them)."""
+        self._append(principal, events)
+        for e in events:
+            if isinstance(e, ev.AttemptEnded):
+                await self.allocator.ask(Release(e.job_id, e.attempt))
+
+    async def reconnect(self, cmd: NodeReconnected) -> tuple[Outcome, Reconciled]:
+        """Through the mailbox: see ``decide_reconnected``."""
+        outcome: Outcome = await self.ask(cmd)
+        assert isinstance(outcome.result, Reconciled)
+        return outcome, outcome.result
 
     def _decide_admin(self, m: JobAction | CancelMany | Cleanup | SetSettings) -> list[ev.Event]:
         if isinstance(m, JobAction):
@@ -435,10 +517,20 @@ class Scheduler(Actor[SchedulerMsg]):
             self.tell(message)
 
     def node_views(self) -> list[policy.NodeView]:
-        views = self.gpu_table.views()
-        for view in views:
+        """Nodes that may take attempts now: local, and connected workers not draining."""
+        views = []
+        for view in self.gpu_table.views():
+            worker = None if view.local or self.workers is None \
+                else self.workers.by_id.get(view.name)
+            if not view.local and (worker is None or not worker.online or worker.draining):
+                continue
             active = self.state.node_active.get(view.name, {})
             view.ends = [(end, gpus, job_id) for job_id, (end, gpus) in active.items()]
+            if worker is not None:
+                view.labels, view.max_jobs = worker.labels, worker.max_jobs
+                idle = max(worker.since, self.state.node_idle_since.get(view.name, 0.0))
+                view.idle_since = None if active else idle
+            views.append(view)
         return views
 
     def dry_run(self, spec: ev.JobSpec) -> DryRun:

@@ -70,6 +70,8 @@ class SchedulerState:
     limits: ev.Limits = field(default_factory=ev.Limits)
     approval_cost_threshold: float | None = None
     runtimes: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    #: node -> when its last attempt ended (for "the worker idle longest").
+    node_idle_since: dict[str, float] = field(default_factory=dict)
 
     # --- the waiting order ---------------------------------------------------------------
 
@@ -213,6 +215,8 @@ class SchedulerState:
     def _on_ended(self, e: ev.AttemptEnded, r: Record) -> None:
         job = self.jobs[e.job_id]
         self._count(job, -1)
+        if job.node and not self.node_active.get(job.node):
+            self.node_idle_since[job.node] = r.time
         job.active, job.exit_code = False, e.exit_code
         if e.outcome == "exited" and e.exit_code == 0 and job.dispatched_at is not None:
             history = self.runtimes.setdefault((job.spec.user, job.spec.name), [])
@@ -317,6 +321,12 @@ _HANDLERS: dict[type, Callable[[SchedulerState, Any, Record], None]] = {
     ev.PriorityChanged: SchedulerState._on_priority,
     ev.JobsPurged: SchedulerState._on_purged,
     ev.ServerStarted: SchedulerState._ignore,
+    ev.WorkerCreated: SchedulerState._ignore,
+    ev.WorkerTokenRotated: SchedulerState._ignore,
+    ev.WorkerConnected: SchedulerState._ignore,
+    ev.WorkerDraining: SchedulerState._ignore,
+    ev.WorkerLost: SchedulerState._ignore,
+    ev.WorkerRemoved: SchedulerState._ignore,
     ev.UserUpdated: SchedulerState._ignore,
     ev.TokenIssued: SchedulerState._ignore,
     ev.TokenRevoked: SchedulerState._ignore,

@@ -1,0 +1,95 @@
+"""Remote workers as the registry knows them, folded from events.
+
+Liveness (the time of the last heartbeat) is kept beside the fold, in memory: a
+heartbeat that changes nothing is not an event, so the log stays bounded.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from dataclasses import dataclass, field
+
+from eventq import events as ev
+from eventq.log import Record
+
+
+class WorkerStatus(enum.StrEnum):
+    """What a worker is doing, as ``GET /api/admin/workers`` shows it."""
+
+    CONNECTING = "connecting"  #: created, or known from before a restart; not yet heard from
+    IDLE = "idle"  #: connected, running nothing
+    BUSY = "busy"  #: connected, running at least one attempt
+    DRAINING = "draining"  #: finishing its attempts; takes no new one
+    OFFLINE = "offline"  #: lost or gone
+
+
+@dataclass
+class Worker:
+    worker_id: str
+    name: str
+    worker_type: str
+    admin_labels: dict[str, str]
+    token_sha256: str
+    created_at: float
+    online: bool = False
+    draining: bool = False
+    transport: str | None = None
+    reported_labels: dict[str, str] = field(default_factory=dict)
+    max_jobs: int | None = None
+    #: When it came online or last lost, for "idle longest" and ephemeral clean-up.
+    since: float = 0.0
+    offline_reason: str | None = None
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Reported labels merged under the admin's: the admin's always win."""
+        return {**self.reported_labels, **self.admin_labels}
+
+
+@dataclass
+class Workers:
+    by_id: dict[str, Worker] = field(default_factory=dict)
+
+    def evolve(self, record: Record) -> None:
+        e, t = record.event, record.time
+        if isinstance(e, ev.WorkerCreated):
+            self.by_id[e.worker_id] = Worker(e.worker_id, e.name, e.worker_type, dict(e.labels),
+                                             e.token_sha256, created_at=t, since=t)
+            return
+        worker = self.by_id.get(ev.event_worker_id(e) or "")
+        if worker is None:
+            return
+        if isinstance(e, ev.WorkerTokenRotated):
+            worker.token_sha256 = e.token_sha256
+        elif isinstance(e, ev.WorkerConnected):
+            worker.online, worker.transport, worker.since = True, e.transport, t
+            worker.reported_labels, worker.max_jobs = dict(e.labels), e.max_jobs
+            worker.offline_reason = None
+        elif isinstance(e, ev.WorkerDraining):
+            worker.draining = True
+        elif isinstance(e, ev.WorkerLost):
+            worker.online, worker.since, worker.offline_reason = False, t, e.reason
+        elif isinstance(e, ev.WorkerRemoved):
+            del self.by_id[e.worker_id]
+
+    def by_token(self, digest: str) -> Worker | None:
+        """The worker a token hash belongs to, compared in constant time."""
+        found = None
+        for worker in self.by_id.values():
+            if hmac.compare_digest(worker.token_sha256, digest):
+                found = worker
+        return found
+
+    def placeable(self, worker_id: str) -> bool:
+        """May new attempts be placed on this node?"""
+        worker = self.by_id.get(worker_id)
+        return worker is not None and worker.online and not worker.draining
+
+    def status(self, worker_id: str, active_jobs: int) -> WorkerStatus:
+        worker = self.by_id[worker_id]
+        if not worker.online:
+            return WorkerStatus.OFFLINE if worker.offline_reason else WorkerStatus.CONNECTING
+        if worker.draining:
+            return WorkerStatus.DRAINING
+        return WorkerStatus.BUSY if active_jobs else WorkerStatus.IDLE
