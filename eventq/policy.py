@@ -185,19 +185,25 @@ def expected_runtime(spec: JobSpec) -> float | None:
 class _Pass:
     """The working state of one planning pass."""
 
-    def __init__(self, counts: Counts, limits: Limits, nodes: list[NodeView], now: float):
+    def __init__(self, counts: Counts, limits: Limits, nodes: list[NodeView], now: float,
+                 cpu_jobs_waiting: bool = True):
         self.counts, self.limits, self.nodes, self.now = counts, limits, nodes, now
+        self.cpu_jobs_waiting = cpu_jobs_waiting
         self.plan = Plan()
 
     def saturated(self) -> bool:
-        """Nothing more can start anywhere: the global limit is full, or no node has a
-        free GPU and no CPU job could start either."""
+        """Nothing more can start anywhere: the global limit is full, or no node can take
+        a job (local slots taken, job slots full, or no free GPU and no CPU job waiting)."""
         if self.counts.total >= self.limits.max_concurrent:
             return True
-        if any(n.free for n in self.nodes):
+        return not any(self._can_take(n) for n in self.nodes)
+
+    def _can_take(self, node: NodeView) -> bool:
+        if node.local and self.counts.local_jobs >= self.limits.local_job_max_concurrent:
             return False
-        local_slots = self.counts.local_jobs < self.limits.local_job_max_concurrent
-        return not (local_slots and any(n.local for n in self.nodes))
+        if node.max_jobs is not None and node.jobs >= node.max_jobs:
+            return False
+        return bool(node.free) or self.cpu_jobs_waiting
 
     def consider(self, spec: JobSpec) -> None:
         reasons = limit_reasons(spec, self.counts, self.limits)
@@ -213,8 +219,9 @@ class _Pass:
                 self._place(spec, node)
                 return
             node_reasons = node_reasons or held
-        if not reasons and all(r.code == "gpus" for r in node_reasons):
-            self._reserve(spec, fitting)
+        if not reasons and self.plan.reservation is None \
+                and all(r.code == "gpus" for r in node_reasons):
+            self._reserve(spec, fitting)  # only the highest such job (EASY)
         self.plan.reasons[spec.job_id] = reasons + node_reasons
 
     def _node_reasons(self, spec: JobSpec, node: NodeView) -> list[Reason]:
@@ -285,9 +292,14 @@ class _Pass:
 
 
 def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
-         nodes: list[NodeView], now: float, scan_depth: int = SCAN_DEPTH) -> Plan:
-    """Decide which waiting jobs start now. ``counts`` and ``nodes`` are copied, not changed."""
-    work = _Pass(_copy_counts(counts), limits, [_copy_node(n) for n in nodes], now)
+         nodes: list[NodeView], now: float, scan_depth: int = SCAN_DEPTH,
+         cpu_jobs_waiting: bool = True) -> Plan:
+    """Decide which waiting jobs start now. ``counts`` and ``nodes`` are copied, not changed.
+
+    ``cpu_jobs_waiting`` False lets the walk stop as soon as no node has a free GPU.
+    """
+    work = _Pass(_copy_counts(counts), limits, [_copy_node(n) for n in nodes], now,
+                 cpu_jobs_waiting)
     after_full = REASON_DEPTH
     examined_held: list[JobSpec] = []
     restate = 0  # examined_held[:restate] were looked at before the latest placement

@@ -1,9 +1,10 @@
 """Runs one attempt as a subprocess in its own process group and its own directory.
 
 Starting a process cannot be written ahead in the log, so the attempt directory
-is the process's own durable record. A tiny ``sh`` wrapper first claims the
-directory (``mkdir claim``, atomic), writes its pid, runs the job, and writes the
-exit code. Recovery claims the same directory: if recovery wins, the process never
+is the process's own durable record. A tiny ``sh`` wrapper of shell builtins only
+(no extra process before the job's own) first claims the directory (creating
+``claim`` with noclobber, i.e. O_EXCL: atomic), writes its pid, runs the job, and
+writes the exit code. Recovery claims the same directory: if recovery wins, the process never
 started and never will; if the wrapper won, its pid and exit files say what
 became of it. Either way an attempt runs at most once.
 """
@@ -21,12 +22,14 @@ from eventq.events import JobSpec
 
 WRAPPER = """\
 d=$1; c=$2; shift 2
-mkdir "$d/claim" 2>/dev/null || exit 99
-echo $$ > "$d/pid.tmp" && mv "$d/pid.tmp" "$d/pid"
+set -C
+{ : > "$d/claim"; } 2>/dev/null || exit 99
+set +C
+echo $$ > "$d/pid"
 trap ':' TERM INT HUP
 if cd "$c"; then "$@"; else false; fi
 rc=$?
-echo $rc > "$d/exit.tmp" && mv "$d/exit.tmp" "$d/exit"
+echo $rc > "$d/exit"
 exit $rc
 """
 
@@ -148,7 +151,7 @@ async def inspect(directory: Path) -> Found:
     """Claim the directory or read what its wrapper left (see module docstring)."""
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        (directory / "claim").mkdir()
+        os.close(os.open(directory / "claim", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         return Found("never_started")
     except FileExistsError:
         pass

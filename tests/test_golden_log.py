@@ -31,7 +31,7 @@ def known_state(folded: replay.Folded) -> dict[str, Any]:
     return {
         "last_seq": folded.last_seq,
         "jobs": {job_id: {"status": j.status, "attempt": j.attempt, "gpus": j.spec.gpus,
-                          "allocated_gpus": j.gpus if j.active else [],
+                          "allocated_gpus": list(j.gpus) if j.active else [],
                           "exit_code": j.exit_code, "error": j.error,
                           "reasons": [r.code for r in j.reasons]}
                  for job_id, j in sorted(state.jobs.items())},
@@ -90,7 +90,7 @@ def test_the_version_0_row_decodes_with_its_gpus() -> None:
     assert event.job.job_id == job_id and event.job.gpus == 2
     # And the job it describes ran on two GPUs.
     assert folded.scheduler.jobs[job_id].spec.gpus == 2
-    assert folded.scheduler.jobs[job_id].gpus == [0, 1]
+    assert folded.scheduler.jobs[job_id].gpus == (0, 1)
     assert seq < folded.last_seq
 
 

@@ -47,7 +47,7 @@ async def test_a_gpu_filled_by_another_program_is_not_allocatable(make_orch: Mak
     await orch.allocator.ask(ReportInventory("local", busy, simulated=True))
     job = ev.JobSpec(job_id="j", user="admin", priority=30, command=["sleep", "30"], gpus=3)
     await orch.scheduler.ask(Submit(job, "user:admin"))
-    assert orch.state.jobs["j"].gpus == [0, 1, 3], "GPU 2 is busy with foreign work"
+    assert orch.state.jobs["j"].gpus == (0, 1, 3), "GPU 2 is busy with foreign work"
 
     seq = orch.log.head_seq
     slightly_different = [g if g.index != 2 else ev.GpuInfo(2, g.name, g.memory_gb, 90.0)

@@ -177,7 +177,7 @@ def summarize(state: SchedulerState, table: GpuTable, last_seq: int,
     return {
         "last_seq": last_seq,
         "jobs": {job_id: {"status": j.status, "attempt": j.attempt, "gpus": j.spec.gpus,
-                          "allocated_gpus": j.gpus if j.active else [],
+                          "allocated_gpus": list(j.gpus) if j.active else [],
                           "exit_code": j.exit_code, "error": j.error,
                           "reasons": [r.code for r in j.reasons]}
                  for job_id, j in sorted(state.jobs.items())},

@@ -455,7 +455,7 @@ class Scheduler(Actor[SchedulerMsg]):
         """Place everything that can start now, then record reasons that changed."""
         now = self.clock.now()
         plan = policy.plan(self.state.iter_waiting(now), self.state.counts, self.state.limits,
-                           self.node_views(), now)
+                           self.node_views(), now, cpu_jobs_waiting=self.state.waiting_cpu > 0)
         for placement in plan.placements:
             await self._dispatch(placement)
         self._append("system", reason_changes(self.state, plan))

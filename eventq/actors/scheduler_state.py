@@ -42,14 +42,15 @@ class JobState(msgspec.Struct, gc=False):
     #: An attempt is alive (dispatched or running, also while a cancel takes effect).
     active: bool = False
     node: str | None = None
-    gpus: list[int] = []
+    #: Tuples, not lists: an empty one is shared, and 100,000 waiting jobs hold many.
+    gpus: tuple[int, ...] = ()
     dispatched_at: float | None = None
     expected_end: float | None = None
     pid: int | None = None
     exit_code: int | None = None
     stop_requested: str | None = None
     error: str | None = None
-    reasons: list[ev.Reason] = []
+    reasons: tuple[ev.Reason, ...] = ()
     finished_at: float | None = None
 
 
@@ -60,8 +61,9 @@ class SchedulerState:
     by_status: dict[str, dict[str, None]] = field(default_factory=dict)
     #: user -> jobs not yet finished.
     open_by_user: Counter[str] = field(default_factory=Counter)
-    #: Waiting jobs that may run on the local node.
+    #: Waiting jobs that may run on the local node, and waiting jobs needing no GPU.
     waiting_local: int = 0
+    waiting_cpu: int = 0
     buckets: dict[int, SortedList] = field(default_factory=dict)
     by_order: dict[int, str] = field(default_factory=dict)
     counts: Counts = field(default_factory=Counts)
@@ -80,10 +82,16 @@ class SchedulerState:
         return (-effective_priority(job.spec, job.queued_at, now, self.limits), job.order)
 
     def _enqueue(self, job: JobState) -> None:
-        self.buckets.setdefault(job.spec.effective_base, SortedList()).add(job.order)
+        base = job.spec.effective_base
+        bucket = self.buckets.get(base)
+        if bucket is None:
+            bucket = self.buckets[base] = SortedList()
+        bucket.add(job.order)
         self.by_order[job.order] = job.spec.job_id
         if job.spec.target != "worker":
             self.waiting_local += 1
+        if job.spec.gpus == 0:
+            self.waiting_cpu += 1
 
     def _dequeue(self, job: JobState) -> None:
         bucket = self.buckets.get(job.spec.effective_base)
@@ -92,6 +100,8 @@ class SchedulerState:
             del self.by_order[job.order]
             if job.spec.target != "worker":
                 self.waiting_local -= 1
+            if job.spec.gpus == 0:
+                self.waiting_cpu -= 1
             if not bucket:
                 del self.buckets[job.spec.effective_base]
 
@@ -152,24 +162,24 @@ class SchedulerState:
         job = self.jobs[e.job_id]
         self._dequeue(job)
         self._status(job, "rejected")
-        job.reasons, job.finished_at = list(e.reasons), r.time
+        job.reasons, job.finished_at = tuple(e.reasons), r.time
 
     def _on_blocked(self, e: ev.JobBlocked, r: Record) -> None:
         job = self.jobs[e.job_id]
         self._dequeue(job)
         self._status(job, "blocked")
-        job.reasons = [ev.Reason("approval", e.reason)]
+        job.reasons = (ev.Reason("approval", e.reason),)
 
     def _on_held(self, e: ev.JobHeld, r: Record) -> None:
         job = self.jobs[e.job_id]
         self._dequeue(job)
         self._status(job, "held")
-        job.reasons = [ev.Reason("held", f"held since seq {r.seq}")]
+        job.reasons = (ev.Reason("held", f"held since seq {r.seq}"),)
 
     def _on_back_to_queue(self, e: ev.JobApproved | ev.JobReleased, r: Record) -> None:
         job = self.jobs[e.job_id]
         self._status(job, "pending")
-        job.reasons = []
+        job.reasons = ()
         self._enqueue(job)
 
     def _on_priority(self, e: ev.PriorityChanged, r: Record) -> None:
@@ -187,7 +197,7 @@ class SchedulerState:
                 self.by_status[job.status].pop(job_id, None)
 
     def _on_reasons(self, e: ev.JobReasonsChanged, r: Record) -> None:
-        self.jobs[e.job_id].reasons = list(e.reasons)
+        self.jobs[e.job_id].reasons = tuple(e.reasons)
 
     def _on_dispatched(self, e: ev.AttemptDispatched, r: Record) -> None:
         job = self.jobs[e.job_id]
@@ -197,8 +207,8 @@ class SchedulerState:
             history = self.runtimes.get((job.spec.user, job.spec.name))
             runtime = statistics.median(history) if history else None
         self._status(job, "dispatched")
-        job.attempt, job.active, job.node, job.gpus = e.attempt, True, e.node, list(e.gpus)
-        job.dispatched_at, job.reasons, job.pid, job.exit_code = r.time, [], None, None
+        job.attempt, job.active, job.node, job.gpus = e.attempt, True, e.node, tuple(e.gpus)
+        job.dispatched_at, job.reasons, job.pid, job.exit_code = r.time, (), None, None
         job.stop_requested = None
         job.expected_end = None if runtime is None else r.time + runtime
         self._count(job, +1)
@@ -226,7 +236,7 @@ class SchedulerState:
     def _on_requeued(self, e: ev.JobRequeued, r: Record) -> None:
         job = self.jobs[e.job_id]
         self._status(job, "pending")
-        job.node, job.gpus, job.error = None, [], e.reason
+        job.node, job.gpus, job.error = None, (), e.reason
         job.finished_at = None
         self._enqueue(job)
 
@@ -292,6 +302,7 @@ class SchedulerState:
             "by_status": {s: sorted(ids) for s, ids in sorted(self.by_status.items()) if ids},
             "open_by_user": dict(sorted((+self.open_by_user).items())),
             "waiting_local": self.waiting_local,
+            "waiting_cpu": self.waiting_cpu,
             "counts": [self.counts.total, +self.counts.by_user, +self.counts.by_team,
                        self.counts.local_jobs, self.counts.local_gpus],
             "node_active": {n: dict(sorted(a.items()))

@@ -1,0 +1,60 @@
+"""The pure policy: EASY reservation goes to the highest job held by GPUs, and stays there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eventq import policy
+from eventq.events import JobSpec, Limits
+
+NOW = 1_000_000.0
+ROOMY = Limits(max_concurrent=50, user_max_concurrent=50, local_job_max_concurrent=50)
+
+
+@dataclass
+class Queued:
+    spec: JobSpec
+    queued_at: float = NOW
+
+
+def job(job_id: str, gpus: int, runtime: float | None = None) -> Queued:
+    return Queued(JobSpec(job_id=job_id, user="u", priority=10, command=["x"], gpus=gpus,
+                          max_runtime=runtime))
+
+
+def busy_node() -> policy.NodeView:
+    """4 GPUs: GPU 3 free, GPUs 0-2 held by one attempt that ends in 10 minutes."""
+    return policy.NodeView("local", True, {3}, 4, [(NOW + 600, 3, "running")])
+
+
+def test_the_reservation_is_for_the_highest_job_lacking_gpus() -> None:
+    queue = [job("big", 4), job("middle", 2), job("long", 1, runtime=3600)]
+    plan = policy.plan(iter(queue), policy.Counts(), ROOMY, [busy_node()], NOW)
+    assert plan.placements == [], "the long job would take a GPU the big one waits for"
+    assert plan.reservation is not None and plan.reservation.job_id == "big"
+    assert plan.reservation.shadow == NOW + 600
+    assert [r.code for r in plan.reasons["long"]] == ["reserved"]
+    assert [r.code for r in plan.reasons["middle"]] == ["gpus"]
+
+
+def test_a_short_job_backfills_before_the_shadow_time() -> None:
+    queue = [job("big", 4), job("short", 1, runtime=300)]
+    plan = policy.plan(iter(queue), policy.Counts(), ROOMY, [busy_node()], NOW)
+    assert [p.job_id for p in plan.placements] == ["short"]
+
+
+def test_with_an_unknown_end_nothing_takes_the_gpus_the_big_job_waits_for() -> None:
+    node = policy.NodeView("local", True, {3}, 4, [(None, 3, "running")])
+    plan = policy.plan(iter([job("big", 4), job("short", 1, runtime=1)]), policy.Counts(),
+                       ROOMY, [node], NOW)
+    assert plan.placements == []
+    assert plan.reservation is not None and plan.reservation.waits_for == "running"
+    assert "starts in unknown" in plan.reasons["short"][0].detail
+
+
+def test_estimates_follow_the_free_times_of_the_gpus() -> None:
+    starts = policy.estimate_starts([job("big", 4).spec, job("next", 1, runtime=60).spec],
+                                    [busy_node()], NOW)
+    assert starts["big"].start == NOW + 600
+    assert starts["next"].start is None, "the big job's end is unknown, so is what follows"
+    assert "waits for job big" in starts["next"].note
