@@ -259,6 +259,13 @@ class EventLog:
             await self.conn.execute("ROLLBACK")
             raise
 
+    def flush_future(self) -> asyncio.Future[None] | None:
+        """The future of the latest commit still to come (None if all is durable)."""
+        for future in (self._batch_future, self._inflight):
+            if future is not None and not future.done():
+                return future
+        return None
+
     async def flush(self) -> None:
         """Wait until everything appended so far is durable."""
         for future in (self._inflight, self._batch_future):

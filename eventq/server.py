@@ -18,10 +18,13 @@ from eventq.actors.allocator import Allocator, GpuTable, ReportInventory
 from eventq.actors.registry import Registry
 from eventq.actors.scheduler import Process, ReleaseOrphans, Scheduler, SetLimits
 from eventq.actors.scheduler_state import SchedulerState
+from eventq.actors.workers_state import Workers
 from eventq.auth import TOKEN_FILE, Users, new_token, token_hash, write_secret
 from eventq.clock import Clock, RealClock
 from eventq.gpus import Inventory
+from eventq.http.hub import WorkerHub
 from eventq.log import EventLog
+from eventq.logfiles import DEFAULT_CAP, AttemptLogs
 from eventq.node import LocalNode
 from eventq.projections.queue import QueueView
 
@@ -68,8 +71,13 @@ class Orchestrator:
     clock: Clock = field(default_factory=RealClock)
     grace_seconds: float = 10.0
     limits: ev.Limits | None = None
+    #: Seconds of silence after which a worker is offline (SPEC 6: 120).
+    heartbeat_timeout: float = field(default_factory=lambda: float(
+        os.environ.get("EVENTQ_HEARTBEAT_TIMEOUT", "120")))
     #: Where ``config_name`` is resolved (default: DATA/configs).
     configs_dir: Path = Path()
+    #: Bytes of an attempt's stdout (and of its stderr) kept; older output is dropped.
+    log_cap_bytes: int = DEFAULT_CAP
 
     def __post_init__(self) -> None:
         if self.configs_dir == Path():
@@ -86,15 +94,23 @@ class Orchestrator:
         self.allocator = Allocator(self.log, self.gpu_table)
         self.scheduler = Scheduler(self.log, self.state, self.allocator, self.gpu_table,
                                    self.clock)
-        self.registry = Registry(self.log, self.users)
+        self.workers = Workers()
+        self.scheduler.workers = self.workers
+        self.registry = Registry(self.log, self.users, self.workers, self.scheduler,
+                                 self.allocator, self.clock, self.heartbeat_timeout)
         self.queue = QueueView(self.state, self.gpu_table, self.scheduler)
         for fold in (self.state.evolve, self.gpu_table.evolve, self.users.evolve,
-                     self.queue.evolve):
+                     self.workers.evolve, self.queue.evolve):
             self.log.subscribe(fold)
         replayed = self.log.replay()
         self.node = LocalNode(self.data_dir, self.scheduler, self.state, self.grace_seconds)
         self.log.on_durable(self.node.on_durable)
+        self.hub = WorkerHub(self.data_dir, self.state, self.workers, self.registry)
+        self.log.on_durable(self.hub.on_durable)
+        self.attempt_logs = AttemptLogs(self.data_dir, self.state, lambda: self.log_cap_bytes)
+        self.log.on_durable(self.attempt_logs.on_durable)
         self.log.start()
+        self.attempt_logs.start()
         self.allocator.start()
         self.scheduler.start()
         self.registry.start()
@@ -106,6 +122,7 @@ class Orchestrator:
         if self.limits is not None and self.limits != self.state.limits:
             await self.scheduler.ask(SetLimits(self.limits, "system"))
         await self.recover(replayed)
+        self.registry.watch_known_workers()
         if not self.inventory.simulated and self.inventory.nvml_error is None:
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_inventory())
 
@@ -161,6 +178,8 @@ class Orchestrator:
         await self.allocator.stop()
         await self.registry.stop()
         await self.node.shutdown()
+        await self.hub.close_all("the orchestrator is shutting down")
+        await self.attempt_logs.stop()
         await self.log.close()
         (self.data_dir / SERVER_FILE).unlink(missing_ok=True)
         self._lock.close()

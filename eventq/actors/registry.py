@@ -1,18 +1,33 @@
-"""The registry: the single owner of users and their tokens (workers join it later).
+"""The registry: the single owner of users, workers, their tokens, and workers' liveness.
 
 Tokens are random, made at the edge, shown once, and only their SHA-256 is recorded.
+A heartbeat only moves a worker's last-seen time (in memory): the log records a
+worker's changes of state, never its heartbeats. Asks flow registry -> scheduler ->
+allocator, never back.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
+from typing import Literal
 
 import msgspec
 
 from eventq import events as ev
+from eventq.actors.allocator import Allocator, ReportInventory
 from eventq.actors.runtime import Actor
-from eventq.actors.scheduler import CommandError, Outcome
+from eventq.actors.scheduler import (
+    CommandError,
+    NodeLost,
+    NodeReconnected,
+    Outcome,
+    Process,
+    Scheduler,
+)
+from eventq.actors.workers_state import Worker, Workers
 from eventq.auth import Users, new_token, token_hash
+from eventq.clock import Clock
 from eventq.log import EventLog
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -45,7 +60,55 @@ class RevokeTokens(msgspec.Struct, frozen=True):
     token_sha256: str | None = None
 
 
-RegistryMsg = AddUser | UpdateUser | IssueToken | RevokeTokens
+class CreateWorker(msgspec.Struct, frozen=True):
+    principal: str
+    name: str
+    worker_type: Literal["ephemeral", "persistent"] = "persistent"
+    labels: dict[str, str] = {}
+
+
+class RotateWorkerToken(msgspec.Struct, frozen=True):
+    principal: str
+    worker_id: str
+
+
+class DrainWorker(msgspec.Struct, frozen=True):
+    principal: str
+    worker_id: str
+
+
+class RemoveWorker(msgspec.Struct, frozen=True):
+    principal: str
+    worker_id: str
+    force: bool = False
+
+
+class WorkerHello(msgspec.Struct, frozen=True):
+    """A worker (re)connects: its GPUs, its labels, and the attempts it still runs."""
+
+    worker_id: str
+    transport: Literal["ws", "sse"]
+    gpus: list[ev.GpuInfo]
+    simulated: bool
+    labels: dict[str, str] = {}
+    max_jobs: int | None = None
+    running: list[tuple[str, int]] = []
+
+
+class WorkerGone(msgspec.Struct, frozen=True):
+    """Offline now: a goodbye, a heartbeat timeout, or a forced removal."""
+
+    worker_id: str
+    reason: str
+
+
+class CheckAlive(msgspec.Struct, frozen=True):
+    worker_id: str
+
+
+WorkerMsg = (CreateWorker | RotateWorkerToken | DrainWorker | RemoveWorker | WorkerHello
+             | WorkerGone | CheckAlive)
+RegistryMsg = AddUser | UpdateUser | IssueToken | RevokeTokens | WorkerMsg
 
 
 def decide_user(users: Users, cmd: AddUser | UpdateUser, digest: str) -> list[ev.Event]:
@@ -71,21 +134,118 @@ def decide_token(users: Users, cmd: IssueToken | RevokeTokens, digest: str) -> l
     return [ev.TokenRevoked(name=cmd.name, token_sha256=cmd.token_sha256)]
 
 
+def _worker(workers: Workers, worker_id: str) -> Worker:
+    worker = workers.by_id.get(worker_id)
+    if worker is None:
+        raise CommandError(404, f"no worker {worker_id}")
+    return worker
+
+
+def decide_worker_admin(workers: Workers, cmd: CreateWorker | RotateWorkerToken | DrainWorker,
+                        digest: str, worker_id: str) -> list[ev.Event]:
+    if isinstance(cmd, CreateWorker):
+        if not NAME.match(cmd.name.lower()):
+            raise CommandError(422, f"worker name {cmd.name!r} must be 1-64 of a-z 0-9 _ . -")
+        if any(w.name == cmd.name for w in workers.by_id.values()):
+            raise CommandError(409, f"a worker named {cmd.name} already exists")
+        return [ev.WorkerCreated(worker_id=worker_id, name=cmd.name, worker_type=cmd.worker_type,
+                                 labels=dict(cmd.labels), token_sha256=digest)]
+    worker = _worker(workers, cmd.worker_id)
+    if isinstance(cmd, RotateWorkerToken):
+        return [ev.WorkerTokenRotated(worker_id=worker.worker_id, token_sha256=digest)]
+    return [] if worker.draining else [ev.WorkerDraining(worker_id=worker.worker_id)]
+
+
 class Registry(Actor[RegistryMsg]):
-    """Answers with (Outcome, token or None); the token is shown once and never stored."""
+    """Answers with (Outcome, token or None); a token is shown once and never stored."""
 
     name = "registry"
 
-    def __init__(self, log: EventLog, users: Users) -> None:
+    def __init__(self, log: EventLog, users: Users, workers: Workers, scheduler: Scheduler,
+                 allocator: Allocator, clock: Clock, heartbeat_timeout: float) -> None:
         super().__init__()
-        self.log, self.users = log, users
+        self.log, self.users, self.workers = log, users, workers
+        self.scheduler, self.allocator, self.clock = scheduler, allocator, clock
+        self.heartbeat_timeout = heartbeat_timeout
+        #: worker id -> last time heard from (liveness: in memory, never an event).
+        self.last_seen: dict[str, float] = {}
 
     async def receive(self, message: RegistryMsg) -> tuple[Outcome, str | None]:
-        token = new_token() if isinstance(message, AddUser | IssueToken) else None
+        token = None
+        if isinstance(message, AddUser | IssueToken):
+            token = new_token()
+        elif isinstance(message, CreateWorker | RotateWorkerToken):
+            token = new_token("wt")
         digest = token_hash(token) if token else ""
         if isinstance(message, AddUser | UpdateUser):
             events = decide_user(self.users, message, digest)
-        else:
+        elif isinstance(message, IssueToken | RevokeTokens):
             events = decide_token(self.users, message, digest)
+        elif isinstance(message, CreateWorker | RotateWorkerToken | DrainWorker):
+            events = decide_worker_admin(self.workers, message, digest,
+                                         f"w_{secrets.token_hex(6)}")
+        else:
+            return await self._liveness(message), None
         appended = self.log.append(message.principal, events)
         return Outcome(events, appended.durable), token
+
+    async def _liveness(self, m: RemoveWorker | WorkerHello | WorkerGone | CheckAlive) -> Outcome:
+        if isinstance(m, WorkerHello):
+            return await self._hello(m)
+        if isinstance(m, RemoveWorker):
+            return await self._remove(m)
+        worker = self.workers.by_id.get(m.worker_id)
+        if worker is None or not worker.online:
+            return Outcome([], None)
+        if isinstance(m, CheckAlive):
+            silent = self.clock.now() - self.last_seen.get(m.worker_id, 0.0)
+            if silent < self.heartbeat_timeout:
+                self._arm(m.worker_id)
+                return Outcome([], None)
+            return await self._gone(m.worker_id, f"no heartbeat for {silent:.0f}s")
+        return await self._gone(m.worker_id, m.reason)
+
+    async def _gone(self, worker_id: str, reason: str) -> Outcome:
+        events: list[ev.Event] = [ev.WorkerLost(worker_id=worker_id, reason=reason)]
+        self.log.append(f"worker:{worker_id}", events)
+        lost: Outcome = await self.scheduler.ask(NodeLost(worker_id, reason))
+        return Outcome([*events, *lost.events], lost.durable or self.log.flush_future())
+
+    async def _hello(self, m: WorkerHello) -> Outcome:
+        worker = _worker(self.workers, m.worker_id)
+        self.touch(worker.worker_id)
+        self.log.append(f"worker:{worker.worker_id}", [ev.WorkerConnected(
+            worker_id=worker.worker_id, transport=m.transport, labels=dict(m.labels),
+            max_jobs=m.max_jobs)])
+        await self.allocator.ask(ReportInventory(worker.worker_id, m.gpus, m.simulated))
+        outcome, reconciled = await self.scheduler.reconnect(
+            NodeReconnected(worker.worker_id, list(m.running)))
+        self._arm(worker.worker_id)
+        await self.scheduler.ask(Process())
+        return Outcome(outcome.events, self.log.flush_future(), reconciled)
+
+    async def _remove(self, m: RemoveWorker) -> Outcome:
+        worker = _worker(self.workers, m.worker_id)
+        if worker.online and not m.force:
+            raise CommandError(409, f"worker {worker.name} is online; drain it and wait, "
+                                    "or remove it with force=true (its attempts fail)")
+        if worker.online:
+            await self._gone(worker.worker_id, f"removed by {m.principal}")
+        events: list[ev.Event] = [ev.WorkerRemoved(worker_id=worker.worker_id)]
+        return Outcome(events, self.log.append(m.principal, events).durable)
+
+    def touch(self, worker_id: str) -> None:
+        """A sign of life: a heartbeat, a report, a message."""
+        self.last_seen[worker_id] = self.clock.now()
+
+    def _arm(self, worker_id: str) -> None:
+        check = CheckAlive(worker_id)
+        due = self.last_seen.get(worker_id, self.clock.now()) + self.heartbeat_timeout
+        self.clock.call_at(due, lambda: None if self._stopped else self.tell(check))
+
+    def watch_known_workers(self) -> None:
+        """After a restart: workers online in the log get one timeout to come back."""
+        for worker in self.workers.by_id.values():
+            if worker.online:
+                self.touch(worker.worker_id)
+                self._arm(worker.worker_id)

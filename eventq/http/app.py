@@ -92,10 +92,14 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return ApiError(exc.status, exc.message).response()
 
 
+#: Worker routes authenticate with X-Worker-Token themselves; user tokens open none.
+WORKER_ROUTES = "/api/workers/"
+
+
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in PUBLIC:
-        return await handler(request)
+    if request.path in PUBLIC or request.path.startswith(WORKER_ROUTES):
+        return await handler(request)  # public, or a worker route (X-Worker-Token)
     header = request.headers.get("Authorization", "")
     if not header.startswith("Bearer "):
         raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
@@ -107,7 +111,19 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def make_app(orchestrator: Orchestrator) -> web.Application:
-    from eventq.http import actions, admin, jobs, metrics, openapi, queue, system
+    from eventq.http import (
+        actions,
+        admin,
+        admin_workers,
+        jobs,
+        logs,
+        metrics,
+        openapi,
+        queue,
+        stream,
+        system,
+        workers,
+    )
 
     app = web.Application(middlewares=[errors, auth], client_max_size=4 * 2**20)
     app[ORCH] = orchestrator
@@ -118,4 +134,9 @@ def make_app(orchestrator: Orchestrator) -> web.Application:
     app.add_routes(admin.routes)
     app.add_routes(openapi.routes)
     metrics.install(app)
+    app.add_routes(logs.routes)
+    stream.setup(app)
+    app.add_routes(workers.routes)
+    app.add_routes(admin_workers.routes)
+    app[workers.PENDING] = {}
     return app

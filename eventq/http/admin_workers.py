@@ -1,0 +1,97 @@
+"""``/api/admin/workers``: create workers, rotate their tokens, drain and remove them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+from aiohttp import web
+
+from eventq.actors.registry import CreateWorker, DrainWorker, RemoveWorker, RotateWorkerToken
+from eventq.actors.scheduler import Outcome
+from eventq.http.app import ORCH, ApiError, decode_body, require_admin
+from eventq.server import Orchestrator
+
+routes = web.RouteTableDef()
+
+
+class NewWorker(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    worker_type: Literal["ephemeral", "persistent"] = "persistent"
+    labels: dict[str, str] = {}
+
+
+def worker_dict(orch: Orchestrator, worker_id: str) -> dict[str, Any]:
+    w = orch.workers.by_id[worker_id]
+    active = orch.state.node_active.get(worker_id, {})
+    node = orch.gpu_table.nodes.get(worker_id)
+    return {"worker_id": w.worker_id, "name": w.name, "worker_type": w.worker_type,
+            "status": orch.workers.status(worker_id, len(active)).value, "labels": w.labels,
+            "transport": w.transport, "current_jobs": sorted(active),
+            "gpus": [{"index": g.index, "name": g.name, "memory_gb": g.memory_gb}
+                     for g in node.gpus.values()] if node else [],
+            "simulated": node.simulated if node else False,
+            "connected": worker_id in orch.hub.connections, "offline_reason": w.offline_reason}
+
+
+async def _ask(request: web.Request, message: Any) -> str | None:
+    outcome, token = await request.app[ORCH].registry.ask(message)
+    assert isinstance(outcome, Outcome)
+    if outcome.durable is not None:
+        await outcome.durable
+    return token  # type: ignore[no-any-return]
+
+
+def _known(request: web.Request) -> str:
+    worker_id = request.match_info["worker_id"]
+    if worker_id not in request.app[ORCH].workers.by_id:
+        raise ApiError(404, f"no worker {worker_id}")
+    return worker_id
+
+
+@routes.get("/api/admin/workers")
+async def list_workers(request: web.Request) -> web.Response:
+    require_admin(request)
+    orch = request.app[ORCH]
+    return web.json_response({"workers": [worker_dict(orch, w) for w in orch.workers.by_id]})
+
+
+@routes.post("/api/admin/workers")
+async def create_worker(request: web.Request) -> web.Response:
+    admin = require_admin(request)
+    orch = request.app[ORCH]
+    body = decode_body(await request.read(), NewWorker)
+    token = await _ask(request, CreateWorker(admin.principal, body.name, body.worker_type,
+                                             body.labels))
+    worker = next(w for w in orch.workers.by_id.values() if w.name == body.name)
+    url = str(request.url.origin())
+    persistent = " --persistent" if body.worker_type == "persistent" else ""
+    return web.json_response({
+        "worker_id": worker.worker_id, "token": token, "name": worker.name,
+        "connection_command": f"eventq worker --url {url} --token {token} "
+                              f"--name {worker.name}{persistent}"}, status=201)
+
+
+@routes.post("/api/admin/workers/{worker_id}/token")
+async def rotate_token(request: web.Request) -> web.Response:
+    admin = require_admin(request)
+    worker_id = _known(request)
+    token = await _ask(request, RotateWorkerToken(admin.principal, worker_id))
+    return web.json_response({"worker_id": worker_id, "token": token})
+
+
+@routes.post("/api/admin/workers/{worker_id}/drain")
+async def drain(request: web.Request) -> web.Response:
+    admin = require_admin(request)
+    worker_id = _known(request)
+    await _ask(request, DrainWorker(admin.principal, worker_id))
+    return web.json_response(worker_dict(request.app[ORCH], worker_id))
+
+
+@routes.delete("/api/admin/workers/{worker_id}")
+async def remove(request: web.Request) -> web.Response:
+    admin = require_admin(request)
+    worker_id = _known(request)
+    force = request.query.get("force", "false").lower() in ("1", "true", "yes")
+    await _ask(request, RemoveWorker(admin.principal, worker_id, force))
+    return web.json_response({"success": True, "worker_id": worker_id})

@@ -1,0 +1,145 @@
+"""The worker hub: the open connection of each worker, and what is sent down it.
+
+It acts only on durable events (write-ahead effects): a job is sent to a worker
+once its ``AttemptDispatched`` is on disk, a cancel once ``AttemptStopRequested``
+is. A message for a worker that is not connected right now is not lost: when the
+worker comes back, reconciliation sends again every dispatch it never started.
+Each connection has its own bounded outbox, so a slow worker never slows others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from eventq import events as ev
+from eventq.actors.registry import Registry
+from eventq.actors.scheduler_state import SchedulerState
+from eventq.actors.workers_state import Workers
+from eventq.log import Record
+from eventq.runner import attempt_dir
+
+log = structlog.get_logger()
+OUTBOX_LIMIT = 1000
+
+
+@dataclass(eq=False)
+class Outbox:
+    """The outgoing side of one worker connection (websocket or SSE stream)."""
+
+    transport: str
+    token_sha256: str
+    queue: asyncio.Queue[dict[str, Any] | None] = field(
+        default_factory=lambda: asyncio.Queue(OUTBOX_LIMIT))
+    closed: str | None = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.closed is not None:
+            return
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self.close("the worker does not read its messages")
+
+    def close(self, reason: str) -> None:
+        """Tell the worker why, then end the connection."""
+        if self.closed is not None:
+            return
+        self.closed = reason
+        while self.queue.qsize() >= OUTBOX_LIMIT - 1:
+            self.queue.get_nowait()
+        self.queue.put_nowait({"type": "shutdown", "reason": reason})
+        self.queue.put_nowait(None)
+
+
+@dataclass
+class WorkerHub:
+    data_dir: Path
+    state: SchedulerState
+    workers: Workers
+    registry: Registry
+    connections: dict[str, Outbox] = field(default_factory=dict)
+
+    def attach(self, worker_id: str, outbox: Outbox) -> None:
+        old = self.connections.get(worker_id)
+        if old is not None:
+            old.close("replaced by a newer connection of the same worker")
+        self.connections[worker_id] = outbox
+
+    def detach(self, worker_id: str, outbox: Outbox) -> None:
+        if self.connections.get(worker_id) is outbox:
+            del self.connections[worker_id]
+
+    def send(self, worker_id: str, message: dict[str, Any]) -> None:
+        outbox = self.connections.get(worker_id)
+        if outbox is not None:
+            outbox.send(message)
+
+    def run_message(self, job_id: str, attempt: int, transport: str) -> dict[str, Any]:
+        """``job_submit`` as SimpleTuner's stock worker reads it, plus eventq's fields."""
+        job = self.state.jobs[job_id]
+        spec = job.spec
+        return {
+            "type": "job_submit" if transport == "sse" else "run",
+            "job_id": job_id, "attempt": attempt, "config": spec.config or {},
+            "config_name": spec.config_name, "dataloader": None,
+            "upload_endpoint": f"/api/workers/upload/{job_id}", "upload_token": "",
+            "provider": "eventq", "command": spec.command, "gpus": list(job.gpus),
+            "env": spec.env, "cwd": spec.cwd, "max_runtime": spec.max_runtime,
+        }
+
+    def on_durable(self, records: Sequence[Record]) -> None:
+        for record in records:
+            e = record.event
+            if isinstance(e, ev.AttemptDispatched) and e.node in self.connections:
+                outbox = self.connections[e.node]
+                outbox.send(self.run_message(e.job_id, e.attempt, outbox.transport))
+            elif isinstance(e, ev.AttemptStopRequested):
+                job = self.state.jobs.get(e.job_id)
+                if job is not None and job.node in self.connections:
+                    self.send(job.node, {"type": "job_cancel", "job_id": e.job_id,
+                                         "attempt": e.attempt, "reason": e.reason})
+            else:
+                self._on_worker_event(e)
+
+    def _on_worker_event(self, e: ev.Event) -> None:
+        if isinstance(e, ev.WorkerDraining):
+            self.send(e.worker_id, {"type": "drain", "reason": "drained by an admin"})
+        elif isinstance(e, ev.WorkerTokenRotated):
+            outbox = self.connections.get(e.worker_id)
+            if outbox is not None and outbox.token_sha256 != e.token_sha256:
+                outbox.close("the worker's token was rotated; reconnect with the new token")
+        elif isinstance(e, ev.WorkerRemoved):
+            outbox = self.connections.pop(e.worker_id, None)
+            if outbox is not None:
+                outbox.close("the worker was removed")
+        elif isinstance(e, ev.AttemptEnded):
+            job = self.state.jobs.get(e.job_id)
+            worker = self.workers.by_id.get(job.node or "") if job else None
+            if worker is not None and worker.worker_type == "ephemeral":
+                self.send(worker.worker_id, {"type": "shutdown",
+                                             "reason": "an ephemeral worker runs one job"})
+
+    def append_log(self, worker_id: str, job_id: str, attempt: int, stream: str,
+                   data: str) -> bool:
+        """Keep a remote attempt's output where local output lives; False if not its own."""
+        job = self.state.jobs.get(job_id)
+        if job is None or job.node != worker_id or job.attempt != attempt \
+                or stream not in ("stdout", "stderr"):
+            return False
+        directory = attempt_dir(self.data_dir, job_id, attempt)
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / f"{stream}.log", "a", encoding="utf-8") as out:
+            out.write(data)
+        return True
+
+    async def close_all(self, reason: str) -> None:
+        for outbox in self.connections.values():
+            outbox.close(reason)
+        self.connections.clear()
+        await asyncio.sleep(0)

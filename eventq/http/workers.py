@@ -1,0 +1,332 @@
+"""``/api/workers/*``: the two worker transports (SPEC 6), authenticated by X-Worker-Token.
+
+eventq's own agent speaks JSON over ``/api/workers/ws``. SimpleTuner's stock worker
+speaks REST plus one SSE stream, exactly as its code does. Both end in the same
+registry and scheduler commands, so both are fenced the same way: a report about an
+attempt that is not this worker's live one changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any, Literal
+
+import msgspec
+from aiohttp import WSMsgType, web
+
+from eventq import events as ev
+from eventq import policy
+from eventq.actors.registry import WorkerGone, WorkerHello
+from eventq.actors.scheduler import AttemptReport, Outcome, Reconciled
+from eventq.actors.workers_state import Worker
+from eventq.auth import token_hash
+from eventq.http.app import ORCH, ApiError, decode_body
+from eventq.http.hub import Outbox
+from eventq.server import Orchestrator
+
+routes = web.RouteTableDef()
+PING_SECONDS = 15.0
+#: What a stock worker must be told when its stream opens (decided at register).
+PENDING = web.AppKey("pending_greetings", dict[str, Reconciled])
+
+
+def authenticate_worker(request: web.Request) -> Worker:
+    token = request.headers.get("X-Worker-Token", "")
+    worker = request.app[ORCH].workers.by_token(token_hash(token)) if token else None
+    if worker is None:
+        raise ApiError(401, "missing or invalid worker token (X-Worker-Token)")
+    request.app[ORCH].registry.touch(worker.worker_id)
+    return worker
+
+
+def _same_worker(worker: Worker, worker_id: str | None) -> None:
+    if worker_id is not None and worker_id != worker.worker_id:
+        raise ApiError(403, f"this token belongs to worker {worker.worker_id}, not {worker_id}",
+                       "worker_id")
+
+
+async def hello(orch: Orchestrator, msg: WorkerHello) -> Reconciled:
+    outcome, _ = await orch.registry.ask(msg)
+    assert isinstance(outcome, Outcome) and isinstance(outcome.result, Reconciled)
+    if outcome.durable is not None:
+        await outcome.durable
+    return outcome.result
+
+
+def greet(orch: Orchestrator, worker_id: str, outbox: Outbox, done: Reconciled) -> None:
+    """After a (re)connection: stop what was given away, send again what never arrived.
+
+    The outbox is attached before the worker's hello is decided, so a dispatch made while
+    it registers is queued behind the greeting, never lost between the two."""
+    for job_id, attempt in done.stop:
+        outbox.send({"type": "job_cancel", "job_id": job_id, "attempt": attempt,
+                     "reason": "this attempt was given to another worker"})
+    for job_id, attempt in done.resend:
+        outbox.send(orch.hub.run_message(job_id, attempt, outbox.transport))
+
+
+# --- eventq's own agent: one websocket -----------------------------------------------
+
+
+class AgentGpu(msgspec.Struct, forbid_unknown_fields=True):
+    index: int
+    name: str
+    memory_gb: float
+    foreign_memory_percent: float = 0.0
+
+
+class AgentHello(msgspec.Struct, forbid_unknown_fields=True, tag="hello", tag_field="type"):
+    gpus: list[AgentGpu]
+    simulated: bool = False
+    labels: dict[str, str] = {}
+    #: [job id, attempt] of every attempt the agent still runs.
+    running: list[tuple[str, int]] = []
+    name: str | None = None
+
+
+class AgentStarted(msgspec.Struct, tag="started", tag_field="type"):
+    job_id: str
+    attempt: int
+    pid: int | None = None
+
+
+class AgentExited(msgspec.Struct, tag="exited", tag_field="type"):
+    job_id: str
+    attempt: int
+    exit_code: int | None
+    outcome: Literal["exited", "timeout", "cancelled", "start_failed"] = "exited"
+    detail: str = ""
+
+
+class AgentLog(msgspec.Struct, tag="log", tag_field="type"):
+    job_id: str
+    attempt: int
+    stream: str
+    data: str
+
+
+class AgentHeartbeat(msgspec.Struct, tag="heartbeat", tag_field="type"):
+    running: list[tuple[str, int]] = []
+
+
+class AgentProgress(msgspec.Struct, tag="progress", tag_field="type"):
+    job_id: str
+    attempt: int
+    progress: Any = None
+
+
+AgentMessage = AgentStarted | AgentExited | AgentLog | AgentHeartbeat | AgentProgress
+_agent_decoder = msgspec.json.Decoder(AgentMessage)
+
+
+@routes.get("/api/workers/ws")
+async def agent_socket(request: web.Request) -> web.StreamResponse:
+    orch, worker = request.app[ORCH], authenticate_worker(request)
+    ws = web.WebSocketResponse(max_msg_size=8 * 2**20)
+    await ws.prepare(request)
+    try:
+        first = await ws.receive(timeout=30)
+        greeting = msgspec.json.decode(first.data, type=AgentHello)
+    except (TimeoutError, msgspec.DecodeError, TypeError) as exc:
+        await ws.send_json({"type": "error", "error": f"expected a hello message first: {exc}"})
+        await ws.close(code=4400)
+        return ws
+    gpus = [ev.GpuInfo(g.index, g.name, g.memory_gb, g.foreign_memory_percent)
+            for g in greeting.gpus]
+    outbox = Outbox("ws", worker.token_sha256)
+    orch.hub.attach(worker.worker_id, outbox)
+    done = await hello(orch, WorkerHello(worker.worker_id, "ws", gpus, greeting.simulated,
+                                         greeting.labels, None, list(greeting.running)))
+    await ws.send_json({"type": "welcome", "worker_id": worker.worker_id,
+                        "heartbeat_seconds": orch.heartbeat_timeout / 4,
+                        "keep": done.keep, "stop": done.stop})
+    greet(orch, worker.worker_id, outbox, done)
+    writer = asyncio.get_running_loop().create_task(_write(ws, outbox))
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            await _agent_message(orch, worker.worker_id, ws, msg.data)
+    finally:
+        orch.hub.detach(worker.worker_id, outbox)
+        writer.cancel()
+    return ws
+
+
+async def _write(ws: web.WebSocketResponse, outbox: Outbox) -> None:
+    while (message := await outbox.queue.get()) is not None:
+        await ws.send_json(message)
+    await ws.close(code=4001, message=(outbox.closed or "closed").encode()[:120])
+
+
+async def _agent_message(orch: Orchestrator, worker_id: str, ws: web.WebSocketResponse,
+                         raw: str) -> None:
+    orch.registry.touch(worker_id)
+    try:
+        msg = _agent_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        await ws.send_json({"type": "error", "error": f"bad message: {exc}"})
+        return
+    if isinstance(msg, AgentStarted):
+        orch.scheduler.tell(AttemptReport(msg.job_id, msg.attempt, "started", node=worker_id,
+                                          pid=msg.pid))
+    elif isinstance(msg, AgentExited):
+        orch.scheduler.tell(AttemptReport(msg.job_id, msg.attempt, "ended", node=worker_id,
+                                          outcome=msg.outcome, exit_code=msg.exit_code,
+                                          detail=msg.detail))
+    elif isinstance(msg, AgentLog) and not orch.hub.append_log(
+            worker_id, msg.job_id, msg.attempt, msg.stream, msg.data):
+        await ws.send_json({"type": "error",
+                            "error": f"attempt {msg.job_id}#{msg.attempt} is not this worker's"})
+
+
+# --- SimpleTuner's stock worker: REST + one SSE stream --------------------------------
+
+
+class GpuInfoBody(msgspec.Struct):
+    name: str = "GPU"
+    vram_gb: float = 0.0
+    count: int = 0
+    driver: str | None = None
+    accelerator: str | None = None
+
+
+class RegisterBody(msgspec.Struct):
+    name: str
+    gpu_info: GpuInfoBody = msgspec.field(default_factory=GpuInfoBody)
+    persistent: bool = False
+    provider: str | None = None
+    labels: dict[str, str] | None = None
+    current_job_id: str | None = None
+
+
+@routes.post("/api/workers/register")
+async def register(request: web.Request) -> web.Response:
+    orch, worker = request.app[ORCH], authenticate_worker(request)
+    body = decode_body(await request.read(), RegisterBody)
+    info = body.gpu_info
+    gpus = [ev.GpuInfo(i, info.name, info.vram_gb) for i in range(max(0, info.count))]
+    running: list[tuple[str, int]] = []
+    current = orch.state.jobs.get(body.current_job_id or "")
+    if current is not None:
+        running = [(current.spec.job_id, current.attempt)]
+    done = await hello(orch, WorkerHello(worker.worker_id, "sse", gpus, False,
+                                         body.labels or {}, 1, running))
+    resume = None
+    if done.keep:
+        job = orch.state.jobs[done.keep[0][0]]
+        resume = {"job_id": job.spec.job_id, "config_name": job.spec.config_name,
+                  "status": job.status}
+    abandon = body.current_job_id if body.current_job_id and not done.keep else None
+    request.app[PENDING][worker.worker_id] = done
+    return web.json_response({"worker_id": worker.worker_id,
+                              "sse_url": f"/api/workers/stream?worker_id={worker.worker_id}",
+                              "resume_job": resume, "abandon_job": abandon})
+
+
+@routes.get("/api/workers/stream")
+async def stream(request: web.Request) -> web.StreamResponse:
+    orch, worker = request.app[ORCH], authenticate_worker(request)
+    _same_worker(worker, request.query.get("worker_id"))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    outbox = Outbox("sse", worker.token_sha256)
+    orch.hub.attach(worker.worker_id, outbox)
+    done = request.app[PENDING].pop(worker.worker_id, None) or Reconciled([], [], [])
+    # Dispatched since it registered, before this stream could carry it: not started yet.
+    unsent = [(j, orch.state.jobs[j].attempt) for j in orch.state.node_active.get(
+        worker.worker_id, {}) if orch.state.jobs[j].pid is None]
+    greet(orch, worker.worker_id, outbox, Reconciled(done.keep, done.stop, unsent))
+    number = 0
+    try:
+        while True:
+            try:
+                message = await asyncio.wait_for(outbox.queue.get(), PING_SECONDS)
+            except TimeoutError:
+                message = {"type": "ping"}
+            if message is None:
+                break
+            number += 1
+            await response.write(f"event: {message['type']}\nid: {number}\n"
+                                 f"data: {json.dumps(message)}\n\n".encode())
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        orch.hub.detach(worker.worker_id, outbox)
+    return response
+
+
+class HeartbeatBody(msgspec.Struct):
+    worker_id: str
+    status: Literal["idle", "busy"]
+    current_job_id: str | None = None
+    job_progress: Any = None
+    gpu_utilization: Any = None
+    vram_used_gb: Any = None
+
+
+@routes.post("/api/workers/heartbeat")
+async def heartbeat(request: web.Request) -> web.Response:
+    worker = authenticate_worker(request)
+    body = decode_body(await request.read(), HeartbeatBody)
+    _same_worker(worker, body.worker_id)
+    return web.json_response({"success": True})
+
+
+class StatusBody(msgspec.Struct):
+    status: Literal["starting", "training", "running", "completed", "failed", "cancelled"]
+    progress: Annotated[Any, msgspec.Meta()] = None
+    error: str | None = None
+
+
+@routes.post("/api/workers/job/{job_id}/status")
+async def job_status(request: web.Request) -> web.Response:
+    orch, worker = request.app[ORCH], authenticate_worker(request)
+    body = decode_body(await request.read(), StatusBody)
+    job_id = request.match_info["job_id"]
+    job = orch.state.jobs.get(job_id)
+    if job is None:
+        raise ApiError(404, f"no job {job_id}")
+    if job.node != worker.worker_id:
+        raise ApiError(403, f"job {job_id} is not this worker's")
+    if not job.active:
+        raise ApiError(409, f"job {job_id}'s attempt {job.attempt} has already ended "
+                            f"({job.status}); it cannot become {body.status}")
+    if body.status in ("starting", "training", "running"):
+        report = AttemptReport(job_id, job.attempt, "started", node=worker.worker_id)
+    else:
+        code = {"completed": 0, "failed": 1, "cancelled": -15}[body.status]
+        report = AttemptReport(job_id, job.attempt, "ended", node=worker.worker_id,
+                               exit_code=code, detail=body.error or body.status)
+    outcome: Outcome = await orch.scheduler.ask(report)
+    if outcome.durable is not None:
+        await outcome.durable
+    return web.json_response({"success": True})
+
+
+class DisconnectBody(msgspec.Struct):
+    worker_id: str
+
+
+@routes.post("/api/workers/disconnect")
+async def disconnect(request: web.Request) -> web.Response:
+    orch, worker = request.app[ORCH], authenticate_worker(request)
+    _same_worker(worker, decode_body(await request.read(), DisconnectBody).worker_id)
+    outcome, _ = await orch.registry.ask(WorkerGone(worker.worker_id, "the worker disconnected"))
+    if outcome.durable is not None:
+        await outcome.durable
+    return web.json_response({"success": True})
+
+
+@routes.get("/api/workers/queue")
+async def has_jobs(request: web.Request) -> web.Response:
+    orch, worker = request.app[ORCH], authenticate_worker(request)
+    _same_worker(worker, request.query.get("worker_id"))
+    views = {v.name: v for v in orch.scheduler.node_views()}
+    node = views.get(worker.worker_id)
+    fits = node is not None and any(
+        policy.matches(job.spec, node) and job.spec.gpus <= node.allocatable
+        for job in orch.state.with_status("pending"))
+    return web.json_response({"has_jobs": fits})
