@@ -12,6 +12,7 @@ refused it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import os
@@ -165,6 +166,7 @@ class EventLog:
     _writer: asyncio.Task[None] | None = None
     _reader: aiosqlite.Connection | None = None
     _closing: bool = False
+    _holds: int = 0
 
     @classmethod
     async def open(cls, path: Path, clock_now: Callable[[], float],
@@ -225,10 +227,22 @@ class EventLog:
         self._wake.set()
         return Appended(records, self._batch_future)
 
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Commit what is appended inside in one transaction with what follows it: a
+        command's events (the scheduler's and the allocator's it asks) cost one commit."""
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if not self._holds and self._pending:
+                self._wake.set()
+
     async def _write_loop(self) -> None:
         while True:
-            if not self._pending:
-                if self._closing:
+            if not self._pending or (self._holds and not self._closing):
+                if self._closing and not self._pending:
                     return
                 await self._wake.wait()
                 self._wake.clear()

@@ -368,6 +368,10 @@ class Scheduler(Actor[SchedulerMsg]):
             self._durable = self.log.append(principal, events).durable
 
     async def receive(self, message: SchedulerMsg) -> Outcome:
+        with self.log.holding():
+            return await self._receive(message)
+
+    async def _receive(self, message: SchedulerMsg) -> Outcome:
         self._durable, self._result = None, None
         events = await self._handle(message)
         if isinstance(message, Process | ReleaseOrphans) or any(
