@@ -96,6 +96,10 @@ class JobSpec(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
     config_name: str | None = None
     requires_approval: bool = False
     estimated_cost: float = 0.0
+    #: Job ids this job runs after (all must complete first).
+    depends_on: list[str] = []
+    #: Not before this time (epoch seconds).
+    begin_at: float | None = None
 
     @property
     def effective_base(self) -> int:
@@ -210,6 +214,12 @@ class WorkerRemoved(Event, frozen=True, tag="worker_removed"):
 
 class JobSubmitted(Event, frozen=True, tag="job_submitted"):
     job: JobSpec
+
+
+class JobReady(Event, frozen=True, tag="job_ready"):
+    """Its dependencies completed and its begin time passed: it joins the queue."""
+
+    job_id: str
 
 
 class JobRejected(Event, frozen=True, tag="job_rejected"):
@@ -353,6 +363,7 @@ AnyEvent = (
     | WorkerLost
     | WorkerRemoved
     | JobSubmitted
+    | JobReady
     | JobRejected
     | JobBlocked
     | JobApproved

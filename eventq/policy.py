@@ -407,3 +407,59 @@ def estimate_starts(waiting: Iterable[JobSpec], nodes: list[NodeView],
         taken = sorted(slots[name])
         slots[name] = [(until, spec.job_id)] * spec.gpus + taken[spec.gpus:]
     return out
+
+
+# --- gates: dependencies and begin time ---------------------------------------------------
+
+FAILED_ENDS = ("failed", "cancelled", "rejected")
+#: A dependency that waits on a failed dependency of its own.
+BLOCKED = "blocked"
+
+
+def gate_reasons(spec: JobSpec, unmet: list[tuple[str, str]], now: float) -> list[Reason]:
+    """Why a job is not yet in the queue: each unmet dependency (id, status), its begin time."""
+    out = []
+    for dep, status in unmet:
+        if status in FAILED_ENDS:
+            out.append(Reason("dependency_failed", f"dependency {dep} {status}; retry it or "
+                                                   "cancel this job"))
+        elif status == BLOCKED:
+            out.append(Reason("dependency_failed", f"dependency {dep} waits on a failed job"))
+        else:
+            out.append(Reason("dependency", f"waits for {dep} ({status})"))
+    if spec.begin_at is not None and spec.begin_at > now:
+        out.append(Reason("begin_time", f"not before {spec.begin_at:.0f} "
+                                        f"(in {spec.begin_at - now:.0f}s)"))
+    return out
+
+
+def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
+    """A dependency cycle among ``edges`` (job -> the jobs it depends on), or None.
+
+    Iterative depth-first search: a 10,000-job chain must not hit the recursion limit.
+    """
+    done: set[str] = set()
+    for start in edges:
+        if start in done:
+            continue
+        path: list[str] = []
+        on_path: set[str] = set()
+        stack: list[tuple[str, int]] = [(start, 0)]
+        while stack:
+            node, i = stack.pop()
+            if i == 0:
+                path.append(node)
+                on_path.add(node)
+            deps = [d for d in edges.get(node, []) if d in edges]
+            if i < len(deps):
+                stack.append((node, i + 1))
+                dep = deps[i]
+                if dep in on_path:
+                    return [*path[path.index(dep):], dep]
+                if dep not in done:
+                    stack.append((dep, 0))
+                continue
+            path.pop()
+            on_path.discard(node)
+            done.add(node)
+    return None

@@ -44,9 +44,10 @@ def attempt_dir(data_dir: Path, job_id: str, attempt: int) -> Path:
 
 def job_argv(spec: JobSpec, directory: Path, trainer: tuple[str, ...]) -> list[str]:
     """The command to run: a list as is, a string through ``sh -c``, a config via the trainer."""
-    if spec.config is not None and not spec.command:
-        (directory / "config.json").write_text(json.dumps(spec.config))
-        return list(trainer)
+    if spec.config is not None:
+        (directory / "config.json").write_text(json.dumps(spec.config))  # CONFIG_PATH
+        if not spec.command:
+            return list(trainer)
     if isinstance(spec.command, str):
         return ["sh", "-c", spec.command]
     return list(spec.command)

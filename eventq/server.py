@@ -16,7 +16,7 @@ from eventq import __version__, gpus
 from eventq import events as ev
 from eventq.actors.allocator import Allocator, GpuTable, ReportInventory
 from eventq.actors.registry import Registry
-from eventq.actors.scheduler import Process, ReleaseOrphans, Scheduler, SetLimits
+from eventq.actors.scheduler import CheckReady, Process, ReleaseOrphans, Scheduler, SetLimits
 from eventq.actors.scheduler_state import SchedulerState
 from eventq.actors.workers_state import Workers
 from eventq.auth import TOKEN_FILE, Users, new_token, token_hash, write_secret
@@ -141,6 +141,8 @@ class Orchestrator:
         for job in self.state.jobs.values():
             if job.active and job.spec.max_runtime is not None:
                 self.scheduler.arm_timeout(job)
+        for job in self.state.with_status("waiting"):
+            self.scheduler.tell(CheckReady(job.spec.job_id))  # begin times passed while down
         await self.scheduler.ask(Process())
         await self.log.flush()
         log.info("recovered", events=replayed, **found, waiting=self.state.waiting_count())

@@ -82,6 +82,19 @@ class Process(msgspec.Struct, frozen=True):
     """Run a scheduling pass now."""
 
 
+class SubmitMany(msgspec.Struct, frozen=True):
+    """Submit a set of jobs at once: all are recorded, or none (CSV import)."""
+
+    specs: list[ev.JobSpec]
+    principal: str
+
+
+class CheckReady(msgspec.Struct, frozen=True):
+    """A waiting job's begin time has come."""
+
+    job_id: str
+
+
 class NodeLost(msgspec.Struct, frozen=True):
     """A worker went offline: its attempts are lost (and requeued while attempts remain)."""
 
@@ -126,7 +139,7 @@ class SetSettings(msgspec.Struct, frozen=True):
 
 SchedulerMsg = (Submit | Cancel | SetLimits | AttemptReport | StopAttempt | ReleaseOrphans
                 | Process | JobAction | CancelMany | Cleanup | SetSettings | NodeLost
-                | NodeReconnected)
+                | NodeReconnected | SubmitMany | CheckReady)
 
 
 @dataclass(frozen=True)
@@ -158,6 +171,8 @@ def decide_submit(state: SchedulerState, cmd: Submit) -> list[ev.Event]:
     spec = cmd.spec
     if spec.job_id in state.jobs:
         raise CommandError(409, f"job {spec.job_id} already exists")
+    if unknown := [d for d in spec.depends_on if d not in state.jobs]:
+        raise CommandError(422, f"depends_on names unknown jobs: {unknown}")
     submitted: list[ev.Event] = [ev.JobSubmitted(job=spec)]
     threshold = state.approval_cost_threshold
     if spec.requires_approval:
@@ -252,12 +267,84 @@ def decide_cancel_many(state: SchedulerState, cmd: CancelMany) -> list[ev.Event]
     return out
 
 
+def decide_submit_many(state: SchedulerState, cmd: SubmitMany) -> list[ev.Event]:
+    """Every job valid (ids new, dependencies known, no cycle), or a 422 naming the rows."""
+    ids = [s.job_id for s in cmd.specs]
+    problems = [f"row {i + 1}: job id {j} is used twice" for i, j in enumerate(ids)
+                if j in state.jobs or ids.index(j) != i]
+    known = set(ids) | state.jobs.keys()
+    problems += [f"row {i + 1}: depends_on names unknown jobs {sorted(set(s.depends_on) - known)}"
+                 for i, s in enumerate(cmd.specs) if set(s.depends_on) - known]
+    cycle = policy.find_cycle({s.job_id: list(s.depends_on) for s in cmd.specs})
+    if cycle:
+        rows = [ids.index(j) + 1 for j in cycle[:-1]]
+        problems.append(f"rows {rows}: dependency cycle {' -> '.join(cycle)}")
+    if problems:
+        raise CommandError(422, "; ".join(problems[:20]))
+    return [ev.JobSubmitted(job=s) for s in cmd.specs]
+
+
+def gate_subjects(state: SchedulerState, events: Sequence[ev.Event]) -> list[str]:
+    """Jobs whose gate these events may have opened or closed."""
+    touched: list[str] = []
+    for e in events:
+        if isinstance(e, ev.JobSubmitted):
+            touched.append(e.job.job_id)
+        elif isinstance(e, ev.JobApproved):
+            touched.append(e.job_id)
+        elif isinstance(e, ev.JobCompleted | ev.JobFailed | ev.JobCancelled | ev.JobRejected
+                        | ev.JobRequeued):
+            touched += sorted(state.dependants.get(e.job_id, ()))
+    return list(dict.fromkeys(touched))
+
+
+def decide_gates(state: SchedulerState, touched: list[str], now: float) -> list[ev.Event]:
+    """Ready jobs join the queue; the others get their reasons recorded when those change.
+
+    A failure travels down the pipeline: a job whose dependency cannot start because of
+    a failed one is blocked too, so its own dependants are looked at in turn.
+    """
+    out: list[ev.Event] = []
+    decided: dict[str, tuple[ev.Reason, ...]] = {}
+    queue = list(touched)
+    while queue:
+        job = state.jobs.get(queue.pop(0))
+        if job is None or job.status != "waiting":
+            continue
+        job_id = job.spec.job_id
+        unmet = [(d.spec.job_id, _gate_status(d, decided)) for d in state.unmet(job)]
+        reasons = policy.gate_reasons(job.spec, unmet, now)
+        if not reasons:
+            out.append(ev.JobReady(job_id=job_id))
+            continue
+        before = decided.get(job_id, job.reasons)
+        if [r.code for r in reasons] != [r.code for r in before]:
+            out.append(ev.JobReasonsChanged(job_id=job_id, reasons=reasons))
+            decided[job_id] = tuple(reasons)
+            queue += sorted(state.dependants.get(job_id, ()))
+    return out
+
+
+def _gate_status(dep: JobState, decided: dict[str, tuple[ev.Reason, ...]]) -> str:
+    """A dependency's status, or ``blocked`` when it waits on a failed one itself."""
+    reasons = decided.get(dep.spec.job_id, dep.reasons)
+    if dep.status == "waiting" and any(r.code == "dependency_failed" for r in reasons):
+        return "blocked"
+    return dep.status
+
+
 def decide_cleanup(state: SchedulerState, cmd: Cleanup, now: float) -> list[ev.Event]:
-    """Purge terminal jobs finished more than ``days`` ago; active jobs are never touched."""
+    """Purge terminal jobs finished more than ``days`` ago; active jobs are never touched,
+    nor a job that unfinished jobs still depend on."""
     cutoff = now - cmd.days * 86400
+
+    def needed(job_id: str) -> bool:
+        return any(state.jobs[d].status not in TERMINAL
+                   for d in state.dependants.get(job_id, ()) if d in state.jobs)
+
     old = [j.spec.job_id for j in state.jobs.values()
            if j.status in TERMINAL and not j.active and j.finished_at is not None
-           and j.finished_at < cutoff]
+           and j.finished_at < cutoff and not needed(j.spec.job_id)]
     return [ev.JobsPurged(job_ids=old, older_than_days=cmd.days)] if old else []
 
 
@@ -328,7 +415,7 @@ def newcomers(events: Sequence[ev.Event]) -> list[str]:
     blocked = {e.job_id for e in events if isinstance(e, ev.JobBlocked)}
     out = [e.job.job_id for e in events if isinstance(e, ev.JobSubmitted)]
     out += [e.job_id for e in events
-            if isinstance(e, ev.JobApproved | ev.JobReleased | ev.JobRequeued)]
+            if isinstance(e, ev.JobApproved | ev.JobReleased | ev.JobRequeued | ev.JobReady)]
     return [j for j in out if j not in blocked]
 
 
@@ -374,6 +461,7 @@ class Scheduler(Actor[SchedulerMsg]):
     async def _receive(self, message: SchedulerMsg) -> Outcome:
         self._durable, self._result = None, None
         events = await self._handle(message)
+        events = [*events, *self._open_gates(message, events)]
         if isinstance(message, Process | ReleaseOrphans) or any(
                 isinstance(e, FREES_OR_REORDERS) for e in events):
             await self.run_pass()
@@ -402,6 +490,11 @@ class Scheduler(Actor[SchedulerMsg]):
             self._append("system", events)
         elif isinstance(m, ReleaseOrphans):
             events = await self._release_orphans()
+        elif isinstance(m, SubmitMany):
+            events = decide_submit_many(self.state, m)
+            self._append(m.principal, events)
+        elif isinstance(m, CheckReady):
+            events = []
         elif isinstance(m, NodeLost):
             events = decide_node_lost(self.state, m)
             await self._append_and_release("system", events)
@@ -464,6 +557,25 @@ class Scheduler(Actor[SchedulerMsg]):
             await self._dispatch(placement)
         self._append("system", reason_changes(self.state, plan))
         self.last_plan = plan
+
+    def _open_gates(self, message: SchedulerMsg, events: list[ev.Event]) -> list[ev.Event]:
+        touched = gate_subjects(self.state, events)
+        if isinstance(message, CheckReady):
+            touched.append(message.job_id)
+        gated = decide_gates(self.state, touched, self.clock.now())
+        self._append("system", gated)
+        for job_id in touched:
+            self.watch_begin(job_id)
+        return gated
+
+    def watch_begin(self, job_id: str) -> None:
+        """Wake a waiting job when its begin time comes."""
+        job = self.state.jobs.get(job_id)
+        begin = job.spec.begin_at if job is not None else None
+        if job is not None and job.status == "waiting" and begin is not None \
+                and begin > self.clock.now():
+            check = CheckReady(job_id)
+            self.clock.call_at(begin, lambda: self._tell(check))
 
     async def place_new(self, job_ids: list[str]) -> None:
         """Place newly queued jobs one by one, without walking the queue.

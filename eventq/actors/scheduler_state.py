@@ -54,6 +54,11 @@ class JobState(msgspec.Struct, gc=False):
     finished_at: float | None = None
 
 
+def is_gated(spec: ev.JobSpec) -> bool:
+    """Does the job wait for dependencies or a begin time before it may queue?"""
+    return bool(spec.depends_on) or spec.begin_at is not None
+
+
 @dataclass
 class SchedulerState:
     jobs: dict[str, JobState] = field(default_factory=dict)
@@ -72,6 +77,10 @@ class SchedulerState:
     limits: ev.Limits = field(default_factory=ev.Limits)
     approval_cost_threshold: float | None = None
     runtimes: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    #: job name -> ids of the jobs with that name (``depends_on`` may use unique names).
+    by_name: dict[str, list[str]] = field(default_factory=dict)
+    #: job id -> the jobs that depend on it.
+    dependants: dict[str, set[str]] = field(default_factory=dict)
     #: node -> when its last attempt ended (for "the worker idle longest").
     node_idle_since: dict[str, float] = field(default_factory=dict)
 
@@ -149,10 +158,23 @@ class SchedulerState:
         self.limits = e.limits
 
     def _on_submitted(self, e: ev.JobSubmitted, r: Record) -> None:
-        job = JobState(spec=e.job, order=r.seq, queued_at=r.time)
-        self.jobs[e.job.job_id] = job
-        self.by_status.setdefault("pending", {})[e.job.job_id] = None
-        self.open_by_user[e.job.user] += 1
+        spec = e.job
+        gated = is_gated(spec)
+        job = JobState(spec=spec, order=r.seq, queued_at=r.time,
+                       status="waiting" if gated else "pending")
+        self.jobs[spec.job_id] = job
+        self.by_status.setdefault(job.status, {})[spec.job_id] = None
+        self.open_by_user[spec.user] += 1
+        for dep in spec.depends_on:
+            self.dependants.setdefault(dep, set()).add(spec.job_id)
+        self.by_name.setdefault(spec.name, []).append(spec.job_id)
+        if not gated:
+            self._enqueue(job)
+
+    def _on_ready(self, e: ev.JobReady, r: Record) -> None:
+        job = self.jobs[e.job_id]
+        self._status(job, "pending")
+        job.reasons = ()
         self._enqueue(job)
 
     def _on_settings(self, e: ev.SettingsChanged, r: Record) -> None:
@@ -178,8 +200,11 @@ class SchedulerState:
 
     def _on_back_to_queue(self, e: ev.JobApproved | ev.JobReleased, r: Record) -> None:
         job = self.jobs[e.job_id]
-        self._status(job, "pending")
         job.reasons = ()
+        if isinstance(e, ev.JobApproved) and is_gated(job.spec):
+            self._status(job, "waiting")  # a gated job always joins through JobReady
+            return
+        self._status(job, "pending")
         self._enqueue(job)
 
     def _on_priority(self, e: ev.PriorityChanged, r: Record) -> None:
@@ -195,6 +220,17 @@ class SchedulerState:
             job = self.jobs.pop(job_id, None)
             if job is not None:
                 self.by_status[job.status].pop(job_id, None)
+                for dep in job.spec.depends_on:
+                    self.dependants.get(dep, set()).discard(job_id)
+                self.dependants.pop(job_id, None)
+                named = self.by_name.get(job.spec.name, [])
+                if job_id in named:
+                    named.remove(job_id)
+
+    def unmet(self, job: JobState) -> list[JobState]:
+        """The dependencies of ``job`` that have not completed."""
+        return [d for dep in job.spec.depends_on
+                if (d := self.jobs.get(dep)) is not None and d.status != "completed"]
 
     def _on_reasons(self, e: ev.JobReasonsChanged, r: Record) -> None:
         self.jobs[e.job_id].reasons = tuple(e.reasons)
@@ -300,6 +336,7 @@ class SchedulerState:
             "jobs": {k: msgspec.to_builtins(v) for k, v in sorted(self.jobs.items())},
             "waiting": {p: list(b) for p, b in sorted(self.buckets.items())},
             "by_status": {s: sorted(ids) for s, ids in sorted(self.by_status.items()) if ids},
+            "dependants": {d: sorted(js) for d, js in sorted(self.dependants.items()) if js},
             "open_by_user": dict(sorted((+self.open_by_user).items())),
             "waiting_local": self.waiting_local,
             "waiting_cpu": self.waiting_cpu,
@@ -326,6 +363,7 @@ _HANDLERS: dict[type, Callable[[SchedulerState, Any, Record], None]] = {
     ev.JobCancelled: SchedulerState._on_cancelled,
     ev.SettingsChanged: SchedulerState._on_settings,
     ev.JobBlocked: SchedulerState._on_blocked,
+    ev.JobReady: SchedulerState._on_ready,
     ev.JobApproved: SchedulerState._on_back_to_queue,
     ev.JobHeld: SchedulerState._on_held,
     ev.JobReleased: SchedulerState._on_back_to_queue,

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from eventq.auth import TOKEN_FILE
-from eventq.server import SERVER_FILE, default_data_dir
+
+# The names eventq.server writes, kept here so that a client command does not import the
+# whole server (every CLI test reads server.json through them).
+SERVER_FILE = "server.json"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("EVENTQ_HOME") or Path.home() / ".eventq")
 
 
 class CliError(Exception):

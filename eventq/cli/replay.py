@@ -11,11 +11,12 @@ from typing import Any
 import msgspec
 
 from eventq import replay
-from eventq.cli import why
-from eventq.cli.client import CliError
+from eventq.cli.client import CliError, default_data_dir
 from eventq.cli.output import console, emit_json, table
 from eventq.log import LogCorrupt, Record, connect_readonly, iter_verified
-from eventq.server import LOG_FILE, default_data_dir
+
+#: The log's file name in a data directory (as eventq.server names it).
+LOG_FILE = "events.db"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -41,13 +42,25 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                       help="a job's story: each state, who did it, why and how long it waited")
     w.add_argument("job_id")
     w.add_argument("--log", type=Path)
-    w.set_defaults(run=lambda args: why.why(args, _conn(args)))
+    w.set_defaults(run=_why)
     at = rp.add_parser("at", parents=[common], help="who held each GPU at a moment")
     at.add_argument("time", help="ISO-8601 local time, epoch seconds, or a seq with --seq")
     at.add_argument("what", choices=["gpus"], help="what to show")
     at.add_argument("--seq", action="store_true", help="TIME is an event's seq")
     at.add_argument("--log", type=Path)
-    at.set_defaults(run=lambda args: why.at(args, _conn(args)))
+    at.set_defaults(run=_at)
+
+
+def _why(args: argparse.Namespace) -> int:
+    from eventq.cli import why
+
+    return why.why(args, _conn(args))
+
+
+def _at(args: argparse.Namespace) -> int:
+    from eventq.cli import why
+
+    return why.at(args, _conn(args))
 
 
 def _conn(args: argparse.Namespace) -> Any:

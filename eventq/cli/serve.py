@@ -8,14 +8,15 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import structlog
-from aiohttp import web
-
-from eventq import gpus
 from eventq.cli.client import CliError
-from eventq.http.app import make_app
-from eventq.server import AlreadyRunning, Orchestrator, default_data_dir
+
+if TYPE_CHECKING:
+    from eventq.server import Orchestrator
+
+# The server's modules (aiohttp, the actors) load only when a server starts: every other
+# command stays quick to launch.
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -28,11 +29,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="seconds between SIGTERM and SIGKILL when stopping a job")
     s.add_argument("--configs-dir", type=Path,
                    help="where config_name is looked up (default: DATA_DIR/configs)")
+    s.add_argument("--log-cap-mb", type=float, default=64.0,
+                   help="MiB of each attempt's stdout and stderr kept; older output is dropped")
     s.add_argument("--log-format", choices=["console", "json"], default="console")
     s.set_defaults(run=run_server)
 
 
 def configure_logging(fmt: str) -> None:
+    import structlog
+
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(
@@ -43,13 +48,19 @@ def configure_logging(fmt: str) -> None:
 
 
 def run_server(args: argparse.Namespace) -> int:
+    from eventq import gpus
+    from eventq.server import AlreadyRunning, Orchestrator, default_data_dir
+
     configure_logging(args.log_format)
     try:
         inventory = gpus.detect(args.gpus)
     except gpus.InventorySpecError as exc:
         raise CliError(str(exc)) from None
+    if args.log_cap_mb <= 0:
+        raise CliError("--log-cap-mb must be positive")
     orch = Orchestrator(args.data_dir or default_data_dir(), inventory,
-                        grace_seconds=args.grace, configs_dir=args.configs_dir or Path())
+                        grace_seconds=args.grace, configs_dir=args.configs_dir or Path(),
+                        log_cap_bytes=int(args.log_cap_mb * 2**20))
     try:
         asyncio.run(_serve(orch, args.host, args.port))
     except AlreadyRunning as exc:
@@ -58,6 +69,10 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 async def _serve(orch: Orchestrator, host: str, port: int) -> None:
+    from aiohttp import web
+
+    from eventq.http.app import make_app
+
     await orch.start()
     runner = web.AppRunner(make_app(orch), access_log=None)
     await runner.setup()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 from typing import Annotated, Any, Literal
@@ -10,7 +11,15 @@ import msgspec
 from aiohttp import web
 
 from eventq import events as ev
-from eventq.actors.scheduler import DryRun, Outcome, SetLimits, SetSettings, Submit
+from eventq.actors.scheduler import (
+    CommandError,
+    DryRun,
+    Outcome,
+    SetLimits,
+    SetSettings,
+    Submit,
+    SubmitMany,
+)
 from eventq.auth import User
 from eventq.http.app import ORCH, ApiError, current_user, decode_body, require_admin
 from eventq.projections.queue import UnknownStatus
@@ -48,9 +57,14 @@ class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dry_run: bool = False
     requires_approval: bool = False
     estimated_cost: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: Job ids or unique job names (in a batch, also the names of the batch's jobs).
+    depends_on: Annotated[list[str], msgspec.Meta(max_length=10_000)] = []
+    #: Not before this time: epoch seconds, or ISO-8601 (local time if no zone is given).
+    begin_at: float | str | None = None
 
 
-def build_spec(req: SubmitRequest, user: User, orch: Orchestrator) -> ev.JobSpec:
+def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
+               batch: dict[str, str] | None = None, job_id: str | None = None) -> ev.JobSpec:
     """Validate what msgspec cannot, and fill in defaults."""
     if req.gpus is not None and req.num_processes is not None and req.gpus != req.num_processes:
         raise ApiError(422, "gpus and num_processes disagree", "gpus")
@@ -67,7 +81,7 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator) -> ev.JobSpec
         raise ApiError(422, f"cwd {req.cwd} is not a directory on the server", "cwd")
     _check_gpus(req, gpus, orch)
     return ev.JobSpec(
-        job_id=new_job_id(orch), user=user.name, priority=ev.LEVEL_PRIORITY[user.level],
+        job_id=job_id or new_job_id(orch), user=user.name, priority=ev.LEVEL_PRIORITY[user.level],
         command=req.command or [], name=req.name or req.config_name or _name_of(req.command),
         team=req.team or user.team, priority_override=req.priority_override, gpus=gpus,
         device_ids=req.device_ids, any_gpu=req.any_gpu, target=req.target,
@@ -76,7 +90,38 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator) -> ev.JobSpec
         retry_on_failure=req.retry_on_failure, env=req.env, cwd=req.cwd,
         metadata=req.metadata, config=req.config if req.config is not None else
         resolve_config(req.config_name, orch), config_name=req.config_name,
-        requires_approval=req.requires_approval, estimated_cost=req.estimated_cost)
+        requires_approval=req.requires_approval, estimated_cost=req.estimated_cost,
+        depends_on=resolve_dependencies(req.depends_on, orch, batch or {}),
+        begin_at=parse_time(req.begin_at))
+
+
+def resolve_dependencies(refs: list[str], orch: Orchestrator,
+                         batch: dict[str, str]) -> list[str]:
+    """Each reference: a name in this batch, a job id, or the name of exactly one job."""
+    out = []
+    for ref in refs:
+        if ref in batch:
+            out.append(batch[ref])
+        elif ref in orch.state.jobs:
+            out.append(ref)
+        elif len(named := orch.state.by_name.get(ref, [])) == 1:
+            out.append(named[0])
+        elif named:
+            raise ApiError(422, f"depends_on: the name {ref!r} is used by {len(named)} jobs; "
+                                "use a job id", "depends_on")
+        else:
+            raise ApiError(422, f"depends_on: no job or name {ref!r}", "depends_on")
+    return list(dict.fromkeys(out))
+
+
+def parse_time(value: float | str | None) -> float | None:
+    if value is None or isinstance(value, float | int):
+        return None if value is None else float(value)
+    try:
+        return datetime.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise ApiError(422, f"begin_at {value!r} is neither epoch seconds nor ISO-8601",
+                       "begin_at") from None
 
 
 _ids = random.Random(os.urandom(16))
@@ -148,13 +193,14 @@ def _name_of(command: list[str] | str | None) -> str:
 
 def submit_reply(orch: Orchestrator, job_id: str) -> dict[str, Any]:
     job = orch.state.jobs[job_id]
-    api_status = {"pending": "queued", "dispatched": "running",
+    # Seed 000's words: queued = waiting (dependencies, begin time) or pending.
+    api_status = {"pending": "queued", "waiting": "queued", "dispatched": "running",
                   "held": "queued"}.get(job.status, job.status)
     reply: dict[str, Any] = {
         "success": True, "job_id": job_id, "status": api_status, "allocated_gpus": job.gpus,
         "queue_position": orch.state.position(job_id, orch.clock.now()),
     }
-    if job.status in ("pending", "rejected", "blocked"):
+    if job.status in ("pending", "waiting", "rejected", "blocked"):
         # Recorded by this very submission's decision: current, and free to read.
         reasons = job.reasons or orch.queue.reasons(job)
         reply["reasons"] = [{"code": r.code, "detail": r.detail} for r in reasons]
@@ -189,6 +235,45 @@ async def submit(request: web.Request) -> web.Response:
     outcome: Outcome = await orch.scheduler.ask(Submit(spec, user.principal, req.no_wait))
     await settle(outcome)
     return web.json_response(submit_reply(orch, spec.job_id))
+
+
+class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /api/queue/batch``: many jobs, recorded all together or not at all."""
+
+    jobs: Annotated[list[SubmitRequest], msgspec.Meta(min_length=1, max_length=100_000)]
+
+
+@routes.post("/api/queue/batch")
+async def submit_batch(request: web.Request) -> web.Response:
+    orch, user = request.app[ORCH], current_user(request)
+    body = decode_body(await request.read(), BatchRequest)
+    ids = [new_job_id(orch) for _ in body.jobs]
+    while len(set(ids)) < len(ids):
+        ids = [new_job_id(orch) for _ in body.jobs]
+    names: dict[str, str] = {}
+    problems: list[str] = []
+    for row, (req, job_id) in enumerate(zip(body.jobs, ids, strict=True), start=1):
+        if req.name and req.name in names:
+            problems.append(f"row {row}: the name {req.name!r} is used twice in this batch")
+        if req.name:
+            names[req.name] = job_id
+        if req.dry_run or req.no_wait:
+            problems.append(f"row {row}: dry_run and no_wait do not apply to a batch")
+    specs = []
+    for row, (req, job_id) in enumerate(zip(body.jobs, ids, strict=True), start=1):
+        try:
+            specs.append(build_spec(req, user, orch, names, job_id))
+        except ApiError as exc:
+            problems.append(f"row {row}: {exc.message}")
+    if problems:
+        raise ApiError(422, f"{len(problems)} rows are invalid; nothing was recorded", "jobs",
+                       problems[:100])
+    try:
+        outcome: Outcome = await orch.scheduler.ask(SubmitMany(specs, user.principal))
+    except CommandError as exc:
+        raise ApiError(exc.status, exc.message, "jobs") from None
+    await settle(outcome)
+    return web.json_response({"success": True, "count": len(specs), "job_ids": ids})
 
 
 def _flag(request: web.Request, name: str) -> bool:
@@ -234,7 +319,9 @@ async def stats(request: web.Request) -> web.Response:
 
 @routes.get("/api/queue/me")
 async def me(request: web.Request) -> web.Response:
-    return web.json_response(request.app[ORCH].queue.me(current_user(request).name))
+    user = current_user(request)
+    return web.json_response({**request.app[ORCH].queue.me(user.name),
+                              "level": user.level.value, "team": user.team})
 
 
 @routes.get("/api/queue/position/{job_id}")

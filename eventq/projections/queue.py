@@ -16,9 +16,17 @@ from eventq.actors.allocator import GpuTable
 from eventq.actors.scheduler import Scheduler
 from eventq.actors.scheduler_state import PARKED, TERMINAL, JobState, SchedulerState
 from eventq.log import Record
-from eventq.policy import ESTIMATE_DEPTH, Estimate, effective_priority, estimate_starts
+from eventq.policy import (
+    ESTIMATE_DEPTH,
+    Estimate,
+    effective_priority,
+    estimate_starts,
+    gate_reasons,
+)
 
 WAITING = ("pending",)
+#: Waiting for dependencies or a begin time, before joining the queue.
+GATED = ("waiting",)
 RUNNING = ("dispatched", "running")
 
 
@@ -67,6 +75,11 @@ class QueueView:
 
     def reasons(self, job: JobState, position: int | None = None) -> list[ev.Reason]:
         """Live reasons of a waiting job, with current details; the recorded ones otherwise."""
+        if job.status in GATED:
+            unmet = [(d.spec.job_id, "blocked" if d.status in GATED and any(
+                r.code == "dependency_failed" for r in d.reasons) else d.status)
+                for d in self.state.unmet(job)]
+            return gate_reasons(job.spec, unmet, self.now())
         if job.status not in WAITING:
             return list(job.reasons)
         assert self.scheduler is not None
@@ -103,8 +116,12 @@ class QueueView:
             "completed_at": times.finished_at, "exit_code": job.exit_code, "error": job.error,
             "metadata": spec.metadata,
         }
-        if job.status in PARKED:
-            out["reasons"] = [{"code": r.code, "detail": r.detail} for r in job.reasons]
+        if job.status in PARKED or job.status in GATED:
+            out["reasons"] = [{"code": r.code, "detail": r.detail} for r in self.reasons(job)]
+        if spec.depends_on:
+            out["depends_on"] = spec.depends_on
+        if spec.begin_at is not None:
+            out["begin_at"] = spec.begin_at
         if job.status in WAITING:
             if position is None:
                 position = self.state.position(job_id, self.now())
@@ -115,6 +132,10 @@ class QueueView:
             out["estimated_start"] = estimate.start
             if estimate.note:
                 out["estimate_note"] = estimate.note
+            elif out["reasons"] and estimate.start is not None and estimate.start <= self.now():
+                # The GPUs are free; a limit holds it, and limits are not projected.
+                out["estimated_start"] = None
+                out["estimate_note"] = "as soon as the reasons above clear"
         if detail:
             out["command"] = spec.command
             out["max_runtime"] = spec.max_runtime
@@ -130,6 +151,7 @@ class QueueView:
         groups = [
             (RUNNING, self.state.with_status(*RUNNING)),
             (WAITING, self.state.iter_waiting(self.now())),
+            (GATED, self.state.with_status(*GATED)),
             (PARKED, self.state.with_status(*PARKED)),
             (TERMINAL, self.state.with_status(*TERMINAL, newest_first=True)),
         ]
@@ -154,6 +176,7 @@ class QueueView:
         positions = [p for j in pending
                      if (p := self.state.position(j.spec.job_id, self.now())) is not None]
         return {
+            "user": user,
             "pending_count": len(pending), "running_count": len(running),
             "blocked_count": sum(1 for j in mine if j.status == "blocked"),
             "best_position": min(positions, default=None),
@@ -205,7 +228,8 @@ class QueueView:
 
 
 STATUS_WORDS: dict[str, tuple[str, ...]] = {
-    "queued": WAITING, "pending": WAITING, "waiting": WAITING, "running": RUNNING,
+    "queued": WAITING + GATED, "pending": WAITING + GATED, "waiting": GATED,
+    "ready": WAITING, "running": RUNNING,
     "dispatched": ("dispatched",), "blocked": ("blocked",), "held": ("held",),
     **{t: (t,) for t in TERMINAL},
 }
@@ -218,7 +242,7 @@ class UnknownStatus(ValueError):
 def _statuses(status: str | None, include_completed: bool) -> set[str]:
     """API status words (seed 000: ``queued``/``pending`` mean waiting) to internal ones."""
     if status is None:
-        return {*RUNNING, *WAITING, *PARKED, *(TERMINAL if include_completed else ())}
+        return {*RUNNING, *WAITING, *GATED, *PARKED, *(TERMINAL if include_completed else ())}
     wanted: set[str] = set()
     for word in status.split(","):
         if word not in STATUS_WORDS:

@@ -1,0 +1,88 @@
+"""``eventq users …``: an admin manages people and their tokens; the tokens decide what each
+person may do (SPEC 8), through the installed command against a real server process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import server
+from tests.test_cli_queue import Server, becomes, eq, eq_json, fails, status_of, submit, until
+
+pytestmark = pytest.mark.slow
+__all__ = ["server"]
+
+
+def token_of(output: str) -> str:
+    """The token is the last line of ``users add`` and ``users token``."""
+    return output.strip().splitlines()[-1]
+
+
+def test_an_admin_adds_a_researcher_who_then_works_with_her_own_token(server: Server) -> None:
+    data, _ = server
+    added = eq(data, "users", "add", "alice", "--level", "researcher", "--team", "vision")
+    assert "added alice (researcher, team vision)" in added.stdout
+    assert "shown only this once" in added.stdout
+    alice = token_of(added.stdout)
+
+    job = submit(data, "--gpus", "0", "--", "true", token=alice)
+    assert eq_json(data, "jobs", "show", job["job_id"], token=alice)["job"]["user"] == "alice"
+    listed = eq_json(data, "users", "list")
+    assert {"name": "alice", "level": "researcher", "team": "vision", "tokens": 1} in listed
+    assert "alice" in eq(data, "users", "list").stdout
+
+    refused = fails(data, "users", "list", token=alice)
+    assert "only admins may do this (HTTP 403)" in refused
+    assert "only leads and admins" in fails(data, "jobs", "priority", job["job_id"], "50",
+                                            token=alice)
+
+
+def test_a_second_token_a_new_level_and_revoking_every_token(server: Server,
+                                                            tmp_path: Path) -> None:
+    data, _ = server
+    first = token_of(eq(data, "users", "add", "bob").stdout)
+    issued = eq(data, "users", "token", "bob")
+    assert "their other tokens still work" in issued.stdout
+    second = token_of(issued.stdout)
+    assert second != first
+    assert {u["name"]: u["tokens"] for u in eq_json(data, "users", "list")}["bob"] == 2
+
+    changed = eq_json(data, "users", "set", "bob", "--level", "lead", "--team", "nlp")
+    assert (changed["level"], changed["team"]) == ("lead", "nlp")
+    running = submit(data, "--gpus", "0", "--", "sh", "-c",
+                     f"while [ ! -e {tmp_path}/x ]; do sleep 0.05; done", token=first)
+    waiting = submit(data, "--gpus", "0", "--", "true", token=second)
+    assert "priority set to 80" in eq(data, "jobs", "priority", waiting["job_id"], "80",
+                                      token=second).stdout, "a lead may re-prioritise"
+
+    assert "revoked every token of bob" in eq(data, "users", "revoke", "bob").stdout
+    for token in (first, second):
+        assert "invalid or revoked token (HTTP 401)" in fails(data, "jobs", "list", token=token)
+    (tmp_path / "x").touch()
+    until(lambda: status_of(data, waiting["job_id"]) == "completed",
+          "bob's jobs go on after his tokens are revoked")
+    assert status_of(data, running["job_id"]) == "completed"
+
+
+def test_user_commands_refuse_bad_input_with_a_clear_message(server: Server) -> None:
+    data, _ = server
+    eq(data, "users", "add", "carol")
+    assert "user carol already exists (HTTP 409)" in fails(data, "users", "add", "carol")
+    assert "must be 1-64 of a-z 0-9" in fails(data, "users", "add", "Bad Name")
+    assert "invalid choice: 'boss'" in fails(data, "users", "add", "dave", "--level", "boss")
+    assert "nothing to change" in fails(data, "users", "set", "carol")
+    assert "no user nobody (HTTP 404)" in fails(data, "users", "token", "nobody")
+    assert "no user nobody (HTTP 404)" in fails(data, "users", "revoke", "nobody")
+
+
+def test_a_researcher_retrying_every_failed_job_retries_only_her_own(server: Server) -> None:
+    data, _ = server
+    erin = token_of(eq(data, "users", "add", "erin").stdout)
+    theirs = submit(data, "--gpus", "0", "--", "false")["job_id"]
+    mine = submit(data, "--gpus", "0", "--", "false", token=erin)["job_id"]
+    for job_id in (theirs, mine):
+        until(becomes(data, job_id, "failed"), "the job failed")
+    done = eq_json(data, "jobs", "retry", "--status", "failed", token=erin)
+    assert done == {"retried": [mine], "skipped_not_yours": 1, "errors": []}
+    assert eq_json(data, "jobs", "show", theirs)["job"]["attempt"] == 1
