@@ -192,6 +192,8 @@ class WorkerConnected(Event, frozen=True, tag="worker_connected"):
     labels: dict[str, str] = {}
     #: Jobs it runs at once (SimpleTuner's stock worker: 1); None: as its GPUs allow.
     max_jobs: int | None = None
+    #: A worker on a time-limited allocation takes only jobs known to end before this.
+    accepts_until: float | None = None
 
 
 class WorkerDraining(Event, frozen=True, tag="worker_draining"):

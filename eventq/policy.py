@@ -61,6 +61,8 @@ class NodeView:
     max_jobs: int | None = None
     #: Since when it has been idle (None while busy): the idle longest is chosen first.
     idle_since: float | None = None
+    #: A worker with a time budget takes only jobs known to end before this.
+    accepts_until: float | None = None
 
     @property
     def jobs(self) -> int:
@@ -230,6 +232,14 @@ class _Pass:
             out.append(Reason("gpus", f"worker {node.name} runs {node.jobs} of "
                                       f"{node.max_jobs} jobs"))
             return out
+        if node.accepts_until is not None:
+            runtime = expected_runtime(spec)
+            left = node.accepts_until - self.now
+            if runtime is None or runtime > left:
+                need = "an unknown time" if runtime is None else f"{runtime:.0f}s"
+                out.append(Reason("no_worker", f"worker {node.name} has {max(0.0, left):.0f}s "
+                                               f"left in its allocation; the job needs {need}"))
+                return out
         if not gpus_fit(spec, node):
             out.append(gpu_reason(spec, node))
             return out
@@ -349,7 +359,7 @@ def _copy_counts(c: Counts) -> Counts:
 
 def _copy_node(n: NodeView) -> NodeView:
     return NodeView(n.name, n.local, set(n.free), n.allocatable, list(n.ends), n.labels,
-                    n.max_jobs, n.idle_since)
+                    n.max_jobs, n.idle_since, n.accepts_until)
 
 
 # --- estimated starts --------------------------------------------------------------------

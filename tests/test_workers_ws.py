@@ -171,3 +171,24 @@ async def test_a_dropped_connection_that_returns_in_time_keeps_its_job(world: An
     await asyncio.sleep(0.05)
     assert orch.state.jobs[reply["job_id"]].status == "running"
     assert orch.state.jobs[reply["job_id"]].attempt == 1, "nothing ran twice"
+
+
+async def test_a_worker_with_a_time_budget_takes_only_jobs_that_fit(world: Any,
+                                                                    clock: SimClock) -> None:
+    orch, api = world
+    budget = await new_worker(api, "hpc-node")
+    ws = await api.ws_connect("/api/workers/ws", headers={"X-Worker-Token": budget["token"]})
+    await ws.send_json({"type": "hello", "simulated": True, "accepts_until": clock.now() + 3600,
+                        "gpus": [{"index": 0, "name": "A100", "memory_gb": 80}]})
+    agent = Agent(ws, await ws.receive_json())
+    long = await (await api.post("/api/queue/submit", json={
+        "command": ["x"], "gpus": 1, "target": "worker", "estimated_runtime": 7200})).json()
+    unknown = await (await api.post("/api/queue/submit", json={
+        "command": ["x"], "gpus": 1, "target": "worker"})).json()
+    short = await (await api.post("/api/queue/submit", json={
+        "command": ["x"], "gpus": 1, "target": "worker", "max_runtime": 600})).json()
+    assert (long["status"], unknown["status"], short["status"]) == ("queued", "queued",
+                                                                     "running")
+    assert "3600s left" in long["reasons"][0]["detail"]
+    run = await agent.next("run")
+    assert run["job_id"] == short["job_id"]

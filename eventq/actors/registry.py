@@ -93,6 +93,7 @@ class WorkerHello(msgspec.Struct, frozen=True):
     labels: dict[str, str] = {}
     max_jobs: int | None = None
     running: list[tuple[str, int]] = []
+    accepts_until: float | None = None
 
 
 class WorkerGone(msgspec.Struct, frozen=True):
@@ -216,7 +217,7 @@ class Registry(Actor[RegistryMsg]):
         self.touch(worker.worker_id)
         self.log.append(f"worker:{worker.worker_id}", [ev.WorkerConnected(
             worker_id=worker.worker_id, transport=m.transport, labels=dict(m.labels),
-            max_jobs=m.max_jobs)])
+            max_jobs=m.max_jobs, accepts_until=m.accepts_until)])
         await self.allocator.ask(ReportInventory(worker.worker_id, m.gpus, m.simulated))
         outcome, reconciled = await self.scheduler.reconnect(
             NodeReconnected(worker.worker_id, list(m.running)))

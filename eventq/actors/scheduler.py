@@ -644,6 +644,7 @@ class Scheduler(Actor[SchedulerMsg]):
             view.ends = [(end, gpus, job_id) for job_id, (end, gpus) in active.items()]
             if worker is not None:
                 view.labels, view.max_jobs = worker.labels, worker.max_jobs
+                view.accepts_until = worker.accepts_until
                 idle = max(worker.since, self.state.node_idle_since.get(view.name, 0.0))
                 view.idle_since = None if active else idle
             views.append(view)

@@ -37,6 +37,7 @@ class Worker:
     transport: str | None = None
     reported_labels: dict[str, str] = field(default_factory=dict)
     max_jobs: int | None = None
+    accepts_until: float | None = None
     #: When it came online or last lost, for "idle longest" and ephemeral clean-up.
     since: float = 0.0
     offline_reason: str | None = None
@@ -65,6 +66,7 @@ class Workers:
         elif isinstance(e, ev.WorkerConnected):
             worker.online, worker.transport, worker.since = True, e.transport, t
             worker.reported_labels, worker.max_jobs = dict(e.labels), e.max_jobs
+            worker.accepts_until = e.accepts_until
             worker.offline_reason = None
         elif isinstance(e, ev.WorkerDraining):
             worker.draining = True

@@ -83,6 +83,8 @@ class AgentHello(msgspec.Struct, forbid_unknown_fields=True, tag="hello", tag_fi
     #: [job id, attempt] of every attempt the agent still runs.
     running: list[tuple[str, int]] = []
     name: str | None = None
+    #: On a time-limited allocation: take only jobs known to end before this (epoch s).
+    accepts_until: float | None = None
 
 
 class AgentStarted(msgspec.Struct, tag="started", tag_field="type"):
@@ -137,7 +139,8 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
     outbox = Outbox("ws", worker.token_sha256)
     orch.hub.attach(worker.worker_id, outbox)
     done = await hello(orch, WorkerHello(worker.worker_id, "ws", gpus, greeting.simulated,
-                                         greeting.labels, None, list(greeting.running)))
+                                         greeting.labels, None, list(greeting.running),
+                                         greeting.accepts_until))
     await ws.send_json({"type": "welcome", "worker_id": worker.worker_id,
                         "heartbeat_seconds": orch.heartbeat_timeout / 4,
                         "keep": done.keep, "stop": done.stop})
