@@ -126,7 +126,7 @@ async def test_cycles_and_unknown_dependencies_are_refused_with_their_rows(world
 
 async def test_a_unique_name_may_be_depended_on_and_an_ambiguous_one_may_not(
         world: Any, tmp_path: Path) -> None:
-    orch, api = world
+    _, api = world
     for _ in range(2):
         await api.post("/api/queue/submit", json={"name": "twice", "command": ["true"],
                                                   "gpus": 0})

@@ -175,7 +175,7 @@ async def test_a_dropped_connection_that_returns_in_time_keeps_its_job(world: An
 
 async def test_a_worker_with_a_time_budget_takes_only_jobs_that_fit(world: Any,
                                                                     clock: SimClock) -> None:
-    orch, api = world
+    _, api = world
     budget = await new_worker(api, "hpc-node")
     ws = await api.ws_connect("/api/workers/ws", headers={"X-Worker-Token": budget["token"]})
     await ws.send_json({"type": "hello", "simulated": True, "accepts_until": clock.now() + 3600,
