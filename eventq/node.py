@@ -103,15 +103,19 @@ class LocalNode:
 
     # --- recovery ----------------------------------------------------------------------
 
-    async def recover(self) -> dict[str, int]:
-        """Reconcile every attempt the log shows active here with its directory."""
+    async def recover(self, left_active: list[tuple[str, int]]) -> dict[str, int]:
+        """Reconcile the attempts a previous server left active here with their directories.
+
+        Only those: an attempt this server dispatched (its first pass runs before this)
+        has its own live runner, and claiming its directory would declare it lost.
+        """
         found = {"adopted": 0, "exited": 0, "vanished": 0}
-        for job in list(self.state.jobs.values()):
-            if not job.active or job.node != "local":
+        for key in left_active:
+            job = self.state.jobs[key[0]]
+            if not job.active or job.attempt != key[1]:
                 continue
-            directory = runner.attempt_dir(self.data_dir, job.spec.job_id, job.attempt)
+            directory = runner.attempt_dir(self.data_dir, *key)
             seen = await runner.inspect(directory)
-            key = (job.spec.job_id, job.attempt)
             if seen.state == "alive" and seen.pid is not None:
                 found["adopted"] += 1
                 self.pids[key] = seen.pid

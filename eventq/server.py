@@ -80,6 +80,9 @@ class Orchestrator:
     log_cap_bytes: int = DEFAULT_CAP
 
     def __post_init__(self) -> None:
+        # One spelling for the life of the data: attempts record it (their wrapper's argv,
+        # the paths it writes after cd), and recovery recognises them by it.
+        self.data_dir = Path(self.data_dir).resolve()
         if self.configs_dir == Path():
             self.configs_dir = self.data_dir / "configs"
 
@@ -103,6 +106,9 @@ class Orchestrator:
                      self.workers.evolve, self.queue.evolve):
             self.log.subscribe(fold)
         replayed = self.log.replay()
+        #: What a previous server left running here: the only attempts recovery may judge.
+        self._left_active = [(job.spec.job_id, job.attempt) for job in self.state.jobs.values()
+                             if job.active and job.node == "local"]
         self.node = LocalNode(self.data_dir, self.scheduler, self.state, self.grace_seconds)
         self.log.on_durable(self.node.on_durable)
         self.hub = WorkerHub(self.data_dir, self.state, self.workers, self.registry)
@@ -137,7 +143,7 @@ class Orchestrator:
     async def recover(self, replayed: int) -> None:
         """Release orphans, reconcile attempts with their processes, dispatch at once."""
         await self.scheduler.ask(ReleaseOrphans())
-        found = await self.node.recover()
+        found = await self.node.recover(self._left_active)
         for job in self.state.jobs.values():
             if job.active and job.spec.max_runtime is not None:
                 self.scheduler.arm_timeout(job)
