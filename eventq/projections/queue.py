@@ -98,6 +98,24 @@ class QueueView:
             return Estimate(None, f"more than {ESTIMATE_DEPTH} jobs ahead")
         return found
 
+    def slot_frees(self, job: JobState, codes: set[str]) -> float | None:
+        """When every limit holding ``job`` has a free slot: the earliest expected end of a
+        running job counted by each limit, the latest of those; None if one is unknown."""
+        running = list(self.state.with_status(*RUNNING))
+        pools = {"global_limit": running,
+                 "user_limit": [j for j in running if j.spec.user == job.spec.user],
+                 "team_limit": [j for j in running if j.spec.team == job.spec.team],
+                 "local_limit": [j for j in running if j.node == "local"]}
+        frees = []
+        for code, pool in pools.items():
+            if code not in codes:
+                continue
+            ends = [j.expected_end for j in pool if j.expected_end is not None]
+            if not ends:
+                return None
+            frees.append(min(ends))
+        return max(frees) if frees else None
+
     def job(self, job_id: str, detail: bool = True,
             position: int | None = None) -> dict[str, Any] | None:
         """The API record of a job; ``position`` when the caller already knows it."""
@@ -133,9 +151,10 @@ class QueueView:
             if estimate.note:
                 out["estimate_note"] = estimate.note
             elif out["reasons"] and estimate.start is not None and estimate.start <= self.now():
-                # The GPUs are free; a limit holds it, and limits are not projected.
-                out["estimated_start"] = None
-                out["estimate_note"] = "as soon as the reasons above clear"
+                # The GPUs are free; a limit holds it: a slot frees when a job in it ends.
+                out["estimated_start"] = self.slot_frees(job, {r["code"] for r in out["reasons"]})
+                if out["estimated_start"] is None:
+                    out["estimate_note"] = "as soon as the reasons above clear"
         if detail:
             out["command"] = spec.command
             out["max_runtime"] = spec.max_runtime
@@ -144,10 +163,12 @@ class QueueView:
         return out
 
     def list(self, status: str | None = None, limit: int = 50,
-             include_completed: bool = False) -> list[dict[str, Any]]:
-        """Running jobs, then waiting jobs in queue order, then (optionally) finished ones."""
+             include_completed: bool = False, offset: int = 0) -> list[dict[str, Any]]:
+        """Running jobs, then waiting jobs in queue order, then (optionally) finished ones;
+        ``offset`` matching jobs are skipped first (pages of a long listing)."""
         wanted = _statuses(status, include_completed)
         out: list[dict[str, Any]] = []
+        skip = offset
         groups = [
             (RUNNING, self.state.with_status(*RUNNING)),
             (WAITING, self.state.iter_waiting(self.now())),
@@ -162,6 +183,9 @@ class QueueView:
                 if len(out) >= limit:
                     return out
                 if job.status in wanted:
+                    if skip:
+                        skip -= 1
+                        continue
                     record = self.job(job.spec.job_id, detail=False,
                                       position=place if statuses == WAITING else None)
                     assert record is not None
