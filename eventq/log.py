@@ -203,10 +203,18 @@ class EventLog:
     def on_durable(self, subscriber: DurableSubscriber) -> None:
         self.durable_subscribers.append(subscriber)
 
+    def off_durable(self, subscriber: DurableSubscriber) -> None:
+        if subscriber in self.durable_subscribers:
+            self.durable_subscribers.remove(subscriber)
+
     def append(self, principal: str, events: Sequence[ev.Event]) -> Appended:
         """Number, chain and apply ``events``; they become durable at the next commit."""
         if self._closing:
             raise RuntimeError("the event log is closed")
+        if not events:  # nothing to make durable: already done
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return Appended([], done)
         now = self.clock_now()
         records = []
         for event in events:

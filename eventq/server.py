@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -106,6 +107,7 @@ class Orchestrator:
                      self.workers.evolve, self.queue.evolve):
             self.log.subscribe(fold)
         replayed = self.log.replay()
+        self._remove_purged_directories()
         #: What a previous server left running here: the only attempts recovery may judge.
         self._left_active = [(job.spec.job_id, job.attempt) for job in self.state.jobs.values()
                              if job.active and job.node == "local"]
@@ -131,6 +133,15 @@ class Orchestrator:
         self.registry.watch_known_workers()
         if not self.inventory.simulated and self.inventory.nvml_error is None:
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_inventory())
+
+    def _remove_purged_directories(self) -> None:
+        """A purge is durable before its directories go: finish one a crash interrupted."""
+        jobs = self.data_dir / "jobs"
+        if not jobs.is_dir():
+            return
+        for directory in jobs.iterdir():
+            if directory.name not in self.state.jobs and directory.is_dir():
+                shutil.rmtree(directory, ignore_errors=True)
 
     async def _refresh_inventory(self) -> None:
         """Re-read NVML now and then: a GPU another program fills up stops being allocatable."""

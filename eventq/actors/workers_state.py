@@ -90,8 +90,10 @@ class Workers:
 
     def status(self, worker_id: str, active_jobs: int) -> WorkerStatus:
         worker = self.by_id[worker_id]
-        if not worker.online:
-            return WorkerStatus.OFFLINE if worker.offline_reason else WorkerStatus.CONNECTING
+        if not worker.online and worker.offline_reason:
+            return WorkerStatus.OFFLINE
         if worker.draining:
             return WorkerStatus.DRAINING
+        if not worker.online:
+            return WorkerStatus.CONNECTING
         return WorkerStatus.BUSY if active_jobs else WorkerStatus.IDLE

@@ -90,6 +90,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return exc.response()
     except CommandError as exc:
         return ApiError(exc.status, exc.message).response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # The router's own refusals (404, 405, 413, a websocket route without upgrade)
+        # are JSON too (SPEC 10).
+        return ApiError(exc.status, exc.reason or "request refused").response()
 
 
 #: Worker routes authenticate with X-Worker-Token themselves; user tokens open none.

@@ -83,6 +83,12 @@ class Tail:
     path: Path
     offset: int = 0
 
+    def size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
 
 @dataclass
 class Follower:
@@ -133,6 +139,8 @@ class Follower:
         """Send what the files gained (everything, when ``final``); whether anything was."""
         sent = False
         for tail in self.tails:
+            if not final and tail.size() == tail.offset:
+                continue  # nothing new (the usual case between two lines): no thread hop
             while True:
                 chunk = await asyncio.to_thread(logfiles.read_from, tail.path, tail.offset,
                                                 self.orch.log_cap_bytes, FOLLOW_CHUNK)

@@ -21,14 +21,15 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import Metric
 
 from eventq import events as ev
-from eventq.actors.scheduler_state import ACTIVE, PARKED, TERMINAL
+from eventq.actors.scheduler_state import PARKED, TERMINAL
 from eventq.http.app import ORCH
 from eventq.log import Record
+from eventq.projections.queue import GATED, RUNNING, WAITING
 from eventq.server import Orchestrator
 
 routes = web.RouteTableDef()
 
-STATUSES = ("pending", *PARKED, *ACTIVE, *TERMINAL)
+STATUSES = (*GATED, *WAITING, *PARKED, *RUNNING, *TERMINAL)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 WAIT_BUCKETS = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -48,8 +49,9 @@ class StateCollector:
     def _jobs(self) -> Iterator[Metric]:
         state = self.orch.state
         by_status = Counter(job.status for job in state.jobs.values())
-        jobs = GaugeMetricFamily("eventq_jobs", "Jobs in the read model by status "
-                                 "(pending: waiting in the queue).", labels=["status"])
+        jobs = GaugeMetricFamily("eventq_jobs", "Jobs in the read model by status (pending: in "
+                                 "the queue; waiting: for dependencies or a begin time).",
+                                 labels=["status"])
         for status in STATUSES:
             jobs.add_metric([status], by_status[status])
         yield jobs
@@ -142,8 +144,7 @@ class Metrics:
         log = self.orch.log
         if self.on_append in log.subscribers:
             log.subscribers.remove(self.on_append)
-        if self.on_durable in log.durable_subscribers:
-            log.durable_subscribers.remove(self.on_durable)
+        log.off_durable(self.on_durable)
 
 
 METRICS = web.AppKey("metrics", Metrics)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -21,14 +22,17 @@ from eventq import __version__
 from eventq.http import schemas as s
 from eventq.http.actions import CancelFilter, PriorityBody
 from eventq.http.admin import NewUser, UserChange
-from eventq.http.queue import LimitsUpdate, SubmitRequest
+from eventq.http.admin_workers import NewWorker
+from eventq.http.queue import BatchRequest, LimitsUpdate, SubmitRequest
+from eventq.http.workers import DisconnectBody, HeartbeatBody, RegisterBody, StatusBody
 from eventq.projections.queue import STATUS_WORDS
 
 routes = web.RouteTableDef()
 
-Who = Literal["public", "user", "owner", "lead", "admin"]
+Who = Literal["public", "user", "owner", "lead", "admin", "worker"]
 WHO: dict[Who, str] = {
     "public": "anyone, without a token",
+    "worker": "a worker, by its X-Worker-Token (user tokens open no worker route)",
     "user": "any user",
     "owner": "the job's owner or an admin",
     "lead": "leads and admins",
@@ -39,9 +43,13 @@ REF = "#/components/schemas/{name}"
 _words = "|".join(sorted(STATUS_WORDS))
 StatusWords = Annotated[str, Meta(
     pattern=f"^({_words})(,({_words}))*$",
-    description="Comma-separated statuses; queued, pending and waiting mean waiting.")]
+    description="Comma-separated statuses. queued and pending: in the queue or waiting for "
+                "dependencies or a begin time; ready: in the queue; waiting: for dependencies "
+                "or a begin time.")]
 Flag = Annotated[bool, Meta(extra_json_schema={"default": False})]
 Limit = Annotated[int, Meta(ge=1, le=10_000, extra_json_schema={"default": 50})]
+Offset = Annotated[int, Meta(ge=0, le=100_000_000, extra_json_schema={"default": 0},
+                             description="Skip this many matching jobs (pages of a listing).")]
 Days = Annotated[int, Meta(ge=1, le=365, extra_json_schema={"default": 30})]
 Attempt = Annotated[int, Meta(ge=1, description="Default: the latest attempt.")]
 Stream = Annotated[Literal["stdout", "stderr", "all"], Meta(extra_json_schema={
@@ -49,6 +57,7 @@ Stream = Annotated[Literal["stdout", "stderr", "all"], Meta(extra_json_schema={
 AfterSeq = Annotated[int, Meta(ge=0, description="Resume after this seq (as Last-Event-ID).")]
 JobId = Annotated[str, Meta(min_length=1, description="12 hex digits, as submit answers.")]
 UserName = Annotated[str, Meta(min_length=1)]
+WorkerId = Annotated[str, Meta(min_length=1)]
 
 
 @dataclass(frozen=True)
@@ -81,12 +90,14 @@ class Op:
     body: Any = None
     body_required: bool = True
     params: tuple[Param, ...] = ()
-    #: Statuses beyond those implied (401 unless public, 403 by role, 404 by path, 422 by input).
+    #: Statuses beyond those implied (401 unless public, 403 by role, 404 by path, 422 by body).
     also: tuple[int, ...] = ()
 
 
 JOB = Param("job_id", JobId, "path")
 USER = Param("name", UserName, "path")
+WORKER = Param("worker_id", WorkerId, "path")
+OWN_WORKER = Param("worker_id", WorkerId, about="If given, it must be the token's worker.")
 SSE = "text/event-stream"
 JSON_MEDIA = "application/json"
 
@@ -94,10 +105,15 @@ OPERATIONS: tuple[Op, ...] = (
     Op("post", "/api/queue/submit", "submit", "queue",
        "Submit a job (dry_run: where it would run, and why it would wait; records nothing).",
        "user", (s.SubmitReply, s.DryRunReply), body=SubmitRequest, also=(403,)),
+    Op("post", "/api/queue/batch", "submitBatch", "queue",
+       "Submit many jobs (they may depend on each other by name): all are recorded, in one "
+       "commit, or none; a 422 lists every invalid row in `detail`.", "user",
+       (s.BatchReply,), body=BatchRequest, also=(403, 409)),
     Op("get", "/api/queue", "listQueue", "queue",
        "Running jobs, then waiting jobs in queue order, then (optionally) finished ones.",
        "user", (s.QueueList,), params=(Param("status", StatusWords), Param("limit", Limit),
-                                       Param("include_completed", Flag))),
+                                       Param("offset", Offset), Param("include_completed", Flag)),
+       also=(422,)),
     Op("get", "/api/queue/stats", "queueStats", "queue", "Queue depth, limits and counts.",
        "user", (s.QueueStats,)),
     Op("get", "/api/queue/me", "myJobs", "queue", "The caller's waiting and running jobs.",
@@ -133,7 +149,7 @@ OPERATIONS: tuple[Op, ...] = (
        "admin", (s.ProcessReply,)),
     Op("post", "/api/queue/cleanup", "cleanup", "queue",
        "Remove finished jobs older than `days` from the read models (the log keeps them).",
-       "admin", (s.CleanupReply,), params=(Param("days", Days),)),
+       "admin", (s.CleanupReply,), params=(Param("days", Days),), also=(422,)),
     Op("get", "/api/queue/concurrency", "getLimits", "queue",
        "The concurrency and fairness settings.", "user", (s.LimitsReply,)),
     Op("post", "/api/queue/concurrency", "setLimits", "queue",
@@ -156,7 +172,8 @@ OPERATIONS: tuple[Op, ...] = (
             (("log", s.LogChunk), ("end", s.LogEnd))),
        params=(JOB, Param("attempt", Attempt), Param("stream", Stream),
                Param("follow", Flag, about="Stream as SSE until the attempt ends; a job "
-                                           "that has not started yet is waited for."))),
+                                           "that has not started yet is waited for.")),
+       also=(422,)),
     Op("get", "/api/events/stream", "eventStream", "events",
        "Every logged event, live, for dashboards (non-admins: their jobs' events and events "
        "of no job; `env` is removed from job_submitted).", "user",
@@ -168,7 +185,7 @@ OPERATIONS: tuple[Op, ...] = (
             (("<event type>", s.EventRecord), ("dropped", s.StreamDropped))),
        params=(Param("after", AfterSeq),
                Param("Last-Event-ID", Annotated[str, Meta(pattern="^[0-9]+$")], "header",
-                     "The seq of the last event received."))),
+                     "The seq of the last event received.")), also=(422,)),
     Op("get", "/api/admin/users", "listUsers", "admin", "Every user, their level and team.",
        "admin", (s.UserList,)),
     Op("post", "/api/admin/users", "addUser", "admin",
@@ -182,6 +199,44 @@ OPERATIONS: tuple[Op, ...] = (
        params=(USER,)),
     Op("delete", "/api/admin/users/{name}/tokens", "revokeTokens", "admin",
        "Revoke every token of a user.", "admin", (s.TokensRevoked,), params=(USER,)),
+    Op("get", "/api/admin/workers", "listWorkers", "admin", "Every worker and what it does.",
+       "admin", (s.WorkerList,)),
+    Op("post", "/api/admin/workers", "createWorker", "admin",
+       "Create a worker; the reply holds its token (shown once) and the command to start it.",
+       "admin", (s.NewWorkerReply,), status=201, body=NewWorker, also=(409,)),
+    Op("post", "/api/admin/workers/{worker_id}/token", "rotateWorkerToken", "admin",
+       "Issue the worker a new token; the old one stops working.", "admin",
+       (s.WorkerTokenReply,), params=(WORKER,)),
+    Op("post", "/api/admin/workers/{worker_id}/drain", "drainWorker", "admin",
+       "Let the worker finish its attempts and take no new one.", "admin",
+       (s.WorkerReply,), params=(WORKER,)),
+    Op("delete", "/api/admin/workers/{worker_id}", "removeWorker", "admin",
+       "Remove a worker; an online one only with force=true (its attempts are lost).",
+       "admin", (s.WorkerRemoved,), params=(WORKER, Param("force", Flag)), also=(409,)),
+    Op("get", "/api/workers/ws", "agentSocket", "workers",
+       "eventq's agent: one websocket carrying JSON messages both ways.", "worker",
+       Text((), "101 Switching Protocols, then JSON messages. The agent sends `hello` first "
+                "(its GPUs, labels and running attempts), then `started`, `exited`, `log`, "
+                "`heartbeat` and `progress`; the server sends `welcome`, then `job_submit`, "
+                "`job_cancel` and `error`."), status=101),
+    Op("post", "/api/workers/register", "registerWorker", "workers",
+       "A stock worker registers (or re-registers after a restart).", "worker",
+       (s.RegisterReply,), body=RegisterBody),
+    Op("get", "/api/workers/stream", "workerStream", "workers",
+       "A stock worker's job stream.", "worker",
+       Text((SSE,), "SSE: `event: <type>`, `id: <n>`, `data:` a JSON message whose `type` is "
+                    "the event's: `job_submit`, `job_cancel`, or `ping` every 15 s."),
+       params=(OWN_WORKER,), also=(403,)),
+    Op("post", "/api/workers/heartbeat", "workerHeartbeat", "workers",
+       "A stock worker is alive.", "worker", (s.Done,), body=HeartbeatBody, also=(403,)),
+    Op("post", "/api/workers/job/{job_id}/status", "workerJobStatus", "workers",
+       "A stock worker reports its job's progress or end.", "worker", (s.Done,),
+       body=StatusBody, params=(JOB,), also=(403, 409)),
+    Op("post", "/api/workers/disconnect", "workerDisconnect", "workers",
+       "A stock worker leaves.", "worker", (s.Done,), body=DisconnectBody, also=(403,)),
+    Op("get", "/api/workers/queue", "workerHasJobs", "workers",
+       "Is there a queued job this worker could take?", "worker", (s.HasJobs,),
+       params=(OWN_WORKER,), also=(403,)),
     Op("get", "/metrics", "metrics", "operator",
        "Prometheus metrics: queue depth, running jobs, GPUs, dispatch latency, the log.",
        "user", Text(("text/plain",), "Prometheus text exposition format.")),
@@ -191,8 +246,8 @@ OPERATIONS: tuple[Op, ...] = (
 
 ERRORS: dict[int, str] = {
     401: "No token, or an invalid or revoked one.",
-    403: "The caller's level does not allow this.",
-    404: "No such job or user.",
+    403: "The caller's level (or, for a worker, the worker) does not allow this.",
+    404: "No such job, user or worker.",
     409: "The job's (or user's) state does not allow this now.",
     422: "A field or parameter is invalid; `field` names it.",
 }
@@ -206,7 +261,7 @@ def error_statuses(op: Op) -> list[int]:
         statuses.add(403)
     if any(p.where == "path" for p in op.params):
         statuses.add(404)
-    if op.body is not None or any(p.where == "query" for p in op.params):
+    if op.body is not None:
         statuses.add(422)
     return sorted(statuses)
 
@@ -232,6 +287,8 @@ def _operation(op: Op, schema_of: Any) -> dict[str, Any]:
                            "description": f"Who: {WHO[op.who]}."}
     if op.who == "public":
         out["security"] = []
+    elif op.who == "worker":
+        out["security"] = [{"workerToken": []}]
     if op.params:
         out["parameters"] = [
             {"name": p.name, "in": p.where, "required": p.where == "path",
@@ -248,16 +305,17 @@ def _operation(op: Op, schema_of: Any) -> dict[str, Any]:
 
 def _success(op: Op, schema_of: Any) -> dict[str, Any]:
     if isinstance(op.reply, Text):
-        reply: dict[str, Any] = {"description": op.reply.about, "content": {
-            media: {"schema": {"type": "string"}} for media in op.reply.media}}
-        if media_json := reply["content"].get(JSON_MEDIA):
-            media_json["schema"] = {"type": "object"}
+        reply: dict[str, Any] = {"description": op.reply.about}
+        if op.reply.media:
+            reply["content"] = {media: {"schema": {"type": "object" if media == JSON_MEDIA
+                                                   else "string"}} for media in op.reply.media}
         if op.reply.events:
             reply["x-sse-events"] = {name: schema_of(kind) for name, kind in op.reply.events}
         return reply
     schemas = [schema_of(t) for t in op.reply]
     schema = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
-    return {"description": "OK", "content": {"application/json": {"schema": schema}}}
+    return {"description": HTTPStatus(op.status).phrase,
+            "content": {JSON_MEDIA: {"schema": schema}}}
 
 
 def build() -> dict[str, Any]:
@@ -276,13 +334,16 @@ def build() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "eventq", "version": __version__,
-                 "description": "A GPU job queue and orchestrator. Every call but this "
-                                "document's carries `Authorization: Bearer <token>`."},
+                 "description": "A GPU job queue and orchestrator. Users send "
+                                "`Authorization: Bearer <token>`, workers (`/api/workers/*`) "
+                                "`X-Worker-Token`; this document needs neither."},
         "security": [{"bearer": []}],
         "paths": paths,
         "components": {
             "schemas": components,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "workerToken": {"type": "apiKey", "in": "header", "name": "X-Worker-Token"}},
             "responses": {f"E{code}": {"description": about, "content": {
                 "application/json": {"schema": error}}} for code, about in ERRORS.items()},
         },

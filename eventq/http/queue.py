@@ -297,14 +297,15 @@ def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -
 async def list_queue(request: web.Request) -> web.Response:
     orch = request.app[ORCH]
     limit = int_param(request, "limit", 50, 1, 10_000)
+    offset = int_param(request, "offset", 0, 0, 100_000_000)
     status, completed = request.query.get("status"), _flag(request, "include_completed")
     # The listing changes only when the log moves on, or as time ages jobs and estimates:
     # dashboards polling an unchanged queue are answered from the last rendering.
-    key = (orch.log.head_seq, int(orch.clock.now()), status, limit, completed)
+    key = (orch.log.head_seq, int(orch.clock.now()), status, limit, completed, offset)
     cached = orch.queue.rendered.get(key)
     if cached is None:
         try:
-            jobs = orch.queue.list(status, limit, completed)
+            jobs = orch.queue.list(status, limit, completed, offset)
         except UnknownStatus as exc:
             raise ApiError(422, str(exc), "status") from None
         cached = msgspec.json.encode({"jobs": jobs, "count": len(jobs)})

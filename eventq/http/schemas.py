@@ -14,8 +14,9 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from eventq import events as ev
 
-#: A job's status as the scheduler knows it (``pending`` is waiting in the queue).
-JobStatus = Literal["pending", "dispatched", "running", "blocked", "held",
+#: A job's status as the scheduler knows it: ``pending`` is in the queue, ``waiting`` waits
+#: for its dependencies or begin time before it joins the queue.
+JobStatus = Literal["waiting", "pending", "dispatched", "running", "blocked", "held",
                     "completed", "failed", "cancelled", "rejected"]
 #: The word seed 000 answers a submission with (``queued`` is waiting, ``running`` placed).
 SubmitStatus = Literal["queued", "running", "blocked", "rejected",
@@ -94,7 +95,11 @@ class JobSummary(Reply):
     exit_code: int | None
     error: str | None
     metadata: dict[str, Any]
-    #: Waiting, blocked and held jobs: what holds them.
+    #: The ids of the jobs it waits for (when it has any).
+    depends_on: list[str] | UnsetType = UNSET
+    #: Not before this time, epoch seconds (when it has one).
+    begin_at: float | UnsetType = UNSET
+    #: Queued, waiting, blocked and held jobs: what holds them.
     reasons: list[WaitReason] | UnsetType = UNSET
     #: Waiting jobs only.
     position: int | UnsetType | None = UNSET
@@ -110,6 +115,14 @@ class JobDetail(JobSummary, kw_only=True):
     estimated_runtime: float | None
     #: The reasons last recorded in the log (the live ones are in ``reasons``).
     recorded_reasons: list[WaitReason]
+
+
+class BatchReply(Reply):
+    """Every job of a batch was recorded, in one commit."""
+
+    success: bool
+    count: int
+    job_ids: list[str]
 
 
 class QueueList(Reply):
@@ -148,8 +161,11 @@ class QueueStats(Reply):
 
 
 class MyJobs(Reply):
-    """``GET /api/queue/me``: the caller's waiting, running and blocked jobs."""
+    """``GET /api/queue/me``: who the caller is, and their queued, running and blocked jobs."""
 
+    user: str
+    level: ev.Level
+    team: str | None
     pending_count: int
     running_count: int
     blocked_count: int
@@ -338,3 +354,71 @@ class TokensRevoked(Reply):
     name: str
     tokens: int
 
+
+
+# --- workers --------------------------------------------------------------------------
+
+
+class WorkerReply(Reply):
+    """A remote worker as admins see it."""
+
+    worker_id: str
+    name: str
+    worker_type: Literal["ephemeral", "persistent"]
+    status: Literal["connecting", "idle", "busy", "draining", "offline"]
+    labels: dict[str, str]
+    transport: Literal["ws", "sse"] | None
+    current_jobs: list[str]
+    gpus: list[Gpu]
+    simulated: bool
+    connected: bool
+    offline_reason: str | None
+
+
+class WorkerList(Reply):
+    workers: list[WorkerReply]
+
+
+class NewWorkerReply(Reply):
+    worker_id: str
+    #: Shown once; only its SHA-256 is kept.
+    token: str
+    name: str
+    #: The command that starts eventq's agent for this worker.
+    connection_command: str
+
+
+class WorkerTokenReply(Reply):
+    worker_id: str
+    #: Shown once; the previous token stops working.
+    token: str
+
+
+class WorkerRemoved(Reply):
+    success: bool
+    worker_id: str
+
+
+class ResumeJob(Reply):
+    """The job a re-registering stock worker may go on with."""
+
+    job_id: str
+    config_name: str | None
+    status: JobStatus
+
+
+class RegisterReply(Reply):
+    worker_id: str
+    #: Where the stock worker opens its SSE stream.
+    sse_url: str
+    resume_job: ResumeJob | None
+    #: The job it reported as current, which it must abandon (given to another worker).
+    abandon_job: str | None
+
+
+class Done(Reply):
+    success: bool
+
+
+class HasJobs(Reply):
+    has_jobs: bool

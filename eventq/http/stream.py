@@ -12,7 +12,6 @@ are skipped, so nothing is lost or sent twice at the seam.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,8 +216,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
             pump.cancel()
     finally:
         subscriptions.discard(sub)
-        with contextlib.suppress(ValueError):
-            orch.log.durable_subscribers.remove(sub.offer)
+        orch.log.off_durable(sub.offer)
     if sub.dropped:
         await _send_dropped(request, resp, sub)
     elif not pump.cancelled() and (exc := pump.exception()) is not None and \

@@ -189,8 +189,8 @@ async def _agent_message(orch: Orchestrator, worker_id: str, ws: web.WebSocketRe
 
 class GpuInfoBody(msgspec.Struct):
     name: str = "GPU"
-    vram_gb: float = 0.0
-    count: int = 0
+    vram_gb: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    count: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
     driver: str | None = None
     accelerator: str | None = None
 
