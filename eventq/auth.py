@@ -34,6 +34,9 @@ def new_token(prefix: str = "eq") -> str:
     return f"{prefix}_{secrets.token_urlsafe(32)}"
 
 
+_USER_EVENTS = frozenset({ev.UserCreated, ev.UserUpdated, ev.TokenIssued, ev.TokenRevoked})
+
+
 @dataclass
 class Users:
     """Users and their live tokens (by SHA-256), folded from events."""
@@ -43,6 +46,8 @@ class Users:
 
     def evolve(self, record: Record) -> None:
         e = record.event
+        if type(e) not in _USER_EVENTS:
+            return
         if isinstance(e, ev.UserCreated | ev.UserUpdated):
             self.by_name[e.name] = User(e.name, e.level, e.team)
         if isinstance(e, ev.UserCreated | ev.TokenIssued):

@@ -29,6 +29,10 @@ class NodeGpus:
     held: dict[int, Holder] = field(default_factory=dict)
 
 
+_GPU_EVENTS = frozenset({ev.NodeInventoryReported, ev.GpusAllocated, ev.GpusReleased,
+                         ev.LimitsChanged, ev.WorkerRemoved})
+
+
 @dataclass
 class GpuTable:
     """Every node's GPUs and who holds each one."""
@@ -38,6 +42,8 @@ class GpuTable:
 
     def evolve(self, record: Record) -> None:
         e = record.event
+        if type(e) not in _GPU_EVENTS:
+            return
         if isinstance(e, ev.NodeInventoryReported):
             old = self.nodes.get(e.node)
             self.nodes[e.node] = NodeGpus({g.index: g for g in e.gpus}, e.simulated,

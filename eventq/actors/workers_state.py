@@ -48,12 +48,18 @@ class Worker:
         return {**self.reported_labels, **self.admin_labels}
 
 
+_WORKER_EVENTS = frozenset({ev.WorkerCreated, ev.WorkerTokenRotated, ev.WorkerConnected,
+                            ev.WorkerDraining, ev.WorkerLost, ev.WorkerRemoved})
+
+
 @dataclass
 class Workers:
     by_id: dict[str, Worker] = field(default_factory=dict)
 
     def evolve(self, record: Record) -> None:
         e, t = record.event, record.time
+        if type(e) not in _WORKER_EVENTS:
+            return
         if isinstance(e, ev.WorkerCreated):
             self.by_id[e.worker_id] = Worker(e.worker_id, e.name, e.worker_type, dict(e.labels),
                                              e.token_sha256, created_at=t, since=t)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from eventq.cli import jobs, replay, serve, users
+from eventq.cli import bulk, jobs, replay, serve, users, worker, workers
 from eventq.cli.client import CliError
 
 
@@ -20,7 +20,10 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     serve.add_parser(sub, common)
     jobs.add_parser(sub, common)
+    bulk.add_parsers(sub, common)
     users.add_parser(sub, common)
+    workers.add_parser(sub, common)
+    worker.add_parser(sub, common)
     replay.add_parser(sub, common)
     return top
 

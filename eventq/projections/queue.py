@@ -30,6 +30,10 @@ GATED = ("waiting",)
 RUNNING = ("dispatched", "running")
 
 
+_TIMED = frozenset({ev.JobSubmitted, ev.AttemptDispatched, ev.JobCompleted, ev.JobFailed,
+                    ev.JobCancelled, ev.JobRejected, ev.JobsPurged})
+
+
 @dataclass
 class Times:
     submitted_at: float
@@ -55,6 +59,8 @@ class QueueView:
 
     def evolve(self, record: Record) -> None:
         e = record.event
+        if type(e) not in _TIMED:
+            return  # one set lookup for the events this view does not keep
         if isinstance(e, ev.JobSubmitted):
             self.times[e.job.job_id] = Times(record.time)
         elif isinstance(e, ev.AttemptDispatched):

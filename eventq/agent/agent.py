@@ -1,0 +1,324 @@
+"""The agent's loop: connect, say hello, run what the orchestrator sends, reconnect.
+
+One connection at a time to ``/api/workers/ws``. After any disconnect the agent connects
+again with jittered exponential backoff, capped at half the orchestrator's heartbeat
+timeout (learned from its ``welcome``) so that a worker never misses the time it is given
+to come back; its running attempts keep running meanwhile and are listed in the next
+``hello``. Heartbeats come from a task of their own that waits on nothing but the clock
+and the socket, so a silent or busy job never delays them.
+
+A rejected token (401/403) ends the agent at once with a clear message: retrying cannot
+help. A ``shutdown`` ends it when it has nothing left running and the worker is not
+persistent; otherwise it reconnects, which is also how it learns that its token was
+rotated or the worker removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import random
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import aiohttp
+import structlog
+
+from eventq import gpus, runner
+from eventq.agent import messages as m
+from eventq.agent.attempts import Attempts
+from eventq.agent.link import Link
+
+log = structlog.get_logger()
+
+WS_PATH = "/api/workers/ws"
+BACKOFF_FIRST, BACKOFF_CAP = 0.2, 30.0
+WELCOME_TIMEOUT = 30.0
+#: Websocket-level ping, to notice a connection that died without closing.
+PING_SECONDS = 20.0
+#: What the orchestrator says to a connection another agent with the same token replaced.
+REPLACED = "replaced by a newer connection"
+LOCK_FILE = "worker.lock"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    url: str
+    token: str
+    data_dir: Path
+    name: str
+    gpu_spec: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    #: Keep running when the orchestrator says shutdown after a job (else exit then).
+    persistent: bool = False
+    trainer: tuple[str, ...] = runner.DEFAULT_TRAINER
+    grace_seconds: float = 10.0
+
+
+class Refused(Exception):
+    """The orchestrator will not take this agent: a bad token, or another agent uses it."""
+
+
+class AgentBusy(Exception):
+    """Another agent runs on the same data directory."""
+
+
+class Backoff:
+    """Jittered exponential delays between connection attempts."""
+
+    def __init__(self) -> None:
+        self.failures, self.cap = 0, BACKOFF_CAP
+
+    def next(self) -> float:
+        delay = min(self.cap, BACKOFF_FIRST * 2 ** self.failures)
+        self.failures = min(self.failures + 1, 16)
+        return random.uniform(delay / 2, delay)
+
+    def reset(self, heartbeat_seconds: float) -> None:
+        self.failures = 0
+        self.cap = min(BACKOFF_CAP, max(1.0, 2 * heartbeat_seconds))
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.link = Link()
+        self.attempts = Attempts(config.data_dir, self.link, config.trainer,
+                                 config.grace_seconds)
+        self.backoff = Backoff()
+        self.worker_id: str | None = None
+        self.heartbeat_seconds = 30.0
+        self.draining = False
+        #: The reason of the last ``shutdown`` received, until acted upon.
+        self.shutdown_reason: str | None = None
+        self.last_shutdown: str | None = None
+        self.end_reason = "stopped"
+        self.signalled = asyncio.Event()
+        self._gpu_text = ""
+
+    @property
+    def ws_url(self) -> str:
+        return self.config.url.rstrip("/") + WS_PATH
+
+    async def run(self) -> int:
+        """Work until told to stop; 0 on a clean end. Raises Refused or AgentBusy."""
+        lock = take_lock(self.config.data_dir)
+        self._handle_signals()
+        left = 0
+        try:
+            found = await self.attempts.adopt_all()
+            if found:
+                log.info("found_attempts", attempts=found, data_dir=str(self.config.data_dir))
+            timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                await self._work(session)
+        except Refused:
+            self.end_reason = "refused by the orchestrator (see below)"
+            raise
+        finally:
+            left = await self.attempts.close()
+            self._summary(left)
+            lock.close()
+        return 0
+
+    async def _work(self, session: aiohttp.ClientSession) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.signalled.is_set():
+            connection = loop.create_task(self._connection(session))
+            signalled = loop.create_task(self.signalled.wait())
+            await asyncio.wait({connection, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            signalled.cancel()
+            if not connection.done():  # a signal: close the connection, then stop
+                connection.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connection
+                break
+            why = connection.result()
+            if self._finished():
+                return
+            delay = self.backoff.next()
+            log.info("disconnected", reason=why, retry_in=f"{delay:.1f}s",
+                     running=self.attempts.running)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.signalled.wait(), delay)
+        self.end_reason = "stopped by a signal"
+
+    def _finished(self) -> bool:
+        """After a connection ended: is the agent's work over?"""
+        if self.signalled.is_set():
+            self.end_reason = "stopped by a signal"
+            return True
+        reason, self.shutdown_reason = self.shutdown_reason, None
+        if reason is None:
+            return False
+        if REPLACED in reason:
+            raise Refused(f"the orchestrator closed this connection: {reason}. Another "
+                          "`eventq worker` is using this worker's token; run only one.")
+        done = self.attempts.counts["run"] + self.attempts.counts["adopted"] > 0
+        if not self.config.persistent and done and not self.attempts.running \
+                and not self.attempts.unsent:
+            self.end_reason = reason
+            return True
+        return False
+
+    # --- one connection -------------------------------------------------------------------
+
+    async def _connection(self, session: aiohttp.ClientSession) -> str:
+        """Connect, greet, and serve until the connection ends; why it ended."""
+        try:
+            ws = await session.ws_connect(
+                self.ws_url, headers={"X-Worker-Token": self.config.token},
+                heartbeat=PING_SECONDS, max_msg_size=8 * 2**20,
+                timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (401, 403):
+                raise Refused(self._refusal(exc.status)) from None
+            return f"the orchestrator answered HTTP {exc.status} {exc.message}"
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return f"cannot reach {self.config.url}: {exc or type(exc).__name__}"
+        try:
+            async with ws:
+                return await self._session(ws)
+        except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+            return f"the connection failed: {exc!r}"
+
+    async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> str:
+        welcome = await self._hello(ws)
+        if isinstance(welcome, str):
+            return welcome
+        await self._welcomed(ws, welcome)
+        beat = asyncio.get_running_loop().create_task(self._heartbeat())
+        try:
+            await self._serve(ws)
+        finally:
+            beat.cancel()
+            self.link.detach()
+        if self.shutdown_reason is not None:
+            return f"shutdown: {self.shutdown_reason}"
+        extra = f": {ws.exception()}" if ws.exception() else ""
+        return f"the connection closed (code {ws.close_code}){extra}"
+
+    def _refusal(self, status: int) -> str:
+        said = f"; before that it said: {self.last_shutdown}" if self.last_shutdown else ""
+        return (f"the orchestrator at {self.config.url} refused this worker's token "
+                f"(HTTP {status}){said}. The token may have been rotated "
+                "(`eventq workers token ID` prints a new one) or the worker removed.")
+
+    async def _hello(self, ws: aiohttp.ClientWebSocketResponse) -> m.Welcome | str:
+        inventory = await asyncio.to_thread(gpus.detect, self.config.gpu_spec)
+        if inventory.nvml_error:
+            log.warning("no_gpus", why=inventory.nvml_error)
+        await ws.send_json({
+            "type": "hello", "name": self.config.name, "simulated": inventory.simulated,
+            "gpus": [{"index": g.index, "name": g.name, "memory_gb": g.memory_gb,
+                      "foreign_memory_percent": g.foreign_memory_percent}
+                     for g in inventory.gpus],
+            "labels": self.config.labels, "running": self.attempts.listed()})
+        self._gpu_text = f"{len(inventory.gpus)}" + (" (simulated)" if inventory.simulated
+                                                     else "")
+        try:
+            msg = await ws.receive(timeout=WELCOME_TIMEOUT)
+        except TimeoutError:
+            return "no welcome from the orchestrator"
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            return f"the connection closed before the welcome (code {ws.close_code})"
+        try:
+            welcome = m.decode(msg.data)
+        except m.Unreadable:
+            welcome = None
+        if not isinstance(welcome, m.Welcome):
+            return f"the orchestrator refused the hello: {str(msg.data)[:300]}"
+        return welcome
+
+    async def _welcomed(self, ws: aiohttp.ClientWebSocketResponse, welcome: m.Welcome) -> None:
+        self.worker_id = welcome.worker_id
+        self.heartbeat_seconds = max(0.05, welcome.heartbeat_seconds)
+        self.backoff.reset(self.heartbeat_seconds)
+        self.link.attach(ws)
+        log.info("connected", url=self.config.url, worker_id=self.worker_id,
+                 gpus=self._gpu_text, kept=len(welcome.keep), told_to_stop=len(welcome.stop))
+        await self.attempts.reconcile(set(welcome.keep))
+
+    async def _heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            self.attempts.confirm_delivered(loop.time(), self.heartbeat_seconds)
+            await self.link.send({"type": "heartbeat", "running": self.attempts.listed()})
+
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for frame in ws:
+            if frame.type != aiohttp.WSMsgType.TEXT:
+                continue
+            try:
+                msg = m.decode(frame.data)
+            except m.Unreadable as exc:
+                log.warning("unreadable_message", error=str(exc), data=str(frame.data)[:200])
+                continue
+            if not self._handle(msg):
+                return
+
+    def _handle(self, msg: m.ServerMessage) -> bool:
+        """Act on one message; False ends the connection."""
+        if isinstance(msg, m.Run):
+            self.attempts.run(msg)
+        elif isinstance(msg, m.JobCancel):
+            outcome = "timeout" if msg.reason == "timeout" else "cancelled"
+            if not self.attempts.stop((msg.job_id, msg.attempt), outcome, msg.reason):
+                log.info("cancel_ignored", job_id=msg.job_id, attempt=msg.attempt,
+                         why="not running here")
+        elif isinstance(msg, m.Drain):
+            self.draining = True
+            log.info("draining", reason=msg.reason, running=self.attempts.running)
+        elif isinstance(msg, m.Shutdown):
+            self.shutdown_reason = self.last_shutdown = msg.reason
+            log.info("shutdown_requested", reason=msg.reason, running=self.attempts.running)
+            return False
+        elif isinstance(msg, m.Error):
+            log.warning("orchestrator_error", error=msg.error)
+        return True
+
+    # --- ending ---------------------------------------------------------------------------
+
+    def _handle_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+
+    def _on_signal(self) -> None:
+        self.signalled.set()
+
+    def _summary(self, left_running: int) -> None:
+        c = self.attempts.counts
+        log.info("shutdown", reason=self.end_reason, worker_id=self.worker_id,
+                 attempts_run=c["run"], adopted=c["adopted"], completed=c["completed"],
+                 failed=c["failed"], cancelled=c["cancelled"], timed_out=c["timeout"],
+                 start_failed=c["start_failed"], left_running=left_running)
+        if left_running:
+            log.info("left_running", attempts=left_running,
+                     data_dir=str(self.config.data_dir),
+                     note="their processes keep running; an agent started again on this "
+                          "data directory adopts them")
+
+
+def take_lock(data_dir: Path) -> IO[str]:
+    """One agent per data directory: two would start the same attempts."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the agent's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise AgentBusy(f"another eventq worker (pid {holder}) runs on {data_dir}; "
+                        "give this one its own --data-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle

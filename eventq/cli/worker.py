@@ -1,0 +1,92 @@
+"""``eventq worker``: run jobs from a remote orchestrator on this machine's GPUs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import socket
+from pathlib import Path
+
+from eventq.cli.client import CliError, default_data_dir
+
+# The agent's modules (aiohttp, the runner) load only when a worker starts.
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+               common: argparse.ArgumentParser) -> None:
+    # Not ``common``'s --url/--token: a worker speaks with its own token, never a user's.
+    w = sub.add_parser("worker", help="run jobs from a remote orchestrator on this machine")
+    w.add_argument("--url", help="the orchestrator, e.g. http://orchestrator:8001 "
+                                 "(default: $EVENTQ_URL)")
+    w.add_argument("--token", help="this worker's token, from `eventq workers add` "
+                                   "(default: $EVENTQ_WORKER_TOKEN)")
+    w.add_argument("--name", help="shown to the orchestrator (default: $EVENTQ_WORKER_NAME, "
+                                  "or the host name)")
+    w.add_argument("--persistent", action="store_true",
+                   help="keep working after the orchestrator ends this worker's job "
+                        "(without it, the worker exits when told to after its job)")
+    w.add_argument("--gpus", help="a simulated inventory, e.g. 2xA100-80GB "
+                                  "(default: $EVENTQ_WORKER_GPUS, else NVML)")
+    w.add_argument("--labels", help="k=v,… merged under the admin's labels "
+                                    "(default: $EVENTQ_WORKER_LABELS)")
+    w.add_argument("--data-dir", type=Path,
+                   help="where attempts run and are kept (default: $EVENTQ_HOME/worker or "
+                        "~/.eventq/worker)")
+    w.add_argument("--trainer", help="the command that runs config jobs "
+                                     "(default: python -m simpletuner.train)")
+    w.add_argument("--grace", type=float, default=10.0,
+                   help="seconds between SIGTERM and SIGKILL when stopping a job")
+    w.add_argument("--log-format", choices=["console", "json"], default="console")
+    w.set_defaults(run=run_worker)
+
+
+def parse_labels(text: str | None) -> dict[str, str]:
+    """``gpu_type=a100,location=us-west`` as a dict."""
+    labels: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"label {part!r} must be KEY=VALUE (e.g. gpu_type=a100)")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from eventq import gpus, runner
+    from eventq.agent.agent import Agent, AgentBusy, AgentConfig, Refused
+    from eventq.cli.serve import configure_logging
+
+    env = os.environ
+    url = args.url or env.get("EVENTQ_URL")
+    token = args.token or env.get("EVENTQ_WORKER_TOKEN")
+    if not url or not url.startswith(("http://", "https://")):
+        raise CliError("give the orchestrator's address: --url http://HOST:PORT "
+                       "(or set EVENTQ_URL)")
+    if not token:
+        raise CliError("give this worker's token: --token wt_… (or set EVENTQ_WORKER_TOKEN); "
+                       "an admin creates it with `eventq workers add NAME`")
+    # Jobs inherit the agent's environment: they must not inherit its credentials.
+    env.pop("EVENTQ_WORKER_TOKEN", None)
+    spec = args.gpus or env.get("EVENTQ_WORKER_GPUS") or None
+    try:
+        if spec:
+            gpus.simulated(spec)
+    except gpus.InventorySpecError as exc:
+        raise CliError(str(exc)) from None
+    if args.grace < 0:
+        raise CliError("--grace must not be negative")
+    trainer = tuple(shlex.split(args.trainer)) if args.trainer else runner.DEFAULT_TRAINER
+    if not trainer:
+        raise CliError("--trainer must name a command")
+    config = AgentConfig(
+        url=url, token=token, data_dir=(args.data_dir or default_data_dir() / "worker").absolute(),
+        name=args.name or env.get("EVENTQ_WORKER_NAME") or socket.gethostname(),
+        gpu_spec=spec, labels=parse_labels(args.labels or env.get("EVENTQ_WORKER_LABELS")),
+        persistent=args.persistent, trainer=trainer, grace_seconds=args.grace)
+    configure_logging(args.log_format)
+    try:
+        return asyncio.run(Agent(config).run())
+    except (Refused, AgentBusy) as exc:
+        raise CliError(str(exc)) from None
