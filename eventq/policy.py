@@ -9,6 +9,7 @@ end before its shadow time or use only the extra GPUs.
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -438,7 +439,8 @@ def gate_reasons(spec: JobSpec, unmet: list[tuple[str, str]], now: float) -> lis
         else:
             out.append(Reason("dependency", f"waits for {dep} ({status})"))
     if spec.begin_at is not None and spec.begin_at > now:
-        out.append(Reason("begin_time", f"not before {spec.begin_at:.0f} "
+        when = datetime.datetime.fromtimestamp(spec.begin_at, datetime.UTC)
+        out.append(Reason("begin_time", f"not before {when.isoformat(timespec='seconds')} "
                                         f"(in {spec.begin_at - now:.0f}s)"))
     return out
 

@@ -54,6 +54,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     s.add_argument("--estimated-cost", type=float,
                    help="jobs above the server's approval threshold wait for an admin")
     s.add_argument("--team", help="the team it counts against (default: yours)")
+    s.add_argument("--worker-labels", metavar="K=GLOB,…",
+                   help="labels a worker must match (fnmatch globs), e.g. gpu_type=a100*")
+    s.add_argument("--depends-on", action="append", default=[], metavar="JOB",
+                   help="run after these jobs complete (ids or unique names; repeat or a,b)")
+    s.add_argument("--begin-at", metavar="TIME",
+                   help="not before this time (ISO-8601, or epoch seconds)")
     s.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--no-export-env", action="store_true",
                    help="send neither the working directory nor the environment")
@@ -115,6 +121,12 @@ def submit_body(args: argparse.Namespace) -> dict[str, Any]:
                 from None
     if args.metadata:
         body["metadata"] = dict(_pair(m) for m in args.metadata)
+    if args.worker_labels:
+        body["worker_labels"] = dict(_pair(p) for p in args.worker_labels.split(",") if p)
+    if args.depends_on:
+        body["depends_on"] = [d for item in args.depends_on for d in item.split(",") if d]
+    if args.begin_at:
+        body["begin_at"] = _time_arg(args.begin_at)
     if not args.no_export_env:
         body["cwd"], body["env"] = os.getcwd(), dict(os.environ)
     return body
@@ -130,6 +142,14 @@ def _config_file(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise CliError(f"--config {path} must hold a JSON object, not {type(loaded).__name__}")
     return loaded
+
+
+def _time_arg(text: str) -> float | str:
+    """Epoch seconds stay a number; anything else goes as ISO-8601 for the server to read."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _pair(text: str) -> tuple[str, str]:
