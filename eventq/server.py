@@ -183,7 +183,10 @@ class Orchestrator:
         return token
 
     def write_server_file(self, url: str) -> None:
-        (self.data_dir / SERVER_FILE).write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        """Atomically: a CLI started at the same moment reads all of it or none."""
+        tmp = self.data_dir / f"{SERVER_FILE}.tmp"
+        tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        os.replace(tmp, self.data_dir / SERVER_FILE)
 
     async def stop(self) -> None:
         """Stop accepting work; running attempts keep running and are adopted on restart."""
@@ -197,7 +200,7 @@ class Orchestrator:
         await self.allocator.stop()
         await self.registry.stop()
         await self.node.shutdown()
-        await self.hub.close_all("the orchestrator is shutting down")
+        await self.hub.close_all("the orchestrator is restarting", tell=False)
         await self.attempt_logs.stop()
         await self.log.close()
         (self.data_dir / SERVER_FILE).unlink(missing_ok=True)

@@ -55,7 +55,7 @@ SUBMIT_CASES = [
     pytest.param(job(gpus=1, device_ids=[0, 1]), "device_ids", id="device-ids-count"),
     pytest.param(job(command=""), "command", id="empty-command-string"),
     pytest.param(job(command=[]), "command", id="empty-command-list"),
-    pytest.param(job(command=["python", ""]), "command", id="empty-command-word"),
+    pytest.param(job(command=["", "train.py"]), "command", id="empty-program"),
     pytest.param(job(command=5), "command", id="command-not-text"),
     pytest.param({"gpus": 0}, "command", id="no-command"),
     pytest.param(job(target="mars"), "target", id="unknown-target"),

@@ -270,14 +270,17 @@ def decide_cancel_many(state: SchedulerState, cmd: CancelMany) -> list[ev.Event]
 def decide_submit_many(state: SchedulerState, cmd: SubmitMany) -> list[ev.Event]:
     """Every job valid (ids new, dependencies known, no cycle), or a 422 naming the rows."""
     ids = [s.job_id for s in cmd.specs]
-    problems = [f"row {i + 1}: job id {j} is used twice" for i, j in enumerate(ids)
-                if j in state.jobs or ids.index(j) != i]
+    first: dict[str, int] = {}
+    problems = []
+    for i, job_id in enumerate(ids):
+        if job_id in state.jobs or first.setdefault(job_id, i) != i:
+            problems.append(f"row {i + 1}: job id {job_id} is used twice")
     known = set(ids) | state.jobs.keys()
     problems += [f"row {i + 1}: depends_on names unknown jobs {sorted(set(s.depends_on) - known)}"
                  for i, s in enumerate(cmd.specs) if set(s.depends_on) - known]
     cycle = policy.find_cycle({s.job_id: list(s.depends_on) for s in cmd.specs})
     if cycle:
-        rows = [ids.index(j) + 1 for j in cycle[:-1]]
+        rows = [first[j] + 1 for j in cycle[:-1]]
         problems.append(f"rows {rows}: dependency cycle {' -> '.join(cycle)}")
     if problems:
         raise CommandError(422, "; ".join(problems[:20]))
@@ -550,6 +553,9 @@ class Scheduler(Actor[SchedulerMsg]):
 
     async def run_pass(self) -> None:
         """Place everything that can start now, then record reasons that changed."""
+        if not self.state.waiting_count():
+            self.last_plan = policy.Plan()
+            return  # nothing waits: no node views to build (a fleet of workers costs)
         now = self.clock.now()
         plan = policy.plan(self.state.iter_waiting(now), self.state.counts, self.state.limits,
                            self.node_views(), now, cpu_jobs_waiting=self.state.waiting_cpu > 0)
@@ -638,7 +644,8 @@ class Scheduler(Actor[SchedulerMsg]):
         for view in self.gpu_table.views():
             worker = None if view.local or self.workers is None \
                 else self.workers.by_id.get(view.name)
-            if not view.local and (worker is None or not worker.online or worker.draining):
+            if not view.local and (worker is None
+                                   or not self.workers.placeable(view.name)):  # type: ignore[union-attr]
                 continue
             active = self.state.node_active.get(view.name, {})
             view.ends = [(end, gpus, job_id) for job_id, (end, gpus) in active.items()]

@@ -41,6 +41,8 @@ class Worker:
     #: When it came online or last lost, for "idle longest" and ephemeral clean-up.
     since: float = 0.0
     offline_reason: str | None = None
+    #: Attempts ever dispatched to it (an ephemeral worker takes one).
+    jobs_taken: int = 0
 
     @property
     def labels(self) -> dict[str, str]:
@@ -58,6 +60,11 @@ class Workers:
 
     def evolve(self, record: Record) -> None:
         e, t = record.event, record.time
+        if type(e) is ev.AttemptDispatched:
+            taker = self.by_id.get(e.node)
+            if taker is not None:
+                taker.jobs_taken += 1
+            return
         if type(e) not in _WORKER_EVENTS:
             return
         if isinstance(e, ev.WorkerCreated):
@@ -92,7 +99,8 @@ class Workers:
     def placeable(self, worker_id: str) -> bool:
         """May new attempts be placed on this node?"""
         worker = self.by_id.get(worker_id)
-        return worker is not None and worker.online and not worker.draining
+        return worker is not None and worker.online and not worker.draining \
+            and not (worker.worker_type == "ephemeral" and worker.jobs_taken)
 
     def status(self, worker_id: str, active_jobs: int) -> WorkerStatus:
         worker = self.by_id[worker_id]

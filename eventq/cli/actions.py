@@ -116,8 +116,9 @@ def _retry_all(args: argparse.Namespace, api: Client) -> int:
     problems: list[dict[str, str]] = []
     skipped = 0
     while True:
+        # Jobs refused or failed to retry stay in the list: skip past them.
         page = api.call("GET", f"/api/queue?status={args.status}&include_completed=true"
-                               f"&limit={RETRY_PAGE}")["jobs"]
+                               f"&limit={RETRY_PAGE}&offset={skipped + len(problems)}")["jobs"]
         fresh = [j["job_id"] for j in page if j["job_id"] not in seen]
         if not fresh:
             break

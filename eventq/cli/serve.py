@@ -90,5 +90,8 @@ async def _serve(orch: Orchestrator, host: str, port: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # End worker streams first (without "shutdown": workers keep their jobs and reconnect);
+    # the HTTP runner waits for open handlers before it lets the orchestrator stop.
+    await orch.hub.close_all("the orchestrator is restarting", tell=False)
     await runner.cleanup()
     await orch.stop()

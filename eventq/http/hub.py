@@ -46,14 +46,19 @@ class Outbox:
         except asyncio.QueueFull:
             self.close("the worker does not read its messages")
 
-    def close(self, reason: str) -> None:
-        """Tell the worker why, then end the connection."""
+    def close(self, reason: str, tell: bool = True) -> None:
+        """End the connection; with ``tell``, first send ``shutdown`` saying why.
+
+        Without it the worker only sees the connection end and reconnects: what an
+        orchestrator restart must look like, since a stock worker stops its trainer on
+        ``shutdown``."""
         if self.closed is not None:
             return
         self.closed = reason
         while self.queue.qsize() >= OUTBOX_LIMIT - 1:
             self.queue.get_nowait()
-        self.queue.put_nowait({"type": "shutdown", "reason": reason})
+        if tell:
+            self.queue.put_nowait({"type": "shutdown", "reason": reason})
         self.queue.put_nowait(None)
 
 
@@ -138,8 +143,8 @@ class WorkerHub:
             out.write(data)
         return True
 
-    async def close_all(self, reason: str) -> None:
+    async def close_all(self, reason: str, tell: bool = True) -> None:
         for outbox in self.connections.values():
-            outbox.close(reason)
+            outbox.close(reason, tell)
         self.connections.clear()
         await asyncio.sleep(0)

@@ -72,8 +72,8 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
         if req.num_processes is not None else 1
     if not req.command and req.config is None and req.config_name is None:
         raise ApiError(422, "a job needs a command, a config or a config_name", "command")
-    if isinstance(req.command, list) and not all(req.command):
-        raise ApiError(422, "command items must be non-empty strings", "command")
+    if isinstance(req.command, list) and req.command and not req.command[0]:
+        raise ApiError(422, "the program to run (command's first item) is empty", "command")
     if req.priority_override is not None and user.level not in (ev.Level.ADMIN, ev.Level.LEAD):
         raise ApiError(403, "only leads and admins may override priority", "priority_override")
     _check_process_text(req)
@@ -260,11 +260,16 @@ async def submit_batch(request: web.Request) -> web.Response:
         if req.dry_run or req.no_wait:
             problems.append(f"row {row}: dry_run and no_wait do not apply to a batch")
     specs = []
+    forbidden = None
     for row, (req, job_id) in enumerate(zip(body.jobs, ids, strict=True), start=1):
         try:
             specs.append(build_spec(req, user, orch, names, job_id))
         except ApiError as exc:
             problems.append(f"row {row}: {exc.message}")
+            forbidden = forbidden or (exc if exc.status == 403 else None)
+    if forbidden is not None:
+        raise ApiError(403, f"{forbidden.message}; nothing was recorded", forbidden.field,
+                       problems[:100])
     if problems:
         raise ApiError(422, f"{len(problems)} rows are invalid; nothing was recorded", "jobs",
                        problems[:100])

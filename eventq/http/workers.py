@@ -148,9 +148,10 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
     writer = asyncio.get_running_loop().create_task(_write(ws, outbox))
     try:
         async for msg in ws:
-            if msg.type != WSMsgType.TEXT:
-                continue
-            await _agent_message(orch, worker.worker_id, ws, msg.data)
+            if msg.type == WSMsgType.TEXT:
+                await _agent_message(orch, worker.worker_id, ws, msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await ws.send_json({"type": "error", "error": "send JSON text frames"})
     finally:
         orch.hub.detach(worker.worker_id, outbox)
         writer.cancel()
@@ -189,7 +190,8 @@ async def _agent_message(orch: Orchestrator, worker_id: str, ws: web.WebSocketRe
 
 class GpuInfoBody(msgspec.Struct):
     name: str = "GPU"
-    vram_gb: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: null from a worker that cannot tell (no torch, no nvidia-smi, Apple silicon).
+    vram_gb: Annotated[float, msgspec.Meta(ge=0)] | None = None
     count: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
     driver: str | None = None
     accelerator: str | None = None
@@ -209,7 +211,7 @@ async def register(request: web.Request) -> web.Response:
     orch, worker = request.app[ORCH], authenticate_worker(request)
     body = decode_body(await request.read(), RegisterBody)
     info = body.gpu_info
-    gpus = [ev.GpuInfo(i, info.name, info.vram_gb) for i in range(max(0, info.count))]
+    gpus = [ev.GpuInfo(i, info.name, info.vram_gb or 0.0) for i in range(info.count)]
     running: list[tuple[str, int]] = []
     current = orch.state.jobs.get(body.current_job_id or "")
     if current is not None:
@@ -249,6 +251,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 message = await asyncio.wait_for(outbox.queue.get(), PING_SECONDS)
             except TimeoutError:
                 message = {"type": "ping"}
+                orch.registry.touch(worker.worker_id)  # its stream is open and taking data
             if message is None:
                 break
             number += 1
@@ -272,9 +275,16 @@ class HeartbeatBody(msgspec.Struct):
 
 @routes.post("/api/workers/heartbeat")
 async def heartbeat(request: web.Request) -> web.Response:
-    worker = authenticate_worker(request)
+    orch, worker = request.app[ORCH], authenticate_worker(request)
     body = decode_body(await request.read(), HeartbeatBody)
     _same_worker(worker, body.worker_id)
+    if body.status == "idle":
+        # The stock worker ignores a job sent while it was busy: an idle worker with a
+        # dispatch it never started gets it again.
+        for job_id in list(orch.state.node_active.get(worker.worker_id, {})):
+            job = orch.state.jobs[job_id]
+            if job.pid is None and job.stop_requested is None:
+                orch.hub.send(worker.worker_id, orch.hub.run_message(job_id, job.attempt, "sse"))
     return web.json_response({"success": True})
 
 
