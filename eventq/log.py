@@ -176,6 +176,10 @@ class EventLog:
         await conn.execute("PRAGMA journal_mode=WAL")
         await conn.execute("PRAGMA synchronous=FULL")
         await conn.executescript(SCHEMA)
+        # From here on, the sqlite3 module opens ``BEGIN IMMEDIATE`` itself before the
+        # first INSERT of a batch: one thread round trip less per commit.
+        await conn.execute("SELECT 1")
+        conn.isolation_level = "IMMEDIATE"
         return cls(path=path, conn=conn, clock_now=clock_now, on_fatal=on_fatal)
 
     def replay(self) -> int:
@@ -274,12 +278,12 @@ class EventLog:
                 subscriber(records)
 
     async def _commit(self, rows: list[Row]) -> None:
-        await self.conn.execute("BEGIN IMMEDIATE")
+        """``BEGIN IMMEDIATE`` (implicit, see ``open``), every row, ``COMMIT``."""
         try:
             await self.conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            await self.conn.execute("COMMIT")
+            await self.conn.commit()
         except BaseException:
-            await self.conn.execute("ROLLBACK")
+            await self.conn.rollback()
             raise
 
     def flush_future(self) -> asyncio.Future[None] | None:
