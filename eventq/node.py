@@ -42,7 +42,7 @@ class LocalNode:
         for record in records:
             e = record.event
             if isinstance(e, ev.AttemptDispatched) and e.node == "local":
-                self._spawn_task(self._run(e))
+                self._start(e)
             elif isinstance(e, ev.AttemptStopRequested):
                 job = self.state.jobs.get(e.job_id)
                 if job is not None and job.node == "local":
@@ -57,7 +57,8 @@ class LocalNode:
         if not self.scheduler._stopped:
             self.scheduler.tell(report)
 
-    async def _run(self, e: ev.AttemptDispatched) -> None:
+    def _start(self, e: ev.AttemptDispatched) -> None:
+        """Start the process right here, in the durable callback: not a loop turn later."""
         spec = self.state.jobs[e.job_id].spec
         key = (e.job_id, e.attempt)
         self.exited[key] = asyncio.Event()
@@ -70,10 +71,13 @@ class LocalNode:
             return
         self.pids[key] = pid
         self._report(AttemptReport(e.job_id, e.attempt, "started", pid=pid))
+        self._spawn_task(self._watch(key, pid))
+
+    async def _watch(self, key: tuple[str, int], pid: int) -> None:
         code = await runner.wait_child(pid)
         if code == runner.CLAIMED:
-            log.error("attempt_already_claimed", job_id=e.job_id, attempt=e.attempt)
-        self._ended(key, AttemptReport(e.job_id, e.attempt, "ended", exit_code=code))
+            log.error("attempt_already_claimed", job_id=key[0], attempt=key[1])
+        self._ended(key, AttemptReport(*key, "ended", exit_code=code))
 
     def _ended(self, key: tuple[str, int], report: AttemptReport) -> None:
         self.pids.pop(key, None)
