@@ -142,8 +142,9 @@ class SchedulerState:
         target = self.sort_key(job, now)
         ahead = 0
         for base, bucket in self.buckets.items():
-            if base == job.spec.effective_base and bucket[-1] == job.order:
-                ahead += len(bucket) - 1  # the newest of its bucket: all of it is ahead
+            if base == job.spec.effective_base:
+                # Its own bucket is in queue order already: everything before it is ahead.
+                ahead += bucket.index(job.order)
                 continue
             lo, hi = 0, len(bucket)
             while lo < hi:
