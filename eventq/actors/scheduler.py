@@ -19,6 +19,7 @@ import msgspec
 from eventq import events as ev
 from eventq import policy
 from eventq.actors.allocator import Allocate, Allocator, GpuTable, Release, decide_allocate
+from eventq.actors.node_views import NodeViews
 from eventq.actors.runtime import Actor
 from eventq.actors.scheduler_state import TERMINAL, JobState, SchedulerState
 from eventq.actors.workers_state import Workers
@@ -451,6 +452,8 @@ class Scheduler(Actor[SchedulerMsg]):
         self._result: object = None
         #: Read-only view of the registry's workers, for placement on worker nodes.
         self.workers: Workers | None = None
+        self.views = NodeViews(state, gpu_table)
+        log.subscribe(self.views.evolve)
         self.dispatched = 0
 
     def _append(self, principal: str, events: Sequence[ev.Event]) -> None:
@@ -639,23 +642,11 @@ class Scheduler(Actor[SchedulerMsg]):
             self.tell(message)
 
     def node_views(self) -> list[policy.NodeView]:
-        """Nodes that may take attempts now: local, and connected workers not draining."""
-        views = []
-        for view in self.gpu_table.views():
-            worker = None if view.local or self.workers is None \
-                else self.workers.by_id.get(view.name)
-            if not view.local and (worker is None
-                                   or not self.workers.placeable(view.name)):  # type: ignore[union-attr]
-                continue
-            active = self.state.node_active.get(view.name, {})
-            view.ends = [(end, gpus, job_id) for job_id, (end, gpus) in active.items()]
-            if worker is not None:
-                view.labels, view.max_jobs = worker.labels, worker.max_jobs
-                view.accepts_until = worker.accepts_until
-                idle = max(worker.since, self.state.node_idle_since.get(view.name, 0.0))
-                view.idle_since = None if active else idle
-            views.append(view)
-        return views
+        """Nodes that may take attempts now: local, and connected workers not draining.
+
+        Cached between decisions (``NodeViews``); the policy copies what it changes."""
+        self.views.workers = self.workers
+        return self.views.current()
 
     def dry_run(self, spec: ev.JobSpec) -> DryRun:
         """Where ``spec`` would run now, or every reason it would wait; records nothing."""
