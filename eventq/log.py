@@ -107,7 +107,9 @@ def iter_verified(conn: sqlite3.Connection) -> Iterator[Record]:
     """
     prev, expected = GENESIS, 1
     sha256, pack, types = hashlib.sha256, _SEQ_TIME.pack, ev.EVENT_TYPES
-    for seq, time, principal, type_, job_id, version, body, stored in iter_rows(conn):
+    rows = conn.execute("SELECT seq, time, principal, type, job_id, v, body, hash FROM events "
+                        "ORDER BY seq")
+    for seq, time, principal, type_, job_id, version, body, stored in rows:
         if seq != expected:
             raise LogCorrupt(expected, f"sequence jumps to {seq}")
         fields = f"{principal}\x1f{type_}\x1f{job_id or ''}\x1f{version}".encode()
