@@ -10,6 +10,7 @@ Processes are started by the node only once that event is durable.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -235,6 +236,8 @@ class Reconciled:
     keep: list[tuple[str, int]]
     stop: list[tuple[str, int]]
     resend: list[tuple[str, int]]
+    #: Kept attempts whose stop was asked while the worker was away (cancel, max_runtime).
+    cancel: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
 
 
 def decide_reconnected(state: SchedulerState,
@@ -256,7 +259,9 @@ def decide_reconnected(state: SchedulerState,
         ended = ev.AttemptEnded(job_id=job_id, attempt=attempt, outcome="lost",
                                 detail="worker_lost: the worker came back without it")
         events += [ended, *_after_attempt(job, ended)]
-    return events, Reconciled(keep, stop, resend)
+    cancel = [(j, a, state.jobs[j].stop_requested or "") for j, a in keep
+              if state.jobs[j].stop_requested]
+    return events, Reconciled(keep, stop, resend, cancel)
 
 
 def decide_cancel_many(state: SchedulerState, cmd: CancelMany) -> list[ev.Event]:

@@ -1,11 +1,11 @@
 """The agent's loop: connect, say hello, run what the orchestrator sends, reconnect.
 
 One connection at a time to ``/api/workers/ws``. After any disconnect the agent connects
-again with jittered exponential backoff, capped at half the orchestrator's heartbeat
-timeout (learned from its ``welcome``) so that a worker never misses the time it is given
-to come back; its running attempts keep running meanwhile and are listed in the next
-``hello``. Heartbeats come from a task of their own that waits on nothing but the clock
-and the socket, so a silent or busy job never delays them.
+again with jittered exponential backoff, capped at one heartbeat period (30 s by default;
+the orchestrator waits four before it gives a worker up), so that a worker never misses
+the time it is given to come back; its running attempts keep running meanwhile and are
+listed in the next ``hello``. Heartbeats come from a task of their own that waits on
+nothing but the clock and the socket, so a silent or busy job never delays them.
 
 A rejected token (401/403) ends the agent at once with a clear message: retrying cannot
 help. A ``shutdown`` ends it when it has nothing left running and the worker is not
@@ -80,7 +80,7 @@ class Backoff:
 
     def reset(self, heartbeat_seconds: float) -> None:
         self.failures = 0
-        self.cap = min(BACKOFF_CAP, max(1.0, 2 * heartbeat_seconds))
+        self.cap = min(BACKOFF_CAP, max(1.0, heartbeat_seconds))
 
 
 class Agent:
@@ -128,6 +128,7 @@ class Agent:
     async def _work(self, session: aiohttp.ClientSession) -> None:
         loop = asyncio.get_running_loop()
         while not self.signalled.is_set():
+            number = self.link.number
             connection = loop.create_task(self._connection(session))
             signalled = loop.create_task(self.signalled.wait())
             await asyncio.wait({connection, signalled}, return_when=asyncio.FIRST_COMPLETED)
@@ -141,8 +142,8 @@ class Agent:
             if self._finished():
                 return
             delay = self.backoff.next()
-            log.info("disconnected", reason=why, retry_in=f"{delay:.1f}s",
-                     running=self.attempts.running)
+            log.info("disconnected" if self.link.number != number else "connect_failed",
+                     reason=why, retry_in=f"{delay:.1f}s", running=self.attempts.running)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.signalled.wait(), delay)
         self.end_reason = "stopped by a signal"

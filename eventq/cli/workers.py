@@ -80,7 +80,8 @@ def _row(worker: dict[str, Any]) -> dict[str, Any]:
     text = f"{len(gpus)}x{'/'.join(names)}" if gpus else "-"
     return {**worker, "gpus": text + (" (simulated)" if gpus and worker.get("simulated")
                                       else ""),
-            "labels": ",".join(f"{k}={v}" for k, v in sorted(worker["labels"].items()))}
+            "labels": ",".join(f"{k}={v}" for k, v in sorted(worker["labels"].items()))
+            or None}
 
 
 def list_workers(args: argparse.Namespace) -> int:
@@ -116,8 +117,9 @@ def rotate(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(reply)
         return 0
-    console.print(f"a new token for {worker_id}; the old one no longer works and its "
-                  "connection was closed. New token (shown only this once):", markup=False)
+    console.print(f"a new token for {worker_id}; the old one no longer works (a worker "
+                  "connected with it is disconnected). New token (shown only this once):",
+                  markup=False)
     print(reply["token"])
     console.print("restart the worker with it:", markup=False)
     print(f"  eventq worker --url {client.url} --token {reply['token']}")

@@ -126,9 +126,9 @@ class WorkerHub:
         elif isinstance(e, ev.AttemptEnded):
             job = self.state.jobs.get(e.job_id)
             worker = self.workers.by_id.get(job.node or "") if job else None
-            if worker is not None and worker.worker_type == "ephemeral":
-                self.send(worker.worker_id, {"type": "shutdown",
-                                             "reason": "an ephemeral worker runs one job"})
+            outbox = self.connections.get(worker.worker_id) if worker else None
+            if worker is not None and worker.worker_type == "ephemeral" and outbox is not None:
+                outbox.close("an ephemeral worker runs one job")
 
     def append_log(self, worker_id: str, job_id: str, attempt: int, stream: str,
                    data: str) -> bool:

@@ -62,6 +62,9 @@ def greet(orch: Orchestrator, worker_id: str, outbox: Outbox, done: Reconciled) 
     for job_id, attempt in done.stop:
         outbox.send({"type": "job_cancel", "job_id": job_id, "attempt": attempt,
                      "reason": "this attempt was given to another worker"})
+    for job_id, attempt, reason in done.cancel:  # asked while the worker was away
+        outbox.send({"type": "job_cancel", "job_id": job_id, "attempt": attempt,
+                     "reason": reason})
     for job_id, attempt in done.resend:
         outbox.send(orch.hub.run_message(job_id, attempt, outbox.transport))
 
@@ -243,7 +246,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     # Dispatched since it registered, before this stream could carry it: not started yet.
     unsent = [(j, orch.state.jobs[j].attempt) for j in orch.state.node_active.get(
         worker.worker_id, {}) if orch.state.jobs[j].pid is None]
-    greet(orch, worker.worker_id, outbox, Reconciled(done.keep, done.stop, unsent))
+    greet(orch, worker.worker_id, outbox, Reconciled(done.keep, done.stop, unsent, done.cancel))
     number = 0
     try:
         while True:

@@ -1,0 +1,575 @@
+"""``eventq worker`` as an operator runs it: real orchestrator and worker processes.
+
+Each story starts an ``eventq server`` (heartbeat timeout shortened to 2 s) and one or
+two ``eventq worker`` processes with simulated GPUs on loopback, then does what people
+do: submit, cancel, kill -9 a worker or the orchestrator, restart, rotate a token, drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from aiohttp import WSMsgType, web
+from aiohttp.test_utils import TestServer
+
+from eventq.runner import is_ours
+
+EVENTQ = shutil.which("eventq", path=str(Path(sys.executable).parent)) or "eventq"
+HEARTBEAT_TIMEOUT = 2.0
+pytestmark = pytest.mark.slow
+T = TypeVar("T")
+AiohttpServer = Callable[[web.Application], Any]
+
+
+def wait_for(check: Callable[[], T], what: str, timeout: float = 20.0) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTQ_")}
+    return {**env, **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def gone(pid: int) -> bool:
+    """Has the process ended (exited, or a zombie nobody has reaped yet)?"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+class Server:
+    """An ``eventq server`` process and an admin's calls to its API."""
+
+    def __init__(self, data: Path, port: int, heartbeat_timeout: float) -> None:
+        self.data, self.port, self.heartbeat_timeout = data, port, heartbeat_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = self.token = ""
+
+    def start(self) -> None:
+        (self.data / "server.json").unlink(missing_ok=True)
+        self.data.mkdir(parents=True, exist_ok=True)
+        with open(self.data.parent / f"{self.data.name}.out", "ab") as out:
+            self.proc = subprocess.Popen(
+                [EVENTQ, "server", "--data-dir", str(self.data), "--port", str(self.port),
+                 "--gpus", "1xA100-80GB", "--grace", "1"], stdout=out, stderr=out,
+                env=clean_env(EVENTQ_HEARTBEAT_TIMEOUT=str(self.heartbeat_timeout)))
+        proc = self.proc
+        wait_for(lambda: (self.data / "server.json").exists() or proc.poll() is not None,
+                 "the server to start")
+        assert proc.poll() is None, self.output()
+        self.url = json.loads((self.data / "server.json").read_text())["url"]
+        self.token = (self.data / "admin.token").read_text().strip()
+
+    def output(self) -> str:
+        return (self.data.parent / f"{self.data.name}.out").read_text()
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        req = urllib.request.Request(
+            self.url + path, method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {self.token}",
+                     "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+            if resp.headers.get_content_type() == "application/json":
+                return json.loads(raw)
+            return raw.decode()
+
+    def submit(self, command: str, gpus: int = 1, **more: Any) -> str:
+        reply = self.call("POST", "/api/queue/submit",
+                          {"command": command, "gpus": gpus, "target": "worker", **more})
+        return str(reply["job_id"])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.call("GET", f"/api/jobs/{job_id}")
+        return found
+
+    def wait_job(self, job_id: str, status: str, timeout: float = 20.0) -> dict[str, Any]:
+        return wait_for(lambda: (job := self.job(job_id))["status"] == status and job,
+                        f"job {job_id} to be {status}", timeout)
+
+    def ends(self, job_id: str) -> list[dict[str, Any]]:
+        events = self.call("GET", f"/api/jobs/{job_id}/events")["events"]
+        return [e["body"] for e in events if e["type"] == "attempt_ended"]
+
+    def worker(self, worker_id: str) -> dict[str, Any]:
+        workers = self.call("GET", "/api/admin/workers")["workers"]
+        found: dict[str, Any] = next(w for w in workers if w["worker_id"] == worker_id)
+        return found
+
+    def count_events(self, kind: str) -> int:
+        with contextlib.closing(sqlite3.connect(f"file:{self.data / 'events.db'}?mode=ro",
+                                                uri=True)) as db:
+            count: int = db.execute("SELECT count(*) FROM events WHERE type = ?",
+                                    (kind,)).fetchone()[0]
+            return count
+
+
+class Worker:
+    """An ``eventq worker`` process for a worker an admin created."""
+
+    def __init__(self, server: Server, data: Path, created: dict[str, Any]) -> None:
+        self.server, self.data = server, data
+        self.worker_id, self.token = created["worker_id"], created["token"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str, via_env: bool = False) -> None:
+        env = clean_env()
+        where = ["--url", self.server.url, "--token", self.token]
+        if via_env:  # as a batch script would: everything from the environment
+            env.update(EVENTQ_URL=self.server.url, EVENTQ_WORKER_TOKEN=self.token)
+            where = []
+        before = self.connections()
+        with open(self.data.with_suffix(".out"), "ab") as out:
+            self.proc = subprocess.Popen(
+                [EVENTQ, "worker", *where, "--data-dir", str(self.data), "--grace", "1", *args],
+                stdout=out, stderr=out, env=env)
+        wait_for(lambda: self.connections() > before, f"worker {self.worker_id} to connect")
+
+    def output(self) -> str:
+        path = self.data.with_suffix(".out")
+        return path.read_text() if path.exists() else ""
+
+    def connections(self) -> int:
+        """How many times it has said it connected."""
+        return self.output().count("] connected ")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+class Cluster:
+    """Every process a story starts, all cleaned up after it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.servers: list[Server] = []
+        self.workers: list[Worker] = []
+
+    def server(self, port: int = 0, heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> Server:
+        server = Server(self.root / f"server{len(self.servers)}", port, heartbeat_timeout)
+        self.servers.append(server)
+        server.start()
+        return server
+
+    def worker(self, server: Server, name: str, *args: str, gpus: str = "1xA100-80GB",
+               worker_type: str = "persistent", labels: dict[str, str] | None = None,
+               via_env: bool = False) -> Worker:
+        created = server.call("POST", "/api/admin/workers", {
+            "name": name, "worker_type": worker_type, "labels": labels or {}})
+        worker = Worker(server, self.root / name, created)
+        self.workers.append(worker)
+        worker.start("--gpus", gpus, *args, via_env=via_env)
+        return worker
+
+    def close(self) -> None:
+        procs = [w.proc for w in self.workers] + [s.proc for s in self.servers]
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            if proc is not None:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+        for pid_file in self.root.glob("*/jobs/*/*/pid"):
+            with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
+                pid = int(pid_file.read_text())
+                if is_ours(pid, pid_file.parent):
+                    os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    made = Cluster(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def test_a_job_for_labelled_workers_runs_there_with_its_gpus_and_its_log(
+        cluster: Cluster) -> None:
+    server = cluster.server()
+    big = cluster.worker(server, "box-a100", "--labels", "location=us-west", "--persistent",
+                         gpus="2xA100-80GB", labels={"gpu_type": "a100"})
+    small = cluster.worker(server, "box-l4", "--trainer", 'sh -c \'cat "$CONFIG_PATH"\'',
+                           gpus="1xL4-24GB", worker_type="ephemeral", labels={"gpu_type": "l4"},
+                           via_env=True)
+
+    job = server.submit("echo gpus=$CUDA_VISIBLE_DEVICES job=$EVENTQ_JOB_ID "
+                        "attempt=$EVENTQ_ATTEMPT; echo warning >&2", gpus=2,
+                        worker_labels={"gpu_type": "a100*", "location": "us-*"})
+    done = server.wait_job(job, "completed")
+    assert done["node"] == big.worker_id
+    assert server.call("GET", f"/api/jobs/{job}/logs") == f"gpus=0,1 job={job} attempt=1\n"
+    assert server.call("GET", f"/api/jobs/{job}/logs?stream=stderr") == "warning\n"
+
+    # a config job runs the worker's trainer with CONFIG_PATH; the ephemeral worker then stops
+    config_job = server.call("POST", "/api/queue/submit", {
+        "config": {"learning_rate": 0.0001}, "gpus": 1, "target": "worker",
+        "worker_labels": {"gpu_type": "l4"}})["job_id"]
+    assert server.wait_job(config_job, "completed")["node"] == small.worker_id
+    assert json.loads(server.call("GET", f"/api/jobs/{config_job}/logs")) == {
+        "learning_rate": 0.0001}
+    assert small.proc is not None and small.proc.wait(timeout=10) == 0
+    assert "an ephemeral worker runs one job" in small.output()
+    shutdown = next(line for line in small.output().splitlines() if "] shutdown " in line)
+    assert "completed=1" in shutdown and "left_running=0" in shutdown
+    assert big.proc is not None and big.proc.poll() is None, "the persistent worker goes on"
+
+
+def test_cancelling_a_remote_job_stops_its_whole_process_group(cluster: Cluster,
+                                                               tmp_path: Path) -> None:
+    server = cluster.server()
+    cluster.worker(server, "box")
+    child_file = tmp_path / "child.pid"
+    # a job that ignores SIGTERM and leaves a child behind: only the group's SIGKILL ends both
+    job = server.submit(f"trap '' TERM; sleep 300 & echo $! > {child_file}; wait")
+    server.wait_job(job, "running")
+    child = int(wait_for(lambda: child_file.exists() and child_file.read_text().strip(),
+                         "the job's child to start"))
+
+    server.call("POST", f"/api/queue/{job}/cancel")
+    wait_for(lambda: gone(child), "the job's child to be killed")
+    server.wait_job(job, "cancelled")
+    assert [e["outcome"] for e in wait_for(lambda: server.ends(job), "the attempt's end")] \
+        == ["cancelled"]
+
+
+def test_a_remote_job_past_its_max_runtime_is_stopped_as_timed_out(cluster: Cluster,
+                                                                  tmp_path: Path) -> None:
+    server = cluster.server()
+    cluster.worker(server, "box")
+    pid_file = tmp_path / "pid"
+    job = server.submit(f"echo $$ > {pid_file}; exec sleep 300", max_runtime=1)
+    server.wait_job(job, "failed")
+    assert [e["outcome"] for e in server.ends(job)] == ["timeout"]
+    assert gone(int(pid_file.read_text()))
+
+
+def test_a_job_cancelled_while_its_worker_was_away_is_stopped_when_it_returns(
+        cluster: Cluster) -> None:
+    server = cluster.server(heartbeat_timeout=6.0)
+    worker = cluster.worker(server, "box")
+    job = server.submit("sleep 300")
+    server.wait_job(job, "running")
+    worker.kill9()
+    server.call("POST", f"/api/queue/{job}/cancel")
+
+    worker.start()  # back within the heartbeat timeout: it keeps the attempt, which is cancelled
+    ends = wait_for(lambda: server.ends(job), "the cancelled attempt to be stopped", timeout=5)
+    assert [e["outcome"] for e in ends] == ["cancelled"]
+
+
+def test_a_worker_killed_mid_job_loses_it_and_attempt_2_runs_on_the_other(
+        cluster: Cluster, tmp_path: Path) -> None:
+    server = cluster.server()
+    workers = [cluster.worker(server, "one"), cluster.worker(server, "two")]
+    ledger = tmp_path / "ledger"
+    job = server.submit(f'echo "$EVENTQ_ATTEMPT" >> {ledger}; '
+                        'if [ "$EVENTQ_ATTEMPT" = 1 ]; then sleep 300; fi; echo finished')
+    first = server.wait_job(job, "running")["node"]
+    lost = next(w for w in workers if w.worker_id == first)
+    other = next(w for w in workers if w is not lost)
+
+    lost.kill9()
+    done = server.wait_job(job, "completed")
+    assert (done["attempt"], done["node"]) == (2, other.worker_id)
+    ends = server.ends(job)
+    assert ends[0]["outcome"] == "lost" and ends[0]["detail"].startswith("worker_lost")
+    assert ledger.read_text().split() == ["1", "2"]
+    assert server.worker(lost.worker_id)["status"] == "offline"
+    assert server.call("GET", f"/api/jobs/{job}/logs") == "finished\n"
+
+
+def test_an_orchestrator_killed_and_restarted_keeps_the_remote_job_which_runs_once(
+        cluster: Cluster, tmp_path: Path) -> None:
+    # the restarted server waits one heartbeat timeout for the worker: leave room for its start
+    server = cluster.server(port=free_port(), heartbeat_timeout=3.0)
+    worker = cluster.worker(server, "box")
+    ledger = tmp_path / "ledger"
+    job = server.submit(f"echo ran >> {ledger}; sleep 2; echo done")
+    server.wait_job(job, "running")
+
+    assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait(timeout=10)
+    server.start()
+    done = server.wait_job(job, "completed")
+    assert done["attempt"] == 1 and done["node"] == worker.worker_id
+    assert ledger.read_text() == "ran\n", "the job ran exactly once"
+    assert [e["outcome"] for e in server.ends(job)] == ["exited"]
+    assert server.count_events("worker_lost") == 0
+    assert worker.connections() == 2, "the worker came back by itself"
+
+
+def test_a_restarted_worker_adopts_its_running_job_instead_of_running_it_again(
+        cluster: Cluster, tmp_path: Path) -> None:
+    server = cluster.server(heartbeat_timeout=6.0)
+    worker = cluster.worker(server, "box")
+    ledger, release = tmp_path / "ledger", tmp_path / "release"
+    job = server.submit(f"echo ran >> {ledger}; while [ ! -e {release} ]; do sleep 0.05; done; "
+                        "echo done")
+    server.wait_job(job, "running")
+    wait_for(ledger.exists, "the job to start")
+
+    worker.kill9()
+    worker.start()
+    release.touch()
+    done = server.wait_job(job, "completed")
+    assert done["attempt"] == 1
+    assert ledger.read_text() == "ran\n"
+    assert server.call("GET", f"/api/jobs/{job}/logs") == "done\n"
+    assert "adopted" in worker.output()
+
+
+def test_a_job_that_prints_nothing_for_many_heartbeats_keeps_its_worker_online(
+        cluster: Cluster) -> None:
+    server = cluster.server()
+    worker = cluster.worker(server, "box")
+    job = server.submit(f"sleep {HEARTBEAT_TIMEOUT * 2}")  # eight heartbeat periods of silence
+    server.wait_job(job, "completed")
+    assert [e["outcome"] for e in server.ends(job)] == ["exited"]
+    assert server.count_events("worker_lost") == 0
+    assert "disconnected" not in worker.output()
+
+
+def test_rotating_the_token_closes_the_connection_and_the_worker_exits_saying_why(
+        cluster: Cluster) -> None:
+    server = cluster.server()
+    worker = cluster.worker(server, "box")
+    job = server.submit("sleep 300")
+    server.wait_job(job, "running")
+
+    server.call("POST", f"/api/admin/workers/{worker.worker_id}/token")
+    assert worker.proc is not None
+    assert worker.proc.wait(timeout=15) != 0
+    said = worker.output()
+    assert "refused this worker's token (HTTP 401)" in said
+    assert "the worker's token was rotated" in said
+    assert "left_running=1" in said, "the job is not killed: a restart with the new token " \
+                                     "adopts it"
+
+
+def test_a_drained_worker_finishes_its_job_and_takes_no_new_one(cluster: Cluster,
+                                                                tmp_path: Path) -> None:
+    server = cluster.server()
+    drained = cluster.worker(server, "drained")
+    release = tmp_path / "release"
+    first = server.submit(f"while [ ! -e {release} ]; do sleep 0.05; done; echo finished")
+    server.wait_job(first, "running")
+    other = cluster.worker(server, "other")
+
+    server.call("POST", f"/api/admin/workers/{drained.worker_id}/drain")
+    second = server.submit("sleep 300")
+    assert server.wait_job(second, "running")["node"] == other.worker_id
+    release.touch()
+    assert server.wait_job(first, "completed")["node"] == drained.worker_id
+    third = server.call("POST", "/api/queue/submit",
+                        {"command": "true", "gpus": 1, "target": "worker"})
+    assert third["status"] == "queued", "the idle drained worker takes no new job"
+    assert server.worker(drained.worker_id)["status"] == "draining"
+    assert drained.proc is not None and drained.proc.poll() is None, "it keeps running"
+    assert "draining" in drained.output()
+
+
+# --- the protocol, against an orchestrator played by hand ------------------------------
+
+
+class Connection:
+    """One agent connection, seen from the orchestrator's side."""
+
+    def __init__(self, ws: web.WebSocketResponse, done: asyncio.Event) -> None:
+        self.ws, self.done = ws, done
+
+    async def send(self, **message: Any) -> None:
+        await self.ws.send_json(message)
+
+    async def next(self) -> dict[str, Any]:
+        frame = await asyncio.wait_for(self.ws.receive(), 15)
+        assert frame.type == WSMsgType.TEXT, f"the agent closed the connection: {frame}"
+        message: dict[str, Any] = json.loads(frame.data)
+        return message
+
+    async def until(self, done: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
+        seen: list[dict[str, Any]] = []
+        while not done(seen):
+            seen.append(await self.next())
+        return seen
+
+    async def closed(self) -> None:
+        frame = await asyncio.wait_for(self.ws.receive(), 15)
+        assert frame.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING), frame
+
+
+class ScriptedOrchestrator:
+    """``/api/workers/ws`` answered by the test, message by message."""
+
+    TOKEN = "wt_scripted"
+
+    def __init__(self) -> None:
+        self.connections: asyncio.Queue[Connection] = asyncio.Queue()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/api/workers/ws", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("X-Worker-Token") != self.TOKEN:
+            return web.json_response({"error": "bad token"}, status=401)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        done = asyncio.Event()
+        await self.connections.put(Connection(ws, done))
+        await done.wait()  # the test talks on it until it is done with it
+        return ws
+
+    async def accept(self) -> Connection:
+        return await asyncio.wait_for(self.connections.get(), 15)
+
+
+def run_message(job_id: str, command: str, gpus: list[int] | None = None) -> dict[str, Any]:
+    return {"type": "run", "job_id": job_id, "attempt": 1, "command": command,
+            "gpus": gpus or [0], "env": {}, "cwd": None, "config": {}, "max_runtime": None}
+
+
+def ended(*job_ids: str) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda seen: {m["job_id"] for m in seen if m["type"] == "exited"} >= set(job_ids)
+
+
+@pytest.fixture
+async def scripted(aiohttp_server: AiohttpServer,
+                   tmp_path: Path) -> Any:
+    orchestrator = ScriptedOrchestrator()
+    server: TestServer = await aiohttp_server(orchestrator.app())
+    agents: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        with open(tmp_path / "agent.out", "ab") as out:
+            agent = subprocess.Popen(
+                [EVENTQ, "worker", "--url", str(server.make_url("")).rstrip("/"),
+                 "--token", ScriptedOrchestrator.TOKEN, "--gpus", "2xA100-80GB",
+                 "--labels", "zone=b", "--data-dir", str(tmp_path / "agent"), "--grace", "1"],
+                stdout=out, stderr=out, env=clean_env())
+        agents.append(agent)
+        return agent
+
+    yield orchestrator, start
+    for agent in agents:
+        if agent.poll() is None:
+            agent.kill()
+        agent.wait(timeout=10)
+    for pid_file in tmp_path.glob("agent/jobs/*/*/pid"):
+        with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
+            pid = int(pid_file.read_text())
+            if is_ours(pid, pid_file.parent):
+                os.killpg(pid, signal.SIGKILL)
+
+
+async def test_a_run_sent_twice_starts_once_and_heartbeats_go_on_while_the_job_is_silent(
+        scripted: Any, tmp_path: Path) -> None:
+    orchestrator, start = scripted
+    start()
+    conn = await orchestrator.accept()
+    hello = await conn.next()
+    assert (hello["type"], hello["running"], hello["labels"], hello["simulated"]) == (
+        "hello", [], {"zone": "b"}, True)
+    assert [g["index"] for g in hello["gpus"]] == [0, 1]
+    await conn.send(type="welcome", worker_id="w_1", heartbeat_seconds=0.2, keep=[], stop=[])
+
+    ledger = tmp_path / "ledger"
+    await conn.ws.send_str("this is not json")
+    await conn.send(type="a_message_from_the_future")
+    run = run_message("j1", f"echo ran >> {ledger}; echo gpus=$CUDA_VISIBLE_DEVICES; sleep 1",
+                      gpus=[1])
+    await conn.ws.send_json(run)
+    await conn.ws.send_json(run)
+    seen = await conn.until(ended("j1"))
+    kinds = [m["type"] for m in seen]
+    assert kinds.count("started") == 1 and ledger.read_text() == "ran\n"
+    silent = kinds[kinds.index("started"):kinds.index("exited")]
+    assert silent.count("heartbeat") >= 2, "heartbeats go on while the job prints nothing"
+    assert "".join(m["data"] for m in seen if m["type"] == "log") == "gpus=1\n"
+    assert {k: seen[-1][k] for k in ("job_id", "attempt", "outcome", "exit_code")} == {
+        "job_id": "j1", "attempt": 1, "outcome": "exited", "exit_code": 0}
+    conn.done.set()
+
+
+async def test_a_restarted_agent_reports_what_ended_while_away_and_stops_what_was_given_away(
+        scripted: Any, tmp_path: Path) -> None:
+    orchestrator, start = scripted
+    agent = start()
+    conn = await orchestrator.accept()
+    await conn.next()
+    await conn.send(type="welcome", worker_id="w_1", heartbeat_seconds=5, keep=[], stop=[])
+    given_away_pid, ledger, release = tmp_path / "pid", tmp_path / "ledger", tmp_path / "release"
+    await conn.ws.send_json(run_message("given", f"echo $$ > {given_away_pid}; exec sleep 300"))
+    await conn.ws.send_json(run_message(
+        "kept", f"echo ran >> {ledger}; while [ ! -e {release} ]; do sleep 0.05; done; echo bye",
+        gpus=[1]))
+    await conn.until(lambda seen: [m["type"] for m in seen].count("started") == 2)
+
+    agent.kill()
+    agent.wait(timeout=10)
+    await conn.closed()
+    conn.done.set()
+    release.touch()  # "kept" ends while no agent watches it
+    wait_for((tmp_path / "agent/jobs/kept/1/exit").exists, "the job to end")
+
+    start()
+    conn = await orchestrator.accept()
+    hello = await conn.next()
+    assert sorted(hello["running"]) == [["given", 1], ["kept", 1]]
+    await conn.send(type="welcome", worker_id="w_1", heartbeat_seconds=5,
+                    keep=[["kept", 1]], stop=[["given", 1]])
+    seen = await conn.until(ended("kept", "given"))
+    exits = {m["job_id"]: m for m in seen if m["type"] == "exited"}
+    assert (exits["kept"]["outcome"], exits["kept"]["exit_code"]) == ("exited", 0)
+    assert "".join(m["data"] for m in seen if m["type"] == "log" and m["job_id"] == "kept") \
+        == "bye\n", "its output from while the agent was away, sent once"
+    assert exits["given"]["outcome"] == "cancelled"
+    assert gone(int(given_away_pid.read_text()))
+
+    # the same run again is not started again, whatever arrives after it
+    await conn.ws.send_json(run_message("kept", f"echo ran >> {ledger}"))
+    await conn.ws.send_json(run_message("later", "true"))
+    seen = await conn.until(ended("later"))
+    assert [m["job_id"] for m in seen if m["type"] == "started"] == ["later"]
+    assert ledger.read_text() == "ran\n"
+    conn.done.set()
