@@ -125,6 +125,14 @@ def fitting_nodes(spec: JobSpec, nodes: Iterable[NodeView]) -> list[NodeView]:
     return sorted(fit, key=lambda n: (n.local, n.idle_since is None, n.idle_since or 0.0))
 
 
+def fits_budget(spec: JobSpec, node: NodeView, now: float) -> bool:
+    """Does the job surely end before a time-limited worker's allocation does?"""
+    if node.accepts_until is None:
+        return True
+    runtime = expected_runtime(spec)
+    return runtime is not None and now + runtime <= node.accepts_until
+
+
 def limit_reasons(spec: JobSpec, counts: Counts, limits: Limits) -> list[Reason]:
     """Checks 1-3 of SPEC 4: global, user, team."""
     out = []
@@ -233,14 +241,13 @@ class _Pass:
             out.append(Reason("gpus", f"worker {node.name} runs {node.jobs} of "
                                       f"{node.max_jobs} jobs"))
             return out
-        if node.accepts_until is not None:
+        if not fits_budget(spec, node, self.now):
             runtime = expected_runtime(spec)
-            left = node.accepts_until - self.now
-            if runtime is None or runtime > left:
-                need = "an unknown time" if runtime is None else f"{runtime:.0f}s"
-                out.append(Reason("no_worker", f"worker {node.name} has {max(0.0, left):.0f}s "
-                                               f"left in its allocation; the job needs {need}"))
-                return out
+            left = (node.accepts_until or self.now) - self.now
+            need = "an unknown time" if runtime is None else f"{runtime:.0f}s"
+            out.append(Reason("no_worker", f"worker {node.name} has {max(0.0, left):.0f}s "
+                                           f"left in its allocation; the job needs {need}"))
+            return out
         if not gpus_fit(spec, node):
             out.append(gpu_reason(spec, node))
             return out

@@ -408,6 +408,24 @@ def test_a_drained_worker_finishes_its_job_and_takes_no_new_one(cluster: Cluster
     assert "draining" in drained.output()
 
 
+def test_a_worker_with_a_time_budget_takes_what_fits_then_leaves(cluster: Cluster,
+                                                                  tmp_path: Path) -> None:
+    """job-scheduler-v2's --max-runtime/--margin-time on an HPC allocation."""
+    server = cluster.server()
+    hpc = cluster.worker(server, "hpc", "--max-runtime", "3600", "--margin-time", "300")
+    too_long = server.submit("true", estimated_runtime=4000)
+    short = server.submit(f"echo ran > {tmp_path / 'short'}", estimated_runtime=60)
+    assert server.wait_job(short, "completed")["node"] == hpc.worker_id
+    waiting = server.job(too_long)
+    assert waiting["status"] == "pending"
+    assert "left in its allocation" in waiting["reasons"][0]["detail"]
+    assert hpc.proc is not None
+    assert hpc.proc.wait(timeout=20) == 0, "nothing more fits: it leaves cleanly"
+    assert "time budget" in hpc.output()
+    other = cluster.worker(server, "other")
+    assert server.wait_job(too_long, "completed")["node"] == other.worker_id
+
+
 # --- the protocol, against an orchestrator played by hand ------------------------------
 
 

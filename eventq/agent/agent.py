@@ -21,6 +21,7 @@ import fcntl
 import os
 import random
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -57,6 +58,9 @@ class AgentConfig:
     persistent: bool = False
     trainer: tuple[str, ...] = runner.DEFAULT_TRAINER
     grace_seconds: float = 10.0
+    #: On a time-limited allocation (``--max-runtime``, ``--margin-time``): take only jobs
+    #: known to end before this, and leave once none fits in the time left.
+    accepts_until: float | None = None
 
 
 class Refused(Exception):
@@ -99,6 +103,7 @@ class Agent:
         self.end_reason = "stopped"
         self.signalled = asyncio.Event()
         self._gpu_text = ""
+        self.budget_spent = False
 
     @property
     def ws_url(self) -> str:
@@ -146,7 +151,8 @@ class Agent:
                      reason=why, retry_in=f"{delay:.1f}s", running=self.attempts.running)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.signalled.wait(), delay)
-        self.end_reason = "stopped by a signal"
+        self.end_reason = ("its time budget has no room for any waiting job"
+                           if self.budget_spent else "stopped by a signal")
 
     def _finished(self) -> bool:
         """After a connection ended: is the agent's work over?"""
@@ -218,7 +224,8 @@ class Agent:
             "gpus": [{"index": g.index, "name": g.name, "memory_gb": g.memory_gb,
                       "foreign_memory_percent": g.foreign_memory_percent}
                      for g in inventory.gpus],
-            "labels": self.config.labels, "running": self.attempts.listed()})
+            "labels": self.config.labels, "running": self.attempts.listed(),
+            "accepts_until": self.config.accepts_until})
         self._gpu_text = f"{len(inventory.gpus)}" + (" (simulated)" if inventory.simulated
                                                      else "")
         try:
@@ -250,6 +257,26 @@ class Agent:
             await asyncio.sleep(self.heartbeat_seconds)
             self.attempts.confirm_delivered(loop.time(), self.heartbeat_seconds)
             await self.link.send({"type": "heartbeat", "running": self.attempts.listed()})
+            if self.config.accepts_until is not None and await self._budget_spent():
+                self.budget_spent = True
+                self.signalled.set()
+                return
+
+    async def _budget_spent(self) -> bool:
+        """Idle, and no waiting job fits in the time left (the orchestrator knows which)."""
+        if self.attempts.running or self.attempts.unsent or self.worker_id is None:
+            return False
+        assert self.config.accepts_until is not None
+        if time.time() >= self.config.accepts_until:
+            return True
+        url = f"{self.config.url.rstrip('/')}/api/workers/queue?worker_id={self.worker_id}"
+        headers = {"X-Worker-Token": self.config.token}
+        try:
+            async with aiohttp.ClientSession(headers=headers) as s, \
+                    s.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                return resp.status == 200 and not (await resp.json())["has_jobs"]
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+            return False
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         async for frame in ws:

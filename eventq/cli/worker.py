@@ -7,6 +7,7 @@ import asyncio
 import os
 import shlex
 import socket
+import time
 from pathlib import Path
 
 from eventq.cli.client import CliError, default_data_dir
@@ -38,6 +39,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                                      "(default: python -m simpletuner.train)")
     w.add_argument("--grace", type=float, default=10.0,
                    help="seconds between SIGTERM and SIGKILL when stopping a job")
+    w.add_argument("--max-runtime", type=float, metavar="SECONDS",
+                   help="the allocation's length (HPC): take only jobs whose estimated_runtime "
+                        "(or max_runtime) fits in the time left, and exit once none does")
+    w.add_argument("--margin-time", type=float, default=0.0, metavar="SECONDS",
+                   help="with --max-runtime: time kept free at the end of the allocation")
     w.add_argument("--log-format", choices=["console", "json"], default="console")
     w.set_defaults(run=run_worker)
 
@@ -51,6 +57,15 @@ def parse_labels(text: str | None) -> dict[str, str]:
             raise CliError(f"label {part!r} must be KEY=VALUE (e.g. gpu_type=a100)")
         labels[key.strip()] = value.strip()
     return labels
+
+
+def budget_end(max_runtime: float | None, margin: float) -> float | None:
+    """Until when this worker takes jobs, from the start of its allocation (now)."""
+    if max_runtime is None:
+        return None
+    if max_runtime <= 0 or margin < 0 or margin >= max_runtime:
+        raise CliError("--max-runtime must be positive and larger than --margin-time (>= 0)")
+    return time.time() + max_runtime - margin
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -84,7 +99,8 @@ def run_worker(args: argparse.Namespace) -> int:
         url=url, token=token, data_dir=(args.data_dir or default_data_dir() / "worker").absolute(),
         name=args.name or env.get("EVENTQ_WORKER_NAME") or socket.gethostname(),
         gpu_spec=spec, labels=parse_labels(args.labels or env.get("EVENTQ_WORKER_LABELS")),
-        persistent=args.persistent, trainer=trainer, grace_seconds=args.grace)
+        persistent=args.persistent, trainer=trainer, grace_seconds=args.grace,
+        accepts_until=budget_end(args.max_runtime, args.margin_time))
     configure_logging(args.log_format)
     try:
         return asyncio.run(Agent(config).run())

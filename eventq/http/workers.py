@@ -344,5 +344,6 @@ async def has_jobs(request: web.Request) -> web.Response:
     node = views.get(worker.worker_id)
     fits = node is not None and any(
         policy.matches(job.spec, node) and job.spec.gpus <= node.allocatable
+        and policy.fits_budget(job.spec, node, orch.clock.now())
         for job in orch.state.with_status("pending"))
     return web.json_response({"has_jobs": fits})
