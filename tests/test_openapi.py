@@ -341,7 +341,7 @@ async def test_a_worker_cannot_claim_a_million_gpus(
 async def test_every_refusal_is_json_even_from_the_router(api: TestClient[Any, Any]) -> None:
     """SPEC 10: JSON everywhere. Unknown paths, wrong methods and oversized bodies too."""
     refused = [await api.get("/api/no-such-route"), await api.delete("/api/queue"),
-               await api.post("/api/queue/submit", data=io.BytesIO(b"x" * (5 * 2**20)))]
+               await api.post("/api/queue/submit", data=io.BytesIO(b"x" * (65 * 2**20)))]
     assert [r.status for r in refused] == [404, 405, 413]
     for resp in refused:
         assert resp.content_type == "application/json", await resp.text()
