@@ -234,7 +234,9 @@ async def submit(request: web.Request) -> web.Response:
         return web.json_response(dry_run_reply(orch.scheduler.dry_run(spec), req.no_wait))
     outcome: Outcome = await orch.scheduler.ask(Submit(spec, user.principal, req.no_wait))
     await settle(outcome)
-    return web.json_response(submit_reply(orch, spec.job_id))
+    # msgspec encodes several times faster than the json module on this hot route.
+    return web.Response(body=msgspec.json.encode(submit_reply(orch, spec.job_id)),
+                        content_type="application/json")
 
 
 class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
