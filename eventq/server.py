@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ from typing import IO
 
 import structlog
 
-from eventq import __version__, gpus
+from eventq import __version__, gpus, lockfile
 from eventq import events as ev
 from eventq.actors.allocator import Allocator, GpuTable, ReportInventory
 from eventq.actors.registry import Registry
@@ -47,22 +46,12 @@ def default_data_dir() -> Path:
 
 def take_lock(data_dir: Path) -> IO[str]:
     """One server per data directory, so two schedulers can never run the same job."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(data_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the server's life
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
+        return lockfile.take(data_dir / LOCK_FILE)
+    except lockfile.Held as held:
         raise AlreadyRunning(
-            f"another eventq server (pid {holder}) is running on {data_dir}; "
+            f"another eventq server (pid {held.holder}) is running on {data_dir}; "
             "stop it first, or use another --data-dir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
 
 
 @dataclass

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import os
 import random
 import signal
 import time
@@ -29,7 +27,7 @@ from typing import IO
 import aiohttp
 import structlog
 
-from eventq import gpus, runner
+from eventq import gpus, lockfile, runner
 from eventq.agent import messages as m
 from eventq.agent.attempts import Attempts
 from eventq.agent.link import Link
@@ -335,18 +333,8 @@ class Agent:
 
 def take_lock(data_dir: Path) -> IO[str]:
     """One agent per data directory: two would start the same attempts."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(data_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the agent's life
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise AgentBusy(f"another eventq worker (pid {holder}) runs on {data_dir}; "
+        return lockfile.take(data_dir / LOCK_FILE)
+    except lockfile.Held as held:
+        raise AgentBusy(f"another eventq worker (pid {held.holder}) runs on {data_dir}; "
                         "give this one its own --data-dir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle

@@ -36,6 +36,7 @@ import msgspec
 
 from eventq.cli.client import Client, CliError, parse_sse, quote
 from eventq.cli.output import console, emit_json, errors
+from eventq.policy import find_cycle
 
 if TYPE_CHECKING:  # rich's progress and live displays load only when they are shown
     from rich.progress import Progress
@@ -397,38 +398,6 @@ def check_dependencies(rows: list[Row], existing: Existing, append: bool,
                                       f"(line{'s' if len(cycle) > 2 else ''} {at})")
         for name in cycle:  # report every cycle, each once
             edges.pop(name, None)
-
-
-def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
-    """A cycle among ``edges`` (name -> names it depends on) as a closed path, or None.
-
-    Iterative depth-first search, so a long chain cannot hit the recursion limit.
-    """
-    done: set[str] = set()
-    for start in edges:
-        if start in done:
-            continue
-        path: list[str] = []
-        on_path: set[str] = set()
-        stack: list[tuple[str, int]] = [(start, 0)]
-        while stack:
-            node, i = stack.pop()
-            if i == 0:
-                path.append(node)
-                on_path.add(node)
-            deps = [d for d in edges.get(node, []) if d in edges]
-            if i < len(deps):
-                stack.append((node, i + 1))
-                dep = deps[i]
-                if dep in on_path:
-                    return [*path[path.index(dep):], dep]
-                if dep not in done:
-                    stack.append((dep, 0))
-                continue
-            path.pop()
-            on_path.discard(node)
-            done.add(node)
-    return None
 
 
 def row_body(row: Row, args: argparse.Namespace, template: list[str], path: Path,
