@@ -191,11 +191,14 @@ class EventLog:
         collecting = gc.isenabled()
         gc.disable()
         try:
+            folds = tuple(self.subscribers)
+            record = None
             with sqlite3.connect(self.path) as conn:
                 for record in iter_verified(conn):
-                    for subscriber in self.subscribers:
-                        subscriber(record)
-                    self.head_seq, self.head_hash = record.seq, record.hash
+                    for fold in folds:
+                        fold(record)
+            if record is not None:
+                self.head_seq, self.head_hash = record.seq, record.hash
         finally:
             if collecting:
                 gc.enable()

@@ -11,7 +11,6 @@ the next job is O(log n).
 from __future__ import annotations
 
 import heapq
-import statistics
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,6 +51,12 @@ class JobState(msgspec.Struct, gc=False):
     error: str | None = None
     reasons: tuple[ev.Reason, ...] = ()
     finished_at: float | None = None
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def implied_reasons(spec: ev.JobSpec) -> tuple[ev.Reason, ...]:
@@ -251,7 +256,7 @@ class SchedulerState:
         runtime = expected_runtime(job.spec)
         if runtime is None:
             history = self.runtimes.get((job.spec.user, job.spec.name))
-            runtime = statistics.median(history) if history else None
+            runtime = _median(history) if history else None
         self._status(job, "dispatched")
         job.attempt, job.active, job.node, job.gpus = e.attempt, True, e.node, tuple(e.gpus)
         job.dispatched_at, job.reasons, job.pid, job.exit_code = r.time, (), None, None
