@@ -54,7 +54,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eventq.cli import bulk
-from tools.bench_dispatch import Api, percentile, server_argv, wait_for
+from tools.bench_dispatch import server_argv
+from tools.benchkit import Api, percentile, print_goals, wait_for
 
 EVENTQ = Path(sys.executable).with_name("eventq")
 HEADER = ["JOBSCHEDULER_JOB_ID", "model", "lr", "seed", "JOBSCHEDULER_ESTIMATE_TIME",
@@ -301,9 +302,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{figures['route_ratio']:.3f}"),
              ("hand-off p99 <= 25 ms", figures["gap_p99_ms"] <= 25,
               f"p99 {figures['gap_p99_ms']:.2f} ms")]
-    print("goals:")
-    for goal, met, value in goals:
-        print(f"  [{'met' if met else 'MISSED'}] {goal}: {value}")
+    print_goals(goals)
     if args.json:
         print(json.dumps(figures))
     return 0

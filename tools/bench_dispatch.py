@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
-import math
 import os
 import platform
 import random
@@ -48,65 +46,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.benchkit import Api, percentile, print_goals, read_stamp, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SLURM_SCRIPT = REPO.parent / "shared" / "tools" / "slurm-local.sh"
 POLL_PERIOD_S = 5.0
 JOB = ["date", "+%s%N"]
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100)."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def wait_for(check: Any, timeout: float, what: str, step: float = 0.0005) -> Any:
-    """Poll ``check()`` until it returns something truthy; bounded by ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout} s")
-        time.sleep(step)
-
-
-def read_stamp(path: Path) -> int | None:
-    """The nanosecond timestamp a job wrote, once the whole line is there."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    return int(text) if text.endswith("\n") else None
-
-
-# --- eventq ----------------------------------------------------------------------------
-
-
-class Api:
-    """A keep-alive HTTP/1.1 connection to the server, JSON in and out."""
-
-    def __init__(self, url: str, token: str) -> None:
-        parts = urlsplit(url)
-        self.conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port,
-                                               timeout=30)
-        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        self.conn.request(method, path, body=data, headers=self.headers)
-        resp = self.conn.getresponse()
-        payload = resp.read()
-        if resp.status != 200:
-            raise RuntimeError(f"{method} {path} -> {resp.status}: {payload[:300]!r}")
-        return json.loads(payload)
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 def server_argv(data_dir: Path) -> list[str]:
@@ -357,9 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  Slurm median / eventq p50 = unavailable (no Slurm baseline)")
     figures["poll_over_eventq_p50"] = poll / p50
     print(f"  poll expected / eventq p50 = {poll / p50:.0f}x")
-    print("goals:")
-    for goal, met, value in goals:
-        print(f"  [{'met' if met else 'MISSED'}] {goal}: {value}")
+    print_goals(goals)
     if args.json:
         print(json.dumps(figures))
     return 0

@@ -58,6 +58,10 @@ from eventq.clock import RealClock
 from eventq.log import EventLog, Record
 from eventq.projections.queue import QueueView
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.benchkit import print_goals
+
 USERS = [("alice", ev.Level.RESEARCHER, "vision"), ("bob", ev.Level.RESEARCHER, "vision"),
          ("carol", ev.Level.LEAD, "nlp"), ("dave", ev.Level.RESEARCHER, "nlp"),
          ("erin", ev.Level.RESEARCHER, None), ("frank", ev.Level.VIEWER, None),
@@ -316,9 +320,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{state_b:.0f} B (the decoded JobSubmitted alone: {spec_b:.0f} B); "
           f"with QueueView {both_b:.0f} B")
     goals.append(("memory per queued job <= 2 KB", state_b <= 2048, f"{state_b:.0f} B"))
-    print("goals:")
-    for goal, met, value in goals:
-        print(f"  [{'met' if met else 'MISSED'}] {goal}: {value}")
+    print_goals(goals)
     return 0
 
 

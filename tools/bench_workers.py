@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import http.client
 import json
 import math
 import os
@@ -48,36 +47,19 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.benchkit import Api, percentile, print_goals, read_stamp, wait_for
+
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_JOB = ["date", "+%s%N"]
 HEARTBEAT_TIMEOUT = "3600"  # no worker is lost while the benchmark compresses time
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100)."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, step: float = 0.001) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
-        time.sleep(step)
-
-
-# --- a simulated worker fleet (one client process) -------------------------------------
 
 
 class Backoff:
@@ -196,28 +178,6 @@ def client_main(tokens_file: str, first: int, count: int, url: str, interval: fl
 
 
 # --- the orchestrator ------------------------------------------------------------------
-
-
-class Api:
-    """A keep-alive HTTP/1.1 connection to the server, JSON in and out."""
-
-    def __init__(self, url: str, token: str) -> None:
-        parts = urlsplit(url)
-        self.conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port,
-                                               timeout=60)
-        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        self.conn.request(method, path, body=data, headers=self.headers)
-        resp = self.conn.getresponse()
-        payload = resp.read()
-        if resp.status not in (200, 201):
-            raise RuntimeError(f"{method} {path} -> {resp.status}: {payload[:300]!r}")
-        return json.loads(payload)
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 class Server:
@@ -429,14 +389,6 @@ class Figures:
         return out
 
 
-def read_stamp(path: Path) -> int | None:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    return int(text) if text.endswith("\n") else None
-
-
 def sample_remote(api: Api, clients: Clients) -> float:
     t0 = time.time_ns()
     job_id = api.call("POST", "/api/queue/submit", {
@@ -601,9 +553,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['remote_p99_ms']:.1f} ms"),
              (f"all {biggest.workers} reconnected <= 60 s after a restart",
               biggest.reconnect_from_kill_s <= 60, f"{biggest.reconnect_from_kill_s:.1f} s")]
-    print("goals:")
-    for goal, met, value in goals:
-        print(f"  [{'met' if met else 'MISSED'}] {goal}: {value}")
+    print_goals(goals)
     if args.json:
         print(json.dumps([f.report() for f in results]))
     return 0

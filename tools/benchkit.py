@@ -1,0 +1,69 @@
+"""What the benchmarks share: a small JSON client, waiting, percentiles, the goals report."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100)."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, step: float = 0.0005) -> Any:
+    """Poll ``check()`` until it returns something truthy; bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(step)
+
+
+def read_stamp(path: Path) -> int | None:
+    """The nanosecond timestamp a job wrote, once the whole line is there."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.endswith("\n") else None
+
+
+class Api:
+    """A keep-alive HTTP/1.1 connection to the server, JSON in and out."""
+
+    def __init__(self, url: str, token: str, timeout: float = 60) -> None:
+        parts = urlsplit(url)
+        self.conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port,
+                                               timeout=timeout)
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        self.conn.request(method, path, body=data, headers=self.headers)
+        resp = self.conn.getresponse()
+        payload = resp.read()
+        if resp.status not in (200, 201):
+            raise RuntimeError(f"{method} {path} -> {resp.status}: {payload[:300]!r}")
+        return json.loads(payload)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def print_goals(goals: Sequence[tuple[str, bool, str]]) -> None:
+    """``goals:`` then ``[met]`` or ``[MISSED]``, the goal, and the figure, one a line."""
+    print("goals:")
+    for goal, met, value in goals:
+        print(f"  [{'met' if met else 'MISSED'}] {goal}: {value}")
