@@ -15,7 +15,7 @@ import structlog
 from eventq import __version__, gpus, lockfile
 from eventq import events as ev
 from eventq.actors.allocator import Allocator, GpuTable, ReportInventory
-from eventq.actors.registry import Registry
+from eventq.actors.registry import AddUser, Registry, decide_user
 from eventq.actors.scheduler import CheckReady, Process, ReleaseOrphans, Scheduler, SetLimits
 from eventq.actors.scheduler_state import SchedulerState
 from eventq.actors.workers_state import Workers
@@ -165,10 +165,13 @@ class Orchestrator:
         return token
 
     def add_user(self, name: str, level: ev.Level, team: str | None = None) -> str:
-        """Create a user and return their token (shown once; only its hash is kept)."""
+        """Create a user and return their token (shown once; only its hash is kept).
+
+        The registry's own decision, taken synchronously: for set-up code and tests that
+        have no event loop turn to spare (the API goes through the registry's mailbox)."""
         token = new_token()
-        self.log.append("system", [ev.UserCreated(name=name, level=level, team=team,
-                                                  token_sha256=token_hash(token))])
+        events = decide_user(self.users, AddUser("system", name, level, team), token_hash(token))
+        self.log.append("system", events)
         return token
 
     def write_server_file(self, url: str) -> None:
