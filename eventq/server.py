@@ -92,9 +92,11 @@ class Orchestrator:
         self.registry = Registry(self.log, self.users, self.workers, self.scheduler,
                                  self.allocator, self.clock, self.heartbeat_timeout)
         self.queue = QueueView(self.state, self.gpu_table, self.scheduler)
-        for fold in (self.state.evolve, self.gpu_table.evolve, self.users.evolve,
-                     self.workers.evolve, self.queue.evolve):
-            self.log.subscribe(fold)
+        self.log.subscribe(self.state.evolve, SchedulerState.READS)
+        self.log.subscribe(self.gpu_table.evolve, GpuTable.READS)
+        self.log.subscribe(self.users.evolve)
+        self.log.subscribe(self.workers.evolve, Workers.READS)
+        self.log.subscribe(self.queue.evolve, QueueView.READS)
         replayed = self.log.replay()
         self._remove_purged_directories()
         #: What a previous server left running here: the only attempts recovery may judge.

@@ -124,6 +124,19 @@ async def test_cycles_and_unknown_dependencies_are_refused_with_their_rows(world
     assert orch.log.head_seq == seq and orch.state.jobs == {}, "nothing was recorded"
 
 
+async def test_a_batch_with_one_row_the_log_cannot_store_records_nothing(world: Any) -> None:
+    orch, api = world
+    seq = orch.log.head_seq
+    rows = [{"name": "fine", "command": ["true"], "gpus": 0},
+            {"name": "huge", "command": ["true"], "gpus": 0, "metadata": {"steps": 2**70}},
+            {"name": "after", "command": ["true"], "gpus": 0, "depends_on": ["fine"]}]
+    resp = await api.post("/api/queue/batch", json={"jobs": rows})
+    body = await resp.json()
+    assert resp.status == 422 and body["field"] == "jobs"
+    assert body["error"].startswith("row 2: metadata cannot be stored"), body
+    assert orch.log.head_seq == seq and orch.state.jobs == {}, "nothing was recorded"
+
+
 async def test_a_unique_name_may_be_depended_on_and_an_ambiguous_one_may_not(
         world: Any, tmp_path: Path) -> None:
     _, api = world

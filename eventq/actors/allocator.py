@@ -8,7 +8,7 @@ with no await between them, so two requests can never be granted the same GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import msgspec
 
@@ -35,6 +35,7 @@ _GPU_EVENTS = frozenset({ev.NodeInventoryReported, ev.GpusAllocated, ev.GpusRele
 
 @dataclass
 class GpuTable:
+    READS: ClassVar[frozenset[type]] = _GPU_EVENTS
     """Every node's GPUs and who holds each one."""
 
     nodes: dict[str, NodeGpus] = field(default_factory=dict)

@@ -18,6 +18,8 @@ _BY_WORKER = (ev.WorkerCreated, ev.WorkerConnected, ev.WorkerDraining, ev.Worker
 class NodeViews:
     """Read-only inputs of the policy, per node; only nodes an event names are rebuilt."""
 
+    READS = frozenset({*_BY_NODE, ev.AttemptEnded, *_BY_WORKER, ev.LimitsChanged})
+
     def __init__(self, state: SchedulerState, gpu_table: GpuTable) -> None:
         self.state, self.gpu_table = state, gpu_table
         self.workers: Workers | None = None

@@ -25,15 +25,15 @@ from eventq.actors.runtime import Actor
 from eventq.actors.scheduler_state import TERMINAL, JobState, SchedulerState
 from eventq.actors.workers_state import Workers
 from eventq.clock import Clock
-from eventq.log import EventLog
+from eventq.log import EventLog, Unstorable
 
 
 class CommandError(Exception):
     """A command the state does not allow; ``status`` is the HTTP status to answer with."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.field = status, message, field
 
 
 # --- commands ------------------------------------------------------------------------
@@ -281,9 +281,11 @@ def decide_submit_many(state: SchedulerState, cmd: SubmitMany) -> list[ev.Event]
     for i, job_id in enumerate(ids):
         if job_id in state.jobs or first.setdefault(job_id, i) != i:
             problems.append(f"row {i + 1}: job id {job_id} is used twice")
-    known = set(ids) | state.jobs.keys()
-    problems += [f"row {i + 1}: depends_on names unknown jobs {sorted(set(s.depends_on) - known)}"
-                 for i, s in enumerate(cmd.specs) if set(s.depends_on) - known]
+    jobs = state.jobs
+    for i, spec in enumerate(cmd.specs):
+        unknown = [d for d in spec.depends_on if d not in first and d not in jobs]
+        if unknown:
+            problems.append(f"row {i + 1}: depends_on names unknown jobs {sorted(set(unknown))}")
     cycle = policy.find_cycle({s.job_id: list(s.depends_on) for s in cmd.specs})
     if cycle:
         rows = [first[j] + 1 for j in cycle[:-1]]
@@ -291,6 +293,14 @@ def decide_submit_many(state: SchedulerState, cmd: SubmitMany) -> list[ev.Event]
     if problems:
         raise CommandError(422, "; ".join(problems[:20]))
     return [ev.JobSubmitted(job=s) for s in cmd.specs]
+
+
+def _storable(value: object) -> bool:
+    try:
+        msgspec.msgpack.encode(value)
+    except (OverflowError, msgspec.EncodeError):
+        return False
+    return True
 
 
 def gate_subjects(state: SchedulerState, events: Sequence[ev.Event]) -> list[str]:
@@ -322,12 +332,13 @@ def decide_gates(state: SchedulerState, touched: list[str], now: float) -> list[
             continue
         job_id = job.spec.job_id
         unmet = [(d.spec.job_id, _gate_status(d, decided)) for d in state.unmet(job)]
-        reasons = policy.gate_reasons(job.spec, unmet, now)
-        if not reasons:
+        codes = policy.gate_codes(job.spec, unmet, now)
+        if not codes:
             out.append(ev.JobReady(job_id=job_id))
             continue
         before = decided.get(job_id, job.reasons)
-        if [r.code for r in reasons] != [r.code for r in before]:
+        if codes != [r.code for r in before]:
+            reasons = policy.gate_reasons(job.spec, unmet, now)
             out.append(ev.JobReasonsChanged(job_id=job_id, reasons=reasons))
             decided[job_id] = tuple(reasons)
             queue += sorted(state.dependants.get(job_id, ()))
@@ -458,7 +469,7 @@ class Scheduler(Actor[SchedulerMsg]):
         #: Read-only view of the registry's workers, for placement on worker nodes.
         self.workers: Workers | None = None
         self.views = NodeViews(state, gpu_table)
-        log.subscribe(self.views.evolve)
+        log.subscribe(self.views.evolve, NodeViews.READS)
         self.dispatched = 0
 
     def _append(self, principal: str, events: Sequence[ev.Event]) -> None:
@@ -485,7 +496,7 @@ class Scheduler(Actor[SchedulerMsg]):
     async def _handle(self, m: SchedulerMsg) -> list[ev.Event]:
         if isinstance(m, Submit):
             events = decide_submit(self.state, m)
-            self._append(m.principal, events)
+            self._append_submitted(m.principal, events)
         elif isinstance(m, Cancel):
             events = decide_cancel(self.state, m.job_id)
             self._append(m.principal, events)
@@ -503,7 +514,7 @@ class Scheduler(Actor[SchedulerMsg]):
             events = await self._release_orphans()
         elif isinstance(m, SubmitMany):
             events = decide_submit_many(self.state, m)
-            self._append(m.principal, events)
+            self._append_submitted(m.principal, events)
         elif isinstance(m, CheckReady):
             events = []
         elif isinstance(m, NodeLost):
@@ -518,6 +529,19 @@ class Scheduler(Actor[SchedulerMsg]):
             events = self._decide_admin(m)
             self._append(m.principal, events)
         return events
+
+    def _append_submitted(self, principal: str, events: list[ev.Event]) -> None:
+        """Jobs carry the client's metadata and config, which the log may be unable to
+        store; it says so before it records anything."""
+        try:
+            self._append(principal, events)
+        except Unstorable as exc:
+            row = f"row {exc.index + 1}: " if len(events) > 1 else ""
+            bad = events[exc.index]
+            field = "config" if isinstance(bad, ev.JobSubmitted) and _storable(
+                bad.job.metadata) else "metadata"
+            raise CommandError(422, f"{row}{field} cannot be stored ({exc.why}); nothing was "
+                                    "recorded", field) from None
 
     async def _append_and_release(self, principal: str, events: list[ev.Event]) -> None:
         """Record attempt ends, then free their GPUs (the allocator owns them)."""

@@ -14,7 +14,7 @@ import heapq
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 from sortedcontainers import SortedList
@@ -73,8 +73,19 @@ def is_gated(spec: ev.JobSpec) -> bool:
     return bool(spec.depends_on) or spec.begin_at is not None
 
 
+#: Events other owners act on.
+IGNORED = frozenset({
+    ev.ServerStarted, ev.WorkerCreated, ev.WorkerTokenRotated, ev.WorkerConnected,
+    ev.WorkerDraining, ev.WorkerLost, ev.WorkerRemoved, ev.UserCreated, ev.UserUpdated,
+    ev.TokenIssued, ev.TokenRevoked, ev.NodeInventoryReported, ev.GpusAllocated,
+    ev.GpusReleased, ev.StaleReportIgnored})
+
+
 @dataclass
 class SchedulerState:
+    #: What ``evolve`` acts on: every event but the ignored ones.
+    READS: ClassVar[frozenset[type]] = frozenset(ev.EVENT_TYPES.values()) - IGNORED
+
     jobs: dict[str, JobState] = field(default_factory=dict)
     #: status -> job ids in that status (insertion-ordered), kept by ``_status``.
     by_status: dict[str, dict[str, None]] = field(default_factory=dict)
@@ -166,6 +177,8 @@ class SchedulerState:
     def evolve(self, record: Record) -> None:
         handler = _HANDLERS.get(type(record.event))
         if handler is None:
+            if type(record.event) in IGNORED:
+                return
             raise TypeError(f"scheduler has no evolve step for {record.type}")
         handler(self, record.event, record)
 
@@ -327,9 +340,6 @@ class SchedulerState:
     def status_counts(self) -> dict[str, int]:
         return {s: len(ids) for s, ids in self.by_status.items() if ids}
 
-    def _ignore(self, e: Any, r: Record) -> None:
-        """Events other owners act on."""
-
     def _count(self, job: JobState, delta: int) -> None:
         spec, node = job.spec, job.node or ""
         self.counts.total += delta
@@ -384,19 +394,4 @@ _HANDLERS: dict[type, Callable[[SchedulerState, Any, Record], None]] = {
     ev.JobReleased: SchedulerState._on_back_to_queue,
     ev.PriorityChanged: SchedulerState._on_priority,
     ev.JobsPurged: SchedulerState._on_purged,
-    ev.ServerStarted: SchedulerState._ignore,
-    ev.WorkerCreated: SchedulerState._ignore,
-    ev.WorkerTokenRotated: SchedulerState._ignore,
-    ev.WorkerConnected: SchedulerState._ignore,
-    ev.WorkerDraining: SchedulerState._ignore,
-    ev.WorkerLost: SchedulerState._ignore,
-    ev.WorkerRemoved: SchedulerState._ignore,
-    ev.UserUpdated: SchedulerState._ignore,
-    ev.TokenIssued: SchedulerState._ignore,
-    ev.TokenRevoked: SchedulerState._ignore,
-    ev.NodeInventoryReported: SchedulerState._ignore,
-    ev.UserCreated: SchedulerState._ignore,
-    ev.GpusAllocated: SchedulerState._ignore,
-    ev.GpusReleased: SchedulerState._ignore,
-    ev.StaleReportIgnored: SchedulerState._ignore,
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import hmac
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from eventq import events as ev
 from eventq.log import Record
@@ -56,6 +57,7 @@ _WORKER_EVENTS = frozenset({ev.WorkerCreated, ev.WorkerTokenRotated, ev.WorkerCo
 
 @dataclass
 class Workers:
+    READS: ClassVar[frozenset[type]] = _WORKER_EVENTS | {ev.AttemptDispatched}
     by_id: dict[str, Worker] = field(default_factory=dict)
 
     def evolve(self, record: Record) -> None:

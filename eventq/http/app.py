@@ -89,7 +89,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ApiError as exc:
         return exc.response()
     except CommandError as exc:
-        return ApiError(exc.status, exc.message).response()
+        return ApiError(exc.status, exc.message, exc.field).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

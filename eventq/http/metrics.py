@@ -29,6 +29,8 @@ from eventq.server import Orchestrator
 
 routes = web.RouteTableDef()
 
+#: What ``Metrics.on_append`` notes.
+READS = frozenset({ev.AttemptDispatched, ev.JobSubmitted, ev.JobCancelled, ev.JobRejected})
 STATUSES = (*GATED, *WAITING, *PARKED, *RUNNING, *TERMINAL)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 WAIT_BUCKETS = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
@@ -137,13 +139,12 @@ class Metrics:
                 self.submit_to_dispatch.observe(now - submitted)
 
     def attach(self) -> None:
-        self.orch.log.subscribe(self.on_append)
+        self.orch.log.subscribe(self.on_append, READS)
         self.orch.log.on_durable(self.on_durable)
 
     def detach(self) -> None:
         log = self.orch.log
-        if self.on_append in log.subscribers:
-            log.subscribers.remove(self.on_append)
+        log.unsubscribe(self.on_append)
         log.off_durable(self.on_durable)
 
 

@@ -63,9 +63,20 @@ class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     begin_at: float | str | None = None
 
 
+class Checked:
+    """What one request has already checked: a batch of 10,000 rows from one directory
+    looks at that directory once."""
+
+    def __init__(self, names: dict[str, str] | None = None) -> None:
+        #: The batch's own job names, to their new ids.
+        self.names = names or {}
+        self.dirs: set[str] = set()
+
+
 def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
-               batch: dict[str, str] | None = None, job_id: str | None = None) -> ev.JobSpec:
+               checked: Checked | None = None, job_id: str | None = None) -> ev.JobSpec:
     """Validate what msgspec cannot, and fill in defaults."""
+    checked = checked or Checked()
     if req.gpus is not None and req.num_processes is not None and req.gpus != req.num_processes:
         raise ApiError(422, "gpus and num_processes disagree", "gpus")
     gpus = req.gpus if req.gpus is not None else (req.num_processes or 0) \
@@ -77,8 +88,10 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
     if req.priority_override is not None and user.level not in (ev.Level.ADMIN, ev.Level.LEAD):
         raise ApiError(403, "only leads and admins may override priority", "priority_override")
     _check_process_text(req)
-    if req.cwd is not None and not os.path.isdir(req.cwd):
-        raise ApiError(422, f"cwd {req.cwd} is not a directory on the server", "cwd")
+    if req.cwd is not None and req.cwd not in checked.dirs:
+        if not os.path.isdir(req.cwd):
+            raise ApiError(422, f"cwd {req.cwd} is not a directory on the server", "cwd")
+        checked.dirs.add(req.cwd)
     _check_gpus(req, gpus, orch)
     return ev.JobSpec(
         job_id=job_id or new_job_id(orch), user=user.name, priority=ev.LEVEL_PRIORITY[user.level],
@@ -91,7 +104,7 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
         metadata=req.metadata, config=req.config if req.config is not None else
         resolve_config(req.config_name, orch), config_name=req.config_name,
         requires_approval=req.requires_approval, estimated_cost=req.estimated_cost,
-        depends_on=resolve_dependencies(req.depends_on, orch, batch or {}),
+        depends_on=resolve_dependencies(req.depends_on, orch, checked.names),
         begin_at=parse_time(req.begin_at))
 
 
@@ -137,19 +150,16 @@ def new_job_id(orch: Orchestrator) -> str:
 
 def _check_process_text(req: SubmitRequest) -> None:
     """What exec would refuse later must be refused now, while the client can hear it."""
-    words = [req.command] if isinstance(req.command, str) else list(req.command or [])
-    if any("\0" in w for w in words):
+    if isinstance(req.command, str):
+        if "\0" in req.command:
+            raise ApiError(422, "command must not contain NUL characters", "command")
+    elif req.command and any("\0" in w for w in req.command):
         raise ApiError(422, "command must not contain NUL characters", "command")
     for key, value in req.env.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
             raise ApiError(422, f"env name {key!r} is not a valid variable name", "env")
     if req.cwd is not None and "\0" in req.cwd:
         raise ApiError(422, "cwd must not contain NUL characters", "cwd")
-    for field in ("metadata", "config"):
-        try:
-            msgspec.msgpack.encode(getattr(req, field))
-        except (OverflowError, msgspec.EncodeError) as exc:
-            raise ApiError(422, f"{field} cannot be stored: {exc}", field) from None
 
 
 def _check_gpus(req: SubmitRequest, gpus: int, orch: Orchestrator) -> None:
@@ -231,6 +241,11 @@ async def submit(request: web.Request) -> web.Response:
     req = decode_body(await request.read(), SubmitRequest)
     spec = build_spec(req, user, orch)
     if req.dry_run:
+        try:
+            ev.encode(ev.JobSubmitted(job=spec))  # what a real submission's append would do
+        except (OverflowError, msgspec.EncodeError) as exc:
+            raise ApiError(422, f"metadata or config cannot be stored ({exc})", "metadata") \
+                from None
         return web.json_response(dry_run_reply(orch.scheduler.dry_run(spec), req.no_wait))
     outcome: Outcome = await orch.scheduler.ask(Submit(spec, user.principal, req.no_wait))
     await settle(outcome)
@@ -263,9 +278,10 @@ async def submit_batch(request: web.Request) -> web.Response:
             problems.append(f"row {row}: dry_run and no_wait do not apply to a batch")
     specs = []
     forbidden = None
+    checked = Checked(names)
     for row, (req, job_id) in enumerate(zip(body.jobs, ids, strict=True), start=1):
         try:
-            specs.append(build_spec(req, user, orch, names, job_id))
+            specs.append(build_spec(req, user, orch, checked, job_id))
         except ApiError as exc:
             problems.append(f"row {row}: {exc.message}")
             forbidden = forbidden or (exc if exc.status == 403 else None)

@@ -9,7 +9,7 @@ append step as the actors, so a reply reads its own write.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from eventq import events as ev
 from eventq.actors.allocator import GpuTable
@@ -43,6 +43,7 @@ class Times:
 
 @dataclass
 class QueueView:
+    READS: ClassVar[frozenset[type]] = _TIMED
     state: SchedulerState
     gpu_table: GpuTable
     scheduler: Scheduler | None = None
