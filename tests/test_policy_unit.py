@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from eventq import policy
-from eventq.events import JobSpec, Limits
+from eventq.actors.scheduler_state import SchedulerState
+from eventq.events import JobSpec, JobSubmitted, Limits
+from eventq.log import Record
 
 NOW = 1_000_000.0
 ROOMY = Limits(max_concurrent=50, user_max_concurrent=50, local_job_max_concurrent=50)
@@ -58,3 +63,20 @@ def test_estimates_follow_the_free_times_of_the_gpus() -> None:
     assert starts["big"].start == NOW + 600
     assert starts["next"].start is None, "the big job's end is unknown, so is what follows"
     assert "waits for job big" in starts["next"].note
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 10, 20, 30]), st.floats(0, 7200)),
+                min_size=1, max_size=40), st.floats(0, 7200))
+def test_a_position_is_the_place_in_the_queue_order(jobs: list[tuple[int, float]],
+                                                    later: float) -> None:
+    """Several priorities, each job queued at its own time, aging on: the position the
+    submit reply and ``/position`` give is the job's place in the order dispatch walks."""
+    state = SchedulerState()
+    state.limits = Limits(starvation_threshold_minutes=10, aging_boost=10)
+    for seq, (priority, at) in enumerate(sorted(jobs, key=lambda j: j[1]), start=1):
+        spec = JobSpec(job_id=f"j{seq}", user="u", priority=priority, command=["x"])
+        state.evolve(Record(seq, NOW + at, "u", JobSubmitted(job=spec), b""))
+    now = NOW + 7200 + later
+    order = [j.spec.job_id for j in state.iter_waiting(now)]
+    assert [state.position(job_id, now) for job_id in order] == list(range(1, len(order) + 1))

@@ -162,15 +162,28 @@ class SchedulerState:
                 # Its own bucket is in queue order already: everything before it is ahead.
                 ahead += bucket.index(job.order)
                 continue
-            lo, hi = 0, len(bucket)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if self.sort_key(self.jobs[self.by_order[bucket[mid]]], now) < target:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            ahead += lo
+            ahead += self._ahead_in(bucket, target, now)
         return ahead + 1
+
+    def _ahead_in(self, bucket: SortedList, target: tuple[int, int], now: float) -> int:
+        """How many of another bucket's jobs sort before ``target``. A bucket is in queue
+        order too (its oldest job the most aged), so most often it lies wholly ahead or
+        wholly behind, which its two ends tell; otherwise a binary search."""
+        def key(i: int) -> tuple[int, int]:
+            return self.sort_key(self.jobs[self.by_order[bucket[i]]], now)
+
+        if key(0) >= target:
+            return 0
+        if key(-1) < target:
+            return len(bucket)
+        lo, hi = 1, len(bucket) - 1  # key(lo - 1) < target <= key(hi)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if key(mid) < target:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     # --- evolve ----------------------------------------------------------------------
 
