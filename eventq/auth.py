@@ -8,11 +8,13 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 from eventq import events as ev
-from eventq.log import Record
+from eventq.paths import TOKEN_FILE as TOKEN_FILE  # the CLI reads it without this module
 
-TOKEN_FILE = "admin.token"
+if TYPE_CHECKING:  # annotations only: the log (asyncio, aiosqlite) is not needed to fold users
+    from eventq.log import Record
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ _USER_EVENTS = frozenset({ev.UserCreated, ev.UserUpdated, ev.TokenIssued, ev.Tok
 
 @dataclass
 class Users:
+    READS: ClassVar[frozenset[type]] = _USER_EVENTS
     """Users and their live tokens (by SHA-256), folded from events."""
 
     by_name: dict[str, User] = field(default_factory=dict)

@@ -26,13 +26,12 @@ from eventq.http.hub import WorkerHub
 from eventq.log import EventLog
 from eventq.logfiles import DEFAULT_CAP, AttemptLogs
 from eventq.node import LocalNode
+from eventq.paths import LOG_FILE, SERVER_FILE
 from eventq.projections.queue import QueueView
 
 log = structlog.get_logger()
 
-LOG_FILE = "events.db"
 LOCK_FILE = "server.lock"
-SERVER_FILE = "server.json"
 INVENTORY_REFRESH_SECONDS = 15.0
 
 
@@ -94,7 +93,7 @@ class Orchestrator:
         self.queue = QueueView(self.state, self.gpu_table, self.scheduler)
         self.log.subscribe(self.state.evolve, SchedulerState.READS)
         self.log.subscribe(self.gpu_table.evolve, GpuTable.READS)
-        self.log.subscribe(self.users.evolve)
+        self.log.subscribe(self.users.evolve, Users.READS)
         self.log.subscribe(self.workers.evolve, Workers.READS)
         self.log.subscribe(self.queue.evolve, QueueView.READS)
         replayed = self.log.replay()

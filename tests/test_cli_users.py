@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from eventq.cli import users
+from eventq.events import Level
 from tests.test_cli import server
 from tests.test_cli_queue import Server, becomes, eq, eq_json, fails, status_of, submit, until
 
@@ -86,3 +88,8 @@ def test_a_researcher_retrying_every_failed_job_retries_only_her_own(server: Ser
     done = eq_json(data, "jobs", "retry", "--status", "failed", token=erin)
     assert done == {"retried": [mine], "skipped_not_yours": 1, "errors": []}
     assert eq_json(data, "jobs", "show", theirs)["job"]["attempt"] == 1
+
+
+def test_the_cli_offers_exactly_the_server_s_levels() -> None:
+    """The parser's level names are written out (building it loads no server module)."""
+    assert sorted(users.LEVELS) == sorted(level.value for level in Level)

@@ -6,8 +6,9 @@ import argparse
 import sys
 from typing import Any
 
+from eventq.cli import output
 from eventq.cli.client import Client, CliError, quote
-from eventq.cli.output import console, emit_json, print_estimate, print_reasons
+from eventq.cli.output import emit_json, print_estimate, print_reasons
 
 #: How many failed jobs one page of ``retry --status`` asks for.
 RETRY_PAGE = 500
@@ -56,11 +57,9 @@ def position(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(found)
         return 0
-    if found["position"] is None:
-        console.print(f"{found['job_id']} is {found['status']}: not in the queue")
-    else:
-        console.print(f"{found['job_id']} is {found['status']}: position {found['position']} "
-                      f"of {found['queue_depth']}")
+    where = "not in the queue" if found["position"] is None else \
+        f"position {found['position']} of {found['queue_depth']}"
+    output.console.print(f"{found['job_id']} is {found['status']}: {where}")
     print_reasons(found.get("reasons"))
     if found["position"] is not None:
         print_estimate(found)
@@ -75,7 +74,7 @@ def _done(args: argparse.Namespace, reply: dict[str, Any], what: str) -> int:
     if args.format == "json":
         emit_json(reply)
     else:
-        console.print(f"{reply['job_id']} {what}: now {reply['status']}")
+        output.console.print(f"{reply['job_id']} {what}: now {reply['status']}")
     return 0
 
 
@@ -136,10 +135,10 @@ def _retry_all(args: argparse.Namespace, api: Client) -> int:
     if args.format == "json":
         emit_json({"retried": retried, "skipped_not_yours": skipped, "errors": problems})
     else:
-        console.print(f"retried {len(retried)} {args.status} jobs"
-                      + (f": {', '.join(retried)}" if retried else ""))
+        output.console.print(f"retried {len(retried)} {args.status} jobs"
+                             + (f": {', '.join(retried)}" if retried else ""))
         if skipped:
-            console.print(f"skipped {skipped} jobs of other users")
+            output.console.print(f"skipped {skipped} jobs of other users")
     for problem in problems:
         print(f"eventq: {problem['job_id']}: {problem['error']}", file=sys.stderr)
     return 1 if problems else 0

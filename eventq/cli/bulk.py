@@ -15,31 +15,32 @@ import argparse
 import contextlib
 import csv
 import datetime
+import gc
 import json
 import math
 import os
-import queue
 import re
 import shlex
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-import msgspec
-
+from eventq.cli import output
 from eventq.cli.client import Client, CliError, parse_sse, quote
-from eventq.cli.output import console, emit_json, errors
-from eventq.policy import find_cycle
+from eventq.cli.output import emit_json
 
-if TYPE_CHECKING:  # rich's progress and live displays load only when they are shown
+if TYPE_CHECKING:
+    import queue
+
     from rich.progress import Progress
+
+# What one command needs loads inside it: rich's progress and live displays when they are
+# drawn, msgspec and urllib when an import is sent, the policy's cycle finder when a file
+# is checked, threads when progress is watched. `eventq --help` loads none of them.
 
 PREFIX = "JOBSCHEDULER_"
 JOB_ID = "JOBSCHEDULER_JOB_ID"
@@ -277,9 +278,11 @@ def check_header(header: list[str], problems: Problems) -> None:
 
 
 def build_argv(template: list[str], params: dict[str, str], named: bool) -> list[str]:
+    if not named:
+        return [*template, *params.values()]
     argv = list(template)
     for column, value in params.items():
-        argv += [f"--{column}", value] if named else [value]
+        argv += (f"--{column}", value)
     return argv
 
 
@@ -296,27 +299,46 @@ def _int_cell(value: str, lo: int, hi: int) -> int:
     return number
 
 
-def parse_row(line: int, header: list[str], cells: list[str],
-              problems: Problems) -> Row | None:
+@dataclass(frozen=True)
+class Layout:
+    """Where the header puts each column, worked out once rather than for every row."""
+
+    width: int
+    #: (column, index) of each parameter, in the header's order.
+    params: list[tuple[str, int]]
+    #: (column, index) of the cells with a format to check, in the order a row keeps them.
+    checked: list[tuple[str, int]]
+    name_at: int | None
+    depends_at: int | None
+
+    @classmethod
+    def of(cls, header: list[str]) -> Layout:
+        at = {column: i for i, column in enumerate(header)}
+        return cls(len(header), [(c, i) for c, i in at.items() if c not in RESERVED],
+                   [(c, at[c]) for c in (PRIORITY, ESTIMATE, BEGIN, GPUS) if c in at],
+                   at.get(JOB_ID), at.get(DEPENDS))
+
+
+def parse_row(line: int, layout: Layout, cells: list[str], problems: Problems) -> Row | None:
     """The row, even with bad cells (its name still counts for the others' checks);
     None if its cells do not line up with the header."""
-    if len(cells) != len(header):
-        problems.add(line, f"{len(cells)} cells, but the header has {len(header)} columns")
+    if len(cells) != layout.width:
+        problems.add(line, f"{len(cells)} cells, but the header has {layout.width} columns")
         return None
-    values = dict(zip(header, cells, strict=True))
-    params = {c: v for c, v in values.items() if c not in RESERVED}
-    given = {c: v for c in (PRIORITY, ESTIMATE, BEGIN, GPUS) if (v := values.get(c, "").strip())}
-    name = values.get(JOB_ID, "").strip()
+    params = {c: cells[at] for c, at in layout.params}
+    given = {c: v for c, at in layout.checked if (v := cells[at].strip())}
+    name = "" if layout.name_at is None else cells[layout.name_at].strip()
     if name and (len(name.split()) != 1 or len(name) > MAX_NAME):
         problems.add(line, f"{JOB_ID} {name!r} must be one word of at most {MAX_NAME} "
                            f"characters ({DEPENDS} separates names by spaces)")
-    for column, wanted, check in CELL_CHECKS:
-        if column in given:
-            try:
-                check(given[column])
-            except (ValueError, OverflowError):
-                problems.add(line, f"{column} {given[column]!r} is not {wanted}")
-    return Row(line, name, bool(name), params, values.get(DEPENDS, "").split(), given)
+    for column, value in given.items():
+        wanted, check = CELL_CHECKS[column]
+        try:
+            check(value)
+        except (ValueError, OverflowError):
+            problems.add(line, f"{column} {value!r} is not {wanted}")
+    depends = [] if layout.depends_at is None else cells[layout.depends_at].split()
+    return Row(line, name, bool(name), params, depends, given)
 
 
 def _hours(value: str) -> float:
@@ -334,11 +356,11 @@ def _begin(value: str) -> float | str:
         return value
 
 
-CELL_CHECKS: list[tuple[str, str, Callable[[str], object]]] = [
-    (PRIORITY, "an integer from 0 to 1000", lambda v: _int_cell(v, 0, 1000)),
-    (ESTIMATE, "a number of hours (0 or more)", _hours),
-    (GPUS, "a whole number of GPUs (0 or more)", lambda v: _int_cell(v, 0, 4096)),
-    (BEGIN, "epoch seconds or an ISO-8601 time", _begin)]
+CELL_CHECKS: dict[str, tuple[str, Callable[[str], object]]] = {
+    PRIORITY: ("an integer from 0 to 1000", lambda v: _int_cell(v, 0, 1000)),
+    ESTIMATE: ("a number of hours (0 or more)", _hours),
+    GPUS: ("a whole number of GPUs (0 or more)", lambda v: _int_cell(v, 0, 4096)),
+    BEGIN: ("epoch seconds or an ISO-8601 time", _begin)}
 
 
 def name_rows(rows: list[Row], stem: str, existing: Existing, problems: Problems) -> None:
@@ -374,6 +396,8 @@ def name_rows(rows: list[Row], stem: str, existing: Existing, problems: Problems
 
 def check_dependencies(rows: list[Row], existing: Existing, append: bool,
                        problems: Problems) -> None:
+    from eventq.policy import find_cycle
+
     in_file = {row.name for row in rows}
     for row in rows:
         for ref in row.depends:
@@ -402,28 +426,39 @@ def check_dependencies(rows: list[Row], existing: Existing, append: bool,
 
 def row_body(row: Row, args: argparse.Namespace, template: list[str], path: Path,
              shared: dict[str, Any]) -> dict[str, Any]:
-    body: dict[str, Any] = {"name": row.name, "target": args.target, **shared,
-                            "command": command_value(build_argv(template, row.params,
-                                                                args.named_args))}
-    cells = row.cells
-    if GPUS in cells:
-        body["gpus"] = int(cells[GPUS])
-    elif args.gpus is not None:
-        body["gpus"] = args.gpus
-    if PRIORITY in cells:
-        body["priority_override"] = int(cells[PRIORITY])
-    if ESTIMATE in cells and float(cells[ESTIMATE]) > 0:
-        body["estimated_runtime"] = float(cells[ESTIMATE]) * 3600
-    if BEGIN in cells:
-        body["begin_at"] = _begin(cells[BEGIN])
-    if row.depends:
-        body["depends_on"] = row.depends
-    meta: dict[str, Any] = {"id": row.name, "params": row.params, "file": path.name,
-                            "line": row.line}
-    if cells:
-        meta["cells"] = cells
-    body["metadata"] = {META: meta}
-    return body
+    return row_bodies([row], args, template, path, shared)[0]
+
+
+def row_bodies(rows: Sequence[Row], args: argparse.Namespace, template: list[str], path: Path,
+               shared: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each row's SubmitRequest; what all rows share is worked out once."""
+    head = {"target": args.target, **shared}
+    named, gpus, file = args.named_args, args.gpus, path.name
+    bodies = []
+    for row in rows:
+        body: dict[str, Any] = {"name": row.name, **head,
+                                "command": command_value(build_argv(template, row.params,
+                                                                    named))}
+        cells = row.cells
+        if GPUS in cells:
+            body["gpus"] = int(cells[GPUS])
+        elif gpus is not None:
+            body["gpus"] = gpus
+        if PRIORITY in cells:
+            body["priority_override"] = int(cells[PRIORITY])
+        if ESTIMATE in cells and (hours := float(cells[ESTIMATE])) > 0:
+            body["estimated_runtime"] = hours * 3600
+        if BEGIN in cells:
+            body["begin_at"] = _begin(cells[BEGIN])
+        if row.depends:
+            body["depends_on"] = row.depends
+        meta: dict[str, Any] = {"id": row.name, "params": row.params, "file": file,
+                                "line": row.line}
+        if cells:
+            meta["cells"] = cells
+        body["metadata"] = {META: meta}
+        bodies.append(body)
+    return bodies
 
 
 def _progress() -> Progress:
@@ -436,10 +471,40 @@ def _progress() -> Progress:
     )
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=errors, transient=True)
+                    TimeElapsedColumn(), console=output.errors, transient=True)
+
+
+def _may_draw() -> bool:
+    """Whether rich may draw on stderr: it is a terminal, or a variable rich reads may make
+    it draw (then rich decides, as ever). Otherwise the bar and the spinner would draw
+    nothing, and rich is not loaded for them."""
+    if any(v in os.environ for v in ("TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_COLOR")):
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """What an import builds lives until it ends: the cyclic collector would find nothing
+    (10,000 rows cost it 200 collections, a sixth of the import's time)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def import_csv(args: argparse.Namespace) -> int:
+    with _collector_paused():
+        return _import_csv(args)
+
+
+def _import_csv(args: argparse.Namespace) -> int:
     path: Path = args.file
     template = _template(args.command)
     if args.gpus is not None and args.gpus < 0:
@@ -452,14 +517,15 @@ def import_csv(args: argparse.Namespace) -> int:
     if not raw:
         raise CliError(f"{path} has a header but no rows: nothing to import")
     existing = Existing.fetch(api)
-    with _progress() if len(raw) > LARGE else contextlib.nullcontext() as bar:
+    shown = _may_draw()
+    with _progress() if len(raw) > LARGE and shown else contextlib.nullcontext() as bar:
         rows = prepare(raw, header, path, existing, args, problems, bar)
     problems.raise_if_any(path)
     _check_priority_allowed(api, rows)
-    shared = _shared_fields(args)
-    for row in rows:
-        row.body = row_body(row, args, template, path, shared)
-    with errors.status(f"submitting {len(rows)} jobs") if len(rows) > LARGE \
+    bodies = row_bodies(rows, args, template, path, _shared_fields(args))
+    for row, body in zip(rows, bodies, strict=True):
+        row.body = body
+    with output.errors.status(f"submitting {len(rows)} jobs") if len(rows) > LARGE and shown \
             else contextlib.nullcontext():
         reply = _submit_batch(api, rows, path)
     if args.format == "json":
@@ -467,6 +533,7 @@ def import_csv(args: argparse.Namespace) -> int:
             {"line": r.line, "name": r.name, "job_id": j}
             for r, j in zip(rows, reply["job_ids"], strict=True)]})
         return 0
+    console = output.console
     console.print(f"imported {reply['count']} jobs from {path} (lines {rows[0].line}-"
                   f"{rows[-1].line})", markup=False, highlight=False)
     if len(rows) <= 20:
@@ -481,9 +548,10 @@ def prepare(raw: list[tuple[int, list[str]]], header: list[str], path: Path,
             bar: Progress | None) -> list[Row]:
     """Read and check every row (names, dependencies, cycles), with a bar if given."""
     task = bar.add_task(f"reading {path.name}", total=len(raw)) if bar is not None else None
+    layout = Layout.of(header)
     rows: list[Row] = []
     for i, (line, cells) in enumerate(raw, start=1):
-        row = parse_row(line, header, cells, problems)
+        row = parse_row(line, layout, cells, problems)
         if row is not None:
             rows.append(row)
         if bar is not None and task is not None and i % 500 == 0:
@@ -555,12 +623,17 @@ def server_lines(text: str, rows: Sequence[Row]) -> str:
 
 def _submit_batch(api: Client, rows: list[Row], path: Path) -> dict[str, Any]:
     """One request; a refusal is reported line by line."""
+    import urllib.error
+    import urllib.request
+
+    import msgspec
+
     data = msgspec.json.encode({"jobs": [r.body for r in rows]})
     req = urllib.request.Request(api.url + "/api/queue/batch", data=data, method="POST", headers={
         "Authorization": f"Bearer {api.token}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=600) as resp:
-            reply: dict[str, Any] = json.loads(resp.read())
+            reply: dict[str, Any] = msgspec.json.decode(resp.read())
             return reply
     except urllib.error.HTTPError as exc:
         try:
@@ -875,7 +948,7 @@ def progress(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(summary)
     else:
-        console.print(render(summary), markup=False, highlight=False)
+        output.console.print(render(summary), markup=False, highlight=False)
     return 0
 
 
@@ -887,6 +960,9 @@ def watch(api: Client, fmt: str) -> int:
     """Subscribe to the event stream first, then read the queue, then fold the stream onto
     it: the events between the two are applied again, which leaves every job as its latest
     event says. Ends on Ctrl-C."""
+    import queue
+    import threading
+
     try:
         while True:
             messages: queue.Queue[tuple[str, str] | None] = queue.Queue()
@@ -913,10 +989,12 @@ def _read_stream(resp: Any, messages: queue.Queue[tuple[str, str] | None]) -> No
 def _follow(model: QueueProgress, messages: queue.Queue[tuple[str, str] | None],
             fmt: str) -> str:
     """Redraw as events arrive (at most every REDRAW_SECONDS); why it stopped."""
+    import queue
+
     from rich.live import Live
     from rich.text import Text
 
-    out = console
+    out = output.console
     live = out.is_terminal and fmt != "json"
     shown = ""
     dirty, last = True, 0.0

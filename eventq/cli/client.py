@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from eventq.auth import TOKEN_FILE
+from eventq.paths import SERVER_FILE, TOKEN_FILE
 
-# The names eventq.server writes, kept here so that a client command does not import the
-# whole server (every CLI test reads server.json through them).
-SERVER_FILE = "server.json"
+if TYPE_CHECKING:
+    import http.client
+    import urllib.error
+
+# urllib.request (http.client, email) loads with the first request: `eventq --help` and
+# the commands that only read local files do not pay for it.
 
 
 def default_data_dir() -> Path:
@@ -64,6 +64,9 @@ class Client:
     def open(self, method: str, path: str, body: Any = None,
              timeout: float | None = 60.0) -> http.client.HTTPResponse:
         """The raw response of a successful request; errors become CliError."""
+        import urllib.error
+        import urllib.request
+
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method, headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})

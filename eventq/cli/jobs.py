@@ -8,11 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from eventq.cli import actions, logs
+from eventq.cli import actions, logs, output
 from eventq.cli.client import Client, CliError, quote
 from eventq.cli.output import (
     cell,
-    console,
     duration,
     emit_json,
     pick,
@@ -168,9 +167,9 @@ def submit(args: argparse.Namespace) -> int:
         _print_dry_run(reply)
     else:
         gpus = cell(reply["allocated_gpus"])
-        console.print(f"{reply['job_id']} {reply['status']}  GPUs: {gpus}"
-                      + (f"  position: {reply['queue_position']}"
-                         if reply["queue_position"] else ""))
+        output.console.print(f"{reply['job_id']} {reply['status']}  GPUs: {gpus}"
+                             + (f"  position: {reply['queue_position']}"
+                                if reply["queue_position"] else ""))
         print_reasons(reply.get("reasons"))
     return code
 
@@ -178,18 +177,18 @@ def submit(args: argparse.Namespace) -> int:
 def _print_dry_run(reply: dict[str, Any]) -> None:
     status = reply["status"]
     if status == "running":
-        console.print(f"dry run: would start now on {reply['node']} GPUs "
-                      f"{cell(reply['allocated_gpus'])}")
+        output.console.print(f"dry run: would start now on {reply['node']} GPUs "
+                             f"{cell(reply['allocated_gpus'])}")
     elif status == "rejected":
-        console.print("dry run: would be rejected (--no-wait, and it cannot start now)")
+        output.console.print("dry run: would be rejected (--no-wait, and it cannot start now)")
     elif status == "blocked":
-        console.print("dry run: would wait for an admin's approval")
+        output.console.print("dry run: would wait for an admin's approval")
     else:
-        console.print("dry run: would wait in the queue")
+        output.console.print("dry run: would wait in the queue")
     print_reasons(reply.get("reasons"))
     if status in ("queued", "rejected"):
         print_estimate(reply)
-    console.print("nothing was recorded")
+    output.console.print("nothing was recorded")
 
 
 def reasons_text(job: dict[str, Any]) -> str:
@@ -217,24 +216,24 @@ def queue_status(args: argparse.Namespace) -> int:
         emit_json(stats)
         return 0
     local = stats["local"]
-    console.print(f"[bold]queue[/bold]: {stats['queue_depth']} waiting, {stats['running']} "
-                  f"running (average wait {duration(stats['avg_wait_seconds'])})")
+    output.console.print(f"[bold]queue[/bold]: {stats['queue_depth']} waiting, {stats['running']} "
+                         f"running (average wait {duration(stats['avg_wait_seconds'])})")
     gpu_cap = local["max_concurrent_gpus"]
-    console.print(
+    output.console.print(
         f"[bold]local[/bold]: {local['running_jobs']} running, {local['pending_jobs']} waiting; "
         f"GPUs in use {cell(local['allocated_gpus'])}, free {cell(local['available_gpus'])} "
         f"of {local['total_gpus']}" + (" (simulated)" if local.get("simulated") else ""))
-    console.print(
+    output.console.print(
         f"[bold]limits[/bold]: {stats['max_concurrent']} jobs, {stats['user_max_concurrent']} "
         f"per user, {stats['team_max_concurrent']} per team; local "
         f"{local['max_concurrent_jobs']} jobs, "
         f"{'unlimited' if gpu_cap is None else gpu_cap} GPUs; fair share "
         f"{'on' if stats['enable_fair_share'] else 'off'}")
     if stats["by_status"]:
-        console.print("[bold]by status[/bold]: " + ", ".join(
+        output.console.print("[bold]by status[/bold]: " + ", ".join(
             f"{k} {v}" for k, v in sorted(stats["by_status"].items())))
     if stats["by_user"]:
-        console.print("[bold]unfinished by user[/bold]: " + ", ".join(
+        output.console.print("[bold]unfinished by user[/bold]: " + ", ".join(
             f"{k} {v}" for k, v in sorted(stats["by_user"].items())))
     return 0
 
@@ -249,9 +248,9 @@ def show_job(args: argparse.Namespace) -> int:
     for key in ("job_id", "name", "user", "status", "gpus", "allocated_gpus", "node", "attempt",
                 "position", "exit_code", "error", "command"):
         if job.get(key) is not None:
-            console.print(f"[bold]{key}[/bold]: {cell(job[key])}")
+            output.console.print(f"[bold]{key}[/bold]: {cell(job[key])}")
     if job.get("reasons"):
-        console.print(f"[bold]waits on[/bold]: {reasons_text(job)}")
+        output.console.print(f"[bold]waits on[/bold]: {reasons_text(job)}")
     rows = [{"seq": e["seq"], "time": when(e["time"]), "by": e["principal"], "event": e["type"],
              "detail": _short(e["body"])} for e in history]
     table(rows, ["seq", "time", "by", "event", "detail"], title="history")
@@ -276,7 +275,7 @@ def cancel_job(args: argparse.Namespace) -> int:
     else:
         stopped = "process stopped, GPUs freed" if reply["process_stopped"] else \
             "process still stopping"
-        console.print(f"{reply['job_id']} {reply['status']} ({stopped})")
+        output.console.print(f"{reply['job_id']} {reply['status']} ({stopped})")
     return 0
 
 
@@ -290,6 +289,6 @@ def _cancel_many(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(reply)
     else:
-        console.print(f"cancelled {reply['cancelled']} jobs"
-                      + (f": {', '.join(reply['job_ids'])}" if reply["job_ids"] else ""))
+        output.console.print(f"cancelled {reply['cancelled']} jobs"
+                             + (f": {', '.join(reply['job_ids'])}" if reply["job_ids"] else ""))
     return 0

@@ -6,8 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from eventq import __version__
 from eventq.cli import bulk, jobs, replay, serve, users, worker, workers
 from eventq.cli.client import CliError
+
+# Each command's module is imported here for its parser only: what a command needs beyond
+# the standard library (rich, msgspec, urllib, the server's modules) loads in its handler.
 
 
 def parser() -> argparse.ArgumentParser:
@@ -17,6 +21,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--token", help="API token (default: $EVENTQ_TOKEN, or the local admin's)")
     common.add_argument("--format", choices=["table", "json"], default="table")
     top = argparse.ArgumentParser(prog="eventq", description="GPU job queue and orchestrator")
+    top.add_argument("--version", action="version", version=f"eventq {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
     serve.add_parser(sub, common)
     jobs.add_parser(sub, common)

@@ -7,16 +7,37 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import Console
 
-# Piped output is read by scripts and grep: do not squeeze it to 80 columns.
-console = Console() if sys.stdout.isatty() else Console(width=200)
-# Messages that are not the answer (progress, the end of a followed log) go to stderr.
-errors = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
+    console: Console
+    errors: Console
+
+# rich loads when something is drawn with it: `console` and `errors` are made on first use
+# (module __getattr__), so JSON output and plain messages never import it. Within this
+# module, which has no such globals until then, they are `_get("console")`.
+
+
+def _get(name: str) -> Console:
+    made: Console | None = globals().get(name)
+    if made is None:
+        from rich.console import Console
+
+        stream = sys.stdout if name == "console" else sys.stderr
+        # Piped output is read by scripts and grep: do not squeeze it to 80 columns.
+        # `errors` takes the messages that are not the answer (progress, the end of a
+        # followed log).
+        made = Console(stderr=name == "errors", width=None if stream.isatty() else 200)
+        globals()[name] = made
+    return made
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("console", "errors"):
+        return _get(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def pick(record: dict[str, Any], path: str) -> Any:
@@ -37,11 +58,30 @@ def cell(value: Any) -> str:
     return str(value)
 
 
+#: Above this many characters of compact JSON, msgspec indents it (loading it costs less).
+INDENT_BY_MSGSPEC = 100_000
+
+
 def emit_json(value: Any) -> None:
+    """``json.dumps(value, indent=2, default=str)``, printed. json indents in pure Python
+    (100 ms for the 10,000 jobs of an import): a large value is written compact by json's
+    C encoder, then indented by msgspec, which gives the same text."""
+    compact = json.dumps(value, default=str, separators=(",", ":"))
+    if len(compact) > INDENT_BY_MSGSPEC:
+        import msgspec
+
+        try:
+            print(msgspec.json.format(compact, indent=2))
+            return
+        except msgspec.DecodeError:  # NaN or an infinity: json writes them, JSON has none
+            pass
     print(json.dumps(value, indent=2, default=str))
 
 
 def table(rows: Sequence[dict[str, Any]], fields: Sequence[str], title: str | None = None) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
     t = Table(title=title, show_lines=False)
     for f in fields:
         # Ids are copied into the next command: never cut them.
@@ -49,7 +89,7 @@ def table(rows: Sequence[dict[str, Any]], fields: Sequence[str], title: str | No
                      overflow="fold")
     for row in rows:
         t.add_row(*(escape(cell(pick(row, f))) for f in fields))
-    console.print(t)
+    _get("console").print(t)
 
 
 def when(t: float | None) -> str:
@@ -81,20 +121,21 @@ def from_now(t: float, now: float) -> str:
 
 def print_reasons(reasons: list[dict[str, Any]] | None) -> None:
     for reason in reasons or []:
-        console.print(f"  waits on {reason['code']}: {reason['detail']}", markup=False)
+        _get("console").print(f"  waits on {reason['code']}: {reason['detail']}", markup=False)
 
 
 def print_estimate(record: dict[str, Any]) -> None:
+    out = _get("console")
     start = record.get("estimated_start")
     note = record.get("estimate_note")
     if start is None:
-        console.print(f"  estimated start: unknown ({note or 'no estimate'})", markup=False)
+        out.print(f"  estimated start: unknown ({note or 'no estimate'})", markup=False)
         return
     now = time.time()
     if start <= now + 1 and record.get("reasons"):
         # Estimates project GPUs, not limits: free GPUs do not mean it starts now.
-        console.print("  estimated start: as soon as the reasons above clear (its GPUs are "
-                      "free now)", markup=False)
+        out.print("  estimated start: as soon as the reasons above clear (its GPUs are "
+                  "free now)", markup=False)
         return
-    console.print(f"  estimated start: {when(start)} ({from_now(start, now)})"
-                  + (f" — {note}" if note else ""), markup=False)
+    out.print(f"  estimated start: {when(start)} ({from_now(start, now)})"
+              + (f" — {note}" if note else ""), markup=False)

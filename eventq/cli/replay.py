@@ -6,17 +6,18 @@ import argparse
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import msgspec
-
-from eventq import replay
+from eventq.cli import output
 from eventq.cli.client import CliError, default_data_dir
-from eventq.cli.output import console, emit_json, table
-from eventq.log import LogCorrupt, Record, connect_readonly, iter_verified
+from eventq.cli.output import emit_json, table
+from eventq.paths import LOG_FILE
 
-#: The log's file name in a data directory (as eventq.server names it).
-LOG_FILE = "events.db"
+if TYPE_CHECKING:
+    from eventq.log import Record
+
+# The fold and the log (the actors, structlog, asyncio, aiosqlite, msgspec) load when a
+# replay command runs: every other command stays quick to launch.
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -64,6 +65,8 @@ def _at(args: argparse.Namespace) -> int:
 
 
 def _conn(args: argparse.Namespace) -> Any:
+    from eventq.log import connect_readonly
+
     path = args.log or (args.data_dir or default_data_dir()) / LOG_FILE
     try:
         return connect_readonly(path)
@@ -72,33 +75,41 @@ def _conn(args: argparse.Namespace) -> Any:
 
 
 def verify(args: argparse.Namespace) -> int:
+    from eventq import replay
+    from eventq.log import LogCorrupt
+
     try:
         count, problems = replay.verify(_conn(args))
     except LogCorrupt as exc:
         if args.format == "json":
             emit_json({"ok": False, "first_bad_seq": exc.seq, "why": exc.why})
         else:
-            console.print(f"[red]FAIL[/red] first bad seq {exc.seq}: {exc.why}")
+            output.console.print(f"[red]FAIL[/red] first bad seq {exc.seq}: {exc.why}")
         return 1
     if args.format == "json":
         emit_json({"ok": not problems, "events": count, "problems": problems})
     elif problems:
-        console.print(f"[red]FAIL[/red] chain intact over {count} events, but:")
+        output.console.print(f"[red]FAIL[/red] chain intact over {count} events, but:")
         for p in problems:
-            console.print(f"  {p}")
+            output.console.print(f"  {p}")
     else:
-        console.print(f"OK: {count} events, hash chain intact, no GPU held twice, "
-                      "no job run twice")
+        output.console.print(f"OK: {count} events, hash chain intact, no GPU held twice, "
+                             "no job run twice")
     return 1 if problems else 0
 
 
 def _line(r: Record) -> dict[str, Any]:
+    import msgspec
+
     body = msgspec.to_builtins(r.event)
     body.pop("type", None)
     return {"seq": r.seq, "time": r.time, "principal": r.principal, "type": r.type, "body": body}
 
 
 def show(args: argparse.Namespace) -> int:
+    from eventq import replay
+    from eventq.log import LogCorrupt, iter_verified
+
     conn = _conn(args)
     records = (r for r in iter_verified(conn) if r.seq >= args.from_seq
                and (args.to_seq is None or r.seq <= args.to_seq))
@@ -116,6 +127,11 @@ def show(args: argparse.Namespace) -> int:
 
 
 def state(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from eventq import replay
+    from eventq.log import LogCorrupt
+
     try:
         folded = replay.fold(_conn(args), to_seq=args.at)
     except LogCorrupt as exc:
@@ -133,8 +149,8 @@ def state(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(summary)
         return 0
-    console.print(f"state at seq {summary['at_seq']}: {summary['by_status']}, "
-                  f"running {summary['running']}, waiting {summary['waiting']}")
+    output.console.print(f"state at seq {summary['at_seq']}: {summary['by_status']}, "
+                         f"running {summary['running']}, waiting {summary['waiting']}")
     rows = [{"node": node, "gpu": g, "held_by": h}
             for node, held in summary["gpus"].items() for g, h in held.items()]
     table(rows, ["node", "gpu", "held_by"], title="GPUs held")

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
-import logging
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,8 +12,8 @@ from eventq.cli.client import CliError
 if TYPE_CHECKING:
     from eventq.server import Orchestrator
 
-# The server's modules (aiohttp, the actors) load only when a server starts: every other
-# command stays quick to launch.
+# The server's modules (aiohttp, the actors, asyncio, logging) load only when a server
+# starts: every other command stays quick to launch.
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -37,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def configure_logging(fmt: str) -> None:
+    import logging
+
     import structlog
 
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
@@ -49,6 +47,8 @@ def configure_logging(fmt: str) -> None:
 
 
 def run_server(args: argparse.Namespace) -> int:
+    import asyncio
+
     from eventq import gpus
     from eventq.server import AlreadyRunning, Orchestrator, default_data_dir
 
@@ -70,6 +70,10 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 async def _serve(orch: Orchestrator, host: str, port: int) -> None:
+    import asyncio
+    import gc
+    import signal
+
     from aiohttp import web
 
     from eventq.http.app import make_app

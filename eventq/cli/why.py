@@ -12,12 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.markup import escape
-
 from eventq import events as ev
 from eventq import replay
+from eventq.cli import output
 from eventq.cli.client import CliError
-from eventq.cli.output import cell, console, duration, emit_json, table, when
+from eventq.cli.output import cell, duration, emit_json, table, when
 from eventq.log import LogCorrupt, Record
 
 #: The pseudo-reason for waiting time no recorded reason covers (e.g. before the
@@ -237,6 +236,9 @@ def why(args: argparse.Namespace, conn: Any) -> int:
     if args.format == "json":
         emit_json(summary)
         return 0
+    from rich.markup import escape  # rich loads only when it draws
+
+    console = output.console
     console.print(f"job {escape(story.job_id)} ({escape(story.name)}, {escape(story.user)}): "
                   f"[bold]{summary['status']}[/bold]")
     table([{"seq": s["seq"], "time": when(s["time"]), "by": s["by"], "state": s["state"],
@@ -307,6 +309,7 @@ def at(args: argparse.Namespace, conn: Any) -> int:
         emit_json(out)
         return 0
     asked = f"seq {to_seq}" if to_seq is not None else when(at_time)
+    console = output.console
     console.print(f"GPUs at {asked}: the state after seq {folded.last_seq} "
                   f"({when(folded.last_time)})", markup=False)
     moment = folded.last_time if at_time is None else at_time

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import shlex
-import socket
 import time
 from pathlib import Path
 
 from eventq.cli.client import CliError, default_data_dir
 
-# The agent's modules (aiohttp, the runner) load only when a worker starts.
+# The agent's modules (aiohttp, the runner, asyncio) load only when a worker starts.
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -69,6 +66,10 @@ def budget_end(max_runtime: float | None, margin: float) -> float | None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import shlex
+    import socket
+
     from eventq import gpus, runner
     from eventq.agent.agent import Agent, AgentBusy, AgentConfig, Refused
     from eventq.cli.serve import configure_logging

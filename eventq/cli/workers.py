@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from eventq.cli import output
 from eventq.cli.client import Client, CliError, quote
-from eventq.cli.output import console, emit_json, table
+from eventq.cli.output import emit_json, table
 from eventq.cli.worker import parse_labels
 
 LIST_FIELDS = ["worker_id", "name", "worker_type", "status", "transport", "gpus", "labels",
@@ -64,12 +65,12 @@ def add(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(reply)
         return 0
-    console.print(f"added worker {reply['name']} ({args.worker_type})", markup=False)
+    output.console.print(f"added worker {reply['name']} ({args.worker_type})", markup=False)
     print(f"worker_id: {reply['worker_id']}")
-    console.print("token (shown only this once; give it to the worker as "
-                  "EVENTQ_WORKER_TOKEN):", markup=False)
+    output.console.print("token (shown only this once; give it to the worker as "
+                         "EVENTQ_WORKER_TOKEN):", markup=False)
     print(reply["token"])
-    console.print("on the GPU machine, run:", markup=False)
+    output.console.print("on the GPU machine, run:", markup=False)
     print(f"  {reply['connection_command']}")
     return 0
 
@@ -90,7 +91,7 @@ def list_workers(args: argparse.Namespace) -> int:
         emit_json(workers)
         return 0
     if not workers:
-        console.print("no workers (add one with `eventq workers add NAME`)", markup=False)
+        output.console.print("no workers (add one with `eventq workers add NAME`)", markup=False)
         return 0
     table([_row(w) for w in workers], LIST_FIELDS)
     return 0
@@ -105,8 +106,8 @@ def drain(args: argparse.Namespace) -> int:
         return 0
     jobs = reply.get("current_jobs") or []
     running = f"finishing {len(jobs)} job(s): {', '.join(jobs)}" if jobs else "running nothing"
-    console.print(f"draining {reply['name']} ({worker_id}): takes no new job; {running}",
-                  markup=False)
+    output.console.print(f"draining {reply['name']} ({worker_id}): takes no new job; {running}",
+                         markup=False)
     return 0
 
 
@@ -117,11 +118,11 @@ def rotate(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(reply)
         return 0
-    console.print(f"a new token for {worker_id}; the old one no longer works (a worker "
-                  "connected with it is disconnected). New token (shown only this once):",
-                  markup=False)
+    output.console.print(f"a new token for {worker_id}; the old one no longer works (a worker "
+                         "connected with it is disconnected). New token (shown only this once):",
+                         markup=False)
     print(reply["token"])
-    console.print("restart the worker with it:", markup=False)
+    output.console.print("restart the worker with it:", markup=False)
     print(f"  eventq worker --url {client.url} --token {reply['token']}")
     return 0
 
@@ -134,5 +135,5 @@ def remove(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(reply)
         return 0
-    console.print(f"removed worker {worker_id}", markup=False)
+    output.console.print(f"removed worker {worker_id}", markup=False)
     return 0
