@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import hashlib
 import os
 import sqlite3
@@ -27,6 +26,7 @@ import aiosqlite
 import msgspec
 
 from eventq import events as ev
+from eventq.gcpause import collector_paused
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -183,7 +183,9 @@ class EventLog:
     _reads: list[frozenset[type] | None] = field(default_factory=list)
     #: Event type -> the subscribers that read it, built on first use.
     _routes: dict[type, tuple[Subscriber, ...]] = field(default_factory=dict)
-    durable_subscribers: list[DurableSubscriber] = field(default_factory=list)
+    #: Each with the event types it reads (None: every type).
+    durable_subscribers: list[tuple[DurableSubscriber, frozenset[type] | None]] = field(
+        default_factory=list)
     commits: int = 0
     committed_events: int = 0
     _pending: list[Row] = field(default_factory=list)
@@ -216,11 +218,7 @@ class EventLog:
 
     def replay(self) -> int:
         """Fold every stored event into the subscribers; returns the number replayed."""
-        # The folds build many small objects and free none: the cycle collector would
-        # only rescan them again and again (a third of a large replay).
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collector_paused():
             record = None
             routes, route = self._routes, self._route
             with sqlite3.connect(self.path) as conn:
@@ -230,9 +228,6 @@ class EventLog:
                         fold(record)
             if record is not None:
                 self.head_seq, self.head_hash = record.seq, record.hash
-        finally:
-            if collecting:
-                gc.enable()
         return self.head_seq
 
     def start(self) -> None:
@@ -259,12 +254,15 @@ class EventLog:
         self._routes[kind] = folds
         return folds
 
-    def on_durable(self, subscriber: DurableSubscriber) -> None:
-        self.durable_subscribers.append(subscriber)
+    def on_durable(self, subscriber: DurableSubscriber,
+                   reads: Collection[type] | None = None) -> None:
+        """Hand ``subscriber`` each commit's records (only those of ``reads`` if given, and
+        only commits that have some) once they are on disk."""
+        self.durable_subscribers.append((subscriber, None if reads is None else frozenset(reads)))
 
     def off_durable(self, subscriber: DurableSubscriber) -> None:
-        if subscriber in self.durable_subscribers:
-            self.durable_subscribers.remove(subscriber)
+        self.durable_subscribers = [(s, r) for s, r in self.durable_subscribers
+                                    if s != subscriber]
 
     def append(self, principal: str, events: Sequence[ev.Event]) -> Appended:
         """Number, chain and apply ``events``; they become durable at the next commit."""
@@ -338,8 +336,11 @@ class EventLog:
             self.committed_events += len(rows)
             if future is not None and not future.done():
                 future.set_result(None)
-            for subscriber in self.durable_subscribers:
-                subscriber(records)
+            for subscriber, reads in self.durable_subscribers:
+                if reads is None:
+                    subscriber(records)
+                elif mine := [r for r in records if type(r.event) in reads]:
+                    subscriber(mine)
 
     async def _commit(self, rows: list[Row]) -> None:
         """``BEGIN IMMEDIATE`` (implicit, see ``open``), every row, ``COMMIT``."""

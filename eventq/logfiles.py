@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 
 import structlog
 
@@ -170,6 +170,8 @@ class AttemptLogs:
     an ended attempt's output is trimmed once, and running attempts are trimmed now and
     then even when nobody reads them. File work runs in threads, off the event loop.
     """
+
+    DURABLE_READS: ClassVar[frozenset[type]] = frozenset({ev.JobsPurged, ev.AttemptEnded})
 
     data_dir: Path
     state: SchedulerState

@@ -13,7 +13,7 @@ import signal
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 
@@ -28,6 +28,8 @@ log = structlog.get_logger()
 
 @dataclass
 class LocalNode:
+    DURABLE_READS: ClassVar[frozenset[type]] = frozenset({ev.AttemptDispatched,
+                                                          ev.AttemptStopRequested})
     data_dir: Path
     scheduler: Scheduler
     state: SchedulerState

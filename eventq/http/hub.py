@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 
@@ -64,6 +64,9 @@ class Outbox:
 
 @dataclass
 class WorkerHub:
+    DURABLE_READS: ClassVar[frozenset[type]] = frozenset({
+        ev.AttemptDispatched, ev.AttemptStopRequested, ev.WorkerDraining,
+        ev.WorkerTokenRotated, ev.WorkerRemoved, ev.AttemptEnded})
     data_dir: Path
     state: SchedulerState
     workers: Workers

@@ -21,6 +21,7 @@ from eventq.actors.scheduler import (
     SubmitMany,
 )
 from eventq.auth import User
+from eventq.gcpause import collector_paused
 from eventq.http.app import ORCH, ApiError, current_user, decode_body, require_admin
 from eventq.projections.queue import UnknownStatus
 from eventq.server import Orchestrator
@@ -262,6 +263,11 @@ class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 @routes.post("/api/queue/batch")
 async def submit_batch(request: web.Request) -> web.Response:
+    with collector_paused(keeps=True):
+        return await _submit_batch(request)
+
+
+async def _submit_batch(request: web.Request) -> web.Response:
     orch, user = request.app[ORCH], current_user(request)
     body = decode_body(await request.read(), BatchRequest)
     ids = [new_job_id(orch) for _ in body.jobs]
