@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 import aiosqlite
 import msgspec
@@ -40,6 +41,12 @@ CREATE TABLE IF NOT EXISTS events (
     hash BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, seq) WHERE job_id IS NOT NULL;
+-- The last row whose chain is known good: written by this server, or verified at a start.
+CREATE TABLE IF NOT EXISTS checkpoint (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash BLOB NOT NULL
+);
 """
 
 GENESIS = b"\x00" * 32
@@ -122,15 +129,17 @@ def iter_rows(conn: sqlite3.Connection, from_seq: int = 1, to_seq: int | None = 
         yield from batch
 
 
-def iter_verified(conn: sqlite3.Connection) -> Iterator[Record]:
-    """Every record from seq 1, checking contiguity and the hash chain as it goes.
+def iter_verified(conn: sqlite3.Connection,
+                  after: tuple[int, bytes] | None = None) -> Iterator[Record]:
+    """Every record from seq 1 (or after ``after``, a known good (seq, hash)), checking
+    contiguity and the hash chain as it goes.
 
-    The hot loop of start-up and of every offline audit: ``chain_hash`` is inlined.
+    The hot loop of every offline audit: ``chain_hash`` is inlined.
     """
-    prev, expected = GENESIS, 1
+    prev, expected = (GENESIS, 1) if after is None else (after[1], after[0] + 1)
     sha256, pack, types = hashlib.sha256, _SEQ_TIME.pack, ev.EVENT_TYPES
     rows = conn.execute("SELECT seq, time, principal, type, job_id, v, body, hash FROM events "
-                        "ORDER BY seq")
+                        "WHERE seq >= ? ORDER BY seq", (expected,))
     for seq, time, principal, type_, job_id, version, body, stored in rows:
         if seq != expected:
             raise LogCorrupt(expected, f"sequence jumps to {seq}")
@@ -147,6 +156,43 @@ def iter_verified(conn: sqlite3.Connection) -> Iterator[Record]:
         prev, expected = stored, seq + 1
 
 
+def read_checkpoint(conn: sqlite3.Connection) -> tuple[int, bytes] | None:
+    try:
+        row = conn.execute("SELECT seq, hash FROM checkpoint").fetchone()
+    except sqlite3.OperationalError:  # a log no server has opened since checkpoints came
+        return None
+    return None if row is None else (int(row[0]), bytes(row[1]))
+
+
+def iter_for_start(conn: sqlite3.Connection) -> Iterator[Record]:
+    """What a start folds: every record from seq 1, its chain verified from the checkpoint
+    on (ARCHITECTURE: "verify its head"). Rows up to the checkpoint were verified when
+    they were written or at an earlier start: they are checked for gaps and decoded, and
+    the checkpoint's own row must carry the checkpoint's hash. ``eventq replay verify``
+    checks the whole chain, whenever asked.
+    """
+    mark = read_checkpoint(conn)
+    if mark is None:
+        yield from iter_verified(conn)
+        return
+    upto, expected, last, decode = mark[0], 1, GENESIS, ev.decode
+    rows = conn.execute("SELECT seq, time, principal, v, body, hash FROM events "
+                        "WHERE seq <= ? ORDER BY seq", (upto,))
+    for seq, time, principal, version, body, stored in rows:
+        if seq != expected:
+            raise LogCorrupt(expected, f"sequence jumps to {seq}")
+        try:
+            event = decode(body, version)
+        except msgspec.DecodeError as exc:
+            raise LogCorrupt(seq, f"body does not decode: {exc}") from exc
+        yield Record(seq, time, principal, event, stored)
+        expected, last = seq + 1, stored
+    if expected != upto + 1 or last != mark[1]:
+        raise LogCorrupt(min(expected, upto), "the checkpoint's row is missing or its hash "
+                                              "differs from the checkpoint")
+    yield from iter_verified(conn, after=mark)
+
+
 def to_record(row: Row) -> Record:
     seq, time, principal, _type, _job, version, body, stored = row
     return Record(seq, time, principal, ev.decode(body, version), stored)
@@ -154,6 +200,14 @@ def to_record(row: Row) -> Record:
 
 Subscriber = Callable[[Record], None]
 DurableSubscriber = Callable[[Sequence[Record]], None]
+
+
+class Fold(Protocol):
+    """A read model: ``evolve`` folds one record of the types it ``READS``."""
+
+    READS: ClassVar[frozenset[type]]
+
+    def evolve(self, record: Record) -> None: ...
 
 
 @dataclass
@@ -198,6 +252,11 @@ class EventLog:
     _reader: aiosqlite.Connection | None = None
     _closing: bool = False
     _holds: int = 0
+    #: The newest (seq, hash) known good (verified at start, or committed since), and the
+    #: seq the stored checkpoint has.
+    _good: tuple[int, bytes] | None = None
+    _checkpointed: int = 0
+    _failed: bool = False
 
     @classmethod
     async def open(cls, path: Path, clock_now: Callable[[], float],
@@ -216,18 +275,22 @@ class EventLog:
         conn.isolation_level = "IMMEDIATE"
         return cls(path=path, conn=conn, clock_now=clock_now, on_fatal=on_fatal)
 
-    def replay(self) -> int:
-        """Fold every stored event into the subscribers; returns the number replayed."""
-        with collector_paused():
+    def replay(self, keep: bool = False) -> int:
+        """Fold every stored event into the subscribers; returns the number replayed.
+        ``keep``: the folded state lives as long as the process (see ``gcpause``)."""
+        with collector_paused(keeps=keep):
             record = None
             routes, route = self._routes, self._route
             with sqlite3.connect(self.path) as conn:
-                for record in iter_verified(conn):
+                mark = read_checkpoint(conn)
+                for record in iter_for_start(conn):
                     folds = routes.get(type(record.event))
                     for fold in route(type(record.event)) if folds is None else folds:
                         fold(record)
             if record is not None:
                 self.head_seq, self.head_hash = record.seq, record.hash
+                self._good = (record.seq, record.hash)
+                self._checkpointed = mark[0] if mark else 0
         return self.head_seq
 
     def start(self) -> None:
@@ -241,6 +304,11 @@ class EventLog:
         self.subscribers.append(subscriber)
         self._reads.append(None if reads is None else frozenset(reads))
         self._routes.clear()
+
+    def fold_into(self, *folds: Fold) -> None:
+        """Subscribe each read model to the events it reads."""
+        for fold in folds:
+            self.subscribe(fold.evolve, fold.READS)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         if subscriber in self.subscribers:
@@ -307,6 +375,12 @@ class EventLog:
                 self._wake.set()
 
     async def _write_loop(self) -> None:
+        try:
+            await self._write_checkpoint()  # what this start verified need not be again
+        except BaseException as exc:  # noqa: BLE001 - any failure stops the process
+            self._failed = True
+            self.on_fatal(exc)
+            return
         yielded = False
         while True:
             if not self._pending or (self._holds and not self._closing):
@@ -328,12 +402,14 @@ class EventLog:
             try:
                 await self._commit(rows)
             except BaseException as exc:  # noqa: BLE001 - any failure stops the process
+                self._failed = True
                 self.on_fatal(exc)
                 if future is not None and not future.done():
                     future.set_exception(RuntimeError(f"event log write failed: {exc!r}"))
                 return
             self.commits += 1
             self.committed_events += len(rows)
+            self._good = (records[-1].seq, records[-1].hash)
             if future is not None and not future.done():
                 future.set_result(None)
             for subscriber, reads in self.durable_subscribers:
@@ -341,6 +417,15 @@ class EventLog:
                     subscriber(records)
                 elif mine := [r for r in records if type(r.event) in reads]:
                     subscriber(mine)
+
+    async def _write_checkpoint(self) -> None:
+        """Record the newest known good row, so the next start verifies the chain from
+        there (a clean stop, and each start, move it)."""
+        if self._good is None or self._good[0] <= self._checkpointed:
+            return
+        await self.conn.execute("INSERT OR REPLACE INTO checkpoint VALUES (1, ?, ?)", self._good)
+        await self.conn.commit()
+        self._checkpointed = self._good[0]
 
     async def _commit(self, rows: list[Row]) -> None:
         """``BEGIN IMMEDIATE`` (implicit, see ``open``), every row, ``COMMIT``."""
@@ -390,6 +475,8 @@ class EventLog:
         self._wake.set()
         if self._writer is not None:
             await self._writer
+        if not self._failed:
+            await self._write_checkpoint()
         await self.conn.close()
         if self._reader is not None:
             await self._reader.close()

@@ -62,11 +62,12 @@ def fold(conn: sqlite3.Connection, to_seq: int | None = None,
          at_time: float | None = None) -> Folded:
     """Fold verified records up to ``to_seq`` (or ``at_time``)."""
     folded = Folded()
-    for record in iter_verified(conn):
-        if (to_seq is not None and record.seq > to_seq) or \
-                (at_time is not None and record.time > at_time):
-            break
-        folded.evolve(record)
+    with folded.scheduler.replaying():  # as a server's start folds
+        for record in iter_verified(conn):
+            if (to_seq is not None and record.seq > to_seq) or \
+                    (at_time is not None and record.time > at_time):
+                break
+            folded.evolve(record)
     return folded
 
 

@@ -67,6 +67,10 @@ class Orchestrator:
     configs_dir: Path = Path()
     #: Bytes of an attempt's stdout (and of its stderr) kept; older output is dropped.
     log_cap_bytes: int = DEFAULT_CAP
+    #: The process is this server's for its whole life (``eventq server``): the state a
+    #: replay or a batch builds is moved out of the cyclic collector's view (gc.freeze)
+    #: instead of being scanned again. Off where many orchestrators come and go (tests).
+    long_lived: bool = False
 
     def __post_init__(self) -> None:
         # One spelling for the life of the data: attempts record it (their wrapper's argv,
@@ -91,12 +95,9 @@ class Orchestrator:
         self.registry = Registry(self.log, self.users, self.workers, self.scheduler,
                                  self.allocator, self.clock, self.heartbeat_timeout)
         self.queue = QueueView(self.state, self.gpu_table, self.scheduler)
-        self.log.subscribe(self.state.evolve, SchedulerState.READS)
-        self.log.subscribe(self.gpu_table.evolve, GpuTable.READS)
-        self.log.subscribe(self.users.evolve, Users.READS)
-        self.log.subscribe(self.workers.evolve, Workers.READS)
-        self.log.subscribe(self.queue.evolve, QueueView.READS)
-        replayed = self.log.replay()
+        self.log.fold_into(self.state, self.gpu_table, self.users, self.workers, self.queue)
+        with self.state.replaying():
+            replayed = self.log.replay(keep=self.long_lived)
         self._remove_purged_directories()
         #: What a previous server left running here: the only attempts recovery may judge.
         self._left_active = [(job.spec.job_id, job.attempt) for job in self.state.jobs.values()

@@ -10,7 +10,7 @@ import pytest
 
 from eventq import events as ev
 from eventq.clock import SimClock
-from eventq.log import EventLog, LogCorrupt, Record, iter_verified
+from eventq.log import EventLog, LogCorrupt, Record, iter_verified, read_checkpoint
 
 
 def limits_event(n: int) -> ev.LimitsChanged:
@@ -88,6 +88,54 @@ async def test_a_changed_byte_is_caught_at_its_seq(tmp_path: Path, clock: SimClo
     with sqlite3.connect(tmp_path / "events.db") as conn, pytest.raises(LogCorrupt) as caught:
         list(iter_verified(conn))
     assert caught.value.seq == 3
+
+
+async def appended_and_stopped(path: Path, clock: SimClock, first: int, last: int) -> None:
+    log = await open_log(path, clock)
+    for n in range(first, last + 1):
+        log.append("system", [limits_event(n)])
+    await log.close()
+
+
+async def test_a_start_verifies_the_chain_from_the_checkpoint_a_clean_stop_left(
+        tmp_path: Path, clock: SimClock) -> None:
+    path = tmp_path / "events.db"
+    await appended_and_stopped(path, clock, 1, 5)
+    await appended_and_stopped(path, clock, 6, 7)
+    with sqlite3.connect(path) as conn:
+        assert read_checkpoint(conn) == (7, conn.execute(
+            "SELECT hash FROM events WHERE seq = 7").fetchone()[0])
+        conn.execute("UPDATE events SET principal = 'user:mallory' WHERE seq = 2")
+    again = await EventLog.open(path, clock.now)
+    folded: list[Record] = []
+    again.subscribe(folded.append)
+    assert again.replay() == 7, "a start does not hash again the rows its checkpoint vouches for"
+    assert [r.event for r in folded] == [limits_event(n) for n in range(1, 8)]
+    await again.close()
+    with sqlite3.connect(path) as conn, pytest.raises(LogCorrupt) as caught:
+        list(iter_verified(conn))
+    assert caught.value.seq == 2, "eventq replay verify still checks the whole chain"
+
+
+@pytest.mark.parametrize(("tamper", "seq"), [
+    ("UPDATE events SET principal = 'user:mallory' WHERE seq = 6", 6),  # past the checkpoint
+    ("UPDATE checkpoint SET hash = zeroblob(32)", 5),  # the checkpoint disagrees with its row
+    ("DELETE FROM events WHERE seq >= 3", 3),  # rows the checkpoint vouches for are gone
+])
+async def test_a_start_refuses_a_log_whose_head_does_not_verify(
+        tmp_path: Path, clock: SimClock, tamper: str, seq: int) -> None:
+    path = tmp_path / "events.db"
+    await appended_and_stopped(path, clock, 1, 5)
+    await appended_and_stopped(path, clock, 6, 7)
+    with sqlite3.connect(path) as conn:  # as if the server had stopped without a clean stop
+        conn.execute("UPDATE checkpoint SET seq = 5, hash = (SELECT hash FROM events "
+                     "WHERE seq = 5)")
+        conn.execute(tamper)
+    log = await EventLog.open(path, clock.now)
+    with pytest.raises(LogCorrupt) as caught:
+        log.replay()
+    assert caught.value.seq == seq
+    await log.close()
 
 
 async def test_a_failed_commit_stops_the_process(tmp_path: Path, clock: SimClock) -> None:

@@ -118,8 +118,7 @@ class Rig:
         allocator = Allocator(log, table)
         scheduler = Scheduler(log, state, allocator, table, clock)
         queue = QueueView(state, table, scheduler)
-        for fold in (state.evolve, table.evolve, users.evolve, queue.evolve):
-            log.subscribe(fold)
+        log.fold_into(state, table, users, queue)
         log.start()
         allocator.start()
         scheduler.start()

@@ -3,6 +3,8 @@ touched them: a fleet of a thousand workers costs a decision nothing extra."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from eventq import events as ev
 from eventq.actors.allocator import GpuTable
 from eventq.actors.scheduler_state import SchedulerState
@@ -18,7 +20,8 @@ _BY_WORKER = (ev.WorkerCreated, ev.WorkerConnected, ev.WorkerDraining, ev.Worker
 class NodeViews:
     """Read-only inputs of the policy, per node; only nodes an event names are rebuilt."""
 
-    READS = frozenset({*_BY_NODE, ev.AttemptEnded, *_BY_WORKER, ev.LimitsChanged})
+    READS: ClassVar[frozenset[type]] = frozenset({*_BY_NODE, ev.AttemptEnded, *_BY_WORKER,
+                                                  ev.LimitsChanged})
 
     def __init__(self, state: SchedulerState, gpu_table: GpuTable) -> None:
         self.state, self.gpu_table = state, gpu_table

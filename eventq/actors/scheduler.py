@@ -469,7 +469,7 @@ class Scheduler(Actor[SchedulerMsg]):
         #: Read-only view of the registry's workers, for placement on worker nodes.
         self.workers: Workers | None = None
         self.views = NodeViews(state, gpu_table)
-        log.subscribe(self.views.evolve, NodeViews.READS)
+        log.fold_into(self.views)
         self.dispatched = 0
 
     def _append(self, principal: str, events: Sequence[ev.Event]) -> None:

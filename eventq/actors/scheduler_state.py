@@ -10,6 +10,7 @@ the next job is O(log n).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -108,6 +109,7 @@ class SchedulerState:
     dependants: dict[str, set[str]] = field(default_factory=dict)
     #: node -> when its last attempt ended (for "the worker idle longest").
     node_idle_since: dict[str, float] = field(default_factory=dict)
+    _replaying: bool = False
 
     # --- the waiting order ---------------------------------------------------------------
 
@@ -115,29 +117,49 @@ class SchedulerState:
         """Queue order: higher effective priority first, then submission order."""
         return (-effective_priority(job.spec, job.queued_at, now, self.limits), job.order)
 
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """While a replay folds the whole log, the waiting order is kept only as a set
+        (``by_order``); the sorted buckets are built once at the end, not kept sorted
+        through every submission and dispatch since the log began."""
+        self._replaying = True
+        try:
+            yield
+        finally:
+            self._replaying = False
+            grouped: dict[int, list[int]] = {}
+            for order, job_id in self.by_order.items():
+                grouped.setdefault(self.jobs[job_id].spec.effective_base, []).append(order)
+            self.buckets = {base: SortedList(orders) for base, orders in grouped.items()}
+
     def _enqueue(self, job: JobState) -> None:
-        base = job.spec.effective_base
-        bucket = self.buckets.get(base)
-        if bucket is None:
-            bucket = self.buckets[base] = SortedList()
-        bucket.add(job.order)
         self.by_order[job.order] = job.spec.job_id
         if job.spec.target != "worker":
             self.waiting_local += 1
         if job.spec.gpus == 0:
             self.waiting_cpu += 1
+        if self._replaying:
+            return
+        base = job.spec.effective_base
+        bucket = self.buckets.get(base)
+        if bucket is None:
+            bucket = self.buckets[base] = SortedList()
+        bucket.add(job.order)
 
     def _dequeue(self, job: JobState) -> None:
-        bucket = self.buckets.get(job.spec.effective_base)
-        if bucket is not None and job.order in self.by_order:
-            bucket.discard(job.order)
-            del self.by_order[job.order]
-            if job.spec.target != "worker":
-                self.waiting_local -= 1
-            if job.spec.gpus == 0:
-                self.waiting_cpu -= 1
-            if not bucket:
-                del self.buckets[job.spec.effective_base]
+        if job.order not in self.by_order:
+            return
+        del self.by_order[job.order]
+        if job.spec.target != "worker":
+            self.waiting_local -= 1
+        if job.spec.gpus == 0:
+            self.waiting_cpu -= 1
+        if self._replaying:
+            return
+        bucket = self.buckets[job.spec.effective_base]
+        bucket.discard(job.order)
+        if not bucket:
+            del self.buckets[job.spec.effective_base]
 
     def iter_waiting(self, now: float) -> Iterator[JobState]:
         """Waiting jobs, highest effective priority first, FIFO within a priority."""

@@ -78,11 +78,10 @@ async def _serve(orch: Orchestrator, host: str, port: int) -> None:
 
     from eventq.http.app import make_app
 
+    orch.long_lived = True  # the replayed state lives as long as the server: see gcpause
     await orch.start()
-    # The replayed state lives as long as the server: keep the collector off it, and let
-    # young objects pile up more before a collection (full collections over a large queue
-    # or fleet otherwise stall dispatch for 100 ms and more).
-    gc.freeze()
+    # Let young objects pile up more before a collection (full collections over a large
+    # queue or fleet otherwise stall dispatch for 100 ms and more).
     gc.set_threshold(50_000, 20, 20)
     runner = web.AppRunner(make_app(orch), access_log=None)
     await runner.setup()

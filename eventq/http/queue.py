@@ -263,7 +263,7 @@ class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 @routes.post("/api/queue/batch")
 async def submit_batch(request: web.Request) -> web.Response:
-    with collector_paused(keeps=True):
+    with collector_paused(keeps=request.app[ORCH].long_lived):
         return await _submit_batch(request)
 
 
