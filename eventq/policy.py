@@ -459,32 +459,3 @@ def gate_reasons(spec: JobSpec, unmet: list[tuple[str, str]], now: float) -> lis
         out.append(Reason("begin_time", f"not before {when.isoformat(timespec='seconds')} "
                                         f"(in {spec.begin_at - now:.0f}s)"))
     return out
-
-
-def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
-    """A dependency cycle among ``edges`` (job -> the jobs it depends on), or None.
-
-    Iterative depth-first search: a 10,000-job chain must not hit the recursion limit.
-    Each job's dependencies are walked once, by an iterator kept on the stack.
-    """
-    done: set[str] = set()
-    for start in edges:
-        if start in done:
-            continue
-        path, on_path = [start], {start}
-        stack = [iter(edges[start])]
-        while stack:
-            for dep in stack[-1]:
-                if dep in on_path:
-                    return [*path[path.index(dep):], dep]
-                if dep in edges and dep not in done:
-                    path.append(dep)
-                    on_path.add(dep)
-                    stack.append(iter(edges[dep]))
-                    break
-            else:
-                stack.pop()
-                node = path.pop()
-                on_path.discard(node)
-                done.add(node)
-    return None

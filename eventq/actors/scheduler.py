@@ -25,6 +25,7 @@ from eventq.actors.runtime import Actor
 from eventq.actors.scheduler_state import TERMINAL, JobState, SchedulerState
 from eventq.actors.workers_state import Workers
 from eventq.clock import Clock
+from eventq.graph import find_cycle
 from eventq.log import EventLog, Unstorable
 
 
@@ -286,7 +287,7 @@ def decide_submit_many(state: SchedulerState, cmd: SubmitMany) -> list[ev.Event]
         unknown = [d for d in spec.depends_on if d not in first and d not in jobs]
         if unknown:
             problems.append(f"row {i + 1}: depends_on names unknown jobs {sorted(set(unknown))}")
-    cycle = policy.find_cycle({s.job_id: list(s.depends_on) for s in cmd.specs})
+    cycle = find_cycle({s.job_id: list(s.depends_on) for s in cmd.specs})
     if cycle:
         rows = [first[j] + 1 for j in cycle[:-1]]
         problems.append(f"rows {rows}: dependency cycle {' -> '.join(cycle)}")

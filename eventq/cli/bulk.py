@@ -32,6 +32,7 @@ from eventq.cli import output
 from eventq.cli.client import Client, CliError, parse_sse, quote
 from eventq.cli.output import emit_json
 from eventq.gcpause import collector_paused
+from eventq.graph import find_cycle
 
 if TYPE_CHECKING:
     import queue
@@ -396,8 +397,6 @@ def name_rows(rows: list[Row], stem: str, existing: Existing, problems: Problems
 
 def check_dependencies(rows: list[Row], existing: Existing, append: bool,
                        problems: Problems) -> None:
-    from eventq.policy import find_cycle
-
     in_file = {row.name for row in rows}
     for row in rows:
         for ref in row.depends:
