@@ -50,7 +50,10 @@ class Api:
         self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
+        return self.send(method, path, None if body is None else json.dumps(body).encode())
+
+    def send(self, method: str, path: str, data: bytes | None) -> Any:
+        """A body already encoded (a timing that should not include the client's JSON)."""
         self.conn.request(method, path, body=data, headers=self.headers)
         resp = self.conn.getresponse()
         payload = resp.read()
