@@ -41,8 +41,9 @@ _USER_EVENTS = frozenset({ev.UserCreated, ev.UserUpdated, ev.TokenIssued, ev.Tok
 
 @dataclass
 class Users:
-    READS: ClassVar[frozenset[type]] = _USER_EVENTS
     """Users and their live tokens (by SHA-256), folded from events."""
+
+    READS: ClassVar[frozenset[type]] = _USER_EVENTS
 
     by_name: dict[str, User] = field(default_factory=dict)
     tokens: dict[str, str] = field(default_factory=dict)  # token hash -> user name

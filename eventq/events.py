@@ -441,6 +441,16 @@ def encode(event: Event) -> bytes:
     return _encoder.encode(event)
 
 
+def unstorable_field(spec: JobSpec) -> str | None:
+    """The field of a job the log cannot encode (msgpack has no integers beyond 64 bits)."""
+    for name in ("metadata", "config"):
+        try:
+            _encoder.encode(getattr(spec, name))
+        except (OverflowError, msgspec.EncodeError):
+            return name
+    return None
+
+
 def decode(body: bytes, version: int = SCHEMA_VERSION) -> AnyEvent:
     """Decode a stored body, upcasting it first if it was stored by an older version."""
     if version == SCHEMA_VERSION:

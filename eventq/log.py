@@ -232,9 +232,8 @@ class EventLog:
     on_fatal: Callable[[BaseException], None] = _fail_stop
     head_seq: int = 0
     head_hash: bytes = GENESIS
-    subscribers: list[Subscriber] = field(default_factory=list)
-    #: The event types each subscriber reads (None: every type).
-    _reads: list[frozenset[type] | None] = field(default_factory=list)
+    #: Each with the event types it reads (None: every type).
+    subscribers: list[tuple[Subscriber, frozenset[type] | None]] = field(default_factory=list)
     #: Event type -> the subscribers that read it, built on first use.
     _routes: dict[type, tuple[Subscriber, ...]] = field(default_factory=dict)
     #: Each with the event types it reads (None: every type).
@@ -301,8 +300,7 @@ class EventLog:
         """Hand ``subscriber`` every record appended from now on, in seq order; only
         those of the ``reads`` types if given (most folds read a few of the types, and
         an import appends 10,000 events at once)."""
-        self.subscribers.append(subscriber)
-        self._reads.append(None if reads is None else frozenset(reads))
+        self.subscribers.append((subscriber, None if reads is None else frozenset(reads)))
         self._routes.clear()
 
     def fold_into(self, *folds: Fold) -> None:
@@ -311,14 +309,11 @@ class EventLog:
             self.subscribe(fold.evolve, fold.READS)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
-        if subscriber in self.subscribers:
-            i = self.subscribers.index(subscriber)
-            del self.subscribers[i], self._reads[i]
-            self._routes.clear()
+        self.subscribers = [(s, r) for s, r in self.subscribers if s != subscriber]
+        self._routes.clear()
 
     def _route(self, kind: type) -> tuple[Subscriber, ...]:
-        folds = tuple(s for s, reads in zip(self.subscribers, self._reads, strict=True)
-                      if reads is None or kind in reads)
+        folds = tuple(s for s, reads in self.subscribers if reads is None or kind in reads)
         self._routes[kind] = folds
         return folds
 

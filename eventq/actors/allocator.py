@@ -35,8 +35,9 @@ _GPU_EVENTS = frozenset({ev.NodeInventoryReported, ev.GpusAllocated, ev.GpusRele
 
 @dataclass
 class GpuTable:
-    READS: ClassVar[frozenset[type]] = _GPU_EVENTS
     """Every node's GPUs and who holds each one."""
+
+    READS: ClassVar[frozenset[type]] = _GPU_EVENTS
 
     nodes: dict[str, NodeGpus] = field(default_factory=dict)
     busy_percent: float = ev.Limits().gpu_busy_memory_percent

@@ -296,14 +296,6 @@ def decide_submit_many(state: SchedulerState, cmd: SubmitMany) -> list[ev.Event]
     return [ev.JobSubmitted(job=s) for s in cmd.specs]
 
 
-def _storable(value: object) -> bool:
-    try:
-        msgspec.msgpack.encode(value)
-    except (OverflowError, msgspec.EncodeError):
-        return False
-    return True
-
-
 def gate_subjects(state: SchedulerState, events: Sequence[ev.Event]) -> list[str]:
     """Jobs whose gate these events may have opened or closed."""
     touched: list[str] = []
@@ -539,8 +531,8 @@ class Scheduler(Actor[SchedulerMsg]):
         except Unstorable as exc:
             row = f"row {exc.index + 1}: " if len(events) > 1 else ""
             bad = events[exc.index]
-            field = "config" if isinstance(bad, ev.JobSubmitted) and _storable(
-                bad.job.metadata) else "metadata"
+            field = (ev.unstorable_field(bad.job) if isinstance(bad, ev.JobSubmitted)
+                     else None) or "metadata"
             raise CommandError(422, f"{row}{field} cannot be stored ({exc.why}); nothing was "
                                     "recorded", field) from None
 

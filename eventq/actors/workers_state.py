@@ -58,6 +58,7 @@ _WORKER_EVENTS = frozenset({ev.WorkerCreated, ev.WorkerTokenRotated, ev.WorkerCo
 @dataclass
 class Workers:
     READS: ClassVar[frozenset[type]] = _WORKER_EVENTS | {ev.AttemptDispatched}
+
     by_id: dict[str, Worker] = field(default_factory=dict)
 
     def evolve(self, record: Record) -> None:

@@ -242,11 +242,9 @@ async def submit(request: web.Request) -> web.Response:
     req = decode_body(await request.read(), SubmitRequest)
     spec = build_spec(req, user, orch)
     if req.dry_run:
-        try:
-            ev.encode(ev.JobSubmitted(job=spec))  # what a real submission's append would do
-        except (OverflowError, msgspec.EncodeError) as exc:
-            raise ApiError(422, f"metadata or config cannot be stored ({exc})", "metadata") \
-                from None
+        field = ev.unstorable_field(spec)  # what a real submission's append would refuse
+        if field is not None:
+            raise ApiError(422, f"{field} cannot be stored (integers beyond 64 bits)", field)
         return web.json_response(dry_run_reply(orch.scheduler.dry_run(spec), req.no_wait))
     outcome: Outcome = await orch.scheduler.ask(Submit(spec, user.principal, req.no_wait))
     await settle(outcome)

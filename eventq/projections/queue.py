@@ -44,6 +44,7 @@ class Times:
 @dataclass
 class QueueView:
     READS: ClassVar[frozenset[type]] = _TIMED
+
     state: SchedulerState
     gpu_table: GpuTable
     scheduler: Scheduler | None = None
