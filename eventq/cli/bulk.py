@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
 # What one command needs loads inside it: rich's progress and live displays when they are
-# drawn, msgspec and urllib when an import is sent, the policy's cycle finder when a file
-# is checked, threads when progress is watched. `eventq --help` loads none of them.
+# drawn, msgspec and urllib when an import is sent, threads when progress is watched.
+# `eventq --help` loads none of them.
 
 PREFIX = "JOBSCHEDULER_"
 JOB_ID = "JOBSCHEDULER_JOB_ID"
