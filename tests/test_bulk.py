@@ -164,12 +164,14 @@ def test_append_adds_every_row_and_may_depend_on_earlier_imports(server: Server,
                      "--append")
     again = imported(data, str(more), "--command", recorder(tmp_path), "--gpus", "0",
                      "--append")
+    third = imported(data, str(more), "--command", "true", "--gpus", "0", "--append")
     assert list(added) == ["more-2", "more-3", "more-4"]
     assert list(again) == ["more-2.2", "more-3.2", "more-4.2"], "no row is dropped"
+    assert list(third) == ["more-2.3", "more-3.3", "more-4.3"], "no name is given twice"
     listed = {j["name"]: j for j in jobs(data)}
-    assert len(listed) == 7
+    assert len(listed) == 10
     assert listed["more-3.2"]["depends_on"] == [base["prep"]]
-    until(lambda: all(j["status"] == "completed" for j in jobs(data)), "all seven ran")
+    until(lambda: all(j["status"] == "completed" for j in jobs(data)), "all ten ran")
     assert argv_seen(tmp_path, again["more-3.2"]) == ["train"]
 
 

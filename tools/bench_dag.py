@@ -171,16 +171,20 @@ def server(tmp: Path, name: str, limits: dict[str, int]) -> Iterator[tuple[Path,
                 os.killpg(int(pid_file.read_text()), signal.SIGKILL)
 
 
+def nothing_on_the_server(names: set[str], ids: set[str]) -> bulk.Existing:
+    """The fresh server the route is timed against has no jobs yet."""
+    return bulk.Existing({}, {})
+
+
 def import_bodies(csv_path: Path, command: str) -> list[dict[str, Any]]:
     """The bodies ``eventq import`` sends, built by its own code."""
     header, raw = bulk.read_rows(csv_path)
     problems = bulk.Problems()
-    existing = bulk.Existing({}, {})
     args = SimpleNamespace(append=False, target="auto", gpus=None, named_args=False,
                            max_runtime=None, max_attempts=None, retry_on_failure=False,
                            no_export_env=False, export_env=False)
-    rows = bulk.prepare(raw, header, csv_path, existing, args,  # type: ignore[arg-type]
-                        problems, None)
+    rows = bulk.prepare(raw, header, csv_path, nothing_on_the_server,
+                        args, problems, None)  # type: ignore[arg-type]
     problems.raise_if_any(csv_path)
     shared = bulk._shared_fields(args)  # type: ignore[arg-type]
     template = bulk._template(command)

@@ -228,18 +228,34 @@ class Problems:
 
 @dataclass
 class Existing:
-    """The jobs already on the server, by id and by name."""
+    """The jobs already on the server that have the names or ids an import asked about."""
 
     by_id: dict[str, dict[str, Any]]
     by_name: dict[str, list[str]]
 
     @classmethod
-    def fetch(cls, api: Client) -> Existing:
-        jobs = list_all(api, include_completed=True)
+    def of(cls, jobs: list[dict[str, Any]]) -> Existing:
         by_name: dict[str, list[str]] = {}
         for job in jobs:
             by_name.setdefault(job["name"], []).append(job["job_id"])
         return cls({j["job_id"]: j for j in jobs}, by_name)
+
+    def merged(self, other: Existing) -> Existing:
+        return Existing.of([*self.by_id.values(), *other.by_id.values()])
+
+
+#: Names and ids -> the jobs on the server that have them.
+Lookup = Callable[[set[str], set[str]], Existing]
+
+
+def server_lookup(api: Client) -> Lookup:
+    """Asks the server about just these names and ids (a queue of 100,000 jobs is not
+    downloaded to import 10 rows)."""
+    def lookup(names: set[str], ids: set[str]) -> Existing:
+        reply = api.call("POST", "/api/queue/lookup", {"names": sorted(names),
+                                                       "ids": sorted(ids)})
+        return Existing.of(reply["jobs"])
+    return lookup
 
 
 def read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -364,8 +380,8 @@ CELL_CHECKS: dict[str, tuple[str, Callable[[str], object]]] = {
     BEGIN: ("epoch seconds or an ISO-8601 time", _begin)}
 
 
-def name_rows(rows: list[Row], stem: str, existing: Existing, problems: Problems) -> None:
-    """Check given names; give the other rows ``STEM-LINE`` (made unique), none dropped."""
+def check_given_names(rows: list[Row], existing: Existing, problems: Problems) -> None:
+    """A given name is used once in the file, and by no job on the server."""
     first: dict[str, int] = {}
     for row in rows:
         if not row.explicit:
@@ -383,7 +399,11 @@ def name_rows(rows: list[Row], stem: str, existing: Existing, problems: Problems
             problems.add(row.line, f"{JOB_ID} {row.name!r} is already the name of job "
                                    f"{job['job_id']} ({job['status']}); give the row another "
                                    f"id{again}")
-    used = set(first) | existing.by_name.keys()
+
+
+def name_unnamed(rows: list[Row], stem: str, existing: Existing) -> None:
+    """Give the rows without an id ``STEM-LINE``, made unique: none is dropped."""
+    used = {row.name for row in rows if row.explicit} | existing.by_name.keys()
     for row in rows:
         if row.explicit:
             continue
@@ -502,10 +522,9 @@ def _import_csv(args: argparse.Namespace) -> int:
     problems.raise_if_any(path)
     if not raw:
         raise CliError(f"{path} has a header but no rows: nothing to import")
-    existing = Existing.fetch(api)
     shown = _may_draw()
     with _progress() if len(raw) > LARGE and shown else contextlib.nullcontext() as bar:
-        rows = prepare(raw, header, path, existing, args, problems, bar)
+        rows = prepare(raw, header, path, server_lookup(api), args, problems, bar)
     problems.raise_if_any(path)
     _check_priority_allowed(api, rows)
     bodies = row_bodies(rows, args, template, path, _shared_fields(args))
@@ -530,9 +549,10 @@ def _import_csv(args: argparse.Namespace) -> int:
 
 
 def prepare(raw: list[tuple[int, list[str]]], header: list[str], path: Path,
-            existing: Existing, args: argparse.Namespace, problems: Problems,
+            lookup: Lookup, args: argparse.Namespace, problems: Problems,
             bar: Progress | None) -> list[Row]:
-    """Read and check every row (names, dependencies, cycles), with a bar if given."""
+    """Read and check every row (names, dependencies, cycles), with a bar if given; the
+    server is asked only about the names and ids the file uses or would give."""
     task = bar.add_task(f"reading {path.name}", total=len(raw)) if bar is not None else None
     layout = Layout.of(header)
     rows: list[Row] = []
@@ -544,9 +564,28 @@ def prepare(raw: list[tuple[int, list[str]]], header: list[str], path: Path,
             bar.update(task, completed=i)
     if bar is not None and task is not None:
         bar.update(task, completed=len(raw), description="checking names and dependencies")
-    name_rows(rows, path.stem, existing, problems)
+    existing = name_rows(rows, path.stem, lookup, problems)
     check_dependencies(rows, existing, args.append, problems)
     return rows
+
+
+def name_rows(rows: list[Row], stem: str, lookup: Lookup, problems: Problems) -> Existing:
+    """Check the given names and name the other rows, against the server's names: those
+    the file gives or refers to, and those it would give (asked again while a generated
+    name turns out to be taken, so two imports never give the same one)."""
+    given = {row.name for row in rows if row.explicit}
+    refs = {d for row in rows for d in row.depends} - given
+    asked = given | refs | {f"{stem}-{row.line}" for row in rows if not row.explicit}
+    existing = lookup(asked, refs)
+    check_given_names(rows, existing, problems)
+    for _ in range(100):
+        name_unnamed(rows, stem, existing)
+        fresh = {row.name for row in rows if not row.explicit} - asked
+        if not fresh:
+            break
+        asked |= fresh
+        existing = existing.merged(lookup(fresh, set()))
+    return existing
 
 
 def _template(text: str) -> list[str]:

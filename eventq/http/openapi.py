@@ -23,7 +23,7 @@ from eventq.http import schemas as s
 from eventq.http.actions import CancelFilter, PriorityBody
 from eventq.http.admin import NewUser, UserChange
 from eventq.http.admin_workers import NewWorker
-from eventq.http.queue import BatchRequest, LimitsUpdate, SubmitRequest
+from eventq.http.queue import BatchRequest, LimitsUpdate, LookupRequest, SubmitRequest
 from eventq.http.workers import DisconnectBody, HeartbeatBody, RegisterBody, StatusBody
 from eventq.projections.queue import STATUS_WORDS
 
@@ -109,6 +109,9 @@ OPERATIONS: tuple[Op, ...] = (
        "Submit many jobs (they may depend on each other by name): all are recorded, in one "
        "commit, or none; a 422 lists every invalid row in `detail`.", "user",
        (s.BatchReply,), body=BatchRequest, also=(403, 409)),
+    Op("post", "/api/queue/lookup", "lookupJobs", "queue",
+       "Which of these names and ids jobs already have (an import checks its rows with it "
+       "rather than downloading the queue).", "user", (s.LookupReply,), body=LookupRequest),
     Op("get", "/api/queue", "listQueue", "queue",
        "Running jobs, then waiting jobs in queue order, then (optionally) finished ones.",
        "user", (s.QueueList,), params=(Param("status", StatusWords), Param("limit", Limit),

@@ -303,6 +303,28 @@ async def _submit_batch(request: web.Request) -> web.Response:
     return web.json_response({"success": True, "count": len(specs), "job_ids": ids})
 
 
+class LookupRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /api/queue/lookup``: which of these names and ids jobs already have."""
+
+    names: Annotated[list[str], msgspec.Meta(max_length=300_000)] = []
+    ids: Annotated[list[str], msgspec.Meta(max_length=300_000)] = []
+
+
+@routes.post("/api/queue/lookup")
+async def lookup(request: web.Request) -> web.Response:
+    """An import checks its names against the server's with this, instead of downloading
+    every job: the answer holds only the jobs asked about."""
+    state = request.app[ORCH].state
+    body = decode_body(await request.read(), LookupRequest)
+    found = dict.fromkeys(job_id for job_id in body.ids if job_id in state.jobs)
+    for name in body.names:
+        found.update(dict.fromkeys(state.by_name.get(name, ())))
+    jobs = [state.jobs[job_id] for job_id in found]
+    return web.Response(body=msgspec.json.encode({"jobs": [
+        {"job_id": j.spec.job_id, "name": j.spec.name, "status": j.status} for j in jobs]}),
+        content_type="application/json")
+
+
 def _flag(request: web.Request, name: str) -> bool:
     return request.query.get(name, "false").lower() in ("1", "true", "yes")
 

@@ -125,6 +125,20 @@ class BatchReply(Reply):
     job_ids: list[str]
 
 
+class KnownJob(Reply):
+    """A job a lookup found by its name or id."""
+
+    job_id: str
+    name: str
+    status: JobStatus
+
+
+class LookupReply(Reply):
+    """The jobs that have any of the names or ids asked about."""
+
+    jobs: list[KnownJob]
+
+
 class QueueList(Reply):
     jobs: list[JobSummary]
     count: int
