@@ -144,3 +144,17 @@ def test_without_a_server_the_cli_says_how_to_start_one(tmp_path: Path) -> None:
     done = eventq(tmp_path / "empty", "jobs", "list", check=False)
     assert done.returncode == 2 and "no server found" in done.stderr
     assert "eventq server" in done.stderr
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
+    """``eventq replay show | head``: the pipe closes before the output ends."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("events.db", "events.db-wal", "events.db-shm"):
+        shutil.copy(Path(__file__).parent / "golden" / name, data / name)
+    read, write = os.pipe()
+    os.close(read)  # nobody will read: the first write fails
+    done = subprocess.run([EVENTQ, "replay", "show", "--data-dir", str(data)], stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write)
+    assert done.returncode == 141 and done.stderr == ""
