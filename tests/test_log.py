@@ -117,6 +117,21 @@ async def test_a_start_verifies_the_chain_from_the_checkpoint_a_clean_stop_left(
     assert caught.value.seq == 2, "eventq replay verify still checks the whole chain"
 
 
+async def test_a_running_log_moves_its_checkpoint_so_a_crash_leaves_little_to_hash(
+        tmp_path: Path, clock: SimClock) -> None:
+    path = tmp_path / "events.db"
+    log = await open_log(path, clock)
+    log.checkpoint_every = 3
+    for n in range(1, 8):
+        await log.append("system", [limits_event(n)]).durable
+    with sqlite3.connect(path) as conn:  # the process dies here: no clean stop
+        mark = read_checkpoint(conn)
+        assert mark is not None and mark[0] == 6, "every 3 committed rows"
+        assert mark[1] == conn.execute("SELECT hash FROM events WHERE seq = ?",
+                                       (mark[0],)).fetchone()[0]
+    await log.close()
+
+
 @pytest.mark.parametrize(("tamper", "seq"), [
     ("UPDATE events SET principal = 'user:mallory' WHERE seq = 6", 6),  # past the checkpoint
     ("UPDATE checkpoint SET hash = zeroblob(32)", 5),  # the checkpoint disagrees with its row
