@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in sorted(found.coverage.items()):
             print(f"  {value:>6}  {name}")
         print("time:")
-        for name, value in timing.items():
-            print(f"  {name:<24} {value}")
+        for name, seconds in timing.items():
+            print(f"  {name:<24} {seconds}")
         for kind, items in problems.items():
             print(f"\n{kind}: {len(items)}")
             for item in items[:10]:

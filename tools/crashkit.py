@@ -137,11 +137,11 @@ def ledger_problems(runs: dict[tuple[str, int], Run]) -> tuple[list[str], list[s
         span = (min(run.starts), max(run.ends or [2**63]), f"{run.job_id}#{run.attempt}")
         for gpu in run.gpus:
             per_gpu[gpu].append(span)
-    for gpu, spans in per_gpu.items():
-        spans.sort()
-        for (_, end, a), (start, _, b) in itertools.pairwise(spans):
+    for gpu, held in per_gpu.items():
+        held.sort()
+        for (_, end, one), (start, _, other) in itertools.pairwise(held):
             if start < end:
-                double_held.append(f"GPU {gpu} used by {a} and {b} at the same time")
+                double_held.append(f"GPU {gpu} used by {one} and {other} at the same time")
     return double_run, double_held, unfinished
 
 
@@ -655,8 +655,8 @@ class Harness:
         self.audit.read()
         runs = read_ledger(self.ledger)
         f.acked, f.jobs, f.runs = len(self.acked), len(self.audit.status), len(runs)
-        for job_id, (status, job) in replies.items():
-            if status == 404:
+        for job_id, (code, job) in replies.items():
+            if code == 404:
                 if not any(job_id in lost for lost in f.lost):
                     f.lost.append(f"{job_id}: acknowledged, unknown at the end")
             elif job["status"] == "failed":
