@@ -22,7 +22,9 @@ def collector_paused(keeps: bool = False) -> Iterator[None]:
     """``keeps``: what the work builds is long-lived state (a batch's jobs). It is moved
     out of the collector's view when the pause ends (``gc.freeze``), instead of being
     scanned at the next collection: 10,000 jobs would cost a 20 ms young collection.
-    Reference counting still frees them when they go."""
+    Reference counting still frees them when they go. A freeze also keeps whatever cyclic
+    garbage exists at that moment; the server makes little (measured: 0.3 objects per
+    submission, from its connections), so that is a few kilobytes per batch at most."""
     global _pauses, _resume, _keep
     if _pauses == 0:
         _resume, _keep = gc.isenabled(), False
