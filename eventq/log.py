@@ -114,8 +114,9 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
-def iter_rows(conn: sqlite3.Connection, from_seq: int = 1, to_seq: int | None = None,
-              job_id: str | None = None) -> Iterator[Row]:
+def select_rows(from_seq: int, to_seq: int | None,
+                job_id: str | None) -> tuple[str, list[object]]:
+    """The query for rows by seq range and/or job, oldest first, with its arguments."""
     sql = "SELECT seq, time, principal, type, job_id, v, body, hash FROM events WHERE seq >= ?"
     args: list[object] = [from_seq]
     if to_seq is not None:
@@ -124,7 +125,12 @@ def iter_rows(conn: sqlite3.Connection, from_seq: int = 1, to_seq: int | None = 
     if job_id is not None:
         sql += " AND job_id = ?"
         args.append(job_id)
-    cur = conn.execute(sql + " ORDER BY seq", args)
+    return sql + " ORDER BY seq", args
+
+
+def iter_rows(conn: sqlite3.Connection, from_seq: int = 1, to_seq: int | None = None,
+              job_id: str | None = None) -> Iterator[Row]:
+    cur = conn.execute(*select_rows(from_seq, to_seq, job_id))
     while batch := cur.fetchmany(4096):
         yield from batch
 
@@ -452,15 +458,8 @@ class EventLog:
     async def read(self, from_seq: int = 1, to_seq: int | None = None,
                    job_id: str | None = None, limit: int = 10_000) -> list[Record]:
         """Durable records by seq range and/or job, oldest first."""
-        sql = "SELECT seq, time, principal, type, job_id, v, body, hash FROM events WHERE seq >= ?"
-        args: list[object] = [from_seq]
-        if to_seq is not None:
-            sql += " AND seq <= ?"
-            args.append(to_seq)
-        if job_id is not None:
-            sql += " AND job_id = ?"
-            args.append(job_id)
-        sql += " ORDER BY seq LIMIT ?"
+        sql, args = select_rows(from_seq, to_seq, job_id)
+        sql += " LIMIT ?"
         args.append(limit)
         if self._reader is None:
             # Its own connection: reads must never see the writer's open transaction.

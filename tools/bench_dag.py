@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eventq.cli import bulk
 from tools.bench_dispatch import server_argv
-from tools.benchkit import Api, percentile, print_goals, wait_for
+from tools.benchkit import Api, percentile, print_goals, stop_server, wait_for
 
 EVENTQ = Path(sys.executable).with_name("eventq")
 HEADER = ["JOBSCHEDULER_JOB_ID", "model", "lr", "seed", "JOBSCHEDULER_ESTIMATE_TIME",
@@ -158,13 +158,7 @@ def server(tmp: Path, name: str, limits: dict[str, int]) -> Iterator[tuple[Path,
         finally:
             api.close()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_server(proc)
         log.close()
         for pid_file in data.glob("jobs/*/*/pid"):
             with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):

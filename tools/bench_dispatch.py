@@ -37,7 +37,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.benchkit import Api, percentile, print_goals, read_stamp, wait_for
+from tools.benchkit import Api, percentile, print_goals, read_stamp, stop_server, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SLURM_SCRIPT = REPO.parent / "shared" / "tools" / "slurm-local.sh"
@@ -83,13 +82,7 @@ def eventq_server(data_dir: Path) -> Iterator[tuple[str, str]]:
         url = json.loads(server_file.read_text())["url"]
         yield url, (data_dir / "admin.token").read_text().strip()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_server(proc)
         log.close()
 
 

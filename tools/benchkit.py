@@ -5,6 +5,9 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
+import signal
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -63,6 +66,17 @@ class Api:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL to its process group if it has not stopped within 15 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
 
 
 def print_goals(goals: Sequence[tuple[str, bool, str]]) -> None:
