@@ -14,6 +14,7 @@ from eventq import events as ev
 from eventq.clock import SimClock
 from eventq.http.app import make_app
 from eventq.server import Orchestrator
+from tests.helpers import until
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 ROOMY = ev.Limits(max_concurrent=20, user_max_concurrent=20, local_job_max_concurrent=20)
@@ -44,12 +45,6 @@ def times(ledger: Path) -> dict[str, dict[str, int]]:
     return out
 
 
-async def until(check: Callable[[], bool]) -> None:
-    for _ in range(1000):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("never happened")
 
 
 async def pipeline(api: TestClient[Any, Any], tmp_path: Path,

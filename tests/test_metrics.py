@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from eventq import events as ev
 from eventq.http.app import make_app
 from eventq.server import Orchestrator
+from tests.helpers import until
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 MakeOrch = Callable[..., Awaitable[Orchestrator]]
@@ -37,12 +37,6 @@ def waits_for(tmp_path: Path, name: str) -> list[str]:
     return ["sh", "-c", f"while [ ! -e {tmp_path}/{name} ]; do sleep 0.02; done"]
 
 
-async def until(check: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never held")
 
 
 async def submit(api: TestClient[Any, Any], token: str, **body: Any) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ from eventq import events as ev
 from eventq.actors.scheduler import Cancel, Submit
 from eventq.clock import SimClock
 from eventq.server import AlreadyRunning, Orchestrator
+from tests.helpers import until
 
 MakeOrch = Callable[..., Awaitable[Orchestrator]]
 ROOMY = ev.Limits(max_concurrent=10, user_max_concurrent=10, local_job_max_concurrent=10)
@@ -29,12 +29,6 @@ async def submit(orch: Orchestrator, job: ev.JobSpec) -> None:
     await outcome.durable
 
 
-async def until(check: Callable[[], bool], what: str) -> None:
-    for _ in range(1000):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
 
 
 def alive(pid: int) -> bool:

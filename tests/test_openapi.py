@@ -38,6 +38,7 @@ from schemathesis.specs.openapi.checks import (
 from eventq import events as ev
 from eventq.http.app import make_app
 from eventq.server import Orchestrator
+from tests.helpers import until
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 MakeOrch = Callable[..., Awaitable[Orchestrator]]
@@ -254,12 +255,6 @@ def waits_for(tmp_path: Path, name: str) -> list[str]:
     return ["sh", "-c", f"while [ ! -e {tmp_path}/{name} ]; do sleep 0.02; done"]
 
 
-async def until(check: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never held")
 
 
 async def test_replies_about_real_jobs_match_the_document(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from eventq import events as ev
 from eventq.clock import SimClock
 from eventq.http.app import make_app
 from eventq.server import Orchestrator
+from tests.helpers import until
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 MakeOrch = Callable[..., Awaitable[Orchestrator]]
@@ -30,12 +30,6 @@ async def submit(api: TestClient[Any, Any], **body: Any) -> dict[str, Any]:
     return reply
 
 
-async def until(check: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never held")
 
 
 async def test_submit_answers_seed_000s_shape(api: TestClient[Any, Any], tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import datetime
 import json
 import os
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from eventq.clock import SimClock
 from eventq.server import Orchestrator
+from tests.helpers import until
 from tests.test_cli import EVENTQ
 
 pytestmark = pytest.mark.slow
@@ -35,12 +35,6 @@ async def submit(api: Api, **body: Any) -> str:
     return str(reply["job_id"])
 
 
-async def until(check: Callable[[], bool], what: str) -> None:
-    for _ in range(1000):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
 
 
 async def replay(orch: Orchestrator, *args: str, check: bool = True) -> \

@@ -16,6 +16,7 @@ from eventq import events as ev
 from eventq.http import stream
 from eventq.http.app import make_app
 from eventq.server import Orchestrator
+from tests.helpers import until
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 MakeOrch = Callable[..., Awaitable[Orchestrator]]
@@ -77,16 +78,10 @@ async def submit(api: TestClient[Any, Any], token: str | None = None,
     return reply
 
 
-async def until(check: Callable[[], bool]) -> None:
-    for _ in range(3000):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never held")
 
 
 async def logged_past(orch: Orchestrator, seq: int) -> None:
-    await until(lambda: orch.log.head_seq > seq)
+    await until(lambda: orch.log.head_seq > seq, "the log moved on", seconds=30)
 
 
 def at_or_past(seq: int) -> Callable[[Frame], bool]:
@@ -182,7 +177,8 @@ async def test_a_subscriber_that_stops_reading_is_dropped_and_the_others_get_eve
         ids = [int(f.id or 0) for f in events]
         assert ids == list(range(ids[0], ids[-1] + 1)), "in order, none missing, none twice"
 
-    await until(lambda: bool(fast_frames) and fast_frames[-1].id == str(head))
+    await until(lambda: bool(fast_frames) and fast_frames[-1].id == str(head),
+                "the fast subscriber saw the head", seconds=30)
     watcher.cancel()
     ids = [int(f.id or 0) for f in fast_frames]
     assert ids == list(range(ids[0], head + 1)) and ids[0] <= int(events[0].id or 0)
@@ -199,7 +195,7 @@ async def test_a_researcher_sees_only_their_own_jobs_and_nobody_sees_env(
                         env={"WANDB_API_KEY": "sekrit-alice"})
     theirs = await submit(api, bob, command=["true"], gpus=0, env={"HF_TOKEN": "sekrit-bob"})
     await until(lambda: all(orch.state.jobs[j["job_id"]].status == "completed"
-                            for j in (mine, theirs)))
+                            for j in (mine, theirs)), "both jobs completed", seconds=30)
     await api.post("/api/queue/concurrency", json={"max_concurrent": 7})  # a job-less event
 
     def limits(f: Frame) -> bool:
