@@ -30,6 +30,8 @@ ROUTES: list[tuple[str, str, Any, str | None, set[str]]] = [
     ("GET", "/api/system/status", None, None, ANY_USER),
     ("POST", "/api/queue/submit", {"command": ["true"], "gpus": 0, "target": "worker"}, None,
      ANY_USER),
+    ("POST", "/api/queue/import", {"csv": "task\na\n", "command": ["true"], "gpus": 0,
+                                   "target": "worker"}, None, ANY_USER),
     ("GET", "/api/jobs/{job}", None, "pending", OWNER),
     ("GET", "/api/jobs/{job}/events", None, "pending", OWNER),
     ("POST", "/api/queue/{job}/cancel", None, "pending", OWNER),

@@ -3,10 +3,11 @@
 A CSV row is one job. Its parameter columns become the arguments of a command
 template (``bash run.sh preprocess data1``, or ``--param1 preprocess …`` with
 ``--named-args``); the reserved ``JOBSCHEDULER_*`` columns of job-scheduler-v2 set
-the job's name, priority, estimate and dependencies. The whole file is one
-``POST /api/queue/batch``: every row is recorded, or none and each error names its
-line. Each job keeps its row in ``metadata.jobscheduler`` (``id``, ``params``, the
-reserved cells it was given, ``file``, ``line``), which is what ``export`` writes back.
+the job's name, priority, estimate and dependencies (``eventq.jobscheduler``). The
+file goes to the server as it is, in one ``POST /api/queue/import``: the server reads
+and checks it, and records every row, or none and each error names its line. Each
+job keeps its row in ``metadata.jobscheduler`` (``id``, ``params``, the reserved cells
+it was given, ``file``, ``line``), which is what ``export`` writes back.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ import contextlib
 import csv
 import datetime
 import json
-import math
 import os
 import re
 import shlex
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -31,8 +31,20 @@ from typing import IO, TYPE_CHECKING, Any
 from eventq.cli import output
 from eventq.cli.client import Client, CliError, parse_sse, quote
 from eventq.cli.output import emit_json
-from eventq.gcpause import collector_paused
-from eventq.graph import find_cycle
+from eventq.jobscheduler import (
+    BEGIN,
+    DEPENDS,
+    ELAPSED,
+    ERROR,
+    ESTIMATE,
+    FINISHED,
+    GPUS,
+    JOB_ID,
+    META,
+    PRIORITY,
+    STARTED,
+    STATUS,
+)
 
 if TYPE_CHECKING:
     import queue
@@ -40,37 +52,17 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
 # What one command needs loads inside it: rich's progress and live displays when they are
-# drawn, msgspec and urllib when an import is sent, threads when progress is watched.
+# drawn, urllib when an import is sent, threads when progress is watched.
 # `eventq --help` loads none of them.
 
-PREFIX = "JOBSCHEDULER_"
-JOB_ID = "JOBSCHEDULER_JOB_ID"
-STATUS = "JOBSCHEDULER_STATUS"
-PRIORITY = "JOBSCHEDULER_PRIORITY"
-ESTIMATE = "JOBSCHEDULER_ESTIMATE_TIME"
-ELAPSED = "JOBSCHEDULER_ELAPSED_TIME"
-STARTED = "JOBSCHEDULER_STARTED_AT"
-FINISHED = "JOBSCHEDULER_FINISHED_AT"
-ERROR = "JOBSCHEDULER_ERROR_MESSAGE"
-DEPENDS = "JOBSCHEDULER_DEPENDS_ON"
-BEGIN = "JOBSCHEDULER_BEGIN_AT"
-#: Not a job-scheduler-v2 column: the GPUs a row's job needs (not passed to the command).
-GPUS = "GPUS"
-#: Columns job-scheduler-v2 writes that describe a run, not a job: read and ignored.
-RUN_COLUMNS = {STATUS, ELAPSED, STARTED, FINISHED, ERROR, "JOBSCHEDULER_CREATED_AT",
-               "JOBSCHEDULER_HEARTBEAT", "JOBSCHEDULER_WORKER_ID"}
-JOB_COLUMNS = {JOB_ID, PRIORITY, ESTIMATE, DEPENDS, BEGIN, GPUS}
-RESERVED = frozenset(JOB_COLUMNS | RUN_COLUMNS)
 #: The header ``export`` writes, in job-scheduler-v2's order, before the parameters.
 EXPORT_HEAD = [JOB_ID, STATUS, PRIORITY, ESTIMATE, ELAPSED, STARTED, FINISHED, ERROR, DEPENDS]
-META = "jobscheduler"
-#: Files with more rows than this show a progress bar while they are read and checked.
+#: Files with more lines than this show a progress bar while they are sent and checked.
 LARGE = 1000
 #: Jobs per page when reading the queue.
 PAGE = 5000
 #: Errors printed before the rest are only counted.
 SHOWN_ERRORS = 50
-MAX_NAME = 200
 
 # job-scheduler-v2's words for eventq's statuses.
 JSV2_STATUS = {"completed": "done", "failed": "error", "cancelled": "error", "rejected": "error",
@@ -193,399 +185,49 @@ def list_all(api: Client, status: str | None = None,
 # --- import ----------------------------------------------------------------------------
 
 
-@dataclass
-class Row:
-    """One CSV row, checked; ``body`` is its SubmitRequest."""
-
-    line: int
-    name: str
-    explicit: bool
-    params: dict[str, str]
-    depends: list[str]
-    cells: dict[str, str]
-    body: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Problems:
-    """Errors by line; all are reported together, and nothing is submitted if any."""
-
-    items: list[tuple[int, str]] = field(default_factory=list)
-
-    def add(self, line: int, message: str) -> None:
-        self.items.append((line, message))
-
-    def raise_if_any(self, path: Path) -> None:
-        if not self.items:
-            return
-        ordered = sorted(self.items)
-        for line, message in ordered[:SHOWN_ERRORS]:
-            print(f"{path}:{line}: {message}" if line else f"{path}: {message}", file=sys.stderr)
-        if len(ordered) > SHOWN_ERRORS:
-            print(f"… and {len(ordered) - SHOWN_ERRORS} more", file=sys.stderr)
-        raise CliError(f"{len(ordered)} problems in {path}; nothing was imported")
-
-
-@dataclass
-class Existing:
-    """The jobs already on the server that have the names or ids an import asked about."""
-
-    by_id: dict[str, dict[str, Any]]
-    by_name: dict[str, list[str]]
-
-    @classmethod
-    def of(cls, jobs: list[dict[str, Any]]) -> Existing:
-        by_name: dict[str, list[str]] = {}
-        for job in jobs:
-            by_name.setdefault(job["name"], []).append(job["job_id"])
-        return cls({j["job_id"]: j for j in jobs}, by_name)
-
-    def merged(self, other: Existing) -> Existing:
-        return Existing.of([*self.by_id.values(), *other.by_id.values()])
-
-
-#: Names and ids -> the jobs on the server that have them.
-Lookup = Callable[[set[str], set[str]], Existing]
-
-
-def server_lookup(api: Client) -> Lookup:
-    """Asks the server about just these names and ids (a queue of 100,000 jobs is not
-    downloaded to import 10 rows)."""
-    def lookup(names: set[str], ids: set[str]) -> Existing:
-        reply = api.call("POST", "/api/queue/lookup", {"names": sorted(names),
-                                                       "ids": sorted(ids)})
-        return Existing.of(reply["jobs"])
-    return lookup
-
-
-def read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """The header and every non-blank row with the line it starts on."""
-    try:
-        handle = open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror}") from None
-    rows: list[tuple[int, list[str]]] = []
-    with handle:
-        reader = csv.reader(handle)
-        start = 1
-        try:
-            for cells in reader:
-                if cells:
-                    rows.append((start, cells))
-                start = reader.line_num + 1
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise CliError(f"{path}:{start}: not a readable CSV row: {exc}") from None
-    if not rows:
-        raise CliError(f"{path} is empty: a header line is needed")
-    header = [c.strip() for c in rows[0][1]]
-    return header, rows[1:]
-
-
-def check_header(header: list[str], problems: Problems) -> None:
-    seen: set[str] = set()
-    for column in header:
-        if not column:
-            problems.add(1, "a column has no name")
-        elif column in seen:
-            problems.add(1, f"the column {column} appears twice")
-        elif column.startswith(PREFIX) and column not in RESERVED:
-            known = ", ".join(sorted((JOB_COLUMNS | RUN_COLUMNS) - {GPUS}))
-            problems.add(1, f"unknown reserved column {column} (known: {known})")
-        seen.add(column)
-
-
-def build_argv(template: list[str], params: dict[str, str], named: bool) -> list[str]:
-    if not named:
-        return [*template, *params.values()]
-    argv = list(template)
-    for column, value in params.items():
-        argv += (f"--{column}", value)
-    return argv
-
-
-def command_value(argv: list[str]) -> list[str] | str:
-    """A list runs as is; with an empty argument it goes through ``sh -c`` as quoted text
-    (the server refuses empty list items), which gives the job the same argv."""
-    return argv if all(argv) else shlex.join(argv)
-
-
-def _int_cell(value: str, lo: int, hi: int) -> int:
-    number = int(value)
-    if not lo <= number <= hi:
-        raise ValueError
-    return number
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where the header puts each column, worked out once rather than for every row."""
-
-    width: int
-    #: (column, index) of each parameter, in the header's order.
-    params: list[tuple[str, int]]
-    #: (column, index) of the cells with a format to check, in the order a row keeps them.
-    checked: list[tuple[str, int]]
-    name_at: int | None
-    depends_at: int | None
-
-    @classmethod
-    def of(cls, header: list[str]) -> Layout:
-        at = {column: i for i, column in enumerate(header)}
-        return cls(len(header), [(c, i) for c, i in at.items() if c not in RESERVED],
-                   [(c, at[c]) for c in (PRIORITY, ESTIMATE, BEGIN, GPUS) if c in at],
-                   at.get(JOB_ID), at.get(DEPENDS))
-
-
-def parse_row(line: int, layout: Layout, cells: list[str], problems: Problems) -> Row | None:
-    """The row, even with bad cells (its name still counts for the others' checks);
-    None if its cells do not line up with the header."""
-    if len(cells) != layout.width:
-        problems.add(line, f"{len(cells)} cells, but the header has {layout.width} columns")
-        return None
-    params = {c: cells[at] for c, at in layout.params}
-    given = {c: v for c, at in layout.checked if (v := cells[at].strip())}
-    name = "" if layout.name_at is None else cells[layout.name_at].strip()
-    if name and (len(name.split()) != 1 or len(name) > MAX_NAME):
-        problems.add(line, f"{JOB_ID} {name!r} must be one word of at most {MAX_NAME} "
-                           f"characters ({DEPENDS} separates names by spaces)")
-    for column, value in given.items():
-        wanted, check = CELL_CHECKS[column]
-        try:
-            check(value)
-        except (ValueError, OverflowError):
-            problems.add(line, f"{column} {value!r} is not {wanted}")
-    depends = [] if layout.depends_at is None else cells[layout.depends_at].split()
-    return Row(line, name, bool(name), params, depends, given)
-
-
-def _hours(value: str) -> float:
-    hours = float(value)
-    if not math.isfinite(hours) or hours < 0:
-        raise ValueError
-    return hours
-
-
-def _begin(value: str) -> float | str:
-    try:
-        return float(value)
-    except ValueError:
-        datetime.datetime.fromisoformat(value)
-        return value
-
-
-CELL_CHECKS: dict[str, tuple[str, Callable[[str], object]]] = {
-    PRIORITY: ("an integer from 0 to 1000", lambda v: _int_cell(v, 0, 1000)),
-    ESTIMATE: ("a number of hours (0 or more)", _hours),
-    GPUS: ("a whole number of GPUs (0 or more)", lambda v: _int_cell(v, 0, 4096)),
-    BEGIN: ("epoch seconds or an ISO-8601 time", _begin)}
-
-
-def check_given_names(rows: list[Row], existing: Existing, problems: Problems) -> None:
-    """A given name is used once in the file, and by no job on the server."""
-    first: dict[str, int] = {}
-    for row in rows:
-        if not row.explicit:
-            continue
-        if row.name in first:
-            problems.add(row.line, f"{JOB_ID} {row.name!r} is used again (first on line "
-                                   f"{first[row.name]})")
-            continue
-        first[row.name] = row.line
-        taken = existing.by_name.get(row.name, [])
-        if taken:
-            job = existing.by_id[taken[0]]
-            again = f" (to run that job again: eventq jobs retry {job['job_id']})" \
-                if job["status"] in ("failed", "cancelled") else ""
-            problems.add(row.line, f"{JOB_ID} {row.name!r} is already the name of job "
-                                   f"{job['job_id']} ({job['status']}); give the row another "
-                                   f"id{again}")
-
-
-def name_unnamed(rows: list[Row], stem: str, existing: Existing) -> None:
-    """Give the rows without an id ``STEM-LINE``, made unique: none is dropped."""
-    used = {row.name for row in rows if row.explicit} | existing.by_name.keys()
-    for row in rows:
-        if row.explicit:
-            continue
-        name, n = f"{stem}-{row.line}", 1
-        while name in used:
-            n += 1
-            name = f"{stem}-{row.line}.{n}"
-        row.name = name
-        used.add(name)
-
-
-def check_dependencies(rows: list[Row], existing: Existing, append: bool,
-                       problems: Problems) -> None:
-    in_file = {row.name for row in rows}
-    for row in rows:
-        for ref in row.depends:
-            if ref in in_file:
-                continue
-            on_server = ref in existing.by_id or ref in existing.by_name
-            if not on_server:
-                where = "no row of this file" + (" and no job on the server" if append else "")
-                problems.add(row.line, f"{DEPENDS} names {ref!r}, which is {where}")
-            elif not append:
-                problems.add(row.line, f"{DEPENDS} names {ref!r}, which is not a row of this "
-                                       "file but a job already submitted: use --append to add "
-                                       "jobs that depend on earlier ones")
-            elif ref not in existing.by_id and (count := len(existing.by_name[ref])) > 1:
-                problems.add(row.line, f"{DEPENDS} names {ref!r}, which {count} jobs on the "
-                                       "server are called; name it by job id")
-    lines = {row.name: row.line for row in rows}
-    edges = {row.name: row.depends for row in rows}
-    while cycle := find_cycle(edges):
-        at = ", ".join(str(lines[n]) for n in cycle[:-1])
-        problems.add(lines[cycle[0]], f"dependency cycle {' -> '.join(cycle)} "
-                                      f"(line{'s' if len(cycle) > 2 else ''} {at})")
-        for name in cycle:  # report every cycle, each once
-            edges.pop(name, None)
-
-
-def row_body(row: Row, args: argparse.Namespace, template: list[str], path: Path,
-             shared: dict[str, Any]) -> dict[str, Any]:
-    return row_bodies([row], args, template, path, shared)[0]
-
-
-def row_bodies(rows: Sequence[Row], args: argparse.Namespace, template: list[str], path: Path,
-               shared: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each row's SubmitRequest; what all rows share is worked out once."""
-    head = {"target": args.target, **shared}
-    named, gpus, file = args.named_args, args.gpus, path.name
-    bodies = []
-    for row in rows:
-        body: dict[str, Any] = {"name": row.name, **head,
-                                "command": command_value(build_argv(template, row.params,
-                                                                    named))}
-        cells = row.cells
-        if GPUS in cells:
-            body["gpus"] = int(cells[GPUS])
-        elif gpus is not None:
-            body["gpus"] = gpus
-        if PRIORITY in cells:
-            body["priority_override"] = int(cells[PRIORITY])
-        if ESTIMATE in cells and (hours := float(cells[ESTIMATE])) > 0:
-            body["estimated_runtime"] = hours * 3600
-        if BEGIN in cells:
-            body["begin_at"] = _begin(cells[BEGIN])
-        if row.depends:
-            body["depends_on"] = row.depends
-        meta: dict[str, Any] = {"id": row.name, "params": row.params, "file": file,
-                                "line": row.line}
-        if cells:
-            meta["cells"] = cells
-        body["metadata"] = {META: meta}
-        bodies.append(body)
-    return bodies
-
-
-def _progress() -> Progress:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=output.errors, transient=True)
-
-
-def _may_draw() -> bool:
-    """Whether rich may draw on stderr: it is a terminal, or a variable rich reads may make
-    it draw (then rich decides, as ever). Otherwise the bar and the spinner would draw
-    nothing, and rich is not loaded for them."""
-    if any(v in os.environ for v in ("TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_COLOR")):
-        return True
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 def import_csv(args: argparse.Namespace) -> int:
-    with collector_paused():
-        return _import_csv(args)
-
-
-def _import_csv(args: argparse.Namespace) -> int:
+    """The file goes to the server as it is: the server reads and checks every row against
+    the jobs it has, and records all of them or none."""
     path: Path = args.file
     template = _template(args.command)
     if args.gpus is not None and args.gpus < 0:
         raise CliError(f"--gpus must be 0 or more (got {args.gpus})")
     api = _client(args)
-    header, raw = read_rows(path)
-    problems = Problems()
-    check_header(header, problems)
-    problems.raise_if_any(path)
-    if not raw:
-        raise CliError(f"{path} has a header but no rows: nothing to import")
-    shown = _may_draw()
-    with _progress() if len(raw) > LARGE and shown else contextlib.nullcontext() as bar:
-        rows = prepare(raw, header, path, server_lookup(api), args, problems, bar)
-    problems.raise_if_any(path)
-    _check_priority_allowed(api, rows)
-    bodies = row_bodies(rows, args, template, path, _shared_fields(args))
-    for row, body in zip(rows, bodies, strict=True):
-        row.body = body
-    with output.errors.status(f"submitting {len(rows)} jobs") if len(rows) > LARGE and shown \
-            else contextlib.nullcontext():
-        reply = _submit_batch(api, rows, path)
+    text = _read_text(path)
+    request = {"csv": text, "command": template, "file": path.name,
+               "named_args": args.named_args, "append": args.append, "target": args.target,
+               **_shared_fields(args)}
+    if args.gpus is not None:
+        request["gpus"] = args.gpus
+    data = json.dumps(request).encode()
+    lines = text.count("\n")
+    with _sending(path, lines, len(data)) as sent:
+        reply = _send_import(api, data, path, sent)
+    jobs = reply["jobs"]
     if args.format == "json":
-        emit_json({"count": reply["count"], "jobs": [
-            {"line": r.line, "name": r.name, "job_id": j}
-            for r, j in zip(rows, reply["job_ids"], strict=True)]})
+        emit_json({"count": reply["count"], "jobs": jobs})
         return 0
     console = output.console
-    console.print(f"imported {reply['count']} jobs from {path} (lines {rows[0].line}-"
-                  f"{rows[-1].line})", markup=False, highlight=False)
-    if len(rows) <= 20:
-        for row, job_id in zip(rows, reply["job_ids"], strict=True):
-            console.print(f"  line {row.line}: {row.name} -> {job_id}", markup=False,
-                          highlight=False)
+    console.print(f"imported {reply['count']} jobs from {path} (lines {jobs[0]['line']}-"
+                  f"{jobs[-1]['line']})", markup=False, highlight=False)
+    if len(jobs) <= 20:
+        for job in jobs:
+            console.print(f"  line {job['line']}: {job['name']} -> {job['job_id']}",
+                          markup=False, highlight=False)
     return 0
 
 
-def prepare(raw: list[tuple[int, list[str]]], header: list[str], path: Path,
-            lookup: Lookup, args: argparse.Namespace, problems: Problems,
-            bar: Progress | None) -> list[Row]:
-    """Read and check every row (names, dependencies, cycles), with a bar if given; the
-    server is asked only about the names and ids the file uses or would give."""
-    task = bar.add_task(f"reading {path.name}", total=len(raw)) if bar is not None else None
-    layout = Layout.of(header)
-    rows: list[Row] = []
-    for i, (line, cells) in enumerate(raw, start=1):
-        row = parse_row(line, layout, cells, problems)
-        if row is not None:
-            rows.append(row)
-        if bar is not None and task is not None and i % 500 == 0:
-            bar.update(task, completed=i)
-    if bar is not None and task is not None:
-        bar.update(task, completed=len(raw), description="checking names and dependencies")
-    existing = name_rows(rows, path.stem, lookup, problems)
-    check_dependencies(rows, existing, args.append, problems)
-    return rows
-
-
-def name_rows(rows: list[Row], stem: str, lookup: Lookup, problems: Problems) -> Existing:
-    """Check the given names and name the other rows, against the server's names: those
-    the file gives or refers to, and those it would give (asked again while a generated
-    name turns out to be taken, so two imports never give the same one)."""
-    given = {row.name for row in rows if row.explicit}
-    refs = {d for row in rows for d in row.depends} - given
-    asked = given | refs | {f"{stem}-{row.line}" for row in rows if not row.explicit}
-    existing = lookup(asked, refs)
-    check_given_names(rows, existing, problems)
-    for _ in range(100):
-        name_unnamed(rows, stem, existing)
-        fresh = {row.name for row in rows if not row.explicit} - asked
-        if not fresh:
-            break
-        asked |= fresh
-        existing = existing.merged(lookup(fresh, set()))
-    return existing
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise CliError(f"{path}:{line}: not UTF-8 text ({exc.reason}); nothing was "
+                       "imported") from None
 
 
 def _template(text: str) -> list[str]:
@@ -618,47 +260,47 @@ PRIORITY_DENIED = (f"{PRIORITY} overrides priorities, and only leads and admins 
                    "priority: nothing was imported. Import with a lead's or an admin's token "
                    f"(--token or EVENTQ_TOKEN), or leave the {PRIORITY} cells empty to run at "
                    "your level's priority")
+#: Bytes per piece of a large file's upload (each moves the bar).
+PIECE = 256 * 1024
 
 
-def _check_priority_allowed(api: Client, rows: list[Row]) -> None:
-    """Say so before sending 10,000 rows, rather than have each row refused."""
-    if not any(PRIORITY in row.cells for row in rows):
+@contextlib.contextmanager
+def _sending(path: Path, lines: int, size: int) -> Iterator[Callable[[int], None] | None]:
+    """A bar while a large file is sent, then a spinner while the server checks and
+    records it; nothing when stderr is not a terminal."""
+    if lines <= LARGE or not _may_draw():
+        yield None
         return
-    me = api.call("GET", "/api/queue/me")
-    if me.get("level") not in ("lead", "admin"):
-        raise CliError(f"{PRIORITY_DENIED} (your token is a {me.get('level')}'s)")
+    with _progress() as bar:
+        task = bar.add_task(f"sending {path.name}", total=size)
+
+        def sent(count: int) -> None:
+            bar.update(task, completed=count)
+            if count >= size:
+                bar.update(task, total=None, description=f"the server checks and records "
+                                                         f"{path.name} ({lines:,} lines)")
+        yield sent
 
 
-_ROWS = re.compile(r"\brows? (\[[\d, ]+\]|\d+)")
-
-
-def server_lines(text: str, rows: Sequence[Row]) -> str:
-    """A server message with its batch rows (1-based) turned into CSV lines."""
-
-    def line_of(n: int) -> str:
-        return str(rows[n - 1].line) if 1 <= n <= len(rows) else f"row {n}"
-
-    def swap(match: re.Match[str]) -> str:
-        numbers = [int(n) for n in re.findall(r"\d+", match.group(1))]
-        lines = ", ".join(line_of(n) for n in numbers)
-        return f"line{'s' if len(numbers) > 1 else ''} {lines}"
-
-    return _ROWS.sub(swap, text)
-
-
-def _submit_batch(api: Client, rows: list[Row], path: Path) -> dict[str, Any]:
+def _send_import(api: Client, data: bytes, path: Path,
+                 sent: Callable[[int], None] | None) -> dict[str, Any]:
     """One request; a refusal is reported line by line."""
     import urllib.error
     import urllib.request
 
-    import msgspec
+    def pieces() -> Iterator[bytes]:
+        for at in range(0, len(data), PIECE):
+            yield data[at:at + PIECE]
+            if sent is not None:
+                sent(min(at + PIECE, len(data)))
 
-    data = msgspec.json.encode({"jobs": [r.body for r in rows]})
-    req = urllib.request.Request(api.url + "/api/queue/batch", data=data, method="POST", headers={
-        "Authorization": f"Bearer {api.token}", "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        api.url + "/api/queue/import", data=data if sent is None else pieces(), method="POST",
+        headers={"Authorization": f"Bearer {api.token}", "Content-Type": "application/json",
+                 "Content-Length": str(len(data))})
     try:
         with urllib.request.urlopen(req, timeout=600) as resp:
-            reply: dict[str, Any] = msgspec.json.decode(resp.read())
+            reply: dict[str, Any] = json.loads(resp.read())
             return reply
     except urllib.error.HTTPError as exc:
         try:
@@ -669,23 +311,55 @@ def _submit_batch(api: Client, rows: list[Row], path: Path) -> dict[str, Any]:
         status = exc.code
     except OSError as exc:
         raise CliError(f"cannot reach the server at {api.url}: {exc}") from None
-    detail = body.get("detail")
-    messages = [str(d) for d in detail] if isinstance(detail, list) else \
-        [str(body.get("error", f"HTTP {status}"))]
+    raise _refusal(status, body, path, len(data))
+
+
+def _refusal(status: int, body: dict[str, Any], path: Path, size: int) -> CliError:
+    """What the server refused, printed by line as ``FILE:LINE: message``."""
     if status == 413:
-        raise CliError(f"the server refused the import as too large ({len(data) / 2**20:.1f} "
-                       "MiB in one request); nothing was imported. Leave out --export-env, or "
-                       "split the file and import the parts with --append")
-    if status == 403 or any("only leads and admins may override priority" in m
-                            for m in messages):
-        raise CliError(PRIORITY_DENIED)
-    for message in messages:
-        one = re.fullmatch(r"row (\d+): (.*)", message, re.DOTALL)
-        if one and 1 <= int(one.group(1)) <= len(rows):
-            print(f"{path}:{rows[int(one.group(1)) - 1].line}: {one.group(2)}", file=sys.stderr)
-        else:
-            print(f"{path}: {server_lines(message, rows)}", file=sys.stderr)
-    raise CliError(f"the server refused the import (HTTP {status}); nothing was imported")
+        return CliError(f"the server refused the import as too large ({size / 2**20:.1f} MiB "
+                        "in one request); nothing was imported. Leave out --export-env, or "
+                        "split the file and import the parts with --append")
+    if status == 403:
+        return CliError(PRIORITY_DENIED)
+    if status == 404:
+        return CliError("the server has no CSV import (POST /api/queue/import): it is older "
+                        "than this eventq; nothing was imported")
+    detail = body.get("detail")
+    messages = [str(d) for d in detail] if isinstance(detail, list) else []
+    for message in messages[:SHOWN_ERRORS]:
+        one = re.fullmatch(r"line (\d+): (.*)", message, re.DOTALL)
+        print(f"{path}:{one[1]}: {one[2]}" if one else f"{path}: {message}", file=sys.stderr)
+    if len(messages) > SHOWN_ERRORS:
+        print(f"… and {len(messages) - SHOWN_ERRORS} more", file=sys.stderr)
+    error = str(body.get("error") or f"HTTP {status}")
+    return CliError(error if "nothing was imported" in error else
+                    f"{error} (HTTP {status}); nothing was imported")
+
+
+def _progress() -> Progress:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=output.errors, transient=True)
+
+
+def _may_draw() -> bool:
+    """Whether rich may draw on stderr: it is a terminal, or a variable rich reads may make
+    it draw (then rich decides, as ever). Otherwise the bar and the spinner would draw
+    nothing, and rich is not loaded for them."""
+    if any(v in os.environ for v in ("TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_COLOR")):
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 # --- export ----------------------------------------------------------------------------

@@ -121,6 +121,7 @@ def make_app(orchestrator: Orchestrator) -> web.Application:
         actions,
         admin,
         admin_workers,
+        imports,
         jobs,
         logs,
         metrics,
@@ -136,6 +137,7 @@ def make_app(orchestrator: Orchestrator) -> web.Application:
     app[ORCH] = orchestrator
     app.add_routes(actions.routes)
     app.add_routes(queue.routes)
+    app.add_routes(imports.routes)
     app.add_routes(jobs.routes)
     app.add_routes(system.routes)
     app.add_routes(admin.routes)

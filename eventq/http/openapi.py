@@ -23,6 +23,7 @@ from eventq.http import schemas as s
 from eventq.http.actions import CancelFilter, PriorityBody
 from eventq.http.admin import NewUser, UserChange
 from eventq.http.admin_workers import NewWorker
+from eventq.http.imports import ImportRequest
 from eventq.http.queue import BatchRequest, LimitsUpdate, LookupRequest, SubmitRequest
 from eventq.http.workers import DisconnectBody, HeartbeatBody, RegisterBody, StatusBody
 from eventq.projections.queue import STATUS_WORDS
@@ -109,6 +110,11 @@ OPERATIONS: tuple[Op, ...] = (
        "Submit many jobs (they may depend on each other by name): all are recorded, in one "
        "commit, or none; a 422 lists every invalid row in `detail`.", "user",
        (s.BatchReply,), body=BatchRequest, also=(403, 409)),
+    Op("post", "/api/queue/import", "importCsv", "queue",
+       "Submit every row of a job-scheduler-v2 CSV (`eventq import`): the server reads and "
+       "checks the file, names the rows without an id, and records every job in one commit, "
+       "or none; a 422 lists every problem in `detail` as `line N: …`.", "user",
+       (s.ImportReply,), body=ImportRequest, also=(403,)),
     Op("post", "/api/queue/lookup", "lookupJobs", "queue",
        "Which of these names and ids jobs already have (an import checks its rows with it "
        "rather than downloading the queue).", "user", (s.LookupReply,), body=LookupRequest),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -268,12 +269,19 @@ async def submit_batch(request: web.Request) -> web.Response:
 async def _submit_batch(request: web.Request) -> web.Response:
     orch, user = request.app[ORCH], current_user(request)
     body = decode_body(await request.read(), BatchRequest)
-    ids = [new_job_id(orch) for _ in body.jobs]
+    ids = await record_batch(orch, user, body.jobs)
+    return web.json_response({"success": True, "count": len(ids), "job_ids": ids})
+
+
+async def record_batch(orch: Orchestrator, user: User, jobs: list[SubmitRequest]) -> list[str]:
+    """Every job recorded, in one commit, or none: an ApiError whose ``detail`` names each
+    bad row (``row N: …``, 1-based). The new jobs' ids, in order."""
+    ids = [new_job_id(orch) for _ in jobs]
     while len(set(ids)) < len(ids):
-        ids = [new_job_id(orch) for _ in body.jobs]
+        ids = [new_job_id(orch) for _ in jobs]
     names: dict[str, str] = {}
     problems: list[str] = []
-    for row, (req, job_id) in enumerate(zip(body.jobs, ids, strict=True), start=1):
+    for row, (req, job_id) in enumerate(zip(jobs, ids, strict=True), start=1):
         if req.name and req.name in names:
             problems.append(f"row {row}: the name {req.name!r} is used twice in this batch")
         if req.name:
@@ -283,7 +291,7 @@ async def _submit_batch(request: web.Request) -> web.Response:
     specs = []
     forbidden = None
     checked = Checked(names)
-    for row, (req, job_id) in enumerate(zip(body.jobs, ids, strict=True), start=1):
+    for row, (req, job_id) in enumerate(zip(jobs, ids, strict=True), start=1):
         try:
             specs.append(build_spec(req, user, orch, checked, job_id))
         except ApiError as exc:
@@ -300,7 +308,7 @@ async def _submit_batch(request: web.Request) -> web.Response:
     except CommandError as exc:
         raise ApiError(exc.status, exc.message, "jobs") from None
     await settle(outcome)
-    return web.json_response({"success": True, "count": len(specs), "job_ids": ids})
+    return ids
 
 
 class LookupRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -314,15 +322,21 @@ class LookupRequest(msgspec.Struct, forbid_unknown_fields=True):
 async def lookup(request: web.Request) -> web.Response:
     """An import checks its names against the server's with this, instead of downloading
     every job: the answer holds only the jobs asked about."""
-    state = request.app[ORCH].state
     body = decode_body(await request.read(), LookupRequest)
-    found = dict.fromkeys(job_id for job_id in body.ids if job_id in state.jobs)
-    for name in body.names:
+    jobs = known_jobs(request.app[ORCH], body.names, body.ids)
+    return web.Response(body=msgspec.json.encode({"jobs": jobs}),
+                        content_type="application/json")
+
+
+def known_jobs(orch: Orchestrator, names: Iterable[str],
+               ids: Iterable[str]) -> list[dict[str, str]]:
+    """``{"job_id", "name", "status"}`` of each job that has one of these names or ids."""
+    state = orch.state
+    found = dict.fromkeys(job_id for job_id in ids if job_id in state.jobs)
+    for name in names:
         found.update(dict.fromkeys(state.by_name.get(name, ())))
     jobs = [state.jobs[job_id] for job_id in found]
-    return web.Response(body=msgspec.json.encode({"jobs": [
-        {"job_id": j.spec.job_id, "name": j.spec.name, "status": j.status} for j in jobs]}),
-        content_type="application/json")
+    return [{"job_id": j.spec.job_id, "name": j.spec.name, "status": j.status} for j in jobs]
 
 
 def _flag(request: web.Request, name: str) -> bool:

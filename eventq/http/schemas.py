@@ -125,6 +125,23 @@ class BatchReply(Reply):
     job_ids: list[str]
 
 
+class ImportedJob(Reply):
+    """One row of an imported CSV and the job it became."""
+
+    line: int
+    name: str
+    job_id: str
+
+
+class ImportReply(Reply):
+    """Every row of the CSV was recorded as a job, in one commit."""
+
+    success: bool
+    count: int
+    job_ids: list[str]
+    jobs: list[ImportedJob]
+
+
 class KnownJob(Reply):
     """A job a lookup found by its name or id."""
 
