@@ -17,7 +17,14 @@ from eventq import jobscheduler as jsv2
 from eventq.events import Level
 from eventq.gcpause import collector_paused
 from eventq.http.app import ORCH, ApiError, current_user, decode_body
-from eventq.http.queue import NonNegative, Positive, SubmitRequest, known_jobs, record_batch
+from eventq.http.queue import (
+    NonNegative,
+    Positive,
+    SubmitRequest,
+    flag,
+    known_jobs,
+    record_batch,
+)
 from eventq.http.schemas import ImportedJob, ImportReply
 from eventq.server import Orchestrator
 
@@ -79,7 +86,10 @@ async def _import_csv(request: web.Request) -> web.Response:
     reply = ImportReply(success=True, count=len(ids), job_ids=ids, jobs=[
         ImportedJob(line=r.line, name=r.name, job_id=job_id)
         for r, job_id in zip(rows, ids, strict=True)])
-    return web.Response(body=msgspec.json.encode(reply), content_type="application/json")
+    encoded = msgspec.json.encode(reply)
+    if flag(request, "pretty"):  # as `eventq import --format json` prints it
+        encoded = msgspec.json.format(encoded, indent=2)
+    return web.Response(body=encoded, content_type="application/json")
 
 
 def options_of(body: ImportRequest) -> jsv2.Options:

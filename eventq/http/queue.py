@@ -339,7 +339,7 @@ def known_jobs(orch: Orchestrator, names: Iterable[str],
     return [{"job_id": j.spec.job_id, "name": j.spec.name, "status": j.status} for j in jobs]
 
 
-def _flag(request: web.Request, name: str) -> bool:
+def flag(request: web.Request, name: str) -> bool:
     return request.query.get(name, "false").lower() in ("1", "true", "yes")
 
 
@@ -361,7 +361,7 @@ async def list_queue(request: web.Request) -> web.Response:
     orch = request.app[ORCH]
     limit = int_param(request, "limit", 50, 1, 10_000)
     offset = int_param(request, "offset", 0, 0, 100_000_000)
-    status, completed = request.query.get("status"), _flag(request, "include_completed")
+    status, completed = request.query.get("status"), flag(request, "include_completed")
     # The listing changes only when the log moves on, or as time ages jobs and estimates:
     # dashboards polling an unchanged queue are answered from the last rendering.
     key = (orch.log.head_seq, int(orch.clock.now()), status, limit, completed, offset)
