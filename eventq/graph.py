@@ -14,6 +14,9 @@ def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
     for start in edges:
         if start in done:
             continue
+        if all(dep in done or dep not in edges for dep in edges[start]):
+            done.add(start)  # the usual row: what it depends on came first (or is outside)
+            continue
         path, on_path = [start], {start}
         stack = [iter(edges[start])]
         while stack:
