@@ -150,6 +150,15 @@ def new_job_id(orch: Orchestrator) -> str:
             return job_id
 
 
+def new_job_ids(orch: Orchestrator, count: int) -> list[str]:
+    """``count`` distinct new ids, drawn at once (a batch of 10,000 needs them fast)."""
+    while True:
+        digits = f"{_ids.getrandbits(48 * count):0{12 * count}x}" if count else ""
+        ids = [digits[at:at + 12] for at in range(0, 12 * count, 12)]
+        if len(set(ids)) == count and not any(job_id in orch.state.jobs for job_id in ids):
+            return ids
+
+
 def _check_process_text(req: SubmitRequest) -> None:
     """What exec would refuse later must be refused now, while the client can hear it."""
     if isinstance(req.command, str):
@@ -276,9 +285,7 @@ async def _submit_batch(request: web.Request) -> web.Response:
 async def record_batch(orch: Orchestrator, user: User, jobs: list[SubmitRequest]) -> list[str]:
     """Every job recorded, in one commit, or none: an ApiError whose ``detail`` names each
     bad row (``row N: …``, 1-based). The new jobs' ids, in order."""
-    ids = [new_job_id(orch) for _ in jobs]
-    while len(set(ids)) < len(ids):
-        ids = [new_job_id(orch) for _ in jobs]
+    ids = new_job_ids(orch, len(jobs))
     names: dict[str, str] = {}
     problems: list[str] = []
     for row, (req, job_id) in enumerate(zip(jobs, ids, strict=True), start=1):
