@@ -286,35 +286,40 @@ def _sending(path: Path, lines: int, size: int) -> Iterator[Callable[[int], None
 
 def _send_import(api: Client, data: bytes, path: Path, sent: Callable[[int], None] | None,
                  pretty: bool) -> bytes:
-    """One request, its reply's bytes; a refusal is reported line by line."""
-    import urllib.error
-    import urllib.request
+    """One request, its reply's bytes; a refusal is reported line by line. (http.client,
+    not urllib.request: one request needs none of what urllib adds, 5 ms to load.)"""
+    import http.client
+    import urllib.parse
 
-    def pieces() -> Iterator[bytes]:
-        for at in range(0, len(data), PIECE):
-            yield data[at:at + PIECE]
-            if sent is not None:
-                sent(min(at + PIECE, len(data)))
-
-    url = api.url + "/api/queue/import" + ("?pretty=true" if pretty else "")
-    req = urllib.request.Request(
-        url, data=data if sent is None else pieces(), method="POST",
-        headers={"Authorization": f"Bearer {api.token}", "Content-Type": "application/json",
-                 "Content-Length": str(len(data))})
+    where = urllib.parse.urlsplit(api.url)
+    kind = http.client.HTTPSConnection if where.scheme == "https" else http.client.HTTPConnection
+    conn = kind(where.hostname or "localhost", where.port, timeout=600)
     try:
-        with urllib.request.urlopen(req, timeout=600) as resp:
-            raw: bytes = resp.read()
-            return raw
-    except urllib.error.HTTPError as exc:
-        try:
-            body = json.loads(exc.read())
-        except ValueError:
-            body = None
-        body = body if isinstance(body, dict) else {}
-        status = exc.code
-    except OSError as exc:
+        conn.putrequest("POST", where.path.rstrip("/") + "/api/queue/import"
+                        + ("?pretty=true" if pretty else ""))
+        for header, value in (("Authorization", f"Bearer {api.token}"),
+                              ("Content-Type", "application/json"),
+                              ("Content-Length", str(len(data)))):
+            conn.putheader(header, value)
+        conn.endheaders()
+        with contextlib.suppress(OSError):  # a refusal may come before the whole body
+            for at in range(0, len(data), PIECE):
+                conn.send(data[at:at + PIECE])
+                if sent is not None:
+                    sent(min(at + PIECE, len(data)))
+        resp = conn.getresponse()
+        raw = resp.read()
+    except (OSError, http.client.HTTPException) as exc:
         raise CliError(f"cannot reach the server at {api.url}: {exc}") from None
-    raise _refusal(status, body, path, len(data))
+    finally:
+        conn.close()
+    if resp.status == 200:
+        return raw
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    raise _refusal(resp.status, body if isinstance(body, dict) else {}, path, len(data))
 
 
 def _refusal(status: int, body: dict[str, Any], path: Path, size: int) -> CliError:
@@ -341,15 +346,16 @@ def _refusal(status: int, body: dict[str, Any], path: Path, size: int) -> CliErr
 
 
 def _progress() -> Progress:
+    """Bytes sent of the whole, then time while the server works."""
     from rich.progress import (
         BarColumn,
-        MofNCompleteColumn,
+        DownloadColumn,
         Progress,
         TextColumn,
         TimeElapsedColumn,
     )
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                     TimeElapsedColumn(), console=output.errors, transient=True)
 
 
