@@ -204,6 +204,50 @@ async def test_system_status_shows_who_holds_each_gpu(api: TestClient[Any, Any],
     (tmp_path / "f").touch()
 
 
+async def test_an_import_reads_the_csv_names_its_rows_and_records_all_or_nothing(
+        api: TestClient[Any, Any]) -> None:
+    """``POST /api/queue/import``, what ``eventq import`` sends."""
+    await submit(api, name="prep", command=["true"], gpus=0, target="worker")
+    sweep = ("JOBSCHEDULER_JOB_ID,model,JOBSCHEDULER_DEPENDS_ON,JOBSCHEDULER_ESTIMATE_TIME\n"
+             "train,resnet,,0.5\n"
+             ",vit,train,\n")
+    body = {"csv": sweep, "command": ["bash", "run.sh"], "file": "sweep.csv", "gpus": 0,
+            "target": "worker"}
+    resp = await api.post("/api/queue/import?pretty=true", json=body)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.text()).startswith('{\n  "success": true'), "indented when asked"
+    reply = await resp.json()
+    assert [(j["line"], j["name"]) for j in reply["jobs"]] == [(2, "train"), (3, "sweep-3")]
+    assert reply["count"] == 2 and reply["job_ids"] == [j["job_id"] for j in reply["jobs"]]
+    train, vit = [await (await api.get(f"/api/jobs/{i}")).json()
+                  for i in reply["job_ids"]]
+    assert train["command"] == ["bash", "run.sh", "resnet"]
+    assert train["estimated_runtime"] == 1800.0
+    assert vit["depends_on"] == [train["job_id"]]
+    assert vit["metadata"]["jobscheduler"] == {"id": "sweep-3", "params": {"model": "vit"},
+                                               "file": "sweep.csv", "line": 3}
+
+    listed = (await (await api.get("/api/queue?limit=100")).json())["count"]
+    bad = {**body, "csv": "JOBSCHEDULER_JOB_ID,model,JOBSCHEDULER_DEPENDS_ON\n"
+                          "train,x,\n"          # the name is taken now
+                          "b,y,prep\n"          # a job already submitted: needs append
+                          "c,z,c\n"}            # depends on itself
+    refused = await api.post("/api/queue/import", json=bad)
+    answer = await refused.json()
+    assert refused.status == 422 and answer["field"] == "csv"
+    assert answer["error"] == "3 problems in sweep.csv; nothing was imported"
+    assert [d.split(":")[0] for d in answer["detail"]] == ["line 2", "line 3", "line 4"]
+    assert "use --append" in answer["detail"][1] and "cycle c -> c" in answer["detail"][2]
+    assert (await (await api.get("/api/queue?limit=100")).json())["count"] == listed
+    appended = await api.post("/api/queue/import", json={**body, "csv": "model,"
+                              "JOBSCHEDULER_DEPENDS_ON\nbert,prep\n", "append": True})
+    assert appended.status == 200, await appended.text()
+    for wrong, field in (({**body, "csv": 3}, "csv"), ({**body, "command": []}, "command"),
+                         ({**body, "colour": "red"}, "colour")):
+        resp = await api.post("/api/queue/import", json=wrong)
+        assert resp.status == 422 and (await resp.json())["field"] == field
+
+
 async def test_a_lookup_answers_only_for_the_names_and_ids_asked_about(
         api: TestClient[Any, Any]) -> None:
     """What ``eventq import`` asks instead of downloading the queue."""
