@@ -194,13 +194,28 @@ def expected_runtime(spec: JobSpec) -> float | None:
 
 
 class _Pass:
-    """The working state of one planning pass."""
+    """The working state of one planning pass.
+
+    It reads the caller's counts and nodes and copies them at its first placement, before
+    it changes them: most looks at one job place nothing, and copy nothing.
+    """
 
     def __init__(self, counts: Counts, limits: Limits, nodes: list[NodeView], now: float,
                  cpu_jobs_waiting: bool = True):
         self.counts, self.limits, self.nodes, self.now = counts, limits, nodes, now
         self.cpu_jobs_waiting = cpu_jobs_waiting
         self.plan = Plan()
+        self._copied = False
+
+    def _own(self, node: NodeView) -> NodeView:
+        """The pass's own copy of ``node``, once it has copied everything it may change."""
+        if self._copied:
+            return node  # taken from the copies
+        at = next(i for i, n in enumerate(self.nodes) if n is node)
+        self.counts = _copy_counts(self.counts)
+        self.nodes = [_copy_node(n) for n in self.nodes]
+        self._copied = True
+        return self.nodes[at]
 
     def saturated(self) -> bool:
         """Nothing more can start anywhere: the global limit is full, or no node can take
@@ -286,6 +301,7 @@ class _Pass:
                                  else options[0])
 
     def _place(self, spec: JobSpec, node: NodeView) -> None:
+        node = self._own(node)
         self.plan.placements.append(Placement(spec.job_id, node.name, spec.gpus))
         taken = sorted(node.free)[: spec.gpus]
         if spec.device_ids and node.local:
@@ -316,8 +332,7 @@ def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
 
     ``cpu_jobs_waiting`` False lets the walk stop as soon as no node has a free GPU.
     """
-    work = _Pass(_copy_counts(counts), limits, [_copy_node(n) for n in nodes], now,
-                 cpu_jobs_waiting)
+    work = _Pass(counts, limits, nodes, now, cpu_jobs_waiting)
     after_full = REASON_DEPTH
     examined_held: list[JobSpec] = []
     restate = 0  # examined_held[:restate] were looked at before the latest placement
@@ -348,7 +363,7 @@ def plan_one(spec: JobSpec, counts: Counts, limits: Limits, nodes: list[NodeView
     A newly queued job changes nothing for the jobs already waiting (it frees no
     resources), so placing it needs no walk of the whole queue.
     """
-    work = _Pass(_copy_counts(counts), limits, [_copy_node(n) for n in nodes], now)
+    work = _Pass(counts, limits, nodes, now)
     if reservation is not None and reservation.job_id != spec.job_id:
         work.plan.reservation = reservation
     work.consider(spec)

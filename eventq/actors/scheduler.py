@@ -22,7 +22,7 @@ from eventq import policy
 from eventq.actors.allocator import Allocate, Allocator, GpuTable, Release, decide_allocate
 from eventq.actors.node_views import NodeViews
 from eventq.actors.runtime import Actor
-from eventq.actors.scheduler_state import TERMINAL, JobState, SchedulerState
+from eventq.actors.scheduler_state import TERMINAL, JobState, SchedulerState, is_gated
 from eventq.actors.workers_state import Workers
 from eventq.clock import Clock
 from eventq.graph import find_cycle
@@ -470,11 +470,13 @@ class Scheduler(Actor[SchedulerMsg]):
             self._durable = self.log.append(principal, events).durable
 
     async def receive(self, message: SchedulerMsg) -> Outcome:
+        self._durable, self._result = None, None
+        if isinstance(message, Submit) and not message.no_wait and not is_gated(message.spec):
+            return await self._submit(message)  # it holds the log only where it awaits
         with self.log.holding():
             return await self._receive(message)
 
     async def _receive(self, message: SchedulerMsg) -> Outcome:
-        self._durable, self._result = None, None
         events = await self._handle(message)
         events = [*events, *self._open_gates(message, events)]
         if isinstance(message, Process | ReleaseOrphans) or any(
@@ -608,30 +610,46 @@ class Scheduler(Actor[SchedulerMsg]):
             check = CheckReady(job_id)
             self.clock.call_at(begin, lambda: self._tell(check))
 
-    async def place_new(self, job_ids: list[str]) -> None:
-        """Place newly queued jobs one by one, without walking the queue.
+    async def _submit(self, m: Submit) -> Outcome:
+        """A job that joins the queue at once (no gate, no ``no_wait``): it is placed, or
+        its first reasons recorded, right after its submission, without the general
+        command's look at gates, newcomers and what the events free."""
+        submitted = decide_submit(self.state, m)
+        self._append_submitted(m.principal, submitted)
+        job = self.state.jobs[m.spec.job_id]
+        if job.status == "pending":  # not blocked for an admin's approval
+            await self._place(job)
+        return Outcome(submitted, self._durable)
 
-        A full pass runs instead when a newcomer lacks only GPUs and outranks the job
-        holding the reservation (or there is none): the reservation must move to it.
-        """
+    async def place_new(self, job_ids: list[str]) -> None:
+        """Place newly queued jobs one by one, without walking the queue."""
         for job_id in job_ids:
             job = self.state.jobs[job_id]
-            if job.status != "pending":
-                continue
-            now = self.clock.now()
-            held = self.last_plan.reservation
-            plan = policy.plan_one(job.spec, self.state.counts, self.state.limits,
-                                   self.node_views(), held, now)
+            if job.status == "pending" and await self._place(job):
+                return
+
+    async def _place(self, job: JobState) -> bool:
+        """Dispatch ``job`` if it can start now, or record why it waits.
+
+        A full pass runs instead when it lacks only GPUs and outranks the job holding the
+        reservation (or there is none): the reservation must move to it. True if it ran.
+        """
+        now, held = self.clock.now(), self.last_plan.reservation
+        plan = policy.plan_one(job.spec, self.state.counts, self.state.limits,
+                               self.node_views(), held, now)
+        reasons = plan.reasons.get(job.spec.job_id)
+        if reasons is not None and not (all(r.code == "gpus" for r in reasons)
+                                        and self._outranks(job, held, now)):
+            self._append("system", reason_changes(self.state, plan))
+            return False
+        with self.log.holding():  # the allocator's events commit with ours
             for placement in plan.placements:
                 await self._dispatch(placement)
                 self.last_plan.reservation = plan.reservation
-            reasons = plan.reasons.get(job_id)
-            if reasons is None:
-                continue
-            if all(r.code == "gpus" for r in reasons) and self._outranks(job, held, now):
+            if reasons is not None:
                 await self.run_pass()
-                return
-            self._append("system", reason_changes(self.state, plan))
+                return True
+        return False
 
     def _outranks(self, job: JobState, held: policy.Reservation | None, now: float) -> bool:
         holder = self.state.jobs.get(held.job_id) if held else None
