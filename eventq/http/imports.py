@@ -15,7 +15,6 @@ from aiohttp import web
 
 from eventq import jobscheduler as jsv2
 from eventq.events import Level
-from eventq.gcpause import collector_paused
 from eventq.http.app import ORCH, ApiError, current_user, decode_body
 from eventq.http.queue import (
     NonNegative,
@@ -23,6 +22,7 @@ from eventq.http.queue import (
     SubmitRequest,
     flag,
     known_jobs,
+    pausing_collector,
     record_batch,
 )
 from eventq.http.schemas import ImportedJob, ImportReply
@@ -55,12 +55,8 @@ class ImportRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 @routes.post("/api/queue/import")
+@pausing_collector
 async def import_csv(request: web.Request) -> web.Response:
-    with collector_paused(keeps=request.app[ORCH].long_lived):
-        return await _import_csv(request)
-
-
-async def _import_csv(request: web.Request) -> web.Response:
     orch, user = request.app[ORCH], current_user(request)
     body = decode_body(await request.read(), ImportRequest)
     options = options_of(body)
@@ -92,18 +88,15 @@ async def _import_csv(request: web.Request) -> web.Response:
     return web.Response(body=encoded, content_type="application/json")
 
 
+#: What each row's submission takes from the request where it was given (None, False
+#: and {} are the defaults: a row left alone gets the submission's own).
+SHARED = ("target", "max_runtime", "max_attempts", "retry_on_failure", "cwd", "env")
+
+
 def options_of(body: ImportRequest) -> jsv2.Options:
-    shared: dict[str, object] = {"target": body.target}
-    if body.max_runtime is not None:
-        shared["max_runtime"] = body.max_runtime
-    if body.max_attempts is not None:
-        shared["max_attempts"] = body.max_attempts
-    if body.retry_on_failure:
-        shared["retry_on_failure"] = True
-    if body.cwd is not None:
-        shared["cwd"] = body.cwd
-    if body.env:
-        shared["env"] = body.env
+    shared = {name: value for name in SHARED
+              if (value := getattr(body, name)) is not None and value is not False
+              and value != {}}
     return jsv2.Options(body.command, body.named_args, body.gpus, body.append, body.file,
                         shared)
 
