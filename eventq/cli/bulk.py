@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from eventq import jobscheduler as jsv2
 from eventq.cli import output
 from eventq.cli.client import Client, CliError, parse_sse, quote
 from eventq.cli.output import emit_json
@@ -258,10 +259,9 @@ def _shared_fields(args: argparse.Namespace) -> dict[str, Any]:
     return shared
 
 
-PRIORITY_DENIED = (f"{PRIORITY} overrides priorities, and only leads and admins may override "
-                   "priority: nothing was imported. Import with a lead's or an admin's token "
-                   f"(--token or EVENTQ_TOKEN), or leave the {PRIORITY} cells empty to run at "
-                   "your level's priority")
+PRIORITY_DENIED = (f"{jsv2.PRIORITY_DENIED}. Import with a lead's or an admin's token (--token "
+                   f"or EVENTQ_TOKEN), or leave the {PRIORITY} cells empty to run at your "
+                   "level's priority")
 #: Bytes per piece of a large file's upload (each moves the bar).
 PIECE = 256 * 1024
 
