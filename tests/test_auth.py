@@ -137,3 +137,31 @@ async def test_a_revoked_token_stops_working_at_once_and_others_keep_working(
     assert (await world.client.get("/api/queue/me", headers=admin)).status == 200
     stored = {r.type for r in await world.orch.log.read()}
     assert {"user_created", "token_issued", "token_revoked"} <= stored
+
+
+def test_each_of_many_tokens_finds_its_user_until_revoked() -> None:
+    """Tokens are found by their hash, not by a walk of all of them: 600 tokens, each
+    finds its own user; a revoked one (or all of a user's) finds no one."""
+    from eventq.auth import Users, new_token, token_hash
+    from eventq.log import Record
+
+    users, tokens = Users(), {}
+    events: list[ev.Event] = []
+    for i in range(300):
+        first, second = new_token(), new_token()
+        tokens[first], tokens[second] = f"u{i}", f"u{i}"
+        events += [ev.UserCreated(name=f"u{i}", level=ev.Level.RESEARCHER, team=None,
+                                  token_sha256=token_hash(first)),
+                   ev.TokenIssued(name=f"u{i}", token_sha256=token_hash(second))]
+    revoked_one = next(t for t, n in tokens.items() if n == "u7")
+    events += [ev.TokenRevoked(name="u7", token_sha256=token_hash(revoked_one)),
+               ev.TokenRevoked(name="u9")]
+    for seq, e in enumerate(events, start=1):
+        users.evolve(Record(seq, 0.0, "admin", e, b""))  # type: ignore[arg-type]
+    for token, name in tokens.items():
+        found = users.authenticate(token)
+        if token == revoked_one or name == "u9":
+            assert found is None, f"{name}'s revoked token still works"
+        else:
+            assert found is not None and found.name == name
+    assert users.authenticate(new_token()) is None
