@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,21 @@ async def test_an_import_reads_the_csv_names_its_rows_and_records_all_or_nothing
                          ({**body, "colour": "red"}, "colour")):
         resp = await api.post("/api/queue/import", json=wrong)
         assert resp.status == 422 and (await resp.json())["field"] == field
+
+
+async def test_imports_at_the_same_moment_never_give_a_name_twice(
+        api: TestClient[Any, Any]) -> None:
+    """Each names its rows against the jobs it saw; the scheduler refuses a set whose names
+    were taken meanwhile, and the import names its rows again."""
+    body = {"csv": "model\n" + "".join(f"m{i}\n" for i in range(50)), "command": ["true"],
+            "file": "sweep.csv", "gpus": 0, "target": "worker"}
+    replies = await asyncio.gather(*(api.post("/api/queue/import", json=body)
+                                     for _ in range(4)))
+    names = []
+    for resp in replies:
+        assert resp.status == 200, await resp.text()
+        names += [j["name"] for j in (await resp.json())["jobs"]]
+    assert len(names) == 200 and len(set(names)) == 200, "a name was given twice"
 
 
 async def test_a_lookup_answers_only_for_the_names_and_ids_asked_about(

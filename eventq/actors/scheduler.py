@@ -37,6 +37,16 @@ class CommandError(Exception):
         self.status, self.message, self.field = status, message, field
 
 
+class NamesTaken(CommandError):
+    """A set whose names must be new met jobs that took some of them meanwhile."""
+
+    def __init__(self, names: list[str]) -> None:
+        shown = ", ".join(repr(n) for n in names[:5]) + (" …" if len(names) > 5 else "")
+        super().__init__(409, f"{len(names)} names were taken meanwhile: {shown}; nothing was "
+                              "recorded", "name")
+        self.names = names
+
+
 # --- commands ------------------------------------------------------------------------
 
 
@@ -90,6 +100,9 @@ class SubmitMany(msgspec.Struct, frozen=True):
 
     specs: list[ev.JobSpec]
     principal: str
+    #: No job may have any of these names yet (an import names its rows against the jobs
+    #: it saw; another set recorded since must not make them twice).
+    new_names: bool = False
 
 
 class CheckReady(msgspec.Struct, frozen=True):
@@ -293,6 +306,8 @@ def decide_submit_many(state: SchedulerState, cmd: SubmitMany) -> list[ev.Event]
         problems.append(f"rows {rows}: dependency cycle {' -> '.join(cycle)}")
     if problems:
         raise CommandError(422, "; ".join(problems[:20]))
+    if cmd.new_names and (taken := [s.name for s in cmd.specs if s.name in state.by_name]):
+        raise NamesTaken(taken)
     return [ev.JobSubmitted(job=s) for s in cmd.specs]
 
 

@@ -14,6 +14,8 @@ import msgspec
 from aiohttp import web
 
 from eventq import jobscheduler as jsv2
+from eventq.actors.scheduler import NamesTaken
+from eventq.auth import User
 from eventq.events import Level
 from eventq.http.app import ORCH, ApiError, current_user, decode_body
 from eventq.http.queue import (
@@ -59,6 +61,31 @@ class ImportRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 async def import_csv(request: web.Request) -> web.Response:
     orch, user = request.app[ORCH], current_user(request)
     body = decode_body(await request.read(), ImportRequest)
+    for _ in range(TRIES):
+        try:
+            rows, ids = await _record(orch, user, body)
+            break
+        except NamesTaken:
+            continue  # another set took some of the names it gave: name the rows again
+    else:
+        raise ApiError(409, f"other imports kept taking the names of {body.file}'s rows; "
+                            "nothing was imported: try again", "csv")
+    reply = ImportReply(success=True, count=len(ids), job_ids=ids, jobs=[
+        ImportedJob(line=r.line, name=r.name, job_id=job_id)
+        for r, job_id in zip(rows, ids, strict=True)])
+    encoded = msgspec.json.encode(reply)
+    if flag(request, "pretty"):  # as `eventq import --format json` prints it
+        encoded = msgspec.json.format(encoded, indent=2)
+    return web.Response(body=encoded, content_type="application/json")
+
+
+#: Times an import names its rows again when a concurrent one took some names first.
+TRIES = 5
+
+
+async def _record(orch: Orchestrator, user: User,
+                  body: ImportRequest) -> tuple[list[jsv2.Row], list[str]]:
+    """Read, check and record every row, or raise: problems by line, or ``NamesTaken``."""
     options = options_of(body)
     problems = jsv2.Problems()
     rows = jsv2.prepare(body.csv, options, lookup_in(orch), problems)
@@ -76,16 +103,9 @@ async def import_csv(request: web.Request) -> web.Response:
         raise _by_line(ApiError(422, "a row is invalid; nothing was recorded", "csv",
                                 [row + _INDEX.sub("$", text)]), rows) from None
     try:
-        ids = await record_batch(orch, user, requests)
+        return rows, await record_batch(orch, user, requests, new_names=True)
     except ApiError as exc:
         raise _by_line(exc, rows) from None
-    reply = ImportReply(success=True, count=len(ids), job_ids=ids, jobs=[
-        ImportedJob(line=r.line, name=r.name, job_id=job_id)
-        for r, job_id in zip(rows, ids, strict=True)])
-    encoded = msgspec.json.encode(reply)
-    if flag(request, "pretty"):  # as `eventq import --format json` prints it
-        encoded = msgspec.json.format(encoded, indent=2)
-    return web.Response(body=encoded, content_type="application/json")
 
 
 #: What each row's submission takes from the request where it was given (None, False

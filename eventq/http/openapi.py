@@ -114,7 +114,7 @@ OPERATIONS: tuple[Op, ...] = (
        "Submit every row of a job-scheduler-v2 CSV (`eventq import`): the server reads and "
        "checks the file, names the rows without an id, and records every job in one commit, "
        "or none; a 422 lists every problem in `detail` as `line N: …`.", "user",
-       (s.ImportReply,), body=ImportRequest, also=(403,),
+       (s.ImportReply,), body=ImportRequest, also=(403, 409),
        params=(Param("pretty", Flag, about="Indent the reply (as `eventq import --format "
                                             "json` prints it)."),)),
     Op("post", "/api/queue/lookup", "lookupJobs", "queue",

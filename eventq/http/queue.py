@@ -15,6 +15,7 @@ from eventq import events as ev
 from eventq.actors.scheduler import (
     CommandError,
     DryRun,
+    NamesTaken,
     Outcome,
     SetLimits,
     SetSettings,
@@ -303,9 +304,11 @@ async def submit_batch(request: web.Request) -> web.Response:
     return web.json_response({"success": True, "count": len(ids), "job_ids": ids})
 
 
-async def record_batch(orch: Orchestrator, user: User, jobs: list[SubmitRequest]) -> list[str]:
+async def record_batch(orch: Orchestrator, user: User, jobs: list[SubmitRequest],
+                       new_names: bool = False) -> list[str]:
     """Every job recorded, in one commit, or none: an ApiError whose ``detail`` names each
-    bad row (``row N: …``, 1-based). The new jobs' ids, in order."""
+    bad row (``row N: …``, 1-based), or ``NamesTaken`` if ``new_names`` and another set
+    took some of them first. The new jobs' ids, in order."""
     ids = new_job_ids(orch, len(jobs))
     names: dict[str, str] = {}
     problems: list[str] = []
@@ -332,7 +335,10 @@ async def record_batch(orch: Orchestrator, user: User, jobs: list[SubmitRequest]
         raise ApiError(422, f"{len(problems)} rows are invalid; nothing was recorded", "jobs",
                        problems[:100])
     try:
-        outcome: Outcome = await orch.scheduler.ask(SubmitMany(specs, user.principal))
+        outcome: Outcome = await orch.scheduler.ask(SubmitMany(specs, user.principal,
+                                                               new_names))
+    except NamesTaken:
+        raise
     except CommandError as exc:
         raise ApiError(exc.status, exc.message, "jobs") from None
     await settle(outcome)
