@@ -702,15 +702,9 @@ def _follow(model: QueueProgress, messages: queue.Queue[tuple[str, str] | None],
     """Redraw as events arrive (at most every REDRAW_SECONDS); why it stopped."""
     import queue
 
-    from rich.live import Live
-    from rich.text import Text
-
-    out = output.console
-    live = out.is_terminal and fmt != "json"
     shown = ""
     dirty, last = True, 0.0
-    with Live(Text(""), console=out, auto_refresh=False) if live \
-            else contextlib.nullcontext() as screen:
+    with _live(fmt) as redraw:
         while True:
             wait = max(0.0, last + REDRAW_SECONDS - time.monotonic()) if dirty else None
             try:
@@ -736,11 +730,25 @@ def _follow(model: QueueProgress, messages: queue.Queue[tuple[str, str] | None],
             if text == shown:
                 continue
             shown = text
-            if screen is not None:
-                screen.update(Text(text), refresh=True)
+            if redraw is not None:
+                redraw(text)
             elif fmt == "json":
                 print(text, flush=True)
             else:
                 stamp = datetime.datetime.now().strftime("%H:%M:%S")
-                out.print(f"--- {stamp}\n{text}", markup=False, highlight=False)
+                output.console.print(f"--- {stamp}\n{text}", markup=False, highlight=False)
                 sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _live(fmt: str) -> Iterator[Callable[[str], None] | None]:
+    """A screen redrawn in place, for tables on a terminal; None otherwise (JSON lines
+    never load rich)."""
+    if fmt == "json" or not output.console.is_terminal:
+        yield None
+        return
+    from rich.live import Live
+    from rich.text import Text
+
+    with Live(Text(""), console=output.console, auto_refresh=False) as screen:
+        yield lambda text: screen.update(Text(text), refresh=True)
