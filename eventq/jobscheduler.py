@@ -119,7 +119,7 @@ class Options(NamedTuple):
 
 def read_rows(text: str, problems: Problems) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header and every non-blank row with the line it starts on (a quoted cell may
-    span lines); an unreadable row is a problem of the file as a whole."""
+    span lines); an unreadable row is a problem at its line, and ends the reading."""
     rows: list[tuple[int, list[str]]] = []
     reader = csv.reader(io.StringIO(text.removeprefix("\ufeff"), newline=""))
     start = 1
