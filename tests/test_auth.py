@@ -24,7 +24,6 @@ ROUTES: list[tuple[str, str, Any, str | None, set[str]]] = [
     ("GET", "/api/queue", None, None, ANY_USER),
     ("GET", "/api/queue/stats", None, None, ANY_USER),
     ("GET", "/api/queue/me", None, None, ANY_USER),
-    ("POST", "/api/queue/lookup", {"names": ["train"], "ids": ["nope"]}, None, ANY_USER),
     ("GET", "/api/queue/position/{job}", None, "pending", ANY_USER),
     ("GET", "/api/queue/concurrency", None, None, ANY_USER),
     ("GET", "/api/system/status", None, None, ANY_USER),

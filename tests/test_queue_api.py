@@ -262,21 +262,3 @@ async def test_imports_at_the_same_moment_never_give_a_name_twice(
         assert resp.status == 200, await resp.text()
         names += [j["name"] for j in (await resp.json())["jobs"]]
     assert len(names) == 200 and len(set(names)) == 200, "a name was given twice"
-
-
-async def test_a_lookup_answers_only_for_the_names_and_ids_asked_about(
-        api: TestClient[Any, Any]) -> None:
-    """What ``eventq import`` asks instead of downloading the queue."""
-    first = await submit(api, name="train", command=["true"], gpus=0, target="worker")
-    second = await submit(api, name="train", command=["true"], gpus=0, target="worker")
-    prep = await submit(api, name="prep", command=["true"], gpus=0, target="worker")
-    await submit(api, name="unasked", command=["true"], gpus=0, target="worker")
-    resp = await api.post("/api/queue/lookup", json={"names": ["train", "missing"],
-                                                     "ids": [prep["job_id"], "nope"]})
-    assert resp.status == 200
-    found = {j["job_id"]: j for j in (await resp.json())["jobs"]}
-    assert found.keys() == {first["job_id"], second["job_id"], prep["job_id"]}
-    assert found[prep["job_id"]] == {"job_id": prep["job_id"], "name": "prep",
-                                     "status": "pending"}
-    refused = await api.post("/api/queue/lookup", json={"names": "train"})
-    assert refused.status == 422 and (await refused.json())["field"] == "names"

@@ -23,7 +23,6 @@ from eventq.http.queue import (
     Positive,
     SubmitRequest,
     flag,
-    known_jobs,
     pausing_collector,
     record_batch,
 )
@@ -122,8 +121,15 @@ def options_of(body: ImportRequest) -> jsv2.Options:
 
 
 def lookup_in(orch: Orchestrator) -> jsv2.Lookup:
+    """The jobs the server knows that have any of these names or ids."""
+    state = orch.state
+
     def lookup(names: set[str], ids: set[str]) -> jsv2.Existing:
-        return jsv2.Existing.of(known_jobs(orch, names, ids))
+        found = dict.fromkeys(job_id for job_id in ids if job_id in state.jobs)
+        for name in names:
+            found.update(dict.fromkeys(state.by_name.get(name, ())))
+        return jsv2.Existing.of({"job_id": job_id, "name": state.jobs[job_id].spec.name,
+                                 "status": state.jobs[job_id].status} for job_id in found)
     return lookup
 
 

@@ -24,7 +24,7 @@ from eventq.http.actions import CancelFilter, PriorityBody
 from eventq.http.admin import NewUser, UserChange
 from eventq.http.admin_workers import NewWorker
 from eventq.http.imports import ImportRequest
-from eventq.http.queue import BatchRequest, LimitsUpdate, LookupRequest, SubmitRequest
+from eventq.http.queue import BatchRequest, LimitsUpdate, SubmitRequest
 from eventq.http.workers import DisconnectBody, HeartbeatBody, RegisterBody, StatusBody
 from eventq.projections.queue import STATUS_WORDS
 
@@ -117,9 +117,6 @@ OPERATIONS: tuple[Op, ...] = (
        (s.ImportReply,), body=ImportRequest, also=(403, 409),
        params=(Param("pretty", Flag, about="Indent the reply (as `eventq import --format "
                                             "json` prints it)."),)),
-    Op("post", "/api/queue/lookup", "lookupJobs", "queue",
-       "Which of these names and ids jobs already have (an import checks its rows with it "
-       "rather than downloading the queue).", "user", (s.LookupReply,), body=LookupRequest),
     Op("get", "/api/queue", "listQueue", "queue",
        "Running jobs, then waiting jobs in queue order, then (optionally) finished ones.",
        "user", (s.QueueList,), params=(Param("status", StatusWords), Param("limit", Limit),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import functools
 import os
-from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -343,34 +342,6 @@ async def record_batch(orch: Orchestrator, user: User, jobs: list[SubmitRequest]
         raise ApiError(exc.status, exc.message, "jobs") from None
     await settle(outcome)
     return ids
-
-
-class LookupRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """``POST /api/queue/lookup``: which of these names and ids jobs already have."""
-
-    names: Annotated[list[str], msgspec.Meta(max_length=300_000)] = []
-    ids: Annotated[list[str], msgspec.Meta(max_length=300_000)] = []
-
-
-@routes.post("/api/queue/lookup")
-async def lookup(request: web.Request) -> web.Response:
-    """An import checks its names against the server's with this, instead of downloading
-    every job: the answer holds only the jobs asked about."""
-    body = decode_body(await request.read(), LookupRequest)
-    jobs = known_jobs(request.app[ORCH], body.names, body.ids)
-    return web.Response(body=msgspec.json.encode({"jobs": jobs}),
-                        content_type="application/json")
-
-
-def known_jobs(orch: Orchestrator, names: Iterable[str],
-               ids: Iterable[str]) -> list[dict[str, str]]:
-    """``{"job_id", "name", "status"}`` of each job that has one of these names or ids."""
-    state = orch.state
-    found = dict.fromkeys(job_id for job_id in ids if job_id in state.jobs)
-    for name in names:
-        found.update(dict.fromkeys(state.by_name.get(name, ())))
-    jobs = [state.jobs[job_id] for job_id in found]
-    return [{"job_id": j.spec.job_id, "name": j.spec.name, "status": j.status} for j in jobs]
 
 
 def flag(request: web.Request, name: str) -> bool:

@@ -142,20 +142,6 @@ class ImportReply(Reply):
     jobs: list[ImportedJob]
 
 
-class KnownJob(Reply):
-    """A job a lookup found by its name or id."""
-
-    job_id: str
-    name: str
-    status: JobStatus
-
-
-class LookupReply(Reply):
-    """The jobs that have any of the names or ids asked about."""
-
-    jobs: list[KnownJob]
-
-
 class QueueList(Reply):
     jobs: list[JobSummary]
     count: int
