@@ -23,7 +23,8 @@ import pytest
 from eventq import events as ev
 from eventq import gpus, runner
 from eventq.log import EventLog
-from tools.crashkit import Harness, job_command, read_ledger, second_server
+from tools.crashkit import Harness, second_server
+from tools.ledger import job_command, read_ledger
 
 pytestmark = pytest.mark.slow
 

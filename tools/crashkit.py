@@ -2,7 +2,7 @@
 
 The server runs as a real subprocess on one data directory. Many concurrent
 clients submit jobs over HTTP; every job appends a line to a ledger file when it
-starts and when it ends. The ledger is the world's own record of what ran, kept
+starts and when it ends (tools/ledger.py). The ledger is the world's own record of what ran, kept
 outside eventq, so the checks compare what eventq recorded with what happened:
 
 * lost: a job acknowledged with a 2xx reply that the server does not know after
@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import os
 import random
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -42,6 +40,15 @@ import aiohttp
 
 from eventq import events as ev
 from eventq.log import GENESIS, LogCorrupt, chain_hash, connect_readonly, iter_rows
+from tools.ledger import (
+    Runs,
+    job_command,
+    overlapping_attempts,
+    overlapping_gpus,
+    read_ledger,
+    started_twice,
+    unfinished,
+)
 
 #: Runs the server as its child; adopts and reaps whatever the server leaves behind.
 REAPER = """\
@@ -58,11 +65,6 @@ while True:
 sys.exit(code)
 """
 
-JOB_SCRIPT = ('echo "$EVENTQ_JOB_ID $EVENTQ_ATTEMPT start $(date +%s%N) '
-              '${{CUDA_VISIBLE_DEVICES:--}}" >> {ledger}; sleep {sleep}; '
-              'echo "$EVENTQ_JOB_ID $EVENTQ_ATTEMPT end $(date +%s%N) '
-              '${{CUDA_VISIBLE_DEVICES:--}}" >> {ledger}')
-
 DEFAULT_LIMITS = {"max_concurrent": 8, "user_max_concurrent": 8, "local_job_max_concurrent": 4}
 ACTIVE = ("pending", "dispatched", "running")
 
@@ -77,72 +79,6 @@ def eventq_command(*args: str) -> list[str]:
     if script.exists():
         return [str(script), *args]
     return [sys.executable, "-m", "eventq.cli.main", *args]
-
-
-def job_command(ledger: Path, sleep: float) -> list[str]:
-    return ["sh", "-c", JOB_SCRIPT.format(ledger=shlex.quote(str(ledger)), sleep=f"{sleep:.3f}")]
-
-
-# --- the ledger: what actually ran -------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """One attempt as its own process recorded it."""
-
-    job_id: str
-    attempt: int
-    gpus: tuple[int, ...]
-    starts: list[int] = field(default_factory=list)
-    ends: list[int] = field(default_factory=list)
-
-
-def read_ledger(path: Path) -> dict[tuple[str, int], Run]:
-    runs: dict[tuple[str, int], Run] = {}
-    if not path.exists():
-        return runs
-    for line in path.read_text().splitlines():
-        parts = line.split()
-        if len(parts) != 5:
-            continue
-        job_id, attempt, what, stamp, gpus = parts
-        devices = () if gpus == "-" else tuple(int(g) for g in gpus.split(","))
-        run = runs.setdefault((job_id, int(attempt)), Run(job_id, int(attempt), devices))
-        (run.starts if what == "start" else run.ends).append(int(stamp))
-    return runs
-
-
-def ledger_problems(runs: dict[tuple[str, int], Run]) -> tuple[list[str], list[str], list[str]]:
-    """(double runs, double holdings, unfinished runs) seen in the ledger alone."""
-    double_run: list[str] = []
-    double_held: list[str] = []
-    unfinished: list[str] = []
-    by_job: dict[str, list[Run]] = defaultdict(list)
-    for run in runs.values():
-        by_job[run.job_id].append(run)
-        if len(run.starts) > 1:
-            double_run.append(f"{run.job_id}#{run.attempt} started {len(run.starts)} times")
-        if not run.ends:
-            unfinished.append(f"{run.job_id}#{run.attempt} started and never ended")
-    for job_id, job_runs in by_job.items():
-        if len(job_runs) > 1:
-            attempts = sorted(r.attempt for r in job_runs)
-            double_run.append(f"{job_id} ran attempts {attempts}")
-            spans = sorted((min(r.starts), max(r.ends or [2**63]), r.attempt) for r in job_runs)
-            for (_, end, a), (start, _, b) in itertools.pairwise(spans):
-                if start < end:
-                    double_run.append(f"{job_id}: attempts {a} and {b} overlapped")
-    per_gpu: dict[int, list[tuple[int, int, str]]] = defaultdict(list)
-    for run in runs.values():
-        span = (min(run.starts), max(run.ends or [2**63]), f"{run.job_id}#{run.attempt}")
-        for gpu in run.gpus:
-            per_gpu[gpu].append(span)
-    for gpu, held in per_gpu.items():
-        held.sort()
-        for (_, end, one), (start, _, other) in itertools.pairwise(held):
-            if start < end:
-                double_held.append(f"GPU {gpu} used by {one} and {other} at the same time")
-    return double_run, double_held, unfinished
 
 
 # --- the log: what eventq recorded -------------------------------------------------------
@@ -671,10 +607,10 @@ class Harness:
                 f.failed.append(f"{job_id} (unacknowledged, yet recorded): failed")
             elif status in ACTIVE:
                 f.unfinished.append(f"{job_id} (unacknowledged, yet recorded): still {status}")
-        double_run, double_held, unended = ledger_problems(runs)
-        f.double_run += double_run + self.audit.double_dispatch
-        f.double_held += double_held + self.audit.double_held
-        f.unfinished += unended
+        f.double_run += (started_twice(runs) + more_than_one_attempt(runs)
+                         + overlapping_attempts(runs) + self.audit.double_dispatch)
+        f.double_held += overlapping_gpus(runs) + self.audit.double_held
+        f.unfinished += unfinished(runs)
         f.spurious_lost += self.audit.spurious_lost
         for (job_id, attempt), _run in runs.items():
             if (job_id, attempt) not in self.audit.dispatched:
@@ -719,6 +655,15 @@ class Harness:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def more_than_one_attempt(runs: Runs) -> list[str]:
+    """Jobs that ran more than one attempt: every attempt exits 0, so a second one ran twice."""
+    by_job: dict[str, list[int]] = defaultdict(list)
+    for job_id, attempt in runs:
+        by_job[job_id].append(attempt)
+    return [f"{job_id} ran attempts {sorted(attempts)}"
+            for job_id, attempts in by_job.items() if len(attempts) > 1]
 
 
 def _alive(pid: int) -> bool:
