@@ -262,3 +262,37 @@ async def test_imports_at_the_same_moment_never_give_a_name_twice(
         assert resp.status == 200, await resp.text()
         names += [j["name"] for j in (await resp.json())["jobs"]]
     assert len(names) == 200 and len(set(names)) == 200, "a name was given twice"
+
+
+async def test_a_set_of_jobs_starts_in_queue_order_not_row_order(
+        make_orch: MakeOrch, aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
+    """SPEC 4: higher effective priority first, for jobs recorded together as for others."""
+    orch = await make_orch(gpu_spec="1xA100-80GB", limits=ROOMY)
+    api = await aiohttp_client(make_app(orch),
+                               headers={"Authorization": f"Bearer {orch.admin_token}"})
+    started = tmp_path / "started"
+
+    def row(name: str, priority: int) -> dict[str, Any]:
+        return {"name": name, "gpus": 1, "priority_override": priority,
+                "command": ["sh", "-c", f"echo {name} >> {started}"]}
+
+    resp = await api.post("/api/queue/batch", json={"jobs": [row("low1", 1), row("low2", 1),
+                                                             row("high", 25)]})
+    assert resp.status == 200, await resp.text()
+    await until(lambda: started.exists() and len(started.read_text().split()) == 3)
+    assert started.read_text().split() == ["high", "low1", "low2"]
+
+
+async def test_an_import_starts_in_queue_order_not_row_order(
+        make_orch: MakeOrch, aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
+    orch = await make_orch(gpu_spec="1xA100-80GB", limits=ROOMY)
+    api = await aiohttp_client(make_app(orch),
+                               headers={"Authorization": f"Bearer {orch.admin_token}"})
+    started = tmp_path / "started"
+    sweep = "JOBSCHEDULER_JOB_ID,JOBSCHEDULER_PRIORITY,tag\nz1,1,z1\na2,1,a2\nm3,5,m3\n"
+    body = {"csv": sweep, "command": ["sh", "-c", f"echo $0 >> {started}"], "gpus": 1,
+            "file": "sweep.csv"}
+    resp = await api.post("/api/queue/import", json=body)
+    assert resp.status == 200, await resp.text()
+    await until(lambda: started.exists() and len(started.read_text().split()) == 3)
+    assert started.read_text().split() == ["m3", "z1", "a2"]

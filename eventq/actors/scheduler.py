@@ -14,6 +14,7 @@ import dataclasses
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 import msgspec
 
@@ -638,9 +639,18 @@ class Scheduler(Actor[SchedulerMsg]):
         return Outcome(submitted, self._durable)
 
     async def place_new(self, job_ids: list[str]) -> None:
-        """Place newly queued jobs one by one, without walking the queue."""
-        for job_id in job_ids:
-            job = self.state.jobs[job_id]
+        """Place newly queued jobs one by one in queue order, without walking the queue.
+
+        Jobs recorded together (a set, the dependants one end frees) come in row order;
+        placed so, a low row would take the GPUs a higher-priority row after it needs."""
+        jobs = self.state.jobs
+        pending = [job for job in map(jobs.__getitem__, job_ids) if job.status == "pending"]
+        if len({job.spec.effective_base for job in pending}) > 1:
+            now, sort_key = self.clock.now(), self.state.sort_key
+            pending.sort(key=lambda job: sort_key(job, now))
+        else:  # one bucket, whose order aging never changes (the usual set: ~15x cheaper)
+            pending.sort(key=attrgetter("order"))
+        for job in pending:
             if job.status == "pending" and await self._place(job):
                 return
 
