@@ -28,6 +28,11 @@ class User:
         return f"user:{self.name}"
 
 
+def may_act_for(user: User, owner: str) -> bool:
+    """A job's owner or an admin (SPEC 8): who may see a job's details and act on it."""
+    return user.name == owner or user.level == ev.Level.ADMIN
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -70,11 +75,15 @@ class Users:
                 self.by_prefix.setdefault(h[:self.PREFIX], []).append(h)
 
     def authenticate(self, token: str) -> User | None:
-        """The user a token belongs to; None if unknown or revoked. Its hash's candidates are
-        found by their first 64 bits (a lookup whose timing could tell only where the hash of
-        a random token falls, which helps no one make one), then compared whole in constant
-        time: a request costs the same with 2 tokens or 2,000."""
-        digest = token_hash(token)
+        """The user a token belongs to; None if unknown or revoked."""
+        return self.holder(token_hash(token))
+
+    def holder(self, digest: str) -> User | None:
+        """The user of the token with this SHA-256 (hex) as they are now; None if no live
+        token has it. Its candidates are found by their first 64 bits (a lookup whose
+        timing could tell only where the hash of a random token falls, which helps no one
+        make one), then compared whole in constant time: a request costs the same with 2
+        tokens or 2,000."""
         for stored in self.by_prefix.get(digest[:self.PREFIX], ()):
             if hmac.compare_digest(stored, digest):
                 return self.by_name[self.tokens[stored]]

@@ -3,13 +3,15 @@ person may do (SPEC 8), through the installed command against a real server proc
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from eventq.cli import users
 from eventq.events import Level
-from tests.test_cli import server
+from tests.test_cli import EVENTQ, server
 from tests.test_cli_queue import Server, becomes, eq, eq_json, fails, status_of, submit, until
 
 pytestmark = pytest.mark.slow
@@ -88,6 +90,28 @@ def test_a_researcher_retrying_every_failed_job_retries_only_her_own(server: Ser
     done = eq_json(data, "jobs", "retry", "--status", "failed", token=erin)
     assert done == {"retried": [mine], "skipped_not_yours": 1, "errors": []}
     assert eq_json(data, "jobs", "show", theirs)["job"]["attempt"] == 1
+
+
+def test_a_follow_opened_with_a_revoked_token_ends_and_says_why(server: Server,
+                                                                 tmp_path: Path) -> None:
+    data, _ = server
+    fay = token_of(eq(data, "users", "add", "fay").stdout)
+    script = f"echo one; while [ ! -e {tmp_path}/go ]; do sleep 0.05; done; echo two"
+    job = submit(data, "--gpus", "0", "--", "sh", "-c", script, token=fay)["job_id"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTQ_")}
+    with subprocess.Popen([EVENTQ, "jobs", "logs", job, "-f", "--data-dir", str(data),
+                           "--token", fay], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env) as follow:
+        try:
+            assert follow.stdout is not None and follow.stdout.readline() == "one\n"
+            eq(data, "users", "revoke", "fay")
+            out, err = follow.communicate(timeout=20)
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+            (tmp_path / "go").touch()
+    assert follow.returncode != 0 and out == ""
+    assert f"the server closed the log of {job}: the token" in err and "revoked" in err
 
 
 def test_the_cli_offers_exactly_the_server_s_levels() -> None:

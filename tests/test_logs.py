@@ -171,3 +171,30 @@ async def test_a_follow_ends_when_the_server_shuts_down(
     await api.server.close()
     assert await next_frame(resp) is None, "closed cleanly, without an end: the job runs on"
     (tmp_path / "x").touch()
+
+
+async def test_a_follow_ends_when_its_token_is_revoked_or_its_reader_may_no_longer_read(
+        api: TestClient[Any, Any], orch: Orchestrator, tmp_path: Path) -> None:
+    """Alice follows her job, Carol (an admin) follows it too; a viewer demotion keeps
+    Alice's follow (she still owns the job), Carol's demotion ends hers, and revoking
+    Alice's tokens ends Alice's: each with a last event saying why."""
+    alice = orch.add_user("alice", ev.Level.RESEARCHER)
+    carol = orch.add_user("carol", ev.Level.ADMIN)
+    job = await submit(api, alice, gpus=0, command=(
+        f"echo one; while [ ! -e {tmp_path}/go ]; do sleep 0.02; done; echo two"))
+    url = f"/api/jobs/{job['job_id']}/logs?follow=true"
+    hers, theirs = [await api.get(url, headers=bearer(t)) for t in (alice, carol)]
+    for resp in (hers, theirs):
+        assert text_of(await frames_until(resp, lambda f: f.event == "log"), "stdout") == "one\n"
+
+    for name, level in (("alice", "viewer"), ("carol", "researcher")):
+        resp = await api.patch(f"/api/admin/users/{name}", json={"level": level})
+        assert resp.status == 200
+    assert (await logs(api, job["job_id"], token=carol))[0] == 403
+    assert (await api.delete("/api/admin/users/alice/tokens")).status == 200
+    (tmp_path / "go").touch()  # the job prints on and ends: none of it reaches them now
+    await finished(orch, job["job_id"])
+    for resp, why in ((theirs, "owner or an admin"), (hers, "revoked")):
+        last = await frames_until(resp, lambda f: f.event != "log")
+        assert [f.event for f in last] == ["revoked"] and why in last[0].data["reason"]
+        assert await next_frame(resp) is None

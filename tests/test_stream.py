@@ -13,6 +13,8 @@ import aiohttp
 from aiohttp.test_utils import TestClient
 
 from eventq import events as ev
+from eventq.actors.registry import RevokeTokens
+from eventq.auth import token_hash
 from eventq.http import stream
 from eventq.http.app import make_app
 from eventq.server import Orchestrator
@@ -232,3 +234,48 @@ async def test_a_bad_resume_point_is_refused(api: TestClient[Any, Any]) -> None:
                                   ("", {"Last-Event-ID": "seven"}, "Last-Event-ID")):
         resp = await api.get(f"/api/events/stream{query}", headers=headers)
         assert resp.status == 422 and (await resp.json())["field"] == field
+
+
+async def test_a_stream_opened_with_a_token_closes_when_the_token_is_revoked(
+        api: TestClient[Any, Any], orch: Orchestrator) -> None:
+    """SPEC 8: REST answers 401 at once, and the open stream ends with a last event saying
+    why, delivering nothing after the revocation."""
+    alice = orch.add_user("alice", ev.Level.RESEARCHER)
+    hers = await api.get("/api/events/stream", headers=bearer(alice))
+    mine = await submit(api, alice, **parked())
+    await frames_until(hers, lambda f: f.event == "job_blocked")
+    revoked = await api.delete("/api/admin/users/alice/tokens")
+    assert revoked.status == 200
+    assert (await api.get("/api/queue/me", headers=bearer(alice))).status == 401
+    await api.post("/api/queue/concurrency", json={"max_concurrent": 7})  # shown to everyone
+    await api.post(f"/api/queue/{mine['job_id']}/approve")  # her own job moves on
+    after = await frames_until(hers, lambda f: f.event in ("revoked", "limits_changed"))
+    assert [f.event for f in after] == ["revoked"], "nothing after the revocation but why"
+    assert await next_frame(hers) is None
+    assert "revoked" in after[0].data["reason"]
+    assert int(after[0].data["last_seq"]) < orch.log.head_seq
+
+
+async def test_only_the_revoked_tokens_stream_ends_and_a_demotion_narrows_the_view(
+        api: TestClient[Any, Any], orch: Orchestrator) -> None:
+    """Revoking one token ends only the streams opened with it; a demoted admin's stream
+    stays open and shows from then on only what the new level may see."""
+    first = orch.add_user("carol", ev.Level.ADMIN)
+    second = (await (await api.post("/api/admin/users/carol/tokens")).json())["token"]
+    ended = await api.get("/api/events/stream", headers=bearer(first))
+    kept = await api.get("/api/events/stream", headers=bearer(second))
+    outcome, _ = await orch.registry.ask(RevokeTokens("user:admin", "carol", token_hash(first)))
+    await outcome.durable
+    await api.post("/api/queue/concurrency", json={"max_concurrent": 6})
+    last = await frames_until(ended, lambda f: f.event in ("revoked", "limits_changed"))
+    assert [f.event for f in last] == ["revoked"] and await next_frame(ended) is None
+
+    demoted = await api.patch("/api/admin/users/carol", json={"level": "researcher"})
+    assert demoted.status == 200
+    others = await submit(api, **parked())  # the admin's job: no longer carol's to see
+    await api.post("/api/queue/concurrency", json={"max_concurrent": 7})
+    seen = await frames_until(kept, lambda f: f.event == "limits_changed"
+                              and f.data["body"]["limits"]["max_concurrent"] == 7)
+    assert "user_updated" in {f.event for f in seen}
+    assert others["job_id"] not in {f.data["body"].get("job_id") for f in seen}
+    assert "job_submitted" not in {f.event for f in seen}

@@ -681,11 +681,13 @@ def watch(api: Client, fmt: str) -> int:
             reader = threading.Thread(target=_read_stream, args=(resp, messages), daemon=True)
             reader.start()
             model = snapshot(api, everything=True)
-            if _follow(model, messages, fmt) == "resubscribe":
+            why = _follow(model, messages, fmt)
+            if why == "resubscribe":
                 with contextlib.suppress(OSError):
                     resp.close()
                 continue
-            raise CliError("the server closed the event stream (did it stop?)")
+            raise CliError(f"the server closed the event stream: {why}" if why != "closed"
+                           else "the server closed the event stream (did it stop?)")
     except KeyboardInterrupt:
         return 0
 
@@ -699,7 +701,8 @@ def _read_stream(resp: Any, messages: queue.Queue[tuple[str, str] | None]) -> No
 
 def _follow(model: QueueProgress, messages: queue.Queue[tuple[str, str] | None],
             fmt: str) -> str:
-    """Redraw as events arrive (at most every REDRAW_SECONDS); why it stopped."""
+    """Redraw as events arrive (at most every REDRAW_SECONDS); why it stopped: "resubscribe",
+    "closed", or the reason the server gave for ending the stream."""
     import queue
 
     shown = ""
@@ -716,6 +719,8 @@ def _follow(model: QueueProgress, messages: queue.Queue[tuple[str, str] | None],
             event, data = item
             if event == "dropped":
                 return "resubscribe"
+            if event == "revoked":
+                return str(json.loads(data).get("reason"))
             if event:
                 with contextlib.suppress(ValueError, KeyError, TypeError):
                     record = json.loads(data)

@@ -57,6 +57,8 @@ def show_logs(args: argparse.Namespace) -> int:
                 else sys.stdout
             out.write(body["text"])
             out.flush()
+        if message.event == "revoked":
+            raise CliError(f"the server closed the log of {args.job_id}: {body.get('reason')}")
         if message.event == "end":
             ended = True
             if args.format != "json":

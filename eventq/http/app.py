@@ -10,12 +10,14 @@ import msgspec
 from aiohttp import web
 
 from eventq.actors.scheduler import CommandError
-from eventq.auth import User
+from eventq.auth import User, may_act_for, token_hash
 from eventq.events import Level
 from eventq.server import Orchestrator
 
 ORCH = web.AppKey("orchestrator", Orchestrator)
 USER = web.RequestKey("user", User)
+#: The SHA-256 of the token the request was made with: a stream lives only while it is valid.
+TOKEN_SHA256 = web.RequestKey("token_sha256", str)
 T = TypeVar("T")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -77,9 +79,13 @@ def require_admin(request: web.Request) -> User:
 def require_owner(request: web.Request, owner: str, doing: str) -> User:
     """The job's owner or an admin (SPEC 8)."""
     user = current_user(request)
-    if user.name != owner and user.level != Level.ADMIN:
-        raise ApiError(403, f"only the job's owner or an admin may {doing}")
+    if not may_act_for(user, owner):
+        raise ApiError(403, only_owner(doing))
     return user
+
+
+def only_owner(doing: str) -> str:
+    return f"only the job's owner or an admin may {doing}"
 
 
 #: Worker routes authenticate with X-Worker-Token themselves; user tokens open none.
@@ -112,9 +118,11 @@ def authenticate(request: web.Request) -> User:
     header = request.headers.get("Authorization", "")
     if not header.startswith("Bearer "):
         raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
-    user = request.app[ORCH].users.authenticate(header.removeprefix("Bearer ").strip())
+    digest = token_hash(header.removeprefix("Bearer ").strip())
+    user = request.app[ORCH].users.holder(digest)
     if user is None:
         raise ApiError(401, "invalid or revoked token")
+    request[TOKEN_SHA256] = digest
     return user
 
 

@@ -2,7 +2,9 @@
 
 The job's process writes its files directly, so a follow tails them by offset: it polls
 their size with a short sleep, only while someone follows (this is not the dispatch path),
-and ends with ``event: end`` once the attempt has ended and its files are drained.
+and ends with ``event: end`` once the attempt has ended and its files are drained, or with
+``event: revoked`` once the token it was opened with is no longer valid or its user may no
+longer read the job's logs (eventq/http/access.py): nothing is sent after that.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from aiohttp import web
 from eventq import events as ev
 from eventq import logfiles
 from eventq.actors.scheduler_state import PARKED, TERMINAL, JobState
-from eventq.http.app import ORCH, ApiError, require_owner
+from eventq.auth import User, may_act_for
+from eventq.http import access as accesses
+from eventq.http.access import Access
+from eventq.http.app import ORCH, ApiError, only_owner, require_owner
 from eventq.http.queue import int_param
 from eventq.http.stream import KEEPALIVE_SECONDS, SHUTTING_DOWN, open_sse, sse_frame
 from eventq.server import Orchestrator
@@ -67,12 +72,23 @@ async def job_logs(request: web.Request) -> web.StreamResponse:
         cap = orch.log_cap_bytes
         parts = [await asyncio.to_thread(logfiles.read_capped, p, cap) for p in paths]
         return web.Response(body=b"".join(parts), content_type="text/plain", charset="utf-8")
-    resp = await open_sse(request)
-    follower = Follower(request, resp, orch, job.spec.job_id, attempt,
-                        [Tail(s, p) for s, p in zip(streams, paths, strict=True)])
-    with contextlib.suppress(ConnectionError):  # the client went away
-        await follower.run()
+    access = accesses.opened_with(request, may_read_logs(job.spec.user))
+    accesses.watch(request, access)
+    try:
+        resp = await open_sse(request)
+        follower = Follower(request, resp, orch, job.spec.job_id, attempt,
+                            [Tail(s, p) for s, p in zip(streams, paths, strict=True)], access)
+        with contextlib.suppress(ConnectionError):  # the client went away
+            await follower.run()
+    finally:
+        accesses.unwatch(request, access)
     return resp
+
+
+def may_read_logs(owner: str) -> accesses.Allows:
+    def allows(user: User) -> str | None:
+        return None if may_act_for(user, owner) else only_owner("read its logs")
+    return allows
 
 
 @dataclass
@@ -98,6 +114,7 @@ class Follower:
     job_id: str
     attempt: int
     tails: list[Tail]
+    access: Access
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -107,13 +124,21 @@ class Follower:
             over = self._over()  # judged before reading: what follows an end is all there is
             if self._started() and await self._send_new(final=over):
                 quiet_since = loop.time()
-            if over:
-                await self.resp.write(sse_frame("end", await self._end()))
+            if over or self.access.ended is not None:
+                await self._last_event(over)
                 return
             if loop.time() - quiet_since >= KEEPALIVE_SECONDS:
                 await self.resp.write(b": keepalive\n\n")
                 quiet_since = loop.time()
             await asyncio.sleep(POLL_SECONDS)
+
+    async def _last_event(self, over: bool) -> None:
+        """``end``, or ``revoked`` if the access ended meanwhile: nothing goes after that."""
+        end = await self._end() if over and self.access.ended is None else None
+        if self.access.ended is not None:
+            await self.resp.write(sse_frame("revoked", accesses.revoked_body(self.access)))
+        else:
+            await self.resp.write(sse_frame("end", end))
 
     def _client_gone(self) -> bool:
         transport = self.request.transport
@@ -145,8 +170,8 @@ class Follower:
                 chunk = await asyncio.to_thread(logfiles.read_from, tail.path, tail.offset,
                                                 self.orch.log_cap_bytes, FOLLOW_CHUNK)
                 data = chunk.data if final else chunk.data[:utf8_boundary(chunk.data)]
-                if not data and not chunk.dropped:
-                    break
+                if (not data and not chunk.dropped) or self.access.ended is not None:
+                    break  # (the access may have ended while the file was read)
                 tail.offset = chunk.end - (len(chunk.data) - len(data))
                 text = (logfiles.marker(chunk.dropped) if chunk.dropped else b"") + data
                 await self.resp.write(sse_frame(

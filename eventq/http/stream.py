@@ -6,7 +6,9 @@ the other clients; one that falls ``queue`` commits behind is sent ``event: drop
 with the last seq it was given, and closed. It can resume from there: ``Last-Event-ID``
 (or ``?after=SEQ``) first replays the log after that seq, then goes live. The
 subscription is made before the log is read, and live records the replay already sent
-are skipped, so nothing is lost or sent twice at the seam.
+are skipped, so nothing is lost or sent twice at the seam. When the token the stream
+was opened with stops being valid, it ends with ``event: revoked`` (eventq/http/access.py);
+a stream that goes on shows from then on what its user's level may see.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from aiohttp import web
 
 from eventq import events as ev
 from eventq.auth import User
-from eventq.http.app import ORCH, ApiError, current_user
+from eventq.http import access as accesses
+from eventq.http.access import Access
+from eventq.http.app import ORCH, ApiError
 from eventq.http.jobs import record_dict
 from eventq.log import Record
 from eventq.server import Orchestrator
@@ -47,6 +51,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 def setup(app: web.Application) -> None:
     """Add the route and end every open stream when the server shuts down."""
     app.add_routes(routes)
+    accesses.setup(app)
     app[SHUTTING_DOWN] = asyncio.Event()
     app[SUBSCRIPTIONS] = set()
     app.on_shutdown.append(_shut_down)
@@ -80,7 +85,7 @@ class Subscription:
     """One client of the stream: its queue, what it was last given, why it ends."""
 
     orch: Orchestrator
-    user: User
+    access: Access
     queue: asyncio.Queue[Sequence[Record]]
     #: The last seq handed to the client (or skipped as not theirs).
     sent: int = 0
@@ -106,6 +111,11 @@ class Subscription:
     def close(self) -> None:
         self.closing = True
         self._stop_pump()
+
+    @property
+    def user(self) -> User:
+        """Its user as they are now (a new level applies to what is sent from then on)."""
+        return self.access.user
 
     @property
     def last_seq(self) -> int:
@@ -200,37 +210,49 @@ def resume_point(request: web.Request) -> int | None:
 
 @routes.get("/api/events/stream")
 async def event_stream(request: web.Request) -> web.StreamResponse:
-    orch, user = request.app[ORCH], current_user(request)
-    after = resume_point(request)
+    orch, after = request.app[ORCH], resume_point(request)
     size = request.app.get(QUEUE_COMMITS, DEFAULT_QUEUE_COMMITS)
-    sub = Subscription(orch, user, asyncio.Queue(maxsize=max(1, size)))
+    access = accesses.opened_with(request)
+    sub = Subscription(orch, access, asyncio.Queue(maxsize=max(1, size)))
+    access.on_end = sub.close
+    accesses.watch(request, access)
     subscriptions = request.app[SUBSCRIPTIONS]
     orch.log.on_durable(sub.offer)  # before the replay reads the log: nothing falls between
     subscriptions.add(sub)
     try:
         resp = await open_sse(request)
         pump = sub.pump = asyncio.get_running_loop().create_task(sub.run(resp, after))
+        if sub.closing:  # ended (revoked, shut down) before its pump was there to stop
+            pump.cancel()
         try:
             await asyncio.wait({pump})
         finally:
             pump.cancel()
     finally:
+        accesses.unwatch(request, access)
         subscriptions.discard(sub)
         orch.log.off_durable(sub.offer)
-    if sub.dropped:
-        await _send_dropped(request, resp, sub)
-    elif not pump.cancelled() and (exc := pump.exception()) is not None and \
+    await _last_words(request, resp, sub)
+    if not pump.cancelled() and (exc := pump.exception()) is not None and \
             not isinstance(exc, ConnectionError):
         raise exc
     return resp
 
 
-async def _send_dropped(request: web.Request, resp: web.StreamResponse,
-                        sub: Subscription) -> None:
-    """The final event of a subscriber that fell behind; then its connection goes."""
-    frame = sse_frame("dropped", {"reason": f"fell more than {sub.queue.maxsize} commits "
-                                            "behind the live event stream",
-                                  "last_seq": sub.last_seq})
+async def _last_words(request: web.Request, resp: web.StreamResponse,
+                      sub: Subscription) -> None:
+    """Why the stream ends, if the server ends it for a reason the client can act on."""
+    if sub.dropped:
+        await send_last(request, resp, sse_frame("dropped", {
+            "reason": f"fell more than {sub.queue.maxsize} commits behind the live event "
+                      "stream", "last_seq": sub.last_seq}))
+    elif sub.access.ended is not None:
+        await send_last(request, resp, sse_frame(
+            "revoked", accesses.revoked_body(sub.access, last_seq=sub.last_seq)))
+
+
+async def send_last(request: web.Request, resp: web.StreamResponse, frame: bytes) -> None:
+    """The last event of a stream the server ends; then its connection goes."""
     try:
         async with asyncio.timeout(DROP_FLUSH_SECONDS):
             await resp.write_eof(frame)
