@@ -164,3 +164,25 @@ def test_each_of_many_tokens_finds_its_user_until_revoked() -> None:
         else:
             assert found is not None and found.name == name
     assert users.authenticate(new_token()) is None
+
+
+def test_a_hash_that_shares_only_its_first_64_bits_with_a_token_is_not_that_token() -> None:
+    """Candidates are found by the first 64 bits of the hash; the user is the one whose
+    whole hash matches, never merely the first candidate."""
+    from eventq.auth import Users, new_token, token_hash
+    from eventq.log import Record
+
+    alice = new_token()
+    digest = token_hash(alice)
+    twin = digest[:Users.PREFIX] + "".join("0" if c != "0" else "1"
+                                           for c in digest[Users.PREFIX:])
+    users = Users()
+    for seq, e in enumerate([
+            ev.UserCreated(name="mallory", level=ev.Level.ADMIN, team=None, token_sha256=twin),
+            ev.UserCreated(name="alice", level=ev.Level.RESEARCHER, team=None,
+                           token_sha256=digest)], start=1):
+        users.evolve(Record(seq, 0.0, "admin", e, b""))  # type: ignore[arg-type]
+    found = users.authenticate(alice)
+    assert found is not None and found.name == "alice"
+    users.evolve(Record(3, 0.0, "admin", ev.TokenRevoked(name="alice"), b""))  # type: ignore[arg-type]
+    assert users.authenticate(alice) is None, "revoked: not the admin who shares 64 bits"

@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 
 from eventq import events as ev
 from eventq import gpus
-from eventq.actors.allocator import ReportInventory
+from eventq.actors.allocator import Allocate, ReportInventory
 from eventq.actors.scheduler import Submit
 from eventq.server import Orchestrator
 
@@ -56,3 +56,30 @@ async def test_a_gpu_filled_by_another_program_is_not_allocatable(make_orch: Mak
     assert orch.log.head_seq == seq, "memory moving above the threshold records nothing"
     await orch.allocator.ask(ReportInventory("local", inventory, simulated=True))
     assert orch.log.head_seq == seq + 1 and orch.gpu_table.free("local") == {2}
+
+
+async def test_a_job_gets_the_gpus_it_names_or_waits_for_them(api: TestClient[Any, Any],
+                                                              orch: Orchestrator) -> None:
+    await api.post("/api/queue/concurrency", json={"local_job_max_concurrent": 4,
+                                                   "user_max_concurrent": 4})
+    sleeper = {"command": ["sleep", "30"], "gpus": 1}
+
+    async def submit(**fields: Any) -> dict[str, Any]:
+        resp = await api.post("/api/queue/submit", json={**sleeper, **fields})
+        assert resp.status == 200, await resp.text()
+        reply: dict[str, Any] = await resp.json()
+        return reply
+
+    named = await submit(device_ids=[2])
+    assert named["allocated_gpus"] == [2]
+    anywhere = await submit(device_ids=[2], any_gpu=True)
+    assert anywhere["allocated_gpus"] == [0], "a preference, not a must, with any_gpu"
+    again = await submit(device_ids=[2])
+    assert again["status"] == "queued"
+    assert again["reasons"] == [{"code": "gpus", "detail": "needs GPUs [2]; [2] not free on "
+                                                            "local"}]
+    # The allocator itself, the GPUs' one owner, gives no other GPU for a named one.
+    seq = orch.log.head_seq
+    asked = Allocate(again["job_id"], 1, "local", 1, device_ids=[2])
+    assert await orch.allocator.ask(asked) is None
+    assert orch.log.head_seq == seq and orch.gpu_table.free("local") == {1, 3}

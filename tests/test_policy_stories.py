@@ -260,6 +260,23 @@ async def test_a_long_waiting_low_job_overtakes_a_new_high_one(story: StartStory
     assert (await s.job(late_high))["status"] == "pending"
 
 
+async def test_aging_lifts_a_job_no_higher_than_urgent(story: StartStory) -> None:
+    """SPEC 4: the boost is capped at the Urgent value, so an override above it still
+    goes first, however long the other job has waited."""
+    s = await story(limits=Limits(max_concurrent=1, user_max_concurrent=5,
+                                  local_job_max_concurrent=5, starvation_threshold_minutes=60))
+    s.user("vic", Level.VIEWER)
+    busy = await s.submit("admin")
+    low = (await s.submit("vic"))["job_id"]
+    s.clock.advance(5 * 3600)  # five thresholds: +50 uncapped
+    assert (await s.job(low))["effective_priority"] == 30
+    above = (await s.submit("admin", priority_override=40))["job_id"]
+    assert await s.waiting_ids() == [above, low]
+    await s.release(busy["job_id"])
+    await s.wait_status(above, "running")
+    assert (await s.job(low))["status"] == "pending"
+
+
 # --- c. a big job is never starved by small ones ---------------------------------------
 
 

@@ -296,3 +296,14 @@ async def test_an_import_starts_in_queue_order_not_row_order(
     assert resp.status == 200, await resp.text()
     await until(lambda: started.exists() and len(started.read_text().split()) == 3)
     assert started.read_text().split() == ["m3", "z1", "a2"]
+
+
+async def test_a_failing_job_runs_exactly_max_attempts_times(
+        api: TestClient[Any, Any], orch: Orchestrator, tmp_path: Path) -> None:
+    ran = tmp_path / "ran"
+    job = await submit(api, gpus=0, retry_on_failure=True, max_attempts=2,
+                       command=["sh", "-c", f"echo $EVENTQ_ATTEMPT >> {ran}; exit 1"])
+    await until(lambda: orch.state.jobs[job["job_id"]].status == "failed")
+    shown = await (await api.get(f"/api/jobs/{job['job_id']}")).json()
+    assert shown["attempt"] == 2 and shown["error"] == "exit code 1"
+    assert ran.read_text().split() == ["1", "2"]
