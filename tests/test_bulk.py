@@ -18,6 +18,7 @@ import pytest
 
 from eventq.cli import bulk
 from eventq.cli.client import Client
+from tests.helpers import DEFAULT_SIGNALS, stop
 from tests.test_cli import EVENTQ, as_json, eventq, server
 from tests.test_cli_queue import eq_json, until
 
@@ -232,7 +233,8 @@ def test_progress_splits_pending_and_names_each_blocked_job_and_its_cause(
     watched = tmp_path / "watch.out"
     with open(watched, "w") as out:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTQ_")}
-        watch = subprocess.Popen([EVENTQ, "progress", "--watch", "--data-dir", str(data)],
+        watch = subprocess.Popen([*DEFAULT_SIGNALS, EVENTQ, "progress", "--watch",
+                                  "--data-dir", str(data)],
                                  stdout=out, stderr=subprocess.PIPE, text=True, env=env)
     try:
         until(lambda: "Total: 0" in watched.read_text(), "the watch drew the empty queue")
@@ -262,8 +264,7 @@ def test_progress_splits_pending_and_names_each_blocked_job_and_its_cause(
               "the watch redrew from the events")
         assert "Error: 1 (failed 1)" in drawn()
     finally:
-        watch.send_signal(signal.SIGINT)
-        _, err = watch.communicate(timeout=10)
+        _, err = stop(watch, signal.SIGINT)  # Ctrl-C
     assert watch.returncode == 0, err
 
 
@@ -283,11 +284,7 @@ def another_server(data: Path) -> Iterator[Path]:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         yield data
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.communicate(timeout=10)
-        elif proc.stderr is not None:
-            proc.stderr.close()
+        stop(proc)
         for pid_file in data.glob("jobs/*/*/pid"):
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.killpg(int(pid_file.read_text()), signal.SIGKILL)

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import stop
+
 EVENTQ = shutil.which("eventq", path=str(Path(sys.executable).parent)) or "eventq"
 pytestmark = pytest.mark.slow
 
@@ -40,21 +42,18 @@ def server(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
     proc = subprocess.Popen([EVENTQ, "server", "--data-dir", str(data), "--port", "0",
                              "--gpus", "4xA100-80GB", "--grace", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for _ in range(300):
-        if (data / "server.json").exists() or proc.poll() is not None:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-    yield data, proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=10)
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
-    for pid_file in data.glob("jobs/*/*/pid"):
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+    try:
+        for _ in range(300):
+            if (data / "server.json").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        yield data, proc
+    finally:
+        stop(proc)
+        for pid_file in data.glob("jobs/*/*/pid"):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
 
 
 def test_a_user_submits_lists_shows_and_cancels(server: tuple[Path, Any],

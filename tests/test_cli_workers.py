@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import stop
 from tests.test_agent import EVENTQ, Cluster, Server, clean_env, cluster, wait_for
 
 __all__ = ["cluster"]  # the fixture, shared with the agent's stories
@@ -53,8 +54,7 @@ def test_an_admin_adds_a_worker_and_its_printed_command_connects_it(cluster: Clu
         assert worker_id in table and "2xA100 (simulated)" in table
         assert "gpu_type=a100,location=us-west" in table
     finally:
-        agent.terminate()
-        agent.wait(timeout=10)
+        stop(agent)
 
 
 def test_drain_rotate_and_remove_a_connected_worker(cluster: Cluster) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import stop
 from tools.ledger import assert_no_overlaps, job_command, read_ledger
 
 
@@ -46,8 +47,7 @@ def test_a_stopped_attempt_records_its_end(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) != 0
     finally:
-        proc.kill()
-        proc.wait()
+        stop(proc, signal.SIGKILL)
     assert read_ledger(ledger)[("a", 1)].ends
 
 
@@ -60,8 +60,7 @@ def test_overlapping_attempts_and_gpus_fail_the_check(tmp_path: Path) -> None:
         for args in (("a", 2, "3", "n2"), ("b", 1, "0", "n2"), ("c", 1, "0", "n1")):
             assert run_attempt(ledger, *args).wait(10) == 0
     finally:
-        long.terminate()
-        long.wait(10)
+        stop(long)
     with pytest.raises(AssertionError) as caught:
         assert_no_overlaps(ledger)
     problems = str(caught.value).splitlines()[1:]
