@@ -23,6 +23,7 @@ import pytest
 from eventq import events as ev
 from eventq import gpus, runner
 from eventq.log import EventLog
+from tools import statecheck
 from tools.crashkit import Harness, second_server
 from tools.ledger import job_command, read_ledger
 
@@ -81,13 +82,34 @@ def lost_attempts(events: list[dict[str, object]]) -> list[object]:
 
 
 async def test_acknowledged_jobs_survive_random_kills(harness: Harness) -> None:
+    """After every restart, and at the end, the server shows the state its log replays to."""
     await harness.start()
-    for _ in range(3):
+    for _ in range(5):
         await harness.crash_point()
     found = await harness.finish()
-    assert found.acked > 0 and found.restarts >= 3
+    assert found.acked > 0 and found.restarts >= 5
     assert found.problems() == {}, json.dumps(found.counts())
     assert found.verify["ok"] is True
+    assert found.coverage["state compared"] == 6, json.dumps(found.coverage)
+
+
+async def test_the_state_check_tells_a_live_state_from_the_one_the_log_replays_to(
+        harness: Harness) -> None:
+    await leave_log(harness, [
+        ev.JobSubmitted(job=spec(harness)),
+        ev.GpusAllocated(job_id=JOB, attempt=1, node="local", gpus=[0, 1]),
+        ev.AttemptDispatched(job_id=JOB, attempt=1, node="local", gpus=[0, 1]),
+    ])
+    replayed = statecheck.replay_to(harness.data_dir / "events.db", 4)
+    dispatched = statecheck.JobView("dispatched", 1, "local", (0, 1))
+    assert replayed.jobs == {JOB: dispatched}
+    assert replayed.holders == {("local", 0): JOB, ("local", 1): JOB}
+    assert statecheck.differences(replayed, replayed) == []
+    live = statecheck.State({JOB: statecheck.JobView("running", 1, "local", (0, 1))},
+                            {("local", 0): JOB})
+    assert statecheck.differences(live, replayed) == [
+        f"job {JOB}: live {live.jobs[JOB]}, replayed {dispatched}",
+        f"GPU local:1: live holder None, replayed {JOB}"]
 
 
 @pytest.mark.parametrize("left", ["submitted", "gpus reserved"])

@@ -4,7 +4,9 @@
 
 Each kill point: a burst of concurrent submissions, SIGKILL (mid-burst or while jobs
 run and exit), a restart on the same data directory, then quick checks (every job
-acknowledged before the kill is known after it; the log's chain and GPU holdings).
+acknowledged before the kill is known after it; the log's chain and GPU holdings; the
+jobs and GPU holders the server shows over HTTP are the state ``eventq.replay.fold``
+rebuilds from its log up to the same seq).
 Every ``--segment`` points the queue is drained and the full checks run (see
 tools/crashkit.py); the next segment starts on a fresh data directory so start-up
 time stays that of a realistic log. Prints lost / double-run / double-held counts,

@@ -13,7 +13,10 @@ outside eventq, so the checks compare what eventq recorded with what happened:
 * double held: two runs that used the same GPU at the same time (from the
   ledger), or a GPU the log grants while another attempt holds it;
 * spurious loss: an attempt declared lost by the very server that dispatched it
-  (recovery may only judge attempts dispatched before the restart).
+  (recovery may only judge attempts dispatched before the restart);
+* state mismatch: after every restart, and at the end, the jobs and GPU holders the
+  server shows over HTTP differ from what ``eventq.replay.fold`` rebuilds from its log
+  up to the same seq (tools/statecheck.py).
 
 The server is started under a tiny reaper (a child subreaper), so the attempts a
 killed server leaves running are reaped when they end, as an init system does.
@@ -40,6 +43,7 @@ import aiohttp
 
 from eventq import events as ev
 from eventq.log import GENESIS, LogCorrupt, chain_hash, connect_readonly, iter_rows
+from tools import statecheck
 from tools.ledger import (
     Runs,
     job_command,
@@ -227,6 +231,7 @@ class Findings:
     unlogged_runs: list[str] = field(default_factory=list)
     leaked_gpus: list[str] = field(default_factory=list)
     http_errors: list[str] = field(default_factory=list)
+    state_mismatch: list[str] = field(default_factory=list)
     verify: dict[str, Any] = field(default_factory=dict)
     coverage: Counter[str] = field(default_factory=Counter)
 
@@ -237,7 +242,7 @@ class Findings:
             "double_run": self.double_run, "double_held": self.double_held,
             "spurious_lost": self.spurious_lost, "wrong_attempt": self.wrong_attempt,
             "unlogged_runs": self.unlogged_runs, "leaked_gpus": self.leaked_gpus,
-            "http_errors": self.http_errors,
+            "http_errors": self.http_errors, "state_mismatch": self.state_mismatch,
         }
         if self.verify and not self.verify.get("ok"):
             kinds["replay_verify"] = [json.dumps(self.verify)]
@@ -249,7 +254,7 @@ class Findings:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("lost", "unfinished", "failed", "double_run", "double_held",
                      "spurious_lost", "wrong_attempt", "unlogged_runs", "leaked_gpus",
-                     "http_errors"):
+                     "http_errors", "state_mismatch"):
             getattr(self, name).extend(getattr(other, name))
         if other.verify and (not self.verify or self.verify.get("ok")):
             self.verify = other.verify
@@ -263,6 +268,8 @@ class Findings:
                 "unfinished": len(self.unfinished), "wrong_attempt": len(self.wrong_attempt),
                 "unlogged_runs": len(self.unlogged_runs), "leaked_gpus": len(self.leaked_gpus),
                 "http_errors": len(self.http_errors),
+                "state_mismatch": len(self.state_mismatch),
+                "state_compared": self.coverage["state compared"],
                 "replay_verify_ok": int(bool(self.verify.get("ok")))}
 
 
@@ -283,6 +290,8 @@ class Options:
     recovery_kills: float = 0.15
     start_timeout: float = 20.0
     drain_timeout: float = 60.0
+    #: How long the state check waits for a moment the log stands still.
+    still_timeout: float = 5.0
 
 
 class Harness:
@@ -552,7 +561,47 @@ class Harness:
                 self.findings.lost.append(f"{job_id}: acknowledged before kill point "
                                           f"{self.point}, unknown after the restart")
         self.audit.read()
+        await self.compare_state()
         return time.monotonic() - began
+
+    async def compare_state(self) -> None:
+        """At a moment the log stands still, the jobs and GPU holders the server shows over
+        HTTP are the state its log replays to (``eventq.replay.fold``) up to that seq."""
+        deadline = time.monotonic() + self.options.still_timeout
+        while True:
+            seq = await self.head_seq()
+            live = await self.live_state()
+            if await self.head_seq() == seq:
+                break
+            if time.monotonic() > deadline:
+                self.findings.coverage["state not compared: the log never stood still"] += 1
+                return
+            await asyncio.sleep(0.005)
+        replayed = await asyncio.to_thread(statecheck.replay_to, self.data_dir / "events.db",
+                                           seq)
+        self.findings.state_mismatch += [f"kill point {self.point}, seq {seq}: {d}"
+                                         for d in statecheck.differences(live, replayed)]
+        self.findings.coverage["state compared"] += 1
+        if any(job.status in ("dispatched", "running") for job in live.jobs.values()):
+            self.findings.coverage["state compared while attempts ran"] += 1
+
+    async def head_seq(self) -> int:
+        async with self.session.get(f"{self.url}/metrics", headers=self.headers) as r:
+            return statecheck.head_seq(await r.text())
+
+    async def live_state(self) -> statecheck.State:
+        jobs: list[dict[str, Any]] = []
+        while True:
+            url = f"{self.url}/api/queue?include_completed=true&limit=10000&offset={len(jobs)}"
+            async with self.session.get(url, headers=self.headers) as r:
+                page = (await r.json())["jobs"]
+            jobs += page
+            if len(page) < 10000:
+                break
+        async with self.session.get(f"{self.url}/api/system/status?include_allocation=true",
+                                    headers=self.headers) as r:
+            status = await r.json()
+        return statecheck.live_state(jobs, status)
 
     async def next_job_end(self, timeout: float) -> None:
         """Return when a job next writes its end line to the ledger (bounded)."""
@@ -628,6 +677,7 @@ class Harness:
         if self.audit.corrupt:
             f.double_held.append(f"log unreadable: {self.audit.corrupt}")
         f.verify = self.replay_verify()
+        await self.compare_state()
         f.coverage += self.audit.coverage + self.recovered() + Counter(
             {"kill points": self.point})
         return f
