@@ -86,7 +86,7 @@ class Users:
         tokens or 2,000."""
         for stored in self.by_prefix.get(digest[:self.PREFIX], ()):
             if hmac.compare_digest(stored, digest):
-                return self.by_name[self.tokens[stored]]
+                return self.by_name.get(self.tokens[stored])
         return None
 
     def token_count(self, name: str) -> int:

@@ -176,8 +176,10 @@ OPERATIONS: tuple[Op, ...] = (
             "text/plain: the log (for stream=all, stdout then stderr; past the cap the oldest "
             "part is replaced by a line `[eventq: N bytes dropped]`). With follow=true, SSE: "
             "`event: log` chunks whose `id` is `<stream>:<byte offset after the chunk>`, then "
-            "one `event: end` once the attempt has ended and everything is sent.",
-            (("log", s.LogChunk), ("end", s.LogEnd))),
+            "one `event: end` once the attempt has ended and everything is sent, or "
+            "`event: revoked` once the token is no longer valid or its user may no longer "
+            "read the job's logs.",
+            (("log", s.LogChunk), ("end", s.LogEnd), ("revoked", s.StreamRevoked))),
        params=(JOB, Param("attempt", Attempt), Param("stream", Stream),
                Param("follow", Flag, about="Stream as SSE until the attempt ends; a job "
                                            "that has not started yet is waited for.")),
@@ -188,9 +190,11 @@ OPERATIONS: tuple[Op, ...] = (
        Text((SSE,),
             "`id: <seq>`, `event: <type>`, `data:` the record. Resumes from the log after "
             "Last-Event-ID (or `after`) with nothing lost and nothing twice, then live. A "
-            "subscriber that falls behind gets `event: dropped` and is closed. A comment "
-            "keepalive at least every 15 s.",
-            (("<event type>", s.EventRecord), ("dropped", s.StreamDropped))),
+            "subscriber that falls behind gets `event: dropped` and is closed; one whose "
+            "token is revoked gets `event: revoked` and is closed. A comment keepalive at "
+            "least every 15 s.",
+            (("<event type>", s.EventRecord), ("dropped", s.StreamDropped),
+             ("revoked", s.StreamRevoked))),
        params=(Param("after", AfterSeq),
                Param("Last-Event-ID", Annotated[str, Meta(pattern="^[0-9]+$")], "header",
                      "The seq of the last event received.")), also=(422,)),

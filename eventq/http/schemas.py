@@ -340,6 +340,15 @@ class StreamDropped(Reply):
     last_seq: int
 
 
+class StreamRevoked(Reply, kw_only=True):
+    """``event: revoked``: the token the stream was opened with is no longer valid, or its
+    user may no longer see what it shows; the stream is closed. The event stream adds the
+    seq to resume after (with a valid token)."""
+
+    reason: str
+    last_seq: int | None = None
+
+
 # --- admin ----------------------------------------------------------------------------
 
 
