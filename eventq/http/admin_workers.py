@@ -9,6 +9,7 @@ from aiohttp import web
 
 from eventq.actors.registry import CreateWorker, DrainWorker, RemoveWorker, RotateWorkerToken
 from eventq.actors.scheduler import Outcome
+from eventq.http import bounds as b
 from eventq.http.app import ORCH, ApiError, decode_body, require_admin
 from eventq.server import Orchestrator
 
@@ -16,9 +17,9 @@ routes = web.RouteTableDef()
 
 
 class NewWorker(msgspec.Struct, forbid_unknown_fields=True):
-    name: str
+    name: b.ShortName
     worker_type: Literal["ephemeral", "persistent"] = "persistent"
-    labels: dict[str, str] = {}
+    labels: b.Labels = {}
 
 
 def worker_dict(orch: Orchestrator, worker_id: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from eventq.actors.scheduler import (
 )
 from eventq.auth import User
 from eventq.gcpause import collector_paused
+from eventq.http import bounds as b
 from eventq.http.app import (
     ORCH,
     ApiError,
@@ -36,40 +37,40 @@ from eventq.server import Orchestrator
 
 routes = web.RouteTableDef()
 
-NonNegative = Annotated[int, msgspec.Meta(ge=0, le=4096)]
-Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = b.GpuCount
+Positive = b.Runtime
 
 
 class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The body of ``POST /api/queue/submit`` (SPEC 2)."""
+    """The body of ``POST /api/queue/submit`` (SPEC 2); every bound is in ``bounds``."""
 
-    command: list[str] | str | None = None
-    config: dict[str, Any] | None = None
-    config_name: str | None = None
-    name: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    command: b.Words | b.ShellLine | None = None
+    config: b.Config | None = None
+    config_name: b.ConfigName | None = None
+    name: b.JobName | None = None
     gpus: NonNegative | None = None
     num_processes: NonNegative | None = None
-    device_ids: list[NonNegative] | None = None
+    device_ids: Annotated[list[b.GpuIndex], msgspec.Meta(max_length=b.GPUS)] | None = None
     any_gpu: bool = False
     no_wait: bool = False
     target: Literal["auto", "worker", "local"] = "auto"
-    worker_labels: dict[str, str] = {}
+    worker_labels: b.Labels = {}
     priority_override: Annotated[int, msgspec.Meta(ge=0, le=1000)] | None = None
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     max_runtime: Positive | None = None
     estimated_runtime: Positive | None = None
     retry_on_failure: bool = False
-    env: dict[str, str] = {}
-    cwd: str | None = None
-    metadata: dict[str, Any] = {}
-    team: str | None = None
+    env: b.Env = {}
+    cwd: b.Path | None = None
+    metadata: b.FreeJson = {}
+    team: b.Team | None = None
     dry_run: bool = False
     requires_approval: bool = False
-    estimated_cost: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    estimated_cost: b.Cost = 0.0
     #: Job ids or unique job names (in a batch, also the names of the batch's jobs).
-    depends_on: Annotated[list[str], msgspec.Meta(max_length=10_000)] = []
+    depends_on: Annotated[list[b.Reference], msgspec.Meta(max_length=10_000)] = []
     #: Not before this time: epoch seconds, or ISO-8601 (local time if no zone is given).
-    begin_at: float | str | None = None
+    begin_at: b.Epoch | b.IsoTime | None = None
 
 
 class Checked:
@@ -97,6 +98,7 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
     if req.priority_override is not None and user.level not in (ev.Level.ADMIN, ev.Level.LEAD):
         raise ApiError(403, "only leads and admins may override priority", "priority_override")
     _check_process_text(req)
+    _check_free_json(req)
     if req.cwd is not None and req.cwd not in checked.dirs:
         if not os.path.isdir(req.cwd):
             raise ApiError(422, f"cwd {req.cwd} is not a directory on the server", "cwd")
@@ -180,11 +182,31 @@ def _check_process_text(req: SubmitRequest) -> None:
     words = req.command if isinstance(req.command, str) else "".join(req.command or ())
     if "\0" in words:  # one search of the joined words: a batch checks 10,000 commands
         raise ApiError(422, "command must not contain NUL characters", "command")
+    if len(words) > b.COMMAND_CHARS:
+        raise ApiError(422, f"command has more than {b.COMMAND_CHARS} characters in all",
+                       "command")
+    size = 0
     for key, value in req.env.items():
-        if not key or "=" in key or "\0" in key or "\0" in value:
+        if not key or "=" in key or "\0" in key:
             raise ApiError(422, f"env name {key!r} is not a valid variable name", "env")
+        if "\0" in value:
+            raise ApiError(422, f"env {key} must not contain NUL characters", "env")
+        size += len(key) + len(value)
+    if size > b.ENV_CHARS:
+        raise ApiError(422, f"env has more than {b.ENV_CHARS} characters of names and values "
+                            "in all", "env")
     if req.cwd is not None and "\0" in req.cwd:
         raise ApiError(422, "cwd must not contain NUL characters", "cwd")
+
+
+def _check_free_json(req: SubmitRequest) -> None:
+    """Sizes the decoder cannot bound as it reads: what is stored must be read back."""
+    for field, free, limit in (("metadata", req.metadata, b.METADATA_BYTES),
+                               ("config", req.config, b.CONFIG_BYTES)):
+        try:
+            b.check_json(field, free, limit)
+        except b.TooLarge as exc:
+            raise ApiError(422, exc.message, exc.field) from None
 
 
 def _check_gpus(req: SubmitRequest, gpus: int, orch: Orchestrator) -> None:
