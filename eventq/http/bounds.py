@@ -61,6 +61,8 @@ RUNTIME_SECONDS = 31_622_400.0
 LAST_EPOCH = 253_402_300_799.0
 COST = 1e12
 JOB_ID_CHARS = 64
+#: What a worker says about an attempt's end.
+DETAIL_CHARS = 65_536
 ATTEMPTS = 1_000_000
 RUNNING = 4_096
 
@@ -84,6 +86,10 @@ FileName = Annotated[str, _text(FILE_NAME_CHARS, min_chars=1)]
 ConfigName = Annotated[str, _text(FILE_NAME_CHARS)]
 Reference = Annotated[str, _text(REFERENCE_CHARS)]
 JobId = Annotated[str, _text(JOB_ID_CHARS)]
+WorkerId = Annotated[str, _text(JOB_ID_CHARS)]
+#: A GPU's model or driver, a host's name: empty when a worker cannot tell.
+Model = Annotated[str, _text(NAME_CHARS)]
+Detail = Annotated[str, Meta(max_length=DETAIL_CHARS)]
 Word = Annotated[str, _unchecked(WORD_CHARS, NO_NUL)]
 Words = Annotated[list[Word], Meta(max_length=COMMAND_WORDS, description=(
     f"At most {COMMAND_WORDS} words of at most {WORD_CHARS} characters, "
@@ -113,6 +119,10 @@ GpuCount = Annotated[int, Meta(ge=0, le=GPUS)]
 MemoryGb = Annotated[float, Meta(ge=0, le=GPU_MEMORY_GB)]
 Percent = Annotated[float, Meta(ge=0, le=100)]
 Attempt = Annotated[int, Meta(ge=1, le=ATTEMPTS)]
+Pid = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+ExitCode = Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)]
+#: [job id, attempt] of the attempts a worker still runs.
+Running = Annotated[list[tuple[JobId, Attempt]], Meta(max_length=RUNNING)]
 Reason = Annotated[str, _text(REASON_CHARS)]
 
 
