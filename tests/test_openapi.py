@@ -341,3 +341,15 @@ async def test_every_refusal_is_json_even_from_the_router(api: TestClient[Any, A
     for resp in refused:
         assert resp.content_type == "application/json", await resp.text()
         assert "error" in await resp.json()
+
+
+async def test_a_wrong_method_is_told_which_ones_the_route_has(
+        api: TestClient[Any, Any]) -> None:
+    """RFC 9110: a 405 carries Allow; here it is JSON as well, like every refusal."""
+    for method, path, allowed in (("DELETE", "/api/queue", {"GET", "HEAD"}),
+                                  ("PUT", "/api/queue/concurrency", {"GET", "HEAD", "POST"}),
+                                  ("GET", "/api/queue/submit", {"POST"})):
+        resp = await api.request(method, path)
+        assert resp.status == 405 and "error" in await resp.json()
+        assert {m.strip() for m in resp.headers.get("Allow", "").split(",")} == allowed, \
+            resp.headers

@@ -118,8 +118,11 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         # The router's own refusals (404, 405, 413, a websocket route without upgrade)
-        # are JSON too (SPEC 10).
-        return ApiError(exc.status, exc.reason or "request refused").response()
+        # are JSON too (SPEC 10); a 405 keeps its Allow header (RFC 9110).
+        refusal = ApiError(exc.status, exc.reason or "request refused").response()
+        if "Allow" in exc.headers:
+            refusal.headers["Allow"] = exc.headers["Allow"]
+        return refusal
 
 
 def authenticate(request: web.Request) -> User:
