@@ -128,7 +128,9 @@ def nested(depth: int) -> bytes:
 
 
 def raw_job(field: str, value: bytes) -> bytes:
-    return b'{"command": ["true"], "gpus": 0, "' + field.encode() + b'": ' + value + b"}"
+    """A job for workers (none is connected): once accepted, nothing more is recorded."""
+    return (b'{"command": ["true"], "gpus": 0, "target": "worker", "' + field.encode() + b'": '
+            + value + b"}")
 
 
 @pytest.mark.parametrize(("path", "raw"), [
@@ -211,6 +213,9 @@ LIMIT_CASES = [
     pytest.param({"starvation_threshold_minutes": 0}, "starvation_threshold_minutes",
                  id="zero-threshold"),
     pytest.param({"max_concurent": 3}, "max_concurent", id="unknown-field"),
+    # Aging divides by the threshold: 5e-324 minutes made every later pass overflow.
+    pytest.param({"starvation_threshold_minutes": 5e-324}, "starvation_threshold_minutes",
+                 id="threshold-so-small-that-aging-overflows"),
 ]
 
 
@@ -229,13 +234,42 @@ async def test_a_limit_beyond_any_number_names_its_field(api: TestClient[Any, An
 
 
 @pytest.mark.parametrize(("query", "field"), [
-    ("limit=abc", "limit"), ("limit=0", "limit"), ("limit=-3", "limit"),
-    ("limit=99999999999999999999999", "limit"), ("limit=1.5", "limit"),
+    ("/api/queue?limit=abc", "limit"), ("/api/queue?limit=0", "limit"),
+    ("/api/queue?limit=-3", "limit"), ("/api/queue?limit=99999999999999999999999", "limit"),
+    ("/api/queue?limit=1.5", "limit"),
+    ("/api/queue?include_completed=2", "include_completed"),
+    ("/api/system/status?include_allocation=", "include_allocation"),
+    ("/api/system/status?include_allocation=please", "include_allocation"),
+    # Python's int() takes these; the document's integer does not.
+    ("/api/queue?limit=+5", "limit"), ("/api/queue?limit=1_0", "limit"),
+    ("/api/queue?limit=%D9%A3", "limit"),
+    # Past what the log can hold: the stream used to open, then break.
+    ("/api/events/stream?after=24494757180470421207646208", "after"),
+    ("/api/events/stream?after=1_000", "after"),
 ])
 async def test_bad_query_parameters_name_their_field(api: TestClient[Any, Any],
                                                      orch: Orchestrator, query: str,
                                                      field: str) -> None:
-    await assert_refused(api, orch, "GET", f"/api/queue?{query}", 422, field)
+    await assert_refused(api, orch, "GET", query, 422, field)
+
+
+@pytest.mark.parametrize("seq", ["+5", "5.0", "1" * 19, "-1"])
+async def test_a_bad_last_event_id_is_refused_before_the_stream_opens(
+        api: TestClient[Any, Any], orch: Orchestrator, seq: str) -> None:
+    await assert_refused(api, orch, "GET", "/api/events/stream", 422, "Last-Event-ID",
+                         headers={"Last-Event-ID": seq})
+
+
+async def test_a_flag_is_true_or_false_and_nothing_else(api: TestClient[Any, Any],
+                                                        orch: Orchestrator) -> None:
+    """What the document says a boolean is: a worker is not removed by ``force=-5``."""
+    worker = await (await api.post("/api/admin/workers", json={"name": "w"})).json()
+    await assert_refused(api, orch, "DELETE", f"/api/admin/workers/{worker['worker_id']}"
+                                              "?force=-5", 422, "force")
+    for spelled in ("true", "True", "false"):
+        resp = await api.get(f"/api/system/status?include_allocation={spelled}")
+        assert resp.status == 200
+        assert ("gpu_allocation" in await resp.json()) == (spelled.lower() == "true")
 
 
 async def test_who_may_do_what_is_answered_with_the_right_status(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -367,17 +368,30 @@ async def record_batch(orch: Orchestrator, user: User, jobs: list[SubmitRequest]
 
 
 def flag(request: web.Request, name: str) -> bool:
-    return request.query.get(name, "false").lower() in ("1", "true", "yes")
+    """A boolean query parameter, spelled as OpenAPI sends one: true or false."""
+    raw = request.query.get(name, "false").lower()
+    if raw not in ("true", "false"):
+        raise ApiError(422, f"{name} must be true or false", name)
+    return raw == "true"
 
 
 def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
-    if raw is None:
-        return default
+    return default if raw is None else parse_int(raw, name, lo, hi)
+
+
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def parse_int(raw: str, name: str, lo: int, hi: int) -> int:
+    """Digits, as the document's ``integer`` says: not ``+5``, `` 5``, ``1_000`` or ``٣``,
+    which Python's ``int`` would take."""
     try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(422, f"{name} must be an integer", name) from None
+        value = int(raw) if _INTEGER.fullmatch(raw) else None
+    except ValueError:  # more digits than int() reads
+        value = None
+    if value is None:
+        raise ApiError(422, f"{name} must be an integer", name)
     if not lo <= value <= hi:
         raise ApiError(422, f"{name} must be between {lo} and {hi}", name)
     return value
@@ -438,7 +452,8 @@ class LimitsUpdate(msgspec.Struct, forbid_unknown_fields=True):
     local_job_max_concurrent: Count | Unset = msgspec.UNSET
     #: null means unlimited.
     local_gpu_max_concurrent: Count | Unset | None = msgspec.UNSET
-    starvation_threshold_minutes: Annotated[float, msgspec.Meta(gt=0, le=525_600)] | Unset = \
+    #: From under a second (a demo) to a year; nothing shorter, so aging never overflows.
+    starvation_threshold_minutes: Annotated[float, msgspec.Meta(ge=0.01, le=525_600)] | Unset = \
         msgspec.UNSET
     #: Jobs whose estimated_cost is above it start blocked (null: no threshold).
     approval_cost_threshold: Annotated[float, msgspec.Meta(ge=0)] | Unset | None = msgspec.UNSET
