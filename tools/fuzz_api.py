@@ -4,7 +4,7 @@
 
 Starts an orchestrator (4 simulated GPUs, a fresh data directory) behind a real aiohttp
 server on loopback, then sends requests generated from its own ``/api/openapi.json``
-(tools/fuzzkit.py says what is sent and checked) until about ``--requests`` were made.
+(tools/fuzzkit.py says what is sent and checked) until at least ``--requests`` were made.
 Prints the requests made, the 5xx answers, the schema violations (undocumented statuses,
 media types or bodies, events of a stream, accepted invalid data, refusals that recorded
 something), the statuses seen, and the first problems found. Exits 1 if there was any
@@ -47,7 +47,8 @@ def examples_for(requests: int) -> int:
     return max(1, math.ceil((requests - others) / per_example))
 
 
-async def fuzz(data_dir: Path, examples: int, seed: int, streams: bool) -> int:
+async def fuzz(data_dir: Path, requests: int, seed: int, streams: bool) -> int:
+    examples = examples_for(requests)
     orch = Orchestrator(data_dir, gpus.detect("4xA100-80GB"))
     await orch.start()
     runner = web.AppRunner(make_app(orch))
@@ -62,7 +63,7 @@ async def fuzz(data_dir: Path, examples: int, seed: int, streams: bool) -> int:
                            fuzzkit.user_callers(orch), examples=examples, seed=seed,
                            streams=streams)
         began = time.monotonic()
-        tally = await asyncio.to_thread(run.run)
+        tally = await asyncio.to_thread(run.run, requests)
         took = time.monotonic() - began
         here = [r for r in await orch.log.read(limit=10**7)
                 if isinstance(r.event, ev.AttemptDispatched) and r.event.node == "local"]
@@ -75,7 +76,7 @@ async def fuzz(data_dir: Path, examples: int, seed: int, streams: bool) -> int:
     print(f"jobs started on this machine: {len(here)}")
     print("statuses: " + " ".join(f"{c}:{n}" for c, n in sorted(tally.statuses.items())))
     print(f"time: {took:.0f} s ({tally.requests / took:.0f} requests/s), "
-          f"{examples} examples per operation and mode, seed {seed}")
+          f"{examples} examples per operation and mode, seeds {seed} to {run.seed}")
     if tally.server_errors or tally.violations:
         print("\nproblems:\n" + tally.problems(20))
     return 1 if tally.server_errors or tally.violations or here else 0
@@ -84,13 +85,14 @@ async def fuzz(data_dir: Path, examples: int, seed: int, streams: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=10_000,
-                        help="about how many requests to make")
+                        help="make at least this many requests (sweeps with the next seed "
+                             "until there are)")
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--no-streams", action="store_true",
                         help="leave out the event streams (each quiet one takes a second)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="eventq-fuzz-") as tmp:
-        return asyncio.run(fuzz(Path(tmp) / "data", examples_for(args.requests), args.seed,
+        return asyncio.run(fuzz(Path(tmp) / "data", args.requests, args.seed,
                                 not args.no_streams))
 
 

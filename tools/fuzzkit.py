@@ -170,8 +170,9 @@ class Fuzz:
     def __post_init__(self) -> None:
         self.orch.log.subscribe(lambda r: self.recorded_by.__setitem__(r.seq, r.principal))
 
-    def run(self) -> Tally:
-        """Seed, then fuzz every operation as every caller, then the missing methods."""
+    def run(self, at_least: int = 0) -> Tally:
+        """Seed, then fuzz every operation as every caller, then the missing methods; with
+        a seed, sweep again with the next seed until ``at_least`` requests were made."""
         with contextlib.closing(self.session):
             doc = self.session.get(f"{self.base_url}/api/openapi.json",
                                    timeout=REQUEST_SECONDS).json()
@@ -180,12 +181,15 @@ class Fuzz:
             # costs more than the requests.
             caller: dict[str, str] = {}
             schema = load(doc, caller)
-            for role, headers in callers.items():
-                caller.clear()
-                caller.update(headers)
-                self.fuzz_as(role, schema)
-            self.wrong_methods(doc)
-        return self.tally
+            while True:
+                for role, headers in callers.items():
+                    caller.clear()
+                    caller.update(headers)
+                    self.fuzz_as(role, schema)
+                self.wrong_methods(doc)
+                if self.seed is None or self.tally.requests >= at_least:
+                    return self.tally
+                self.seed += 1
 
     def prepare(self) -> dict[str, dict[str, str]]:
         """Jobs of every user in each state they can act on, two workers (one fuzzes, the
