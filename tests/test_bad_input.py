@@ -190,6 +190,13 @@ async def test_a_submission_at_every_limit_is_accepted(api: TestClient[Any, Any]
     assert shown["metadata"]["deep"] == deep and shown["name"] == "é" * 200
 
 
+async def test_a_batch_names_the_row_whose_name_has_a_control_character(
+        api: TestClient[Any, Any], orch: Orchestrator) -> None:
+    body = await assert_refused(api, orch, "POST", "/api/queue/batch", 422, "jobs", json={
+        "jobs": [job(name="fine"), job(name="bell\x07"), job(name="also fine")]})
+    assert body["detail"] == ["row 2: name must not contain control characters"], body
+
+
 @pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe", b'{"command": ["true"]'])
 async def test_a_body_that_is_not_json_is_refused(api: TestClient[Any, Any], orch: Orchestrator,
                                                   raw: bytes) -> None:

@@ -78,10 +78,12 @@ class Checked:
     """What one request has already checked: a batch of 10,000 rows from one directory
     looks at that directory once."""
 
-    def __init__(self, names: dict[str, str] | None = None) -> None:
+    def __init__(self, names: dict[str, str] | None = None, printable: bool = False) -> None:
         #: The batch's own job names, to their new ids.
         self.names = names or {}
         self.dirs: set[str] = set()
+        #: Every name of the batch was searched for control characters, and has none.
+        self.printable = printable
 
 
 def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
@@ -98,6 +100,8 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
         raise ApiError(422, "the program to run (command's first item) is empty", "command")
     if req.priority_override is not None and user.level not in (ev.Level.ADMIN, ev.Level.LEAD):
         raise ApiError(403, "only leads and admins may override priority", "priority_override")
+    if req.name and not checked.printable and b.CONTROL.search(req.name):
+        raise ApiError(422, "name must not contain control characters", "name")
     _check_process_text(req)
     _check_free_json(req)
     if req.cwd is not None and req.cwd not in checked.dirs:
@@ -209,12 +213,10 @@ def _check_env(env: dict[str, str]) -> None:
 
 def _check_free_json(req: SubmitRequest) -> None:
     """Sizes the decoder cannot bound as it reads: what is stored must be read back."""
-    for field, free, limit in (("metadata", req.metadata, b.METADATA_BYTES),
-                               ("config", req.config, b.CONFIG_BYTES)):
-        try:
-            b.check_json(field, free, limit)
-        except b.TooLarge as exc:
-            raise ApiError(422, exc.message, exc.field) from None
+    if req.metadata and (why := b.json_problem("metadata", req.metadata, b.METADATA_BYTES)):
+        raise ApiError(422, why, "metadata")
+    if req.config and (why := b.json_problem("config", req.config, b.CONFIG_BYTES)):
+        raise ApiError(422, why, "config")
 
 
 def _check_gpus(req: SubmitRequest, gpus: int, orch: Orchestrator) -> None:
@@ -350,7 +352,7 @@ async def record_batch(orch: Orchestrator, user: User, jobs: list[SubmitRequest]
             problems.append(f"row {row}: dry_run and no_wait do not apply to a batch")
     specs = []
     forbidden = None
-    checked = Checked(names)
+    checked = Checked(names, printable=not b.CONTROL.search(" ".join(names)))
     for row, (req, job_id) in enumerate(zip(jobs, ids, strict=True), start=1):
         try:
             specs.append(build_spec(req, user, orch, checked, job_id))
