@@ -96,7 +96,6 @@ async def test_every_caller_gets_documented_answers_and_refusals_record_nothing(
     api = await aiohttp_client(make_app(orch))
     fuzz = fuzzkit.Fuzz(orch, base_url(api), served(api), users, examples=EXAMPLES)
     tally = await asyncio.to_thread(fuzz.run)
-    print(tally.summary())
     assert tally.server_errors == [], tally.problems()
     assert tally.violations == [], tally.problems()
     assert {200, 201, 401, 403, 404, 405, 409, 422} <= tally.statuses.keys(), tally.summary()
