@@ -52,6 +52,8 @@ NOT_FUZZED = {"/api/workers/ws"}
 #: Streams that stay open until the client leaves: read until a few events or a quiet second.
 STREAMS = {"/api/events/stream", "/api/workers/stream", "/api/jobs/{job_id}/logs"}
 STREAM_EVENTS = 3
+#: Examples of each stream per caller and mode: a quiet one costs a second each.
+STREAM_EXAMPLES = 3
 STREAM_QUIET_SECONDS = 1.0
 #: A bound on a hung request (a failure), not a measure of speed.
 REQUEST_SECONDS = 30.0
@@ -240,7 +242,7 @@ class Fuzz:
             allowed = role in MEANT_FOR[WHO[key]]
             count = self.examples if allowed else 1
             if operation.path in STREAMS:
-                count = min(count, STREAM_EVENTS)
+                count = min(count, STREAM_EXAMPLES)
             # Where only query parameters could be wrong: valid ones must be taken.
             only_query = allowed and "requestBody" not in op and "{" not in operation.path
             self.fuzz(operation, GenerationMode.POSITIVE, count, only_query)
