@@ -1,15 +1,16 @@
 """The OpenAPI document describes the API as it really is.
 
 A client generated from ``/api/openapi.json`` can rely on it: every route the server has is
-in it and nothing else, and requests built from it (valid ones and invalid ones) get answers
-it documents. Requests come from schemathesis and go to a real server on loopback; it speaks
-blocking HTTP, so it runs in a thread while the server serves on the test's loop.
+in it and nothing else, and requests built from it (valid ones and invalid ones, from every
+kind of caller) get answers it documents, never a 5xx. The fuzzing itself lives in
+``tools/fuzzkit.py`` (``tools/fuzz_api.py`` runs it at any size); requests go to a real
+server on loopback from a thread while the server serves on the test's loop.
 
 No job can run during the fuzz (fuzzed commands are random text that must never reach a
-shell): every submission it makes is sent with ``target: "worker"``, and no worker process
-exists (the fuzzed worker routes only record what a worker says), and the test checks that
-nothing was dispatched to this machine. The shapes of running, finished and failed jobs are
-checked separately, with real jobs whose commands the test chose.
+shell): every submission is sent with ``target: "worker"``, no worker process exists, and
+the test checks that nothing was dispatched to this machine. The shapes of running,
+finished and failed jobs are checked separately, with real jobs whose commands the test
+chose.
 """
 
 from __future__ import annotations
@@ -18,38 +19,24 @@ import asyncio
 import io
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hypothesis
-import requests
 import schemathesis
 from aiohttp.test_utils import TestClient
-from hypothesis import strategies as st
-from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
 
 from eventq import events as ev
 from eventq.http.app import make_app
 from eventq.server import Orchestrator
 from tests.helpers import until
+from tools import fuzzkit
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 MakeOrch = Callable[..., Awaitable[Orchestrator]]
-Schema = Any  # schemathesis' OpenApiSchema
 
-#: Streams that stay open until the client leaves: they cannot be answered "once".
-NOT_FUZZED = {"/api/events/stream", "/api/workers/stream", "/api/workers/ws"}
-#: Examples per operation and mode (valid, invalid): about 1,800 requests, a few seconds.
-EXAMPLES = 40
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_schema_conformance]
+#: Valid and invalid examples per operation, for each caller that may use it: about 2,000
+#: requests in all (tools/fuzz_api.py sends more).
+EXAMPLES = 4
 ROOMY = ev.Limits(max_concurrent=10, user_max_concurrent=10, local_job_max_concurrent=10)
 
 
@@ -69,9 +56,10 @@ async def test_the_document_lists_every_route_of_the_app_and_no_other(
     assert documented(doc) - served(api) == set(), "documented routes the server lacks"
 
 
-async def test_the_document_is_valid_openapi_3_1(api: TestClient[Any, Any]) -> None:
+async def test_the_document_is_valid_openapi_3_2(api: TestClient[Any, Any]) -> None:
+    """3.2: the first version that describes each event of an event stream (itemSchema)."""
     doc = await (await api.get("/api/openapi.json")).json()
-    assert doc["openapi"] == "3.1.0"
+    assert doc["openapi"] == "3.2.0"
     schemathesis.openapi.from_dict(doc).validate()
     submit = doc["paths"]["/api/queue/submit"]["post"]
     assert submit["requestBody"]["content"]["application/json"]["schema"] == \
@@ -83,140 +71,13 @@ async def test_anyone_may_read_the_document_but_nothing_else(
         orch: Orchestrator, aiohttp_client: AiohttpClient) -> None:
     anonymous = await aiohttp_client(make_app(orch))
     doc = await anonymous.get("/api/openapi.json")
-    assert doc.status == 200 and (await doc.json())["openapi"].startswith("3.1")
+    assert doc.status == 200 and (await doc.json())["openapi"].startswith("3.2")
     queue = await anonymous.get("/api/queue")
     assert queue.status == 401 and "error" in await queue.json()
 
 
-def credentials(headers: dict[str, str]) -> type:
-    """An auth provider: every request carries these headers, except those that test auth."""
-
-    class Credentials:
-        def get(self, case: Any, context: Any) -> dict[str, str]:
-            return headers
-
-        def set(self, case: Any, data: dict[str, str], context: Any) -> None:
-            case.headers = {**(case.headers or {}), **data}
-
-    return Credentials
-
-
-def load(doc: dict[str, Any], headers: dict[str, str]) -> Schema:
-    schema = schemathesis.openapi.from_dict(doc)
-    schema.auth(refresh_interval=None)(credentials(headers))
-    return schema
-
-
-@dataclass
-class Fuzz:
-    """Sends generated requests from a thread and checks every answer."""
-
-    orch: Orchestrator
-    base_url: str
-    served: set[tuple[str, str]]
-    #: Existing names to aim path parameters at (query parameters: ``known_query``).
-    known: dict[str, list[str]] = field(default_factory=dict)
-    known_query: dict[str, list[str]] = field(default_factory=dict)
-    only_query: set[tuple[str, str]] = field(default_factory=set)
-    statuses: dict[int, int] = field(default_factory=dict)
-    session: requests.Session = field(default_factory=requests.Session)
-    #: Principal of every event appended, by seq: what a caller recorded, not the system.
-    recorded_by: dict[int, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.orch.log.subscribe(lambda r: self.recorded_by.__setitem__(r.seq, r.principal))
-
-    def recorded_by_callers(self, after: int) -> list[int]:
-        """Seqs appended after ``after`` on a caller's behalf (a user or a worker)."""
-        return [seq for seq, who in list(self.recorded_by.items())
-                if seq > after and who != "system"]
-
-    def run(self, schema: Schema) -> None:
-        paths = schema.raw_schema["paths"]
-        # Where only query parameters can be wrong: no body, and no path (no job to depend on).
-        self.only_query = {(m.upper(), p) for p, ops in paths.items() for m, op in ops.items()
-                         if "requestBody" not in op and "{" not in p}
-        inputless = {(m.upper(), p) for p, ops in paths.items()
-                     for m, op in ops.items() if not {"requestBody", "parameters"} & set(op)}
-        for result in schema.get_all_operations():
-            operation = result.ok()
-            key = (operation.method.upper(), operation.path)
-            if operation.path in NOT_FUZZED or key not in self.served:
-                continue
-            self.fuzz(operation, GenerationMode.POSITIVE)
-            if key not in inputless:
-                self.fuzz(operation, GenerationMode.NEGATIVE)
-
-    def fuzz(self, operation: Any, mode: GenerationMode) -> None:
-        @hypothesis.settings(max_examples=EXAMPLES, deadline=None, database=None,
-                             derandomize=True, phases=[hypothesis.Phase.generate],
-                             suppress_health_check=list(hypothesis.HealthCheck))
-        @hypothesis.given(case=operation.as_strategy(generation_mode=mode), data=st.data())
-        def one(case: Any, data: st.DataObject) -> None:
-            self.aim(case, data)
-            status = self.call(case)
-            if mode is GenerationMode.POSITIVE and (case.method, case.path) in self.only_query:
-                # Only parameters could be wrong, and these ones are valid.
-                assert status != 422, f"valid parameters refused: {case.query}"
-
-        one()
-
-    def call(self, case: Any) -> int:
-        """Send one case; its answer must be documented, and a refusal must record nothing."""
-        before = self.orch.log.head_seq
-        # A bound on a hung request (a failure), not a measure of speed.
-        response = case.call(base_url=self.base_url, session=self.session, timeout=10)
-        self.statuses[response.status_code] = self.statuses.get(response.status_code, 0) + 1
-        case.validate_response(response, checks=CHECKS)
-        if 400 <= response.status_code < 500:
-            assert "error" in response.json(), response.text
-            # Jobs started earlier may go on recording their own progress meanwhile.
-            assert not self.recorded_by_callers(before), f"refused, yet recorded: {response.text}"
-        status: int = response.status_code
-        return status
-
-    def aim(self, case: Any, data: st.DataObject) -> None:
-        """Point parameters at jobs, users and workers that exist, some of the time."""
-        known = {**self.known, "job_id": list(self.orch.state.jobs)}
-        for params, names in ((case.path_parameters, known), (case.query, self.known_query)):
-            for name in set(params or {}) & names.keys():
-                params[name] = data.draw(st.sampled_from([*names[name], params[name]]))
-        if case.query and "follow" in case.query:
-            case.query["follow"] = "false"
-        bodies = case.body.get("jobs") if isinstance(case.body, dict) and \
-            case.operation.path == "/api/queue/batch" else [case.body]
-        for body in bodies if isinstance(bodies, list) else []:
-            if isinstance(body, dict) and case.operation.path.startswith("/api/queue/"):
-                body["target"] = "worker"
-        gpu_info = case.body.get("gpu_info") if isinstance(case.body, dict) else None
-        if isinstance(gpu_info, dict) and isinstance(gpu_info.get("count"), int):
-            # Unbounded for now (test_a_worker_cannot_claim_a_million_gpus); keep it small.
-            gpu_info["count"] %= 9
-
-
-async def seed(api: TestClient[Any, Any]) -> None:
-    """Jobs in each state a person can act on: waiting, blocked, held, cancelled, rejected."""
-    async def submit(**extra: Any) -> str:
-        resp = await api.post("/api/queue/submit",
-                              json={"command": ["true"], "target": "worker", **extra})
-        assert resp.status == 200
-        job_id: str = (await resp.json())["job_id"]
-        return job_id
-
-    await submit()
-    await submit(requires_approval=True)
-    await submit(no_wait=True)
-    assert (await api.post(f"/api/queue/{await submit()}/hold")).status == 200
-    assert (await api.post(f"/api/queue/{await submit()}/cancel")).status == 200
-
-
-async def connect(orch: Orchestrator, aiohttp_client: AiohttpClient,
-                  **headers: str) -> tuple[TestClient[Any, Any], Schema, str]:
-    assert orch.admin_token is not None
-    admin = {"Authorization": f"Bearer {orch.admin_token}"}
-    api = await aiohttp_client(make_app(orch), headers=admin)
-    doc = await (await api.get("/api/openapi.json")).json()
-    return api, load(doc, {**admin, **headers}), str(api.make_url("/")).rstrip("/")
+def base_url(api: TestClient[Any, Any]) -> str:
+    return str(api.make_url("/")).rstrip("/")
 
 
 async def new_worker(api: TestClient[Any, Any], name: str) -> dict[str, Any]:
@@ -226,26 +87,19 @@ async def new_worker(api: TestClient[Any, Any], name: str) -> dict[str, Any]:
     return worker
 
 
-async def test_fuzzed_requests_get_documented_answers_and_refusals_record_nothing(
+async def test_every_caller_gets_documented_answers_and_refusals_record_nothing(
         make_orch: MakeOrch, aiohttp_client: AiohttpClient) -> None:
+    """An admin, a lead, a researcher, a viewer, a worker and nobody each fuzz every
+    operation: no 5xx, no answer the document does not describe, no refusal that records."""
     orch = await make_orch()
-    orch.add_user("alice", ev.Level.RESEARCHER, "alpha")
-    api, _, _ = await connect(orch, aiohttp_client)
-    agent, spare = await new_worker(api, "agent"), await new_worker(api, "spare")
-    api, schema, base_url = await connect(orch, aiohttp_client, **{
-        "X-Worker-Token": agent["token"]})
-    await seed(api)
-    seeded = orch.log.head_seq
-
-    # Admin routes act on the spare (never on the fuzzing worker's own token); worker routes
-    # name the calling worker, or another one.
-    fuzz = Fuzz(orch, base_url, served(api), {"name": ["alice"],
-                                              "worker_id": [spare["worker_id"]]},
-                {"worker_id": [agent["worker_id"], spare["worker_id"]]})
-    await asyncio.to_thread(fuzz.run, schema)
-
-    assert {200, 201, 401, 403, 404, 409, 422} <= fuzz.statuses.keys(), fuzz.statuses
-    assert orch.log.head_seq > seeded, "no fuzzed request was accepted"
+    users = fuzzkit.user_callers(orch)
+    api = await aiohttp_client(make_app(orch))
+    fuzz = fuzzkit.Fuzz(orch, base_url(api), served(api), users, examples=EXAMPLES)
+    tally = await asyncio.to_thread(fuzz.run)
+    assert tally.server_errors == [], tally.problems()
+    assert tally.violations == [], tally.problems()
+    assert {200, 201, 401, 403, 404, 405, 409, 422} <= tally.statuses.keys(), tally.summary()
+    assert orch.log.head_seq > fuzz.seeded, "no fuzzed request was accepted"
     here = [r for r in await orch.log.read(limit=10**6)
             if isinstance(r.event, ev.AttemptDispatched) and r.event.node == "local"]
     assert here == [] and not orch.node.pids, "a fuzzed job was started on this machine"
@@ -255,13 +109,13 @@ def waits_for(tmp_path: Path, name: str) -> list[str]:
     return ["sh", "-c", f"while [ ! -e {tmp_path}/{name} ]; do sleep 0.02; done"]
 
 
-
-
 async def test_replies_about_real_jobs_match_the_document(
         make_orch: MakeOrch, aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
     """Running, finished, failed and waiting jobs, as every reading route shows them."""
     orch = await make_orch(limits=ROOMY)
-    api, schema, base_url = await connect(orch, aiohttp_client)
+    admin = {"Authorization": f"Bearer {orch.admin_token}"}
+    api = await aiohttp_client(make_app(orch), headers=admin)
+    schema = fuzzkit.load(await (await api.get("/api/openapi.json")).json(), admin)
 
     async def submit(**body: Any) -> str:
         resp = await api.post("/api/queue/submit", json=body)
@@ -279,12 +133,11 @@ async def test_replies_about_real_jobs_match_the_document(
                 and orch.state.jobs[running].status == "running")
     jobs = [done, failed, running, waiting, blocked]
 
-    def read_everything() -> None:
-        fuzz = Fuzz(orch, base_url, served(api))
+    fuzz = fuzzkit.Fuzz(orch, base_url(api), served(api), {"admin": admin})
 
+    def read_everything() -> None:
         def call(method: str, path: str, **kw: Any) -> int:
-            return fuzz.call(schema[path][method].Case(
-                headers={"Authorization": f"Bearer {orch.admin_token}"}, **kw))
+            return fuzz.call(schema[path][method].Case(headers=admin, **kw))
 
         for job in jobs:
             assert call("GET", "/api/jobs/{job_id}", path_parameters={"job_id": job}) == 200
@@ -297,6 +150,12 @@ async def test_replies_about_real_jobs_match_the_document(
                      "/api/admin/users", "/metrics"):
             assert call("GET", path) == 200
         assert call("GET", "/api/system/status", query={"include_allocation": "true"}) == 200
+        # Event streams, event by event: the log from its start, and two ended attempts'
+        # output followed to its end.
+        assert call("GET", "/api/events/stream", query={"after": "0"}) == 200
+        for job in (done, failed):
+            assert call("GET", "/api/jobs/{job_id}/logs", path_parameters={"job_id": job},
+                        query={"follow": "true", "stream": "all"}) == 200
         for gpus in (1, 4):
             assert call("POST", "/api/queue/submit", media_type="application/json",
                         body={"command": ["true"], "gpus": gpus, "dry_run": True}) == 200
@@ -312,6 +171,29 @@ async def test_replies_about_real_jobs_match_the_document(
 
     await asyncio.to_thread(read_everything)
     assert not orch.state.jobs[running].active
+    assert fuzz.tally.server_errors == fuzz.tally.violations == [], fuzz.tally.problems()
+
+
+async def test_a_stock_workers_stream_matches_the_document(
+        make_orch: MakeOrch, aiohttp_client: AiohttpClient) -> None:
+    """Each event of the stream, as the stock worker reads it: here a job to run."""
+    orch = await make_orch()
+    admin = {"Authorization": f"Bearer {orch.admin_token}"}
+    api = await aiohttp_client(make_app(orch), headers=admin)
+    worker = await new_worker(api, "stock")
+    token = {"X-Worker-Token": worker["token"]}
+    registered = await api.post("/api/workers/register", headers=token, json={
+        "name": "stock", "gpu_info": {"name": "A100", "vram_gb": 80, "count": 1}})
+    assert registered.status == 200
+    job = await (await api.post("/api/queue/submit", json={
+        "command": ["true"], "target": "worker", "gpus": 1})).json()
+    assert job["status"] == "running", job  # dispatched: sent once the stream opens
+    schema = fuzzkit.load(await (await api.get("/api/openapi.json")).json(), token)
+    fuzz = fuzzkit.Fuzz(orch, base_url(api), served(api), {"admin": admin})
+    case = schema["/api/workers/stream"]["GET"].Case(
+        headers=token, query={"worker_id": worker["worker_id"]})
+    assert await asyncio.to_thread(fuzz.call, case) == 200
+    assert fuzz.tally.server_errors == fuzz.tally.violations == [], fuzz.tally.problems()
 
 
 async def test_draining_a_draining_worker_answers_at_once(
@@ -341,3 +223,15 @@ async def test_every_refusal_is_json_even_from_the_router(api: TestClient[Any, A
     for resp in refused:
         assert resp.content_type == "application/json", await resp.text()
         assert "error" in await resp.json()
+
+
+async def test_a_wrong_method_is_told_which_ones_the_route_has(
+        api: TestClient[Any, Any]) -> None:
+    """RFC 9110: a 405 carries Allow; here it is JSON as well, like every refusal."""
+    for method, path, allowed in (("DELETE", "/api/queue", {"GET", "HEAD"}),
+                                  ("PUT", "/api/queue/concurrency", {"GET", "HEAD", "POST"}),
+                                  ("GET", "/api/queue/submit", {"POST"})):
+        resp = await api.request(method, path)
+        assert resp.status == 405 and "error" in await resp.json()
+        assert {m.strip() for m in resp.headers.get("Allow", "").split(",")} == allowed, \
+            resp.headers

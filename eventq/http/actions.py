@@ -19,6 +19,7 @@ from eventq.http.app import (
     require_admin,
     require_owner,
 )
+from eventq.http.bounds import REASON_CHARS
 from eventq.http.queue import int_param, settle
 from eventq.server import Orchestrator
 
@@ -50,21 +51,25 @@ async def cancel(request: web.Request) -> web.Response:
 
 
 CANCELLABLE = {"pending", "blocked", "held", "dispatched", "running"}
+#: Seed 000's words for waiting jobs, accepted as ``pending``.
+PENDING_WORDS = {"queued": "pending", "waiting": "pending"}
+CancelStatus = Annotated[str, msgspec.Meta(extra_json_schema={
+    "enum": sorted(CANCELLABLE | PENDING_WORDS.keys())})]
 
 
 class CancelFilter(msgspec.Struct, forbid_unknown_fields=True):
     """``POST /api/queue/cancel``: every job in these states (yours, or all for an admin)."""
 
-    status: list[str] = msgspec.field(default_factory=lambda: sorted(CANCELLABLE))
-    user: str | None = None
+    status: Annotated[list[CancelStatus], msgspec.Meta(max_length=16)] = msgspec.field(
+        default_factory=lambda: sorted(CANCELLABLE))
+    user: Annotated[str, msgspec.Meta(max_length=64)] | None = None
 
 
 @routes.post("/api/queue/cancel")
 async def cancel_many(request: web.Request) -> web.Response:
     orch, user = request.app[ORCH], current_user(request)
     body = decode_body(await request.read(), CancelFilter)
-    statuses = {"queued": "pending", "waiting": "pending"}
-    wanted = sorted({statuses.get(s, s) for s in body.status})
+    wanted = sorted({PENDING_WORDS.get(s, s) for s in body.status})
     if unknown := [s for s in wanted if s not in CANCELLABLE]:
         raise ApiError(422, f"cannot cancel jobs by status {unknown}; use {sorted(CANCELLABLE)}",
                        "status")
@@ -96,7 +101,9 @@ async def approve(request: web.Request) -> web.Response:
 @routes.post("/api/queue/{job_id}/reject")
 async def reject(request: web.Request) -> web.Response:
     require_admin(request)
-    reason = request.query.get("reason", "").strip()[:500]
+    reason = request.query.get("reason", "").strip()
+    if len(reason) > REASON_CHARS:
+        raise ApiError(422, f"reason has more than {REASON_CHARS} characters", "reason")
     return await _act(request, "reject", reason=reason)
 
 

@@ -10,22 +10,23 @@ from aiohttp import web
 from eventq import events as ev
 from eventq.actors.registry import AddUser, IssueToken, RevokeTokens, UpdateUser
 from eventq.auth import User
+from eventq.http import bounds as b
 from eventq.http.app import ORCH, ApiError, decode_body, require_admin
 
 routes = web.RouteTableDef()
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=b.PRINTABLE)]
 
 
 class NewUser(msgspec.Struct, forbid_unknown_fields=True):
     name: Name
     level: ev.Level = ev.Level.RESEARCHER
-    team: str | None = None
+    team: b.Team | None = None
 
 
 class UserChange(msgspec.Struct, forbid_unknown_fields=True):
     level: ev.Level | None = None
-    team: str | None = None
+    team: b.Team | None = None
 
 
 def user_dict(user: User, tokens: int) -> dict[str, Any]:

@@ -9,16 +9,18 @@ from aiohttp import web
 
 from eventq.actors.registry import CreateWorker, DrainWorker, RemoveWorker, RotateWorkerToken
 from eventq.actors.scheduler import Outcome
+from eventq.http import bounds as b
 from eventq.http.app import ORCH, ApiError, decode_body, require_admin
+from eventq.http.queue import flag
 from eventq.server import Orchestrator
 
 routes = web.RouteTableDef()
 
 
 class NewWorker(msgspec.Struct, forbid_unknown_fields=True):
-    name: str
+    name: b.ShortName
     worker_type: Literal["ephemeral", "persistent"] = "persistent"
-    labels: dict[str, str] = {}
+    labels: b.Labels = {}
 
 
 def worker_dict(orch: Orchestrator, worker_id: str) -> dict[str, Any]:
@@ -92,6 +94,6 @@ async def drain(request: web.Request) -> web.Response:
 async def remove(request: web.Request) -> web.Response:
     admin = require_admin(request)
     worker_id = _known(request)
-    force = request.query.get("force", "false").lower() in ("1", "true", "yes")
+    force = flag(request, "force")
     await _ask(request, RemoveWorker(admin.principal, worker_id, force))
     return web.json_response({"success": True, "worker_id": worker_id})

@@ -12,6 +12,7 @@ from aiohttp import web
 from eventq.actors.scheduler import CommandError
 from eventq.auth import User, may_act_for, token_hash
 from eventq.events import Level
+from eventq.http.bounds import JSON_DEPTH, PATTERN_WORDS
 from eventq.server import Orchestrator
 
 ORCH = web.AppKey("orchestrator", Orchestrator)
@@ -23,7 +24,7 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Reachable without a token: the API's description holds no data.
 PUBLIC = frozenset({"/api/openapi.json"})
-_FIELD = re.compile(r"at `\$\.([^`\[]+)")
+_FIELD = re.compile(r"`\$\.([^`\[]+)")
 
 
 class ApiError(Exception):
@@ -44,7 +45,8 @@ class ApiError(Exception):
 
 
 def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiError:
-    """msgspec says ``Expected `int`, got `str` - at `$.gpus```: name the field."""
+    """msgspec says ``Expected `int`, got `str` - at `$.gpus```: name the field, and say
+    what is wrong in words (a limit, or what a pattern forbids)."""
     text = str(exc)
     match = _FIELD.search(text)
     # ValidationError is a DecodeError too: only a real decode failure is "not JSON".
@@ -55,7 +57,17 @@ def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiE
         field = text.split("`")[1]
     if field is None and "missing required field" in text:
         field = text.split("`")[1]
-    return ApiError(422, f"invalid field {field}" if field else "invalid request", field, text)
+    if not field:
+        return ApiError(422, "invalid request", None, text)
+    return ApiError(422, f"invalid field {field}: {_in_words(text)}", field, text)
+
+
+def _in_words(text: str) -> str:
+    what = text.split(" - at `")[0]
+    for pattern, words in PATTERN_WORDS.items():
+        if f"matching regex {pattern!r}" in what:
+            return words
+    return what
 
 
 def decode_body(raw: bytes, kind: type[T]) -> T:
@@ -63,6 +75,9 @@ def decode_body(raw: bytes, kind: type[T]) -> T:
         return msgspec.json.decode(raw or b"{}", type=kind)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise validation_error(exc) from None
+    except RecursionError:
+        raise ApiError(422, "request body is nested too deeply to read (free JSON fields "
+                            f"may nest at most {JSON_DEPTH} levels)") from None
 
 
 def current_user(request: web.Request) -> User:
@@ -109,8 +124,11 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         # The router's own refusals (404, 405, 413, a websocket route without upgrade)
-        # are JSON too (SPEC 10).
-        return ApiError(exc.status, exc.reason or "request refused").response()
+        # are JSON too (SPEC 10); a 405 keeps its Allow header (RFC 9110).
+        refusal = ApiError(exc.status, exc.reason or "request refused").response()
+        if "Allow" in exc.headers:
+            refusal.headers["Allow"] = exc.headers["Allow"]
+        return refusal
 
 
 def authenticate(request: web.Request) -> User:

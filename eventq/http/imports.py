@@ -17,6 +17,7 @@ from eventq import jobscheduler as jsv2
 from eventq.actors.scheduler import NamesTaken
 from eventq.auth import User
 from eventq.events import Level
+from eventq.http import bounds as b
 from eventq.http.app import ORCH, ApiError, current_user, decode_body
 from eventq.http.queue import (
     NonNegative,
@@ -38,9 +39,9 @@ class ImportRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: The CSV's text: a header line, then one job per row.
     csv: str
     #: The command each row's parameters follow, as a list of words.
-    command: Annotated[list[str], msgspec.Meta(min_length=1, max_length=1000)]
+    command: Annotated[list[b.Word], msgspec.Meta(min_length=1, max_length=1000)]
     #: The file's name: rows without a JOBSCHEDULER_JOB_ID are named ``STEM-LINE``.
-    file: Annotated[str, msgspec.Meta(min_length=1, max_length=255)] = "import.csv"
+    file: b.FileName = "import.csv"
     #: Parameters as ``--column value`` instead of positionally.
     named_args: bool = False
     #: GPUs per job where no GPUS cell says (default: 1).
@@ -51,8 +52,8 @@ class ImportRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_runtime: Positive | None = None
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
     retry_on_failure: bool = False
-    cwd: str | None = None
-    env: dict[str, str] = {}
+    cwd: b.Path | None = None
+    env: b.Env = {}
 
 
 @routes.post("/api/queue/import")

@@ -24,7 +24,7 @@ from eventq.auth import User, may_act_for
 from eventq.http import access as accesses
 from eventq.http.access import Access
 from eventq.http.app import ORCH, ApiError, only_owner, require_owner
-from eventq.http.queue import int_param
+from eventq.http.queue import flag, int_param
 from eventq.http.stream import KEEPALIVE_SECONDS, SHUTTING_DOWN, open_sse, sse_frame
 from eventq.server import Orchestrator
 
@@ -64,7 +64,7 @@ def _streams(request: web.Request) -> tuple[str, ...]:
 @routes.get("/api/jobs/{job_id}/logs")
 async def job_logs(request: web.Request) -> web.StreamResponse:
     job = _job(request)
-    follow = request.query.get("follow", "false").lower() in ("1", "true", "yes")
+    follow = flag(request, "follow")
     attempt, streams = _attempt(request, job, follow), _streams(request)
     orch = request.app[ORCH]
     paths = [logfiles.log_path(orch.data_dir, job.spec.job_id, attempt, s) for s in streams]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -23,6 +24,7 @@ from eventq.actors.scheduler import (
 )
 from eventq.auth import User
 from eventq.gcpause import collector_paused
+from eventq.http import bounds as b
 from eventq.http.app import (
     ORCH,
     ApiError,
@@ -36,50 +38,52 @@ from eventq.server import Orchestrator
 
 routes = web.RouteTableDef()
 
-NonNegative = Annotated[int, msgspec.Meta(ge=0, le=4096)]
-Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = b.GpuCount
+Positive = b.Runtime
 
 
 class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The body of ``POST /api/queue/submit`` (SPEC 2)."""
+    """The body of ``POST /api/queue/submit`` (SPEC 2); every bound is in ``bounds``."""
 
-    command: list[str] | str | None = None
-    config: dict[str, Any] | None = None
-    config_name: str | None = None
-    name: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    command: b.Words | b.ShellLine | None = None
+    config: b.Config | None = None
+    config_name: b.ConfigName | None = None
+    name: b.JobName | None = None
     gpus: NonNegative | None = None
     num_processes: NonNegative | None = None
-    device_ids: list[NonNegative] | None = None
+    device_ids: Annotated[list[b.GpuIndex], msgspec.Meta(max_length=b.GPUS)] | None = None
     any_gpu: bool = False
     no_wait: bool = False
     target: Literal["auto", "worker", "local"] = "auto"
-    worker_labels: dict[str, str] = {}
+    worker_labels: b.Labels = {}
     priority_override: Annotated[int, msgspec.Meta(ge=0, le=1000)] | None = None
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     max_runtime: Positive | None = None
     estimated_runtime: Positive | None = None
     retry_on_failure: bool = False
-    env: dict[str, str] = {}
-    cwd: str | None = None
-    metadata: dict[str, Any] = {}
-    team: str | None = None
+    env: b.Env = {}
+    cwd: b.Path | None = None
+    metadata: b.FreeJson = {}
+    team: b.Team | None = None
     dry_run: bool = False
     requires_approval: bool = False
-    estimated_cost: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    estimated_cost: b.Cost = 0.0
     #: Job ids or unique job names (in a batch, also the names of the batch's jobs).
-    depends_on: Annotated[list[str], msgspec.Meta(max_length=10_000)] = []
+    depends_on: Annotated[list[b.Reference], msgspec.Meta(max_length=10_000)] = []
     #: Not before this time: epoch seconds, or ISO-8601 (local time if no zone is given).
-    begin_at: float | str | None = None
+    begin_at: b.Epoch | b.IsoTime | None = None
 
 
 class Checked:
     """What one request has already checked: a batch of 10,000 rows from one directory
     looks at that directory once."""
 
-    def __init__(self, names: dict[str, str] | None = None) -> None:
+    def __init__(self, names: dict[str, str] | None = None, printable: bool = False) -> None:
         #: The batch's own job names, to their new ids.
         self.names = names or {}
         self.dirs: set[str] = set()
+        #: Every name of the batch was searched for control characters, and has none.
+        self.printable = printable
 
 
 def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
@@ -96,7 +100,10 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
         raise ApiError(422, "the program to run (command's first item) is empty", "command")
     if req.priority_override is not None and user.level not in (ev.Level.ADMIN, ev.Level.LEAD):
         raise ApiError(403, "only leads and admins may override priority", "priority_override")
+    if req.name and not checked.printable and b.CONTROL.search(req.name):
+        raise ApiError(422, "name must not contain control characters", "name")
     _check_process_text(req)
+    _check_free_json(req)
     if req.cwd is not None and req.cwd not in checked.dirs:
         if not os.path.isdir(req.cwd):
             raise ApiError(422, f"cwd {req.cwd} is not a directory on the server", "cwd")
@@ -180,11 +187,36 @@ def _check_process_text(req: SubmitRequest) -> None:
     words = req.command if isinstance(req.command, str) else "".join(req.command or ())
     if "\0" in words:  # one search of the joined words: a batch checks 10,000 commands
         raise ApiError(422, "command must not contain NUL characters", "command")
-    for key, value in req.env.items():
-        if not key or "=" in key or "\0" in key or "\0" in value:
-            raise ApiError(422, f"env name {key!r} is not a valid variable name", "env")
+    if len(words) > b.COMMAND_CHARS:
+        raise ApiError(422, f"command has more than {b.COMMAND_CHARS} characters in all",
+                       "command")
+    if req.env:
+        _check_env(req.env)
     if req.cwd is not None and "\0" in req.cwd:
         raise ApiError(422, "cwd must not contain NUL characters", "cwd")
+
+
+def _check_env(env: dict[str, str]) -> None:
+    """Names and values are searched joined, as commands are: an exported environment of
+    a hundred variables is looked at in a few string operations, not a hundred."""
+    names, values = "".join(env), "".join(env.values())
+    if "" in env or "=" in names or "\0" in names:
+        key = next(k for k in env if not k or "=" in k or "\0" in k)
+        raise ApiError(422, f"env name {key!r} is not a valid variable name", "env")
+    if "\0" in values:
+        key = next(k for k, v in env.items() if "\0" in v)
+        raise ApiError(422, f"env {key} must not contain NUL characters", "env")
+    if len(names) + len(values) > b.ENV_CHARS:
+        raise ApiError(422, f"env has more than {b.ENV_CHARS} characters of names and values "
+                            "in all", "env")
+
+
+def _check_free_json(req: SubmitRequest) -> None:
+    """Sizes the decoder cannot bound as it reads: what is stored must be read back."""
+    if req.metadata and (why := b.json_problem("metadata", req.metadata, b.METADATA_BYTES)):
+        raise ApiError(422, why, "metadata")
+    if req.config and (why := b.json_problem("config", req.config, b.CONFIG_BYTES)):
+        raise ApiError(422, why, "config")
 
 
 def _check_gpus(req: SubmitRequest, gpus: int, orch: Orchestrator) -> None:
@@ -320,7 +352,7 @@ async def record_batch(orch: Orchestrator, user: User, jobs: list[SubmitRequest]
             problems.append(f"row {row}: dry_run and no_wait do not apply to a batch")
     specs = []
     forbidden = None
-    checked = Checked(names)
+    checked = Checked(names, printable=not b.CONTROL.search(" ".join(names)))
     for row, (req, job_id) in enumerate(zip(jobs, ids, strict=True), start=1):
         try:
             specs.append(build_spec(req, user, orch, checked, job_id))
@@ -345,17 +377,30 @@ async def record_batch(orch: Orchestrator, user: User, jobs: list[SubmitRequest]
 
 
 def flag(request: web.Request, name: str) -> bool:
-    return request.query.get(name, "false").lower() in ("1", "true", "yes")
+    """A boolean query parameter, spelled as OpenAPI sends one: true or false."""
+    raw = request.query.get(name, "false").lower()
+    if raw not in ("true", "false"):
+        raise ApiError(422, f"{name} must be true or false", name)
+    return raw == "true"
 
 
 def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
-    if raw is None:
-        return default
+    return default if raw is None else parse_int(raw, name, lo, hi)
+
+
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def parse_int(raw: str, name: str, lo: int, hi: int) -> int:
+    """Digits, as the document's ``integer`` says: not ``+5``, `` 5``, ``1_000`` or ``٣``,
+    which Python's ``int`` would take."""
     try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(422, f"{name} must be an integer", name) from None
+        value = int(raw) if _INTEGER.fullmatch(raw) else None
+    except ValueError:  # more digits than int() reads
+        value = None
+    if value is None:
+        raise ApiError(422, f"{name} must be an integer", name)
     if not lo <= value <= hi:
         raise ApiError(422, f"{name} must be between {lo} and {hi}", name)
     return value
@@ -416,7 +461,8 @@ class LimitsUpdate(msgspec.Struct, forbid_unknown_fields=True):
     local_job_max_concurrent: Count | Unset = msgspec.UNSET
     #: null means unlimited.
     local_gpu_max_concurrent: Count | Unset | None = msgspec.UNSET
-    starvation_threshold_minutes: Annotated[float, msgspec.Meta(gt=0, le=525_600)] | Unset = \
+    #: From under a second (a demo) to a year; nothing shorter, so aging never overflows.
+    starvation_threshold_minutes: Annotated[float, msgspec.Meta(ge=0.01, le=525_600)] | Unset = \
         msgspec.UNSET
     #: Jobs whose estimated_cost is above it start blocked (null: no threshold).
     approval_cost_threshold: Annotated[float, msgspec.Meta(ge=0)] | Unset | None = msgspec.UNSET

@@ -448,3 +448,50 @@ class Done(Reply):
 
 class HasJobs(Reply):
     has_jobs: bool
+
+
+# --- what a stock worker's stream carries -----------------------------------------------
+
+
+class WorkerJobSubmit(Reply):
+    """``job_submit``: run this attempt. The stock worker reads ``job_id`` to ``provider``;
+    eventq's own fields follow."""
+
+    type: Literal["job_submit"]
+    job_id: str
+    attempt: int
+    config: dict[str, Any]
+    config_name: str | None
+    dataloader: None
+    upload_endpoint: str
+    #: Always a string, never null (the stock worker sends it as a header).
+    upload_token: str
+    provider: str
+    command: list[str] | str
+    gpus: GpuIndices
+    env: dict[str, str]
+    cwd: str | None
+    max_runtime: float | None
+
+
+class WorkerJobCancel(Reply):
+    """``job_cancel``: stop this attempt."""
+
+    type: Literal["job_cancel"]
+    job_id: str
+    attempt: int
+    reason: str
+
+
+class WorkerNotice(Reply):
+    """``drain`` (finish what runs, take nothing new) or ``shutdown`` (the stream ends)."""
+
+    type: Literal["drain", "shutdown"]
+    reason: str
+
+
+class WorkerPing(Reply):
+    """``ping``, at least every 15 s: the stream is alive."""
+
+    type: Literal["ping"]
+

@@ -25,8 +25,9 @@ from eventq import events as ev
 from eventq.auth import User
 from eventq.http import access as accesses
 from eventq.http.access import Access
-from eventq.http.app import ORCH, ApiError
+from eventq.http.app import ORCH
 from eventq.http.jobs import record_dict
+from eventq.http.queue import parse_int
 from eventq.log import Record
 from eventq.server import Orchestrator
 
@@ -43,6 +44,9 @@ KEEPALIVE_SECONDS = 10.0
 #: How long a dropped subscriber gets to take its final event before its connection goes.
 DROP_FLUSH_SECONDS = 60.0
 CATCH_UP_PAGE = 500
+#: The largest seq a client may name: 18 digits (SQLite holds up to 2**63 - 1, and a
+#: header's pattern cannot say that bound).
+LAST_SEQ = 10**18 - 1
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
@@ -197,14 +201,8 @@ def resume_point(request: web.Request) -> int | None:
     """The seq to resume after: ``Last-Event-ID`` (what EventSource sends) or ``?after=``."""
     for name, raw in (("Last-Event-ID", request.headers.get("Last-Event-ID")),
                       ("after", request.query.get("after"))):
-        if raw is not None and raw.strip():
-            try:
-                after = int(raw)
-            except ValueError:
-                raise ApiError(422, f"{name} must be an event seq (an integer)", name) from None
-            if after < 0:
-                raise ApiError(422, f"{name} must not be negative", name)
-            return after
+        if raw:
+            return parse_int(raw, name, 0, LAST_SEQ)
     return None
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from eventq.http.app import ORCH
+from eventq.http.queue import flag
 from eventq.server import Orchestrator
 
 routes = web.RouteTableDef()
@@ -49,6 +50,6 @@ async def status(request: web.Request) -> web.Response:
                           "simulated": node.simulated, "nvml_error": node.nvml_error,
                           "capabilities": {}},
     }
-    if request.query.get("include_allocation", "").lower() in ("1", "true", "yes"):
+    if flag(request, "include_allocation"):
         body["gpu_allocation"] = allocation(orch)
     return web.json_response(body)

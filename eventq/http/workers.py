@@ -21,6 +21,7 @@ from eventq.actors.registry import WorkerGone, WorkerHello
 from eventq.actors.scheduler import AttemptReport, Outcome, Reconciled
 from eventq.actors.workers_state import Worker
 from eventq.auth import token_hash
+from eventq.http import bounds as b
 from eventq.http.app import ORCH, ApiError, decode_body
 from eventq.http.hub import Outbox
 from eventq.server import Orchestrator
@@ -73,51 +74,59 @@ def greet(orch: Orchestrator, worker_id: str, outbox: Outbox, done: Reconciled) 
 
 
 class AgentGpu(msgspec.Struct, forbid_unknown_fields=True):
-    index: int
-    name: str
-    memory_gb: float
-    foreign_memory_percent: float = 0.0
+    index: b.GpuIndex
+    name: b.Model
+    memory_gb: b.MemoryGb
+    foreign_memory_percent: b.Percent = 0.0
 
 
 class AgentHello(msgspec.Struct, forbid_unknown_fields=True, tag="hello", tag_field="type"):
-    gpus: list[AgentGpu]
+    """Every field bounded (``eventq/http/bounds.py``): a hello is refused whole, before
+    anything is recorded, rather than put a GPU the allocator cannot hold in the log."""
+
+    gpus: Annotated[list[AgentGpu], msgspec.Meta(max_length=b.GPUS)]
     simulated: bool = False
-    labels: dict[str, str] = {}
+    labels: b.Labels = {}
     #: [job id, attempt] of every attempt the agent still runs.
-    running: list[tuple[str, int]] = []
-    name: str | None = None
+    running: b.Running = []
+    name: b.Model | None = None
     #: On a time-limited allocation: take only jobs known to end before this (epoch s).
-    accepts_until: float | None = None
+    accepts_until: b.Epoch | None = None
+
+    def __post_init__(self) -> None:
+        indices = {gpu.index for gpu in self.gpus}
+        if len(indices) != len(self.gpus):
+            raise ValueError("each GPU index may appear once in gpus")
 
 
 class AgentStarted(msgspec.Struct, tag="started", tag_field="type"):
-    job_id: str
-    attempt: int
-    pid: int | None = None
+    job_id: b.JobId
+    attempt: b.Attempt
+    pid: b.Pid | None = None
 
 
 class AgentExited(msgspec.Struct, tag="exited", tag_field="type"):
-    job_id: str
-    attempt: int
-    exit_code: int | None
+    job_id: b.JobId
+    attempt: b.Attempt
+    exit_code: b.ExitCode | None
     outcome: Literal["exited", "timeout", "cancelled", "start_failed"] = "exited"
-    detail: str = ""
+    detail: b.Detail = ""
 
 
 class AgentLog(msgspec.Struct, tag="log", tag_field="type"):
-    job_id: str
-    attempt: int
+    job_id: b.JobId
+    attempt: b.Attempt
     stream: str
     data: str
 
 
 class AgentHeartbeat(msgspec.Struct, tag="heartbeat", tag_field="type"):
-    running: list[tuple[str, int]] = []
+    running: b.Running = []
 
 
 class AgentProgress(msgspec.Struct, tag="progress", tag_field="type"):
-    job_id: str
-    attempt: int
+    job_id: b.JobId
+    attempt: b.Attempt
     progress: Any = None
 
 
@@ -133,8 +142,9 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
     try:
         first = await ws.receive(timeout=30)
         greeting = msgspec.json.decode(first.data, type=AgentHello)
-    except (TimeoutError, msgspec.DecodeError, TypeError) as exc:
-        await ws.send_json({"type": "error", "error": f"expected a hello message first: {exc}"})
+    except (TimeoutError, msgspec.DecodeError, TypeError, RecursionError) as exc:
+        await ws.send_json({"type": "error", "error": f"expected a hello message first: "
+                                                     f"{unreadable(exc)}"})
         await ws.close(code=4400)
         return ws
     gpus = [ev.GpuInfo(g.index, g.name, g.memory_gb, g.foreign_memory_percent)
@@ -161,6 +171,13 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+def unreadable(exc: Exception) -> str:
+    """What was wrong with a message, in a line."""
+    if isinstance(exc, RecursionError):
+        return "it is nested too deeply to read"
+    return str(exc) or type(exc).__name__
+
+
 async def _write(ws: web.WebSocketResponse, outbox: Outbox) -> None:
     while (message := await outbox.queue.get()) is not None:
         await ws.send_json(message)
@@ -172,8 +189,8 @@ async def _agent_message(orch: Orchestrator, worker_id: str, ws: web.WebSocketRe
     orch.registry.touch(worker_id)
     try:
         msg = _agent_decoder.decode(raw)
-    except msgspec.DecodeError as exc:
-        await ws.send_json({"type": "error", "error": f"bad message: {exc}"})
+    except (msgspec.DecodeError, RecursionError) as exc:
+        await ws.send_json({"type": "error", "error": f"bad message: {unreadable(exc)}"})
         return
     if isinstance(msg, AgentStarted):
         orch.scheduler.tell(AttemptReport(msg.job_id, msg.attempt, "started", node=worker_id,
@@ -192,21 +209,21 @@ async def _agent_message(orch: Orchestrator, worker_id: str, ws: web.WebSocketRe
 
 
 class GpuInfoBody(msgspec.Struct):
-    name: str = "GPU"
+    name: b.Model = "GPU"
     #: null from a worker that cannot tell (no torch, no nvidia-smi, Apple silicon).
-    vram_gb: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    count: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
-    driver: str | None = None
-    accelerator: str | None = None
+    vram_gb: b.MemoryGb | None = None
+    count: b.GpuCount = 0
+    driver: b.Model | None = None
+    accelerator: b.Model | None = None
 
 
 class RegisterBody(msgspec.Struct):
-    name: str
+    name: b.Model
     gpu_info: GpuInfoBody = msgspec.field(default_factory=GpuInfoBody)
     persistent: bool = False
-    provider: str | None = None
-    labels: dict[str, str] | None = None
-    current_job_id: str | None = None
+    provider: b.Model | None = None
+    labels: b.Labels | None = None
+    current_job_id: b.JobId | None = None
 
 
 @routes.post("/api/workers/register")
@@ -268,9 +285,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 
 class HeartbeatBody(msgspec.Struct):
-    worker_id: str
+    worker_id: b.WorkerId
     status: Literal["idle", "busy"]
-    current_job_id: str | None = None
+    current_job_id: b.JobId | None = None
     job_progress: Any = None
     gpu_utilization: Any = None
     vram_used_gb: Any = None
@@ -294,7 +311,7 @@ async def heartbeat(request: web.Request) -> web.Response:
 class StatusBody(msgspec.Struct):
     status: Literal["starting", "training", "running", "completed", "failed", "cancelled"]
     progress: Annotated[Any, msgspec.Meta()] = None
-    error: str | None = None
+    error: b.Detail | None = None
 
 
 @routes.post("/api/workers/job/{job_id}/status")
@@ -323,7 +340,7 @@ async def job_status(request: web.Request) -> web.Response:
 
 
 class DisconnectBody(msgspec.Struct):
-    worker_id: str
+    worker_id: b.WorkerId
 
 
 @routes.post("/api/workers/disconnect")
