@@ -23,6 +23,7 @@ from eventq.auth import TOKEN_FILE, Users, new_token, token_hash, write_secret
 from eventq.clock import Clock, RealClock
 from eventq.gpus import Inventory
 from eventq.http.hub import WorkerHub
+from eventq.jobenv import EnvFiles
 from eventq.log import EventLog
 from eventq.logfiles import DEFAULT_CAP, AttemptLogs
 from eventq.node import LocalNode
@@ -99,6 +100,9 @@ class Orchestrator:
         with self.state.replaying():
             replayed = self.log.replay(keep=self.long_lived)
         self._remove_purged_directories()
+        self.env_files = EnvFiles(self.data_dir, self.state)
+        self.env_files.sweep()
+        self.log.on_durable(self.env_files.on_durable, EnvFiles.DURABLE_READS)
         #: What a previous server left running here: the only attempts recovery may judge.
         self._left_active = [(job.spec.job_id, job.attempt) for job in self.state.jobs.values()
                              if job.active and job.node == "local"]
@@ -196,6 +200,7 @@ class Orchestrator:
         await self.node.shutdown()
         await self.hub.close_all("the orchestrator is restarting", tell=False)
         await self.attempt_logs.stop()
+        await self.env_files.stop()
         await self.log.close()
         (self.data_dir / SERVER_FILE).unlink(missing_ok=True)
         self._lock.close()

@@ -252,10 +252,10 @@ def _shared_fields(args: argparse.Namespace) -> dict[str, Any]:
         shared["max_attempts"] = args.max_attempts
     if args.retry_on_failure:
         shared["retry_on_failure"] = True
-    if not args.no_export_env:
-        shared["cwd"] = os.getcwd()
-    if args.export_env:
-        shared["env"] = dict(os.environ)
+    if not args.no_export_env and args.target != "worker":
+        shared["exported_cwd"] = os.getcwd()
+    if args.export_env and args.target != "worker":
+        shared["exported_env"] = dict(os.environ)
     return shared
 
 

@@ -53,6 +53,9 @@ class ImportRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retry_on_failure: bool = False
     cwd: str | None = None
     env: dict[str, str] = {}
+    #: The submitter's directory and environment, for runs on the server's machine only.
+    exported_cwd: str | None = None
+    exported_env: dict[str, str] = {}
 
 
 @routes.post("/api/queue/import")
@@ -109,7 +112,8 @@ async def _record(orch: Orchestrator, user: User,
 
 #: What each row's submission takes from the request where it was given (None, False
 #: and {} are the defaults: a row left alone gets the submission's own).
-SHARED = ("target", "max_runtime", "max_attempts", "retry_on_failure", "cwd", "env")
+SHARED = ("target", "max_runtime", "max_attempts", "retry_on_failure", "cwd", "env",
+          "exported_cwd", "exported_env")
 
 
 def options_of(body: ImportRequest) -> jsv2.Options:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import os
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
 
 from eventq import events as ev
+from eventq import jobenv
 from eventq.actors.scheduler import (
     CommandError,
     DryRun,
@@ -59,8 +62,15 @@ class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_runtime: Positive | None = None
     estimated_runtime: Positive | None = None
     retry_on_failure: bool = False
+    #: Variables the job declares: every node it runs on gets them.
     env: dict[str, str] = {}
+    #: Its working directory, on whichever node runs it.
     cwd: str | None = None
+    #: The submitter's whole environment, for a run on the orchestrator's own machine
+    #: only (``eventq jobs submit`` sends it unless ``--no-export-env``).
+    exported_env: dict[str, str] = {}
+    #: The submitter's working directory, for a run on the orchestrator's own machine only.
+    exported_cwd: str | None = None
     metadata: dict[str, Any] = {}
     team: str | None = None
     dry_run: bool = False
@@ -74,12 +84,14 @@ class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class Checked:
     """What one request has already checked: a batch of 10,000 rows from one directory
-    looks at that directory once."""
+    looks at that directory once, and keeps one environment file for them all."""
 
     def __init__(self, names: dict[str, str] | None = None) -> None:
         #: The batch's own job names, to their new ids.
         self.names = names or {}
         self.dirs: set[str] = set()
+        #: The environment files to write before the request is recorded, by content.
+        self.sealed: dict[bytes, jobenv.Sealed] = {}
 
 
 def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
@@ -97,11 +109,9 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
     if req.priority_override is not None and user.level not in (ev.Level.ADMIN, ev.Level.LEAD):
         raise ApiError(403, "only leads and admins may override priority", "priority_override")
     _check_process_text(req)
-    if req.cwd is not None and req.cwd not in checked.dirs:
-        if not os.path.isdir(req.cwd):
-            raise ApiError(422, f"cwd {req.cwd} is not a directory on the server", "cwd")
-        checked.dirs.add(req.cwd)
+    _check_dir(req.cwd, "cwd", checked)
     _check_gpus(req, gpus, orch)
+    env_sha256 = _seal_env(req, checked)
     return ev.JobSpec(
         job_id=job_id or new_job_id(orch), user=user.name, priority=ev.LEVEL_PRIORITY[user.level],
         command=req.command or [], name=req.name or req.config_name or _name_of(req.command),
@@ -109,12 +119,39 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
         device_ids=req.device_ids, any_gpu=req.any_gpu, target=req.target,
         worker_labels=req.worker_labels, max_attempts=req.max_attempts,
         max_runtime=req.max_runtime, estimated_runtime=req.estimated_runtime,
-        retry_on_failure=req.retry_on_failure, env=req.env, cwd=req.cwd,
+        retry_on_failure=req.retry_on_failure, cwd=req.cwd, env_sha256=env_sha256,
         metadata=req.metadata, config=req.config if req.config is not None else
         resolve_config(req.config_name, orch), config_name=req.config_name,
         requires_approval=req.requires_approval, estimated_cost=req.estimated_cost,
         depends_on=resolve_dependencies(req.depends_on, orch, checked.names),
         begin_at=parse_time(req.begin_at))
+
+
+def _check_dir(path: str | None, field: str, checked: Checked) -> None:
+    if path is not None and path not in checked.dirs:
+        if not os.path.isdir(path):
+            hint = "; submit from a directory the server shares, or with --no-export-env" \
+                if field == "exported_cwd" else ""
+            raise ApiError(422, f"{field} {path} is not a directory on the server{hint}", field)
+        checked.dirs.add(path)
+
+
+def _seal_env(req: SubmitRequest, checked: Checked) -> str | None:
+    """The digest of the job's environment file (``eventq/jobenv.py``): no variable enters
+    the log. What the submitter exported is kept only for a job that may run here."""
+    here = req.target != "worker"
+    exported, cwd = (req.exported_env, req.exported_cwd) if here else ({}, None)
+    if not req.env and not exported and cwd is None:
+        return None
+    _check_dir(cwd, "exported_cwd", checked)
+    key = _env_key.encode((req.env, exported, cwd))
+    sealed = checked.sealed.get(key)
+    if sealed is None:
+        sealed = checked.sealed[key] = jobenv.seal(req.env, exported, cwd)
+    return sealed.digest
+
+
+_env_key = msgspec.msgpack.Encoder(order="deterministic")
 
 
 def resolve_dependencies(refs: list[str], orch: Orchestrator,
@@ -180,11 +217,15 @@ def _check_process_text(req: SubmitRequest) -> None:
     words = req.command if isinstance(req.command, str) else "".join(req.command or ())
     if "\0" in words:  # one search of the joined words: a batch checks 10,000 commands
         raise ApiError(422, "command must not contain NUL characters", "command")
-    for key, value in req.env.items():
-        if not key or "=" in key or "\0" in key or "\0" in value:
-            raise ApiError(422, f"env name {key!r} is not a valid variable name", "env")
-    if req.cwd is not None and "\0" in req.cwd:
-        raise ApiError(422, "cwd must not contain NUL characters", "cwd")
+    for field, env in (("env", req.env), ("exported_env", req.exported_env)):
+        for key, value in env.items():
+            if not key or "=" in key or "\0" in key:
+                raise ApiError(422, f"{field} name {key!r} is not a valid variable name", field)
+            if "\0" in value:
+                raise ApiError(422, f"{field} {key} must not contain NUL characters", field)
+    for field, path in (("cwd", req.cwd), ("exported_cwd", req.exported_cwd)):
+        if path is not None and "\0" in path:
+            raise ApiError(422, f"{field} must not contain NUL characters", field)
 
 
 def _check_gpus(req: SubmitRequest, gpus: int, orch: Orchestrator) -> None:
@@ -254,6 +295,16 @@ def dry_run_reply(result: DryRun, no_wait: bool) -> dict[str, Any]:
     return reply
 
 
+@contextlib.asynccontextmanager
+async def keeping_env(orch: Orchestrator, checked: Checked) -> AsyncIterator[None]:
+    """The request's environment files are on disk before its block records anything."""
+    try:
+        async with orch.env_files.kept(checked.sealed.values()):
+            yield
+    except jobenv.EnvNotKept as exc:
+        raise ApiError(503, f"{exc}; nothing was recorded") from None
+
+
 async def settle(outcome: Outcome) -> None:
     """Reply only once what the command recorded is durable."""
     if outcome.durable is not None:
@@ -264,13 +315,15 @@ async def settle(outcome: Outcome) -> None:
 async def submit(request: web.Request) -> web.Response:
     orch, user = request.app[ORCH], current_user(request)
     req = decode_body(await request.read(), SubmitRequest)
-    spec = build_spec(req, user, orch)
+    checked = Checked()
+    spec = build_spec(req, user, orch, checked)
     if req.dry_run:
         field = ev.unstorable_field(spec)  # what a real submission's append would refuse
         if field is not None:
             raise ApiError(422, f"{field} cannot be stored (integers beyond 64 bits)", field)
         return web.json_response(dry_run_reply(orch.scheduler.dry_run(spec), req.no_wait))
-    outcome: Outcome = await orch.scheduler.ask(Submit(spec, user.principal, req.no_wait))
+    async with keeping_env(orch, checked):
+        outcome: Outcome = await orch.scheduler.ask(Submit(spec, user.principal, req.no_wait))
     await settle(outcome)
     # msgspec encodes several times faster than the json module on this hot route.
     return web.Response(body=msgspec.json.encode(submit_reply(orch, spec.job_id)),
@@ -334,8 +387,9 @@ async def record_batch(orch: Orchestrator, user: User, jobs: list[SubmitRequest]
         raise ApiError(422, f"{len(problems)} rows are invalid; nothing was recorded", "jobs",
                        problems[:100])
     try:
-        outcome: Outcome = await orch.scheduler.ask(SubmitMany(specs, user.principal,
-                                                               new_names))
+        async with keeping_env(orch, checked):
+            outcome: Outcome = await orch.scheduler.ask(SubmitMany(specs, user.principal,
+                                                                   new_names))
     except NamesTaken:
         raise
     except CommandError as exc:

@@ -115,6 +115,15 @@ class JobDetail(JobSummary, kw_only=True):
     estimated_runtime: float | None
     #: The reasons last recorded in the log (the live ones are in ``reasons``).
     recorded_reasons: list[WaitReason]
+    #: The variables it declared (``--env``, ``--export-env``), secret-looking values
+    #: redacted; null when its environment file cannot be read (``env_error`` says why).
+    env: dict[str, str] | None
+    #: Its working directory (declared, or the submitter's), null for its attempt's own.
+    cwd: str | None
+    #: How many variables of the submitter's environment a run on the server's machine
+    #: gets (jobs submitted since environments are kept out of the log).
+    exported_env: int | UnsetType = UNSET
+    env_error: str | UnsetType = UNSET
 
 
 class BatchReply(Reply):
