@@ -72,6 +72,10 @@ class Orchestrator:
     #: replay or a batch builds is moved out of the cyclic collector's view (gc.freeze)
     #: instead of being scanned again. Off where many orchestrators come and go (tests).
     long_lived: bool = False
+    #: The URL workers on other machines reach this server at (``eventq server
+    #: --advertise-url``, else this host's name when it listens beyond loopback); None when
+    #: it listens on loopback only.
+    advertise_url: str | None = None
 
     def __post_init__(self) -> None:
         # One spelling for the life of the data: attempts record it (their wrapper's argv,
@@ -180,10 +184,11 @@ class Orchestrator:
         self.log.append("system", events)
         return token
 
-    def write_server_file(self, url: str) -> None:
+    def write_server_file(self, url: str, **more: str | None) -> None:
         """Atomically: a CLI started at the same moment reads all of it or none."""
         tmp = self.data_dir / f"{SERVER_FILE}.tmp"
-        tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        extra = {k: v for k, v in more.items() if v is not None}
+        tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), **extra}))
         os.replace(tmp, self.data_dir / SERVER_FILE)
 
     async def stop(self) -> None:

@@ -20,6 +20,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                                  "(default: $EVENTQ_URL)")
     w.add_argument("--token", help="this worker's token, from `eventq workers add` "
                                    "(default: $EVENTQ_WORKER_TOKEN)")
+    w.add_argument("--ca", metavar="FILE",
+                   help="verify an https orchestrator with this CA (PEM; default: "
+                        "$EVENTQ_CA, or the system's CAs)")
     w.add_argument("--name", help="shown to the orchestrator (default: $EVENTQ_WORKER_NAME, "
                                   "or the host name)")
     w.add_argument("--persistent", action="store_true",
@@ -70,7 +73,7 @@ def run_worker(args: argparse.Namespace) -> int:
     import shlex
     import socket
 
-    from eventq import gpus, runner
+    from eventq import gpus, runner, tls
     from eventq.agent.agent import Agent, AgentBusy, AgentConfig, Refused
     from eventq.cli.serve import configure_logging
 
@@ -96,12 +99,17 @@ def run_worker(args: argparse.Namespace) -> int:
     trainer = tuple(shlex.split(args.trainer)) if args.trainer else runner.DEFAULT_TRAINER
     if not trainer:
         raise CliError("--trainer must name a command")
+    try:  # a certificate it cannot verify ends it now, not in a retry loop
+        ssl_context = tls.ca_context(args.ca or env.get("EVENTQ_CA"))
+        tls.check_trusted(url, ssl_context)
+    except tls.TlsError as exc:
+        raise CliError(str(exc)) from None
     config = AgentConfig(
         url=url, token=token, data_dir=(args.data_dir or default_data_dir() / "worker").absolute(),
         name=args.name or env.get("EVENTQ_WORKER_NAME") or socket.gethostname(),
         gpu_spec=spec, labels=parse_labels(args.labels or env.get("EVENTQ_WORKER_LABELS")),
         persistent=args.persistent, trainer=trainer, grace_seconds=args.grace,
-        accepts_until=budget_end(args.max_runtime, args.margin_time))
+        accepts_until=budget_end(args.max_runtime, args.margin_time), ssl=ssl_context)
     configure_logging(args.log_format)
     try:
         return asyncio.run(Agent(config).run())
