@@ -133,15 +133,7 @@ async def _serve(orch: Orchestrator, listen: Listen) -> None:
     # The certificate lets a client on this machine trust this very server by itself.
     orch.write_server_file(url, advertise_url=orch.advertise_url,
                            cert=str(listen.cert.absolute()) if listen.cert else None)
-    inv = orch.inventory
-    gpu_text = f"{len(inv.gpus)} GPUs" + (" (simulated)" if inv.simulated else "") + \
-        (f" — {inv.nvml_error}" if inv.nvml_error else "")
-    print(f"eventq server on {url}  data: {orch.data_dir}  {gpu_text}", flush=True)
-    if orch.advertise_url:
-        print(f"workers on other machines connect to {orch.advertise_url}", flush=True)
-    if listen.in_clear_beyond_loopback():
-        print("warning: serving plain HTTP beyond loopback (--insecure): tokens cross the "
-              "network in clear text", flush=True)
+    _announce(orch, url, listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -152,3 +144,15 @@ async def _serve(orch: Orchestrator, listen: Listen) -> None:
     await orch.hub.close_all("the orchestrator is restarting", tell=False)
     await runner.cleanup()
     await orch.stop()
+
+
+def _announce(orch: Orchestrator, url: str, listen: Listen) -> None:
+    inv = orch.inventory
+    gpu_text = f"{len(inv.gpus)} GPUs" + (" (simulated)" if inv.simulated else "") + \
+        (f" — {inv.nvml_error}" if inv.nvml_error else "")
+    print(f"eventq server on {url}  data: {orch.data_dir}  {gpu_text}", flush=True)
+    if orch.advertise_url:
+        print(f"workers on other machines connect to {orch.advertise_url}", flush=True)
+    if listen.in_clear_beyond_loopback():
+        print("warning: serving plain HTTP beyond loopback (--insecure): tokens cross the "
+              "network in clear text", flush=True)

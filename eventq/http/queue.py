@@ -386,16 +386,20 @@ async def record_batch(orch: Orchestrator, user: User, jobs: list[SubmitRequest]
     if problems:
         raise ApiError(422, f"{len(problems)} rows are invalid; nothing was recorded", "jobs",
                        problems[:100])
+    await _submit_many(orch, SubmitMany(specs, user.principal, new_names), checked)
+    return ids
+
+
+async def _submit_many(orch: Orchestrator, command: SubmitMany, checked: Checked) -> None:
+    """Record a checked set, its environment files written first; durable on return."""
     try:
         async with keeping_env(orch, checked):
-            outcome: Outcome = await orch.scheduler.ask(SubmitMany(specs, user.principal,
-                                                                   new_names))
+            outcome: Outcome = await orch.scheduler.ask(command)
     except NamesTaken:
         raise
     except CommandError as exc:
         raise ApiError(exc.status, exc.message, "jobs") from None
     await settle(outcome)
-    return ids
 
 
 def flag(request: web.Request, name: str) -> bool:
