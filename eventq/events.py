@@ -100,6 +100,10 @@ class JobSpec(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
     depends_on: list[str] = []
     #: Not before this time (epoch seconds).
     begin_at: float | None = None
+    #: SHA-256 of the job's environment file (``DATA/env/<it>``, ``eventq/jobenv.py``): its
+    #: variables and the submitter's directory, kept out of the log. Jobs recorded before it
+    #: existed carry their env here, in ``env``.
+    env_sha256: str | None = None
 
     @property
     def effective_base(self) -> int:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import structlog
 
 from eventq import events as ev
-from eventq import runner
+from eventq import jobenv, runner
 from eventq.actors.scheduler import AttemptReport, Scheduler
 from eventq.actors.scheduler_state import SchedulerState
 from eventq.log import Record
@@ -61,10 +61,15 @@ class LocalNode:
 
     def _start(self, e: ev.AttemptDispatched) -> None:
         """Start the process right here, in the durable callback: not a loop turn later."""
-        spec = self.state.jobs[e.job_id].spec
         key = (e.job_id, e.attempt)
         self.exited[key] = asyncio.Event()
         directory = runner.attempt_dir(self.data_dir, e.job_id, e.attempt)
+        try:
+            spec = jobenv.for_local(self.data_dir, self.state.jobs[e.job_id].spec)
+        except jobenv.EnvUnreadable as exc:
+            self._ended(key, AttemptReport(e.job_id, e.attempt, "ended", outcome="start_failed",
+                                           detail=f"could not start: {exc}"))
+            return
         try:
             pid = runner.spawn(spec, e.attempt, e.gpus, directory, self.trainer)
         except (OSError, ValueError) as exc:

@@ -23,6 +23,7 @@ from eventq.auth import TOKEN_FILE, Users, new_token, token_hash, write_secret
 from eventq.clock import Clock, RealClock
 from eventq.gpus import Inventory
 from eventq.http.hub import WorkerHub
+from eventq.jobenv import EnvFiles
 from eventq.log import EventLog
 from eventq.logfiles import DEFAULT_CAP, AttemptLogs
 from eventq.node import LocalNode
@@ -71,6 +72,10 @@ class Orchestrator:
     #: replay or a batch builds is moved out of the cyclic collector's view (gc.freeze)
     #: instead of being scanned again. Off where many orchestrators come and go (tests).
     long_lived: bool = False
+    #: The URL workers on other machines reach this server at (``eventq server
+    #: --advertise-url``, else this host's name when it listens beyond loopback); None when
+    #: it listens on loopback only.
+    advertise_url: str | None = None
 
     def __post_init__(self) -> None:
         # One spelling for the life of the data: attempts record it (their wrapper's argv,
@@ -99,6 +104,9 @@ class Orchestrator:
         with self.state.replaying():
             replayed = self.log.replay(keep=self.long_lived)
         self._remove_purged_directories()
+        self.env_files = EnvFiles(self.data_dir, self.state)
+        self.env_files.sweep()
+        self.log.on_durable(self.env_files.on_durable, EnvFiles.DURABLE_READS)
         #: What a previous server left running here: the only attempts recovery may judge.
         self._left_active = [(job.spec.job_id, job.attempt) for job in self.state.jobs.values()
                              if job.active and job.node == "local"]
@@ -176,10 +184,11 @@ class Orchestrator:
         self.log.append("system", events)
         return token
 
-    def write_server_file(self, url: str) -> None:
+    def write_server_file(self, url: str, **more: str | None) -> None:
         """Atomically: a CLI started at the same moment reads all of it or none."""
         tmp = self.data_dir / f"{SERVER_FILE}.tmp"
-        tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        extra = {k: v for k, v in more.items() if v is not None}
+        tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), **extra}))
         os.replace(tmp, self.data_dir / SERVER_FILE)
 
     async def stop(self) -> None:
@@ -196,6 +205,7 @@ class Orchestrator:
         await self.node.shutdown()
         await self.hub.close_all("the orchestrator is restarting", tell=False)
         await self.attempt_logs.stop()
+        await self.env_files.stop()
         await self.log.close()
         (self.data_dir / SERVER_FILE).unlink(missing_ok=True)
         self._lock.close()

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import random
 import signal
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ class AgentConfig:
     #: On a time-limited allocation (``--max-runtime``, ``--margin-time``): take only jobs
     #: known to end before this, and leave once none fits in the time left.
     accepts_until: float | None = None
+    #: Verifies an https orchestrator (``--ca``); None: the system's CAs.
+    ssl: ssl.SSLContext | None = None
 
 
 class Refused(Exception):
@@ -177,7 +180,7 @@ class Agent:
         try:
             ws = await session.ws_connect(
                 self.ws_url, headers={"X-Worker-Token": self.config.token},
-                heartbeat=PING_SECONDS, max_msg_size=8 * 2**20,
+                heartbeat=PING_SECONDS, max_msg_size=8 * 2**20, ssl=self.config.ssl or True,
                 timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status in (401, 403):
@@ -271,7 +274,8 @@ class Agent:
         headers = {"X-Worker-Token": self.config.token}
         try:
             async with aiohttp.ClientSession(headers=headers) as s, \
-                    s.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                    s.get(url, timeout=aiohttp.ClientTimeout(total=10),
+                          ssl=self.config.ssl or True) as resp:
                 return resp.status == 200 and not (await resp.json())["has_jobs"]
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
             return False

@@ -49,7 +49,7 @@ def add_parsers(jobs: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client.find(args.url, args.token, args.data_dir)
+    return Client.find(args.url, args.token, args.data_dir, args.ca)
 
 
 def position(args: argparse.Namespace) -> int:

@@ -156,7 +156,7 @@ sent only with --export-env (it would be repeated in every row).
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client.find(args.url, args.token, args.data_dir)
+    return Client.find(args.url, args.token, args.data_dir, args.ca)
 
 
 # --- reading the queue ---------------------------------------------------------------
@@ -252,10 +252,10 @@ def _shared_fields(args: argparse.Namespace) -> dict[str, Any]:
         shared["max_attempts"] = args.max_attempts
     if args.retry_on_failure:
         shared["retry_on_failure"] = True
-    if not args.no_export_env:
-        shared["cwd"] = os.getcwd()
-    if args.export_env:
-        shared["env"] = dict(os.environ)
+    if not args.no_export_env and args.target != "worker":
+        shared["exported_cwd"] = os.getcwd()
+    if args.export_env and args.target != "worker":
+        shared["exported_env"] = dict(os.environ)
     return shared
 
 
@@ -292,8 +292,10 @@ def _send_import(api: Client, data: bytes, path: Path, sent: Callable[[int], Non
     import urllib.parse
 
     where = urllib.parse.urlsplit(api.url)
-    kind = http.client.HTTPSConnection if where.scheme == "https" else http.client.HTTPConnection
-    conn = kind(where.hostname or "localhost", where.port, timeout=600)
+    conn = http.client.HTTPSConnection(where.hostname or "localhost", where.port, timeout=600,
+                                       context=api.ssl_context) \
+        if where.scheme == "https" else \
+        http.client.HTTPConnection(where.hostname or "localhost", where.port, timeout=600)
     try:
         conn.putrequest("POST", where.path.rstrip("/") + "/api/queue/import"
                         + ("?pretty=true" if pretty else ""))
@@ -310,7 +312,7 @@ def _send_import(api: Client, data: bytes, path: Path, sent: Callable[[int], Non
         resp = conn.getresponse()
         raw = resp.read()
     except (OSError, http.client.HTTPException) as exc:
-        raise CliError(f"cannot reach the server at {api.url}: {exc}") from None
+        raise CliError(api.unreachable(exc)) from None
     finally:
         conn.close()
     if resp.status == 200:

@@ -13,6 +13,7 @@ from eventq.paths import SERVER_FILE, TOKEN_FILE
 
 if TYPE_CHECKING:
     import http.client
+    import ssl
     import urllib.error
 
 # urllib.request (http.client, email) loads with the first request: `eventq --help` and
@@ -41,17 +42,31 @@ def quote(part: str) -> str:
 
 
 class Client:
-    """The server's address and the token every request carries. (Not a dataclass:
-    `dataclasses` loads `inspect`, 7 ms of every command.)"""
+    """The server's address, the token every request carries, and the CA its certificate
+    is verified against. (Not a dataclass: `dataclasses` loads `inspect`, 7 ms of every
+    command.)"""
 
-    def __init__(self, url: str, token: str) -> None:
+    def __init__(self, url: str, token: str, ca: str | None = None,
+                 pinned: bool = False) -> None:
         self.url, self.token = url, token
+        #: A PEM file to verify the server's certificate with (None: the system's CAs);
+        #: ``pinned``: it is the server's own certificate, read from its ``server.json``.
+        self.ca, self.pinned = ca, pinned
+        self._ssl: ssl.SSLContext | None = None
 
     @classmethod
-    def find(cls, url: str | None, token: str | None, data_dir: Path | None) -> Client:
-        """Flags, then EVENTQ_URL / EVENTQ_TOKEN, then the local data directory."""
+    def find(cls, url: str | None, token: str | None, data_dir: Path | None,
+             ca: str | None = None) -> Client:
+        """Flags, then EVENTQ_URL / EVENTQ_TOKEN / EVENTQ_CA, then the local data directory
+        (whose ``server.json`` also names the certificate of a local TLS server)."""
         home = data_dir or default_data_dir()
-        url = url or os.environ.get("EVENTQ_URL") or _read_url(home)
+        ca = ca or os.environ.get("EVENTQ_CA") or None
+        pinned = False
+        url = url or os.environ.get("EVENTQ_URL")
+        if not url:
+            url, cert = _read_server(home)
+            pinned = ca is None and cert is not None
+            ca = ca or cert
         token = token or os.environ.get("EVENTQ_TOKEN") or _read(home / TOKEN_FILE)
         if not url:
             raise CliError(f"no server found: none is running on {home} "
@@ -59,8 +74,22 @@ class Client:
         if not token:
             raise CliError(f"no token: pass --token, set EVENTQ_TOKEN, or run on the server's "
                            f"machine where {home / TOKEN_FILE} is readable")
-        return cls(url.rstrip("/"), token)
+        return cls(url.rstrip("/"), token, ca, pinned)
 
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """For an https URL: what verifies the server (None for plain HTTP)."""
+        if self._ssl is None and self.url.startswith("https:"):
+            from eventq import tls
+
+            try:
+                self._ssl = tls.ca_context(self.ca) if not self.pinned else \
+                    tls.client_context(self.ca, pinned=True)
+            except tls.TlsError as exc:
+                raise CliError(str(exc)) from None
+            except OSError as exc:
+                raise CliError(f"cannot use the server's certificate {self.ca}: {exc}") from None
+        return self._ssl
     def open(self, method: str, path: str, body: Any = None,
              timeout: float | None = 60.0) -> http.client.HTTPResponse:
         """The raw response of a successful request; errors become CliError."""
@@ -71,14 +100,25 @@ class Client:
         req = urllib.request.Request(self.url + path, data=data, method=method, headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
         try:
-            resp: http.client.HTTPResponse = urllib.request.urlopen(req, timeout=timeout)
+            resp: http.client.HTTPResponse = urllib.request.urlopen(
+                req, timeout=timeout, context=self.ssl_context)
         except urllib.error.HTTPError as exc:
             raise CliError(_error_text(exc)) from None
         except urllib.error.URLError as exc:
-            raise CliError(f"cannot reach the server at {self.url}: {exc.reason}") from None
+            raise CliError(self.unreachable(exc.reason)) from None
         except OSError as exc:
-            raise CliError(f"cannot reach the server at {self.url}: {exc}") from None
+            raise CliError(self.unreachable(exc)) from None
         return resp
+
+    def unreachable(self, reason: object) -> str:
+        """One line on why a request failed before any answer came."""
+        import ssl
+
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            from eventq import tls
+
+            return tls.untrusted(self.url, reason.verify_message or str(reason))
+        return f"cannot reach the server at {self.url}: {reason}"
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         with self.open(method, path, body) as resp:
@@ -143,6 +183,8 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _read_url(home: Path) -> str | None:
+def _read_server(home: Path) -> tuple[str | None, str | None]:
+    """The local server's URL and, when it serves TLS, its certificate file."""
     raw = _read(home / SERVER_FILE)
-    return json.loads(raw).get("url") if raw else None
+    found = json.loads(raw) if raw else {}
+    return found.get("url"), found.get("cert")

@@ -60,8 +60,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     s.add_argument("--begin-at", metavar="TIME",
                    help="not before this time (ISO-8601, or epoch seconds)")
     s.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a variable the job gets wherever it runs (repeat)")
+    s.add_argument("--export-env", action="append", default=[], metavar="NAME,…",
+                   help="variables of this shell the job gets wherever it runs, remote "
+                        "workers included (repeat or a,b)")
     s.add_argument("--no-export-env", action="store_true",
-                   help="send neither the working directory nor the environment")
+                   help="send neither this directory nor this shell's whole environment "
+                        "(which a job that runs on the server's machine otherwise gets)")
     s.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     s.set_defaults(run=submit)
     ls = jobs.add_parser("list", parents=[common], help="list jobs")
@@ -90,7 +96,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def client(args: argparse.Namespace) -> Client:
-    return Client.find(args.url, args.token, args.data_dir)
+    return Client.find(args.url, args.token, args.data_dir, args.ca)
 
 
 def submit_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -126,9 +132,25 @@ def submit_body(args: argparse.Namespace) -> dict[str, Any]:
         body["depends_on"] = [d for item in args.depends_on for d in item.split(",") if d]
     if args.begin_at:
         body["begin_at"] = _time_arg(args.begin_at)
-    if not args.no_export_env:
-        body["cwd"], body["env"] = os.getcwd(), dict(os.environ)
+    body.update(_environment(args))
     return body
+
+
+def _environment(args: argparse.Namespace) -> dict[str, Any]:
+    """What the job declares (``--env``, ``--export-env``), and what this shell exports to
+    a run on the server's machine. The server keeps both out of its log; remote workers
+    get only the declared variables."""
+    out: dict[str, Any] = {}
+    declared = dict(_pair(p) for p in args.env)
+    for name in (n for item in args.export_env for n in item.split(",") if n):
+        if name not in os.environ:
+            raise CliError(f"--export-env: {name} is not set in this shell")
+        declared[name] = os.environ[name]
+    if declared:
+        out["env"] = declared
+    if not args.no_export_env and args.target != "worker":
+        out["exported_cwd"], out["exported_env"] = os.getcwd(), dict(os.environ)
+    return out
 
 
 def _config_file(path: Path) -> dict[str, Any]:
@@ -246,9 +268,17 @@ def show_job(args: argparse.Namespace) -> int:
         emit_json({"job": job, "events": history})
         return 0
     for key in ("job_id", "name", "user", "status", "gpus", "allocated_gpus", "node", "attempt",
-                "position", "exit_code", "error", "command"):
+                "position", "exit_code", "error", "command", "cwd"):
         if job.get(key) is not None:
             output.console.print(f"[bold]{key}[/bold]: {cell(job[key])}")
+    if job.get("env"):  # as the server shows it: secret-looking values redacted
+        from rich.markup import escape
+
+        output.console.print("[bold]env[/bold]: " + escape(" ".join(
+            f"{k}={v}" for k, v in job["env"].items())))
+    if job.get("exported_env"):
+        output.console.print(f"[bold]exported env[/bold]: {job['exported_env']} variables, for "
+                             "a run on the server's machine")
     if job.get("reasons"):
         output.console.print(f"[bold]waits on[/bold]: {reasons_text(job)}")
     rows = [{"seq": e["seq"], "time": when(e["time"]), "by": e["principal"], "event": e["type"],

@@ -37,7 +37,7 @@ def logs_path(args: argparse.Namespace) -> str:
 
 def show_logs(args: argparse.Namespace) -> int:
     """Exit 0 once the log is printed; a followed log ends with the job's end on stderr."""
-    api = Client.find(args.url, args.token, args.data_dir)
+    api = Client.find(args.url, args.token, args.data_dir, args.ca)
     if not args.follow:
         data = api.text(logs_path(args))
         if args.format == "json":

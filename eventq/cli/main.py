@@ -27,6 +27,9 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     common.add_argument("--data-dir", type=Path, help="default: $EVENTQ_HOME or ~/.eventq")
     common.add_argument("--url", help="server address (default: $EVENTQ_URL, or the local one)")
     common.add_argument("--token", help="API token (default: $EVENTQ_TOKEN, or the local admin's)")
+    common.add_argument("--ca", metavar="FILE",
+                        help="verify an https server with this CA (PEM; default: $EVENTQ_CA, "
+                             "or the system's CAs)")
     common.add_argument("--format", choices=["table", "json"], default="table")
     top = argparse.ArgumentParser(prog="eventq", description="GPU job queue and orchestrator")
     top.add_argument("--version", action="version", version=f"eventq {__version__}")

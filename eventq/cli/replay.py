@@ -99,11 +99,15 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def _line(r: Record) -> dict[str, Any]:
+    """An event as printed: a job's secret-looking values redacted (eventq/redact.py)."""
     import msgspec
+
+    from eventq.redact import redact_body
 
     body = msgspec.to_builtins(r.event)
     body.pop("type", None)
-    return {"seq": r.seq, "time": r.time, "principal": r.principal, "type": r.type, "body": body}
+    return {"seq": r.seq, "time": r.time, "principal": r.principal, "type": r.type,
+            "body": redact_body(r.type, body)}
 
 
 def show(args: argparse.Namespace) -> int:

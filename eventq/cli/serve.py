@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from eventq.cli.client import CliError
 
 if TYPE_CHECKING:
+    import ssl
+
     from eventq.server import Orchestrator
 
 # The server's modules (aiohttp, the actors, asyncio, logging) load only when a server
@@ -29,6 +31,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     s.add_argument("--log-cap-mb", type=float, default=64.0,
                    help="MiB of each attempt's stdout and stderr kept; older output is dropped")
     s.add_argument("--log-format", choices=["console", "json"], default="console")
+    s.add_argument("--tls-cert", type=Path, metavar="FILE",
+                   help="serve HTTPS with this certificate chain (PEM), with --tls-key")
+    s.add_argument("--tls-key", type=Path, metavar="FILE", help="the certificate's private key")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow plain HTTP on a non-loopback --host (behind a TLS proxy, or "
+                        "on a network you trust): tokens then cross it in clear text")
+    s.add_argument("--advertise-url", metavar="URL",
+                   help="how workers on other machines reach this server, e.g. "
+                        "https://gpu-orch.example.com:8001 (default: this host's name when "
+                        "--host is beyond loopback)")
     s.set_defaults(run=run_server)
 
 
@@ -49,9 +61,15 @@ def configure_logging(fmt: str) -> None:
 def run_server(args: argparse.Namespace) -> int:
     import asyncio
 
-    from eventq import gpus
+    from eventq import gpus, tls
     from eventq.server import AlreadyRunning, Orchestrator, default_data_dir
 
+    try:  # before anything listens or is written
+        tls_context = tls.server_context(args.tls_cert, args.tls_key)
+        tls.check_exposure(args.host, tls_context is not None, args.insecure)
+        tls.advertised_url(args.host, args.port, "https", args.advertise_url)
+    except tls.TlsError as exc:
+        raise CliError(str(exc)) from None
     configure_logging(args.log_format)
     try:
         inventory = gpus.detect(args.gpus)
@@ -62,14 +80,38 @@ def run_server(args: argparse.Namespace) -> int:
     orch = Orchestrator(args.data_dir or default_data_dir(), inventory,
                         grace_seconds=args.grace, configs_dir=args.configs_dir or Path(),
                         log_cap_bytes=int(args.log_cap_mb * 2**20))
+    listen = Listen(args.host, args.port, tls_context, args.advertise_url, args.tls_cert)
     try:
-        asyncio.run(_serve(orch, args.host, args.port))
+        asyncio.run(_serve(orch, listen))
     except AlreadyRunning as exc:
         raise CliError(str(exc)) from None
     return 0
 
 
-async def _serve(orch: Orchestrator, host: str, port: int) -> None:
+class Listen(NamedTuple):
+    """Where and how the server listens."""
+
+    host: str
+    port: int
+    tls: ssl.SSLContext | None
+    advertise_url: str | None
+    cert: Path | None
+
+    def urls(self, bound: int) -> tuple[str, str | None]:
+        """The URL for clients on this machine, and the one advertised to other machines."""
+        from eventq import tls
+
+        scheme = "https" if self.tls else "http"
+        advertised = tls.advertised_url(self.host, bound, scheme, self.advertise_url)
+        return tls.local_url(self.host, bound, scheme, advertised), advertised
+
+    def in_clear_beyond_loopback(self) -> bool:
+        from eventq import tls
+
+        return self.tls is None and not tls.is_loopback(self.host)
+
+
+async def _serve(orch: Orchestrator, listen: Listen) -> None:
     import asyncio
     import gc
     import signal
@@ -85,15 +127,13 @@ async def _serve(orch: Orchestrator, host: str, port: int) -> None:
     gc.set_threshold(50_000, 20, 20)
     runner = web.AppRunner(make_app(orch), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, listen.host, listen.port, ssl_context=listen.tls)
     await site.start()
-    bound = runner.addresses[0][1]
-    url = f"http://{host}:{bound}"
-    orch.write_server_file(url)
-    inv = orch.inventory
-    gpu_text = f"{len(inv.gpus)} GPUs" + (" (simulated)" if inv.simulated else "") + \
-        (f" — {inv.nvml_error}" if inv.nvml_error else "")
-    print(f"eventq server on {url}  data: {orch.data_dir}  {gpu_text}", flush=True)
+    url, orch.advertise_url = listen.urls(runner.addresses[0][1])
+    # The certificate lets a client on this machine trust this very server by itself.
+    orch.write_server_file(url, advertise_url=orch.advertise_url,
+                           cert=str(listen.cert.absolute()) if listen.cert else None)
+    _announce(orch, url, listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -104,3 +144,15 @@ async def _serve(orch: Orchestrator, host: str, port: int) -> None:
     await orch.hub.close_all("the orchestrator is restarting", tell=False)
     await runner.cleanup()
     await orch.stop()
+
+
+def _announce(orch: Orchestrator, url: str, listen: Listen) -> None:
+    inv = orch.inventory
+    gpu_text = f"{len(inv.gpus)} GPUs" + (" (simulated)" if inv.simulated else "") + \
+        (f" — {inv.nvml_error}" if inv.nvml_error else "")
+    print(f"eventq server on {url}  data: {orch.data_dir}  {gpu_text}", flush=True)
+    if orch.advertise_url:
+        print(f"workers on other machines connect to {orch.advertise_url}", flush=True)
+    if listen.in_clear_beyond_loopback():
+        print("warning: serving plain HTTP beyond loopback (--insecure): tokens cross the "
+              "network in clear text", flush=True)

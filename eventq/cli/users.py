@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client.find(args.url, args.token, args.data_dir)
+    return Client.find(args.url, args.token, args.data_dir, args.ca)
 
 
 def _print_token(args: argparse.Namespace, reply: dict[str, Any], what: str) -> int:

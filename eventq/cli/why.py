@@ -18,6 +18,7 @@ from eventq.cli import output
 from eventq.cli.client import CliError
 from eventq.cli.output import cell, duration, emit_json, table, when
 from eventq.log import LogCorrupt, Record
+from eventq.redact import redact_text
 
 #: The pseudo-reason for waiting time no recorded reason covers (e.g. before the
 #: first scheduling pass after a submission, a requeue or a release).
@@ -69,8 +70,8 @@ class Story:
     def evolve(self, r: Record) -> None:
         e, t = r.event, r.time
         state, detail = self._apply(e, t)
-        if state:
-            self.steps.append(Step(r.seq, t, r.principal, state, detail))
+        if state:  # details quote what workers and admins wrote: tokens are hidden
+            self.steps.append(Step(r.seq, t, r.principal, state, redact_text(detail)))
 
     def _apply(self, e: ev.Event, t: float) -> tuple[str, str]:
         if isinstance(e, ev.JobSubmitted):

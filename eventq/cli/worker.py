@@ -6,8 +6,12 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eventq.cli.client import CliError, default_data_dir
+
+if TYPE_CHECKING:
+    import ssl
 
 # The agent's modules (aiohttp, the runner, asyncio) load only when a worker starts.
 
@@ -20,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                                  "(default: $EVENTQ_URL)")
     w.add_argument("--token", help="this worker's token, from `eventq workers add` "
                                    "(default: $EVENTQ_WORKER_TOKEN)")
+    w.add_argument("--ca", metavar="FILE",
+                   help="verify an https orchestrator with this CA (PEM; default: "
+                        "$EVENTQ_CA, or the system's CAs)")
     w.add_argument("--name", help="shown to the orchestrator (default: $EVENTQ_WORKER_NAME, "
                                   "or the host name)")
     w.add_argument("--persistent", action="store_true",
@@ -65,15 +72,8 @@ def budget_end(max_runtime: float | None, margin: float) -> float | None:
     return time.time() + max_runtime - margin
 
 
-def run_worker(args: argparse.Namespace) -> int:
-    import asyncio
-    import shlex
-    import socket
-
-    from eventq import gpus, runner
-    from eventq.agent.agent import Agent, AgentBusy, AgentConfig, Refused
-    from eventq.cli.serve import configure_logging
-
+def _orchestrator(args: argparse.Namespace) -> tuple[str, str]:
+    """Its URL and this worker's token, from the flags or the environment."""
     env = os.environ
     url = args.url or env.get("EVENTQ_URL")
     token = args.token or env.get("EVENTQ_WORKER_TOKEN")
@@ -85,6 +85,33 @@ def run_worker(args: argparse.Namespace) -> int:
                        "an admin creates it with `eventq workers add NAME`")
     # Jobs inherit the agent's environment: they must not inherit its credentials.
     env.pop("EVENTQ_WORKER_TOKEN", None)
+    return url, token
+
+
+def _verified(url: str, ca: str | None) -> ssl.SSLContext | None:
+    """The context for ``--ca``; a certificate it cannot verify ends the worker now, with
+    one line, not in a retry loop."""
+    from eventq import tls
+
+    try:
+        context = tls.ca_context(ca)
+        tls.check_trusted(url, context)
+    except tls.TlsError as exc:
+        raise CliError(str(exc)) from None
+    return context
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import shlex
+    import socket
+
+    from eventq import gpus, runner
+    from eventq.agent.agent import Agent, AgentBusy, AgentConfig, Refused
+    from eventq.cli.serve import configure_logging
+
+    env = os.environ
+    url, token = _orchestrator(args)
     spec = args.gpus or env.get("EVENTQ_WORKER_GPUS") or None
     try:
         if spec:
@@ -96,12 +123,13 @@ def run_worker(args: argparse.Namespace) -> int:
     trainer = tuple(shlex.split(args.trainer)) if args.trainer else runner.DEFAULT_TRAINER
     if not trainer:
         raise CliError("--trainer must name a command")
+    ssl_context = _verified(url, args.ca or env.get("EVENTQ_CA"))
     config = AgentConfig(
         url=url, token=token, data_dir=(args.data_dir or default_data_dir() / "worker").absolute(),
         name=args.name or env.get("EVENTQ_WORKER_NAME") or socket.gethostname(),
         gpu_spec=spec, labels=parse_labels(args.labels or env.get("EVENTQ_WORKER_LABELS")),
         persistent=args.persistent, trainer=trainer, grace_seconds=args.grace,
-        accepts_until=budget_end(args.max_runtime, args.margin_time))
+        accepts_until=budget_end(args.max_runtime, args.margin_time), ssl=ssl_context)
     configure_logging(args.log_format)
     try:
         return asyncio.run(Agent(config).run())

@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client.find(args.url, args.token, args.data_dir)
+    return Client.find(args.url, args.token, args.data_dir, args.ca)
 
 
 def _resolve(client: Client, ident: str) -> str:
@@ -70,9 +70,22 @@ def add(args: argparse.Namespace) -> int:
     output.console.print("token (shown only this once; give it to the worker as "
                          "EVENTQ_WORKER_TOKEN):", markup=False)
     print(reply["token"])
-    output.console.print("on the GPU machine, run:", markup=False)
-    print(f"  {reply['connection_command']}")
+    _print_connection(reply, "on the GPU machine, run")
     return 0
+
+
+def _print_connection(reply: dict[str, Any], lead: str) -> None:
+    """The commands that start the worker: eventq's agent, or SimpleTuner's stock one."""
+    say = output.console.print
+    say(f"{lead}:", markup=False)
+    print(f"  {reply['connection_command']}")
+    say("or, with SimpleTuner's worker:", markup=False)
+    print(f"  {reply['stock_worker_command']}")
+    if reply["url"].startswith("https:"):
+        say("if the server's certificate is not from a CA that machine trusts, copy the CA "
+            "there and add --ca FILE (SimpleTuner's worker: SSL_CERT_FILE=FILE)", markup=False)
+    if reply.get("note"):
+        say(f"note: {reply['note']}", markup=False)
 
 
 def _row(worker: dict[str, Any]) -> dict[str, Any]:
@@ -122,8 +135,7 @@ def rotate(args: argparse.Namespace) -> int:
                          "connected with it is disconnected). New token (shown only this once):",
                          markup=False)
     print(reply["token"])
-    output.console.print("restart the worker with it:", markup=False)
-    print(f"  eventq worker --url {client.url} --token {reply['token']}")
+    _print_connection(reply, "restart the worker with it")
     return 0
 
 

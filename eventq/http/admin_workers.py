@@ -1,7 +1,12 @@
-"""``/api/admin/workers``: create workers, rotate their tokens, drain and remove them."""
+"""``/api/admin/workers``: create workers, rotate their tokens, drain and remove them.
+
+Creating a worker or rotating its token answers how to start it on its machine, at the
+URL the server advertises to other machines (``eventq server --advertise-url``, else its
+host's name when it listens beyond loopback)."""
 
 from __future__ import annotations
 
+import shlex
 from typing import Any, Literal
 
 import msgspec
@@ -66,12 +71,35 @@ async def create_worker(request: web.Request) -> web.Response:
     token = await _ask(request, CreateWorker(admin.principal, body.name, body.worker_type,
                                              body.labels))
     worker = next(w for w in orch.workers.by_id.values() if w.name == body.name)
-    url = str(request.url.origin())
-    persistent = " --persistent" if body.worker_type == "persistent" else ""
-    return web.json_response({
-        "worker_id": worker.worker_id, "token": token, "name": worker.name,
-        "connection_command": f"eventq worker --url {url} --token {token} "
-                              f"--name {worker.name}{persistent}"}, status=201)
+    assert token is not None
+    return web.json_response({"worker_id": worker.worker_id, "token": token, "name": worker.name,
+                              **connection(request, worker.worker_id, token)}, status=201)
+
+
+def connection(request: web.Request, worker_id: str, token: str) -> dict[str, Any]:
+    """How to start the worker on its machine, with eventq's agent or SimpleTuner's own:
+    the advertised URL (never a loopback address, unless the server listens only there,
+    which the note then says)."""
+    orch = request.app[ORCH]
+    worker = orch.workers.by_id[worker_id]
+    url = orch.advertise_url or str(request.url.origin())
+    name = shlex.quote(worker.name)
+    persistent = worker.worker_type == "persistent"
+    out: dict[str, Any] = {
+        "url": url,
+        "connection_command": f"eventq worker --url {url} --token {token} --name {name}"
+                              + (" --persistent" if persistent else ""),
+        # SimpleTuner's worker reads its name and type from the environment too when its
+        # URL and token come from there (its flags are ignored then).
+        "stock_worker_command": f"SIMPLETUNER_ORCHESTRATOR_URL={url} "
+                                f"SIMPLETUNER_WORKER_TOKEN={token} SIMPLETUNER_WORKER_NAME={name}"
+                                + (" SIMPLETUNER_WORKER_PERSISTENT=true" if persistent else "")
+                                + " simpletuner worker"}
+    if orch.advertise_url is None:
+        out["note"] = ("the server listens on loopback only: these commands work on its own "
+                       "machine. For another machine, start it with --host and --tls-cert/"
+                       "--tls-key (or --advertise-url)")
+    return out
 
 
 @routes.post("/api/admin/workers/{worker_id}/token")
@@ -79,7 +107,9 @@ async def rotate_token(request: web.Request) -> web.Response:
     admin = require_admin(request)
     worker_id = _known(request)
     token = await _ask(request, RotateWorkerToken(admin.principal, worker_id))
-    return web.json_response({"worker_id": worker_id, "token": token})
+    assert token is not None
+    return web.json_response({"worker_id": worker_id, "token": token,
+                              **connection(request, worker_id, token)})
 
 
 @routes.post("/api/admin/workers/{worker_id}/drain")

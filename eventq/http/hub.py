@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import structlog
 
 from eventq import events as ev
+from eventq import jobenv
 from eventq.actors.registry import Registry
 from eventq.actors.scheduler_state import SchedulerState
 from eventq.actors.workers_state import Workers
@@ -89,16 +90,24 @@ class WorkerHub:
             outbox.send(message)
 
     def run_message(self, job_id: str, attempt: int, transport: str) -> dict[str, Any]:
-        """``job_submit`` as SimpleTuner's stock worker reads it, plus eventq's fields."""
+        """``job_submit`` as SimpleTuner's stock worker reads it, plus eventq's fields.
+
+        Only what the job declared travels (``eventq/jobenv.py``): never the submitter's
+        ``PATH`` or a directory of the orchestrator's machine."""
         job = self.state.jobs[job_id]
         spec = job.spec
+        try:
+            env, cwd = jobenv.for_worker(self.data_dir, spec)
+        except jobenv.EnvUnreadable as exc:
+            log.error("environment_unreadable", job_id=job_id, attempt=attempt, why=str(exc))
+            env, cwd = {}, spec.cwd
         return {
             "type": "job_submit" if transport == "sse" else "run",
             "job_id": job_id, "attempt": attempt, "config": spec.config or {},
             "config_name": spec.config_name, "dataloader": None,
             "upload_endpoint": f"/api/workers/upload/{job_id}", "upload_token": "",
             "provider": "eventq", "command": spec.command, "gpus": list(job.gpus),
-            "env": spec.env, "cwd": spec.cwd, "max_runtime": spec.max_runtime,
+            "env": env, "cwd": cwd, "max_runtime": spec.max_runtime,
         }
 
     def on_durable(self, records: Sequence[Record]) -> None:

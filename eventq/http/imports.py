@@ -54,6 +54,9 @@ class ImportRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retry_on_failure: bool = False
     cwd: b.Path | None = None
     env: b.Env = {}
+    #: The submitter's directory and environment, for runs on the server's machine only.
+    exported_cwd: b.Path | None = None
+    exported_env: b.Env = {}
 
 
 @routes.post("/api/queue/import")
@@ -110,7 +113,8 @@ async def _record(orch: Orchestrator, user: User,
 
 #: What each row's submission takes from the request where it was given (None, False
 #: and {} are the defaults: a row left alone gets the submission's own).
-SHARED = ("target", "max_runtime", "max_attempts", "retry_on_failure", "cwd", "env")
+SHARED = ("target", "max_runtime", "max_attempts", "retry_on_failure", "cwd", "env",
+          "exported_cwd", "exported_env")
 
 
 def options_of(body: ImportRequest) -> jsv2.Options:

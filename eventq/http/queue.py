@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import os
 import re
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
 
 from eventq import events as ev
+from eventq import jobenv
 from eventq.actors.scheduler import (
     CommandError,
     DryRun,
@@ -61,8 +64,15 @@ class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_runtime: Positive | None = None
     estimated_runtime: Positive | None = None
     retry_on_failure: bool = False
+    #: Variables the job declares: every node it runs on gets them.
     env: b.Env = {}
+    #: Its working directory, on whichever node runs it.
     cwd: b.Path | None = None
+    #: The submitter's whole environment, for a run on the orchestrator's own machine
+    #: only (``eventq jobs submit`` sends it unless ``--no-export-env``).
+    exported_env: b.Env = {}
+    #: The submitter's working directory, for a run on the orchestrator's own machine only.
+    exported_cwd: b.Path | None = None
     metadata: b.FreeJson = {}
     team: b.Team | None = None
     dry_run: bool = False
@@ -76,7 +86,7 @@ class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class Checked:
     """What one request has already checked: a batch of 10,000 rows from one directory
-    looks at that directory once."""
+    looks at that directory once, and keeps one environment file for them all."""
 
     def __init__(self, names: dict[str, str] | None = None, printable: bool = False) -> None:
         #: The batch's own job names, to their new ids.
@@ -84,6 +94,8 @@ class Checked:
         self.dirs: set[str] = set()
         #: Every name of the batch was searched for control characters, and has none.
         self.printable = printable
+        #: The environment files to write before the request is recorded, by content.
+        self.sealed: dict[bytes, jobenv.Sealed] = {}
 
 
 def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
@@ -104,11 +116,9 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
         raise ApiError(422, "name must not contain control characters", "name")
     _check_process_text(req)
     _check_free_json(req)
-    if req.cwd is not None and req.cwd not in checked.dirs:
-        if not os.path.isdir(req.cwd):
-            raise ApiError(422, f"cwd {req.cwd} is not a directory on the server", "cwd")
-        checked.dirs.add(req.cwd)
+    _check_dir(req.cwd, "cwd", checked)
     _check_gpus(req, gpus, orch)
+    env_sha256 = _seal_env(req, checked)
     return ev.JobSpec(
         job_id=job_id or new_job_id(orch), user=user.name, priority=ev.LEVEL_PRIORITY[user.level],
         command=req.command or [], name=req.name or req.config_name or _name_of(req.command),
@@ -116,12 +126,39 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
         device_ids=req.device_ids, any_gpu=req.any_gpu, target=req.target,
         worker_labels=req.worker_labels, max_attempts=req.max_attempts,
         max_runtime=req.max_runtime, estimated_runtime=req.estimated_runtime,
-        retry_on_failure=req.retry_on_failure, env=req.env, cwd=req.cwd,
+        retry_on_failure=req.retry_on_failure, cwd=req.cwd, env_sha256=env_sha256,
         metadata=req.metadata, config=req.config if req.config is not None else
         resolve_config(req.config_name, orch), config_name=req.config_name,
         requires_approval=req.requires_approval, estimated_cost=req.estimated_cost,
         depends_on=resolve_dependencies(req.depends_on, orch, checked.names),
         begin_at=parse_time(req.begin_at))
+
+
+def _check_dir(path: str | None, field: str, checked: Checked) -> None:
+    if path is not None and path not in checked.dirs:
+        if not os.path.isdir(path):
+            hint = "; submit from a directory the server shares, or with --no-export-env" \
+                if field == "exported_cwd" else ""
+            raise ApiError(422, f"{field} {path} is not a directory on the server{hint}", field)
+        checked.dirs.add(path)
+
+
+def _seal_env(req: SubmitRequest, checked: Checked) -> str | None:
+    """The digest of the job's environment file (``eventq/jobenv.py``): no variable enters
+    the log. What the submitter exported is kept only for a job that may run here."""
+    here = req.target != "worker"
+    exported, cwd = (req.exported_env, req.exported_cwd) if here else ({}, None)
+    if not req.env and not exported and cwd is None:
+        return None
+    _check_dir(cwd, "exported_cwd", checked)
+    key = _env_key.encode((req.env, exported, cwd))
+    sealed = checked.sealed.get(key)
+    if sealed is None:
+        sealed = checked.sealed[key] = jobenv.seal(req.env, exported, cwd)
+    return sealed.digest
+
+
+_env_key = msgspec.msgpack.Encoder(order="deterministic")
 
 
 def resolve_dependencies(refs: list[str], orch: Orchestrator,
@@ -190,25 +227,27 @@ def _check_process_text(req: SubmitRequest) -> None:
     if len(words) > b.COMMAND_CHARS:
         raise ApiError(422, f"command has more than {b.COMMAND_CHARS} characters in all",
                        "command")
-    if req.env:
-        _check_env(req.env)
-    if req.cwd is not None and "\0" in req.cwd:
-        raise ApiError(422, "cwd must not contain NUL characters", "cwd")
+    for field, env in (("env", req.env), ("exported_env", req.exported_env)):
+        if env:
+            _check_env(env, field)
+    for field, path in (("cwd", req.cwd), ("exported_cwd", req.exported_cwd)):
+        if path is not None and "\0" in path:
+            raise ApiError(422, f"{field} must not contain NUL characters", field)
 
 
-def _check_env(env: dict[str, str]) -> None:
+def _check_env(env: dict[str, str], field: str) -> None:
     """Names and values are searched joined, as commands are: an exported environment of
     a hundred variables is looked at in a few string operations, not a hundred."""
     names, values = "".join(env), "".join(env.values())
     if "" in env or "=" in names or "\0" in names:
         key = next(k for k in env if not k or "=" in k or "\0" in k)
-        raise ApiError(422, f"env name {key!r} is not a valid variable name", "env")
+        raise ApiError(422, f"{field} name {key!r} is not a valid variable name", field)
     if "\0" in values:
         key = next(k for k, v in env.items() if "\0" in v)
-        raise ApiError(422, f"env {key} must not contain NUL characters", "env")
+        raise ApiError(422, f"{field} {key} must not contain NUL characters", field)
     if len(names) + len(values) > b.ENV_CHARS:
-        raise ApiError(422, f"env has more than {b.ENV_CHARS} characters of names and values "
-                            "in all", "env")
+        raise ApiError(422, f"{field} has more than {b.ENV_CHARS} characters of names and "
+                            "values in all", field)
 
 
 def _check_free_json(req: SubmitRequest) -> None:
@@ -286,6 +325,16 @@ def dry_run_reply(result: DryRun, no_wait: bool) -> dict[str, Any]:
     return reply
 
 
+@contextlib.asynccontextmanager
+async def keeping_env(orch: Orchestrator, checked: Checked) -> AsyncIterator[None]:
+    """The request's environment files are on disk before its block records anything."""
+    try:
+        async with orch.env_files.kept(checked.sealed.values()):
+            yield
+    except jobenv.EnvNotKept as exc:
+        raise ApiError(503, f"{exc}; nothing was recorded") from None
+
+
 async def settle(outcome: Outcome) -> None:
     """Reply only once what the command recorded is durable."""
     if outcome.durable is not None:
@@ -296,13 +345,15 @@ async def settle(outcome: Outcome) -> None:
 async def submit(request: web.Request) -> web.Response:
     orch, user = request.app[ORCH], current_user(request)
     req = decode_body(await request.read(), SubmitRequest)
-    spec = build_spec(req, user, orch)
+    checked = Checked()
+    spec = build_spec(req, user, orch, checked)
     if req.dry_run:
         field = ev.unstorable_field(spec)  # what a real submission's append would refuse
         if field is not None:
             raise ApiError(422, f"{field} cannot be stored (integers beyond 64 bits)", field)
         return web.json_response(dry_run_reply(orch.scheduler.dry_run(spec), req.no_wait))
-    outcome: Outcome = await orch.scheduler.ask(Submit(spec, user.principal, req.no_wait))
+    async with keeping_env(orch, checked):
+        outcome: Outcome = await orch.scheduler.ask(Submit(spec, user.principal, req.no_wait))
     await settle(outcome)
     # msgspec encodes several times faster than the json module on this hot route.
     return web.Response(body=msgspec.json.encode(submit_reply(orch, spec.job_id)),
@@ -365,15 +416,20 @@ async def record_batch(orch: Orchestrator, user: User, jobs: list[SubmitRequest]
     if problems:
         raise ApiError(422, f"{len(problems)} rows are invalid; nothing was recorded", "jobs",
                        problems[:100])
+    await _submit_many(orch, SubmitMany(specs, user.principal, new_names), checked)
+    return ids
+
+
+async def _submit_many(orch: Orchestrator, command: SubmitMany, checked: Checked) -> None:
+    """Record a checked set, its environment files written first; durable on return."""
     try:
-        outcome: Outcome = await orch.scheduler.ask(SubmitMany(specs, user.principal,
-                                                               new_names))
+        async with keeping_env(orch, checked):
+            outcome: Outcome = await orch.scheduler.ask(command)
     except NamesTaken:
         raise
     except CommandError as exc:
         raise ApiError(exc.status, exc.message, "jobs") from None
     await settle(outcome)
-    return ids
 
 
 def flag(request: web.Request, name: str) -> bool:

@@ -115,6 +115,15 @@ class JobDetail(JobSummary, kw_only=True):
     estimated_runtime: float | None
     #: The reasons last recorded in the log (the live ones are in ``reasons``).
     recorded_reasons: list[WaitReason]
+    #: The variables it declared (``--env``, ``--export-env``), secret-looking values
+    #: redacted; null when its environment file cannot be read (``env_error`` says why).
+    env: dict[str, str] | None
+    #: Its working directory (declared, or the submitter's), null for its attempt's own.
+    cwd: str | None
+    #: How many variables of the submitter's environment a run on the server's machine
+    #: gets (jobs submitted since environments are kept out of the log).
+    exported_env: int | UnsetType = UNSET
+    env_error: str | UnsetType = UNSET
 
 
 class BatchReply(Reply):
@@ -405,16 +414,28 @@ class WorkerList(Reply):
     workers: list[WorkerReply]
 
 
-class NewWorkerReply(Reply):
+class WorkerConnection(Reply):
+    """How to start a worker on its machine."""
+
+    #: The server's URL for other machines (``eventq server --advertise-url``, else its
+    #: host's name); its own loopback address when it listens only there.
+    url: str
+    #: The command that starts eventq's agent for this worker.
+    connection_command: str
+    #: The same for SimpleTuner's stock worker (``SIMPLETUNER_ORCHESTRATOR_URL`` …).
+    stock_worker_command: str
+    #: Set when the server listens on loopback only: no other machine can reach it.
+    note: str | UnsetType = UNSET
+
+
+class NewWorkerReply(WorkerConnection, kw_only=True):
     worker_id: str
     #: Shown once; only its SHA-256 is kept.
     token: str
     name: str
-    #: The command that starts eventq's agent for this worker.
-    connection_command: str
 
 
-class WorkerTokenReply(Reply):
+class WorkerTokenReply(WorkerConnection, kw_only=True):
     worker_id: str
     #: Shown once; the previous token stops working.
     token: str

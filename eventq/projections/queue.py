@@ -23,6 +23,7 @@ from eventq.policy import (
     estimate_starts,
     gate_reasons,
 )
+from eventq.redact import redact_command, redact_value
 
 WAITING = ("pending",)
 #: Waiting for dependencies or a begin time, before joining the queue.
@@ -140,7 +141,7 @@ class QueueView:
             "target": spec.target, "attempt": job.attempt, "max_attempts": spec.max_attempts,
             "queued_at": times.submitted_at, "started_at": times.started_at,
             "completed_at": times.finished_at, "exit_code": job.exit_code, "error": job.error,
-            "metadata": spec.metadata,
+            "metadata": redact_value(spec.metadata) if spec.metadata else spec.metadata,
         }
         if job.status in PARKED or job.status in GATED:
             out["reasons"] = [{"code": r.code, "detail": r.detail} for r in self.reasons(job)]
@@ -164,7 +165,7 @@ class QueueView:
                 if out["estimated_start"] is None:
                     out["estimate_note"] = "as soon as the reasons above clear"
         if detail:
-            out["command"] = spec.command
+            out["command"] = redact_command(spec.command)
             out["max_runtime"] = spec.max_runtime
             out["estimated_runtime"] = spec.estimated_runtime
             out["recorded_reasons"] = [{"code": r.code, "detail": r.detail} for r in job.reasons]
