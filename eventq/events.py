@@ -181,10 +181,12 @@ class WorkerCreated(Event, frozen=True, tag="worker_created"):
 
 
 class WorkerTokenRotated(Event, frozen=True, tag="worker_token_rotated"):
-    """The old token stops working at once; streams opened with it are closed."""
+    """The old token stops working at once; streams opened with it are closed, unless
+    ``keep_running``: then the worker's live agent is handed the new token and goes on."""
 
     worker_id: str
     token_sha256: str
+    keep_running: bool = False
 
 
 class WorkerConnected(Event, frozen=True, tag="worker_connected"):

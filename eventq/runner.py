@@ -7,6 +7,11 @@ is the process's own durable record. A tiny ``sh`` wrapper of shell builtins onl
 writes the exit code. Recovery claims the same directory: if recovery wins, the process never
 started and never will; if the wrapper won, its pid and exit files say what
 became of it. Either way an attempt runs at most once.
+
+A remote attempt may run only while its worker holds a lease (SPEC 6): its wrapper also
+starts a watchdog (``eventq.agent.watchdog``) in the attempt's own process group that
+stops the attempt when the lease file it is given stops being renewed, whether or not
+the agent that renews it is alive.
 """
 
 from __future__ import annotations
@@ -15,21 +20,25 @@ import asyncio
 import json
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from eventq.events import JobSpec
 
 WRAPPER = """\
-d=$1; c=$2; shift 2
+d=$1; c=$2; w=$3; p=$4; shift 4
 set -C
 { : > "$d/claim"; } 2>/dev/null || exit 99
 set +C
 echo $$ > "$d/pid"
 trap ':' TERM INT HUP
+g=
+if [ -n "$w" ]; then "$p" -I -m eventq.agent.watchdog $$ "$d" "$w" </dev/null & g=$!; fi
 if cd "$c"; then "$@"; else false; fi
 rc=$?
 echo $rc > "$d/exit"
+if [ -n "$g" ]; then kill -USR1 $g 2>/dev/null; fi
 exit $rc
 """
 
@@ -63,20 +72,22 @@ def job_env(spec: JobSpec, attempt: int, gpus: list[int], directory: Path) -> di
 
 
 def spawn(spec: JobSpec, attempt: int, gpus: list[int], directory: Path,
-          trainer: tuple[str, ...] = DEFAULT_TRAINER) -> int:
+          trainer: tuple[str, ...] = DEFAULT_TRAINER, lease: Path | None = None) -> int:
     """Start the attempt in a new session (its own process group); its pid.
 
-    ``posix_spawn``, not an asyncio transport: closing the event loop must not kill
-    a running job (a restarted server adopts it instead), and spawning this way
+    With ``lease`` (a worker's lease file), a watchdog stops the attempt once the lease
+    lapses. ``posix_spawn``, not an asyncio transport: closing the event loop must not
+    kill a running job (a restarted server adopts it instead), and spawning this way
     avoids copying the server's memory on the dispatch path.
     """
     directory.mkdir(parents=True, exist_ok=True)
     argv = job_argv(spec, directory, trainer)
     append = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    watchdog = (str(lease), sys.executable) if lease is not None else ("", "")
     return os.posix_spawn(
         "/bin/sh",
         ["sh", "-c", WRAPPER, "eventq-attempt", str(directory), spec.cwd or str(directory),
-         *argv],
+         *watchdog, *argv],
         job_env(spec, attempt, gpus, directory),
         file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                       (os.POSIX_SPAWN_OPEN, 1, str(directory / "stdout.log"), append, 0o644),
@@ -149,7 +160,13 @@ def is_ours(pid: int, directory: Path) -> bool:
 
 
 async def inspect(directory: Path) -> Found:
-    """Claim the directory or read what its wrapper left (see module docstring)."""
+    """Claim the directory or read what its wrapper left (see module docstring).
+
+    Liveness is looked at before the exit file: the wrapper writes ``exit`` before it
+    ends, so a wrapper found gone has left its exit code for the look that follows. The
+    other order would miss a wrapper that writes its code and ends between the two looks,
+    and judge a finished attempt vanished, to be run again.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     try:
         os.close(os.open(directory / "claim", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
@@ -163,11 +180,11 @@ async def inspect(directory: Path) -> Found:
             break
         except (FileNotFoundError, ValueError):
             await asyncio.sleep(0.02)
+    if pid is not None and is_ours(pid, directory):
+        return Found("alive", pid)
     code = read_exit(directory)
     if code is not None:
         return Found("exited", pid, code)
-    if pid is not None and is_ours(pid, directory):
-        return Found("alive", pid)
     return Found("vanished", pid)
 
 

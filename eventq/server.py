@@ -129,7 +129,9 @@ class Orchestrator:
         if self.limits is not None and self.limits != self.state.limits:
             await self.scheduler.ask(SetLimits(self.limits, "system"))
         await self.recover(replayed)
-        self.registry.watch_known_workers()
+        self.registry.watch_known_workers(
+            {node for node, active in self.state.node_active.items()
+             if active and node != "local" and node not in self.workers.by_id})
         if not self.inventory.simulated and self.inventory.nvml_error is None:
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_inventory())
 

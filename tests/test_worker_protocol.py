@@ -466,7 +466,7 @@ async def test_a_drained_worker_finishes_its_job_and_takes_no_new_one(
 
 
 async def test_removing_an_online_worker_needs_force_which_fails_its_attempts(
-        world: World) -> None:
+        world: World, clock: SimClock) -> None:
     made = await world.new_worker("box")
     agent = await connect(world, made["token"])
     job = await world.submit()
@@ -484,6 +484,14 @@ async def test_removing_an_online_worker_needs_force_which_fails_its_attempts(
     assert resp.status == 200
     assert "removed" in (await agent.next("shutdown"))["reason"]
     assert await world.listed(made["worker_id"]) is None
+    # Its agent, refused from now on, stops the attempt; until the lease it held has surely
+    # lapsed, the attempt is not given to anyone else.
+    assert (await world.job(job["job_id"]))["status"] == "running"
+    clock.advance(world.orch.heartbeat_timeout - 1)
+    await asyncio.sleep(0.05)
+    assert (await world.job(job["job_id"]))["status"] == "running"
+    clock.advance(1)
+    await settle(lambda: world.orch.state.jobs[job["job_id"]].status == "pending")
     requeued = await world.job(job["job_id"])
     assert (requeued["status"], requeued["attempt"]) == ("pending", 1)
     ended = [r.event for r in await world.orch.log.read(job_id=job["job_id"])

@@ -4,6 +4,13 @@ Tokens are random, made at the edge, shown once, and only their SHA-256 is recor
 A heartbeat only moves a worker's last-seen time (in memory): the log records a
 worker's changes of state, never its heartbeats. Asks flow registry -> scheduler ->
 allocator, never back.
+
+It keeps the orchestrator's half of the lease (``eventq.leases``): a worker's attempts are
+given up, and may run elsewhere, only once a full offline timeout has passed since it was
+last heard from, whatever the reason it is given up for. A silent worker is lost then; a
+worker removed by force, and attempts a worker comes back without, are lost one timeout
+after that, since the agent that holds them may still be running them until its lease
+lapses.
 """
 
 from __future__ import annotations
@@ -70,6 +77,8 @@ class CreateWorker(msgspec.Struct, frozen=True):
 class RotateWorkerToken(msgspec.Struct, frozen=True):
     principal: str
     worker_id: str
+    #: Hand the new token to the live agent instead of closing its connection.
+    keep_running: bool = False
 
 
 class DrainWorker(msgspec.Struct, frozen=True):
@@ -107,8 +116,16 @@ class CheckAlive(msgspec.Struct, frozen=True):
     worker_id: str
 
 
+class LoseAttempts(msgspec.Struct, frozen=True):
+    """A lease held on these attempts (all of a node's if None) has surely lapsed."""
+
+    node: str
+    reason: str
+    attempts: list[tuple[str, int]] | None = None
+
+
 WorkerMsg = (CreateWorker | RotateWorkerToken | DrainWorker | RemoveWorker | WorkerHello
-             | WorkerGone | CheckAlive)
+             | WorkerGone | CheckAlive | LoseAttempts)
 RegistryMsg = AddUser | UpdateUser | IssueToken | RevokeTokens | WorkerMsg
 
 
@@ -153,7 +170,8 @@ def decide_worker_admin(workers: Workers, cmd: CreateWorker | RotateWorkerToken 
                                  labels=dict(cmd.labels), token_sha256=digest)]
     worker = _worker(workers, cmd.worker_id)
     if isinstance(cmd, RotateWorkerToken):
-        return [ev.WorkerTokenRotated(worker_id=worker.worker_id, token_sha256=digest)]
+        return [ev.WorkerTokenRotated(worker_id=worker.worker_id, token_sha256=digest,
+                                      keep_running=cmd.keep_running)]
     return [] if worker.draining else [ev.WorkerDraining(worker_id=worker.worker_id)]
 
 
@@ -190,11 +208,15 @@ class Registry(Actor[RegistryMsg]):
         appended = self.log.append(message.principal, events)
         return Outcome(events, appended.durable), token
 
-    async def _liveness(self, m: RemoveWorker | WorkerHello | WorkerGone | CheckAlive) -> Outcome:
+    async def _liveness(self, m: RemoveWorker | WorkerHello | WorkerGone | CheckAlive
+                        | LoseAttempts) -> Outcome:
         if isinstance(m, WorkerHello):
             return await self._hello(m)
         if isinstance(m, RemoveWorker):
             return await self._remove(m)
+        if isinstance(m, LoseAttempts):
+            lost: Outcome = await self.scheduler.ask(NodeLost(m.node, m.reason, m.attempts))
+            return lost
         worker = self.workers.by_id.get(m.worker_id)
         if worker is None or not worker.online:
             return Outcome([], None)
@@ -221,6 +243,9 @@ class Registry(Actor[RegistryMsg]):
         await self.allocator.ask(ReportInventory(worker.worker_id, m.gpus, m.simulated))
         outcome, reconciled = await self.scheduler.reconnect(
             NodeReconnected(worker.worker_id, list(m.running)))
+        if reconciled.unlisted:
+            self.lose_later(worker.worker_id, "worker_lost: the worker came back without it",
+                            reconciled.unlisted)
         self._arm(worker.worker_id)
         await self.scheduler.ask(Process())
         return Outcome(outcome.events, self.log.flush_future(), reconciled)
@@ -230,10 +255,12 @@ class Registry(Actor[RegistryMsg]):
         if worker.online and not m.force:
             raise CommandError(409, f"worker {worker.name} is online; drain it and wait, "
                                     "or remove it with force=true (its attempts fail)")
-        if worker.online:
-            await self._gone(worker.worker_id, f"removed by {m.principal}")
         events: list[ev.Event] = [ev.WorkerRemoved(worker_id=worker.worker_id)]
-        return Outcome(events, self.log.append(m.principal, events).durable)
+        appended = self.log.append(m.principal, events)
+        if worker.online:  # its token works no more: its agent stops what it runs, and its
+            # lease, renewed no more, lapses within one timeout
+            self.lose_later(worker.worker_id, f"worker_lost: removed by {m.principal}")
+        return Outcome(events, appended.durable)
 
     def touch(self, worker_id: str) -> None:
         """A sign of life: a heartbeat, a report, a message."""
@@ -244,9 +271,19 @@ class Registry(Actor[RegistryMsg]):
         due = self.last_seen.get(worker_id, self.clock.now()) + self.heartbeat_timeout
         self.clock.call_at(due, lambda: None if self._stopped else self.tell(check))
 
-    def watch_known_workers(self) -> None:
-        """After a restart: workers online in the log get one timeout to come back."""
+    def lose_later(self, node: str, reason: str,
+                   attempts: list[tuple[str, int]] | None = None) -> None:
+        """Give these attempts up one offline timeout from now (see the module's docstring)."""
+        lose = LoseAttempts(node, reason, attempts)
+        self.clock.call_at(self.clock.now() + self.heartbeat_timeout,
+                           lambda: None if self._stopped else self.tell(lose))
+
+    def watch_known_workers(self, removed_nodes: set[str]) -> None:
+        """After a restart: workers online in the log get one timeout to come back; attempts
+        on workers removed since get one timeout to stop."""
         for worker in self.workers.by_id.values():
             if worker.online:
                 self.touch(worker.worker_id)
                 self._arm(worker.worker_id)
+        for node in sorted(removed_nodes):
+            self.lose_later(node, "worker_lost: its worker was removed")

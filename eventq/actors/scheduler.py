@@ -113,10 +113,13 @@ class CheckReady(msgspec.Struct, frozen=True):
 
 
 class NodeLost(msgspec.Struct, frozen=True):
-    """A worker went offline: its attempts are lost (and requeued while attempts remain)."""
+    """A worker went offline: its attempts are lost (and requeued while attempts remain).
+
+    With ``attempts``, only those of them that are still its live ones."""
 
     node: str
     reason: str
+    attempts: list[tuple[str, int]] | None = None
 
 
 class NodeReconnected(msgspec.Struct, frozen=True):
@@ -238,6 +241,8 @@ def decide_node_lost(state: SchedulerState, cmd: NodeLost) -> list[ev.Event]:
     out: list[ev.Event] = []
     for job_id in list(state.node_active.get(cmd.node, {})):
         job = state.jobs[job_id]
+        if cmd.attempts is not None and (job_id, job.attempt) not in cmd.attempts:
+            continue
         ended = ev.AttemptEnded(job_id=job_id, attempt=job.attempt, outcome="lost",
                                 detail=f"worker_lost: {cmd.reason}")
         out += [ended, *_after_attempt(job, ended)]
@@ -253,30 +258,30 @@ class Reconciled:
     resend: list[tuple[str, int]]
     #: Kept attempts whose stop was asked while the worker was away (cancel, max_runtime).
     cancel: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
+    #: Started attempts the worker did not list: another agent with its token may still
+    #: run them, so they are lost only once a lease it held can have lapsed.
+    unlisted: list[tuple[str, int]] = dataclasses.field(default_factory=list)
 
 
-def decide_reconnected(state: SchedulerState,
-                       cmd: NodeReconnected) -> tuple[list[ev.Event], Reconciled]:
+def decide_reconnected(state: SchedulerState, cmd: NodeReconnected) -> Reconciled:
     """A worker keeps what is still its own; it stops what was given away (never the other
     way round); a dispatch it never received is sent again; a started attempt it no longer
-    has is lost."""
+    has is lost, but not yet (``Reconciled.unlisted``)."""
     ours = {(j, state.jobs[j].attempt) for j in state.node_active.get(cmd.node, {})}
     reported = set(cmd.running)
     keep = sorted(ours & reported)
     stop = sorted(reported - ours)
-    events: list[ev.Event] = []
     resend: list[tuple[str, int]] = []
+    unlisted: list[tuple[str, int]] = []
     for job_id, attempt in sorted(ours - reported):
         job = state.jobs[job_id]
         if job.pid is None and job.stop_requested is None:
             resend.append((job_id, attempt))
-            continue
-        ended = ev.AttemptEnded(job_id=job_id, attempt=attempt, outcome="lost",
-                                detail="worker_lost: the worker came back without it")
-        events += [ended, *_after_attempt(job, ended)]
+        else:
+            unlisted.append((job_id, attempt))
     cancel = [(j, a, state.jobs[j].stop_requested or "") for j, a in keep
               if state.jobs[j].stop_requested]
-    return events, Reconciled(keep, stop, resend, cancel)
+    return Reconciled(keep, stop, resend, cancel, unlisted)
 
 
 def decide_cancel_many(state: SchedulerState, cmd: CancelMany) -> list[ev.Event]:
@@ -533,8 +538,7 @@ class Scheduler(Actor[SchedulerMsg]):
             events = decide_node_lost(self.state, m)
             await self._append_and_release("system", events)
         elif isinstance(m, NodeReconnected):
-            events, self._result = decide_reconnected(self.state, m)
-            await self._append_and_release(f"worker:{m.node}", events)
+            events, self._result = [], decide_reconnected(self.state, m)
         elif isinstance(m, Process):
             events = []
         else:

@@ -7,10 +7,16 @@ the time it is given to come back; its running attempts keep running meanwhile a
 listed in the next ``hello``. Heartbeats come from a task of their own that waits on
 nothing but the clock and the socket, so a silent or busy job never delays them.
 
-A rejected token (401/403) ends the agent at once with a clear message: retrying cannot
-help. A ``shutdown`` ends it when it has nothing left running and the worker is not
-persistent; otherwise it reconnects, which is also how it learns that its token was
-rotated or the worker removed.
+Attempts run only while the worker holds a lease (``eventq.leases``): the welcome grants
+it and the orchestrator's answer to each heartbeat renews it. When it lapses (no answer:
+a partition, or an orchestrator that is down or has given this worker up) the agent stops
+its attempts, and each attempt's watchdog does so too if the agent is dead or frozen.
+
+A rejected token (401/403) stops the agent's attempts and ends the agent with a clear
+message: retrying cannot help, and the orchestrator will give the attempts to others. A
+``shutdown`` ends it when it has nothing left running and the worker is not persistent;
+otherwise it reconnects, which is also how it learns that its token was rotated or the
+worker removed. A rotation that keeps the worker running hands it the new token instead.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ import structlog
 from eventq import gpus, lockfile, runner
 from eventq.agent import messages as m
 from eventq.agent.attempts import Attempts
+from eventq.agent.lease import Lease
 from eventq.agent.link import Link
+from eventq.agent.watchdog import now
 
 log = structlog.get_logger()
 
@@ -43,6 +51,8 @@ PING_SECONDS = 20.0
 #: What the orchestrator says to a connection another agent with the same token replaced.
 REPLACED = "replaced by a newer connection"
 LOCK_FILE = "worker.lock"
+#: Unanswered heartbeats remembered (a long partition must not grow memory).
+BEATS_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -92,8 +102,14 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.link = Link()
+        self.token = config.token
+        self.lease = Lease(config.data_dir)
         self.attempts = Attempts(config.data_dir, self.link, config.trainer,
-                                 config.grace_seconds)
+                                 config.grace_seconds, self.lease)
+        #: Heartbeat number -> when it was sent (CLOCK_BOOTTIME), until answered.
+        self.beats: dict[int, float] = {}
+        self.beat = 0
+        self._hello_sent = 0.0
         self.backoff = Backoff()
         self.worker_id: str | None = None
         self.heartbeat_seconds = 30.0
@@ -115,17 +131,22 @@ class Agent:
         lock = take_lock(self.config.data_dir)
         self._handle_signals()
         left = 0
+        guard: asyncio.Task[None] | None = None
         try:
             found = await self.attempts.adopt_all()
             if found:
                 log.info("found_attempts", attempts=found, data_dir=str(self.config.data_dir))
+            guard = asyncio.get_running_loop().create_task(self._guard_lease())
             timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 await self._work(session)
         except Refused:
             self.end_reason = "refused by the orchestrator (see below)"
+            await self._fence("the orchestrator refused this worker")
             raise
         finally:
+            if guard is not None:
+                guard.cancel()
             left = await self.attempts.close()
             self._summary(left)
             lock.close()
@@ -179,7 +200,7 @@ class Agent:
         """Connect, greet, and serve until the connection ends; why it ended."""
         try:
             ws = await session.ws_connect(
-                self.ws_url, headers={"X-Worker-Token": self.config.token},
+                self.ws_url, headers={"X-Worker-Token": self.token},
                 heartbeat=PING_SECONDS, max_msg_size=8 * 2**20, ssl=self.config.ssl or True,
                 timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
         except aiohttp.WSServerHandshakeError as exc:
@@ -220,13 +241,15 @@ class Agent:
         inventory = await asyncio.to_thread(gpus.detect, self.config.gpu_spec)
         if inventory.nvml_error:
             log.warning("no_gpus", why=inventory.nvml_error)
+        self._hello_sent = now()  # a lease the welcome grants counts from here
         await ws.send_json({
             "type": "hello", "name": self.config.name, "simulated": inventory.simulated,
             "gpus": [{"index": g.index, "name": g.name, "memory_gb": g.memory_gb,
                       "foreign_memory_percent": g.foreign_memory_percent}
                      for g in inventory.gpus],
             "labels": self.config.labels, "running": self.attempts.listed(),
-            "accepts_until": self.config.accepts_until})
+            "accepts_until": self.config.accepts_until,
+            "grace_seconds": self.config.grace_seconds})
         self._gpu_text = f"{len(inventory.gpus)}" + (" (simulated)" if inventory.simulated
                                                      else "")
         try:
@@ -247,9 +270,11 @@ class Agent:
         self.worker_id = welcome.worker_id
         self.heartbeat_seconds = max(0.05, welcome.heartbeat_seconds)
         self.backoff.reset(self.heartbeat_seconds)
+        self.lease.grant(welcome.lease_seconds, welcome.fence_grace_seconds, self._hello_sent)
         self.link.attach(ws)
         log.info("connected", url=self.config.url, worker_id=self.worker_id,
-                 gpus=self._gpu_text, kept=len(welcome.keep), told_to_stop=len(welcome.stop))
+                 gpus=self._gpu_text, kept=len(welcome.keep), told_to_stop=len(welcome.stop),
+                 lease=welcome.lease_seconds)
         await self.attempts.reconcile(set(welcome.keep))
 
     async def _heartbeat(self) -> None:
@@ -257,7 +282,11 @@ class Agent:
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
             self.attempts.confirm_delivered(loop.time(), self.heartbeat_seconds)
-            await self.link.send({"type": "heartbeat", "running": self.attempts.listed()})
+            self.beat += 1
+            self.beats[self.beat] = now()
+            self.beats.pop(self.beat - BEATS_KEPT, None)
+            await self.link.send({"type": "heartbeat", "running": self.attempts.listed(),
+                                  "beat": self.beat})
             if self.config.accepts_until is not None and await self._budget_spent():
                 self.budget_spent = True
                 self.signalled.set()
@@ -271,7 +300,7 @@ class Agent:
         if time.time() >= self.config.accepts_until:
             return True
         url = f"{self.config.url.rstrip('/')}/api/workers/queue?worker_id={self.worker_id}"
-        headers = {"X-Worker-Token": self.config.token}
+        headers = {"X-Worker-Token": self.token}
         try:
             async with aiohttp.ClientSession(headers=headers) as s, \
                     s.get(url, timeout=aiohttp.ClientTimeout(total=10),
@@ -308,9 +337,47 @@ class Agent:
             self.shutdown_reason = self.last_shutdown = msg.reason
             log.info("shutdown_requested", reason=msg.reason, running=self.attempts.running)
             return False
+        elif isinstance(msg, m.LeaseRenewed):
+            self._renewed(msg.beat)
+        elif isinstance(msg, m.TokenRotated):
+            self.token = msg.token
+            log.warning("token_rotated", note="the orchestrator handed this worker a new token "
+                        "and kept it running; the old one no longer works: give the new one "
+                        "to this worker's configuration (`eventq workers token` printed it)")
         elif isinstance(msg, m.Error):
             log.warning("orchestrator_error", error=msg.error)
         return True
+
+    # --- the lease ------------------------------------------------------------------------
+
+    def _renewed(self, beat: int) -> None:
+        sent = self.beats.pop(beat, None)
+        for older in [b for b in self.beats if b < beat]:
+            del self.beats[older]
+        if sent is not None:
+            self.lease.renew(sent)
+
+    async def _guard_lease(self) -> None:
+        """Stop every attempt when the lease lapses (their watchdogs would, a moment later)."""
+        while True:
+            left = self.lease.left
+            if left > 0:
+                await asyncio.sleep(min(left, 1.0))
+                continue
+            if self.attempts.running:
+                why = (f"the worker's lease lapsed: no answer from the orchestrator for "
+                       f"{self.lease.seconds}s")
+                log.warning("lease_lapsed", running=self.attempts.running)
+                self.attempts.fence_all(why)
+            await asyncio.sleep(0.2)
+
+    async def _fence(self, why: str) -> None:
+        """Refused: nothing of this worker's may run on. Stop all, and wait for the ends."""
+        self.lease.lapse()
+        if self.attempts.running:
+            log.warning("stopping_attempts", why=why, running=self.attempts.running)
+            self.attempts.fence_all(why)
+            await self.attempts.wait_stopped(self.lease.grace + 5.0)
 
     # --- ending ---------------------------------------------------------------------------
 

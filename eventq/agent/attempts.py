@@ -11,6 +11,10 @@ listed (in ``hello`` and heartbeats) until the orchestrator surely has its end: 
 ``welcome`` that does not keep it, or its ``exited`` sent on a connection that then stayed
 up for a whole heartbeat period (an orchestrator that dies before committing the report
 closes the connection well within that time). Its directory is then marked ``reported``.
+
+No GPU is held by two of its attempts: a ``run`` whose GPUs an attempt here still uses
+(one the orchestrator gave away and told it to stop, say) starts once that one has ended.
+Nothing starts once the worker's lease has lapsed (``eventq.agent.lease``).
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ from typing import Any
 import structlog
 
 from eventq import runner
+from eventq.agent.lease import Lease
 from eventq.agent.link import Link
 from eventq.agent.messages import Run
+from eventq.agent.watchdog import FENCED_FILE
 
 log = structlog.get_logger()
 
@@ -53,7 +59,7 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 class Exit:
     """How an attempt ended, as the ``exited`` message says it."""
 
-    outcome: str  # "exited" | "timeout" | "cancelled" | "start_failed"
+    outcome: str  # "exited" | "timeout" | "cancelled" | "start_failed" | "lost"
     exit_code: int | None
     detail: str = ""
 
@@ -63,13 +69,17 @@ class Attempt:
     job_id: str
     attempt: int
     directory: Path
+    #: The GPUs it runs on (CUDA_VISIBLE_DEVICES).
+    gpus: frozenset[int] = frozenset()
     #: When it must be stopped for exceeding its max_runtime (epoch seconds).
     deadline: float | None = None
     pid: int | None = None
     adopted: bool = False
-    #: Why it is being stopped ("cancelled" or "timeout"), once asked to stop.
+    #: Why it is being stopped ("cancelled", "timeout", or "lost" when fenced).
     stop_reason: str | None = None
     stopping: bool = False
+    #: Seconds between SIGTERM and SIGKILL when it is stopped (None: the agent's own).
+    grace: float | None = None
     offsets: list[int] = field(default_factory=lambda: [0, 0])
     #: Set once the process has ended and all its output has been sent.
     exit: Exit | None = None
@@ -90,10 +100,11 @@ class Attempts:
     """Every attempt the agent has not yet seen recorded by the orchestrator."""
 
     def __init__(self, data_dir: Path, link: Link, trainer: tuple[str, ...],
-                 grace_seconds: float) -> None:
+                 grace_seconds: float, lease: Lease | None = None) -> None:
         # Absolute: the runner's wrapper writes its exit file after changing directory.
         self.data_dir, self.link = data_dir.absolute(), link
         self.trainer, self.grace_seconds = trainer, grace_seconds
+        self.lease = lease or Lease(self.data_dir)
         self.by_key: dict[Key, Attempt] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         #: run, adopted, completed, failed, cancelled, timeout, start_failed: for the last line.
@@ -175,14 +186,40 @@ class Attempts:
             self._spawn(self._refuse(msg, "its job id cannot name a directory"))
             return
         directory = runner.attempt_dir(self.data_dir, msg.job_id, msg.attempt)
-        att = Attempt(msg.job_id, msg.attempt, directory)
+        att = Attempt(msg.job_id, msg.attempt, directory, frozenset(msg.gpus))
         self.by_key[key] = att
         if (directory / "claim").exists():  # started before (or claimed by a restart)
             att.offsets, att.deadline = _read_offsets(directory), _read_deadline(directory)
             self._watch(att, self._inspect(att))
             return
+        holders = [a for a in self.by_key.values()
+                   if a is not att and a.running and a.gpus & att.gpus]
+        if holders:
+            log.info("run_waits", job_id=msg.job_id, attempt=msg.attempt,
+                     gpus=sorted(att.gpus & frozenset().union(*(a.gpus for a in holders))),
+                     held_by=[a.key for a in holders])
+            self._spawn(self._start_after(att, msg, holders))
+            return
+        self._start(att, msg)
+
+    async def _start_after(self, att: Attempt, msg: Run, holders: list[Attempt]) -> None:
+        """Start once the attempts still using its GPUs have ended."""
+        await asyncio.wait([asyncio.ensure_future(a.process_done.wait()) for a in holders])
+        self._start(att, msg)
+
+    def _start(self, att: Attempt, msg: Run) -> None:
+        if att.stop_reason is not None:  # stopped while it waited for its GPUs
+            self._watch(att, _now(Exit(att.stop_reason, None, "stopped before it started")))
+            return
+        if self.lease.lapsed:
+            self._watch(att, _now(Exit("start_failed", None, "the worker's lease has lapsed; "
+                                       "it starts nothing until the orchestrator answers")))
+            return
+        directory = att.directory
+        lease = self.lease.path if self.lease.seconds is not None else None
         try:
-            att.pid = runner.spawn(msg.spec(), msg.attempt, msg.gpus, directory, self.trainer)
+            att.pid = runner.spawn(msg.spec(), msg.attempt, msg.gpus, directory, self.trainer,
+                                   lease)
         except (OSError, ValueError) as exc:
             self._watch(att, _now(Exit("start_failed", None, f"could not start: {exc}")))
             return
@@ -207,6 +244,7 @@ class Attempts:
                 (directory / REPORTED_FILE).touch()
                 continue
             att = Attempt(directory.parent.name, int(directory.name), directory,
+                          _read_gpus(seen.pid) if seen.state == "alive" else frozenset(),
                           _read_deadline(directory), offsets=_read_offsets(directory))
             self.by_key[att.key] = att
             self._watch(att, self._found(att, seen))
@@ -227,14 +265,13 @@ class Attempts:
             code = await runner.wait_foreign(seen.pid, att.directory)
             att.process_done.set()
             if code is None:
-                return Exit(att.stop_reason or "exited", None,
-                            "the adopted process ended without an exit code")
-            return Exit(att.stop_reason or "exited", code)
+                return _ended(att, code, "the adopted process ended without an exit code")
+            return _ended(att, code)
         att.process_done.set()
         if seen.state == "exited":
-            return Exit("exited", seen.exit_code, "it ended while the agent was away")
+            return _ended(att, seen.exit_code, "it ended while the agent was away")
         if seen.pid is not None:
-            return Exit("exited", None, "the process vanished while the agent was away")
+            return _ended(att, None, "the process vanished while the agent was away")
         return Exit("start_failed", None,
                     "the agent stopped before this attempt could start; it never will")
 
@@ -244,7 +281,7 @@ class Attempts:
         att.process_done.set()
         if code == runner.CLAIMED and _read_pid(att.directory) != att.pid:
             return Exit("start_failed", None, "its directory was already claimed")
-        return Exit(att.stop_reason or "exited", code)
+        return _ended(att, code)
 
     # --- watching -----------------------------------------------------------------------
 
@@ -322,25 +359,42 @@ class Attempts:
 
     # --- stopping -----------------------------------------------------------------------
 
-    def stop(self, key: Key, reason: str, why: str) -> bool:
+    def stop(self, key: Key, reason: str, why: str, grace: float | None = None) -> bool:
         """Stop a running attempt (SIGTERM to its group, SIGKILL after the grace period)."""
         att = self.by_key.get(key)
         if att is None or not att.running:
             return False
         if att.stop_reason is None:
-            att.stop_reason = reason
+            att.stop_reason, att.grace = reason, grace
             log.info("stopping", job_id=att.job_id, attempt=att.attempt, why=why)
         if att.pid is not None:
             self._spawn(self._stop(att))
         return True
+
+    def fence_all(self, why: str) -> None:
+        """The lease lapsed or was refused: stop every attempt, within the lease's grace."""
+        for att in list(self.by_key.values()):
+            if att.running:
+                with contextlib.suppress(OSError):
+                    (att.directory / FENCED_FILE).write_text(f"{time.time():.3f}\n")
+                self.stop(att.key, "lost", why, self.lease.grace)
+
+    async def wait_stopped(self, timeout: float) -> None:
+        waits = [asyncio.ensure_future(a.process_done.wait()) for a in self.by_key.values()
+                 if a.running]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout)
+            for waiting in pending:
+                waiting.cancel()
 
     async def _stop(self, att: Attempt) -> None:
         if att.stopping or att.pid is None:
             return
         att.stopping = True
         runner.signal_group(att.pid, signal.SIGTERM)
+        grace = self.grace_seconds if att.grace is None else att.grace
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(att.process_done.wait(), self.grace_seconds)
+            await asyncio.wait_for(att.process_done.wait(), grace)
         runner.signal_group(att.pid, signal.SIGKILL)  # and whatever is left in its group
 
     async def close(self) -> int:
@@ -353,6 +407,27 @@ class Attempts:
 
 async def _now(end: Exit) -> Exit:
     return end
+
+
+def _ended(att: Attempt, code: int | None, detail: str = "") -> Exit:
+    """How a process that ran ended: stopped by a lapsed lease, asked to stop, or by itself."""
+    if (att.directory / FENCED_FILE).exists():
+        return Exit("lost", code, "stopped when the worker's lease lapsed (no answer from "
+                                  "the orchestrator in time)")
+    return Exit(att.stop_reason or "exited", code, detail)
+
+
+def _read_gpus(pid: int | None) -> frozenset[int]:
+    """The GPUs an adopted attempt runs on, from its wrapper's environment."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return frozenset()
+    for entry in environ:
+        if entry.startswith(b"CUDA_VISIBLE_DEVICES="):
+            text = entry.split(b"=", 1)[1].decode()
+            return frozenset(int(g) for g in text.split(",") if g.strip().isdigit())
+    return frozenset()
 
 
 def complete_utf8(data: bytes) -> int:

@@ -19,6 +19,22 @@ class Welcome(msgspec.Struct, tag="welcome", tag_field="type"):
     #: Attempts the agent listed that are still its own, and those given away.
     keep: list[tuple[str, int]] = []
     stop: list[tuple[str, int]] = []
+    #: The lease (``eventq.leases``): seconds an attempt may run past the last answered
+    #: send, and the grace of a stop when it lapses. None: this orchestrator grants none.
+    lease_seconds: float | None = None
+    fence_grace_seconds: float = 10.0
+
+
+class LeaseRenewed(msgspec.Struct, tag="lease", tag_field="type"):
+    """The orchestrator heard heartbeat number ``beat`` while it held this worker online."""
+
+    beat: int
+
+
+class TokenRotated(msgspec.Struct, tag="token", tag_field="type"):
+    """An admin rotated this worker's token and kept it running: use this one from now."""
+
+    token: str
 
 
 class Run(msgspec.Struct, tag="run", tag_field="type"):
@@ -58,7 +74,8 @@ class Error(msgspec.Struct, tag="error", tag_field="type"):
     error: str = ""
 
 
-ServerMessage = Welcome | Run | JobCancel | Drain | Shutdown | Error
+ServerMessage = (Welcome | Run | JobCancel | Drain | Shutdown | Error | LeaseRenewed
+                 | TokenRotated)
 _decoder: msgspec.json.Decoder[ServerMessage] = msgspec.json.Decoder(ServerMessage)
 
 

@@ -37,6 +37,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     t = workers.add_parser("token", parents=[common],
                            help="rotate a worker's token: the old one stops working at once")
     t.add_argument("worker", help="worker id or name")
+    t.add_argument("--keep-running", action="store_true",
+                   help="hand the new token to the worker's connected agent, whose jobs go on "
+                        "(without it the agent is disconnected, stops its jobs and exits; they "
+                        "are requeued once its lease has lapsed)")
     t.set_defaults(run=rotate)
     r = workers.add_parser("rm", parents=[common], help="remove an offline worker")
     r.add_argument("worker", help="worker id or name")
@@ -127,15 +131,21 @@ def drain(args: argparse.Namespace) -> int:
 def rotate(args: argparse.Namespace) -> int:
     client = _client(args)
     worker_id = _resolve(client, args.worker)
-    reply = client.call("POST", f"/api/admin/workers/{quote(worker_id)}/token")
+    keep = "?keep_running=true" if args.keep_running else ""
+    reply = client.call("POST", f"/api/admin/workers/{quote(worker_id)}/token{keep}")
     if args.format == "json":
         emit_json(reply)
         return 0
-    output.console.print(f"a new token for {worker_id}; the old one no longer works (a worker "
-                         "connected with it is disconnected). New token (shown only this once):",
-                         markup=False)
+    if reply.get("handed_to_live_agent"):
+        said = "its connected agent has it and goes on; give it to the worker's configuration"
+    elif args.keep_running:
+        said = "no agent of it was connected over a websocket to hand it to"
+    else:
+        said = "an agent connected with the old one is disconnected and stops its jobs"
+    output.console.print(f"a new token for {worker_id}; the old one no longer works ({said}). "
+                         "New token (shown only this once):", markup=False)
     print(reply["token"])
-    _print_connection(reply, "restart the worker with it")
+    _print_connection(reply, "start the worker with it")
     return 0
 
 

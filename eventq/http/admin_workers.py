@@ -104,11 +104,17 @@ def connection(request: web.Request, worker_id: str, token: str) -> dict[str, An
 
 @routes.post("/api/admin/workers/{worker_id}/token")
 async def rotate_token(request: web.Request) -> web.Response:
+    """A new token; the old one stops working at once. ``?keep_running=true`` hands the new
+    one to the worker's live agent, whose attempts go on; otherwise its connection closes, it
+    is refused, and it stops its attempts (they are requeued once its lease has lapsed)."""
     admin = require_admin(request)
     worker_id = _known(request)
-    token = await _ask(request, RotateWorkerToken(admin.principal, worker_id))
+    keep = flag(request, "keep_running")
+    token = await _ask(request, RotateWorkerToken(admin.principal, worker_id, keep))
     assert token is not None
+    handed = keep and request.app[ORCH].hub.hand_token(worker_id, token)
     return web.json_response({"worker_id": worker_id, "token": token,
+                              "handed_to_live_agent": handed,
                               **connection(request, worker_id, token)})
 
 

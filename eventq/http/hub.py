@@ -67,7 +67,7 @@ class Outbox:
 class WorkerHub:
     DURABLE_READS: ClassVar[frozenset[type]] = frozenset({
         ev.AttemptDispatched, ev.AttemptStopRequested, ev.WorkerDraining,
-        ev.WorkerTokenRotated, ev.WorkerRemoved, ev.AttemptEnded})
+        ev.WorkerTokenRotated, ev.WorkerRemoved, ev.AttemptEnded, ev.WorkerLost})
     data_dir: Path
     state: SchedulerState
     workers: Workers
@@ -129,8 +129,18 @@ class WorkerHub:
             self.send(e.worker_id, {"type": "drain", "reason": "drained by an admin"})
         elif isinstance(e, ev.WorkerTokenRotated):
             outbox = self.connections.get(e.worker_id)
-            if outbox is not None and outbox.token_sha256 != e.token_sha256:
+            if outbox is None or outbox.token_sha256 == e.token_sha256:
+                return
+            if e.keep_running and outbox.transport == "ws":
+                outbox.token_sha256 = e.token_sha256  # the admin's handler sends it the token
+            else:
                 outbox.close("the worker's token was rotated; reconnect with the new token")
+        elif isinstance(e, ev.WorkerLost):
+            # Given up: it must say hello again to learn what is still its own. No shutdown
+            # message: an agent that is still alive reconnects at once.
+            outbox = self.connections.pop(e.worker_id, None)
+            if outbox is not None:
+                outbox.close(f"the worker was given up: {e.reason}", tell=False)
         elif isinstance(e, ev.WorkerRemoved):
             outbox = self.connections.pop(e.worker_id, None)
             if outbox is not None:
@@ -141,6 +151,17 @@ class WorkerHub:
             outbox = self.connections.get(worker.worker_id) if worker else None
             if worker is not None and worker.worker_type == "ephemeral" and outbox is not None:
                 outbox.close("an ephemeral worker runs one job")
+
+    def hand_token(self, worker_id: str, token: str) -> bool:
+        """Give the worker's live agent its rotated token; False if it has no live websocket
+        that the rotation kept (``keep_running``)."""
+        outbox = self.connections.get(worker_id)
+        worker = self.workers.by_id.get(worker_id)
+        if outbox is None or worker is None or outbox.closed is not None \
+                or outbox.transport != "ws" or outbox.token_sha256 != worker.token_sha256:
+            return False
+        outbox.send({"type": "token", "token": token})
+        return True
 
     def append_log(self, worker_id: str, job_id: str, attempt: int, stream: str,
                    data: str) -> bool:

@@ -227,8 +227,10 @@ OPERATIONS: tuple[Op, ...] = (
        "Create a worker; the reply holds its token (shown once) and the command to start it.",
        "admin", (s.NewWorkerReply,), status=201, body=NewWorker, also=(409,)),
     Op("post", "/api/admin/workers/{worker_id}/token", "rotateWorkerToken", "admin",
-       "Issue the worker a new token; the old one stops working.", "admin",
-       (s.WorkerTokenReply,), params=(WORKER,)),
+       "Issue the worker a new token; the old one stops working. With keep_running=true "
+       "the worker's connected agent is handed the new token and its attempts go on; "
+       "otherwise its connection closes and it stops its attempts.", "admin",
+       (s.WorkerTokenReply,), params=(WORKER, Param("keep_running", Flag))),
     Op("post", "/api/admin/workers/{worker_id}/drain", "drainWorker", "admin",
        "Let the worker finish its attempts and take no new one.", "admin",
        (s.WorkerReply,), params=(WORKER,)),

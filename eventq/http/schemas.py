@@ -439,6 +439,8 @@ class WorkerTokenReply(WorkerConnection, kw_only=True):
     worker_id: str
     #: Shown once; the previous token stops working.
     token: str
+    #: With keep_running: the worker's connected agent was handed the token and goes on.
+    handed_to_live_agent: bool
 
 
 class WorkerRemoved(Reply):

@@ -4,6 +4,11 @@ eventq's own agent speaks JSON over ``/api/workers/ws``. SimpleTuner's stock wor
 speaks REST plus one SSE stream, exactly as its code does. Both end in the same
 registry and scheduler commands, so both are fenced the same way: a report about an
 attempt that is not this worker's live one changes nothing.
+
+eventq's agent also holds a lease (``eventq.leases``): its welcome grants one and each
+heartbeat heard while the worker is online is answered, which renews it. A worker given
+up (``WorkerLost``) is answered no more; its connection is closed so that it says hello
+again and learns what is still its own.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from eventq.auth import token_hash
 from eventq.http import bounds as b
 from eventq.http.app import ORCH, ApiError, decode_body
 from eventq.http.hub import Outbox
+from eventq.leases import lease_terms
 from eventq.server import Orchestrator
 
 routes = web.RouteTableDef()
@@ -92,6 +98,8 @@ class AgentHello(msgspec.Struct, forbid_unknown_fields=True, tag="hello", tag_fi
     name: b.Model | None = None
     #: On a time-limited allocation: take only jobs known to end before this (epoch s).
     accepts_until: b.Epoch | None = None
+    #: The agent's SIGTERM-to-SIGKILL grace, for the lease's terms.
+    grace_seconds: Annotated[float, msgspec.Meta(ge=0, le=86_400)] | None = None
 
     def __post_init__(self) -> None:
         indices = {gpu.index for gpu in self.gpus}
@@ -109,7 +117,8 @@ class AgentExited(msgspec.Struct, tag="exited", tag_field="type"):
     job_id: b.JobId
     attempt: b.Attempt
     exit_code: b.ExitCode | None
-    outcome: Literal["exited", "timeout", "cancelled", "start_failed"] = "exited"
+    #: ``lost``: stopped by the agent because its lease lapsed.
+    outcome: Literal["exited", "timeout", "cancelled", "start_failed", "lost"] = "exited"
     detail: b.Detail = ""
 
 
@@ -122,6 +131,8 @@ class AgentLog(msgspec.Struct, tag="log", tag_field="type"):
 
 class AgentHeartbeat(msgspec.Struct, tag="heartbeat", tag_field="type"):
     running: b.Running = []
+    #: Its number: answered with ``{"type": "lease", "beat": n}``, which renews the lease.
+    beat: Annotated[int, msgspec.Meta(ge=0, le=2**62)] | None = None
 
 
 class AgentProgress(msgspec.Struct, tag="progress", tag_field="type"):
@@ -154,15 +165,17 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
     done = await hello(orch, WorkerHello(worker.worker_id, "ws", gpus, greeting.simulated,
                                          greeting.labels, None, list(greeting.running),
                                          greeting.accepts_until))
+    terms = lease_terms(orch.heartbeat_timeout, greeting.grace_seconds or 10.0)
     await ws.send_json({"type": "welcome", "worker_id": worker.worker_id,
-                        "heartbeat_seconds": orch.heartbeat_timeout / 4,
-                        "keep": done.keep, "stop": done.stop})
+                        "heartbeat_seconds": terms.heartbeat, "keep": done.keep,
+                        "stop": done.stop, "lease_seconds": terms.lease,
+                        "fence_grace_seconds": terms.grace})
     greet(orch, worker.worker_id, outbox, done)
     writer = asyncio.get_running_loop().create_task(_write(ws, outbox))
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                await _agent_message(orch, worker.worker_id, ws, msg.data)
+                await _agent_message(orch, worker.worker_id, ws, outbox, msg.data)
             elif msg.type == WSMsgType.BINARY:
                 await ws.send_json({"type": "error", "error": "send JSON text frames"})
     finally:
@@ -185,14 +198,16 @@ async def _write(ws: web.WebSocketResponse, outbox: Outbox) -> None:
 
 
 async def _agent_message(orch: Orchestrator, worker_id: str, ws: web.WebSocketResponse,
-                         raw: str) -> None:
+                         outbox: Outbox, raw: str) -> None:
     orch.registry.touch(worker_id)
     try:
         msg = _agent_decoder.decode(raw)
     except (msgspec.DecodeError, RecursionError) as exc:
         await ws.send_json({"type": "error", "error": f"bad message: {unreadable(exc)}"})
         return
-    if isinstance(msg, AgentStarted):
+    if isinstance(msg, AgentHeartbeat):
+        renew_lease(orch, worker_id, outbox, msg.beat)
+    elif isinstance(msg, AgentStarted):
         orch.scheduler.tell(AttemptReport(msg.job_id, msg.attempt, "started", node=worker_id,
                                           pid=msg.pid))
     elif isinstance(msg, AgentExited):
@@ -203,6 +218,15 @@ async def _agent_message(orch: Orchestrator, worker_id: str, ws: web.WebSocketRe
             worker_id, msg.job_id, msg.attempt, msg.stream, msg.data):
         await ws.send_json({"type": "error",
                             "error": f"attempt {msg.job_id}#{msg.attempt} is not this worker's"})
+
+
+def renew_lease(orch: Orchestrator, worker_id: str, outbox: Outbox, beat: int | None) -> None:
+    """Answer a heartbeat, renewing the lease, only while this connection is the worker's and
+    the registry holds it online: an answer promises that the worker is not given up yet."""
+    worker = orch.workers.by_id.get(worker_id)
+    if beat is not None and worker is not None and worker.online \
+            and orch.hub.connections.get(worker_id) is outbox:
+        outbox.send({"type": "lease", "beat": beat})
 
 
 # --- SimpleTuner's stock worker: REST + one SSE stream --------------------------------

@@ -1,0 +1,141 @@
+"""The attempt's own record: how it ended, read back right, and its lease's watchdog."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from eventq import events as ev
+from eventq import runner
+from eventq.actors.scheduler import Submit
+from eventq.agent.watchdog import FENCED_FILE, now
+from eventq.server import Orchestrator
+from tests.helpers import until
+
+MakeOrch = Callable[..., Awaitable[Orchestrator]]
+ROOMY = ev.Limits(max_concurrent=10, user_max_concurrent=10, local_job_max_concurrent=10)
+
+
+def spec(job_id: str, command: str) -> ev.JobSpec:
+    return ev.JobSpec(job_id=job_id, user="admin", priority=30, command=command, gpus=1)
+
+
+async def submit(orch: Orchestrator, job: ev.JobSpec) -> None:
+    outcome = await orch.scheduler.ask(Submit(job, "user:admin"))
+    assert outcome.durable is not None
+    await outcome.durable
+
+
+def gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+@pytest.fixture
+def spawned() -> Iterator[list[int]]:
+    """Process groups a test starts; none outlives it."""
+    groups: list[int] = []
+    try:
+        yield groups
+    finally:
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pgid, 0)
+
+
+async def test_an_attempt_that_ends_between_recoverys_two_looks_is_exited_not_vanished(
+        tmp_path: Path, spawned: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wrapper writes its exit code and ends just as recovery looks at it: recovery must
+    read that code, not judge the attempt vanished (which runs it a second time)."""
+    directory = tmp_path / "jobs" / "j" / "1"
+    # The job stops its own wrapper, so the wrapper is alive with no exit file yet.
+    pid = runner.spawn(spec("j", "kill -STOP $PPID; exit 3"), 1, [0], directory)
+    spawned.append(pid)
+    await until(lambda: Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "T",
+                "the wrapper to be stopped")
+    looked = runner.is_ours
+
+    def wrapper_ends_now(found: int, where: Path) -> bool:
+        os.kill(pid, signal.SIGCONT)  # the wrapper writes "exit" and ends at this moment
+        os.waitpid(pid, 0)
+        return looked(found, where)
+
+    monkeypatch.setattr(runner, "is_ours", wrapper_ends_now)
+    seen = await runner.inspect(directory)
+    assert (seen.state, seen.exit_code) == ("exited", 3)
+
+
+async def test_a_job_that_fails_while_the_server_is_down_is_recorded_failed_with_its_code(
+        make_orch: MakeOrch, tmp_path: Path) -> None:
+    first = await make_orch(limits=ROOMY)
+    await submit(first, spec("bad", f"while [ ! -e {tmp_path}/go ]; do sleep 0.02; done; exit 3"))
+    await until(lambda: first.state.jobs["bad"].status == "running", "running")
+    await first.stop()
+    (tmp_path / "go").touch()
+    await until(lambda: (first.data_dir / "jobs/bad/1/exit").exists(), "exited while down")
+    second = await make_orch(limits=ROOMY)
+    await until(lambda: second.state.jobs["bad"].status == "failed", "failed")
+    assert second.state.jobs["bad"].exit_code == 3
+    await second.stop()
+
+
+async def test_an_attempt_killed_by_a_signal_is_failed_not_completed(
+        make_orch: MakeOrch) -> None:
+    """Its whole group SIGKILLed (as the OOM killer or an admin's kill -9 -PGID does)."""
+    orch = await make_orch(limits=ROOMY)
+    await submit(orch, spec("oom", "kill -KILL 0"))
+    await until(lambda: orch.state.jobs["oom"].status == "failed", "failed")
+    assert orch.state.jobs["oom"].exit_code == -signal.SIGKILL
+    await orch.stop()
+
+
+def write_lease(path: Path, seconds: float, grace: float) -> None:
+    path.write_text(f"{now() + seconds:.3f} {grace}\n")
+
+
+async def test_a_lapsed_lease_stops_the_attempt_with_term_then_kill_and_says_so(
+        tmp_path: Path, spawned: list[int]) -> None:
+    lease = tmp_path / "lease"
+    write_lease(lease, 0.5, 0.3)
+    directory = tmp_path / "jobs" / "j" / "1"
+    child = tmp_path / "child"
+    # The job ignores SIGTERM and leaves a child: only the group's SIGKILL ends both.
+    pid = runner.spawn(spec("j", f"trap '' TERM; sleep 300 & echo $! > {child}; wait"), 1, [0],
+                       directory, lease=lease)
+    spawned.append(pid)
+    await until(child.exists, "the job's child to start")
+    grandchild = int(child.read_text())
+    await until(lambda: gone(pid) and gone(grandchild), "the group to be stopped")
+    assert (directory / FENCED_FILE).exists()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+
+
+async def test_a_renewed_lease_lets_the_attempt_finish_and_its_watchdog_leaves_with_it(
+        tmp_path: Path, spawned: list[int]) -> None:
+    lease = tmp_path / "lease"
+    write_lease(lease, 0.6, 0.3)
+    directory = tmp_path / "jobs" / "j" / "1"
+    pid = runner.spawn(spec("j", "sleep 1.5"), 1, [0], directory, lease=lease)
+    spawned.append(pid)
+    end = time.monotonic() + 10
+    while not (directory / "exit").exists() and time.monotonic() < end:
+        write_lease(lease, 0.6, 0.3)  # the agent's renewals, on each answered heartbeat
+        time.sleep(0.1)
+    assert runner.read_exit(directory) == 0
+    assert not (directory / FENCED_FILE).exists()
+    await until(lambda: not any(
+        f"eventq.agent.watchdog\0{pid}".encode() in p.read_bytes()
+        for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists()),
+        "the watchdog to leave with the job")
