@@ -1,4 +1,4 @@
-"""The event log: one SQLite table, append-only, hash-chained, group-committed.
+"""The event log: one SQLite table, append-only, hash-chained, anchored, group-committed.
 
 ``append`` is synchronous: it numbers and chains the events, hands them to every
 subscriber in seq order (actors and projections evolve at once, so a reply can
@@ -7,21 +7,31 @@ write connection and commits everything waiting in one ``BEGIN IMMEDIATE …
 COMMIT``. Effects (replies, process starts) wait for ``Appended.durable``. If a
 commit fails the process stops: memory must never run ahead of a disk that
 refused it.
+
+What it promises about the stored log: nothing a start folds, and nothing ``eventq replay
+verify`` passes, differs from what the server wrote. Every row from seq 1 is hashed
+(``iter_verified``), and the head must be the one the server anchored (``check_head``): each
+commit records the head's seq and hash, with an HMAC under a key kept beside the log, in
+the same transaction as its rows. An edit, a deletion or a reordering anywhere raises
+``LogCorrupt`` naming the seq; a chain recomputed after an edit fails the HMAC.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
+import hmac
 import os
+import secrets
 import sqlite3
 import struct
 import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar, NamedTuple, Protocol
 
 import aiosqlite
 import msgspec
@@ -41,13 +51,16 @@ CREATE TABLE IF NOT EXISTS events (
     hash BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, seq) WHERE job_id IS NOT NULL;
--- The last row whose chain is known good: written by this server, or verified at a start.
+-- The anchored head: the last committed row and the HMAC of (seq, hash) under the log's
+-- key, written in the same transaction as the rows (``mac`` is NULL in logs from before it).
 CREATE TABLE IF NOT EXISTS checkpoint (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     seq INTEGER NOT NULL,
-    hash BLOB NOT NULL
+    hash BLOB NOT NULL,
+    mac BLOB
 );
 """
+ANCHOR = "INSERT OR REPLACE INTO checkpoint (id, seq, hash, mac) VALUES (1, ?, ?, ?)"
 
 GENESIS = b"\x00" * 32
 _SEQ_TIME = struct.Struct(">qd")
@@ -77,12 +90,20 @@ def chain_hash(prev: bytes, seq: int, time: float, principal: str, type_: str,
 
 
 class LogCorrupt(Exception):
-    """The hash chain or the sequence is broken at ``seq``."""
+    """The log is not as its server wrote it, from ``seq`` on.
 
-    def __init__(self, seq: int, why: str) -> None:
+    ``first``: ``seq`` is the first row that differs. When only the anchor shows the change
+    (a chain recomputed after an edit), ``seq`` is the anchored head and the change is at
+    or before it.
+    """
+
+    def __init__(self, seq: int, why: str, first: bool = True) -> None:
         super().__init__(f"log is corrupt at seq {seq}: {why}")
-        self.seq = seq
-        self.why = why
+        self.seq, self.why, self.first = seq, why, first
+
+
+class KeyFileInvalid(Exception):
+    """The anchor's key file exists but does not hold a key."""
 
 
 class Unstorable(ValueError):
@@ -135,69 +156,202 @@ def iter_rows(conn: sqlite3.Connection, from_seq: int = 1, to_seq: int | None = 
         yield from batch
 
 
-def iter_verified(conn: sqlite3.Connection,
-                  after: tuple[int, bytes] | None = None) -> Iterator[Record]:
-    """Every record from seq 1 (or after ``after``, a known good (seq, hash)), checking
-    contiguity and the hash chain as it goes.
+#: Each row with the hashed fields the way ``chain_hash`` joins them, built by SQLite.
+_VERIFY_ROWS = ("SELECT seq, time, principal, type, v, body, hash, CAST(principal || char(31) "
+                "|| type || char(31) || ifnull(job_id, '') || char(31) || v AS BLOB) "
+                "FROM events WHERE seq >= ? ORDER BY seq")
+_UNREADABLE = (msgspec.DecodeError, KeyError, TypeError, ValueError, struct.error)
 
-    The hot loop of every offline audit: ``chain_hash`` is inlined.
+
+def iter_verified(conn: sqlite3.Connection) -> Iterator[Record]:
+    """Every record from seq 1, checking contiguity and the hash chain before yielding it.
+
+    The hot loop of every start and every audit. A row that cannot be read (a column of
+    the wrong kind, a body that does not decode) is corrupt too. Deleted tail rows and a
+    recomputed chain show only against the anchor: ``check_head`` once this is exhausted.
     """
-    prev, expected = (GENESIS, 1) if after is None else (after[1], after[0] + 1)
-    sha256, pack, types = hashlib.sha256, _SEQ_TIME.pack, ev.EVENT_TYPES
-    rows = conn.execute("SELECT seq, time, principal, type, job_id, v, body, hash FROM events "
-                        "WHERE seq >= ? ORDER BY seq", (expected,))
-    for seq, time, principal, type_, job_id, version, body, stored in rows:
-        if seq != expected:
-            raise LogCorrupt(expected, f"sequence jumps to {seq}")
-        fields = f"{principal}\x1f{type_}\x1f{job_id or ''}\x1f{version}".encode()
-        if sha256(b"".join((prev, pack(seq, time), fields, body))).digest() != stored:
-            raise LogCorrupt(seq, "hash does not match its contents and the previous hash")
-        try:
-            event = ev.decode(body, version)
-        except msgspec.DecodeError as exc:
-            raise LogCorrupt(seq, f"body does not decode: {exc}") from exc
-        if type(event) is not types.get(type_):
-            raise LogCorrupt(seq, f"type column {type_!r} differs from body")
-        yield Record(seq, time, principal, event, stored)
-        prev, expected = stored, seq + 1
-
-
-def read_checkpoint(conn: sqlite3.Connection) -> tuple[int, bytes] | None:
+    prev, expected = GENESIS, 1
+    sha256, pack, types, decode = hashlib.sha256, _SEQ_TIME.pack, ev.EVENT_TYPES, ev.decode
     try:
-        row = conn.execute("SELECT seq, hash FROM checkpoint").fetchone()
-    except sqlite3.OperationalError:  # a log no server has opened since checkpoints came
-        return None
-    return None if row is None else (int(row[0]), bytes(row[1]))
-
-
-def iter_for_start(conn: sqlite3.Connection) -> Iterator[Record]:
-    """What a start folds: every record from seq 1, its chain verified from the checkpoint
-    on (ARCHITECTURE: "verify its head"). Rows up to the checkpoint were verified when
-    they were written or at an earlier start: they are checked for gaps and decoded, and
-    the checkpoint's own row must carry the checkpoint's hash. ``eventq replay verify``
-    checks the whole chain, whenever asked.
-    """
-    mark = read_checkpoint(conn)
-    if mark is None:
-        yield from iter_verified(conn)
-        return
-    upto, expected, last, decode = mark[0], 1, GENESIS, ev.decode
-    rows = conn.execute("SELECT seq, time, principal, v, body, hash FROM events "
-                        "WHERE seq <= ? ORDER BY seq", (upto,))
-    for seq, time, principal, version, body, stored in rows:
-        if seq != expected:
-            raise LogCorrupt(expected, f"sequence jumps to {seq}")
-        try:
+        for seq, time, principal, type_, version, body, stored, fields in \
+                conn.execute(_VERIFY_ROWS, (expected,)):
+            if seq != expected:
+                raise LogCorrupt(expected, f"sequence jumps to {seq}")
+            if sha256(b"".join((prev, pack(seq, time), fields, body))).digest() != stored:
+                raise LogCorrupt(seq, "hash does not match its contents and the previous hash")
             event = decode(body, version)
-        except msgspec.DecodeError as exc:
-            raise LogCorrupt(seq, f"body does not decode: {exc}") from exc
-        yield Record(seq, time, principal, event, stored)
-        expected, last = seq + 1, stored
-    if expected != upto + 1 or last != mark[1]:
-        raise LogCorrupt(min(expected, upto), "the checkpoint's row is missing or its hash "
-                                              "differs from the checkpoint")
-    yield from iter_verified(conn, after=mark)
+            if type(event) is not types.get(type_):
+                raise LogCorrupt(seq, f"type column {type_!r} differs from body")
+            yield Record(seq, time, principal, event, stored)
+            prev, expected = stored, seq + 1
+    except _UNREADABLE as exc:
+        raise LogCorrupt(expected, f"the row cannot be read: {exc}") from exc
 
+
+# --- the anchored head -------------------------------------------------------------------
+
+
+class HeadTrust(enum.StrEnum):
+    """What vouches for the end of a log whose chain verified."""
+
+    #: The anchor's HMAC matches the head: nothing was cut, added or recomputed.
+    KEYED = "keyed"
+    #: No keyed anchor yet (a log from before anchors, or one never committed to): the
+    #: chain holds from seq 1, but a cut tail or a recomputed chain would not show.
+    UNKEYED = "unkeyed"
+
+
+class Anchor(NamedTuple):
+    seq: int
+    hash: bytes
+    mac: bytes | None
+
+
+@dataclass(frozen=True)
+class AnchorKey:
+    """The secret that signs the head, read from (or written to) ``path`` (mode 0600)."""
+
+    secret: bytes
+    path: Path
+    #: Written, but no anchor made with it is known to be committed yet (``events.key.new``):
+    #: a start that finds it beside an unkeyed log was interrupted while keying the log.
+    pending: bool = False
+
+
+def key_path(log_path: Path) -> Path:
+    """Where a log's key lives: beside it, ``events.db`` → ``events.key``."""
+    return log_path.with_suffix(".key")
+
+
+def _pending_path(log_path: Path) -> Path:
+    return log_path.with_suffix(".key.new")
+
+
+def read_key(log_path: Path, path: Path | None = None) -> AnchorKey | None:
+    """The log's key (``path`` if given, else beside the log), or None if there is none."""
+    candidates = [(path, False)] if path is not None else \
+        [(key_path(log_path), False), (_pending_path(log_path), True)]
+    for candidate, pending in candidates:
+        try:
+            text = candidate.read_text()
+        except FileNotFoundError:
+            continue
+        try:
+            secret = bytes.fromhex(text.strip())
+        except ValueError:
+            secret = b""
+        if len(secret) != 32:
+            raise KeyFileInvalid(f"{candidate} does not hold a log key (64 hex digits)")
+        return AnchorKey(secret, candidate, pending)
+    return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Atomically and durably, readable only by its owner."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _sync_dir(path.parent)
+
+
+def _sync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_key(log_path: Path) -> AnchorKey:
+    """A new key, pending until an anchor made with it is committed (``promote_key``)."""
+    secret = secrets.token_bytes(32)
+    path = _pending_path(log_path)
+    _write_private(path, secret.hex() + "\n")
+    return AnchorKey(secret, path, pending=True)
+
+
+def promote_key(log_path: Path, key: AnchorKey) -> AnchorKey:
+    """An anchor made with ``key`` is committed: from now on the log must carry one."""
+    final = key_path(log_path)
+    os.replace(key.path, final)
+    _sync_dir(final.parent)
+    return AnchorKey(key.secret, final)
+
+
+def anchor_mac(secret: bytes, seq: int, digest: bytes) -> bytes:
+    return hmac.digest(secret, b"eventq anchor\x00" + struct.pack(">q", seq) + digest, "sha256")
+
+
+def read_anchor(conn: sqlite3.Connection) -> Anchor | None:
+    try:
+        row = conn.execute("SELECT * FROM checkpoint WHERE id = 1").fetchone()
+    except sqlite3.OperationalError:  # a log from before checkpoints
+        return None
+    if row is None:
+        return None
+    try:
+        mac = row[3] if len(row) > 3 else None
+        return Anchor(int(row[1]), bytes(row[2]), None if mac is None else bytes(mac))
+    except (TypeError, ValueError) as exc:
+        raise LogCorrupt(1, f"the anchor row cannot be read: {exc}", first=False) from exc
+
+
+def check_head(conn: sqlite3.Connection, head: tuple[int, bytes],
+               key: AnchorKey | None) -> HeadTrust:
+    """Once ``iter_verified`` has read every row up to ``head`` (seq, hash): is that the
+    head the server anchored? Raises ``LogCorrupt`` naming the seq where it differs."""
+    last, last_hash = head
+    anchor = read_anchor(conn)
+    if anchor is None or anchor.mac is None:
+        return _check_unkeyed(conn, anchor, last, key)
+    if key is None:
+        raise LogCorrupt(anchor.seq, "the head is anchored with a key, and there is no key "
+                                     "beside the log (events.key)", first=False)
+    if not hmac.compare_digest(anchor.mac, anchor_mac(key.secret, anchor.seq, anchor.hash)):
+        raise LogCorrupt(anchor.seq, "the anchor's MAC does not match: the anchor or the chain "
+                                     "was rewritten without the key", first=False)
+    if anchor.seq > last:
+        raise LogCorrupt(last + 1, f"rows {last + 1} to {anchor.seq} are missing (the "
+                                   f"anchored head is seq {anchor.seq})")
+    if anchor.seq < last:
+        raise LogCorrupt(anchor.seq + 1, f"rows after the anchored head (seq {anchor.seq}) "
+                                         "were not written by eventq")
+    if anchor.hash != last_hash:
+        raise LogCorrupt(last, "its hash differs from the anchored head's: the chain was "
+                               "recomputed", first=False)
+    return HeadTrust.KEYED
+
+
+def _check_unkeyed(conn: sqlite3.Connection, anchor: Anchor | None, last: int,
+                   key: AnchorKey | None) -> HeadTrust:
+    """A log with no keyed anchor: acceptable only if it was never keyed; an old
+    checkpoint (from before anchors were keyed) must still find its row."""
+    if key is not None and not key.pending:
+        raise LogCorrupt(max(last, 1), "the log has a key but its anchor is gone: rows may "
+                                       "have been cut or rewritten", first=False)
+    if anchor is None:
+        return HeadTrust.UNKEYED
+    if anchor.seq > last:
+        raise LogCorrupt(last + 1, f"rows {last + 1} to {anchor.seq} are missing (the "
+                                   f"checkpoint is at seq {anchor.seq})")
+    stored = conn.execute("SELECT hash FROM events WHERE seq = ?", (anchor.seq,)).fetchone()
+    if stored is None or stored[0] != anchor.hash:
+        raise LogCorrupt(anchor.seq, "its hash differs from the checkpoint's")
+    return HeadTrust.UNKEYED
+
+
+def settle_failed_fold(conn: sqlite3.Connection, rest: Iterator[Record],
+                       last: Record | None, key: AnchorKey | None) -> None:
+    """A fold raised on a row the chain vouches for. If the log was changed (the rest of
+    the chain, or the anchor, says so), raise that instead: it is the cause to report."""
+    for last in rest:  # noqa: B007 - the last one is the head
+        pass
+    check_head(conn, (0, GENESIS) if last is None else (last.seq, last.hash), key)
 
 def to_record(row: Row) -> Record:
     seq, time, principal, _type, _job, version, body, stored = row
@@ -223,7 +377,11 @@ class Appended:
 
 
 def _fail_stop(exc: BaseException) -> None:
-    sys.stderr.write(f"eventq: FATAL: the event log could not be written ({exc!r}); stopping\n")
+    """One line, then exit at once: no further reply, dispatch or process start can go out
+    on memory the disk did not take; the next start folds what the log holds."""
+    sys.stderr.write(f"eventq: FATAL: the event log could not be written ({exc or repr(exc)}); "
+                     "stopping now: nothing unwritten was acknowledged. Restart once the disk "
+                     "is writable and has room: the log is the truth\n")
     sys.stderr.flush()
     os._exit(70)
 
@@ -257,48 +415,62 @@ class EventLog:
     _reader: aiosqlite.Connection | None = None
     _closing: bool = False
     _holds: int = 0
-    #: The newest (seq, hash) known good (verified at start, or committed since), and the
-    #: seq the stored checkpoint has.
+    #: The newest (seq, hash) known good: verified at start, or committed since.
     _good: tuple[int, bytes] | None = None
-    _checkpointed: int = 0
-    _failed: bool = False
-    #: Committed rows between checkpoints while running: after a crash, a start hashes at
-    #: most this many rows more than the ones appended since.
-    checkpoint_every: int = 10_000
+    #: Signs the head at every commit; read at open, created by the first start of a log
+    #: that has none.
+    key: AnchorKey | None = None
+    #: What vouched for the head at start (``replay``).
+    trust: HeadTrust | None = None
 
     @classmethod
     async def open(cls, path: Path, clock_now: Callable[[], float],
                    on_fatal: Callable[[BaseException], None] = _fail_stop) -> EventLog:
+        key = read_key(path)
         conn = await aiosqlite.connect(path, isolation_level=None)
-        # Rows are a few hundred bytes and only ever appended: larger pages mean fewer
-        # pages to write and sync per commit (a 10,000-job import commits a fifth faster).
-        # Only a new file takes it; an existing log keeps its page size.
-        await conn.execute("PRAGMA page_size=16384")
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute("PRAGMA synchronous=FULL")
-        await conn.executescript(SCHEMA)
-        # From here on, the sqlite3 module opens ``BEGIN IMMEDIATE`` itself before the
-        # first INSERT of a batch: one thread round trip less per commit.
-        await conn.execute("SELECT 1")
+        try:
+            # Rows are a few hundred bytes and only ever appended: larger pages mean fewer
+            # pages to write and sync per commit (a 10,000-job import commits a fifth
+            # faster). Only a new file takes it; an existing log keeps its page size.
+            await conn.execute("PRAGMA page_size=16384")
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute("PRAGMA synchronous=FULL")
+            await conn.executescript(SCHEMA)
+            # From here on, the sqlite3 module opens ``BEGIN IMMEDIATE`` itself before the
+            # first INSERT of a batch: one thread round trip less per commit.
+            await conn.execute("SELECT 1")
+        except BaseException:
+            await conn.close()  # its thread would keep the process alive
+            raise
         conn.isolation_level = "IMMEDIATE"
-        return cls(path=path, conn=conn, clock_now=clock_now, on_fatal=on_fatal)
+        return cls(path=path, conn=conn, clock_now=clock_now, on_fatal=on_fatal, key=key)
 
     def replay(self, keep: bool = False) -> int:
-        """Fold every stored event into the subscribers; returns the number replayed.
-        ``keep``: the folded state lives as long as the process (see ``gcpause``)."""
-        with collector_paused(keeps=keep):
+        """Fold every stored event into the subscribers, each only once the chain up to it
+        is verified, then check the anchored head; returns the number replayed.
+        ``keep``: the folded state lives as long as the process (see ``gcpause``).
+
+        Raises ``LogCorrupt`` if the log is not as its server wrote it: the caller must
+        act on nothing folded (SPEC 8: the whole chain, before anything is executed).
+        """
+        with collector_paused(keeps=keep), contextlib.closing(sqlite3.connect(self.path)) as conn:
             record = None
             routes, route = self._routes, self._route
-            with sqlite3.connect(self.path) as conn:
-                mark = read_checkpoint(conn)
-                for record in iter_for_start(conn):
+            records = iter_verified(conn)
+            try:
+                for record in records:
                     folds = routes.get(type(record.event))
                     for fold in route(type(record.event)) if folds is None else folds:
                         fold(record)
-            if record is not None:
-                self.head_seq, self.head_hash = record.seq, record.hash
-                self._good = (record.seq, record.hash)
-                self._checkpointed = mark[0] if mark else 0
+            except LogCorrupt:
+                raise
+            except Exception:
+                settle_failed_fold(conn, records, record, self.key)
+                raise
+            head = (0, GENESIS) if record is None else (record.seq, record.hash)
+            self.trust = check_head(conn, head, self.key)
+        self.head_seq, self.head_hash = head
+        self._good = head if record is not None else None
         return self.head_seq
 
     def start(self) -> None:
@@ -380,9 +552,8 @@ class EventLog:
 
     async def _write_loop(self) -> None:
         try:
-            await self._write_checkpoint()  # what this start verified need not be again
+            await self._anchor_at_start()
         except BaseException as exc:  # noqa: BLE001 - any failure stops the process
-            self._failed = True
             self.on_fatal(exc)
             return
         yielded = False
@@ -406,10 +577,9 @@ class EventLog:
             try:
                 await self._commit(rows)
                 self._good = (records[-1].seq, records[-1].hash)
-                if self._good[0] - self._checkpointed >= self.checkpoint_every:
-                    await self._write_checkpoint()
+                if self.key is not None and self.key.pending:
+                    self.key = promote_key(self.path, self.key)
             except BaseException as exc:  # noqa: BLE001 - any failure stops the process
-                self._failed = True
                 self.on_fatal(exc)
                 if future is not None and not future.done():
                     future.set_exception(RuntimeError(f"event log write failed: {exc!r}"))
@@ -424,19 +594,30 @@ class EventLog:
                 elif mine := [r for r in records if type(r.event) in reads]:
                     subscriber(mine)
 
-    async def _write_checkpoint(self) -> None:
-        """Record the newest known good row, so the next start verifies the chain from
-        there (a clean stop, and each start, move it)."""
-        if self._good is None or self._good[0] <= self._checkpointed:
-            return
-        await self.conn.execute("INSERT OR REPLACE INTO checkpoint VALUES (1, ?, ?)", self._good)
+    async def _anchor_at_start(self) -> None:
+        """Key a log that has no key yet, and anchor the head this start verified. A new
+        key stays pending (``events.key.new``) until an anchor made with it is committed,
+        so a crash in between leaves a log that still starts."""
+        if self.key is None:
+            self.key = create_key(self.path)
+        columns = await self.conn.execute_fetchall("PRAGMA table_info(checkpoint)")
+        if "mac" not in {column[1] for column in columns}:  # a log from before anchors
+            await self.conn.execute("ALTER TABLE checkpoint ADD COLUMN mac BLOB")
+        if self._good is None:
+            return  # an empty log: the first commit anchors it
+        await self.conn.execute(ANCHOR, (*self._good, anchor_mac(self.key.secret, *self._good)))
         await self.conn.commit()
-        self._checkpointed = self._good[0]
+        if self.key.pending:
+            self.key = promote_key(self.path, self.key)
 
     async def _commit(self, rows: list[Row]) -> None:
-        """``BEGIN IMMEDIATE`` (implicit, see ``open``), every row, ``COMMIT``."""
+        """``BEGIN IMMEDIATE`` (implicit, see ``open``), every row and the anchored head,
+        ``COMMIT``: the head moves with its rows or not at all, at no extra sync."""
+        assert self.key is not None  # set by _anchor_at_start
+        seq, digest = rows[-1][0], rows[-1][7]
         try:
             await self.conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            await self.conn.execute(ANCHOR, (seq, digest, anchor_mac(self.key.secret, seq, digest)))
             await self.conn.commit()
         except BaseException:
             await self.conn.rollback()
@@ -469,13 +650,12 @@ class EventLog:
         return [to_record(tuple(row)) for row in rows]
 
     async def close(self) -> None:
-        """Commit what is waiting, then close the connection."""
+        """Commit what is waiting, then close the connection (a log that was never
+        started writes nothing)."""
         self._closing = True
         self._wake.set()
         if self._writer is not None:
             await self._writer
-        if not self._failed:
-            await self._write_checkpoint()
         await self.conn.close()
         if self._reader is not None:
             await self._reader.close()

@@ -50,7 +50,7 @@ def run_server(args: argparse.Namespace) -> int:
     import asyncio
 
     from eventq import gpus
-    from eventq.server import AlreadyRunning, Orchestrator, default_data_dir
+    from eventq.server import CannotStart, Orchestrator, default_data_dir
 
     configure_logging(args.log_format)
     try:
@@ -64,7 +64,7 @@ def run_server(args: argparse.Namespace) -> int:
                         log_cap_bytes=int(args.log_cap_mb * 2**20))
     try:
         asyncio.run(_serve(orch, args.host, args.port))
-    except AlreadyRunning as exc:
+    except CannotStart as exc:
         raise CliError(str(exc)) from None
     return 0
 
