@@ -45,15 +45,17 @@ def wait_until(check: Callable[[], object], what: str, seconds: float = 30) -> N
         time.sleep(0.02)
 
 
-def server_argv(data_dir: Path) -> list[str]:
+def server_argv(data_dir: Path, *extra: str) -> list[str]:
+    """``extra`` flags come last, so they win (``--port 8123``)."""
     return [EVENTQ, "server", "--data-dir", str(data_dir), "--port", "0",
-            "--gpus", "2xA100-80GB", "--grace", "1"]
+            "--gpus", "2xA100-80GB", "--grace", "1", *extra]
 
 
-def spawn(data_dir: Path, stderr: Path) -> subprocess.Popen[str]:
+def spawn(data_dir: Path, stderr: Path, *extra: str) -> subprocess.Popen[str]:
     with stderr.open("w") as err:
-        return subprocess.Popen(server_argv(data_dir), stdout=subprocess.PIPE, stderr=err,
-                                text=True, env=clean_env(), start_new_session=True)
+        return subprocess.Popen(server_argv(data_dir, *extra), stdout=subprocess.PIPE,
+                                stderr=err, text=True, env=clean_env(),
+                                start_new_session=True)
 
 
 def end(proc: subprocess.Popen[str]) -> int:
@@ -127,9 +129,9 @@ class Refusal:
     stderr: list[str]
 
 
-def refused_start(data_dir: Path, stderr: Path, seconds: float = 30) -> Refusal:
+def refused_start(data_dir: Path, stderr: Path, *extra: str, seconds: float = 30) -> Refusal:
     """Start a server that must refuse: it exits non-zero without ever listening."""
-    proc = spawn(data_dir, stderr)
+    proc = spawn(data_dir, stderr, *extra)
     started = time.monotonic()
     try:
         line = first_line(proc, seconds)

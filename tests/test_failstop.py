@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -74,6 +75,21 @@ def test_a_data_directory_that_cannot_be_made_is_one_line(tmp_path: Path) -> Non
     blocker.write_text("not a directory\n")
     refusal = serverproc.refused_start(blocker / "data", tmp_path / "server.stderr")
     assert_one_clear_line(refusal, "cannot write in the data directory", str(blocker))
+
+
+def test_a_port_already_taken_is_one_line_and_frees_the_data_directory(
+        tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refusal = serverproc.refused_start(tmp_path / "data", tmp_path / "server.stderr",
+                                           "--port", str(port))
+    # The log was opened and recovered before the listener: its info lines come first.
+    assert refusal.code != 0 and "Traceback" not in "\n".join(refusal.stderr)
+    assert [ln for ln in refusal.stderr if ln.startswith("eventq: ")] == [refusal.stderr[-1]]
+    assert f"127.0.0.1:{port}" in refusal.stderr[-1] and "in use" in refusal.stderr[-1]
+    lockfile.take(tmp_path / "data" / "server.lock").close()
 
 
 def test_a_read_only_data_directory_is_one_line_and_changes_nothing(tmp_path: Path) -> None:

@@ -86,7 +86,14 @@ async def _serve(orch: Orchestrator, host: str, port: int) -> None:
     runner = web.AppRunner(make_app(orch), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        from eventq.server import CannotStart
+
+        await runner.cleanup()
+        await orch.stop()  # running attempts keep running; the next start adopts them
+        raise CannotStart(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     bound = runner.addresses[0][1]
     url = f"http://{host}:{bound}"
     orch.write_server_file(url)
