@@ -8,9 +8,10 @@ COMMIT``. Effects (replies, process starts) wait for ``Appended.durable``. If a
 commit fails the process stops: memory must never run ahead of a disk that
 refused it.
 
-What it promises about the stored log: nothing a start folds, and nothing ``eventq replay
+What it promises about the stored log: nothing a start acts on, and nothing ``eventq replay
 verify`` passes, differs from what the server wrote. Every row from seq 1 is hashed
-(``iter_verified``), and the head must be the one the server anchored (``check_head``): each
+(``eventq.chain``; for a large log, by a second process while this one folds) before
+``replay`` returns, and the head must be the one the server anchored (``check_head``): each
 commit records the head's seq and hash, with an HMAC under a key kept beside the log, in
 the same transaction as its rows. An edit, a deletion or a reordering anywhere raises
 ``LogCorrupt`` naming the seq; a chain recomputed after an edit fails the HMAC.
@@ -21,22 +22,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import hashlib
 import hmac
+import json
 import os
 import secrets
 import sqlite3
 import struct
+import subprocess
 import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import aiosqlite
 import msgspec
 
 from eventq import events as ev
+from eventq.chain import GENESIS as GENESIS
+from eventq.chain import LogCorrupt as LogCorrupt
+from eventq.chain import Row as Row
+from eventq.chain import chain_hash as chain_hash
+from eventq.chain import check_rows, contiguous_rows, hashed_rows
 from eventq.gcpause import collector_paused
 
 SCHEMA = """
@@ -62,10 +69,10 @@ CREATE TABLE IF NOT EXISTS checkpoint (
 """
 ANCHOR = "INSERT OR REPLACE INTO checkpoint (id, seq, hash, mac) VALUES (1, ?, ?, ?)"
 
-GENESIS = b"\x00" * 32
-_SEQ_TIME = struct.Struct(">qd")
-
-Row = tuple[int, float, str, str, str | None, int, bytes, bytes]
+#: From this many rows on, a start hashes the chain in a second process while it folds
+#: (``ChainCheckAside``); below it, starting that process costs more than it saves, and
+#: with one CPU there is nothing to gain.
+ASIDE_FROM_ROWS = 50_000 if len(os.sched_getaffinity(0)) > 1 else 2**63
 
 
 class Record(msgspec.Struct, frozen=True, gc=False):
@@ -80,26 +87,6 @@ class Record(msgspec.Struct, frozen=True, gc=False):
     @property
     def type(self) -> str:
         return ev.event_type(self.event)
-
-
-def chain_hash(prev: bytes, seq: int, time: float, principal: str, type_: str,
-               job_id: str | None, version: int, body: bytes) -> bytes:
-    """The hash of one row, chained to the previous row's hash."""
-    fields = f"{principal}\x1f{type_}\x1f{job_id or ''}\x1f{version}".encode()
-    return hashlib.sha256(b"".join((prev, _SEQ_TIME.pack(seq, time), fields, body))).digest()
-
-
-class LogCorrupt(Exception):
-    """The log is not as its server wrote it, from ``seq`` on.
-
-    ``first``: ``seq`` is the first row that differs. When only the anchor shows the change
-    (a chain recomputed after an edit), ``seq`` is the anchored head and the change is at
-    or before it.
-    """
-
-    def __init__(self, seq: int, why: str, first: bool = True) -> None:
-        super().__init__(f"log is corrupt at seq {seq}: {why}")
-        self.seq, self.why, self.first = seq, why, first
 
 
 class KeyFileInvalid(Exception):
@@ -156,36 +143,30 @@ def iter_rows(conn: sqlite3.Connection, from_seq: int = 1, to_seq: int | None = 
         yield from batch
 
 
-_VERIFY_ROWS = ("SELECT seq, time, principal, type, job_id, v, body, hash FROM events "
-                "WHERE seq >= ? ORDER BY seq")
-_UNREADABLE = (msgspec.DecodeError, KeyError, TypeError, ValueError, struct.error)
+_UNDECODABLE = (msgspec.DecodeError, KeyError, TypeError, ValueError)
+#: Beyond any seq: every row.
+_ALL = 2**63 - 1
 
 
 def iter_verified(conn: sqlite3.Connection) -> Iterator[Record]:
-    """Every record from seq 1, checking contiguity and the hash chain before yielding it.
+    """Every record from seq 1, each yielded once it is in sequence, its hash holds and
+    it decodes. Deleted tail rows and a recomputed chain show only against the anchor:
+    ``check_head`` once this is exhausted."""
+    return _records(hashed_rows(conn, _ALL))
 
-    The hot loop of every start and every audit: ``chain_hash`` is inlined (building the
-    hashed fields in SQL instead was measured slower). A row that cannot be read (a column of
-    the wrong kind, a body that does not decode) is corrupt too. Deleted tail rows and a
-    recomputed chain show only against the anchor: ``check_head`` once this is exhausted.
-    """
-    prev, expected = GENESIS, 1
-    sha256, pack, types, decode = hashlib.sha256, _SEQ_TIME.pack, ev.EVENT_TYPES, ev.decode
+
+def _records(rows: Iterator[Row]) -> Iterator[Record]:
+    """The rows decoded; a body that does not decode, or whose type differs from its
+    type column, is corrupt."""
+    decode, types, seq = ev.decode, ev.EVENT_TYPES, 1
     try:
-        for seq, time, principal, type_, job_id, version, body, stored in \
-                conn.execute(_VERIFY_ROWS, (expected,)):
-            if seq != expected:
-                raise LogCorrupt(expected, f"sequence jumps to {seq}")
-            fields = f"{principal}\x1f{type_}\x1f{job_id or ''}\x1f{version}".encode()
-            if sha256(b"".join((prev, pack(seq, time), fields, body))).digest() != stored:
-                raise LogCorrupt(seq, "hash does not match its contents and the previous hash")
+        for seq, time, principal, type_, _job_id, version, body, stored in rows:
             event = decode(body, version)
             if type(event) is not types.get(type_):
                 raise LogCorrupt(seq, f"type column {type_!r} differs from body")
             yield Record(seq, time, principal, event, stored)
-            prev, expected = stored, seq + 1
-    except _UNREADABLE as exc:
-        raise LogCorrupt(expected, f"the row cannot be read: {exc}") from exc
+    except _UNDECODABLE as exc:
+        raise LogCorrupt(seq, f"body does not decode: {exc}") from exc
 
 
 # --- the anchored head -------------------------------------------------------------------
@@ -353,6 +334,53 @@ def settle_failed_fold(conn: sqlite3.Connection, rest: Iterator[Record],
         pass
     check_head(conn, (0, GENESIS) if last is None else (last.seq, last.hash), key)
 
+class ChainCheckAside:
+    """The chain of rows 1 to ``upto`` hashed by ``python -m eventq.chain`` in a second
+    process, while this one decodes and folds the same rows unhashed.
+
+    Its answer must be in, and agree, before anything acts on the fold (``result``). Both
+    processes read the file through SQLite; ``PRAGMA data_version`` of this process's
+    connection, the same before the second process starts and after it answered, shows
+    that no other connection committed in between, so both read the same rows.
+    """
+
+    def __init__(self, path: Path, upto: int, conn: sqlite3.Connection) -> None:
+        self.upto, self.conn = upto, conn
+        self.version = self._data_version()
+        self.answer: dict[str, Any] | None = None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "eventq.chain", str(path), str(upto)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def _data_version(self) -> int:
+        version: int = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        return version
+
+    def result(self) -> tuple[int, bytes]:
+        """The head the other process verified; ``LogCorrupt`` where it broke. If that
+        process could not answer, this one hashes the chain itself."""
+        if self.answer is None:
+            out, _ = self.proc.communicate()
+            try:
+                self.answer = json.loads(out) if self.proc.returncode == 0 else None
+            except ValueError:
+                self.answer = None
+            if self.answer is None:
+                self.answer = check_rows(hashed_rows(self.conn, self.upto))
+        if "corrupt" in self.answer:
+            raise LogCorrupt(self.answer["corrupt"], self.answer["why"], self.answer["first"])
+        if self._data_version() != self.version:
+            raise LogCorrupt(1, "another process wrote the log while the start read it",
+                             first=False)
+        return int(self.answer["seq"]), bytes.fromhex(self.answer["hash"])
+
+    def close(self) -> None:
+        """Stop it if it still runs (the fold failed first); always reaped."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
 def to_record(row: Row) -> Record:
     seq, time, principal, _type, _job, version, body, stored = row
     return Record(seq, time, principal, ev.decode(body, version), stored)
@@ -422,6 +450,8 @@ class EventLog:
     key: AnchorKey | None = None
     #: What vouched for the head at start (``replay``).
     trust: HeadTrust | None = None
+    #: From this many rows on, a start hashes the chain in a second process.
+    aside_from_rows: int = ASIDE_FROM_ROWS
 
     @classmethod
     async def open(cls, path: Path, clock_now: Callable[[], float],
@@ -446,32 +476,52 @@ class EventLog:
         return cls(path=path, conn=conn, clock_now=clock_now, on_fatal=on_fatal, key=key)
 
     def replay(self, keep: bool = False) -> int:
-        """Fold every stored event into the subscribers, each only once the chain up to it
-        is verified, then check the anchored head; returns the number replayed.
-        ``keep``: the folded state lives as long as the process (see ``gcpause``).
+        """Fold every stored event into the subscribers, verify the whole chain and the
+        anchored head; returns the number replayed. ``keep``: the folded state lives as
+        long as the process (see ``gcpause``).
 
         Raises ``LogCorrupt`` if the log is not as its server wrote it: the caller must
-        act on nothing folded (SPEC 8: the whole chain, before anything is executed).
+        act on nothing folded (SPEC 8: the whole chain, before anything is executed). A
+        small log is hashed row by row before each fold; a large one by a second process
+        meanwhile, whose answer ``replay`` waits for.
         """
         with collector_paused(keeps=keep), contextlib.closing(sqlite3.connect(self.path)) as conn:
-            record = None
-            routes, route = self._routes, self._route
-            records = iter_verified(conn)
+            upto: int = conn.execute("SELECT ifnull(max(seq), 0) FROM events").fetchone()[0]
+            aside = ChainCheckAside(self.path, upto, conn) if upto >= self.aside_from_rows \
+                else None
             try:
-                for record in records:
-                    folds = routes.get(type(record.event))
-                    for fold in route(type(record.event)) if folds is None else folds:
-                        fold(record)
-            except LogCorrupt:
-                raise
-            except Exception:
-                settle_failed_fold(conn, records, record, self.key)
-                raise
-            head = (0, GENESIS) if record is None else (record.seq, record.hash)
+                head = self._fold_verified(conn, upto, aside)
+            finally:
+                if aside is not None:
+                    aside.close()
             self.trust = check_head(conn, head, self.key)
         self.head_seq, self.head_hash = head
-        self._good = head if record is not None else None
+        self._good = head if head[0] else None
         return self.head_seq
+
+    def _fold_verified(self, conn: sqlite3.Connection, upto: int,
+                       aside: ChainCheckAside | None) -> tuple[int, bytes]:
+        """Fold rows 1 to ``upto`` (hashed here, or by ``aside``); the verified head."""
+        record = None
+        routes, route = self._routes, self._route
+        records = _records(hashed_rows(conn, upto) if aside is None
+                           else contiguous_rows(conn, upto))
+        try:
+            for record in records:
+                folds = routes.get(type(record.event))
+                for fold in route(type(record.event)) if folds is None else folds:
+                    fold(record)
+        except Exception as exc:
+            if aside is not None:
+                aside.result()  # a change the other process found is the cause to report
+            if not isinstance(exc, LogCorrupt):
+                settle_failed_fold(conn, records, record, self.key)
+            raise
+        head = (0, GENESIS) if record is None else (record.seq, record.hash)
+        if aside is not None and aside.result() != head:
+            raise LogCorrupt(head[0], "the rows differ from those the chain check read",
+                             first=False)
+        return head
 
     def start(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())

@@ -43,9 +43,12 @@ async def open_log(path: Path, clock: SimClock) -> AsyncIterator[OpenLog]:
     """``await open_log()``: a log replayed and started; every one is closed at the end."""
     opened: list[EventLog] = []
 
-    async def open_(replay: bool = True, start: bool = True, **kw: object) -> EventLog:
+    async def open_(replay: bool = True, start: bool = True, aside: bool = False,
+                    **kw: object) -> EventLog:
         log = await EventLog.open(path, clock.now, **kw)  # type: ignore[arg-type]
         opened.append(log)
+        if aside:  # the chain hashed by a second process, as for a large log
+            log.aside_from_rows = 1
         if replay:
             log.replay()
         if start:
@@ -165,6 +168,10 @@ async def test_a_start_refuses_an_edit_below_the_head_a_clean_stop_anchored(
     assert folded == [1], "nothing past the last row the chain vouches for is folded"
 
 
+HASHED = pytest.mark.parametrize("aside", [False, True], ids=["hashed-here", "hashed-aside"])
+
+
+@HASHED
 @pytest.mark.parametrize(("tamper", "seq", "first"), [
     ("UPDATE events SET principal = 'user:mallory' WHERE seq = 6", 6, True),
     ("DELETE FROM events WHERE seq = 4", 4, True),
@@ -174,11 +181,12 @@ async def test_a_start_refuses_an_edit_below_the_head_a_clean_stop_anchored(
     ("DELETE FROM checkpoint", 7, False),
 ])
 async def test_a_start_refuses_a_log_whose_chain_or_head_does_not_verify(
-        open_log: OpenLog, path: Path, tamper: str, seq: int, first: bool) -> None:
+        open_log: OpenLog, path: Path, tamper: str, seq: int, first: bool,
+        aside: bool) -> None:
     await appended_and_stopped(open_log, 1, 7)
     with sql(path) as conn:
         conn.execute(tamper)
-    log = await open_log(replay=False, start=False)
+    log = await open_log(replay=False, start=False, aside=aside)
     with pytest.raises(LogCorrupt) as caught:
         log.replay()
     assert (caught.value.seq, caught.value.first) == (seq, first)
@@ -195,8 +203,9 @@ def rechain(conn: sqlite3.Connection, from_seq: int) -> None:
     conn.execute("UPDATE checkpoint SET seq = ?, hash = ?", (rows[-1][0], prev))
 
 
+@HASHED
 async def test_a_recomputed_chain_fails_the_anchor_even_where_a_fold_trips_on_it(
-        open_log: OpenLog, path: Path) -> None:
+        open_log: OpenLog, path: Path, aside: bool) -> None:
     await appended_and_stopped(open_log, 1, 5)
     with sql(path) as conn:
         conn.execute("UPDATE events SET body = ? WHERE seq = 2", (ev.encode(limits_event(99)),))
@@ -208,7 +217,7 @@ async def test_a_recomputed_chain_fails_the_anchor_even_where_a_fold_trips_on_it
         if record.event == limits_event(99):
             raise KeyError("a fold that meets an impossible history")
 
-    log = await open_log(replay=False, start=False)
+    log = await open_log(replay=False, start=False, aside=aside)
     log.subscribe(trips)
     with pytest.raises(LogCorrupt) as caught:
         log.replay()
@@ -216,16 +225,58 @@ async def test_a_recomputed_chain_fails_the_anchor_even_where_a_fold_trips_on_it
     assert "MAC" in caught.value.why
 
 
+@HASHED
 async def test_a_fold_that_fails_on_an_intact_log_is_not_blamed_on_the_log(
-        open_log: OpenLog) -> None:
+        open_log: OpenLog, aside: bool) -> None:
     await appended_and_stopped(open_log, 1, 3)
 
     def fails(record: Record) -> None:
         raise KeyError("a bug in a fold")
 
-    log = await open_log(replay=False, start=False)
+    log = await open_log(replay=False, start=False, aside=aside)
     log.subscribe(fails)
     with pytest.raises(KeyError, match="a bug in a fold"):
+        log.replay()
+
+
+async def test_a_large_log_is_hashed_aside_and_folds_the_same(open_log: OpenLog) -> None:
+    await appended_and_stopped(open_log, 1, 5)
+    here, aside = await open_log(replay=False, start=False), \
+        await open_log(replay=False, start=False, aside=True)
+    seen: dict[str, list[Record]] = {"here": [], "aside": []}
+    here.subscribe(seen["here"].append)
+    aside.subscribe(seen["aside"].append)
+    assert here.replay() == aside.replay() == 5
+    assert seen["here"] == seen["aside"] and here.head_hash == aside.head_hash
+    assert aside.trust is HeadTrust.KEYED
+
+
+async def test_a_chain_check_process_that_cannot_answer_is_done_here(
+        open_log: OpenLog, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    await appended_and_stopped(open_log, 1, 5)
+    with sql(path) as conn:
+        conn.execute("UPDATE events SET principal = 'user:mallory' WHERE seq = 3")
+    monkeypatch.setattr("sys.executable", "false")  # the second process exits 1 at once
+    log = await open_log(replay=False, start=False, aside=True)
+    with pytest.raises(LogCorrupt) as caught:
+        log.replay()
+    assert caught.value.seq == 3
+
+
+async def test_a_write_by_another_process_during_the_start_is_refused(
+        open_log: OpenLog, path: Path) -> None:
+    """Both processes must read the same rows: no commit may come between them (this one
+    changes nothing the chain covers, so only the commit itself can tell)."""
+    await appended_and_stopped(open_log, 1, 5)
+
+    def meddles(record: Record) -> None:
+        if record.seq == 2:
+            with sql(path) as conn:
+                conn.execute("CREATE TABLE notes (text TEXT)")
+
+    log = await open_log(replay=False, start=False, aside=True)
+    log.subscribe(meddles)
+    with pytest.raises(LogCorrupt, match="another process wrote the log"):
         log.replay()
 
 

@@ -180,3 +180,26 @@ def test_the_untouched_log_verifies_and_its_approval_runs_the_command_it_was_giv
                    "the approved job completes")
         status, out = server.call("GET", f"/api/jobs/{job}/logs")
     assert status == 200 and out == f"{ORIGINAL.decode()}\n"
+
+
+def test_a_log_from_before_anchors_starts_with_a_warning_and_is_anchored_from_then_on(
+        history: History, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(history.data_dir, data)
+    (data / "events.key").unlink()
+    with closing(sqlite3.connect(data / "events.db")) as conn, conn:
+        conn.execute("DROP TABLE checkpoint")
+    old = serverproc.eventq("replay", "verify", "--data-dir", str(data), "--format", "json")
+    assert json.loads(old.stdout) == {"ok": True, "events": history.head, "problems": [],
+                                      "anchor": "unkeyed"}
+
+    with serverproc.running(data, tmp_path / "server.stderr"):
+        pass
+    assert "log_not_anchored" in (tmp_path / "server.stderr").read_text()
+
+    verified = serverproc.eventq("replay", "verify", "--data-dir", str(data), "--format", "json")
+    assert json.loads(verified.stdout)["anchor"] == "keyed"
+    with closing(sqlite3.connect(data / "events.db")) as conn, conn:
+        edit_and_rechain(conn, history)
+    refusal = serverproc.refused_start(data, tmp_path / "again.stderr")
+    assert refusal.code != 0 and "MAC" in refusal.stderr[0]

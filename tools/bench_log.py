@@ -463,16 +463,41 @@ def checkpoint_only(conn: sqlite3.Connection) -> Iterator[Record]:
         raise RuntimeError("(c) prepares logs whose checkpoint is their head")
 
 
+class NoCheckAside:
+    """In place of ``ChainCheckAside`` for the baseline: no second process."""
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def fold_before(self: EventLog, conn: sqlite3.Connection, upto: int,
+                aside: object) -> tuple[int, bytes]:
+    """``EventLog._fold_verified`` as the start before the whole-chain check folded."""
+    record = None
+    routes, route = self._routes, self._route
+    for record in checkpoint_only(conn):
+        folds = routes.get(type(record.event))
+        for fold in route(type(record.event)) if folds is None else folds:
+            fold(record)
+    return (0, GENESIS) if record is None else (record.seq, record.hash)
+
+
 @contextlib.contextmanager
 def start_path_before_the_whole_chain_check() -> Iterator[None]:
-    """``EventLog.replay`` with ``checkpoint_only`` and no anchor check, for the baseline."""
-    saved = eventq.log.iter_verified, eventq.log.check_head
-    eventq.log.iter_verified = checkpoint_only
+    """``EventLog.replay`` folding ``checkpoint_only`` with no anchor check, for the
+    baseline."""
+    saved = eventq.log.ChainCheckAside, EventLog._fold_verified, eventq.log.check_head
+    eventq.log.ChainCheckAside = NoCheckAside  # type: ignore[misc,assignment]
+    EventLog._fold_verified = fold_before  # type: ignore[method-assign]
     eventq.log.check_head = lambda conn, head, key: HeadTrust.KEYED
     try:
         yield
     finally:
-        eventq.log.iter_verified, eventq.log.check_head = saved
+        eventq.log.ChainCheckAside, eventq.log.check_head = saved[0], saved[2]  # type: ignore[misc]
+        EventLog._fold_verified = saved[1]  # type: ignore[method-assign]
 
 
 def prepare_data_dir(log: Path, data: Path) -> None:
