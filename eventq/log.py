@@ -1,4 +1,4 @@
-"""The event log: one SQLite table, append-only, hash-chained, group-committed.
+"""The event log: one SQLite table, append-only, hash-chained, anchored, group-committed.
 
 ``append`` is synchronous: it numbers and chains the events, hands them to every
 subscriber in seq order (actors and projections evolve at once, so a reply can
@@ -7,26 +7,44 @@ write connection and commits everything waiting in one ``BEGIN IMMEDIATE …
 COMMIT``. Effects (replies, process starts) wait for ``Appended.durable``. If a
 commit fails the process stops: memory must never run ahead of a disk that
 refused it.
+
+What it promises about the stored log: nothing a start acts on, and nothing ``eventq replay
+verify`` passes, differs from what the server wrote. Every row from seq 1 is hashed
+(``eventq.chain``; for a large log, by a second process while this one folds) before
+``replay`` returns, and the head must be the one the server anchored (``check_head``): each
+commit records the head's seq and hash, with an HMAC under a key kept beside the log, in
+the same transaction as its rows. An edit, a deletion or a reordering anywhere raises
+``LogCorrupt`` naming the seq; a chain recomputed after an edit fails the HMAC.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import enum
+import hmac
+import json
 import os
+import secrets
 import sqlite3
 import struct
+import subprocess
 import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import aiosqlite
 import msgspec
 
 from eventq import events as ev
+from eventq.chain import GENESIS as GENESIS
+from eventq.chain import LogCorrupt as LogCorrupt
+from eventq.chain import Row as Row
+from eventq.chain import chain_hash as chain_hash
+from eventq.chain import check_rows, contiguous_rows, hashed_rows
 from eventq.gcpause import collector_paused
 
 SCHEMA = """
@@ -41,18 +59,21 @@ CREATE TABLE IF NOT EXISTS events (
     hash BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, seq) WHERE job_id IS NOT NULL;
--- The last row whose chain is known good: written by this server, or verified at a start.
+-- The anchored head: the last committed row and the HMAC of (seq, hash) under the log's
+-- key, written in the same transaction as the rows (``mac`` is NULL in logs from before it).
 CREATE TABLE IF NOT EXISTS checkpoint (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     seq INTEGER NOT NULL,
-    hash BLOB NOT NULL
+    hash BLOB NOT NULL,
+    mac BLOB
 );
 """
+ANCHOR = "INSERT OR REPLACE INTO checkpoint (id, seq, hash, mac) VALUES (1, ?, ?, ?)"
 
-GENESIS = b"\x00" * 32
-_SEQ_TIME = struct.Struct(">qd")
-
-Row = tuple[int, float, str, str, str | None, int, bytes, bytes]
+#: From this many rows on, a start hashes the chain in a second process while it folds
+#: (``ChainCheckAside``); below it, starting that process costs more than it saves, and
+#: with one CPU there is nothing to gain.
+ASIDE_FROM_ROWS = 50_000 if len(os.sched_getaffinity(0)) > 1 else 2**63
 
 
 class Record(msgspec.Struct, frozen=True, gc=False):
@@ -69,20 +90,8 @@ class Record(msgspec.Struct, frozen=True, gc=False):
         return ev.event_type(self.event)
 
 
-def chain_hash(prev: bytes, seq: int, time: float, principal: str, type_: str,
-               job_id: str | None, version: int, body: bytes) -> bytes:
-    """The hash of one row, chained to the previous row's hash."""
-    fields = f"{principal}\x1f{type_}\x1f{job_id or ''}\x1f{version}".encode()
-    return hashlib.sha256(b"".join((prev, _SEQ_TIME.pack(seq, time), fields, body))).digest()
-
-
-class LogCorrupt(Exception):
-    """The hash chain or the sequence is broken at ``seq``."""
-
-    def __init__(self, seq: int, why: str) -> None:
-        super().__init__(f"log is corrupt at seq {seq}: {why}")
-        self.seq = seq
-        self.why = why
+class KeyFileInvalid(Exception):
+    """The anchor's key file exists but does not hold a key."""
 
 
 class Unstorable(ValueError):
@@ -135,68 +144,242 @@ def iter_rows(conn: sqlite3.Connection, from_seq: int = 1, to_seq: int | None = 
         yield from batch
 
 
-def iter_verified(conn: sqlite3.Connection,
-                  after: tuple[int, bytes] | None = None) -> Iterator[Record]:
-    """Every record from seq 1 (or after ``after``, a known good (seq, hash)), checking
-    contiguity and the hash chain as it goes.
-
-    The hot loop of every offline audit: ``chain_hash`` is inlined.
-    """
-    prev, expected = (GENESIS, 1) if after is None else (after[1], after[0] + 1)
-    sha256, pack, types = hashlib.sha256, _SEQ_TIME.pack, ev.EVENT_TYPES
-    rows = conn.execute("SELECT seq, time, principal, type, job_id, v, body, hash FROM events "
-                        "WHERE seq >= ? ORDER BY seq", (expected,))
-    for seq, time, principal, type_, job_id, version, body, stored in rows:
-        if seq != expected:
-            raise LogCorrupt(expected, f"sequence jumps to {seq}")
-        fields = f"{principal}\x1f{type_}\x1f{job_id or ''}\x1f{version}".encode()
-        if sha256(b"".join((prev, pack(seq, time), fields, body))).digest() != stored:
-            raise LogCorrupt(seq, "hash does not match its contents and the previous hash")
-        try:
-            event = ev.decode(body, version)
-        except msgspec.DecodeError as exc:
-            raise LogCorrupt(seq, f"body does not decode: {exc}") from exc
-        if type(event) is not types.get(type_):
-            raise LogCorrupt(seq, f"type column {type_!r} differs from body")
-        yield Record(seq, time, principal, event, stored)
-        prev, expected = stored, seq + 1
+_UNDECODABLE = (msgspec.DecodeError, KeyError, TypeError, ValueError)
+#: Beyond any seq: every row.
+_ALL = 2**63 - 1
 
 
-def read_checkpoint(conn: sqlite3.Connection) -> tuple[int, bytes] | None:
+def iter_verified(conn: sqlite3.Connection) -> Iterator[Record]:
+    """Every record from seq 1, each yielded once it is in sequence, its hash holds and
+    it decodes. Deleted tail rows and a recomputed chain show only against the anchor:
+    ``check_head`` once this is exhausted."""
+    return _records(hashed_rows(conn, _ALL))
+
+
+def _records(rows: Iterator[Row]) -> Iterator[Record]:
+    """The rows decoded; a body that does not decode, or whose type differs from its
+    type column, is corrupt."""
+    decode, types, seq = ev.decode, ev.EVENT_TYPES, 1
     try:
-        row = conn.execute("SELECT seq, hash FROM checkpoint").fetchone()
-    except sqlite3.OperationalError:  # a log no server has opened since checkpoints came
-        return None
-    return None if row is None else (int(row[0]), bytes(row[1]))
-
-
-def iter_for_start(conn: sqlite3.Connection) -> Iterator[Record]:
-    """What a start folds: every record from seq 1, its chain verified from the checkpoint
-    on (ARCHITECTURE: "verify its head"). Rows up to the checkpoint were verified when
-    they were written or at an earlier start: they are checked for gaps and decoded, and
-    the checkpoint's own row must carry the checkpoint's hash. ``eventq replay verify``
-    checks the whole chain, whenever asked.
-    """
-    mark = read_checkpoint(conn)
-    if mark is None:
-        yield from iter_verified(conn)
-        return
-    upto, expected, last, decode = mark[0], 1, GENESIS, ev.decode
-    rows = conn.execute("SELECT seq, time, principal, v, body, hash FROM events "
-                        "WHERE seq <= ? ORDER BY seq", (upto,))
-    for seq, time, principal, version, body, stored in rows:
-        if seq != expected:
-            raise LogCorrupt(expected, f"sequence jumps to {seq}")
-        try:
+        for seq, time, principal, type_, _job_id, version, body, stored in rows:
             event = decode(body, version)
-        except msgspec.DecodeError as exc:
-            raise LogCorrupt(seq, f"body does not decode: {exc}") from exc
-        yield Record(seq, time, principal, event, stored)
-        expected, last = seq + 1, stored
-    if expected != upto + 1 or last != mark[1]:
-        raise LogCorrupt(min(expected, upto), "the checkpoint's row is missing or its hash "
-                                              "differs from the checkpoint")
-    yield from iter_verified(conn, after=mark)
+            if type(event) is not types.get(type_):
+                raise LogCorrupt(seq, f"type column {type_!r} differs from body")
+            yield Record(seq, time, principal, event, stored)
+    except _UNDECODABLE as exc:
+        raise LogCorrupt(seq, f"body does not decode: {exc}") from exc
+
+
+# --- the anchored head -------------------------------------------------------------------
+
+
+class HeadTrust(enum.StrEnum):
+    """What vouches for the end of a log whose chain verified."""
+
+    #: The anchor's HMAC matches the head: nothing was cut, added or recomputed.
+    KEYED = "keyed"
+    #: No keyed anchor yet (a log from before anchors, or one never committed to): the
+    #: chain holds from seq 1, but a cut tail or a recomputed chain would not show.
+    UNKEYED = "unkeyed"
+
+
+class Anchor(NamedTuple):
+    seq: int
+    hash: bytes
+    mac: bytes | None
+
+
+@dataclass(frozen=True)
+class AnchorKey:
+    """The secret that signs the head, read from (or written to) ``path`` (mode 0600)."""
+
+    secret: bytes
+    path: Path
+    #: Written, but no anchor made with it is known to be committed yet (``events.key.new``):
+    #: a start that finds it beside an unkeyed log was interrupted while keying the log.
+    pending: bool = False
+
+
+def key_path(log_path: Path) -> Path:
+    """Where a log's key lives: beside it, ``events.db`` → ``events.key``."""
+    return log_path.with_suffix(".key")
+
+
+def _pending_path(log_path: Path) -> Path:
+    return log_path.with_suffix(".key.new")
+
+
+def read_key(log_path: Path, path: Path | None = None) -> AnchorKey | None:
+    """The log's key (``path`` if given, else beside the log), or None if there is none."""
+    candidates = [(path, False)] if path is not None else \
+        [(key_path(log_path), False), (_pending_path(log_path), True)]
+    for candidate, pending in candidates:
+        try:
+            text = candidate.read_text()
+        except FileNotFoundError:
+            continue
+        try:
+            secret = bytes.fromhex(text.strip())
+        except ValueError:
+            secret = b""
+        if len(secret) != 32:
+            raise KeyFileInvalid(f"{candidate} does not hold a log key (64 hex digits)")
+        return AnchorKey(secret, candidate, pending)
+    return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Atomically and durably, readable only by its owner."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _sync_dir(path.parent)
+
+
+def _sync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_key(log_path: Path) -> AnchorKey:
+    """A new key, pending until an anchor made with it is committed (``promote_key``)."""
+    secret = secrets.token_bytes(32)
+    path = _pending_path(log_path)
+    _write_private(path, secret.hex() + "\n")
+    return AnchorKey(secret, path, pending=True)
+
+
+def promote_key(log_path: Path, key: AnchorKey) -> AnchorKey:
+    """An anchor made with ``key`` is committed: from now on the log must carry one."""
+    final = key_path(log_path)
+    os.replace(key.path, final)
+    _sync_dir(final.parent)
+    return AnchorKey(key.secret, final)
+
+
+def anchor_mac(secret: bytes, seq: int, digest: bytes) -> bytes:
+    return hmac.digest(secret, b"eventq anchor\x00" + struct.pack(">q", seq) + digest, "sha256")
+
+
+def read_anchor(conn: sqlite3.Connection) -> Anchor | None:
+    try:
+        row = conn.execute("SELECT * FROM checkpoint WHERE id = 1").fetchone()
+    except sqlite3.OperationalError:  # a log from before checkpoints
+        return None
+    if row is None:
+        return None
+    try:
+        mac = row[3] if len(row) > 3 else None
+        return Anchor(int(row[1]), bytes(row[2]), None if mac is None else bytes(mac))
+    except (TypeError, ValueError) as exc:
+        raise LogCorrupt(1, f"the anchor row cannot be read: {exc}", first=False) from exc
+
+
+def check_head(conn: sqlite3.Connection, head: tuple[int, bytes],
+               key: AnchorKey | None) -> HeadTrust:
+    """Once ``iter_verified`` has read every row up to ``head`` (seq, hash): is that the
+    head the server anchored? Raises ``LogCorrupt`` naming the seq where it differs."""
+    last, last_hash = head
+    anchor = read_anchor(conn)
+    if anchor is None or anchor.mac is None:
+        return _check_unkeyed(conn, anchor, last, key)
+    if key is None:
+        raise LogCorrupt(anchor.seq, "the head is anchored with a key, and there is no key "
+                                     "beside the log (events.key)", first=False)
+    if not hmac.compare_digest(anchor.mac, anchor_mac(key.secret, anchor.seq, anchor.hash)):
+        raise LogCorrupt(anchor.seq, "the anchor's MAC does not match: the anchor or the chain "
+                                     "was rewritten without the key", first=False)
+    if anchor.seq > last:
+        raise LogCorrupt(last + 1, f"rows {last + 1} to {anchor.seq} are missing (the "
+                                   f"anchored head is seq {anchor.seq})")
+    if anchor.seq < last:
+        raise LogCorrupt(anchor.seq + 1, f"rows after the anchored head (seq {anchor.seq}) "
+                                         "were not written by eventq")
+    if anchor.hash != last_hash:
+        raise LogCorrupt(last, "its hash differs from the anchored head's: the chain was "
+                               "recomputed", first=False)
+    return HeadTrust.KEYED
+
+
+def _check_unkeyed(conn: sqlite3.Connection, anchor: Anchor | None, last: int,
+                   key: AnchorKey | None) -> HeadTrust:
+    """A log with no keyed anchor: acceptable only if it was never keyed; an old
+    checkpoint (from before anchors were keyed) must still find its row."""
+    if key is not None and not key.pending:
+        raise LogCorrupt(max(last, 1), "the log has a key but its anchor is gone: rows may "
+                                       "have been cut or rewritten", first=False)
+    if anchor is None:
+        return HeadTrust.UNKEYED
+    if anchor.seq > last:
+        raise LogCorrupt(last + 1, f"rows {last + 1} to {anchor.seq} are missing (the "
+                                   f"checkpoint is at seq {anchor.seq})")
+    stored = conn.execute("SELECT hash FROM events WHERE seq = ?", (anchor.seq,)).fetchone()
+    if stored is None or stored[0] != anchor.hash:
+        raise LogCorrupt(anchor.seq, "its hash differs from the checkpoint's")
+    return HeadTrust.UNKEYED
+
+
+def settle_failed_fold(conn: sqlite3.Connection, rest: Iterator[Record],
+                       last: Record | None, key: AnchorKey | None) -> None:
+    """A fold raised on a row the chain vouches for. If the log was changed (the rest of
+    the chain, or the anchor, says so), raise that instead: it is the cause to report."""
+    for last in rest:  # noqa: B007 - the last one is the head
+        pass
+    check_head(conn, (0, GENESIS) if last is None else (last.seq, last.hash), key)
+
+class ChainCheckAside:
+    """The chain of rows 1 to ``upto`` hashed by ``python -m eventq.chain`` in a second
+    process, while this one decodes and folds the same rows unhashed.
+
+    Its answer must be in, and agree, before anything acts on the fold (``result``). Both
+    processes read the file through SQLite; ``PRAGMA data_version`` of this process's
+    connection, the same before the second process starts and after it answered, shows
+    that no other connection committed in between, so both read the same rows.
+    """
+
+    def __init__(self, path: Path, upto: int, conn: sqlite3.Connection) -> None:
+        self.upto, self.conn = upto, conn
+        self.version = self._data_version()
+        self.answer: dict[str, Any] | None = None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "eventq.chain", str(path), str(upto)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def _data_version(self) -> int:
+        version: int = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        return version
+
+    def result(self) -> tuple[int, bytes]:
+        """The head the other process verified; ``LogCorrupt`` where it broke. If that
+        process could not answer, this one hashes the chain itself."""
+        if self.answer is None:
+            out, _ = self.proc.communicate()
+            try:
+                self.answer = json.loads(out) if self.proc.returncode == 0 else None
+            except ValueError:
+                self.answer = None
+            if self.answer is None:
+                self.answer = check_rows(hashed_rows(self.conn, self.upto))
+        if "corrupt" in self.answer:
+            raise LogCorrupt(self.answer["corrupt"], self.answer["why"], self.answer["first"])
+        if self._data_version() != self.version:
+            raise LogCorrupt(1, "another process wrote the log while the start read it",
+                             first=False)
+        return int(self.answer["seq"]), bytes.fromhex(self.answer["hash"])
+
+    def close(self) -> None:
+        """Stop it if it still runs (the fold failed first); always reaped."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+            self.proc.communicate()
 
 
 def to_record(row: Row) -> Record:
@@ -222,8 +405,42 @@ class Appended:
     durable: asyncio.Future[None]
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    """The write connection (on the writer's thread)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        # Rows are a few hundred bytes and only ever appended: larger pages mean fewer
+        # pages to write and sync per commit (a 10,000-job import commits a fifth
+        # faster). Only a new file takes it; an existing log keeps its page size.
+        conn.execute("PRAGMA page_size=16384")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(SCHEMA)
+    except BaseException:
+        conn.close()
+        raise
+    # From here on, the sqlite3 module opens ``BEGIN IMMEDIATE`` itself before the first
+    # INSERT of a transaction.
+    conn.isolation_level = "IMMEDIATE"
+    return conn
+
+
+def _in_transaction(conn: sqlite3.Connection, write: Callable[[], object]) -> None:
+    """``write`` and ``COMMIT``, or nothing at all."""
+    try:
+        write()
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+
+
 def _fail_stop(exc: BaseException) -> None:
-    sys.stderr.write(f"eventq: FATAL: the event log could not be written ({exc!r}); stopping\n")
+    """One line, then exit at once: no further reply, dispatch or process start can go out
+    on memory the disk did not take; the next start folds what the log holds."""
+    sys.stderr.write(f"eventq: FATAL: the event log could not be written ({exc or repr(exc)}); "
+                     "stopping now: nothing unwritten was acknowledged. Restart once the disk "
+                     "is writable and has room: the log is the truth\n")
     sys.stderr.flush()
     os._exit(70)
 
@@ -233,7 +450,12 @@ class EventLog:
     """The log of one data directory. Build it with ``await EventLog.open(path)``."""
 
     path: Path
-    conn: aiosqlite.Connection
+    #: The write connection, used only on ``thread``'s one thread.
+    conn: sqlite3.Connection
+    #: Runs each write step whole (a commit's rows, its anchored head and the ``COMMIT``):
+    #: one hop from the event loop per commit, where a hop per statement cost a serial
+    #: submitter a fifth of its commits.
+    thread: ThreadPoolExecutor
     clock_now: Callable[[], float]
     on_fatal: Callable[[BaseException], None] = _fail_stop
     head_seq: int = 0
@@ -256,50 +478,78 @@ class EventLog:
     _writer: asyncio.Task[None] | None = None
     _reader: aiosqlite.Connection | None = None
     _closing: bool = False
+    _closed: bool = False
     _holds: int = 0
-    #: The newest (seq, hash) known good (verified at start, or committed since), and the
-    #: seq the stored checkpoint has.
+    #: The newest (seq, hash) known good: verified at start, or committed since.
     _good: tuple[int, bytes] | None = None
-    _checkpointed: int = 0
-    _failed: bool = False
-    #: Committed rows between checkpoints while running: after a crash, a start hashes at
-    #: most this many rows more than the ones appended since.
-    checkpoint_every: int = 10_000
+    #: Signs the head at every commit; read at open, created by the first start of a log
+    #: that has none.
+    key: AnchorKey | None = None
+    #: What vouched for the head at start (``replay``).
+    trust: HeadTrust | None = None
+    #: From this many rows on, a start hashes the chain in a second process.
+    aside_from_rows: int = ASIDE_FROM_ROWS
 
     @classmethod
     async def open(cls, path: Path, clock_now: Callable[[], float],
                    on_fatal: Callable[[BaseException], None] = _fail_stop) -> EventLog:
-        conn = await aiosqlite.connect(path, isolation_level=None)
-        # Rows are a few hundred bytes and only ever appended: larger pages mean fewer
-        # pages to write and sync per commit (a 10,000-job import commits a fifth faster).
-        # Only a new file takes it; an existing log keeps its page size.
-        await conn.execute("PRAGMA page_size=16384")
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute("PRAGMA synchronous=FULL")
-        await conn.executescript(SCHEMA)
-        # From here on, the sqlite3 module opens ``BEGIN IMMEDIATE`` itself before the
-        # first INSERT of a batch: one thread round trip less per commit.
-        await conn.execute("SELECT 1")
-        conn.isolation_level = "IMMEDIATE"
-        return cls(path=path, conn=conn, clock_now=clock_now, on_fatal=on_fatal)
+        key = read_key(path)
+        thread = ThreadPoolExecutor(1, thread_name_prefix="eventq-log-writer")
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(thread, _connect, path)
+        except BaseException:
+            thread.shutdown()
+            raise
+        return cls(path=path, conn=conn, thread=thread, clock_now=clock_now,
+                   on_fatal=on_fatal, key=key)
 
     def replay(self, keep: bool = False) -> int:
-        """Fold every stored event into the subscribers; returns the number replayed.
-        ``keep``: the folded state lives as long as the process (see ``gcpause``)."""
-        with collector_paused(keeps=keep):
-            record = None
-            routes, route = self._routes, self._route
-            with sqlite3.connect(self.path) as conn:
-                mark = read_checkpoint(conn)
-                for record in iter_for_start(conn):
-                    folds = routes.get(type(record.event))
-                    for fold in route(type(record.event)) if folds is None else folds:
-                        fold(record)
-            if record is not None:
-                self.head_seq, self.head_hash = record.seq, record.hash
-                self._good = (record.seq, record.hash)
-                self._checkpointed = mark[0] if mark else 0
+        """Fold every stored event into the subscribers, verify the whole chain and the
+        anchored head; returns the number replayed. ``keep``: the folded state lives as
+        long as the process (see ``gcpause``).
+
+        Raises ``LogCorrupt`` if the log is not as its server wrote it: the caller must
+        act on nothing folded (SPEC 8: the whole chain, before anything is executed). A
+        small log is hashed row by row before each fold; a large one by a second process
+        meanwhile, whose answer ``replay`` waits for.
+        """
+        with collector_paused(keeps=keep), contextlib.closing(sqlite3.connect(self.path)) as conn:
+            upto: int = conn.execute("SELECT ifnull(max(seq), 0) FROM events").fetchone()[0]
+            aside = ChainCheckAside(self.path, upto, conn) if upto >= self.aside_from_rows \
+                else None
+            try:
+                head = self._fold_verified(conn, upto, aside)
+            finally:
+                if aside is not None:
+                    aside.close()
+            self.trust = check_head(conn, head, self.key)
+        self.head_seq, self.head_hash = head
+        self._good = head if head[0] else None
         return self.head_seq
+
+    def _fold_verified(self, conn: sqlite3.Connection, upto: int,
+                       aside: ChainCheckAside | None) -> tuple[int, bytes]:
+        """Fold rows 1 to ``upto`` (hashed here, or by ``aside``); the verified head."""
+        record = None
+        routes, route = self._routes, self._route
+        records = _records(hashed_rows(conn, upto) if aside is None
+                           else contiguous_rows(conn, upto))
+        try:
+            for record in records:
+                folds = routes.get(type(record.event))
+                for fold in route(type(record.event)) if folds is None else folds:
+                    fold(record)
+        except Exception as exc:
+            if aside is not None:
+                aside.result()  # a change the other process found is the cause to report
+            if not isinstance(exc, LogCorrupt):
+                settle_failed_fold(conn, records, record, self.key)
+            raise
+        head = (0, GENESIS) if record is None else (record.seq, record.hash)
+        if aside is not None and aside.result() != head:
+            raise LogCorrupt(head[0], "the rows differ from those the chain check read",
+                             first=False)
+        return head
 
     def start(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
@@ -380,9 +630,8 @@ class EventLog:
 
     async def _write_loop(self) -> None:
         try:
-            await self._write_checkpoint()  # what this start verified need not be again
+            await self._anchor_at_start()
         except BaseException as exc:  # noqa: BLE001 - any failure stops the process
-            self._failed = True
             self.on_fatal(exc)
             return
         yielded = False
@@ -406,10 +655,9 @@ class EventLog:
             try:
                 await self._commit(rows)
                 self._good = (records[-1].seq, records[-1].hash)
-                if self._good[0] - self._checkpointed >= self.checkpoint_every:
-                    await self._write_checkpoint()
+                if self.key is not None and self.key.pending:
+                    self.key = promote_key(self.path, self.key)
             except BaseException as exc:  # noqa: BLE001 - any failure stops the process
-                self._failed = True
                 self.on_fatal(exc)
                 if future is not None and not future.done():
                     future.set_exception(RuntimeError(f"event log write failed: {exc!r}"))
@@ -424,23 +672,41 @@ class EventLog:
                 elif mine := [r for r in records if type(r.event) in reads]:
                     subscriber(mine)
 
-    async def _write_checkpoint(self) -> None:
-        """Record the newest known good row, so the next start verifies the chain from
-        there (a clean stop, and each start, move it)."""
-        if self._good is None or self._good[0] <= self._checkpointed:
-            return
-        await self.conn.execute("INSERT OR REPLACE INTO checkpoint VALUES (1, ?, ?)", self._good)
-        await self.conn.commit()
-        self._checkpointed = self._good[0]
+    async def _on_writer(self, step: Callable[[], None]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.thread, step)
+
+    async def _anchor_at_start(self) -> None:
+        """Key a log that has no key yet, and anchor the head this start verified. A new
+        key stays pending (``events.key.new``) until an anchor made with it is committed,
+        so a crash in between leaves a log that still starts."""
+        if self.key is None:
+            self.key = create_key(self.path)
+        good, conn = self._good, self.conn
+        mac = None if good is None else anchor_mac(self.key.secret, *good)
+
+        def step() -> None:
+            columns = conn.execute("PRAGMA table_info(checkpoint)").fetchall()
+            if "mac" not in {column[1] for column in columns}:  # a log from before anchors
+                conn.execute("ALTER TABLE checkpoint ADD COLUMN mac BLOB")
+            if good is not None:  # else an empty log: the first commit anchors it
+                _in_transaction(conn, lambda: conn.execute(ANCHOR, (*good, mac)))
+
+        await self._on_writer(step)
+        if good is not None and self.key.pending:
+            self.key = promote_key(self.path, self.key)
 
     async def _commit(self, rows: list[Row]) -> None:
-        """``BEGIN IMMEDIATE`` (implicit, see ``open``), every row, ``COMMIT``."""
-        try:
-            await self.conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            await self.conn.commit()
-        except BaseException:
-            await self.conn.rollback()
-            raise
+        """``BEGIN IMMEDIATE`` (implicit, see ``open``), every row and the anchored head,
+        ``COMMIT``: the head moves with its rows or not at all, at no extra sync."""
+        assert self.key is not None  # set by _anchor_at_start
+        seq, digest, conn = rows[-1][0], rows[-1][7], self.conn
+        head = (seq, digest, anchor_mac(self.key.secret, seq, digest))
+
+        def write() -> None:
+            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            conn.execute(ANCHOR, head)
+
+        await self._on_writer(lambda: _in_transaction(conn, write))
 
     def flush_future(self) -> asyncio.Future[None] | None:
         """The future of the latest commit still to come (None if all is durable)."""
@@ -469,13 +735,15 @@ class EventLog:
         return [to_record(tuple(row)) for row in rows]
 
     async def close(self) -> None:
-        """Commit what is waiting, then close the connection."""
+        """Commit what is waiting, then close the connection (a log that was never
+        started writes nothing)."""
         self._closing = True
         self._wake.set()
         if self._writer is not None:
             await self._writer
-        if not self._failed:
-            await self._write_checkpoint()
-        await self.conn.close()
+        if not self._closed:
+            self._closed = True
+            await self._on_writer(self.conn.close)
+            self.thread.shutdown()
         if self._reader is not None:
             await self._reader.close()

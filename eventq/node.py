@@ -84,6 +84,8 @@ class LocalNode:
         code = await runner.wait_child(pid)
         if code == runner.CLAIMED:
             log.error("attempt_already_claimed", job_id=key[0], attempt=key[1])
+        else:
+            await runner.end_group(pid, self.grace_seconds)
         self._ended(key, AttemptReport(*key, "ended", exit_code=code))
 
     def _ended(self, key: tuple[str, int], report: AttemptReport) -> None:
@@ -146,6 +148,7 @@ class LocalNode:
 
     async def _watch_adopted(self, key: tuple[str, int], pid: int, directory: Path) -> None:
         code = await runner.wait_foreign(pid, directory)
+        await runner.end_group(pid, self.grace_seconds)
         if code is None:
             self._ended(key, AttemptReport(*key, "ended", outcome="lost",
                                            detail="adopted process ended without an exit code"))

@@ -1,4 +1,5 @@
-"""Reading the log offline: verify the chain and the invariants, fold state at any seq."""
+"""Reading the log offline: verify the chain, the anchored head and the invariants, fold
+state at any seq. ``verify`` applies exactly the checks a start applies (``eventq.log``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from dataclasses import dataclass, field
 from eventq import events as ev
 from eventq.actors.allocator import GpuTable
 from eventq.actors.scheduler_state import SchedulerState
-from eventq.log import LogCorrupt, Record, iter_verified
+from eventq.log import (
+    GENESIS,
+    AnchorKey,
+    HeadTrust,
+    LogCorrupt,
+    Record,
+    check_head,
+    iter_verified,
+    settle_failed_fold,
+)
 
 
 @dataclass
@@ -50,12 +60,13 @@ class Folded:
     invariants: Invariants = field(default_factory=Invariants)
     last_seq: int = 0
     last_time: float = 0.0
+    last_hash: bytes = GENESIS
 
     def evolve(self, record: Record) -> None:
         self.scheduler.evolve(record)
         self.gpus.evolve(record)
         self.invariants.evolve(record)
-        self.last_seq, self.last_time = record.seq, record.time
+        self.last_seq, self.last_time, self.last_hash = record.seq, record.time, record.hash
 
 
 def fold(conn: sqlite3.Connection, to_seq: int | None = None,
@@ -71,10 +82,31 @@ def fold(conn: sqlite3.Connection, to_seq: int | None = None,
     return folded
 
 
-def verify(conn: sqlite3.Connection) -> tuple[int, list[str]]:
-    """Check the hash chain (raises LogCorrupt) and the invariants; (events, problems)."""
-    folded = fold(conn)
-    return folded.last_seq, folded.invariants.problems
+@dataclass
+class Verified:
+    events: int
+    #: Breaches of the invariants (a GPU held twice, a job run twice).
+    problems: list[str]
+    trust: HeadTrust
+
+
+def verify(conn: sqlite3.Connection, key: AnchorKey | None) -> Verified:
+    """The whole chain from seq 1, the anchored head (``key``: the log's, if it has one)
+    and the invariants. Raises ``LogCorrupt`` naming the seq where the log was changed."""
+    folded = Folded()
+    records = iter_verified(conn)
+    record = None
+    with folded.scheduler.replaying():
+        try:
+            for record in records:
+                folded.evolve(record)
+        except LogCorrupt:
+            raise
+        except Exception:
+            settle_failed_fold(conn, records, record, key)
+            raise
+    trust = check_head(conn, (folded.last_seq, folded.last_hash), key)
+    return Verified(folded.last_seq, folded.invariants.problems, trust)
 
 
 def select(records: Iterator[Record], job: str | None = None, type_: str | None = None,
@@ -127,5 +159,5 @@ def holdings_at(conn: sqlite3.Connection, to_seq: int | None = None,
     return Holdings(folded, {k: v for k, v in since.items() if k in held}, first_time)
 
 
-__all__ = ["Folded", "Holdings", "Invariants", "LogCorrupt", "fold", "holdings_at",
+__all__ = ["Folded", "Holdings", "Invariants", "LogCorrupt", "Verified", "fold", "holdings_at",
            "job_history", "select", "verify"]

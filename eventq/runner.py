@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from eventq import procgroup
 from eventq.events import JobSpec
 
 WRAPPER = """\
@@ -121,6 +122,28 @@ async def _pidfd_ready(pid: int) -> None:
 def _settle(done: asyncio.Future[None]) -> None:
     if not done.done():
         done.set_result(None)
+
+
+#: Seconds between two looks at whether an ended attempt's group is empty.
+GROUP_POLL = 0.02
+
+
+async def end_group(pgid: int, grace: float) -> None:
+    """After the wrapper: stop what the job left in its group and wait until it is gone.
+
+    An attempt ends only when nothing of it is left to hold its GPUs, so the next attempt
+    there never starts beside a straggler (a child that outlived ``sh -c``, a daemon the
+    job forked): SIGTERM at once, SIGKILL after the grace, as Slurm does at a job's end.
+    """
+    if not signal_group(pgid, signal.SIGTERM):
+        return
+    loop = asyncio.get_running_loop()
+    kill_at = loop.time() + grace
+    while procgroup.alive(pgid):
+        if kill_at is not None and loop.time() >= kill_at:
+            signal_group(pgid, signal.SIGKILL)
+            kill_at = None
+        await asyncio.sleep(GROUP_POLL)
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> bool:

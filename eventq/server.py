@@ -1,4 +1,9 @@
-"""Assembles one orchestrator: lock, log, actors, projections, local node, recovery."""
+"""Assembles one orchestrator: lock, log, actors, projections, local node, recovery.
+
+A start acts on nothing (no recovery, no dispatch, no process, no listener) until the whole
+log has been verified and folded; a start that cannot do that ends with one line saying why
+(``CannotStart``) and leaves nothing behind: no thread, no lock.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import asyncio
 import json
 import os
 import shutil
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -24,7 +30,7 @@ from eventq.clock import Clock, RealClock
 from eventq.gpus import Inventory
 from eventq.http.hub import WorkerHub
 from eventq.jobenv import EnvFiles
-from eventq.log import EventLog
+from eventq.log import EventLog, HeadTrust, KeyFileInvalid, LogCorrupt
 from eventq.logfiles import DEFAULT_CAP, AttemptLogs
 from eventq.node import LocalNode
 from eventq.paths import LOG_FILE, SERVER_FILE
@@ -36,8 +42,18 @@ LOCK_FILE = "server.lock"
 INVENTORY_REFRESH_SECONDS = 15.0
 
 
-class AlreadyRunning(RuntimeError):
+class CannotStart(RuntimeError):
+    """The server will not start; the message is one line: why, and what to do."""
+
+
+class AlreadyRunning(CannotStart):
     pass
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return str(exc) or repr(exc)
 
 
 def default_data_dir() -> Path:
@@ -52,6 +68,23 @@ def take_lock(data_dir: Path) -> IO[str]:
         raise AlreadyRunning(
             f"another eventq server (pid {held.holder}) is running on {data_dir}; "
             "stop it first, or use another --data-dir") from None
+    except OSError as exc:
+        raise CannotStart(f"cannot write in the data directory {data_dir} ({_why(exc)}); "
+                          "give the server a writable --data-dir") from None
+
+
+def _refusal(exc: BaseException, path: Path, data_dir: Path) -> CannotStart | None:
+    """What a failed replay means to whoever started the server."""
+    check = f"`eventq replay verify --data-dir {data_dir}`"
+    if isinstance(exc, LogCorrupt):
+        where = f"at seq {exc.seq}" if exc.first else f"at or before seq {exc.seq}"
+        return CannotStart(f"refusing to start: the event log {path} was changed {where} "
+                           f"({exc.why}); nothing was run. {check} names what differs; "
+                           "restore the data directory from a backup")
+    if isinstance(exc, sqlite3.DatabaseError):
+        return CannotStart(f"refusing to start: the event log {path} cannot be read ({exc}); "
+                           f"nothing was run. See {check}")
+    return None
 
 
 @dataclass
@@ -89,20 +122,12 @@ class Orchestrator:
 
     async def start(self) -> None:
         self._lock = take_lock(self.data_dir)
+        try:
+            replayed = await self._open_log()
+        except BaseException:
+            self._lock.close()
+            raise
         self.running = True
-        self.log = await EventLog.open(self.data_dir / LOG_FILE, self.clock.now)
-        self.state, self.gpu_table, self.users = SchedulerState(), GpuTable(), Users()
-        self.allocator = Allocator(self.log, self.gpu_table)
-        self.scheduler = Scheduler(self.log, self.state, self.allocator, self.gpu_table,
-                                   self.clock)
-        self.workers = Workers()
-        self.scheduler.workers = self.workers
-        self.registry = Registry(self.log, self.users, self.workers, self.scheduler,
-                                 self.allocator, self.clock, self.heartbeat_timeout)
-        self.queue = QueueView(self.state, self.gpu_table, self.scheduler)
-        self.log.fold_into(self.state, self.gpu_table, self.users, self.workers, self.queue)
-        with self.state.replaying():
-            replayed = self.log.replay(keep=self.long_lived)
         self._remove_purged_directories()
         self.env_files = EnvFiles(self.data_dir, self.state)
         self.env_files.sweep()
@@ -134,6 +159,43 @@ class Orchestrator:
              if active and node != "local" and node not in self.workers.by_id})
         if not self.inventory.simulated and self.inventory.nvml_error is None:
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_inventory())
+
+    async def _open_log(self) -> int:
+        """Open the log and fold it, verified whole, into new actors; returns the number of
+        events. Nothing acts on them yet: the actors are not started."""
+        path = self.data_dir / LOG_FILE
+        try:
+            self.log = await EventLog.open(path, self.clock.now)
+        except (OSError, sqlite3.Error, KeyFileInvalid) as exc:
+            raise CannotStart(f"cannot open the event log {path} ({_why(exc)})") from None
+        try:
+            self._assemble()
+            with self.state.replaying():
+                replayed = self.log.replay(keep=self.long_lived)
+        except BaseException as exc:
+            await self.log.close()  # writes nothing: a log writes only once started
+            refusal = _refusal(exc, path, self.data_dir)
+            if refusal is None:
+                raise
+            raise refusal from exc
+        if self.log.trust is HeadTrust.UNKEYED and replayed:
+            log.warning("log_not_anchored", events=replayed, detail=(
+                "no keyed anchor: the chain was verified whole from seq 1, but a cut tail or "
+                "a chain recomputed after an edit would not show; anchored from now on"))
+        return replayed
+
+    def _assemble(self) -> None:
+        """The actors and read models, subscribed to the log (not started)."""
+        self.state, self.gpu_table, self.users = SchedulerState(), GpuTable(), Users()
+        self.allocator = Allocator(self.log, self.gpu_table)
+        self.scheduler = Scheduler(self.log, self.state, self.allocator, self.gpu_table,
+                                   self.clock)
+        self.workers = Workers()
+        self.scheduler.workers = self.workers
+        self.registry = Registry(self.log, self.users, self.workers, self.scheduler,
+                                 self.allocator, self.clock, self.heartbeat_timeout)
+        self.queue = QueueView(self.state, self.gpu_table, self.scheduler)
+        self.log.fold_into(self.state, self.gpu_table, self.users, self.workers, self.queue)
 
     def _remove_purged_directories(self) -> None:
         """A purge is durable before its directories go: finish one a crash interrupted."""

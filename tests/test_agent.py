@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -28,6 +29,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 
 from eventq.runner import is_ours
+from tools.ledger import assert_no_overlaps, job_command, read_ledger
 
 EVENTQ = shutil.which("eventq", path=str(Path(sys.executable).parent)) or "eventq"
 HEARTBEAT_TIMEOUT = 2.0
@@ -369,21 +371,58 @@ def test_a_job_that_prints_nothing_for_many_heartbeats_keeps_its_worker_online(
     assert "disconnected" not in worker.output()
 
 
-def test_rotating_the_token_closes_the_connection_and_the_worker_exits_saying_why(
-        cluster: Cluster) -> None:
+def test_rotating_the_token_stops_the_job_the_worker_exits_saying_why_and_it_runs_once_more(
+        cluster: Cluster, tmp_path: Path) -> None:
     server = cluster.server()
     worker = cluster.worker(server, "box")
-    job = server.submit("sleep 300")
+    ledger = tmp_path / "ledger"
+    job = server.submit(shlex.join(job_command(ledger, 3.0)))
     server.wait_job(job, "running")
+    wait_for(ledger.exists, "the job to start")
 
-    server.call("POST", f"/api/admin/workers/{worker.worker_id}/token")
+    rotated = server.call("POST", f"/api/admin/workers/{worker.worker_id}/token")
+    assert rotated["handed_to_live_agent"] is False
     assert worker.proc is not None
     assert worker.proc.wait(timeout=15) != 0
     said = worker.output()
     assert "refused this worker's token (HTTP 401)" in said
     assert "the worker's token was rotated" in said
-    assert "left_running=1" in said, "the job is not killed: a restart with the new token " \
-                                     "adopts it"
+    assert "left_running=0" in said, "a worker that may not report stops what it runs"
+    assert read_ledger(ledger)[(job, 1)].ends, "attempt 1's process was stopped"
+    lost = server.wait_job(job, "pending")
+    assert [e["outcome"] for e in server.ends(job)] == ["lost"]
+
+    worker.token = rotated["token"]
+    worker.start("--gpus", "1xA100-80GB")
+    assert server.wait_job(job, "completed")["attempt"] == lost["attempt"] + 1 == 2
+    runs = assert_no_overlaps(ledger)
+    assert sorted(runs) == [(job, 1), (job, 2)]
+
+
+def test_a_token_rotated_with_keep_running_reaches_the_live_agent_and_its_job_runs_once(
+        cluster: Cluster, tmp_path: Path) -> None:
+    server = cluster.server(port=free_port())
+    worker = cluster.worker(server, "box")
+    ledger = tmp_path / "ledger"
+    job = server.submit(shlex.join(job_command(ledger, 2.0)))
+    server.wait_job(job, "running")
+
+    rotated = server.call("POST",
+                          f"/api/admin/workers/{worker.worker_id}/token?keep_running=true")
+    assert rotated["handed_to_live_agent"] is True
+    assert server.wait_job(job, "completed")["attempt"] == 1
+    assert "token_rotated" in worker.output()
+
+    # The agent reconnects with the token it was handed: the old one works no more.
+    assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait(timeout=10)
+    before = worker.connections()
+    server.start()
+    wait_for(lambda: worker.connections() > before, "the worker to reconnect")
+    assert worker.proc is not None and worker.proc.poll() is None
+    assert server.worker(worker.worker_id)["status"] != "offline"
+    assert sorted(assert_no_overlaps(ledger)) == [(job, 1)]
 
 
 def test_a_drained_worker_finishes_its_job_and_takes_no_new_one(cluster: Cluster,

@@ -1,32 +1,89 @@
-"""The event log: group commit, hash chain, reads, subscribers, fail-stop."""
+"""The event log: group commit, hash chain, anchored head, reads, subscribers, fail-stop."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
 
 from eventq import events as ev
 from eventq.clock import SimClock
-from eventq.log import EventLog, LogCorrupt, Record, iter_verified, read_checkpoint
+from eventq.log import (
+    EventLog,
+    HeadTrust,
+    LogCorrupt,
+    Record,
+    anchor_mac,
+    chain_hash,
+    iter_verified,
+    key_path,
+    read_anchor,
+    read_key,
+)
+
+OpenLog = Callable[..., Awaitable[EventLog]]
 
 
 def limits_event(n: int) -> ev.LimitsChanged:
     return ev.LimitsChanged(limits=ev.Limits(max_concurrent=n))
 
 
-async def open_log(path: Path, clock: SimClock) -> EventLog:
-    log = await EventLog.open(path, clock.now)
-    log.replay()
-    log.start()
-    return log
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "events.db"
 
 
-async def test_concurrent_appends_share_commits_and_all_become_durable(tmp_path: Path,
-                                                                       clock: SimClock) -> None:
-    log = await open_log(tmp_path / "events.db", clock)
+@pytest.fixture
+async def open_log(path: Path, clock: SimClock) -> AsyncIterator[OpenLog]:
+    """``await open_log()``: a log replayed and started; every one is closed at the end."""
+    opened: list[EventLog] = []
+
+    async def open_(replay: bool = True, start: bool = True, aside: bool = False,
+                    **kw: object) -> EventLog:
+        log = await EventLog.open(path, clock.now, **kw)  # type: ignore[arg-type]
+        opened.append(log)
+        if aside:  # the chain hashed by a second process, as for a large log
+            log.aside_from_rows = 1
+        if replay:
+            log.replay()
+        if start:
+            log.start()
+        return log
+
+    try:
+        yield open_
+    finally:
+        for log in opened:
+            await log.close()
+
+
+@contextmanager
+def sql(path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain connection that commits on success and is always closed."""
+    with closing(sqlite3.connect(path)) as conn, conn:
+        yield conn
+
+
+def verified_seqs(path: Path) -> list[int]:
+    with sql(path) as conn:
+        return [r.seq for r in iter_verified(conn)]
+
+
+async def appended_and_stopped(open_log: OpenLog, first: int, last: int) -> None:
+    log = await open_log()
+    for n in range(first, last + 1):
+        log.append("system", [limits_event(n)])
+    await log.close()
+
+
+async def test_concurrent_appends_share_commits_and_all_become_durable(
+        open_log: OpenLog, path: Path) -> None:
+    log = await open_log()
 
     async def submitter(i: int) -> None:
         for j in range(10):
@@ -36,137 +93,271 @@ async def test_concurrent_appends_share_commits_and_all_become_durable(tmp_path:
     await log.close()
     assert log.committed_events == 320
     assert log.commits < 320, "concurrent appends must be grouped into fewer commits"
-    with sqlite3.connect(tmp_path / "events.db") as conn:
-        records = list(iter_verified(conn))
-    assert [r.seq for r in records] == list(range(1, 321))
+    assert verified_seqs(path) == list(range(1, 321))
 
 
-async def test_subscribers_see_events_in_seq_order_at_append(tmp_path: Path,
-                                                             clock: SimClock) -> None:
-    log = await open_log(tmp_path / "events.db", clock)
+async def test_subscribers_see_events_in_seq_order_at_append(open_log: OpenLog) -> None:
+    log = await open_log()
     seen: list[int] = []
     log.subscribe(lambda r: seen.append(r.seq))
     log.append("system", [limits_event(1), limits_event(2)])
     assert seen == [1, 2], "folds run before append returns (read-your-writes)"
-    await log.close()
 
 
-async def test_reads_by_job_and_by_range_return_durable_records(tmp_path: Path,
-                                                                clock: SimClock) -> None:
-    log = await open_log(tmp_path / "events.db", clock)
+async def test_reads_by_job_and_by_range_return_durable_records(open_log: OpenLog) -> None:
+    log = await open_log()
     spec = ev.JobSpec(job_id="j1", user="alice", priority=10, command=["true"])
     log.append("user:alice", [ev.JobSubmitted(job=spec), limits_event(3),
                               ev.JobCancelled(job_id="j1")])
     await log.flush()
     assert [r.type for r in await log.read(job_id="j1")] == ["job_submitted", "job_cancelled"]
     assert [r.seq for r in await log.read(from_seq=2, to_seq=3)] == [2, 3]
-    await log.close()
 
 
-async def test_reopened_log_continues_the_chain(tmp_path: Path, clock: SimClock) -> None:
-    log = await open_log(tmp_path / "events.db", clock)
-    log.append("system", [limits_event(1)])
-    await log.close()
+async def test_reopened_log_continues_the_chain(open_log: OpenLog, path: Path) -> None:
+    await appended_and_stopped(open_log, 1, 1)
+    again = await open_log(replay=False, start=False)
     replayed: list[Record] = []
-    again = await EventLog.open(tmp_path / "events.db", clock.now)
     again.subscribe(replayed.append)
     assert again.replay() == 1 and replayed[0].event == limits_event(1)
+    assert again.trust is HeadTrust.KEYED
     again.start()
     await again.append("system", [limits_event(2)]).durable
     await again.close()
-    with sqlite3.connect(tmp_path / "events.db") as conn:
-        assert [r.seq for r in iter_verified(conn)] == [1, 2]
+    assert verified_seqs(path) == [1, 2]
 
 
-async def test_a_changed_byte_is_caught_at_its_seq(tmp_path: Path, clock: SimClock) -> None:
-    log = await open_log(tmp_path / "events.db", clock)
-    for n in range(1, 6):
-        log.append("system", [limits_event(n)])
-    await log.close()
-    with sqlite3.connect(tmp_path / "events.db") as conn:
+async def test_a_changed_byte_is_caught_at_its_seq(open_log: OpenLog, path: Path) -> None:
+    await appended_and_stopped(open_log, 1, 5)
+    with sql(path) as conn:
         conn.execute("UPDATE events SET principal = 'user:mallory' WHERE seq = 3")
-    with sqlite3.connect(tmp_path / "events.db") as conn, pytest.raises(LogCorrupt) as caught:
+    with sql(path) as conn, pytest.raises(LogCorrupt) as caught:
         list(iter_verified(conn))
     assert caught.value.seq == 3
 
 
-async def appended_and_stopped(path: Path, clock: SimClock, first: int, last: int) -> None:
-    log = await open_log(path, clock)
-    for n in range(first, last + 1):
-        log.append("system", [limits_event(n)])
-    await log.close()
-
-
-async def test_a_start_verifies_the_chain_from_the_checkpoint_a_clean_stop_left(
-        tmp_path: Path, clock: SimClock) -> None:
-    path = tmp_path / "events.db"
-    await appended_and_stopped(path, clock, 1, 5)
-    await appended_and_stopped(path, clock, 6, 7)
-    with sqlite3.connect(path) as conn:
-        assert read_checkpoint(conn) == (7, conn.execute(
-            "SELECT hash FROM events WHERE seq = 7").fetchone()[0])
-        conn.execute("UPDATE events SET principal = 'user:mallory' WHERE seq = 2")
-    again = await EventLog.open(path, clock.now)
-    folded: list[Record] = []
-    again.subscribe(folded.append)
-    assert again.replay() == 7, "a start does not hash again the rows its checkpoint vouches for"
-    assert [r.event for r in folded] == [limits_event(n) for n in range(1, 8)]
-    await again.close()
-    with sqlite3.connect(path) as conn, pytest.raises(LogCorrupt) as caught:
-        list(iter_verified(conn))
-    assert caught.value.seq == 2, "eventq replay verify still checks the whole chain"
-
-
-async def test_a_running_log_moves_its_checkpoint_so_a_crash_leaves_little_to_hash(
-        tmp_path: Path, clock: SimClock) -> None:
-    path = tmp_path / "events.db"
-    log = await open_log(path, clock)
-    log.checkpoint_every = 3
-    for n in range(1, 8):
+async def test_every_commit_anchors_its_head_with_the_key(open_log: OpenLog,
+                                                          path: Path) -> None:
+    log = await open_log()
+    for n in range(1, 4):
         await log.append("system", [limits_event(n)]).durable
-    with sqlite3.connect(path) as conn:  # the process dies here: no clean stop
-        mark = read_checkpoint(conn)
-        assert mark is not None and mark[0] == 6, "every 3 committed rows"
-        assert mark[1] == conn.execute("SELECT hash FROM events WHERE seq = ?",
-                                       (mark[0],)).fetchone()[0]
-    await log.close()
+        # The process could die here: what is on disk must already vouch for the head.
+        with sql(path) as conn:
+            anchor = read_anchor(conn)
+            head = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC").fetchone()
+        key = read_key(path)
+        assert key is not None and not key.pending
+        assert anchor is not None and (anchor.seq, anchor.hash) == head
+        assert anchor.mac == anchor_mac(key.secret, *head)
+    assert stat.S_IMODE(key_path(path).stat().st_mode) == 0o600
 
 
-@pytest.mark.parametrize(("tamper", "seq"), [
-    ("UPDATE events SET principal = 'user:mallory' WHERE seq = 6", 6),  # past the checkpoint
-    ("UPDATE checkpoint SET hash = zeroblob(32)", 5),  # the checkpoint disagrees with its row
-    ("DELETE FROM events WHERE seq >= 3", 3),  # rows the checkpoint vouches for are gone
-])
-async def test_a_start_refuses_a_log_whose_head_does_not_verify(
-        tmp_path: Path, clock: SimClock, tamper: str, seq: int) -> None:
-    path = tmp_path / "events.db"
-    await appended_and_stopped(path, clock, 1, 5)
-    await appended_and_stopped(path, clock, 6, 7)
-    with sqlite3.connect(path) as conn:  # as if the server had stopped without a clean stop
-        conn.execute("UPDATE checkpoint SET seq = 5, hash = (SELECT hash FROM events "
-                     "WHERE seq = 5)")
-        conn.execute(tamper)
-    log = await EventLog.open(path, clock.now)
+async def test_a_start_refuses_an_edit_below_the_head_a_clean_stop_anchored(
+        open_log: OpenLog, path: Path) -> None:
+    """The rows below the head are hashed again at every start, not taken on trust."""
+    await appended_and_stopped(open_log, 1, 5)
+    await appended_and_stopped(open_log, 6, 7)
+    with sql(path) as conn:
+        conn.execute("UPDATE events SET principal = 'user:mallory' WHERE seq = 2")
+    log = await open_log(replay=False, start=False)
+    folded: list[int] = []
+    log.subscribe(lambda r: folded.append(r.seq))
     with pytest.raises(LogCorrupt) as caught:
         log.replay()
-    assert caught.value.seq == seq
+    assert caught.value.seq == 2
+    assert folded == [1], "nothing past the last row the chain vouches for is folded"
+
+
+HASHED = pytest.mark.parametrize("aside", [False, True], ids=["hashed-here", "hashed-aside"])
+
+
+@HASHED
+@pytest.mark.parametrize(("tamper", "seq", "first"), [
+    ("UPDATE events SET principal = 'user:mallory' WHERE seq = 6", 6, True),
+    ("DELETE FROM events WHERE seq = 4", 4, True),
+    ("DELETE FROM events WHERE seq >= 3", 3, True),  # the tail, the anchored head with it
+    ("UPDATE checkpoint SET hash = zeroblob(32)", 7, False),
+    ("UPDATE checkpoint SET mac = NULL", 7, False),  # the log has a key: it must be used
+    ("DELETE FROM checkpoint", 7, False),
+])
+async def test_a_start_refuses_a_log_whose_chain_or_head_does_not_verify(
+        open_log: OpenLog, path: Path, tamper: str, seq: int, first: bool,
+        aside: bool) -> None:
+    await appended_and_stopped(open_log, 1, 7)
+    with sql(path) as conn:
+        conn.execute(tamper)
+    log = await open_log(replay=False, start=False, aside=aside)
+    with pytest.raises(LogCorrupt) as caught:
+        log.replay()
+    assert (caught.value.seq, caught.value.first) == (seq, first)
+
+
+def rechain(conn: sqlite3.Connection, from_seq: int) -> None:
+    """Every hash from ``from_seq`` on recomputed, and the anchor moved to the new head."""
+    prev = conn.execute("SELECT hash FROM events WHERE seq = ?", (from_seq - 1,)).fetchone()[0]
+    rows = conn.execute("SELECT seq, time, principal, type, job_id, v, body FROM events "
+                        "WHERE seq >= ? ORDER BY seq", (from_seq,)).fetchall()
+    for seq, *fields in rows:
+        prev = chain_hash(prev, seq, *fields)
+        conn.execute("UPDATE events SET hash = ? WHERE seq = ?", (prev, seq))
+    conn.execute("UPDATE checkpoint SET seq = ?, hash = ?", (rows[-1][0], prev))
+
+
+@HASHED
+async def test_a_recomputed_chain_fails_the_anchor_even_where_a_fold_trips_on_it(
+        open_log: OpenLog, path: Path, aside: bool) -> None:
+    await appended_and_stopped(open_log, 1, 5)
+    with sql(path) as conn:
+        conn.execute("UPDATE events SET body = ? WHERE seq = 2", (ev.encode(limits_event(99)),))
+        rechain(conn, 2)
+    with sql(path) as conn:
+        assert [r.seq for r in iter_verified(conn)] == [1, 2, 3, 4, 5], "the chain holds"
+
+    def trips(record: Record) -> None:
+        if record.event == limits_event(99):
+            raise KeyError("a fold that meets an impossible history")
+
+    log = await open_log(replay=False, start=False, aside=aside)
+    log.subscribe(trips)
+    with pytest.raises(LogCorrupt) as caught:
+        log.replay()
+    assert caught.value.seq == 5 and not caught.value.first
+    assert "MAC" in caught.value.why
+
+
+@HASHED
+async def test_a_fold_that_fails_on_an_intact_log_is_not_blamed_on_the_log(
+        open_log: OpenLog, aside: bool) -> None:
+    await appended_and_stopped(open_log, 1, 3)
+
+    def fails(record: Record) -> None:
+        raise KeyError("a bug in a fold")
+
+    log = await open_log(replay=False, start=False, aside=aside)
+    log.subscribe(fails)
+    with pytest.raises(KeyError, match="a bug in a fold"):
+        log.replay()
+
+
+async def test_a_large_log_is_hashed_aside_and_folds_the_same(open_log: OpenLog) -> None:
+    await appended_and_stopped(open_log, 1, 5)
+    here, aside = await open_log(replay=False, start=False), \
+        await open_log(replay=False, start=False, aside=True)
+    seen: dict[str, list[Record]] = {"here": [], "aside": []}
+    here.subscribe(seen["here"].append)
+    aside.subscribe(seen["aside"].append)
+    assert here.replay() == aside.replay() == 5
+    assert seen["here"] == seen["aside"] and here.head_hash == aside.head_hash
+    assert aside.trust is HeadTrust.KEYED
+
+
+async def test_a_chain_check_process_that_cannot_answer_is_done_here(
+        open_log: OpenLog, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    await appended_and_stopped(open_log, 1, 5)
+    with sql(path) as conn:
+        conn.execute("UPDATE events SET principal = 'user:mallory' WHERE seq = 3")
+    monkeypatch.setattr("sys.executable", "false")  # the second process exits 1 at once
+    log = await open_log(replay=False, start=False, aside=True)
+    with pytest.raises(LogCorrupt) as caught:
+        log.replay()
+    assert caught.value.seq == 3
+
+
+async def test_a_write_by_another_process_during_the_start_is_refused(
+        open_log: OpenLog, path: Path) -> None:
+    """Both processes must read the same rows: no commit may come between them (this one
+    changes nothing the chain covers, so only the commit itself can tell)."""
+    await appended_and_stopped(open_log, 1, 5)
+
+    def meddles(record: Record) -> None:
+        if record.seq == 2:
+            with sql(path) as conn:
+                conn.execute("CREATE TABLE notes (text TEXT)")
+
+    log = await open_log(replay=False, start=False, aside=True)
+    log.subscribe(meddles)
+    with pytest.raises(LogCorrupt, match="another process wrote the log"):
+        log.replay()
+
+
+async def test_a_log_whose_key_is_gone_refuses_to_start(open_log: OpenLog,
+                                                        path: Path) -> None:
+    await appended_and_stopped(open_log, 1, 3)
+    key_path(path).unlink()
+    log = await open_log(replay=False, start=False)
+    with pytest.raises(LogCorrupt, match="no key") as caught:
+        log.replay()
+    assert caught.value.seq == 3
+
+
+def strip_anchoring(path: Path, checkpoint: int | None) -> None:
+    """Make the log look as the server before anchors left it: no key, and a checkpoint
+    (seq, hash) in the old three-column table, or none at all."""
+    key_path(path).unlink()
+    with sql(path) as conn:
+        conn.execute("DROP TABLE checkpoint")
+        if checkpoint is not None:
+            conn.execute("CREATE TABLE checkpoint (id INTEGER PRIMARY KEY CHECK (id = 1), "
+                         "seq INTEGER NOT NULL, hash BLOB NOT NULL)")
+            conn.execute("INSERT INTO checkpoint SELECT 1, seq, hash FROM events WHERE seq = ?",
+                         (checkpoint,))
+
+
+@pytest.mark.parametrize("checkpoint", [None, 4])
+async def test_an_old_log_starts_verified_whole_and_is_anchored_from_then_on(
+        open_log: OpenLog, path: Path, checkpoint: int | None) -> None:
+    """Rows after an old checkpoint are what a crash left (it was written every 10,000)."""
+    await appended_and_stopped(open_log, 1, 6)
+    strip_anchoring(path, checkpoint)
+    log = await open_log()
+    assert log.head_seq == 6 and log.trust is HeadTrust.UNKEYED
+    await log.append("system", [limits_event(7)]).durable
     await log.close()
+    again = await open_log(replay=False, start=False)
+    again.replay()
+    assert again.trust is HeadTrust.KEYED
+    assert stat.S_IMODE(key_path(path).stat().st_mode) == 0o600
 
 
-async def test_a_failed_commit_stops_the_process(tmp_path: Path, clock: SimClock) -> None:
+async def test_an_old_log_whose_checkpoint_row_was_cut_refuses_to_start(
+        open_log: OpenLog, path: Path) -> None:
+    await appended_and_stopped(open_log, 1, 6)
+    strip_anchoring(path, checkpoint=5)
+    with sql(path) as conn:
+        conn.execute("DELETE FROM events WHERE seq >= 4")
+    log = await open_log(replay=False, start=False)
+    with pytest.raises(LogCorrupt) as caught:
+        log.replay()
+    assert caught.value.seq == 4
+
+
+async def test_a_start_interrupted_while_keying_an_old_log_starts_again(
+        open_log: OpenLog, path: Path) -> None:
+    """The new key is written before the first keyed anchor is committed; a crash in
+    between leaves a key still pending beside an unkeyed log."""
+    await appended_and_stopped(open_log, 1, 3)
+    strip_anchoring(path, checkpoint=None)
+    pending = path.with_suffix(".key.new")
+    pending.write_text("ab" * 32 + "\n")
+    log = await open_log()
+    assert log.trust is HeadTrust.UNKEYED
+    await log.close()
+    key = read_key(path)
+    assert key is not None and not key.pending and key.secret == bytes.fromhex("ab" * 32)
+    assert not pending.exists()
+
+
+async def test_a_failed_commit_stops_the_process(open_log: OpenLog, path: Path) -> None:
     stopped: list[BaseException] = []
-    log = await EventLog.open(tmp_path / "events.db", clock.now, on_fatal=stopped.append)
-    log.replay()
-    log.start()
+    log = await open_log(on_fatal=stopped.append)
     await log.append("system", [limits_event(1)]).durable
     # Another writer takes the seq the log will write next: the commit must fail.
-    with sqlite3.connect(tmp_path / "events.db") as conn:
+    with sql(path) as conn:
         conn.execute("INSERT INTO events VALUES (2, 0, 'x', 'x', NULL, 1, x'00', x'00')")
     appended = log.append("system", [limits_event(2)])
     with pytest.raises(RuntimeError, match="event log write failed"):
         await appended.durable
     assert len(stopped) == 1 and isinstance(stopped[0], sqlite3.IntegrityError)
-    await log.conn.close()
 
 
 def test_old_schema_versions_are_upcast_on_read() -> None:

@@ -50,7 +50,7 @@ from eventq.actors.scheduler import (
 )
 from eventq.actors.scheduler_state import SchedulerState
 from eventq.clock import SimClock
-from eventq.log import EventLog, Record, chain_hash
+from eventq.log import ANCHOR, EventLog, Record, anchor_mac, chain_hash, read_key
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden"
 START = 1_700_000_000.0
@@ -98,6 +98,11 @@ def write_v0_row(path: Path, clock: SimClock) -> None:
                             body)
         conn.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                      (seq, clock.now(), "user:alice", "job_submitted", V0_JOB, 0, body, digest))
+        # The head moves with it, as a server's commit moves it: the next start accepts
+        # no row past the anchored head.
+        key = read_key(path)
+        assert key is not None
+        conn.execute(ANCHOR, (seq, digest, anchor_mac(key.secret, seq, digest)))
     conn.close()
 
 
@@ -206,7 +211,8 @@ async def build(path: Path) -> dict[str, Any]:
 def main() -> None:
     GOLDEN.mkdir(parents=True, exist_ok=True)
     path = GOLDEN / "events.db"
-    for stale in (path, path.with_name("events.db-wal"), path.with_name("events.db-shm")):
+    for stale in (path, path.with_name("events.db-wal"), path.with_name("events.db-shm"),
+                  path.with_name("events.key")):
         stale.unlink(missing_ok=True)
     expected = asyncio.run(build(path))
     (GOLDEN / "expected_state.json").write_text(json.dumps(expected, indent=2) + "\n")

@@ -263,7 +263,7 @@ class Attempts:
             if att.stop_reason is not None:
                 self._spawn(self._stop(att))
             code = await runner.wait_foreign(seen.pid, att.directory)
-            att.process_done.set()
+            await self._left_behind(att)
             if code is None:
                 return _ended(att, code, "the adopted process ended without an exit code")
             return _ended(att, code)
@@ -278,10 +278,17 @@ class Attempts:
     async def _child(self, att: Attempt) -> Exit:
         assert att.pid is not None
         code = await runner.wait_child(att.pid)
-        att.process_done.set()
         if code == runner.CLAIMED and _read_pid(att.directory) != att.pid:
+            att.process_done.set()
             return Exit("start_failed", None, "its directory was already claimed")
+        await self._left_behind(att)
         return _ended(att, code)
+
+    async def _left_behind(self, att: Attempt) -> None:
+        """The job's process ended: the attempt ends once nothing of its group is left."""
+        assert att.pid is not None
+        await runner.end_group(att.pid, self.grace_seconds if att.grace is None else att.grace)
+        att.process_done.set()
 
     # --- watching -----------------------------------------------------------------------
 

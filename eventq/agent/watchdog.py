@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from eventq.procgroup import alive as group_alive
+
 #: Written in the attempt's directory before the first signal: the agent reports the end
 #: of a fenced attempt as lost, not as the job's own exit.
 FENCED_FILE = "fenced"
@@ -46,22 +48,6 @@ def read_lease(path: Path) -> tuple[float, float]:
         return 0.0, 1.0
 
 
-def group_alive(pgid: int) -> bool:
-    """Is any process but this one left in the attempt's group?"""
-    me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[-1].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
 def watching(wrapper: int) -> bool:
     """The wrapper is our parent while it lives; after it, whatever is left of its group."""
     return os.getppid() == wrapper or group_alive(wrapper)
@@ -69,7 +55,6 @@ def watching(wrapper: int) -> bool:
 
 def fence(wrapper: int, directory: Path, grace: float) -> None:
     """SIGTERM to the attempt's group, SIGKILL after the grace (this process included)."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # the job's end no longer ends the fence
     with contextlib.suppress(OSError):  # the stop matters more than the note
         (directory / FENCED_FILE).write_text(f"{time.time():.3f}\n")
     try:
@@ -84,18 +69,21 @@ def fence(wrapper: int, directory: Path, grace: float) -> None:
 
 
 def watch(wrapper: int, directory: Path, lease: Path) -> None:
+    """Until nothing of the attempt is left: fence it once the lease has lapsed.
+
+    SIGUSR1 is the wrapper's word that the job's own process ended; whatever the job left
+    in its group is still the attempt's, and still watched."""
+    ended = False
     while watching(wrapper):
         deadline, grace = read_lease(lease)
         left = deadline - now()
         if left <= 0:
             fence(wrapper, directory, grace)
             return
-        time.sleep(min(left, MAX_SLEEP))
-
-
-def _ended(signum: int, frame: object) -> None:
-    """The wrapper's word that the job ended by itself: nothing left to watch."""
-    raise SystemExit(0)
+        if ended and not group_alive(wrapper, wrapper):
+            return  # the wrapper is leaving and nothing else is: the agent need not wait
+        sleep = POLL if ended else min(left, MAX_SLEEP)
+        ended = signal.sigtimedwait([signal.SIGUSR1], sleep) is not None or ended
 
 
 def main(argv: list[str]) -> int:
@@ -103,7 +91,7 @@ def main(argv: list[str]) -> int:
     # The group's SIGTERM is for the job: this process does the stopping, so it stays.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, _ended)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])  # taken by sigtimedwait
     watch(wrapper, directory, lease)
     return 0
 

@@ -24,8 +24,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                common: argparse.ArgumentParser) -> None:
     rp = sub.add_parser("replay", help="audit the event log").add_subparsers(
         dest="action", required=True)
-    v = rp.add_parser("verify", parents=[common], help="check the hash chain and invariants")
+    v = rp.add_parser("verify", parents=[common],
+                      help="check the hash chain, the anchored head and the invariants")
     v.add_argument("--log", type=Path, help="an events.db file (default: the data directory's)")
+    v.add_argument("--key", type=Path,
+                   help="the log's anchor key (default: events.key beside the log)")
     v.set_defaults(run=verify)
     s = rp.add_parser("show", parents=[common], help="print events")
     s.add_argument("--log", type=Path)
@@ -64,37 +67,56 @@ def _at(args: argparse.Namespace) -> int:
     return why.at(args, _conn(args))
 
 
+def _log_path(args: argparse.Namespace) -> Path:
+    path: Path = args.log or (args.data_dir or default_data_dir()) / LOG_FILE
+    return path
+
+
 def _conn(args: argparse.Namespace) -> Any:
     from eventq.log import connect_readonly
 
-    path = args.log or (args.data_dir or default_data_dir()) / LOG_FILE
     try:
-        return connect_readonly(path)
+        return connect_readonly(_log_path(args))
     except FileNotFoundError as exc:
         raise CliError(str(exc)) from None
 
 
 def verify(args: argparse.Namespace) -> int:
+    """What a start checks, and the invariants; a change is named by seq, exit 1."""
     from eventq import replay
-    from eventq.log import LogCorrupt
+    from eventq.log import HeadTrust, KeyFileInvalid, LogCorrupt, read_key
 
+    if args.key is not None and not args.key.is_file():
+        raise CliError(f"no key file at {args.key}")
     try:
-        count, problems = replay.verify(_conn(args))
+        result = replay.verify(_conn(args), read_key(_log_path(args), args.key))
+    except KeyFileInvalid as exc:
+        raise CliError(str(exc)) from None
     except LogCorrupt as exc:
+        where = f"first bad seq {exc.seq}" if exc.first else \
+            f"bad at seq {exc.seq} (changed at or before it)"
         if args.format == "json":
-            emit_json({"ok": False, "first_bad_seq": exc.seq, "why": exc.why})
+            emit_json({"ok": False, "first_bad_seq": exc.seq, "exact": exc.first,
+                       "why": exc.why})
         else:
-            output.console.print(f"[red]FAIL[/red] first bad seq {exc.seq}: {exc.why}")
+            from rich.markup import escape
+
+            output.console.print(f"[red]FAIL[/red] {where}: {escape(exc.why)}", highlight=False)
         return 1
+    count, problems = result.events, result.problems
     if args.format == "json":
-        emit_json({"ok": not problems, "events": count, "problems": problems})
+        emit_json({"ok": not problems, "events": count, "problems": problems,
+                   "anchor": result.trust.value})
     elif problems:
         output.console.print(f"[red]FAIL[/red] chain intact over {count} events, but:")
         for p in problems:
             output.console.print(f"  {p}")
     else:
-        output.console.print(f"OK: {count} events, hash chain intact, no GPU held twice, "
-                             "no job run twice")
+        chain = "hash chain intact up to the anchored head" if result.trust is HeadTrust.KEYED \
+            else "hash chain intact (no keyed anchor: a cut tail or a recomputed chain " \
+                 "would not show)"
+        output.console.print(f"OK: {count} events, {chain}, no GPU held twice, "
+                             "no job run twice", highlight=False)
     return 1 if problems else 0
 
 

@@ -62,7 +62,7 @@ def run_server(args: argparse.Namespace) -> int:
     import asyncio
 
     from eventq import gpus, tls
-    from eventq.server import AlreadyRunning, Orchestrator, default_data_dir
+    from eventq.server import CannotStart, Orchestrator, default_data_dir
 
     try:  # before anything listens or is written
         tls_context = tls.server_context(args.tls_cert, args.tls_key)
@@ -83,7 +83,7 @@ def run_server(args: argparse.Namespace) -> int:
     listen = Listen(args.host, args.port, tls_context, args.advertise_url, args.tls_cert)
     try:
         asyncio.run(_serve(orch, listen))
-    except AlreadyRunning as exc:
+    except CannotStart as exc:
         raise CliError(str(exc)) from None
     return 0
 
@@ -128,7 +128,15 @@ async def _serve(orch: Orchestrator, listen: Listen) -> None:
     runner = web.AppRunner(make_app(orch), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, listen.host, listen.port, ssl_context=listen.tls)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        from eventq.server import CannotStart
+
+        await runner.cleanup()
+        await orch.stop()  # running attempts keep running; the next start adopts them
+        raise CannotStart(
+            f"cannot listen on {listen.host}:{listen.port} ({exc.strerror or exc})") from None
     url, orch.advertise_url = listen.urls(runner.addresses[0][1])
     # The certificate lets a client on this machine trust this very server by itself.
     orch.write_server_file(url, advertise_url=orch.advertise_url,

@@ -1,0 +1,29 @@
+"""Whether anything of an attempt's process group still runs (standard library only).
+
+``kill(-pgid, 0)`` is not enough: it also counts zombies, which hold no GPU and which an
+init that reaps slowly (a container's, a VM's) may leave for a second or more.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def alive(pgid: int, *besides: int) -> bool:
+    """Is a process that is not a zombie (and not this one, nor ``besides``) in the group?"""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    skip = {os.getpid(), *besides}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        try:
+            with open(f"{entry.path}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[-1].split()
+        except OSError:
+            continue
+        if fields[0] != b"Z" and int(fields[2]) == pgid:
+            return True
+    return False
