@@ -138,7 +138,7 @@ async def end_group(pgid: int, grace: float) -> None:
     if not signal_group(pgid, signal.SIGTERM):
         return
     loop = asyncio.get_running_loop()
-    kill_at = loop.time() + grace
+    kill_at: float | None = loop.time() + grace
     while procgroup.alive(pgid):
         if kill_at is not None and loop.time() >= kill_at:
             signal_group(pgid, signal.SIGKILL)
