@@ -16,11 +16,11 @@ def alive(pgid: int, *besides: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     skip = {os.getpid(), *besides}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) in skip:
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in skip:
             continue
         try:
-            with open(f"{entry.path}/stat", "rb") as stat:
+            with open(f"/proc/{name}/stat", "rb") as stat:
                 fields = stat.read().rsplit(b")", 1)[-1].split()
         except OSError:
             continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from eventq.clock import SimClock
 from eventq.events import Limits
 from eventq.http.app import make_app
 from eventq.server import Orchestrator
+from tests.cluster import Cluster
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -66,3 +67,13 @@ async def api(orch: Orchestrator, aiohttp_client: AiohttpClient) -> TestClient[A
     """A real aiohttp server on loopback, the client sending the admin's token."""
     return await aiohttp_client(make_app(orch),
                                 headers={"Authorization": f"Bearer {orch.admin_token}"})
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Real server and worker processes, all ended after the test (``tests/cluster.py``)."""
+    made = Cluster(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()

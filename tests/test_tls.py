@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestClient
 
 from eventq import tls
 from eventq.server import Orchestrator
-from tests.test_agent import EVENTQ, clean_env, wait_for
+from tests.cluster import EVENTQ, clean_env, wait_for
 from tests.test_stock_worker import SHIM, StockWorkerKit, kit  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow

@@ -30,23 +30,31 @@ NODE_VARIABLE = "LEDGER_NODE"
 FOREVER = 2**63
 
 #: ``sleep`` runs in the background so a trapped signal is handled at once, not after it.
+#: A job that lingers goes on for ``linger`` seconds after SIGTERM (as a training run that
+#: saves a checkpoint does) and records its end only then: a SIGKILL meanwhile leaves its
+#: run without an end, alive forever as far as the checks go.
 JOB_SCRIPT = """\
 node={node}
 line() {{ echo "$EVENTQ_JOB_ID $EVENTQ_ATTEMPT $1 $(date +%s%N) $node \
 ${{CUDA_VISIBLE_DEVICES:--}}" >> {ledger}; }}
 line start
-trap 'kill $pid 2>/dev/null; line end; exit 143' TERM INT HUP
-sleep {sleep} & pid=$!
+trap 'trap "" TERM INT HUP; kill $pid 2>/dev/null; sleep {linger}; line end; exit 143' \
+TERM INT HUP
+case $EVENTQ_ATTEMPT in 1) s={first};; *) s={sleep};; esac
+sleep $s & pid=$!
 wait $pid
 line end
 """
 
 
-def job_command(ledger: Path, sleep: float, node: str | None = None) -> list[str]:
-    """A job's command that records its start and end in ``ledger`` and sleeps between."""
+def job_command(ledger: Path, sleep: float, node: str | None = None, linger: float = 0.0,
+                first: float | None = None) -> list[str]:
+    """A job's command that records its start and end in ``ledger`` and sleeps between
+    (``first`` seconds in its first attempt, if given)."""
     where = shlex.quote(node) if node is not None else f'"${{{NODE_VARIABLE}:-local}}"'
     script = JOB_SCRIPT.format(node=where, ledger=shlex.quote(str(ledger)),
-                               sleep=f"{sleep:.3f}")
+                               sleep=f"{sleep:.3f}", linger=f"{linger:.3f}",
+                               first=f"{sleep if first is None else first:.3f}")
     return ["sh", "-c", script]
 
 
