@@ -433,3 +433,17 @@ def test_a_stock_worker_without_a_gpu_registers_and_runs_a_cpu_job(world: World)
     job = world.submit(world.config("cpu"), gpus=0)
     world.status_becomes(job["job_id"], "completed")
     assert len(world.runs("cpu")) == 1
+
+
+def test_chained_jobs_each_start_as_soon_as_the_previous_one_is_reported(
+        world: World) -> None:
+    """Defect 8: the stock worker clears its job only after its report's reply; a job sent
+    before that is ignored ("Already running a job") and waited for its idle heartbeat."""
+    made = world.add_worker("st-box")
+    log = world.start_worker(made)
+    names = [f"chain{n}" for n in range(5)]
+    jobs = [world.submit(world.config(name))["job_id"] for name in names]
+    for job in jobs:  # well inside the 30 s heartbeat that would resend an ignored job
+        world.status_becomes(job, "completed", timeout=HEARTBEAT_TIMEOUT / 4)
+    assert "Already running a job" not in log.read_text()
+    assert [len(world.runs(name)) for name in names] == [1] * len(names)

@@ -10,7 +10,8 @@ Each connection has its own bounded outbox, so a slow worker never slows others.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,14 +39,37 @@ class Outbox:
     queue: asyncio.Queue[dict[str, Any] | None] = field(
         default_factory=lambda: asyncio.Queue(OUTBOX_LIMIT))
     closed: str | None = None
+    #: Messages kept back while the worker cannot take them (see ``held``).
+    kept: list[dict[str, Any]] = field(default_factory=list)
+    holds: int = 0
 
     def send(self, message: dict[str, Any]) -> None:
         if self.closed is not None:
+            return
+        if self.holds:
+            self.kept.append(message)
             return
         try:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:
             self.close("the worker does not read its messages")
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep messages back, in order, until the block ends; then send them.
+
+        SimpleTuner's stock worker forgets its job only once its terminal status report
+        has returned, and ignores a ``job_submit`` that arrives before: its next job is
+        kept back until then, instead of waiting for its next idle heartbeat."""
+        self.holds += 1
+        try:
+            yield
+        finally:
+            self.holds -= 1
+            if not self.holds:
+                kept, self.kept = self.kept, []
+                for message in kept:
+                    self.send(message)
 
     def close(self, reason: str, tell: bool = True) -> None:
         """End the connection; with ``tell``, first send ``shutdown`` saying why.

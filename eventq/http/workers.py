@@ -34,6 +34,11 @@ from eventq.server import Orchestrator
 
 routes = web.RouteTableDef()
 PING_SECONDS = 15.0
+#: How long a stock worker's terminal report may keep its next job back (see
+#: ``_until_closed``); past it, its idle heartbeat gets the job to it at the latest.
+REPORT_CLOSE_WAIT = 2.0
+REPORT_POLL = 0.002
+REPORT_SETTLE = 0.01
 #: What a stock worker must be told when its stream opens (decided at register).
 PENDING = web.AppKey("pending_greetings", dict[str, Reconciled])
 
@@ -353,14 +358,43 @@ async def job_status(request: web.Request) -> web.Response:
                             f"({job.status}); it cannot become {body.status}")
     if body.status in ("starting", "training", "running"):
         report = AttemptReport(job_id, job.attempt, "started", node=worker.worker_id)
-    else:
-        code = {"completed": 0, "failed": 1, "cancelled": -15}[body.status]
-        report = AttemptReport(job_id, job.attempt, "ended", node=worker.worker_id,
-                               exit_code=code, detail=body.error or body.status)
+        await _reported(orch, report)
+        return web.json_response({"success": True})
+    code = {"completed": 0, "failed": 1, "cancelled": -15}[body.status]
+    report = AttemptReport(job_id, job.attempt, "ended", node=worker.worker_id,
+                           exit_code=code, detail=body.error or body.status)
+    outbox = orch.hub.connections.get(worker.worker_id)
+    if outbox is None or outbox.transport != "sse":
+        await _reported(orch, report)
+        return web.json_response({"success": True})
+    with outbox.held():  # its next job goes out once the worker can take it
+        await _reported(orch, report)
+        reply = web.json_response({"success": True})
+        await reply.prepare(request)
+        await reply.write_eof()
+        await _until_closed(request)
+    return reply
+
+
+async def _reported(orch: Orchestrator, report: AttemptReport) -> None:
     outcome: Outcome = await orch.scheduler.ask(report)
     if outcome.durable is not None:
         await outcome.durable
-    return web.json_response({"success": True})
+
+
+async def _until_closed(request: web.Request) -> None:
+    """Wait until the worker has closed the connection of the report it made.
+
+    The stock worker makes each report with a client of its own, closes it once the reply
+    is read, and only then forgets its job: a job sent before would be ignored."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + REPORT_CLOSE_WAIT
+    while loop.time() < give_up:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            await asyncio.sleep(REPORT_SETTLE)  # the few steps from its close to forgetting
+            return
+        await asyncio.sleep(REPORT_POLL)
 
 
 class DisconnectBody(msgspec.Struct):
