@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import structlog
 
 from eventq import events as ev
-from eventq import jobenv, runner
+from eventq import jobenv, procgroup, runner
 from eventq.actors.scheduler import AttemptReport, Scheduler
 from eventq.actors.scheduler_state import SchedulerState
 from eventq.log import Record
@@ -137,7 +137,11 @@ class LocalNode:
                 self._spawn_task(self._watch_adopted(key, seen.pid, directory))
             elif seen.state == "exited":
                 found["exited"] += 1
-                self._report(AttemptReport(*key, "ended", pid=seen.pid, exit_code=seen.exit_code))
+                ended = AttemptReport(*key, "ended", pid=seen.pid, exit_code=seen.exit_code)
+                if seen.pid is not None and procgroup.left_behind(seen.pid):
+                    self._spawn_task(self._after_group(seen.pid, ended))  # a straggler
+                else:
+                    self._report(ended)
             else:
                 found["vanished"] += 1
                 why = ("the process never started before the server stopped"
@@ -145,6 +149,10 @@ class LocalNode:
                        "server was down")
                 self._report(AttemptReport(*key, "ended", outcome="lost", detail=why))
         return found
+
+    async def _after_group(self, pgid: int, ended: AttemptReport) -> None:
+        await runner.end_group(pgid, self.grace_seconds)
+        self._report(ended)
 
     async def _watch_adopted(self, key: tuple[str, int], pid: int, directory: Path) -> None:
         code = await runner.wait_foreign(pid, directory)

@@ -27,3 +27,16 @@ def alive(pgid: int, *besides: int) -> bool:
         if fields[0] != b"Z" and int(fields[2]) == pgid:
             return True
     return False
+
+
+def left_behind(pgid: int) -> bool:
+    """After its leader (an attempt's wrapper) ended: does anything of its group still run?
+
+    While a group has members its number is not given to a new process, so a live process
+    with that number means the group is gone and the number was reused: not ours."""
+    try:
+        with open(f"/proc/{pgid}/stat", "rb") as stat:
+            leader_state = stat.read().rsplit(b")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        leader_state = b"Z"
+    return leader_state == b"Z" and alive(pgid)

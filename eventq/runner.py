@@ -135,11 +135,11 @@ async def end_group(pgid: int, grace: float) -> None:
     there never starts beside a straggler (a child that outlived ``sh -c``, a daemon the
     job forked): SIGTERM at once, SIGKILL after the grace, as Slurm does at a job's end.
     """
-    if not signal_group(pgid, signal.SIGTERM):
+    if not procgroup.left_behind(pgid) or not signal_group(pgid, signal.SIGTERM):
         return
     loop = asyncio.get_running_loop()
     kill_at: float | None = loop.time() + grace
-    while procgroup.alive(pgid):
+    while procgroup.left_behind(pgid):
         if kill_at is not None and loop.time() >= kill_at:
             signal_group(pgid, signal.SIGKILL)
             kill_at = None

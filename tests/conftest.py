@@ -48,18 +48,22 @@ async def make_orch(tmp_path: Path,
         started.append(orch)
         return orch
 
-    yield start
-    for orch in started:
-        kill_attempts(orch)
-        await orch.stop()
+    try:
+        yield start
+    finally:
+        for orch in started:
+            kill_attempts(orch)
+            await orch.stop()
 
 
 @pytest.fixture
 async def orch(make_orch: Callable[..., Awaitable[Orchestrator]]) -> AsyncIterator[Orchestrator]:
     o = await make_orch()
-    yield o
-    kill_attempts(o)
-    await o.stop()
+    try:
+        yield o
+    finally:
+        kill_attempts(o)
+        await o.stop()
 
 
 @pytest.fixture

@@ -139,3 +139,22 @@ async def test_a_renewed_lease_lets_the_attempt_finish_and_its_watchdog_leaves_w
         f"eventq.agent.watchdog\0{pid}".encode() in p.read_bytes()
         for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists()),
         "the watchdog to leave with the job")
+
+
+async def test_an_attempt_ends_only_when_what_it_left_in_its_group_is_gone(
+        make_orch: MakeOrch, tmp_path: Path) -> None:
+    """``sh -c`` exits at once and leaves a child that takes a while to leave after
+    SIGTERM: the GPU is not free, and the next job does not start, until it has left."""
+    orch = await make_orch("1xA100-80GB", limits=ROOMY)
+    ledger = tmp_path / "ledger"
+    straggler = (f"sh -c 'trap \"sleep 0.5; echo left $(date +%s%N) >> {ledger}; exit\" TERM; "
+                 f"echo up >> {ledger}; while :; do sleep 0.05; done' & "
+                 f"until grep -q up {ledger} 2>/dev/null; do sleep 0.01; done")
+    await submit(orch, spec("first", straggler))
+    await submit(orch, spec("second", f"echo next $(date +%s%N) >> {ledger}"))
+    await until(lambda: orch.state.jobs["second"].status == "completed", "the second job")
+    lines = [line.split() for line in ledger.read_text().splitlines()]
+    assert [line[0] for line in lines] == ["up", "left", "next"]
+    assert int(lines[1][1]) < int(lines[2][1])
+    assert orch.state.jobs["first"].status == "completed"
+    await orch.stop()

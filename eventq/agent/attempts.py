@@ -267,9 +267,13 @@ class Attempts:
             if code is None:
                 return _ended(att, code, "the adopted process ended without an exit code")
             return _ended(att, code)
-        att.process_done.set()
         if seen.state == "exited":
+            if seen.pid is not None:
+                att.pid = seen.pid
+                await self._left_behind(att)  # what the job left in its group, if anything
+            att.process_done.set()
             return _ended(att, seen.exit_code, "it ended while the agent was away")
+        att.process_done.set()
         if seen.pid is not None:
             return _ended(att, None, "the process vanished while the agent was away")
         return Exit("start_failed", None,
