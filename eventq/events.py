@@ -57,17 +57,34 @@ class Reason(msgspec.Struct, frozen=True, gc=False):
 
 
 class Limits(msgspec.Struct, frozen=True, gc=False):
-    """Concurrency and fairness settings (SPEC 4); changed only by LimitsChanged."""
+    """Concurrency and fairness settings (SPEC 4); changed only by LimitsChanged.
+
+    The defaults are what a new log records at its first start. Every field is encoded,
+    defaults too (no ``omit_defaults``), so a stored LimitsChanged means the same whatever
+    the defaults of the code that reads it; a log that never recorded limits runs under
+    ``UNRECORDED_LIMITS``.
+    """
 
     max_concurrent: int = 5
     user_max_concurrent: int = 2
     team_max_concurrent: int = 10
     enable_fair_share: bool = False
-    local_job_max_concurrent: int = 1
+    #: Local jobs at once; None: no count of its own, the local GPUs are the bound.
+    local_job_max_concurrent: int | None = None
+    #: Local GPUs in use at once; None: all of them.
     local_gpu_max_concurrent: int | None = None
     starvation_threshold_minutes: float = 60.0
     aging_boost: int = 10
     gpu_busy_memory_percent: float = 20.0
+
+
+#: The limits of a log that has recorded none: those it ran under before a new log recorded
+#: its server's limits (SimpleTuner's one local job at a time). Old logs mean these values,
+#: so they never change.
+UNRECORDED_LIMITS = Limits(
+    max_concurrent=5, user_max_concurrent=2, team_max_concurrent=10, enable_fair_share=False,
+    local_job_max_concurrent=1, local_gpu_max_concurrent=None,
+    starvation_threshold_minutes=60.0, aging_boost=10, gpu_busy_memory_percent=20.0)
 
 
 class JobSpec(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):

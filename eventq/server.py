@@ -151,14 +151,22 @@ class Orchestrator:
         await self.allocator.ask(ReportInventory("local", self.inventory.gpus,
                                                  self.inventory.simulated,
                                                  self.inventory.nvml_error))
-        if self.limits is not None and self.limits != self.state.limits:
-            await self.scheduler.ask(SetLimits(self.limits, "system"))
+        limits = self.limits if self.limits is not None else self._first_limits()
+        if limits is not None and limits != self.state.limits:
+            await self.scheduler.ask(SetLimits(limits, "system"))
         await self.recover(replayed)
         self.registry.watch_known_workers(
             {node for node, active in self.state.node_active.items()
              if active and node != "local" and node not in self.workers.by_id})
-        if not self.inventory.simulated and self.inventory.nvml_error is None:
+        if self.inventory.reads_nvml:
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_inventory())
+
+    def _first_limits(self) -> ev.Limits | None:
+        """Today's defaults, for a log that has recorded no limits and run no job yet. A log
+        whose jobs ran under the unrecorded limits keeps them (an admin changes them)."""
+        if self.state.limits_recorded or self.state.jobs:
+            return None
+        return ev.Limits()
 
     async def _open_log(self) -> int:
         """Open the log and fold it, verified whole, into new actors; returns the number of

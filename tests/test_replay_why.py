@@ -58,6 +58,7 @@ async def replay_json(orch: Orchestrator, *args: str) -> Any:
 
 async def test_why_tells_each_state_who_did_it_and_how_long_each_reason_held_the_job(
         api: Api, orch: Orchestrator, clock: SimClock, tmp_path: Path) -> None:
+    await api.post("/api/queue/concurrency", json={"local_job_max_concurrent": 1})
     t0 = clock.now()
     first = await submit(api, command=runs_until(tmp_path, "a"), gpus=2)
     second = await submit(api, command=["true"], gpus=2)  # local runs 1 of 1 jobs
@@ -102,6 +103,7 @@ async def test_why_tells_each_state_who_did_it_and_how_long_each_reason_held_the
 
 async def test_why_counts_each_attempts_wait_and_a_job_still_waiting(
         api: Api, orch: Orchestrator, clock: SimClock, tmp_path: Path) -> None:
+    await api.post("/api/queue/concurrency", json={"local_job_max_concurrent": 1})
     await submit(api, command=runs_until(tmp_path, "b"), gpus=1)
     flaky = await submit(api, command=["sh", "-c", f"test -e {tmp_path}/ok || "
                                        f"{{ touch {tmp_path}/ok; exit 3; }}"],

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from eventq.cli import actions, logs, output
+from eventq.cli import actions, limits, logs, output
 from eventq.cli.client import Client, CliError, quote
 from eventq.cli.output import (
     cell,
@@ -32,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         dest="action", required=True)
     s = jobs.add_parser("submit", parents=[common],
                         help="submit a job: eventq jobs submit [options] -- CMD ARGS…")
-    s.add_argument("--gpus", type=int, default=1)
+    s.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="GPUs it needs, all on one node (default: 1; 0 for a job that needs "
+                        "none)")
     s.add_argument("--name")
     s.add_argument("--config-name", help="a config from the server's configs directory")
     s.add_argument("--config", type=Path, metavar="FILE",
@@ -240,17 +242,11 @@ def queue_status(args: argparse.Namespace) -> int:
     local = stats["local"]
     output.console.print(f"[bold]queue[/bold]: {stats['queue_depth']} waiting, {stats['running']} "
                          f"running (average wait {duration(stats['avg_wait_seconds'])})")
-    gpu_cap = local["max_concurrent_gpus"]
     output.console.print(
         f"[bold]local[/bold]: {local['running_jobs']} running, {local['pending_jobs']} waiting; "
         f"GPUs in use {cell(local['allocated_gpus'])}, free {cell(local['available_gpus'])} "
         f"of {local['total_gpus']}" + (" (simulated)" if local.get("simulated") else ""))
-    output.console.print(
-        f"[bold]limits[/bold]: {stats['max_concurrent']} jobs, {stats['user_max_concurrent']} "
-        f"per user, {stats['team_max_concurrent']} per team; local "
-        f"{local['max_concurrent_jobs']} jobs, "
-        f"{'unlimited' if gpu_cap is None else gpu_cap} GPUs; fair share "
-        f"{'on' if stats['enable_fair_share'] else 'off'}")
+    output.console.print(f"[bold]limits[/bold]: {limits.line(stats)}")
     if stats["by_status"]:
         output.console.print("[bold]by status[/bold]: " + ", ".join(
             f"{k} {v}" for k, v in sorted(stats["by_status"].items())))

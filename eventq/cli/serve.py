@@ -23,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     s = sub.add_parser("server", parents=[common], help="run the orchestrator")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8001, help="0 picks a free port")
-    s.add_argument("--gpus", help="a simulated inventory, e.g. 4xA100-80GB (default: NVML)")
+    s.add_argument("--gpus", help="0 for no local GPUs (CPU jobs only), or a simulated "
+                                  "inventory, e.g. 4xA100-80GB (default: NVML)")
     s.add_argument("--grace", type=float, default=10.0,
                    help="seconds between SIGTERM and SIGKILL when stopping a job")
     s.add_argument("--configs-dir", type=Path,

@@ -14,13 +14,13 @@ import msgspec
 from aiohttp import web
 
 from eventq import events as ev
-from eventq import jobenv
+from eventq import jobenv, policy
 from eventq.actors.scheduler import (
+    ChangeLimits,
     CommandError,
     DryRun,
     NamesTaken,
     Outcome,
-    SetLimits,
     SetSettings,
     Submit,
     SubmitMany,
@@ -259,17 +259,32 @@ def _check_free_json(req: SubmitRequest) -> None:
 
 
 def _check_gpus(req: SubmitRequest, gpus: int, orch: Orchestrator) -> None:
+    """A job no node could ever hold is refused, saying how to ask for what can run."""
     local = orch.gpu_table.nodes.get("local")
     total = len(local.gpus) if local else 0
-    if req.target != "worker" and gpus > total:
+    if gpus > total and (req.target == "local" or (
+            req.target == "auto" and not _a_worker_holds(req, gpus, orch))):
         raise ApiError(422, f"needs {gpus} GPUs; the local node has {total}"
-                       + (f" ({local.nvml_error})" if local and local.nvml_error else ""), "gpus")
+                       + (f" ({local.nvml_error})" if local and local.nvml_error else "")
+                       + (" and no worker has that many" if req.target == "auto" else "")
+                       + ". A job that needs no GPU runs with --gpus 0 (\"gpus\": 0); "
+                         "--target worker waits for a remote worker that has them", "gpus")
     if req.device_ids and local and not set(req.device_ids) <= local.gpus.keys():
         raise ApiError(422, f"device_ids {req.device_ids} are not all GPUs of the local node "
                             f"(it has {sorted(local.gpus)})", "device_ids")
     if req.device_ids and not req.any_gpu and len(req.device_ids) != gpus:
         raise ApiError(422, f"device_ids names {len(req.device_ids)} GPUs but gpus is {gpus}",
                        "device_ids")
+
+
+def _a_worker_holds(req: SubmitRequest, gpus: int, orch: Orchestrator) -> bool:
+    """Has a known worker (connected or not) that many GPUs, and the labels asked for?"""
+    for name, node in orch.gpu_table.nodes.items():
+        worker = orch.workers.by_id.get(name)
+        if worker is not None and len(node.gpus) >= gpus \
+                and policy.labels_match(req.worker_labels, worker.labels):
+            return True
+    return False
 
 
 def resolve_config(name: str | None, orch: Orchestrator) -> dict[str, Any] | None:
@@ -514,7 +529,8 @@ class LimitsUpdate(msgspec.Struct, forbid_unknown_fields=True):
     user_max_concurrent: Count | Unset = msgspec.UNSET
     team_max_concurrent: Count | Unset = msgspec.UNSET
     enable_fair_share: bool | Unset = msgspec.UNSET
-    local_job_max_concurrent: Count | Unset = msgspec.UNSET
+    #: null: no count of its own; the local GPUs are the bound (the default).
+    local_job_max_concurrent: Count | Unset | None = msgspec.UNSET
     #: null means unlimited.
     local_gpu_max_concurrent: Count | Unset | None = msgspec.UNSET
     #: From under a second (a demo) to a year; nothing shorter, so aging never overflows.
@@ -542,7 +558,8 @@ async def set_limits(request: web.Request) -> web.Response:
     threshold = changes.pop("approval_cost_threshold", orch.state.approval_cost_threshold)
     if threshold != orch.state.approval_cost_threshold:
         await settle(await orch.scheduler.ask(SetSettings(user.principal, threshold)))
-    limits = msgspec.structs.replace(orch.state.limits, **changes)
-    if limits != orch.state.limits:
-        await settle(await orch.scheduler.ask(SetLimits(limits, user.principal)))
-    return web.json_response({"success": True, **limits_dict(orch)})
+    outcome = await orch.scheduler.ask(ChangeLimits(user.principal, changes))
+    await settle(outcome)
+    started = [{"job_id": d.job_id, "attempt": d.attempt, "node": d.node, "gpus": d.gpus}
+               for d in outcome.dispatched]
+    return web.json_response({"success": True, **limits_dict(orch), "started": started})

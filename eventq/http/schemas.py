@@ -166,7 +166,8 @@ class LocalBlock(Reply):
     total_gpus: int
     simulated: bool
     max_concurrent_gpus: int | None
-    max_concurrent_jobs: int
+    #: null: no count of its own; the local GPUs are the bound.
+    max_concurrent_jobs: int | None
 
 
 class QueueStats(Reply):
@@ -177,7 +178,7 @@ class QueueStats(Reply):
     team_max_concurrent: int
     enable_fair_share: bool
     local_gpu_max_concurrent: int | None
-    local_job_max_concurrent: int
+    local_job_max_concurrent: int | None
     avg_wait_seconds: float
     #: Job count per status (statuses with no job are left out).
     by_status: dict[str, int]
@@ -217,7 +218,9 @@ class LimitsReply(Reply):
     user_max_concurrent: int
     team_max_concurrent: int
     enable_fair_share: bool
-    local_job_max_concurrent: int
+    #: null: no count of its own; the local GPUs are the bound (the default).
+    local_job_max_concurrent: int | None
+    #: null: all the local GPUs.
     local_gpu_max_concurrent: int | None
     starvation_threshold_minutes: float
     aging_boost: int
@@ -225,8 +228,19 @@ class LimitsReply(Reply):
     approval_cost_threshold: float | None
 
 
+class StartedAttempt(Reply):
+    """An attempt a change set off: dispatched to ``node`` on ``gpus``."""
+
+    job_id: str
+    attempt: int
+    node: str
+    gpus: GpuIndices
+
+
 class LimitsSetReply(LimitsReply, kw_only=True):
     success: bool
+    #: The jobs the change started (the scheduling pass it caused dispatched them).
+    started: list[StartedAttempt]
 
 
 class CancelReply(Reply):
