@@ -32,6 +32,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from eventq.callbacks.urls import shown
+
 REDACTED = "<redacted>"
 
 _SECRET_NAME = re.compile(
@@ -137,9 +139,14 @@ def value_like(value: Any) -> bool:
     return isinstance(value, str | int | float) and not isinstance(value, bool)
 
 
+def redact_url(url: str) -> str:
+    """A notification's URL: its origin only (a webhook's path is often its secret)."""
+    return shown(url)
+
+
 _JOB_FIELDS: dict[str, Callable[[Any], Any]] = {
     "env": redact_env, "command": redact_command, "config": redact_value,
-    "metadata": redact_value}
+    "metadata": redact_value, "notify_url": redact_url}
 
 
 def redact_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -151,4 +158,6 @@ def redact_body(event_type: str, body: dict[str, Any]) -> dict[str, Any]:
     """An event's body as shown: a submission's job redacted, the rest as it is."""
     if event_type == "job_submitted" and isinstance(body.get("job"), dict):
         return {**body, "job": redact_job(body["job"])}
+    if event_type == "server_notify_url_set" and isinstance(body.get("url"), str):
+        return {**body, "url": redact_url(body["url"])}
     return body
