@@ -4,7 +4,6 @@ recorded; the ``--on-finish`` hook run as a real process. Neither can hold the q
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -144,7 +143,7 @@ async def test_a_job_that_ends_is_posted_once_with_its_facts_and_no_secrets(
 
 
 async def test_the_servers_url_hears_of_every_end_and_a_jobs_own_url_too(
-        start: Start, receiver: Receiver, tmp_path: Path) -> None:
+        start: Start, receiver: Receiver) -> None:
     orch, api = await start(CallbackSettings(notify_url=receiver.url("/all")))
     assert await recorded(orch, ev.ServerNotifyUrlSet) == [
         ev.ServerNotifyUrlSet(url=receiver.url("/all"))]
@@ -159,15 +158,14 @@ async def test_the_servers_url_hears_of_every_end_and_a_jobs_own_url_too(
 
 async def test_a_running_job_cancelled_is_notified_once_its_process_is_gone(
         start: Start, receiver: Receiver, tmp_path: Path) -> None:
-    orch, api = await start()
+    _, api = await start()
     pid_file = tmp_path / "pid"
     job_id = await submit(api, notify_url=receiver.url(),
                           command=["sh", "-c", f"echo $$ > {pid_file}; exec sleep 60"])
     await until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", "it runs")
     assert (await api.post(f"/api/queue/{job_id}/cancel")).status == 200
     await until(lambda: len(receiver.got) == 1, "the cancel is notified")
-    with pytest.raises(ProcessLookupError):
-        os.kill(int(pid_file.read_text()), 0)
+    assert not runs(int(pid_file.read_text()))
     body = receiver.got[0]
     assert (body["status"], body["exit_code"], body["reason"]) == \
         ("cancelled", 128 + signal.SIGTERM, "cancelled by admin")
@@ -259,3 +257,130 @@ def _owed(tries: int) -> Any:
                     attempt=1, max_attempts=3, exit_code=0, reason=None, node="local",
                     submitted_at=1.0, started_at=2.0, ended_at=3.0)
     return Owed(ending, "job", "http://h/x", tries=tries)
+
+
+# --- nothing holds the queue -------------------------------------------------------------
+
+
+async def test_a_receiver_that_never_answers_and_a_hook_that_hangs_hold_no_job_back(
+        start: Start, receiver: Receiver) -> None:
+    """One job runs at a time here (the local node's limit): each next job starts only
+    after the one before has ended, while every earlier notification is still unanswered
+    and every earlier hook still runs."""
+    receiver.hanging = True
+    orch, api = await start(CallbackSettings(on_finish="sleep 60", post_timeout=300))
+    jobs = [await submit(api, command=["true"], notify_url=receiver.url()) for _ in range(6)]
+    await until(lambda: all(ended(orch, j) for j in jobs), "every job ran and ended")
+    assert [orch.state.jobs[j].status for j in jobs] == ["completed"] * 6
+    await until(lambda: len(receiver.got) >= 4, "the receiver holds the tries it got")
+    assert await recorded(orch, ev.NotificationDelivered, ev.NotificationFailed,
+                          ev.HookRan) == []
+    assert orch.notifier.hooks is not None and len(orch.notifier.hooks.tasks) == 6
+    assert len(orch.notifier.deliveries) == 6
+
+
+# --- the --on-finish hook ----------------------------------------------------------------
+
+
+async def test_the_hook_gets_the_jobs_facts_and_none_of_its_environment(
+        start: Start, tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    orch, api = await start(CallbackSettings(on_finish=f"env > {seen}/$EVENTQ_JOB_ID"))
+    seen.mkdir()
+    job_id = await submit(api, name="eval", command=["sh", "-c", "exit 4"],
+                          env={"WANDB_API_KEY": "wandb-secret-value"})
+    [ran] = await wait_recorded(orch, ev.HookRan)
+    assert (ran.job_id, ran.outcome, ran.exit_code) == (job_id, "exited", 0)
+    env = dict(line.split("=", 1) for line in (seen / job_id).read_text().splitlines()
+               if "=" in line)
+    assert {k: env[k] for k in ("EVENTQ_JOB_ID", "EVENTQ_JOB_NAME", "EVENTQ_USER",
+                                "EVENTQ_STATUS", "EVENTQ_EXIT_CODE", "EVENTQ_ATTEMPT",
+                                "EVENTQ_REASON")} == {
+        "EVENTQ_JOB_ID": job_id, "EVENTQ_JOB_NAME": "eval", "EVENTQ_USER": "admin",
+        "EVENTQ_STATUS": "failed", "EVENTQ_EXIT_CODE": "4", "EVENTQ_ATTEMPT": "1",
+        "EVENTQ_REASON": "exit code 4"}
+    assert env["EVENTQ_ENDED_AT"].endswith("+00:00")
+    assert "WANDB_API_KEY" not in env and "wandb-secret-value" not in (seen / job_id).read_text()
+
+
+async def test_a_failing_hook_is_logged_and_recorded(start: Start) -> None:
+    orch, api = await start(CallbackSettings(on_finish="echo cannot reach slack >&2; exit 7"))
+    with structlog.testing.capture_logs() as logs:
+        job_id = await submit(api, command=["true"])
+        [ran] = await wait_recorded(orch, ev.HookRan)
+    assert (ran.job_id, ran.outcome, ran.exit_code, ran.detail) == \
+        (job_id, "exited", 7, "exit code 7")
+    [line] = [entry for entry in logs if entry["event"] == "hook_failed"]
+    assert (line["job_id"], line["exit_code"], line["output"]) == \
+        (job_id, 7, "cannot reach slack")
+
+
+async def test_a_hook_past_its_timeout_is_stopped_with_what_it_started(
+        start: Start, tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    hook = f"sleep 60 & echo $! > {pids}; echo $$ >> {pids}; wait"
+    orch, api = await start(CallbackSettings(on_finish=hook, on_finish_timeout=0.5))
+    await submit(api, command=["true"])
+    [ran] = await wait_recorded(orch, ev.HookRan)
+    assert (ran.outcome, ran.detail) == ("timeout", "still running after 0.5 s: stopped")
+    assert not any(runs(int(pid)) for pid in pids.read_text().split())
+
+
+def runs(pid: int) -> bool:
+    """Is ``pid`` a live process (not gone, not a zombie an init has yet to reap)?"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+async def wait_recorded(orch: Orchestrator, kind: type[ev.Event], count: int = 1) -> list[Any]:
+    for _ in range(1000):
+        found = await recorded(orch, kind)
+        if len(found) >= count:
+            return found
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never recorded: {count} {kind.__name__}")
+
+
+# --- what a submission may name ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("ftp://example.com/x", "must be an http:// or https:// URL (not ftp)"),
+    ("example.com/hook", "must be an http:// or https:// URL (not relative)"),
+    ("http:///hook", "names no host"),
+    ("http://example.com:99999/", "is not a URL (Port out of range 0-65535)"),
+    ("http://exa mple.com/", "must not contain spaces or control characters"),
+])
+async def test_a_url_that_cannot_be_notified_is_refused_and_nothing_recorded(
+        start: Start, url: str, why: str) -> None:
+    orch, api = await start()
+    seq = orch.log.head_seq
+    resp = await api.post("/api/queue/submit", json={"command": ["true"], "notify_url": url})
+    assert resp.status == 422
+    assert await resp.json() == {"error": f"notify_url {why}", "field": "notify_url"}
+    batch = await api.post("/api/queue/batch", json={"jobs": [
+        {"command": ["true"]}, {"command": ["true"], "notify_url": url}]})
+    assert batch.status == 422
+    assert (await batch.json())["detail"] == [f"row 2: notify_url {why}"]
+    assert orch.log.head_seq == seq and orch.state.jobs == {}
+
+
+async def test_a_url_past_its_bound_is_refused_naming_the_field(start: Start) -> None:
+    orch, api = await start()
+    resp = await api.post("/api/queue/submit", json={
+        "command": ["true"], "notify_url": "https://example.com/" + "a" * 2048})
+    assert resp.status == 422
+    body = await resp.json()
+    assert body["field"] == "notify_url" and "2048" in body["error"]
+    assert orch.state.jobs == {}
+
+
+def test_a_url_is_shown_by_its_origin_only() -> None:
+    assert shown("https://hooks.slack.com/services/T0/B0/XyZsecret") == \
+        "https://hooks.slack.com/…"
+    assert shown("http://user:pw@127.0.0.1:8080/") == "http://127.0.0.1:8080/…"
+    assert shown("https://example.com") == "https://example.com"
+    assert url_problem("https://example.com/hook?x=1") is None

@@ -92,7 +92,8 @@ class Hooks:
                              _tail(out))
 
     async def _wait(self, pid: int) -> tuple[ev.HookOutcome, int | None]:
-        """Its exit code; past the timeout, or when the server stops, its group is ended."""
+        """Its exit code; past the timeout, or when the server stops, its whole group is
+        ended (SIGTERM, SIGKILL after a grace), what it started in the background too."""
         outcome: ev.HookOutcome = "exited"
         try:
             async with asyncio.timeout(self.timeout):
@@ -102,11 +103,14 @@ class Hooks:
         except asyncio.CancelledError:
             outcome = "stopped"
         runner.signal_group(pid, signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(GRACE):
-                return outcome, await runner.wait_child(pid)
-        runner.signal_group(pid, signal.SIGKILL)
-        return outcome, await runner.wait_child(pid)
+                code = await runner.wait_child(pid)
+        except TimeoutError:
+            runner.signal_group(pid, signal.SIGKILL)
+            code = await runner.wait_child(pid)
+        await runner.end_group(pid, GRACE)
+        return outcome, code
 
     def _record(self, ending: Ending, outcome: ev.HookOutcome, code: int | None, detail: str,
                 output: str) -> None:
