@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from eventq import events as ev
 from eventq import gpus, replay
@@ -27,48 +25,17 @@ from eventq.log import connect_readonly
 from eventq.server import Orchestrator
 from tests.conftest import kill_attempts
 from tests.helpers import until
+from tests.receiver import AiohttpServer, Receiver, receiving
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
-AiohttpServer = Callable[..., Awaitable[TestServer]]
 Started = tuple[Orchestrator, TestClient[Any, Any]]
 Start = Callable[..., Awaitable[Started]]
 
 
-@dataclass
-class Receiver:
-    """A real HTTP receiver on loopback: answers each POST with the next of ``answers``
-    (200 once they run out), or, while ``hanging``, never answers at all."""
-
-    answers: list[int] = field(default_factory=list)
-    hanging: bool = False
-    got: list[dict[str, Any]] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-    base: str = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.got.append(await request.json())
-        self.headers.append(dict(request.headers))
-        if self.hanging:
-            await self.release.wait()
-        status = self.answers.pop(0) if self.answers else 200
-        return web.json_response({"ok": status < 300}, status=status)
-
-    def url(self, path: str = "/hook") -> str:
-        return self.base + path
-
-
 @pytest.fixture
 async def receiver(aiohttp_server: AiohttpServer) -> AsyncIterator[Receiver]:
-    made = Receiver()
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", made.handle)
-    server = await aiohttp_server(app)
-    made.base = str(server.make_url("")).rstrip("/")
-    try:
+    async with receiving(aiohttp_server) as made:
         yield made
-    finally:
-        made.release.set()  # a hung answer ends, so the receiver can close
 
 
 @pytest.fixture
@@ -380,7 +347,7 @@ async def test_a_url_past_its_bound_is_refused_naming_the_field(start: Start) ->
 
 def test_a_url_is_shown_by_its_origin_only() -> None:
     assert shown("https://hooks.slack.com/services/T0/B0/XyZsecret") == \
-        "https://hooks.slack.com/…"
-    assert shown("http://user:pw@127.0.0.1:8080/") == "http://127.0.0.1:8080/…"
+        "https://hooks.slack.com/<redacted>"
+    assert shown("http://user:pw@127.0.0.1:8080/") == "http://127.0.0.1:8080/<redacted>"
     assert shown("https://example.com") == "https://example.com"
     assert url_problem("https://example.com/hook?x=1") is None

@@ -31,11 +31,15 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+#: What stands for the rest of a shown URL (``eventq/redact.py``'s word).
+HIDDEN = "<redacted>"
+
+
 def shown(url: str) -> str:
-    """The URL's origin, and ``/…`` for whatever follows it (a path, a query, a password)."""
+    """The URL's origin, and ``/<redacted>`` for whatever follows it (a path, a query, a
+    password)."""
     try:
-        parsed = yarl.URL(url)
-        origin = str(parsed.origin())
+        origin = str(yarl.URL(url).origin())
     except ValueError:
-        return "<not a URL>"
-    return origin + ("/…" if url.rstrip("/") != origin else "")
+        return HIDDEN
+    return origin + (f"/{HIDDEN}" if url.rstrip("/") != origin else "")
