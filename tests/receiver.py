@@ -23,12 +23,14 @@ class Receiver:
     hanging: bool = False
     got: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
     base: str = ""
 
     async def handle(self, request: web.Request) -> web.Response:
         self.got.append(await request.json())
         self.headers.append(dict(request.headers))
+        self.paths.append(request.path)
         if self.hanging:
             await self.release.wait()
         status = self.answers.pop(0) if self.answers else 200

@@ -351,3 +351,21 @@ def test_a_url_is_shown_by_its_origin_only() -> None:
     assert shown("http://user:pw@127.0.0.1:8080/") == "http://127.0.0.1:8080/<redacted>"
     assert shown("https://example.com") == "https://example.com"
     assert url_problem("https://example.com/hook?x=1") is None
+
+
+async def test_a_batch_and_an_import_name_a_url_for_each_job(
+        start: Start, receiver: Receiver) -> None:
+    orch, api = await start()
+    batch = await api.post("/api/queue/batch", json={"jobs": [
+        {"command": ["true"], "gpus": 0, "notify_url": receiver.url("/batch")},
+        {"command": ["true"], "gpus": 0}]})
+    assert batch.status == 200, await batch.text()
+    imported = await api.post("/api/queue/import", json={
+        "csv": "task\na\nb\n", "command": ["true"], "gpus": 0,
+        "notify_url": receiver.url("/import")})
+    assert imported.status == 200, await imported.text()
+    await until(lambda: len(receiver.got) == 3, "three ends notified")
+    assert sorted(receiver.paths) == ["/batch", "/import", "/import"]
+    ids = (await batch.json())["job_ids"] + (await imported.json())["job_ids"]
+    assert [orch.state.jobs[j].spec.notify_url for j in ids] == [
+        receiver.url("/batch"), None, receiver.url("/import"), receiver.url("/import")]
