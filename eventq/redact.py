@@ -22,6 +22,9 @@ A value is secret-looking when
   ``-_+/=`` that mixes upper case, lower case and digits as a generated key does (hex
   digests, UUIDs, paths and words do not).
 
+A job's ``notify_url`` (and the server's, ``server_notify_url_set``) keeps only its origin:
+a webhook's path is often its secret.
+
 Erring towards hiding is the cheap side: a harmless ``MONKEY=1`` is hidden too.
 """
 
