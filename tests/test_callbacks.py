@@ -175,13 +175,20 @@ async def test_a_receiver_that_fails_twice_gets_it_on_the_third_try(
 
 async def test_an_unreachable_url_is_tried_five_times_over_ten_minutes_then_given_up(
         start: Start, clock: SimClock, unused_tcp_port: int) -> None:
+    """A restart between two tries goes on from the log: the same tries, the same times."""
     orch, api = await start()
     await submit(api, command=["true"], notify_url=f"http://127.0.0.1:{unused_tcp_port}/x")
     key = await owed_key(orch)
     ended_at = orch.notifications.owed[key].ending.ended_at
     for tries in range(1, 5):
-        await until(lambda n=tries: tries_of(orch, key) == n,  # type: ignore[misc]
+        await until(lambda n=tries, o=orch: tries_of(o, key) == n,  # type: ignore[misc]
                     f"try {tries} failed and is recorded")
+        if tries == 2:
+            owed = dict(orch.notifications.owed)
+            await api.close()
+            await orch.stop()
+            orch, api = await start()
+            assert orch.notifications.owed == owed
         clock.advance(RetryPolicy().delay_after(tries))
     await until(lambda: key not in orch.notifications.owed, "given up after the fifth try")
     failed = await recorded(orch, ev.NotificationFailed)
