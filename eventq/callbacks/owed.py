@@ -95,8 +95,8 @@ class Notifications:
     state: SchedulerState
     server_url: str | None = None
     owed: dict[Key, Owed] = field(default_factory=dict)
-    #: Jobs that ended while their attempt was alive: (seq, principal) of that event.
-    stopping: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: Jobs cancelled while their attempt was alive, and who cancelled them.
+    stopping: dict[str, str] = field(default_factory=dict)
     #: Told of each ending as it is appended (the live server's notifier; not in a replay).
     listener: Callable[[Ending], None] | None = None
 
@@ -109,7 +109,7 @@ class Notifications:
             case ev.NotificationFailed() as e:
                 self._failed(e)
             case ev.AttemptEnded(job_id=job_id) if job_id in self.stopping:
-                _, principal = self.stopping.pop(job_id)
+                principal = self.stopping.pop(job_id)
                 job = self.state.jobs[job_id]
                 if job.status in TERMINAL:  # else it was retried meanwhile: no end
                     self._ended(ending_of(job, record, principal))
@@ -119,8 +119,8 @@ class Notifications:
 
     def _terminal(self, job_id: str, record: Record) -> None:
         job = self.state.jobs[job_id]
-        if job.active:  # ends when its attempt does
-            self.stopping[job_id] = (record.seq, record.principal)
+        if job.active:  # cancelled while it runs: ends when its attempt does
+            self.stopping[job_id] = record.principal
             return
         principal = record.principal if isinstance(record.event, ev.JobCancelled) else None
         self._ended(ending_of(job, record, principal))
