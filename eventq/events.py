@@ -121,6 +121,8 @@ class JobSpec(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
     #: variables and the submitter's directory, kept out of the log. Jobs recorded before it
     #: existed carry their env here, in ``env``.
     env_sha256: str | None = None
+    #: Where a JSON POST goes when the job ends (``eventq jobs submit --notify URL``).
+    notify_url: str | None = None
 
     @property
     def effective_base(self) -> int:
@@ -372,6 +374,59 @@ class StaleReportIgnored(Event, frozen=True, tag="stale_report_ignored"):
     report: str
 
 
+# --- completion callbacks (eventq/callbacks) --------------------------------------------
+
+#: Whose URL a notification goes to: the job's own (``notify_url``), or the server's
+#: (``eventq server --notify-url``).
+NotifyTarget = Literal["job", "server"]
+
+
+class ServerNotifyUrlSet(Event, frozen=True, tag="server_notify_url_set"):
+    """The server-wide URL every job that ends from now on is notified at (None: none);
+    recorded at a start whose ``--notify-url`` differs from the log's."""
+
+    url: str | None
+
+
+class NotificationDelivered(Event, frozen=True, tag="notification_delivered"):
+    """The receiver took a job's end (a 2xx answer): nothing is owed to it any more."""
+
+    job_id: str
+    #: The seq of the event that ended the job (a retried job can end again).
+    ending: int
+    target: NotifyTarget
+    #: Tries made, this one included.
+    tries: int
+    status: int
+
+
+class NotificationFailed(Event, frozen=True, tag="notification_failed"):
+    """A try that failed; the next one is due at ``retry_at``, or, when it is None, none is
+    (the notification is given up)."""
+
+    job_id: str
+    ending: int
+    target: NotifyTarget
+    tries: int
+    error: str
+    #: The receiver's HTTP status, when it answered.
+    status: int | None = None
+    retry_at: float | None = None
+
+
+HookOutcome = Literal["exited", "timeout", "start_failed", "stopped"]
+
+
+class HookRan(Event, frozen=True, tag="hook_ran"):
+    """``eventq server --on-finish`` ran for a job's end, and what became of it."""
+
+    job_id: str
+    ending: int
+    outcome: HookOutcome
+    exit_code: int | None = None
+    detail: str = ""
+
+
 AnyEvent = (
     ServerStarted
     | NodeInventoryReported
@@ -408,6 +463,10 @@ AnyEvent = (
     | JobFailed
     | JobCancelled
     | StaleReportIgnored
+    | ServerNotifyUrlSet
+    | NotificationDelivered
+    | NotificationFailed
+    | HookRan
 )
 
 EVENT_TYPES: dict[str, type[Event]] = {

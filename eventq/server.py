@@ -26,6 +26,8 @@ from eventq.actors.scheduler import CheckReady, Process, ReleaseOrphans, Schedul
 from eventq.actors.scheduler_state import SchedulerState
 from eventq.actors.workers_state import Workers
 from eventq.auth import TOKEN_FILE, Users, new_token, token_hash, write_secret
+from eventq.callbacks.notifier import CallbackSettings, Notifier
+from eventq.callbacks.owed import Notifications
 from eventq.clock import Clock, RealClock
 from eventq.gpus import Inventory
 from eventq.http.hub import WorkerHub
@@ -109,6 +111,8 @@ class Orchestrator:
     #: --advertise-url``, else this host's name when it listens beyond loopback); None when
     #: it listens on loopback only.
     advertise_url: str | None = None
+    #: Completion callbacks: the server-wide notify URL, the on-finish hook, their timing.
+    callbacks: CallbackSettings = field(default_factory=CallbackSettings)
 
     def __post_init__(self) -> None:
         # One spelling for the life of the data: attempts record it (their wrapper's argv,
@@ -141,12 +145,15 @@ class Orchestrator:
         self.log.on_durable(self.hub.on_durable, WorkerHub.DURABLE_READS)
         self.attempt_logs = AttemptLogs(self.data_dir, self.state, lambda: self.log_cap_bytes)
         self.log.on_durable(self.attempt_logs.on_durable, AttemptLogs.DURABLE_READS)
+        self.notifier = Notifier(self.log, self.notifications, self.clock, self.callbacks)
+        self.log.on_durable(self.notifier.on_durable, Notifier.DURABLE_READS)
         self.log.start()
         self.attempt_logs.start()
         self.allocator.start()
         self.scheduler.start()
         self.registry.start()
         self.log.append("system", [ev.ServerStarted(pid=os.getpid(), version=__version__)])
+        self.notifier.start()
         self.admin_token = self._bootstrap_admin()
         await self.allocator.ask(ReportInventory("local", self.inventory.gpus,
                                                  self.inventory.simulated,
@@ -203,7 +210,9 @@ class Orchestrator:
         self.registry = Registry(self.log, self.users, self.workers, self.scheduler,
                                  self.allocator, self.clock, self.heartbeat_timeout)
         self.queue = QueueView(self.state, self.gpu_table, self.scheduler)
-        self.log.fold_into(self.state, self.gpu_table, self.users, self.workers, self.queue)
+        self.notifications = Notifications(self.state)  # reads the state folded before it
+        self.log.fold_into(self.state, self.gpu_table, self.users, self.workers, self.queue,
+                           self.notifications)
 
     def _remove_purged_directories(self) -> None:
         """A purge is durable before its directories go: finish one a crash interrupted."""
@@ -270,6 +279,7 @@ class Orchestrator:
         self.running = False
         if self._refresh is not None:
             self._refresh.cancel()
+        await self.notifier.stop()
         running = self.state.counts.total
         await self.scheduler.stop()
         await self.allocator.stop()

@@ -92,6 +92,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     imp.add_argument("--max-runtime", type=float, help="seconds; a job running longer fails")
     imp.add_argument("--max-attempts", type=int)
     imp.add_argument("--retry-on-failure", action="store_true")
+    imp.add_argument("--notify", metavar="URL",
+                     help="POST each job's end to this http(s) URL as JSON")
     env = imp.add_mutually_exclusive_group()
     env.add_argument("--export-env", action="store_true",
                      help="also send this shell's environment with every job (it is repeated "
@@ -252,6 +254,8 @@ def _shared_fields(args: argparse.Namespace) -> dict[str, Any]:
         shared["max_attempts"] = args.max_attempts
     if args.retry_on_failure:
         shared["retry_on_failure"] = True
+    if args.notify:
+        shared["notify_url"] = args.notify
     if not args.no_export_env and args.target != "worker":
         shared["exported_cwd"] = os.getcwd()
     if args.export_env and args.target != "worker":

@@ -62,6 +62,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     s.add_argument("--begin-at", metavar="TIME",
                    help="not before this time (ISO-8601, or epoch seconds)")
     s.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--notify", metavar="URL",
+                   help="POST the job's end (status, exit code, times) to this http(s) URL "
+                        "as JSON, retried for about 10 minutes")
     s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="a variable the job gets wherever it runs (repeat)")
     s.add_argument("--export-env", action="append", default=[], metavar="NAME,…",
@@ -113,7 +116,8 @@ def submit_body(args: argparse.Namespace) -> dict[str, Any]:
     optional = {"name": args.name, "max_runtime": args.max_runtime,
                 "estimated_runtime": args.estimated_runtime, "max_attempts": args.max_attempts,
                 "priority_override": args.priority, "config_name": args.config_name,
-                "estimated_cost": args.estimated_cost, "team": args.team}
+                "estimated_cost": args.estimated_cost, "team": args.team,
+                "notify_url": args.notify}
     body.update({k: v for k, v in optional.items() if v is not None})
     for flag in ("retry_on_failure", "dry_run", "requires_approval"):
         if getattr(args, flag):

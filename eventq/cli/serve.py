@@ -12,6 +12,7 @@ from eventq.cli.client import CliError
 if TYPE_CHECKING:
     import ssl
 
+    from eventq.callbacks.notifier import CallbackSettings
     from eventq.server import Orchestrator
 
 # The server's modules (aiohttp, the actors, asyncio, logging) load only when a server
@@ -42,6 +43,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="how workers on other machines reach this server, e.g. "
                         "https://gpu-orch.example.com:8001 (default: this host's name when "
                         "--host is beyond loopback)")
+    s.add_argument("--notify-url", metavar="URL",
+                   help="POST every job's end (status, exit code, times) to this http(s) URL "
+                        "as JSON, retried with backoff; recorded in the log")
+    s.add_argument("--on-finish", metavar="CMD",
+                   help="run CMD (with sh -c) when a job ends, with EVENTQ_JOB_ID, "
+                        "EVENTQ_STATUS, EVENTQ_EXIT_CODE, … in its environment")
+    s.add_argument("--on-finish-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="stop an --on-finish command still running after this (default 60)")
     s.set_defaults(run=run_server)
 
 
@@ -80,13 +89,29 @@ def run_server(args: argparse.Namespace) -> int:
         raise CliError("--log-cap-mb must be positive")
     orch = Orchestrator(args.data_dir or default_data_dir(), inventory,
                         grace_seconds=args.grace, configs_dir=args.configs_dir or Path(),
-                        log_cap_bytes=int(args.log_cap_mb * 2**20))
+                        log_cap_bytes=int(args.log_cap_mb * 2**20),
+                        callbacks=callback_settings(args))
     listen = Listen(args.host, args.port, tls_context, args.advertise_url, args.tls_cert)
     try:
         asyncio.run(_serve(orch, listen))
     except CannotStart as exc:
         raise CliError(str(exc)) from None
     return 0
+
+
+def callback_settings(args: argparse.Namespace) -> CallbackSettings:
+    """``--notify-url``, ``--on-finish``: checked before anything starts."""
+    from eventq.callbacks.notifier import CallbackSettings
+    from eventq.callbacks.urls import url_problem
+
+    if args.notify_url is not None and (why := url_problem(args.notify_url)):
+        raise CliError(f"--notify-url {why}")
+    if args.on_finish is not None and not args.on_finish.strip():
+        raise CliError("--on-finish is empty: give the command to run when a job ends")
+    if not args.on_finish_timeout > 0:
+        raise CliError("--on-finish-timeout must be positive")
+    return CallbackSettings(notify_url=args.notify_url, on_finish=args.on_finish,
+                            on_finish_timeout=args.on_finish_timeout)
 
 
 class Listen(NamedTuple):

@@ -14,6 +14,7 @@ from typing import Any
 
 from eventq import events as ev
 from eventq import replay
+from eventq.callbacks import story as callbacks_story
 from eventq.cli import output
 from eventq.cli.client import CliError
 from eventq.cli.output import cell, duration, emit_json, table, when
@@ -137,7 +138,7 @@ class Story:
         if isinstance(e, ev.StaleReportIgnored):
             return "ignored", f"a late '{e.report}' report of attempt {e.attempt} " \
                               f"(current: {e.current_attempt})"
-        return "", ""
+        return callbacks_story.step(e, t) or ("", "")
 
     def _wait(self, t: float, status: str, reasons: dict[str, str]) -> None:
         """Enter (or stay in) a waiting state held by ``reasons``."""

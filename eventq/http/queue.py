@@ -26,6 +26,7 @@ from eventq.actors.scheduler import (
     SubmitMany,
 )
 from eventq.auth import User
+from eventq.callbacks.urls import url_problem
 from eventq.gcpause import collector_paused
 from eventq.http import bounds as b
 from eventq.http.app import (
@@ -82,6 +83,8 @@ class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     depends_on: Annotated[list[b.Reference], msgspec.Meta(max_length=10_000)] = []
     #: Not before this time: epoch seconds, or ISO-8601 (local time if no zone is given).
     begin_at: b.Epoch | b.IsoTime | None = None
+    #: A JSON POST goes here when the job ends (docs/api.md, "Completion callbacks").
+    notify_url: b.NotifyUrl | None = None
 
 
 class Checked:
@@ -118,6 +121,8 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
     _check_free_json(req)
     _check_dir(req.cwd, "cwd", checked)
     _check_gpus(req, gpus, orch)
+    if req.notify_url is not None and (why := url_problem(req.notify_url)):
+        raise ApiError(422, f"notify_url {why}", "notify_url")
     env_sha256 = _seal_env(req, checked)
     return ev.JobSpec(
         job_id=job_id or new_job_id(orch), user=user.name, priority=ev.LEVEL_PRIORITY[user.level],
@@ -131,7 +136,7 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
         resolve_config(req.config_name, orch), config_name=req.config_name,
         requires_approval=req.requires_approval, estimated_cost=req.estimated_cost,
         depends_on=resolve_dependencies(req.depends_on, orch, checked.names),
-        begin_at=parse_time(req.begin_at))
+        begin_at=parse_time(req.begin_at), notify_url=req.notify_url)
 
 
 def _check_dir(path: str | None, field: str, checked: Checked) -> None:
