@@ -16,6 +16,7 @@ from eventq import runner
 from eventq.actors.scheduler import Submit
 from eventq.agent.watchdog import FENCED_FILE, now
 from eventq.server import Orchestrator
+from tests.cluster import gone
 from tests.helpers import until
 
 MakeOrch = Callable[..., Awaitable[Orchestrator]]
@@ -30,14 +31,6 @@ async def submit(orch: Orchestrator, job: ev.JobSpec) -> None:
     outcome = await orch.scheduler.ask(Submit(job, "user:admin"))
     assert outcome.durable is not None
     await outcome.durable
-
-
-def gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 @pytest.fixture
