@@ -71,6 +71,13 @@ STATUS_CHOICES = sorted({*JSV2_STATUS, *JSV2_STATUS.values()})
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                 common: argparse.ArgumentParser) -> None:
+    _add_import(sub, common)
+    _add_export(sub, common)
+    _add_progress(sub, common)
+
+
+def _add_import(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                common: argparse.ArgumentParser) -> None:
     imp = sub.add_parser(
         "import", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="submit every row of a job-scheduler-v2 CSV as a job, all or none",
@@ -98,6 +105,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                      help="send neither the working directory nor the environment")
     imp.set_defaults(run=import_csv)
 
+
+def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                common: argparse.ArgumentParser) -> None:
     exp = sub.add_parser("export", parents=[common],
                          help="write imported jobs as a job-scheduler-v2 CSV",
                          description="Write the jobs that came from `eventq import` as a CSV "
@@ -114,6 +124,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     exp.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     exp.set_defaults(run=export_csv)
 
+
+def _add_progress(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                  common: argparse.ArgumentParser) -> None:
     prog = sub.add_parser("progress", parents=[common],
                           help="totals; pending split into ready, waiting and blocked",
                           description="Totals by state, and pending jobs split into Ready "
@@ -538,10 +551,7 @@ class QueueProgress:
             self.names[spec["job_id"]] = spec.get("name", "")
             return True
         if kind == "jobs_purged":
-            for job_id in body.get("job_ids", []):
-                job = self.jobs.pop(job_id, None)
-                if job is not None:
-                    self.counts[job.status] -= 1
+            self._purge(body.get("job_ids", []))
             return True
         job = self.jobs.get(body.get("job_id", ""))
         if job is None:
@@ -567,6 +577,12 @@ class QueueProgress:
         else:
             return False
         return True
+
+    def _purge(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            job = self.jobs.pop(job_id, None)
+            if job is not None:
+                self.counts[job.status] -= 1
 
     def _set(self, job_id: str, job: JobView) -> None:
         old = self.jobs.get(job_id)

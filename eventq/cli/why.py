@@ -311,13 +311,7 @@ def parse_time(text: str) -> float:
 
 
 def at(args: argparse.Namespace, conn: Any) -> int:
-    if args.seq:
-        try:
-            to_seq, at_time = int(args.time), None
-        except ValueError:
-            raise CliError(f"--seq wants an event number, not {args.time!r}") from None
-    else:
-        to_seq, at_time = None, parse_time(args.time)
+    to_seq, at_time = _moment(args)
     try:
         held = replay.holdings_at(conn, to_seq=to_seq, at_time=at_time)
     except LogCorrupt as exc:
@@ -328,6 +322,37 @@ def at(args: argparse.Namespace, conn: Any) -> int:
             f"the log starts at {when(held.first_time)} (seq 1)"
         hint = " (for an event number, add --seq)" if args.time.isdigit() else ""
         raise CliError(f"nothing was recorded by then: {start}{hint}")
+    rows = _holders(held)
+    out = {"at_seq": folded.last_seq, "at_time": at_time, "last_event_time": folded.last_time,
+           "gpus": rows}
+    if args.format == "json":
+        emit_json(out)
+        return 0
+    asked = f"seq {to_seq}" if to_seq is not None else when(at_time)
+    output.console.print(f"GPUs at {asked}: the state after seq {folded.last_seq} "
+                         f"({when(folded.last_time)})", markup=False)
+    moment = folded.last_time if at_time is None else at_time
+    for row in rows:
+        row["held for"] = duration(moment - row["since"]) if row["since"] else None
+        row["since"] = stamp(row["since"], time.time()) if row["since"] else None
+    table(rows, ["node", "gpu", "model", "job_id", "attempt", "user", "name", "since",
+                 "held for"])
+    return 0
+
+
+def _moment(args: argparse.Namespace) -> tuple[int | None, float | None]:
+    """``at``'s TIME: a seq with --seq, else a time."""
+    if not args.seq:
+        return None, parse_time(args.time)
+    try:
+        return int(args.time), None
+    except ValueError:
+        raise CliError(f"--seq wants an event number, not {args.time!r}") from None
+
+
+def _holders(held: replay.Holdings) -> list[dict[str, Any]]:
+    """Each GPU of each node, and who held it then, since when."""
+    folded = held.folded
     jobs = folded.scheduler.jobs
     rows: list[dict[str, Any]] = []
     for node_name, node in sorted(folded.gpus.nodes.items()):
@@ -341,19 +366,4 @@ def at(args: argparse.Namespace, conn: Any) -> int:
                 "user": job.spec.user if job else None,
                 "name": job.spec.name if job else None,
                 "since": held.since.get((node_name, gpu)) if holder else None})
-    out = {"at_seq": folded.last_seq, "at_time": at_time, "last_event_time": folded.last_time,
-           "gpus": rows}
-    if args.format == "json":
-        emit_json(out)
-        return 0
-    asked = f"seq {to_seq}" if to_seq is not None else when(at_time)
-    console = output.console
-    console.print(f"GPUs at {asked}: the state after seq {folded.last_seq} "
-                  f"({when(folded.last_time)})", markup=False)
-    moment = folded.last_time if at_time is None else at_time
-    for row in rows:
-        row["held for"] = duration(moment - row["since"]) if row["since"] else None
-        row["since"] = stamp(row["since"], time.time()) if row["since"] else None
-    table(rows, ["node", "gpu", "model", "job_id", "attempt", "user", "name", "since",
-                 "held for"])
-    return 0
+    return rows
