@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 from typing import Protocol
 
 from eventq.events import JobSpec, Limits, Reason
+from eventq.timefmt import relative
 
 URGENT = 30
 #: Jobs examined per pass at most; the rest wait with reason ``priority``.
@@ -498,5 +499,5 @@ def gate_reasons(spec: JobSpec, unmet: list[tuple[str, str]], now: float) -> lis
     if spec.begin_at is not None and spec.begin_at > now:
         when = datetime.datetime.fromtimestamp(spec.begin_at, datetime.UTC)
         out.append(Reason("begin_time", f"not before {when.isoformat(timespec='seconds')} "
-                                        f"(in {spec.begin_at - now:.0f}s)"))
+                                        f"({relative(spec.begin_at, now)})"))
     return out

@@ -80,7 +80,7 @@ def test_a_user_submits_lists_shows_and_cancels(server: tuple[Path, Any],
 
     cancelled = as_json(eventq(data, "jobs", "cancel", first["job_id"], "--format", "json"))
     assert cancelled == {"success": True, "job_id": first["job_id"], "status": "cancelled",
-                         "process_stopped": True}
+                         "process_stopped": True, "was_running": True}
     for _ in range(300):
         done = as_json(eventq(data, "jobs", "list", "-a", "--format", "json",
                               "-o", "job_id,status"))

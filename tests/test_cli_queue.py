@@ -230,8 +230,8 @@ def test_cancel_all_pending_leaves_the_running_job_then_cancel_all_stops_it(
     assert pending["cancelled"] == 2 and sorted(pending["job_ids"]) == sorted(waiting)
     assert status_of(data, running["job_id"]) == "running"
 
-    text = eq(data, "jobs", "cancel", "--all").stdout
-    assert text.startswith(f"cancelled 1 jobs: {running['job_id']}")
+    text = eq(data, "jobs", "cancel", "--all", "-v").stdout
+    assert text == f"cancelled 1 job\n{running['job_id']}\n"
     assert status_of(data, running["job_id"]) == "cancelled"
 
     assert "give a job id, or --all" in fails(data, "jobs", "cancel")
@@ -256,10 +256,10 @@ def test_logs_prints_what_the_job_wrote_by_stream_and_attempt(server: Server,
     job = submit(data, "--gpus", "0", "--retry-on-failure", "--max-attempts", "2", "--",
                  "sh", "-c", script)["job_id"]
     until(lambda: status_of(data, job) == "completed", "the second attempt completed")
-    assert eq(data, "jobs", "logs", job).stdout == "attempt 2\n"
-    assert eq(data, "jobs", "logs", job, "--attempt", "1").stdout == "attempt 1\n"
+    assert eq(data, "jobs", "logs", job, "--stdout").stdout == "attempt 2\n"
+    assert eq(data, "jobs", "logs", job, "--stdout", "--attempt", "1").stdout == "attempt 1\n"
     assert eq(data, "jobs", "logs", job, "--stderr").stdout == "oops\n"
-    assert eq_json(data, "jobs", "logs", job)["text"] == "attempt 2\n"
+    assert eq_json(data, "jobs", "logs", job, "--stdout")["text"] == "attempt 2\n"
 
     assert "--attempt counts from 1" in fails(data, "jobs", "logs", job, "--attempt", "0")
     assert "no job nosuch" in fails(data, "jobs", "logs", "nosuch")

@@ -497,7 +497,8 @@ async def list_queue(request: web.Request) -> web.Response:
             jobs = orch.queue.list(status, limit, completed, offset)
         except UnknownStatus as exc:
             raise ApiError(422, str(exc), "status") from None
-        cached = msgspec.json.encode({"jobs": jobs, "count": len(jobs)})
+        cached = msgspec.json.encode({"jobs": jobs, "count": len(jobs),
+                                      "total": orch.queue.count(status, completed)})
         orch.queue.remember(key, cached)
     return web.Response(body=cached, content_type="application/json")
 

@@ -153,7 +153,10 @@ class ImportReply(Reply):
 
 class QueueList(Reply):
     jobs: list[JobSummary]
+    #: How many are in ``jobs``.
     count: int
+    #: How many match the query in all, past ``limit`` and ``offset``.
+    total: int
 
 
 class LocalBlock(Reply):
@@ -249,6 +252,9 @@ class CancelReply(Reply):
     status: JobStatus
     #: False when the attempt's process had not ended within the grace period.
     process_stopped: bool
+    #: Whether an attempt was running (or dispatched) when it was cancelled: false for a
+    #: job that never started, which had no process to stop.
+    was_running: bool
 
 
 class CancelManyReply(Reply):

@@ -206,6 +206,11 @@ class QueueView:
                     out.append(record)
         return out
 
+    def count(self, status: str | None = None, include_completed: bool = False) -> int:
+        """How many jobs ``list`` would give without a limit."""
+        wanted = _statuses(status, include_completed)
+        return sum(n for s, n in self.state.status_counts().items() if s in wanted)
+
     def me(self, user: str) -> dict[str, Any]:
         """Seed 000's ``/api/queue/me``: the user's waiting, running and blocked jobs."""
         mine = [j for j in self.state.jobs.values() if j.spec.user == user]
