@@ -20,6 +20,7 @@ import structlog
 
 from eventq import __version__, gpus, lockfile
 from eventq import events as ev
+from eventq.actionlog import ActionLog
 from eventq.actors.allocator import Allocator, GpuTable, ReportInventory
 from eventq.actors.registry import AddUser, Registry, decide_user
 from eventq.actors.scheduler import CheckReady, Process, ReleaseOrphans, Scheduler, SetLimits
@@ -109,6 +110,9 @@ class Orchestrator:
     #: --advertise-url``, else this host's name when it listens beyond loopback); None when
     #: it listens on loopback only.
     advertise_url: str | None = None
+    #: Write one line per action once the log holds it (``eventq.actionlog``), as ``eventq
+    #: server`` does; off where nobody reads them (tests, tools).
+    log_actions: bool = False
 
     def __post_init__(self) -> None:
         # One spelling for the life of the data: attempts record it (their wrapper's argv,
@@ -141,6 +145,9 @@ class Orchestrator:
         self.log.on_durable(self.hub.on_durable, WorkerHub.DURABLE_READS)
         self.attempt_logs = AttemptLogs(self.data_dir, self.state, lambda: self.log_cap_bytes)
         self.log.on_durable(self.attempt_logs.on_durable, AttemptLogs.DURABLE_READS)
+        if self.log_actions:  # after the node: a commit's lines never delay its processes
+            actions = ActionLog(self.state, self.workers)
+            self.log.on_durable(actions.on_durable, actions.reads)
         self.log.start()
         self.attempt_logs.start()
         self.allocator.start()
