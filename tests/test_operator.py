@@ -120,6 +120,19 @@ def test_each_action_is_one_json_line_with_what_an_operator_greps_for(
         assert {"timestamp", "level", "event"} <= line.keys()
 
 
+def test_a_set_of_jobs_is_one_line_not_one_per_job(cluster: Cluster) -> None:
+    server = cluster.server(args=JSON_LOGS)
+    reply = server.call("POST", "/api/queue/batch", {"jobs": [
+        {"command": f"echo {i}", "gpus": 0, "target": "worker"} for i in range(100)]})
+    submitted = actions(server, "job_submitted")
+    assert len(submitted) == 1
+    assert (submitted[0]["count"], submitted[0]["first_job_id"],
+            submitted[0]["last_job_id"], submitted[0]["by"]) == (
+        100, reply["job_ids"][0], reply["job_ids"][-1], "user:admin")
+    one = server.submit("true")
+    assert len(actions(server, "job_submitted", job_id=one)) == 1
+
+
 def test_a_refused_token_is_logged_with_its_route_and_peer_but_never_its_value(
         cluster: Cluster) -> None:
     server = cluster.server(args=JSON_LOGS)
