@@ -20,6 +20,7 @@ import structlog
 
 from eventq import __version__, gpus, lockfile
 from eventq import events as ev
+from eventq.actionlog import ActionLog
 from eventq.actors.allocator import Allocator, GpuTable, ReportInventory
 from eventq.actors.registry import AddUser, Registry, decide_user
 from eventq.actors.scheduler import CheckReady, Process, ReleaseOrphans, Scheduler, SetLimits
@@ -113,6 +114,9 @@ class Orchestrator:
     advertise_url: str | None = None
     #: Completion callbacks: the server-wide notify URL, the on-finish hook, their timing.
     callbacks: CallbackSettings = field(default_factory=CallbackSettings)
+    #: Write one line per action once the log holds it (``eventq.actionlog``), as ``eventq
+    #: server`` does; off where nobody reads them (tests, tools).
+    log_actions: bool = False
 
     def __post_init__(self) -> None:
         # One spelling for the life of the data: attempts record it (their wrapper's argv,
@@ -147,6 +151,9 @@ class Orchestrator:
         self.log.on_durable(self.attempt_logs.on_durable, AttemptLogs.DURABLE_READS)
         self.notifier = Notifier(self.log, self.notifications, self.clock, self.callbacks)
         self.log.on_durable(self.notifier.on_durable, Notifier.DURABLE_READS)
+        if self.log_actions:  # after the node: a commit's lines never delay its processes
+            actions = ActionLog(self.state, self.workers)
+            self.log.on_durable(actions.on_durable, actions.reads)
         self.log.start()
         self.attempt_logs.start()
         self.allocator.start()

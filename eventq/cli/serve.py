@@ -12,6 +12,8 @@ from eventq.cli.client import CliError
 if TYPE_CHECKING:
     import ssl
 
+    from aiohttp.web import Application, AppRunner
+
     from eventq.callbacks.notifier import CallbackSettings
     from eventq.server import Orchestrator
 
@@ -32,7 +34,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="where config_name is looked up (default: DATA_DIR/configs)")
     s.add_argument("--log-cap-mb", type=float, default=64.0,
                    help="MiB of each attempt's stdout and stderr kept; older output is dropped")
-    s.add_argument("--log-format", choices=["console", "json"], default="console")
+    s.add_argument("--log-format", choices=["console", "json"], default="console",
+                   help="json: one JSON object a line, the announcement on stdout too "
+                        "(for journald, Loki, jq)")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   default="info", help="info writes a line for every action (submit, "
+                                        "dispatch, exit, cancel, worker connected or lost, "
+                                        "refused token); warning only what went wrong")
+    s.add_argument("--metrics-listen", metavar="HOST:PORT", type=listen_address,
+                   help="also serve GET /metrics, and nothing else, without a token on this "
+                        "address (for Prometheus on a network you trust)")
+    s.add_argument("--metrics-public", action="store_true",
+                   help="answer GET /metrics on the main address without a token (anyone "
+                        "who reaches it sees user names and the queue)")
     s.add_argument("--tls-cert", type=Path, metavar="FILE",
                    help="serve HTTPS with this certificate chain (PEM), with --tls-key")
     s.add_argument("--tls-key", type=Path, metavar="FILE", help="the certificate's private key")
@@ -54,24 +68,25 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     s.set_defaults(run=run_server)
 
 
-def configure_logging(fmt: str) -> None:
-    import logging
+def listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9101`` for IPv6) for ``--metrics-listen``."""
+    from urllib.parse import urlsplit
 
-    import structlog
-
-    renderer = (structlog.processors.JSONRenderer() if fmt == "json"
-                else structlog.dev.ConsoleRenderer(colors=False))
-    structlog.configure(
-        processors=[structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso"), renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    try:
+        parts = urlsplit(f"//{text}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or port is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9101, 0.0.0.0:9101 or [::1]:9101)")
+    return host, port
 
 
 def run_server(args: argparse.Namespace) -> int:
     import asyncio
 
-    from eventq import gpus, tls
+    from eventq import gpus, serverlog, tls
     from eventq.server import CannotStart, Orchestrator, default_data_dir
 
     try:  # before anything listens or is written
@@ -80,7 +95,7 @@ def run_server(args: argparse.Namespace) -> int:
         tls.advertised_url(args.host, args.port, "https", args.advertise_url)
     except tls.TlsError as exc:
         raise CliError(str(exc)) from None
-    configure_logging(args.log_format)
+    serverlog.configure(args.log_format, args.log_level)
     try:
         inventory = gpus.detect(args.gpus)
     except gpus.InventorySpecError as exc:
@@ -90,10 +105,11 @@ def run_server(args: argparse.Namespace) -> int:
     orch = Orchestrator(args.data_dir or default_data_dir(), inventory,
                         grace_seconds=args.grace, configs_dir=args.configs_dir or Path(),
                         log_cap_bytes=int(args.log_cap_mb * 2**20),
-                        callbacks=callback_settings(args))
-    listen = Listen(args.host, args.port, tls_context, args.advertise_url, args.tls_cert)
+                        callbacks=callback_settings(args), log_actions=True)
+    listen = Listen(args.host, args.port, tls_context, args.advertise_url, args.tls_cert,
+                    args.metrics_listen, args.metrics_public)
     try:
-        asyncio.run(_serve(orch, listen))
+        asyncio.run(_serve(orch, listen, args.log_format))
     except CannotStart as exc:
         raise CliError(str(exc)) from None
     return 0
@@ -122,6 +138,10 @@ class Listen(NamedTuple):
     tls: ssl.SSLContext | None
     advertise_url: str | None
     cert: Path | None
+    #: A second address that serves only /metrics, without a token.
+    metrics: tuple[str, int] | None = None
+    #: /metrics on the main address without a token.
+    metrics_public: bool = False
 
     def urls(self, bound: int) -> tuple[str, str | None]:
         """The URL for clients on this machine, and the one advertised to other machines."""
@@ -137,56 +157,112 @@ class Listen(NamedTuple):
         return self.tls is None and not tls.is_loopback(self.host)
 
 
-async def _serve(orch: Orchestrator, listen: Listen) -> None:
-    import asyncio
+async def _serve(orch: Orchestrator, listen: Listen, log_format: str) -> None:
     import gc
-    import signal
 
-    from aiohttp import web
-
+    from eventq import tls
+    from eventq.http import metrics
     from eventq.http.app import make_app
+    from eventq.server import CannotStart
 
     orch.long_lived = True  # the replayed state lives as long as the server: see gcpause
     await orch.start()
     # Let young objects pile up more before a collection (full collections over a large
     # queue or fleet otherwise stall dispatch for 100 ms and more).
     gc.set_threshold(50_000, 20, 20)
-    runner = web.AppRunner(make_app(orch), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, listen.host, listen.port, ssl_context=listen.tls)
+    app = make_app(orch, metrics_public=listen.metrics_public)
+    runners: list[AppRunner] = []
+    metrics_url = None
     try:
-        await site.start()
-    except OSError as exc:
-        from eventq.server import CannotStart
-
-        await runner.cleanup()
+        port = await _listen(runners, app, listen.host, listen.port, listen.tls)
+        if listen.metrics is not None:
+            host, wanted = listen.metrics
+            bound = await _listen(runners, metrics.only(app), host, wanted, None)
+            metrics_url = tls.local_url(host, bound, "http", None) + "/metrics"
+    except CannotStart:
+        await _close(runners)
         await orch.stop()  # running attempts keep running; the next start adopts them
-        raise CannotStart(
-            f"cannot listen on {listen.host}:{listen.port} ({exc.strerror or exc})") from None
-    url, orch.advertise_url = listen.urls(runner.addresses[0][1])
+        raise
+    url, orch.advertise_url = listen.urls(port)
     # The certificate lets a client on this machine trust this very server by itself.
-    orch.write_server_file(url, advertise_url=orch.advertise_url,
+    orch.write_server_file(url, advertise_url=orch.advertise_url, metrics_url=metrics_url,
                            cert=str(listen.cert.absolute()) if listen.cert else None)
-    _announce(orch, url, listen)
+    _announce(orch, url, listen, metrics_url, log_format)
+    await _until_stopped()
+    # End worker streams first (without "shutdown": workers keep their jobs and reconnect);
+    # the HTTP runners wait for open handlers before they let the orchestrator stop.
+    await orch.hub.close_all("the orchestrator is restarting", tell=False)
+    await _close(runners)
+    await orch.stop()
+
+
+async def _listen(runners: list[AppRunner], app: Application, host: str, port: int,
+                  tls_context: ssl.SSLContext | None) -> int:
+    """Serve ``app`` on ``host:port``; the port bound (``port`` 0 picks one)."""
+    from aiohttp import web
+
+    from eventq.server import CannotStart
+
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    runners.append(runner)
+    try:
+        await web.TCPSite(runner, host, port, ssl_context=tls_context).start()
+    except OSError as exc:
+        raise CannotStart(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    bound: int = runner.addresses[0][1]
+    return bound
+
+
+async def _close(runners: list[AppRunner]) -> None:
+    """The metrics listener first: it reads what the main application holds."""
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+async def _until_stopped() -> None:
+    import asyncio
+    import signal
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    # End worker streams first (without "shutdown": workers keep their jobs and reconnect);
-    # the HTTP runner waits for open handlers before it lets the orchestrator stop.
-    await orch.hub.close_all("the orchestrator is restarting", tell=False)
-    await runner.cleanup()
-    await orch.stop()
 
 
-def _announce(orch: Orchestrator, url: str, listen: Listen) -> None:
+def _announce(orch: Orchestrator, url: str, listen: Listen, metrics_url: str | None,
+              log_format: str) -> None:
+    """Where the server is, on stdout: a line of text, or of JSON with --log-format json."""
+    if log_format == "json":
+        _announce_json(orch, url, listen, metrics_url)
+        return
     inv = orch.inventory
     gpu_text = f"{len(inv.gpus)} GPUs" + (" (simulated)" if inv.simulated else "") + \
         (f" — {inv.nvml_error}" if inv.nvml_error else "")
     print(f"eventq server on {url}  data: {orch.data_dir}  {gpu_text}", flush=True)
     if orch.advertise_url:
         print(f"workers on other machines connect to {orch.advertise_url}", flush=True)
+    if metrics_url:
+        print(f"metrics without a token on {metrics_url}", flush=True)
+    if listen.metrics_public:
+        print(f"{url}/metrics answers without a token (--metrics-public)", flush=True)
     if listen.in_clear_beyond_loopback():
         print("warning: serving plain HTTP beyond loopback (--insecure): tokens cross the "
               "network in clear text", flush=True)
+
+
+def _announce_json(orch: Orchestrator, url: str, listen: Listen,
+                   metrics_url: str | None) -> None:
+    import os
+
+    from eventq import __version__, serverlog
+
+    inv, out = orch.inventory, serverlog.to(sys.stdout, "json")
+    out.info("listening", url=url, advertise_url=orch.advertise_url, metrics_url=metrics_url,
+             metrics_public=listen.metrics_public, data_dir=str(orch.data_dir),
+             gpus=len(inv.gpus), simulated=inv.simulated, nvml_error=inv.nvml_error,
+             pid=os.getpid(), version=__version__)
+    if listen.in_clear_beyond_loopback():
+        out.warning("plain_http_beyond_loopback", detail="--insecure: tokens cross the "
+                    "network in clear text")

@@ -106,9 +106,8 @@ def run_worker(args: argparse.Namespace) -> int:
     import shlex
     import socket
 
-    from eventq import gpus, runner
+    from eventq import gpus, runner, serverlog
     from eventq.agent.agent import Agent, AgentBusy, AgentConfig, Refused
-    from eventq.cli.serve import configure_logging
 
     env = os.environ
     url, token = _orchestrator(args)
@@ -130,7 +129,7 @@ def run_worker(args: argparse.Namespace) -> int:
         gpu_spec=spec, labels=parse_labels(args.labels or env.get("EVENTQ_WORKER_LABELS")),
         persistent=args.persistent, trainer=trainer, grace_seconds=args.grace,
         accepts_until=budget_end(args.max_runtime, args.margin_time), ssl=ssl_context)
-    configure_logging(args.log_format)
+    serverlog.configure(args.log_format)
     try:
         return asyncio.run(Agent(config).run())
     except (Refused, AgentBusy) as exc:

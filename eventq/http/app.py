@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
+import structlog
 from aiohttp import web
 
 from eventq.actors.scheduler import CommandError
@@ -20,10 +21,13 @@ USER = web.RequestKey("user", User)
 #: The SHA-256 of the token the request was made with: a stream lives only while it is valid.
 TOKEN_SHA256 = web.RequestKey("token_sha256", str)
 T = TypeVar("T")
+log = structlog.get_logger()
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Reachable without a token: the API's description holds no data.
 PUBLIC = frozenset({"/api/openapi.json"})
+#: The paths an app answers without a token: PUBLIC, and /metrics with --metrics-public.
+OPEN_PATHS = web.AppKey("open_paths", frozenset[str])
 _FIELD = re.compile(r"`\$\.([^`\[]+)")
 
 
@@ -113,10 +117,12 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     than two: each is one more coroutine on every request."""
     try:
         path = request.path
-        if path not in PUBLIC and not path.startswith(WORKER_ROUTES):
+        if path not in request.app[OPEN_PATHS] and not path.startswith(WORKER_ROUTES):
             request[USER] = authenticate(request)
         return await handler(request)
     except ApiError as exc:
+        if exc.status in (401, 403):
+            refused(request, exc)
         return exc.response()
     except CommandError as exc:
         return ApiError(exc.status, exc.message, exc.field).response()
@@ -129,6 +135,17 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if "Allow" in exc.headers:
             refusal.headers["Allow"] = exc.headers["Allow"]
         return refusal
+
+
+def refused(request: web.Request, exc: ApiError) -> None:
+    """One line per refused token or role, for whoever watches who knocks: the route and
+    the peer, never the token."""
+    user = request.get(USER)
+    resource = request.match_info.route.resource
+    log.warning("request_refused", status=exc.status, method=request.method,
+                route=resource.canonical if resource is not None else None, path=request.path,
+                peer=request.remote, user=user.name if user is not None else None,
+                reason=exc.message)
 
 
 def authenticate(request: web.Request) -> User:
@@ -144,7 +161,8 @@ def authenticate(request: web.Request) -> User:
     return user
 
 
-def make_app(orchestrator: Orchestrator) -> web.Application:
+def make_app(orchestrator: Orchestrator, metrics_public: bool = False) -> web.Application:
+    """The API around ``orchestrator``; ``metrics_public``: GET /metrics without a token."""
     from eventq.http import (
         actions,
         admin,
@@ -163,6 +181,7 @@ def make_app(orchestrator: Orchestrator) -> web.Application:
     # Large enough for a 100,000-row batch import; every body is still validated whole.
     app = web.Application(middlewares=[guard], client_max_size=64 * 2**20)
     app[ORCH] = orchestrator
+    app[OPEN_PATHS] = PUBLIC | {"/metrics"} if metrics_public else PUBLIC
     app.add_routes(actions.routes)
     app.add_routes(queue.routes)
     app.add_routes(imports.routes)

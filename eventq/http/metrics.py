@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 from eventq import events as ev
 from eventq.actors.scheduler_state import PARKED, TERMINAL
-from eventq.http.app import ORCH
+from eventq.http.app import ORCH, ApiError
 from eventq.log import Record
 from eventq.projections.queue import GATED, RUNNING, WAITING
 from eventq.server import Orchestrator
@@ -166,5 +166,29 @@ def install(app: web.Application) -> None:
 
 @routes.get("/metrics")
 async def scrape(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+    """The format the scraper asks for (Prometheus asks for OpenMetrics first), else the
+    text format 0.0.4, as prometheus-client's own servers answer."""
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encode(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def only(app: web.Application) -> web.Application:
+    """An application that serves ``app``'s /metrics and nothing else, without a token:
+    ``eventq server --metrics-listen`` puts it on an address of its own."""
+    metrics_only = web.Application(middlewares=[_refusals_as_json])
+    metrics_only[METRICS] = app[METRICS]
+    metrics_only.router.add_get("/metrics", scrape)
+    return metrics_only
+
+
+@web.middleware
+async def _refusals_as_json(request: web.Request,
+                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                            ) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return ApiError(exc.status, "this address serves only GET /metrics").response()
