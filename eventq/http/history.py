@@ -23,7 +23,7 @@ from eventq.http.queue import int_param
 from eventq.http.stream import LAST_SEQ
 from eventq.log import Record
 from eventq.policy import effective_priority
-from eventq.projections.history import Bar, Frame, JobRow, fold_step
+from eventq.projections.history import Bar, Frame, JobRow
 from eventq.projections.queue import GATED, RUNNING, WAITING
 from eventq.redact import redact_text
 from eventq.server import Orchestrator
@@ -62,15 +62,10 @@ async def state_at(orch: Orchestrator, at: int, at_time: float | None) -> Frame:
     if frame.seq >= at:
         return frame
     await orch.log.flush()  # the events after the snapshot are read from the file
-    ends = history.tail_ends()
     while frame.seq < at:
         page = await orch.log.read(from_seq=frame.seq + 1, to_seq=at, limit=TAIL_PAGE)
-        if not page:
+        if not page or not history.fold_tail(frame, page, at_time):
             break
-        for record in page:
-            if at_time is not None and record.time > at_time:
-                return frame
-            fold_step(frame, record, ends)
     return frame
 
 

@@ -433,6 +433,13 @@ class History:
             i = min(i, bisect.bisect_right(self.snapshot_highs, at_time) - 1)
         return self.snapshots[max(i, 0)].copy()
 
-    def tail_ends(self) -> Ends:
-        """For folding a copy forward: ends are read from ``finished``, not added to it."""
-        return Ends(self.finished, record=False)
+    def fold_tail(self, frame: Frame, records: Iterable[Record], at_time: float | None) -> bool:
+        """Fold ``records`` (the next ones after ``frame.seq``) into a copy ``base_for``
+        gave; False once one is later than ``at_time``: the frame is then complete. Ends
+        are read from ``finished``, never added to it (they were, live)."""
+        ends = Ends(self.finished, record=False)
+        for record in records:
+            if at_time is not None and record.time > at_time:
+                return False
+            fold_step(frame, record, ends)
+        return True
