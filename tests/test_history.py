@@ -15,7 +15,8 @@ from aiohttp.test_utils import TestClient
 
 from eventq import events as ev
 from eventq import replay
-from eventq.actors.scheduler_state import TERMINAL
+from eventq.actors.allocator import GpuTable
+from eventq.actors.scheduler_state import TERMINAL, SchedulerState
 from eventq.actors.workers_state import Workers
 from eventq.clock import SimClock
 from eventq.http import history as routes
@@ -42,7 +43,8 @@ def reference(folded: replay.Folded, workers: Workers) -> State:
     return {
         "jobs": {job_id: (j.status, j.attempt, j.node, tuple(j.gpus),
                           tuple((r.code, r.detail) for r in j.reasons), j.exit_code, j.error,
-                          j.spec.effective_base) for job_id, j in jobs.items()},
+                          j.spec.effective_base, j.queued_at, j.dispatched_at, j.finished_at)
+                 for job_id, j in jobs.items()},
         "queue": [j.spec.job_id for j in folded.scheduler.iter_waiting(folded.last_time)],
         "gpus": {(name, gpu): node.held.get(gpu) for name, node in folded.gpus.nodes.items()
                  for gpu in {*node.gpus, *node.held}},
@@ -57,7 +59,8 @@ def answered(reply: dict[str, Any]) -> State:
     return {
         "jobs": {j["job_id"]: (j["status"], j["attempt"], j["node"], tuple(j["allocated_gpus"]),
                                tuple((r["code"], r["detail"]) for r in j["reasons"]),
-                               j["exit_code"], j["error"], j["priority"]) for j in reply["jobs"]},
+                               j["exit_code"], j["error"], j["priority"], j["queued_at"],
+                               j["started_at"], j["completed_at"]) for j in reply["jobs"]},
         "queue": [j["job_id"] for j in reply["jobs"] if "position" in j],
         "gpus": {(g["node"], g["index"]): None if g["job_id"] is None
                  else (g["job_id"], g["attempt"]) for g in reply["gpus"]},
@@ -92,6 +95,25 @@ class Checked:
         return reference(self.folded, self.workers)
 
 
+class Live:
+    """A history as a server holds it: subscribed after the folds it reads."""
+
+    def __init__(self, **options: int) -> None:
+        self.state, self.table, self.workers = SchedulerState(), GpuTable(), Workers()
+        self.history = History(self.state, self.table, self.workers, **options)
+
+    def evolve(self, record: Record) -> None:
+        for fold in (self.state, self.table, self.workers, self.history):
+            fold.evolve(record)
+
+
+def folded(records: list[Record], **options: int) -> History:
+    live = Live(**options)
+    for record in records:
+        live.evolve(record)
+    return live.history
+
+
 def records_of(path: Path) -> list[Record]:
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
         return list(iter_verified(conn))
@@ -99,35 +121,40 @@ def records_of(path: Path) -> list[Record]:
 
 def at_seq(history: History, records: list[Record], seq: int,
            at_time: float | None = None) -> Frame:
-    """The history's answer: a snapshot, then the records after it."""
+    """The history's answer from a snapshot and the records after it."""
     frame = history.base_for(seq, at_time)
     history.fold_tail(frame, records[frame.seq:seq], at_time)
     return frame
 
 
-def compare_along(records: list[Record], seqs: set[int], history: History) -> int:
-    """At each of ``seqs``, the history's answer against the scheduler's folds."""
-    checked, compared = Checked(), 0
-    if 0 in seqs:
-        assert answered(reply_of(history, at_seq(history, records, 0), 0))["jobs"] == {}
+def compare_along(records: list[Record], seqs: set[int], **options: int) -> int:
+    """At each of ``seqs``, as the log is folded: the history's answer from its snapshots
+    and the records after them, and its projection of the live folds, against the
+    scheduler's folds."""
+    checked, live, compared = Checked(), Live(**options), 0
     for record in records:
         checked.evolve(record)
+        live.evolve(record)
         if record.seq in seqs:
+            history = live.history
             frame = at_seq(history, records, record.seq)
             assert frame.seq == record.seq
-            assert answered(reply_of(history, frame, len(records))) == checked.state(), \
-                f"at seq {record.seq}"
+            expected = checked.state()
+            assert answered(reply_of(history, frame, record.seq)) == expected, \
+                f"from a snapshot, at seq {record.seq}"
+            assert answered(reply_of(history, history.now(), record.seq)) == expected, \
+                f"from the live folds, at seq {record.seq}"
             compared += 1
     return compared
 
 
 def test_the_history_agrees_with_the_scheduler_at_every_event_of_the_golden_log() -> None:
     records = records_of(GOLDEN)
-    history = History(every=4, keep=6)  # many snapshots, thinned: most answers fold a tail
-    for record in records:
-        history.evolve(record)
+    history = folded(records, every=4, keep=6)  # many snapshots, thinned
     assert len(history.snapshots) <= 7 and history.every > 4, "thinning was exercised"
-    assert compare_along(records, set(range(len(records) + 1)), history) == len(records)
+    assert compare_along(records, set(range(1, len(records) + 1)), every=4, keep=6) == \
+        len(records)
+    assert answered(reply_of(history, at_seq(history, records, 0), 0))["jobs"] == {}
 
 
 def test_the_history_agrees_with_the_scheduler_along_a_long_busy_log(tmp_path: Path) -> None:
@@ -135,19 +162,14 @@ def test_the_history_agrees_with_the_scheduler_along_a_long_busy_log(tmp_path: P
     path = tmp_path / "events.db"
     count = generate(path, 20_000)
     records = records_of(path)
-    history = History(every=256, keep=16)
-    for record in records:
-        history.evolve(record)
     seqs = set(random.Random(5).sample(range(1, count + 1), 150)) | {1, count}
-    assert compare_along(records, seqs, history) == len(seqs)
+    assert compare_along(records, seqs, every=256, keep=16) == len(seqs)
 
 
 def test_a_state_at_a_time_stops_before_the_first_later_event() -> None:
     """As ``eventq.replay.fold`` does with ``at_time``."""
     records = records_of(GOLDEN)
-    history = History(every=3, keep=8)
-    for record in records:
-        history.evolve(record)
+    history = folded(records, every=3, keep=8)
     for moment in [*sorted({r.time for r in records}), records[0].time - 1]:
         frame = at_seq(history, records, len(records), moment)
         with contextlib.closing(sqlite3.connect(f"file:{GOLDEN}?mode=ro", uri=True)) as conn:
@@ -159,9 +181,7 @@ def test_a_state_at_a_time_is_right_where_the_wall_clock_stepped_back() -> None:
     records = [Record(seq, t, "system", ev.ServerStarted(pid=1, version="x"), b"")
                for seq, t in enumerate(times, start=1)]
     for every in (1, 2, 100):
-        history = History(every=every)
-        for record in records:
-            history.evolve(record)
+        history = folded(records, every=every)
         for moment, seq in ((0.5, 0), (3.0, 2), (4.5, 2), (5.0, 5), (9.0, 6)):
             assert at_seq(history, records, 6, moment).seq == seq, (every, moment)
 
@@ -264,7 +284,12 @@ async def story(api: TestClient[Any, Any], orch: Orchestrator, tmp_path: Path,
     approved = await submit(api, command=waits_for(tmp_path, "go"), gpus=1,
                             requires_approval=True)
     rejected = await submit(api, command=["true"], requires_approval=True)
+    later = await submit(api, command=["true"], gpus=0, requires_approval=True,
+                         begin_at=clock.now() + 600)
+    after = await submit(api, command=["true"], gpus=0, depends_on=[approved])
     assert (await api.post(f"/api/queue/{approved}/approve")).status == 200
+    assert (await api.post(f"/api/queue/{later}/approve")).status == 200
+    assert jobs[later].status == "waiting"
     assert (await api.post(f"/api/queue/{rejected}/reject?reason=no")).status == 200
     await until(lambda: jobs[failing].status == "failed", "the job fails")
     clock.advance(10)
@@ -274,8 +299,10 @@ async def story(api: TestClient[Any, Any], orch: Orchestrator, tmp_path: Path,
     await api.post(f"/api/queue/{held}/release")
     await worker_life(api)
     (tmp_path / "go").touch()
-    await until(lambda: jobs[approved].status == "completed" and jobs[held].status in TERMINAL,
-                "the jobs end")
+    await until(lambda: jobs[approved].status == "completed" and jobs[held].status in TERMINAL
+                and jobs[after].status == "completed", "the jobs end")
+    clock.advance(600)
+    await until(lambda: jobs[later].status == "completed", "the job past its begin time ends")
     cancelled = await submit(api, command=["true"], gpus=1, begin_at=clock.now() + 3600)
     assert (await api.post(f"/api/queue/{cancelled}/cancel")).status == 200
     clock.advance(3 * 86400)

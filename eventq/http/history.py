@@ -55,9 +55,8 @@ async def state_at(orch: Orchestrator, at: int, at_time: float | None) -> Frame:
     """The frame right after ``at``, or, with ``at_time``, right before the first event
     later than it (as ``eventq.replay.fold`` stops)."""
     history = orch.history
-    live = history.frame
-    if at == live.seq and (at_time is None or at_time >= live.high):
-        return live
+    if at >= history.seq and (at_time is None or at_time >= history.high):
+        return history.now()
     frame = history.base_for(at, at_time)
     if frame.seq >= at:
         return frame
@@ -157,7 +156,7 @@ def bar_dict(bar: Bar) -> dict[str, Any]:
 
 def lanes(orch: Orchestrator, bars: Iterable[Bar]) -> list[dict[str, Any]]:
     """Every GPU of every node known now, and any other a bar shows; local first."""
-    found = {(node, gpu) for node, row in orch.history.frame.nodes.items() for gpu in row.gpus}
+    found = {(node, gpu) for node, row in orch.gpu_table.nodes.items() for gpu in row.gpus}
     found |= {(bar.node, gpu) for bar in bars for gpu in bar.gpus}
     ordered = sorted(found, key=lambda lane: (lane[0] != "local", lane[0], lane[1]))
     return [{"node": node, "gpu": gpu} for node, gpu in ordered]
