@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn, cast
 
 from eventq import __version__
-from eventq.cli import bulk, jobs, limits, replay, serve, users, worker, workers
+from eventq.cli import bulk, jobs, limits, replay, serve, ui, users, worker, workers
 from eventq.cli.client import CliError
 
 # Each command's module is imported here for its parser only: what a command needs beyond
@@ -26,7 +26,7 @@ from eventq.cli.client import CliError
 #: Which module's parsers define each command.
 DEFINED_BY = {"server": serve, "jobs": jobs, "import": bulk, "export": bulk, "progress": bulk,
               "users": users, "workers": workers, "worker": worker, "replay": replay,
-              "queue": limits}
+              "queue": limits, "ui": ui}
 #: Exit status of a usage error or a refusal (argparse's own).
 USAGE = 2
 
@@ -64,7 +64,7 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
                top.add_subparsers(dest="command", required=True))
     wanted = DEFINED_BY.get(command or "")
-    for module in (serve, jobs, bulk, users, workers, worker, replay, limits):
+    for module in (serve, jobs, bulk, users, workers, worker, replay, limits, ui):
         if wanted in (None, module):
             add = bulk.add_parsers if module is bulk else module.add_parser
             add(sub, common)
