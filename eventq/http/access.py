@@ -27,7 +27,7 @@ from aiohttp import web
 
 from eventq.auth import User, Users
 from eventq.clock import Clock, Timer
-from eventq.http.app import ORCH, SESSION_SHA256, TOKEN_SHA256, current_user
+from eventq.http.common import ORCH, SESSION_SHA256, TOKEN_SHA256, current_user
 from eventq.log import Record
 from eventq.sessions import Sessions
 

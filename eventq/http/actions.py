@@ -11,7 +11,8 @@ from aiohttp import web
 from eventq import events as ev
 from eventq.actors.scheduler import Cancel, CancelMany, Cleanup, JobAction, Process
 from eventq.actors.scheduler_state import JobState
-from eventq.http.app import (
+from eventq.http.bounds import REASON_CHARS
+from eventq.http.common import (
     ORCH,
     ApiError,
     current_user,
@@ -19,7 +20,6 @@ from eventq.http.app import (
     require_admin,
     require_owner,
 )
-from eventq.http.bounds import REASON_CHARS
 from eventq.http.queue import int_param, settle
 from eventq.server import Orchestrator
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from eventq.actors.registry import CreateWorker, DrainWorker, RemoveWorker, RotateWorkerToken
 from eventq.actors.scheduler import Outcome
 from eventq.http import bounds as b
-from eventq.http.app import ORCH, ApiError, decode_body, require_admin
+from eventq.http.common import ORCH, ApiError, decode_body, require_admin
 from eventq.http.queue import flag
 from eventq.server import Orchestrator
 

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from eventq import events as ev
 from eventq.actors.scheduler_state import PARKED, implied_reasons
-from eventq.http.app import ORCH, ApiError, require_owner
+from eventq.http.common import ORCH, ApiError, require_owner
 from eventq.http.queue import int_param
 from eventq.http.stream import LAST_SEQ
 from eventq.log import Record

@@ -18,7 +18,7 @@ from eventq.actors.scheduler import NamesTaken
 from eventq.auth import User
 from eventq.events import Level
 from eventq.http import bounds as b
-from eventq.http.app import ORCH, ApiError, current_user, decode_body
+from eventq.http.common import ORCH, ApiError, current_user, decode_body
 from eventq.http.queue import (
     NonNegative,
     Positive,

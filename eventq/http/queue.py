@@ -29,7 +29,7 @@ from eventq.auth import User
 from eventq.callbacks.urls import url_problem
 from eventq.gcpause import collector_paused
 from eventq.http import bounds as b
-from eventq.http.app import (
+from eventq.http.common import (
     ORCH,
     ApiError,
     Handler,

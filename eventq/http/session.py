@@ -25,7 +25,7 @@ import msgspec
 from aiohttp import web
 
 from eventq.auth import User, token_hash
-from eventq.http.app import (
+from eventq.http.common import (
     ORCH,
     SESSION_COOKIE,
     TOKEN_SHA256,

@@ -25,7 +25,7 @@ from eventq import events as ev
 from eventq.auth import User
 from eventq.http import access as accesses
 from eventq.http.access import Access
-from eventq.http.app import ORCH
+from eventq.http.common import ORCH
 from eventq.http.jobs import record_dict
 from eventq.http.queue import parse_int
 from eventq.log import Record
