@@ -138,23 +138,10 @@ class Orchestrator:
             raise
         self.running = True
         self._remove_purged_directories()
-        self.env_files = EnvFiles(self.data_dir, self.state)
-        self.env_files.sweep()
-        self.log.on_durable(self.env_files.on_durable, EnvFiles.DURABLE_READS)
         #: What a previous server left running here: the only attempts recovery may judge.
         self._left_active = [(job.spec.job_id, job.attempt) for job in self.state.jobs.values()
                              if job.active and job.node == "local"]
-        self.node = LocalNode(self.data_dir, self.scheduler, self.state, self.grace_seconds)
-        self.log.on_durable(self.node.on_durable, LocalNode.DURABLE_READS)
-        self.hub = WorkerHub(self.data_dir, self.state, self.workers, self.registry)
-        self.log.on_durable(self.hub.on_durable, WorkerHub.DURABLE_READS)
-        self.attempt_logs = AttemptLogs(self.data_dir, self.state, lambda: self.log_cap_bytes)
-        self.log.on_durable(self.attempt_logs.on_durable, AttemptLogs.DURABLE_READS)
-        self.notifier = Notifier(self.log, self.notifications, self.clock, self.callbacks)
-        self.log.on_durable(self.notifier.on_durable, Notifier.DURABLE_READS)
-        if self.log_actions:  # after the node: a commit's lines never delay its processes
-            actions = ActionLog(self.state, self.workers)
-            self.log.on_durable(actions.on_durable, actions.reads)
+        self._subscribe_effects()
         self.log.start()
         self.attempt_logs.start()
         self.allocator.start()
@@ -175,6 +162,23 @@ class Orchestrator:
              if active and node != "local" and node not in self.workers.by_id})
         if self.inventory.reads_nvml:
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_inventory())
+
+    def _subscribe_effects(self) -> None:
+        """The parts that act on what the log holds, each once it is durable, in this order."""
+        self.env_files = EnvFiles(self.data_dir, self.state)
+        self.env_files.sweep()
+        self.log.on_durable(self.env_files.on_durable, EnvFiles.DURABLE_READS)
+        self.node = LocalNode(self.data_dir, self.scheduler, self.state, self.grace_seconds)
+        self.log.on_durable(self.node.on_durable, LocalNode.DURABLE_READS)
+        self.hub = WorkerHub(self.data_dir, self.state, self.workers, self.registry)
+        self.log.on_durable(self.hub.on_durable, WorkerHub.DURABLE_READS)
+        self.attempt_logs = AttemptLogs(self.data_dir, self.state, lambda: self.log_cap_bytes)
+        self.log.on_durable(self.attempt_logs.on_durable, AttemptLogs.DURABLE_READS)
+        self.notifier = Notifier(self.log, self.notifications, self.clock, self.callbacks)
+        self.log.on_durable(self.notifier.on_durable, Notifier.DURABLE_READS)
+        if self.log_actions:  # after the node: a commit's lines never delay its processes
+            actions = ActionLog(self.state, self.workers)
+            self.log.on_durable(actions.on_durable, actions.reads)
 
     def _first_limits(self) -> ev.Limits | None:
         """Today's defaults, for a log that has recorded no limits and run no job yet. A log

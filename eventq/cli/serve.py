@@ -47,6 +47,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     s.add_argument("--metrics-public", action="store_true",
                    help="answer GET /metrics on the main address without a token (anyone "
                         "who reaches it sees user names and the queue)")
+    _network_arguments(s)
+    s.add_argument("--notify-url", metavar="URL",
+                   help="POST every job's end (status, exit code, times) to this http(s) URL "
+                        "as JSON, retried with backoff; recorded in the log")
+    s.add_argument("--on-finish", metavar="CMD",
+                   help="run CMD (with sh -c) when a job ends, with EVENTQ_JOB_ID, "
+                        "EVENTQ_STATUS, EVENTQ_EXIT_CODE, … in its environment")
+    s.add_argument("--on-finish-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="stop an --on-finish command still running after this (default 60)")
+    s.set_defaults(run=run_server)
+
+
+def _network_arguments(s: argparse.ArgumentParser) -> None:
+    """How the server is reached: TLS, and the address it gives workers."""
     s.add_argument("--tls-cert", type=Path, metavar="FILE",
                    help="serve HTTPS with this certificate chain (PEM), with --tls-key")
     s.add_argument("--tls-key", type=Path, metavar="FILE", help="the certificate's private key")
@@ -57,15 +71,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="how workers on other machines reach this server, e.g. "
                         "https://gpu-orch.example.com:8001 (default: this host's name when "
                         "--host is beyond loopback)")
-    s.add_argument("--notify-url", metavar="URL",
-                   help="POST every job's end (status, exit code, times) to this http(s) URL "
-                        "as JSON, retried with backoff; recorded in the log")
-    s.add_argument("--on-finish", metavar="CMD",
-                   help="run CMD (with sh -c) when a job ends, with EVENTQ_JOB_ID, "
-                        "EVENTQ_STATUS, EVENTQ_EXIT_CODE, … in its environment")
-    s.add_argument("--on-finish-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="stop an --on-finish command still running after this (default 60)")
-    s.set_defaults(run=run_server)
 
 
 def listen_address(text: str) -> tuple[str, int]:
