@@ -148,8 +148,7 @@ class Listing:
             return f"{len(self.jobs):,} of {self.total:,} (use -l N" + \
                 ("" if self.args.all else " / -a") + ")"
         if self.args.status:
-            return f"no jobs with status {self.args.status}" + \
-                ("" if self.args.all else " (-a includes finished ones)")
+            return f"no jobs with status {self.args.status}"
         if self.finished:
             return f"no unfinished jobs; -a shows the {self.finished:,} finished"
         return "no jobs yet (submit one: eventq jobs submit -- CMD ARGS…)"
