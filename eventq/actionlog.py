@@ -44,7 +44,6 @@ class ActionLog:
                  stream: TextIO | None = None) -> None:
         self.state, self.workers = state, workers
         self.lines = serverlog.Lines(stream or sys.stderr)
-        self.out = self.lines.log
         #: The kinds it reads: every kind at info, only those that may go wrong above it.
         self.reads = frozenset(DESCRIBE) if self.lines.enabled(logging.INFO) else MAY_WARN
         #: (job, attempt) -> (node, GPUs) of each live attempt, for the line of its end
@@ -83,8 +82,8 @@ class ActionLog:
     def _tell(self, record: Record) -> None:
         fields = DESCRIBE[type(record.event)](self, record.event)
         level = fields.pop("level", "info")
-        getattr(self.out, level)(record.type, timestamp=self._iso(record.time),
-                                 seq=record.seq, by=record.principal, **fields)
+        self.lines.write(level, record.type, self._iso(record.time), seq=record.seq,
+                         by=record.principal, **fields)
 
     def _iso(self, t: float) -> str:
         """The events of one append share their time: format it once."""
@@ -101,11 +100,11 @@ class ActionLog:
 
     def _tell_many(self, records: list[Record]) -> None:
         jobs = [job_id for r in records if (job_id := ev.event_job_id(r.event))]
-        self.out.info(records[0].type, timestamp=self._iso(records[0].time), count=len(records),
-                      seq=records[0].seq, last_seq=records[-1].seq,
-                      by=",".join(sorted({r.principal for r in records})),
-                      first_job_id=jobs[0] if jobs else None,
-                      last_job_id=jobs[-1] if jobs else None)
+        self.lines.write("info", records[0].type, self._iso(records[0].time),
+                         count=len(records), seq=records[0].seq, last_seq=records[-1].seq,
+                         by=",".join(sorted({r.principal for r in records})),
+                         first_job_id=jobs[0] if jobs else None,
+                         last_job_id=jobs[-1] if jobs else None)
 
     # --- what each line holds ----------------------------------------------------------
 
