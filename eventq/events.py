@@ -57,17 +57,34 @@ class Reason(msgspec.Struct, frozen=True, gc=False):
 
 
 class Limits(msgspec.Struct, frozen=True, gc=False):
-    """Concurrency and fairness settings (SPEC 4); changed only by LimitsChanged."""
+    """Concurrency and fairness settings (SPEC 4); changed only by LimitsChanged.
+
+    The defaults are what a new log records at its first start. Every field is encoded,
+    defaults too (no ``omit_defaults``), so a stored LimitsChanged means the same whatever
+    the defaults of the code that reads it; a log that never recorded limits runs under
+    ``UNRECORDED_LIMITS``.
+    """
 
     max_concurrent: int = 5
     user_max_concurrent: int = 2
     team_max_concurrent: int = 10
     enable_fair_share: bool = False
-    local_job_max_concurrent: int = 1
+    #: Local jobs at once; None: no count of its own, the local GPUs are the bound.
+    local_job_max_concurrent: int | None = None
+    #: Local GPUs in use at once; None: all of them.
     local_gpu_max_concurrent: int | None = None
     starvation_threshold_minutes: float = 60.0
     aging_boost: int = 10
     gpu_busy_memory_percent: float = 20.0
+
+
+#: The limits of a log that has recorded none: those it ran under before a new log recorded
+#: its server's limits (SimpleTuner's one local job at a time). Old logs mean these values,
+#: so they never change.
+UNRECORDED_LIMITS = Limits(
+    max_concurrent=5, user_max_concurrent=2, team_max_concurrent=10, enable_fair_share=False,
+    local_job_max_concurrent=1, local_gpu_max_concurrent=None,
+    starvation_threshold_minutes=60.0, aging_boost=10, gpu_busy_memory_percent=20.0)
 
 
 class JobSpec(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
@@ -104,6 +121,8 @@ class JobSpec(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
     #: variables and the submitter's directory, kept out of the log. Jobs recorded before it
     #: existed carry their env here, in ``env``.
     env_sha256: str | None = None
+    #: Where a JSON POST goes when the job ends (``eventq jobs submit --notify URL``).
+    notify_url: str | None = None
 
     @property
     def effective_base(self) -> int:
@@ -157,6 +176,30 @@ class UserUpdated(Event, frozen=True, tag="user_updated"):
     name: str
     level: Level
     team: str | None
+
+
+class SessionOpened(Event, frozen=True, tag="session_opened"):
+    """A browser signed in (the web page), with a token or a one-time code made with one.
+
+    Only the SHA-256 of the session's cookie is kept. The session lasts until
+    ``expires_at`` (fixed at sign-in, never extended), its sign-out, the revocation of the
+    token it was opened with (``token_sha256``: that token's, or the code maker's), or
+    its user's demotion below ``level``; whichever comes first."""
+
+    session_sha256: str
+    name: str
+    level: Level
+    token_sha256: str
+    expires_at: float
+    via: Literal["token", "code"]
+
+
+class SessionEnded(Event, frozen=True, tag="session_ended"):
+    """A session ended before its time: signed out (its other ends need no event: the
+    revocation or demotion that ends it is one already, and expiry is a time)."""
+
+    session_sha256: str
+    reason: str
 
 
 class LimitsChanged(Event, frozen=True, tag="limits_changed"):
@@ -355,6 +398,59 @@ class StaleReportIgnored(Event, frozen=True, tag="stale_report_ignored"):
     report: str
 
 
+# --- completion callbacks (eventq/callbacks) --------------------------------------------
+
+#: Whose URL a notification goes to: the job's own (``notify_url``), or the server's
+#: (``eventq server --notify-url``).
+NotifyTarget = Literal["job", "server"]
+
+
+class ServerNotifyUrlSet(Event, frozen=True, tag="server_notify_url_set"):
+    """The server-wide URL every job that ends from now on is notified at (None: none);
+    recorded at a start whose ``--notify-url`` differs from the log's."""
+
+    url: str | None
+
+
+class NotificationDelivered(Event, frozen=True, tag="notification_delivered"):
+    """The receiver took a job's end (a 2xx answer): nothing is owed to it any more."""
+
+    job_id: str
+    #: The seq of the event that ended the job (a retried job can end again).
+    ending: int
+    target: NotifyTarget
+    #: Tries made, this one included.
+    tries: int
+    status: int
+
+
+class NotificationFailed(Event, frozen=True, tag="notification_failed"):
+    """A try that failed; the next one is due at ``retry_at``, or, when it is None, none is
+    (the notification is given up)."""
+
+    job_id: str
+    ending: int
+    target: NotifyTarget
+    tries: int
+    error: str
+    #: The receiver's HTTP status, when it answered.
+    status: int | None = None
+    retry_at: float | None = None
+
+
+HookOutcome = Literal["exited", "timeout", "start_failed", "stopped"]
+
+
+class HookRan(Event, frozen=True, tag="hook_ran"):
+    """``eventq server --on-finish`` ran for a job's end, and what became of it."""
+
+    job_id: str
+    ending: int
+    outcome: HookOutcome
+    exit_code: int | None = None
+    detail: str = ""
+
+
 AnyEvent = (
     ServerStarted
     | NodeInventoryReported
@@ -362,6 +458,8 @@ AnyEvent = (
     | UserUpdated
     | TokenIssued
     | TokenRevoked
+    | SessionOpened
+    | SessionEnded
     | LimitsChanged
     | SettingsChanged
     | WorkerCreated
@@ -391,6 +489,10 @@ AnyEvent = (
     | JobFailed
     | JobCancelled
     | StaleReportIgnored
+    | ServerNotifyUrlSet
+    | NotificationDelivered
+    | NotificationFailed
+    | HookRan
 )
 
 EVENT_TYPES: dict[str, type[Event]] = {

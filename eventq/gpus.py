@@ -16,12 +16,19 @@ class Inventory:
     gpus: list[GpuInfo]
     simulated: bool
     nvml_error: str | None = None
+    #: The operator said there are none (``--gpus 0``): NVML is not read, now or later.
+    declared_none: bool = False
 
     @property
     def backend(self) -> str:
         if self.simulated:
             return "simulated"
         return "cuda" if self.gpus else "none"
+
+    @property
+    def reads_nvml(self) -> bool:
+        """Read from a working NVML, and so worth reading again as GPUs fill up."""
+        return not self.simulated and not self.declared_none and self.nvml_error is None
 
 
 _SPEC = re.compile(r"^\s*(\d+)\s*[xX]\s*([A-Za-z0-9_.+-]+?)(?:-(\d+(?:\.\d+)?)GB)?\s*$")
@@ -76,6 +83,12 @@ def _read_device(pynvml: object, index: int) -> GpuInfo:
                    foreign_memory_percent=round(used_percent, 1))
 
 
+#: ``--gpus 0``: no local GPUs, whatever the machine has; its jobs run with ``gpus: 0``.
+NONE = "0"
+
+
 def detect(spec: str | None) -> Inventory:
-    """The simulated inventory if a spec is given, else NVML."""
+    """No GPUs for ``0``, the simulated inventory for another spec, else NVML."""
+    if spec is not None and spec.strip() == NONE:
+        return Inventory(gpus=[], simulated=False, declared_none=True)
     return simulated(spec) if spec else from_nvml()

@@ -649,28 +649,35 @@ class EventLog:
                 await asyncio.sleep(0)
                 continue
             yielded = False
-            rows, records, future = self._pending, self._pending_records, self._batch_future
-            self._pending, self._pending_records, self._batch_future = [], [], None
-            self._inflight = future
-            try:
-                await self._commit(rows)
-                self._good = (records[-1].seq, records[-1].hash)
-                if self.key is not None and self.key.pending:
-                    self.key = promote_key(self.path, self.key)
-            except BaseException as exc:  # noqa: BLE001 - any failure stops the process
-                self.on_fatal(exc)
-                if future is not None and not future.done():
-                    future.set_exception(RuntimeError(f"event log write failed: {exc!r}"))
+            if not await self._commit_pending():
                 return
-            self.commits += 1
-            self.committed_events += len(rows)
+
+    async def _commit_pending(self) -> bool:
+        """Commit everything appended so far as one transaction, then tell its waiters and
+        the durable subscribers; False once a failed commit has stopped the log."""
+        rows, records, future = self._pending, self._pending_records, self._batch_future
+        self._pending, self._pending_records, self._batch_future = [], [], None
+        self._inflight = future
+        try:
+            await self._commit(rows)
+            self._good = (records[-1].seq, records[-1].hash)
+            if self.key is not None and self.key.pending:
+                self.key = promote_key(self.path, self.key)
+        except BaseException as exc:  # noqa: BLE001 - any failure stops the process
+            self.on_fatal(exc)
             if future is not None and not future.done():
-                future.set_result(None)
-            for subscriber, reads in self.durable_subscribers:
-                if reads is None:
-                    subscriber(records)
-                elif mine := [r for r in records if type(r.event) in reads]:
-                    subscriber(mine)
+                future.set_exception(RuntimeError(f"event log write failed: {exc!r}"))
+            return False
+        self.commits += 1
+        self.committed_events += len(rows)
+        if future is not None and not future.done():
+            future.set_result(None)
+        for subscriber, reads in self.durable_subscribers:
+            if reads is None:
+                subscriber(records)
+            elif mine := [r for r in records if type(r.event) in reads]:
+                subscriber(mine)
+        return True
 
     async def _on_writer(self, step: Callable[[], None]) -> None:
         await asyncio.get_running_loop().run_in_executor(self.thread, step)

@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 from typing import Protocol
 
 from eventq.events import JobSpec, Limits, Reason
+from eventq.timefmt import relative
 
 URGENT = 30
 #: Jobs examined per pass at most; the rest wait with reason ``priority``.
@@ -111,11 +112,21 @@ class Plan:
 
 
 def matches(spec: JobSpec, node: NodeView) -> bool:
-    """Target, then labels (every key's fnmatch glob matches the worker's label)."""
+    """Target, then labels (every key's fnmatch glob matches the worker's label).
+
+    A job that needs no GPU stays on the local node unless it asks for a worker (target
+    ``worker``, or worker labels): it gains nothing by travelling, and a remote worker gets
+    only the environment a job declares."""
     if node.local:
         return spec.target != "worker"
-    return spec.target != "local" and all(fnmatchcase(node.labels.get(k, ""), glob)
-                                          for k, glob in spec.worker_labels.items())
+    if spec.gpus == 0 and spec.target == "auto" and not spec.worker_labels:
+        return False
+    return spec.target != "local" and labels_match(spec.worker_labels, node.labels)
+
+
+def labels_match(wanted: dict[str, str], labels: dict[str, str]) -> bool:
+    """Every key's fnmatch glob matches the worker's label (SPEC 6)."""
+    return all(fnmatchcase(labels.get(k, ""), glob) for k, glob in wanted.items())
 
 
 def fitting_nodes(spec: JobSpec, nodes: Iterable[NodeView]) -> list[NodeView]:
@@ -133,33 +144,49 @@ def fits_budget(spec: JobSpec, node: NodeView, now: float) -> bool:
     return runtime is not None and now + runtime <= node.accepts_until
 
 
+def _raise_with(flag: str) -> str:
+    """How an admin lifts a limit: a person must never have to guess (SPEC 4)."""
+    return f" (raise with `eventq queue limits {flag} N`)"
+
+
 def limit_reasons(spec: JobSpec, counts: Counts, limits: Limits) -> list[Reason]:
     """Checks 1-3 of SPEC 4: global, user, team."""
     out = []
     if counts.total >= limits.max_concurrent:
-        out.append(Reason("global_limit", f"{counts.total} of {limits.max_concurrent} running"))
+        out.append(Reason("global_limit", f"{counts.total} of {limits.max_concurrent} running"
+                                          + _raise_with("--max")))
     running = counts.by_user[spec.user]
     if running >= limits.user_max_concurrent:
-        out.append(Reason("user_limit",
-                          f"{spec.user} runs {running} of {limits.user_max_concurrent}"))
+        out.append(Reason("user_limit", f"{spec.user} runs {running} of "
+                                        f"{limits.user_max_concurrent}"
+                                        + _raise_with("--per-user")))
     if limits.enable_fair_share and spec.team:
         team = counts.by_team[spec.team]
         if team >= limits.team_max_concurrent:
-            out.append(Reason("team_limit",
-                              f"team {spec.team} runs {team} of {limits.team_max_concurrent}"))
+            out.append(Reason("team_limit", f"team {spec.team} runs {team} of "
+                                            f"{limits.team_max_concurrent}"
+                                            + _raise_with("--per-team")))
     return out
+
+
+def local_jobs_full(counts: Counts, limits: Limits) -> bool:
+    """Is the local job limit reached? Without one, only the local GPUs bound the node."""
+    cap = limits.local_job_max_concurrent
+    return cap is not None and counts.local_jobs >= cap
 
 
 def local_reasons(spec: JobSpec, counts: Counts, limits: Limits) -> list[Reason]:
     """Check 4 of SPEC 4, for placement on the local node."""
     out = []
-    if counts.local_jobs >= limits.local_job_max_concurrent:
+    if local_jobs_full(counts, limits):
         out.append(Reason("local_limit", f"local runs {counts.local_jobs} of "
-                                         f"{limits.local_job_max_concurrent} jobs"))
+                                         f"{limits.local_job_max_concurrent} jobs"
+                                         + _raise_with("--local-jobs")))
     cap = limits.local_gpu_max_concurrent
     if cap is not None and counts.local_gpus + spec.gpus > cap:
         out.append(Reason("local_limit", f"local GPUs in use {counts.local_gpus} + "
-                                         f"{spec.gpus} needed > {cap}"))
+                                         f"{spec.gpus} needed > {cap}"
+                                         + _raise_with("--local-gpus")))
     return out
 
 
@@ -225,7 +252,7 @@ class _Pass:
         return not any(self._can_take(n) for n in self.nodes)
 
     def _can_take(self, node: NodeView) -> bool:
-        if node.local and self.counts.local_jobs >= self.limits.local_job_max_concurrent:
+        if node.local and local_jobs_full(self.counts, self.limits):
             return False
         if node.max_jobs is not None and node.jobs >= node.max_jobs:
             return False
@@ -472,5 +499,5 @@ def gate_reasons(spec: JobSpec, unmet: list[tuple[str, str]], now: float) -> lis
     if spec.begin_at is not None and spec.begin_at > now:
         when = datetime.datetime.fromtimestamp(spec.begin_at, datetime.UTC)
         out.append(Reason("begin_time", f"not before {when.isoformat(timespec='seconds')} "
-                                        f"(in {spec.begin_at - now:.0f}s)"))
+                                        f"({relative(spec.begin_at, now)})"))
     return out

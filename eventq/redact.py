@@ -22,6 +22,9 @@ A value is secret-looking when
   ``-_+/=`` that mixes upper case, lower case and digits as a generated key does (hex
   digests, UUIDs, paths and words do not).
 
+A job's ``notify_url`` (and the server's, ``server_notify_url_set``) keeps only its origin:
+a webhook's path is often its secret.
+
 Erring towards hiding is the cheap side: a harmless ``MONKEY=1`` is hidden too.
 """
 
@@ -31,6 +34,8 @@ import itertools
 import re
 from collections.abc import Callable
 from typing import Any
+
+from eventq.callbacks.urls import shown
 
 REDACTED = "<redacted>"
 
@@ -137,9 +142,14 @@ def value_like(value: Any) -> bool:
     return isinstance(value, str | int | float) and not isinstance(value, bool)
 
 
+def redact_url(url: str) -> str:
+    """A notification's URL: its origin only (a webhook's path is often its secret)."""
+    return shown(url)
+
+
 _JOB_FIELDS: dict[str, Callable[[Any], Any]] = {
     "env": redact_env, "command": redact_command, "config": redact_value,
-    "metadata": redact_value}
+    "metadata": redact_value, "notify_url": redact_url}
 
 
 def redact_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -151,4 +161,6 @@ def redact_body(event_type: str, body: dict[str, Any]) -> dict[str, Any]:
     """An event's body as shown: a submission's job redacted, the rest as it is."""
     if event_type == "job_submitted" and isinstance(body.get("job"), dict):
         return {**body, "job": redact_job(body["job"])}
+    if event_type == "server_notify_url_set" and isinstance(body.get("url"), str):
+        return {**body, "url": redact_url(body["url"])}
     return body

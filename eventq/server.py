@@ -27,6 +27,8 @@ from eventq.actors.scheduler import CheckReady, Process, ReleaseOrphans, Schedul
 from eventq.actors.scheduler_state import SchedulerState
 from eventq.actors.workers_state import Workers
 from eventq.auth import TOKEN_FILE, Users, new_token, token_hash, write_secret
+from eventq.callbacks.notifier import CallbackSettings, Notifier
+from eventq.callbacks.owed import Notifications
 from eventq.clock import Clock, RealClock
 from eventq.gpus import Inventory
 from eventq.http.hub import WorkerHub
@@ -35,6 +37,7 @@ from eventq.log import EventLog, HeadTrust, KeyFileInvalid, LogCorrupt
 from eventq.logfiles import DEFAULT_CAP, AttemptLogs
 from eventq.node import LocalNode
 from eventq.paths import LOG_FILE, SERVER_FILE
+from eventq.projections.history import History
 from eventq.projections.queue import QueueView
 
 log = structlog.get_logger()
@@ -110,6 +113,8 @@ class Orchestrator:
     #: --advertise-url``, else this host's name when it listens beyond loopback); None when
     #: it listens on loopback only.
     advertise_url: str | None = None
+    #: Completion callbacks: the server-wide notify URL, the on-finish hook, their timing.
+    callbacks: CallbackSettings = field(default_factory=CallbackSettings)
     #: Write one line per action once the log holds it (``eventq.actionlog``), as ``eventq
     #: server`` does; off where nobody reads them (tests, tools).
     log_actions: bool = False
@@ -133,39 +138,54 @@ class Orchestrator:
             raise
         self.running = True
         self._remove_purged_directories()
-        self.env_files = EnvFiles(self.data_dir, self.state)
-        self.env_files.sweep()
-        self.log.on_durable(self.env_files.on_durable, EnvFiles.DURABLE_READS)
         #: What a previous server left running here: the only attempts recovery may judge.
         self._left_active = [(job.spec.job_id, job.attempt) for job in self.state.jobs.values()
                              if job.active and job.node == "local"]
-        self.node = LocalNode(self.data_dir, self.scheduler, self.state, self.grace_seconds)
-        self.log.on_durable(self.node.on_durable, LocalNode.DURABLE_READS)
-        self.hub = WorkerHub(self.data_dir, self.state, self.workers, self.registry)
-        self.log.on_durable(self.hub.on_durable, WorkerHub.DURABLE_READS)
-        self.attempt_logs = AttemptLogs(self.data_dir, self.state, lambda: self.log_cap_bytes)
-        self.log.on_durable(self.attempt_logs.on_durable, AttemptLogs.DURABLE_READS)
-        if self.log_actions:  # after the node: a commit's lines never delay its processes
-            actions = ActionLog(self.state, self.workers)
-            self.log.on_durable(actions.on_durable, actions.reads)
+        self._subscribe_effects()
         self.log.start()
         self.attempt_logs.start()
         self.allocator.start()
         self.scheduler.start()
         self.registry.start()
         self.log.append("system", [ev.ServerStarted(pid=os.getpid(), version=__version__)])
+        self.notifier.start()
         self.admin_token = self._bootstrap_admin()
         await self.allocator.ask(ReportInventory("local", self.inventory.gpus,
                                                  self.inventory.simulated,
                                                  self.inventory.nvml_error))
-        if self.limits is not None and self.limits != self.state.limits:
-            await self.scheduler.ask(SetLimits(self.limits, "system"))
+        limits = self.limits if self.limits is not None else self._first_limits()
+        if limits is not None and limits != self.state.limits:
+            await self.scheduler.ask(SetLimits(limits, "system"))
         await self.recover(replayed)
         self.registry.watch_known_workers(
             {node for node, active in self.state.node_active.items()
              if active and node != "local" and node not in self.workers.by_id})
-        if not self.inventory.simulated and self.inventory.nvml_error is None:
+        if self.inventory.reads_nvml:
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_inventory())
+
+    def _subscribe_effects(self) -> None:
+        """The parts that act on what the log holds, each once it is durable, in this order."""
+        self.env_files = EnvFiles(self.data_dir, self.state)
+        self.env_files.sweep()
+        self.log.on_durable(self.env_files.on_durable, EnvFiles.DURABLE_READS)
+        self.node = LocalNode(self.data_dir, self.scheduler, self.state, self.grace_seconds)
+        self.log.on_durable(self.node.on_durable, LocalNode.DURABLE_READS)
+        self.hub = WorkerHub(self.data_dir, self.state, self.workers, self.registry)
+        self.log.on_durable(self.hub.on_durable, WorkerHub.DURABLE_READS)
+        self.attempt_logs = AttemptLogs(self.data_dir, self.state, lambda: self.log_cap_bytes)
+        self.log.on_durable(self.attempt_logs.on_durable, AttemptLogs.DURABLE_READS)
+        self.notifier = Notifier(self.log, self.notifications, self.clock, self.callbacks)
+        self.log.on_durable(self.notifier.on_durable, Notifier.DURABLE_READS)
+        if self.log_actions:  # after the node: a commit's lines never delay its processes
+            actions = ActionLog(self.state, self.workers)
+            self.log.on_durable(actions.on_durable, actions.reads)
+
+    def _first_limits(self) -> ev.Limits | None:
+        """Today's defaults, for a log that has recorded no limits and run no job yet. A log
+        whose jobs ran under the unrecorded limits keeps them (an admin changes them)."""
+        if self.state.limits_recorded or self.state.jobs:
+            return None
+        return ev.Limits()
 
     async def _open_log(self) -> int:
         """Open the log and fold it, verified whole, into new actors; returns the number of
@@ -202,7 +222,12 @@ class Orchestrator:
         self.registry = Registry(self.log, self.users, self.workers, self.scheduler,
                                  self.allocator, self.clock, self.heartbeat_timeout)
         self.queue = QueueView(self.state, self.gpu_table, self.scheduler)
-        self.log.fold_into(self.state, self.gpu_table, self.users, self.workers, self.queue)
+        self.sessions = self.registry.sessions
+        #: The past, for replay and the GPUs over time (``projections/history.py``).
+        self.history = History(self.state, self.gpu_table, self.workers)
+        self.notifications = Notifications(self.state)  # reads the state folded before it
+        self.log.fold_into(self.state, self.gpu_table, self.users, self.workers, self.queue,
+                           self.sessions, self.history, self.notifications)
 
     def _remove_purged_directories(self) -> None:
         """A purge is durable before its directories go: finish one a crash interrupted."""
@@ -269,6 +294,7 @@ class Orchestrator:
         self.running = False
         if self._refresh is not None:
             self._refresh.cancel()
+        await self.notifier.stop()
         running = self.state.counts.total
         await self.scheduler.stop()
         await self.allocator.stop()

@@ -59,20 +59,20 @@ def server(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
 def test_a_user_submits_lists_shows_and_cancels(server: tuple[Path, Any],
                                                 tmp_path: Path) -> None:
     data, _ = server
-    first = as_json(eventq(data, "jobs", "submit", "--gpus", "2", "--format", "json", "--",
+    first = as_json(eventq(data, "jobs", "submit", "--gpus", "3", "--format", "json", "--",
                            "sleep", "300"))
-    assert first["status"] == "running" and first["allocated_gpus"] == [0, 1]
+    assert first["status"] == "running" and first["allocated_gpus"] == [0, 1, 2]
     second = as_json(eventq(data, "jobs", "submit", "--gpus", "2", "--format", "json", "--",
                             "true"))
     assert second["status"] == "queued"
-    assert [r["code"] for r in second["reasons"]] == ["local_limit"]
+    assert [r["code"] for r in second["reasons"]] == ["gpus"]
 
     listed = as_json(eventq(data, "jobs", "list", "--format", "json"))
     assert [(j["job_id"], j["status"]) for j in listed] == [
         (first["job_id"], "running"), (second["job_id"], "pending")]
-    assert listed[1]["reasons"][0]["detail"] == "local runs 1 of 1 jobs"
+    assert listed[1]["reasons"][0]["detail"] == "needs 2, node local has 1 free"
     table = eventq(data, "jobs", "list").stdout
-    assert first["job_id"] in table and "local_limit" in table
+    assert first["job_id"] in table and "needs 2, node local has 1 free" in table
 
     shown = as_json(eventq(data, "jobs", "show", first["job_id"], "--format", "json"))
     assert [e["type"] for e in shown["events"]][:3] == [
@@ -80,7 +80,7 @@ def test_a_user_submits_lists_shows_and_cancels(server: tuple[Path, Any],
 
     cancelled = as_json(eventq(data, "jobs", "cancel", first["job_id"], "--format", "json"))
     assert cancelled == {"success": True, "job_id": first["job_id"], "status": "cancelled",
-                         "process_stopped": True}
+                         "process_stopped": True, "was_running": True}
     for _ in range(300):
         done = as_json(eventq(data, "jobs", "list", "-a", "--format", "json",
                               "-o", "job_id,status"))

@@ -78,6 +78,7 @@ def test_a_dry_run_says_where_it_would_run_or_why_it_would_wait_and_records_noth
     free = eq(data, "jobs", "submit", "--gpus", "2", "--dry-run", "--", "true").stdout
     assert "would start now on local GPUs 0,1" in free and "nothing was recorded" in free
 
+    eq(data, "queue", "limits", "--local-jobs", "1")
     running = submit(data, "--gpus", "3", "--max-runtime", "600", "--", *blocker(tmp_path, "a"))
     would = submit(data, "--gpus", "2", "--dry-run", "--", "true")
     assert would["dry_run"] is True and would["job_id"] is None
@@ -86,7 +87,7 @@ def test_a_dry_run_says_where_it_would_run_or_why_it_would_wait_and_records_noth
     assert would["estimated_start"] is not None, "the running job's max_runtime bounds it"
     text = eq(data, "jobs", "submit", "--gpus", "2", "--dry-run", "--", "true").stdout
     assert "would wait in the queue" in text
-    assert "waits on local_limit: local runs 1 of 1 jobs" in text
+    assert "waits on local_limit: local runs 1 of 1 jobs (raise with" in text
     assert "estimated start: " in text
 
     no_wait = eq(data, "jobs", "submit", "--gpus", "2", "--dry-run", "--no-wait", "--", "true",
@@ -132,7 +133,7 @@ def test_status_breaks_the_queue_down_as_seed_000_shows_it(server: Server,
                                                            tmp_path: Path) -> None:
     data, _ = server
     submit(data, "--gpus", "2", "--", *blocker(tmp_path, "b"))
-    submit(data, "--gpus", "1", "--", "true")
+    submit(data, "--gpus", "3", "--", "true")
     stats = eq_json(data, "jobs", "status")
     assert (stats["queue_depth"], stats["running"]) == (1, 1)
     assert stats["by_user"] == {"admin": 2}
@@ -142,13 +143,14 @@ def test_status_breaks_the_queue_down_as_seed_000_shows_it(server: Server,
     text = eq(data, "jobs", "status").stdout
     assert "1 waiting, 1 running" in text
     assert "GPUs in use 0,1, free 2,3 of 4 (simulated)" in text
-    assert "local 1 jobs" in text
+    assert "local: any number of jobs (its GPUs are the bound), all its GPUs" in text
     (tmp_path / "b").touch()
 
 
 def test_position_priority_hold_and_release_move_a_waiting_job(server: Server,
                                                                tmp_path: Path) -> None:
     data, _ = server
+    eq(data, "queue", "limits", "--local-jobs", "1")
     running = submit(data, "--gpus", "0", "--", *blocker(tmp_path, "c"))
     early = submit(data, "--gpus", "0", "--", "true")
     late = submit(data, "--gpus", "0", "--", "true")
@@ -221,14 +223,15 @@ def test_retry_one_failed_job_then_every_failed_job_once_the_cause_is_fixed(
 def test_cancel_all_pending_leaves_the_running_job_then_cancel_all_stops_it(
         server: Server, tmp_path: Path) -> None:
     data, _ = server
+    eq(data, "queue", "limits", "--local-jobs", "1")
     running = submit(data, "--gpus", "1", "--", *blocker(tmp_path, "d"))
     waiting = [submit(data, "--gpus", "1", "--", "true")["job_id"] for _ in range(2)]
     pending = eq_json(data, "jobs", "cancel", "--all", "--status", "pending")
     assert pending["cancelled"] == 2 and sorted(pending["job_ids"]) == sorted(waiting)
     assert status_of(data, running["job_id"]) == "running"
 
-    text = eq(data, "jobs", "cancel", "--all").stdout
-    assert text.startswith(f"cancelled 1 jobs: {running['job_id']}")
+    text = eq(data, "jobs", "cancel", "--all", "-v").stdout
+    assert text == f"cancelled 1 job\n{running['job_id']}\n"
     assert status_of(data, running["job_id"]) == "cancelled"
 
     assert "give a job id, or --all" in fails(data, "jobs", "cancel")
@@ -253,10 +256,10 @@ def test_logs_prints_what_the_job_wrote_by_stream_and_attempt(server: Server,
     job = submit(data, "--gpus", "0", "--retry-on-failure", "--max-attempts", "2", "--",
                  "sh", "-c", script)["job_id"]
     until(lambda: status_of(data, job) == "completed", "the second attempt completed")
-    assert eq(data, "jobs", "logs", job).stdout == "attempt 2\n"
-    assert eq(data, "jobs", "logs", job, "--attempt", "1").stdout == "attempt 1\n"
+    assert eq(data, "jobs", "logs", job, "--stdout").stdout == "attempt 2\n"
+    assert eq(data, "jobs", "logs", job, "--stdout", "--attempt", "1").stdout == "attempt 1\n"
     assert eq(data, "jobs", "logs", job, "--stderr").stdout == "oops\n"
-    assert eq_json(data, "jobs", "logs", job)["text"] == "attempt 2\n"
+    assert eq_json(data, "jobs", "logs", job, "--stdout")["text"] == "attempt 2\n"
 
     assert "--attempt counts from 1" in fails(data, "jobs", "logs", job, "--attempt", "0")
     assert "no job nosuch" in fails(data, "jobs", "logs", "nosuch")

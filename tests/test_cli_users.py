@@ -52,6 +52,7 @@ def test_a_second_token_a_new_level_and_revoking_every_token(server: Server,
     assert second != first
     assert {u["name"]: u["tokens"] for u in eq_json(data, "users", "list")}["bob"] == 2
 
+    eq(data, "queue", "limits", "--local-jobs", "1")
     changed = eq_json(data, "users", "set", "bob", "--level", "lead", "--team", "nlp")
     assert (changed["level"], changed["team"]) == ("lead", "nlp")
     running = submit(data, "--gpus", "0", "--", "sh", "-c",

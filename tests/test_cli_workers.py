@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
+from tests.cluster import EVENTQ, Cluster, Server, clean_env, wait_for
 from tests.helpers import stop
-from tests.test_agent import EVENTQ, Cluster, Server, clean_env, cluster, wait_for
 
-__all__ = ["cluster"]  # the fixture, shared with the agent's stories
 pytestmark = pytest.mark.slow
 
 

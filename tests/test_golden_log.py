@@ -115,3 +115,42 @@ def test_verify_names_the_first_row_that_was_changed(tampered: tuple[Path, int])
     assert as_json.returncode != 0
     report = json.loads(as_json.stdout)
     assert report["ok"] is False and report["first_bad_seq"] == seq
+
+
+#: Written by ``eventq server --gpus 4xA100-80GB`` before a new log recorded its server's
+#: limits: three ``eventq jobs submit --gpus 2 --no-export-env`` (``first`` ran, ``second``
+#: and ``third`` waited for the local job limit, 1 then), the server stopped with SIGTERM.
+UNRECORDED = GOLDEN / "unrecorded_limits"
+
+
+def test_a_log_that_never_recorded_limits_replays_under_the_limits_it_ran_with() -> None:
+    with read_only(UNRECORDED / "events.db") as conn:
+        folded = replay.fold(conn)
+    conn.close()
+    state = folded.scheduler
+    assert state.limits == ev.UNRECORDED_LIMITS
+    assert msgspec.to_builtins(state.limits) == {
+        "max_concurrent": 5, "user_max_concurrent": 2, "team_max_concurrent": 10,
+        "enable_fair_share": False, "local_job_max_concurrent": 1,
+        "local_gpu_max_concurrent": None, "starvation_threshold_minutes": 60.0,
+        "aging_boost": 10, "gpu_busy_memory_percent": 20.0}
+    assert [(j.spec.name, j.status, [r.code for r in j.reasons])
+            for j in state.jobs.values()] == [("first", "running", []),
+                                               ("second", "pending", ["local_limit"]),
+                                               ("third", "pending", ["local_limit"])]
+    assert folded.invariants.problems == []
+
+
+def test_every_stored_limits_event_says_its_local_job_limit() -> None:
+    """Limits are encoded whole, defaults too: what a stored LimitsChanged means does not
+    depend on the defaults of the code that reads it."""
+    with read_only(LOG) as conn:
+        bodies = [body for (body,) in conn.execute(
+            "SELECT body FROM events WHERE type = 'limits_changed'")]
+    conn.close()
+    assert bodies
+    for body in bodies:
+        assert msgspec.msgpack.decode(body)["limits"]["local_job_max_concurrent"] == 10
+    written = msgspec.msgpack.decode(ev.encode(ev.LimitsChanged(limits=ev.Limits())))
+    assert set(written["limits"]) == set(ev.Limits.__struct_fields__)
+    assert written["limits"]["local_job_max_concurrent"] is None

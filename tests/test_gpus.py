@@ -32,6 +32,13 @@ def test_without_a_driver_nvml_reports_zero_gpus_and_says_why() -> None:
     assert inv.nvml_error is not None and inv.nvml_error.startswith("NVML unavailable")
 
 
+def test_gpus_0_means_no_local_gpus_and_nvml_is_never_read() -> None:
+    inv = gpus.detect("0")
+    assert inv.gpus == [] and not inv.simulated and inv.backend == "none"
+    assert inv.nvml_error is None and not inv.reads_nvml, "no refresh finds the GPUs later"
+    assert gpus.detect(None).reads_nvml is (gpus.from_nvml().nvml_error is None)
+
+
 async def test_status_marks_the_inventory_simulated(api: TestClient[Any, Any]) -> None:
     body = await (await api.get("/api/system/status?include_allocation=true")).json()
     assert body["gpu_inventory"]["backend"] == "simulated" and body["gpu_inventory"]["simulated"]

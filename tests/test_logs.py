@@ -94,6 +94,7 @@ async def test_following_a_running_job_streams_its_lines_as_it_prints_them(
 
 async def test_following_a_queued_job_waits_for_it_to_start(
         api: TestClient[Any, Any], orch: Orchestrator, tmp_path: Path) -> None:
+    await api.post("/api/queue/concurrency", json={"local_job_max_concurrent": 1})
     blocker = await submit(api, gpus=0, command=f"while [ ! -e {tmp_path}/done ]; do "
                                                 "sleep 0.02; done")
     job = await submit(api, gpus=0, command="echo finally my turn")

@@ -23,6 +23,10 @@ from eventq.server import Orchestrator
 
 #: Runs until its own release file ($REL) or the story's "release all" file ($ALL) exists.
 HOLD = 'until [ -e "$REL" ] || [ -e "$ALL" ]; do sleep 0.05; done'
+#: How each reason says its limit is raised.
+MAX = " (raise with `eventq queue limits --max N`)"
+PER_TEAM = " (raise with `eventq queue limits --per-team N`)"
+PER_USER = " (raise with `eventq queue limits --per-user N`)"
 WIDE = Limits(max_concurrent=50, user_max_concurrent=50, local_job_max_concurrent=50)
 Json = dict[str, Any]
 
@@ -163,13 +167,14 @@ async def test_team_and_user_limits_hold_jobs_and_say_why(story: StartStory) -> 
     alpha = [await s.submit(who) for who in ("alice", "alice", "bob", "bob")]
     assert [j["status"] for j in alpha] == ["running", "running", "running", "queued"]
     bobs_second = alpha[3]["job_id"]
-    assert alpha[3]["reasons"] == [{"code": "team_limit", "detail": "team Alpha runs 3 of 3"}]
+    assert alpha[3]["reasons"] == [{"code": "team_limit",
+                                    "detail": "team Alpha runs 3 of 3" + PER_TEAM}]
 
     carol = [await s.submit("carol") for _ in range(3)]
     assert [j["status"] for j in carol] == ["running", "running", "queued"]
     carols_third = carol[2]["job_id"]
     # Five of six run, so the global limit does not hold her: her own limit does.
-    only_user_limit = [{"code": "user_limit", "detail": "carol runs 2 of 2"}]
+    only_user_limit = [{"code": "user_limit", "detail": "carol runs 2 of 2" + PER_USER}]
     assert carol[2]["reasons"] == only_user_limit
     await s.settle()
     assert (await s.job(carols_third))["reasons"] == only_user_limit
@@ -178,15 +183,15 @@ async def test_team_and_user_limits_hold_jobs_and_say_why(story: StartStory) -> 
     sixth = await s.submit("admin")
     assert sixth["status"] == "running"
     await s.settle()
-    both = [{"code": "global_limit", "detail": "6 of 6 running"},
-            {"code": "user_limit", "detail": "carol runs 2 of 2"}]
+    both = [{"code": "global_limit", "detail": "6 of 6 running" + MAX},
+            {"code": "user_limit", "detail": "carol runs 2 of 2" + PER_USER}]
     shown = await s.job(carols_third)
     assert shown["status"] == "pending" and shown["reasons"] == both
     assert shown["recorded_reasons"] == both
     assert await s.reasons_in_queue(carols_third) == both
     assert await s.reasons_in_queue(bobs_second) == [
-        {"code": "global_limit", "detail": "6 of 6 running"},
-        {"code": "team_limit", "detail": "team Alpha runs 3 of 3"}]
+        {"code": "global_limit", "detail": "6 of 6 running" + MAX},
+        {"code": "team_limit", "detail": "team Alpha runs 3 of 3" + PER_TEAM}]
     assert await s.waiting_ids() == [bobs_second, carols_third]
 
     # More passes that change nothing for her add nothing to her history.
@@ -200,8 +205,8 @@ async def test_team_and_user_limits_hold_jobs_and_say_why(story: StartStory) -> 
     assert await s.recorded_reason_codes(carols_third) == [["user_limit"],
                                                            ["global_limit", "user_limit"]]
     assert await s.reasons_in_queue(bobs_second) == [
-        {"code": "global_limit", "detail": "6 of 6 running"},
-        {"code": "team_limit", "detail": "team Alpha runs 3 of 3"}]
+        {"code": "global_limit", "detail": "6 of 6 running" + MAX},
+        {"code": "team_limit", "detail": "team Alpha runs 3 of 3" + PER_TEAM}]
 
 
 async def test_reasons_recorded_by_a_pass_describe_the_state_it_leaves(

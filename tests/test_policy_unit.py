@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from hypothesis import given, settings
@@ -80,3 +81,46 @@ def test_a_position_is_the_place_in_the_queue_order(jobs: list[tuple[int, float]
     now = NOW + 7200 + later
     order = [j.spec.job_id for j in state.iter_waiting(now)]
     assert [state.position(job_id, now) for job_id in order] == list(range(1, len(order) + 1))
+
+
+def test_each_limit_that_holds_a_job_names_the_command_that_raises_it() -> None:
+    spec = JobSpec(job_id="j", user="alice", priority=10, command=["x"], gpus=2, team="vision")
+    counts = policy.Counts(total=4, by_user=Counter(alice=4), by_team=Counter(vision=4),
+                           local_jobs=4, local_gpus=3)
+    full = Limits(max_concurrent=4, user_max_concurrent=4, team_max_concurrent=4,
+                  enable_fair_share=True, local_job_max_concurrent=4, local_gpu_max_concurrent=4)
+    node = policy.NodeView("local", True, {3, 4, 5}, 8)
+    reasons = policy.explain(spec, counts, full, [node], None, NOW)
+    assert [(r.code, r.detail) for r in reasons] == [
+        ("global_limit", "4 of 4 running (raise with `eventq queue limits --max N`)"),
+        ("user_limit", "alice runs 4 of 4 (raise with `eventq queue limits --per-user N`)"),
+        ("team_limit", "team vision runs 4 of 4 (raise with `eventq queue limits --per-team N`)"),
+        ("local_limit", "local runs 4 of 4 jobs (raise with `eventq queue limits --local-jobs "
+                        "N`)"),
+        ("local_limit", "local GPUs in use 3 + 2 needed > 4 (raise with `eventq queue limits "
+                        "--local-gpus N`)")]
+
+
+def test_without_a_local_job_limit_only_the_gpus_bound_the_local_node() -> None:
+    node = policy.NodeView("local", True, {0, 1, 2, 3}, 4)
+    queue = [job(f"j{i}", 2) for i in range(3)]
+    plan = policy.plan(iter(queue), policy.Counts(), Limits(max_concurrent=50,
+                                                             user_max_concurrent=50),
+                       [node], NOW)
+    assert [p.job_id for p in plan.placements] == ["j0", "j1"]
+    assert [r.code for r in plan.reasons["j2"]] == ["gpus"]
+
+
+def test_a_cpu_job_with_target_auto_is_placed_on_the_local_node_not_a_worker() -> None:
+    local = policy.NodeView("local", True, set(), 0)
+    worker = policy.NodeView("w1", False, {0}, 1, labels={"kind": "cpu"}, idle_since=NOW - 60)
+
+    def node_of(**fields: object) -> str:
+        spec = JobSpec(job_id="cpu", user="u", priority=10, command=["x"], **fields)  # type: ignore[arg-type]
+        return policy.plan_one(spec, policy.Counts(), ROOMY, [worker, local], None,
+                               NOW).placements[0].node
+
+    assert node_of(gpus=0) == "local"
+    assert node_of(gpus=0, target="worker") == "w1"
+    assert node_of(gpus=0, worker_labels={"kind": "c*"}) == "w1"
+    assert node_of(gpus=1) == "w1"

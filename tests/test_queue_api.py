@@ -34,12 +34,14 @@ async def submit(api: TestClient[Any, Any], **body: Any) -> dict[str, Any]:
 
 
 async def test_submit_answers_seed_000s_shape(api: TestClient[Any, Any], tmp_path: Path) -> None:
+    await api.post("/api/queue/concurrency", json={"local_job_max_concurrent": 1})
     running = await submit(api, command=runs_until(tmp_path, "a"), gpus=2)
     assert set(running) == {"success", "job_id", "status", "allocated_gpus", "queue_position"}
     assert running["status"] == "running" and running["queue_position"] is None
     queued = await submit(api, command=["true"], gpus=1)
     assert queued["status"] == "queued" and queued["queue_position"] == 1
-    assert queued["reasons"] == [{"code": "local_limit", "detail": "local runs 1 of 1 jobs"}]
+    assert queued["reasons"] == [{"code": "local_limit", "detail": "local runs 1 of 1 jobs "
+                                  "(raise with `eventq queue limits --local-jobs N`)"}]
     rejected = await submit(api, command=["true"], gpus=1, no_wait=True)
     assert rejected["status"] == "rejected" and rejected["queue_position"] is None
     (tmp_path / "a").touch()
@@ -47,6 +49,7 @@ async def test_submit_answers_seed_000s_shape(api: TestClient[Any, Any], tmp_pat
 
 async def test_dry_run_says_where_and_why_and_records_nothing(
         api: TestClient[Any, Any], orch: Orchestrator, tmp_path: Path) -> None:
+    await api.post("/api/queue/concurrency", json={"local_job_max_concurrent": 1})
     seq = orch.log.head_seq
     would = await submit(api, command=["true"], gpus=3, dry_run=True)
     assert would["status"] == "running" and would["allocated_gpus"] == [0, 1, 2]
@@ -113,6 +116,7 @@ async def test_approval_by_flag_or_cost_then_approve_or_reject(
 
 async def test_priority_hold_release_and_process(api: TestClient[Any, Any],
                                                  orch: Orchestrator, tmp_path: Path) -> None:
+    await api.post("/api/queue/concurrency", json={"local_job_max_concurrent": 1})
     await submit(api, command=runs_until(tmp_path, "d"), gpus=0)
     early = await submit(api, command=["true"], gpus=0)
     late = await submit(api, command=["true"], gpus=0)
@@ -307,3 +311,15 @@ async def test_a_failing_job_runs_exactly_max_attempts_times(
     shown = await (await api.get(f"/api/jobs/{job['job_id']}")).json()
     assert shown["attempt"] == 2 and shown["error"] == "exit code 1"
     assert ran.read_text().split() == ["1", "2"]
+
+
+async def test_admins_changing_different_limits_at_once_lose_neither_change(
+        api: TestClient[Any, Any], orch: Orchestrator) -> None:
+    changes = [{"max_concurrent": 9}, {"user_max_concurrent": 7}, {"team_max_concurrent": 4},
+               {"enable_fair_share": True}, {"local_gpu_max_concurrent": 3}]
+    replies = await asyncio.gather(*(api.post("/api/queue/concurrency", json=change)
+                                     for change in changes))
+    assert [r.status for r in replies] == [200] * len(changes)
+    limits = orch.state.limits
+    assert (limits.max_concurrent, limits.user_max_concurrent, limits.team_max_concurrent,
+            limits.enable_fair_share, limits.local_gpu_max_concurrent) == (9, 7, 4, True, 3)

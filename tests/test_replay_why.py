@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from eventq.clock import SimClock
 from eventq.server import Orchestrator
+from eventq.timefmt import iso
 from tests.helpers import until
 from tests.test_cli import EVENTQ
 
@@ -58,6 +59,7 @@ async def replay_json(orch: Orchestrator, *args: str) -> Any:
 
 async def test_why_tells_each_state_who_did_it_and_how_long_each_reason_held_the_job(
         api: Api, orch: Orchestrator, clock: SimClock, tmp_path: Path) -> None:
+    await api.post("/api/queue/concurrency", json={"local_job_max_concurrent": 1})
     t0 = clock.now()
     first = await submit(api, command=runs_until(tmp_path, "a"), gpus=2)
     second = await submit(api, command=["true"], gpus=2)  # local runs 1 of 1 jobs
@@ -74,8 +76,8 @@ async def test_why_tells_each_state_who_did_it_and_how_long_each_reason_held_the
         "submitted", "waiting", "held", "released", "waiting", "dispatched", "running",
         "attempt ended", "completed"]
     by_state = {s["state"]: s for s in story["steps"]}
-    assert (by_state["held"]["by"], by_state["held"]["time"]) == ("user:admin", t0 + 300)
-    assert by_state["dispatched"]["time"] == t0 + 400
+    assert (by_state["held"]["by"], by_state["held"]["time"]) == ("user:admin", iso(t0 + 300))
+    assert by_state["dispatched"]["time"] == iso(t0 + 400)
     assert {r["code"]: r["seconds"] for r in story["reasons"]} == {
         "local_limit": 340.0, "held": 60.0}
     assert story["total_wait_seconds"] == 400.0
@@ -84,7 +86,7 @@ async def test_why_tells_each_state_who_did_it_and_how_long_each_reason_held_the
     text = (await replay(orch, "why", second)).stdout
     assert f"job {second}" in text and "completed" in text
     assert "local runs 1 of 1 jobs" in text
-    assert "5m 40s" in text and "1m 0s" in text
+    assert "5m 40s" in text and "1m 00s" in text
     assert "total wait: 6m 40s" in text
 
     gpus_then = await replay_json(orch, "at", datetime.datetime.fromtimestamp(t0 + 100)
@@ -92,7 +94,7 @@ async def test_why_tells_each_state_who_did_it_and_how_long_each_reason_held_the
     holders = {g["gpu"]: (g["job_id"], g["attempt"], g["user"]) for g in gpus_then["gpus"]}
     assert holders == {0: (first, 1, "admin"), 1: (first, 1, "admin"),
                        2: (None, None, None), 3: (None, None, None)}
-    assert gpus_then["gpus"][0]["since"] == t0
+    assert gpus_then["gpus"][0]["since"] == iso(t0)
     table = (await replay(orch, "at", str(t0 + 100), "gpus")).stdout
     assert first in table and "1m 40s" in table, "epoch seconds work too; held for 100 s"
     dispatched = str(by_state["dispatched"]["seq"])
@@ -102,6 +104,7 @@ async def test_why_tells_each_state_who_did_it_and_how_long_each_reason_held_the
 
 async def test_why_counts_each_attempts_wait_and_a_job_still_waiting(
         api: Api, orch: Orchestrator, clock: SimClock, tmp_path: Path) -> None:
+    await api.post("/api/queue/concurrency", json={"local_job_max_concurrent": 1})
     await submit(api, command=runs_until(tmp_path, "b"), gpus=1)
     flaky = await submit(api, command=["sh", "-c", f"test -e {tmp_path}/ok || "
                                        f"{{ touch {tmp_path}/ok; exit 3; }}"],
@@ -118,7 +121,7 @@ async def test_why_counts_each_attempts_wait_and_a_job_still_waiting(
     assert story["total_wait_seconds"] == 120.0
     requeued = next(s for s in story["steps"] if s["state"] == "requeued")
     assert requeued["detail"] == "as attempt 2: exit code 3"
-    assert "attempt 1: 2m 0s, attempt 2: 0s" in (await replay(orch, "why", flaky)).stdout
+    assert "attempt 1: 2m 00s, attempt 2: 0s" in (await replay(orch, "why", flaky)).stdout
 
     still = await replay_json(orch, "why", waiting)
     assert (still["status"], still["still_waiting"]) == ("pending", True)

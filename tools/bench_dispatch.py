@@ -121,7 +121,7 @@ def eventq_run(gap: float, warmup: int) -> Iterator[EventqRun]:
         with eventq_server(data_dir) as (url, token):
             api = Api(url, token)
             try:
-                # Local jobs would otherwise wait for local_job_max_concurrent (1).
+                # Only the GPUs hold local jobs back (a log may keep a local job limit).
                 api.call("POST", "/api/queue/concurrency", {
                     "max_concurrent": 100, "user_max_concurrent": 100,
                     "local_job_max_concurrent": 100})

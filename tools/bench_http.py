@@ -3,8 +3,11 @@
 Every figure is a ratio against a bare aiohttp app measured in the same run, on the
 same machine, with the same client: a no-op POST handler for submissions, a no-op
 GET handler for the views. Both servers run as separate processes on loopback; the
-load comes from one client process with ``--clients`` concurrent keep-alive
-connections (64 by default).
+load comes from ``wrk`` (Debian's package: ``apt-get install wrk``) with ``--clients``
+concurrent keep-alive connections (64 by default), whose own CPU is printed beside each
+figure so a reader sees it was not the bottleneck; the same phases driven by a Python
+aiohttp client follow as a second figure. ``--load N`` runs N busy processes beside the
+servers (the figures quiet, then loaded).
 
 (a) ``POST /api/queue/submit`` of a CPU job with ``target: worker`` (no worker is
     connected, so nothing runs: the figure is the durable submit path — validation,
@@ -14,12 +17,6 @@ connections (64 by default).
 
 Run from the repository root: ``.venv/bin/python tools/bench_http.py``
 (``--queued 10000 --seconds 2`` for a quick run). Goals: each ratio >= 0.5.
-
-``--log-levels info,warning --rounds 5`` runs one server per level, each on a copy of the
-same seeded log, its lines written to a file as a supervisor would keep them, and measures
-each phase on each in turn: at ``info`` the server writes a line per action
-(``eventq/actionlog.py``), at ``warning`` none, so the ratio of the two is what those lines
-cost.
 """
 
 from __future__ import annotations
@@ -30,15 +27,16 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import aiohttp
 
@@ -80,24 +78,8 @@ async def wait_up(url: str, headers: dict[str, str]) -> None:
     raise RuntimeError(f"{url} never came up")
 
 
-class Rate(NamedTuple):
-    per_second: float
-    requests: int
-
-
-def cpu_ns(pid: int) -> int:
-    """The CPU time a process's threads have run, in ns (``/proc/PID/task/*/schedstat``,
-    the log's writer thread included): unlike a rate, it hardly moves with what else the
-    machine runs. A thread that ended meanwhile is not counted (the server keeps its own)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):
-            total += int((task / "schedstat").read_text().split()[0])
-    return total
-
-
 async def rate(method: str, url: str, body: object, headers: dict[str, str], clients: int,
-               seconds: float) -> Rate:
+               seconds: float) -> float:
     """Requests per second over ``seconds`` with ``clients`` concurrent connections."""
     connector = aiohttp.TCPConnector(limit=clients)
     done = 0
@@ -115,7 +97,62 @@ async def rate(method: str, url: str, body: object, headers: dict[str, str], cli
 
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
-        return Rate(done / (time.perf_counter() - start), done)
+        return done / (time.perf_counter() - start)
+
+
+@dataclass
+class Driven:
+    """What one load generator measured against one URL."""
+
+    rate: float
+    #: The client's CPU seconds per wall second (1.0 = one core busy).
+    client_cpu: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+
+
+WRK_BODY = """wrk.method = "{method}"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+_LATENCY = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+_UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def wrk_rate(method: str, url: str, body: object, headers: dict[str, str], clients: int,
+             seconds: float, work: Path) -> Driven:
+    """``wrk`` against ``url``: requests/s, its own CPU share, and its latency percentiles."""
+    script = work / f"wrk-{method.lower()}.lua"
+    script.write_text(WRK_BODY.format(method=method, body=json.dumps(body or {})))
+    argv = ["wrk", "-t2", f"-c{clients}", f"-d{seconds:.0f}s", "--latency", "-s", str(script)]
+    for name, value in headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    proc = subprocess.Popen([*argv, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    start = time.perf_counter()
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if proc.returncode != 0 or found is None or "Non-2xx" in out:
+        raise RuntimeError(f"wrk against {url} failed:\n{out}")
+    latency = {p: float(v) * _UNIT[u] for p, v, u in _LATENCY.findall(out)}
+    return Driven(float(found.group(1)), (usage.ru_utime + usage.ru_stime) / wall,
+                  latency.get("50", 0.0), latency.get("99", 0.0))
+
+
+@contextlib.contextmanager
+def busy(count: int) -> Iterator[None]:
+    """``count`` processes that keep a core busy each, for the loaded figures."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+             for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 async def seed_queue(data: Path, count: int) -> None:
@@ -133,12 +170,10 @@ async def seed_queue(data: Path, count: int) -> None:
     await log.close()
 
 
-def start_eventq(data: Path, port: int, level: str) -> subprocess.Popen[bytes]:
-    with open(data.parent / f"server-{level}.log", "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "eventq.cli.main", "server",
-                                 "--data-dir", str(data), "--port", str(port), "--gpus",
-                                 "4xA100-80GB", "--log-format", "json", "--log-level", level],
-                                stdout=out, stderr=out)
+def start_eventq(data: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "eventq.cli.main", "server", "--data-dir",
+                             str(data), "--port", str(port), "--gpus", "4xA100-80GB"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -149,102 +184,86 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
-PHASES = (("stats", "GET", "/api/queue/stats", None),
-          ("list50", "GET", "/api/queue?limit=50", None),
-          ("submit", "POST", "/api/queue/submit",
-           {"command": ["true"], "gpus": 0, "target": "worker"}))
+PHASES = (("submit", "POST", "/api/queue/submit",
+           {"command": ["true"], "gpus": 0, "target": "worker"}),
+          ("stats", "GET", "/api/queue/stats", None),
+          ("list50", "GET", "/api/queue?limit=50", None))
+LABELS = {"submit": "durable submissions/s", "stats": "GET /api/queue/stats",
+          "list50": "GET /api/queue?limit=50"}
 
 
-async def measure_eventq(data: dict[str, Path], args: argparse.Namespace,
-                         noop: str) -> dict[str, dict[str, float]]:
-    """Each level's server on its own copy of the log, all running at once; every phase
-    is measured on each in turn and on the no-op app, ``--rounds`` times: the medians."""
-    ports = {level: free_port() for level in data}
-    servers = {level: start_eventq(data[level], ports[level], level) for level in data}
+async def drive(client: str, method: str, url: str, body: object, headers: dict[str, str],
+                args: argparse.Namespace, work: Path) -> Driven:
+    if client == "wrk":
+        return await asyncio.to_thread(wrk_rate, method, url, body, headers, args.clients,
+                                       args.seconds, work)
+    return Driven(await rate(method, url, body, headers, args.clients, args.seconds))
+
+
+async def measure_eventq(data: Path, args: argparse.Namespace, noop: str,
+                         client: str, work: Path) -> dict[str, tuple[Driven, Driven]]:
+    """Each phase against eventq, then the same against the no-op app, one after another."""
+    port = free_port()
+    server = start_eventq(data, port)
     try:
-        headers = {level: await _ready(data[level], ports[level]) for level in data}
-        samples: dict[str, dict[str, list[float]]] = {level: {} for level in [*data, "noop"]}
-        for round_ in range(args.rounds):
-            order = list(ports.items())
-            order = order[round_ % len(order):] + order[:round_ % len(order)]  # none first always
-            for name, method, url, body in PHASES:
-                for level, port in order:
-                    before = cpu_ns(servers[level].pid)
-                    done = await rate(method, f"http://127.0.0.1:{port}{url}", body,
-                                      headers[level], args.clients, args.seconds)
-                    spent = cpu_ns(servers[level].pid) - before
-                    samples[level].setdefault(name, []).append(done.per_second)
-                    samples[level].setdefault(f"cpu_{name}", []).append(
-                        spent / 1000 / max(done.requests, 1))
-                samples["noop"].setdefault(name, []).append((await rate(
-                    method, noop, {} if method == "POST" else None, {}, args.clients,
-                    args.seconds)).per_second)
-        noop_median = {f"noop_{n}": statistics.median(v) for n, v in samples["noop"].items()}
-        return {level: {**{n: statistics.median(v) for n, v in samples[level].items()},
-                        **noop_median} for level in data}
+        while not (data / "admin.token").exists():
+            await asyncio.sleep(0.05)
+        headers = {"Authorization": f"Bearer {(data / 'admin.token').read_text().strip()}"}
+        base = f"http://127.0.0.1:{port}"
+        await wait_up(base + "/api/queue/stats", headers)
+        out = {}
+        for name, method, path, body in PHASES:
+            eventq = await drive(client, method, base + path, body, headers, args, work)
+            bare = await drive(client, method, noop, {} if method == "POST" else None, {},
+                               args, work)
+            out[name] = (eventq, bare)
+        return out
     finally:
-        for server in servers.values():
-            stop(server)
+        stop(server)
 
 
-async def _ready(data: Path, port: int) -> dict[str, str]:
-    while not (data / "admin.token").exists():
-        await asyncio.sleep(0.05)
-    headers = {"Authorization": f"Bearer {(data / 'admin.token').read_text().strip()}"}
-    await wait_up(f"http://127.0.0.1:{port}/api/queue/stats", headers)
-    return headers
-
-
-ROWS = [("durable submissions/s", "submit"), ("GET /api/queue/stats", "stats"),
-        ("GET /api/queue?limit=50", "list50")]
-
-
-def ratios(r: dict[str, float]) -> dict[str, float]:
-    return {key: r[key] / r[f"noop_{key}"] for _, key in ROWS}
-
-
-def report(r: dict[str, float], args: argparse.Namespace) -> None:
-    print(f"{'':28}{'eventq/s':>10}{'no-op/s':>10}{'ratio':>8}  goal >= 0.5")
-    results = ratios(r)
-    for label, key in ROWS:
-        ratio = results[key]
-        print(f"{label:28}{r[key]:10.0f}{r[f'noop_{key}']:10.0f}{ratio:8.2f}  "
+def report(title: str, measured: dict[str, tuple[Driven, Driven]]) -> dict[str, float]:
+    print(title)
+    print(f"  {'':26}{'eventq/s':>10}{'no-op/s':>10}{'ratio':>7}{'p50 ms':>8}{'p99 ms':>8}"
+          f"{'client CPU':>11}  goal >= 0.5")
+    ratios = {}
+    for name, (eventq, bare) in measured.items():
+        ratios[name] = ratio = eventq.rate / bare.rate
+        cpu = f"{eventq.client_cpu:.2f}/{bare.client_cpu:.2f}" if eventq.client_cpu else "-"
+        p50, p99 = (f"{v:.1f}" if eventq.client_cpu else "-"
+                    for v in (eventq.p50_ms, eventq.p99_ms))
+        print(f"  {LABELS[name]:26}{eventq.rate:10.0f}{bare.rate:10.0f}{ratio:7.2f}"
+              f"{p50:>8}{p99:>8}{cpu:>11}  "
               f"{'met' if ratio >= 0.5 else 'MISSED'}")
-    print("server CPU per request: " + ", ".join(
-        f"{key} {r[f'cpu_{key}']:.0f} µs" for _, key in ROWS))
-    if args.json:
-        print(json.dumps({"queued": args.queued, **r, "ratios": results}))
+    return ratios
 
 
 async def main(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="eventq-bench-http-"))
     noop_port = free_port()
     noop = subprocess.Popen([sys.executable, "-c", NOOP_APP, str(noop_port)])
+    clients = ["wrk", "python"] if shutil.which("wrk") else ["python"]
+    if "wrk" not in clients:
+        print("wrk not found (apt-get install wrk): the Python client only, which may be "
+              "the bottleneck")
     try:
         noop_url = f"http://127.0.0.1:{noop_port}/noop"
         await wait_up(noop_url, {})
         print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}; "
-              f"{args.clients} clients, {args.seconds:.0f} s per phase")
+              f"{args.clients} connections, {args.seconds:.0f} s per phase; "
+              "client CPU = the load generator's CPU seconds per second (eventq/no-op)")
         t0 = time.perf_counter()
         await seed_queue(work / "data", args.queued)
         print(f"seeded {args.queued:,} waiting jobs in {time.perf_counter() - t0:.1f} s")
-        levels = args.log_levels.split(",")
-        for level in levels[1:]:
-            shutil.copytree(work / "data", work / f"data-{level}")
-        runs = await measure_eventq({level: work / ("data" if i == 0 else f"data-{level}")
-                                     for i, level in enumerate(levels)}, args, noop_url)
-        for level, r in runs.items():
-            print(f"server at --log-level {level}:")
-            report(r, args)
-        if len(levels) > 1:
-            first, *rest = levels
-            for level in rest:
-                print(f"--log-level {first} against {level}, requests/s: " + ", ".join(
-                    f"{key} {ratios(runs[first])[key] / ratios(runs[level])[key]:.3f}"
-                    for _, key in ROWS))
-                print(f"--log-level {first} against {level}, server CPU per request: " +
-                      ", ".join(f"{key} {runs[first][f'cpu_{key}'] / runs[level][f'cpu_{key}']:.3f}"
-                                for _, key in ROWS))
+        results: dict[str, dict[str, float]] = {}
+        for load in sorted({0, args.load}):
+            for client in clients:
+                with busy(load):
+                    measured = await measure_eventq(work / "data", args, noop_url, client, work)
+                title = f"{client} client, {'quiet' if not load else f'{load} busy processes'}"
+                results[title] = report(title, measured)
+        if args.json:
+            print(json.dumps({"queued": args.queued, "ratios": results}))
         return 0
     finally:
         stop(noop)
@@ -256,13 +275,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--seconds", type=float, default=5.0, help="per phase")
     p.add_argument("--queued", type=int, default=100_000)
-    p.add_argument("--rounds", type=int, default=1,
-                   help="measure every phase this many times, in turn on each server; "
-                        "medians (the load of other work on the machine evens out)")
+    p.add_argument("--load", type=int, default=0,
+                   help="busy processes beside the servers for a second, loaded run")
     p.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
-    p.add_argument("--log-levels", default="info", metavar="LEVEL,…",
-                   help="measure the server at each of these --log-level values in turn "
-                        "(info,warning: what a line per action costs)")
     return p.parse_args()
 
 

@@ -11,8 +11,9 @@ time of that ``ask`` is one decision. A replacement job is then submitted (not
 timed), so the queue keeps its length. Three cases:
 
 - ``gpus``: limits raised (as in ``bench_dispatch.py``), the GPUs are what is full.
-- ``stock``: eventq's default limits; ``local_job_max_concurrent`` (1) is what is
-  full, while GPUs stay free.
+- ``stock``: the limits of a log that recorded none (``events.UNRECORDED_LIMITS``, the
+  defaults before a new log recorded its own); ``local_job_max_concurrent`` (1) is what
+  is full, while GPUs stay free.
 - ``global``: limits raised but ``max_concurrent`` equals the GPU count, so the
   global limit is full.
 
@@ -69,7 +70,7 @@ USERS = [("alice", ev.Level.RESEARCHER, "vision"), ("bob", ev.Level.RESEARCHER, 
 GPU_SPEC = "8xA100-80GB"
 GPU_COUNT = 8
 CASES = {"gpus": "GPUs full, limits raised",
-         "stock": "default limits, local_job_max_concurrent (1) full",
+         "stock": "unrecorded limits, local_job_max_concurrent (1) full",
          "global": f"global limit full (max_concurrent={GPU_COUNT})"}
 
 
@@ -203,7 +204,7 @@ def repeat(fn: Callable[[], Any], times: int) -> list[float]:
 async def measure(tmp: Path, case: str, waiting: int, decisions: int) -> dict[str, float]:
     raised = ev.Limits(max_concurrent=100, user_max_concurrent=100,
                        local_job_max_concurrent=100)
-    limits = {"gpus": raised, "stock": ev.Limits(),
+    limits = {"gpus": raised, "stock": ev.UNRECORDED_LIMITS,
               "global": msgspec.structs.replace(raised, max_concurrent=GPU_COUNT)}[case]
     path = tmp / f"{case}-{waiting}.db"
     rig = await Rig.start(path, limits)

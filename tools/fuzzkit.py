@@ -13,7 +13,8 @@ which must be a JSON 405 with an Allow header.
 No fuzzed command may run on this machine: every submission (single, batch or CSV import) is
 sent with ``target: "worker"``, no worker process exists (the fuzzed worker routes only
 record what a worker says), and the caller of ``Fuzz.run`` checks afterwards that nothing
-was dispatched here.
+was dispatched here. Nor may a fuzzed ``notify_url`` be called: one the server would take
+is pointed at a closed port on loopback.
 
 schemathesis speaks blocking HTTP: ``Fuzz.run`` runs in a thread while the server serves on
 its loop. Used by tests/test_openapi.py (a bounded run) and tools/fuzz_api.py (any number).
@@ -41,6 +42,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from eventq.callbacks.urls import url_problem
 from eventq.events import Level
 from eventq.http.openapi import OPERATIONS
 from eventq.server import Orchestrator
@@ -321,12 +323,12 @@ class Fuzz:
         path = case.operation.path
         self.aim_stream(case, data)
         if isinstance(case.body, dict) and path in ("/api/queue/submit", "/api/queue/import"):
-            case.body["target"] = "worker"
+            keep_here(case.body)
         jobs = case.body.get("jobs") if isinstance(case.body, dict) and \
             path == "/api/queue/batch" else None
         for job in jobs if isinstance(jobs, list) else []:
             if isinstance(job, dict):
-                job["target"] = "worker"
+                keep_here(job)
 
     def aim_stream(self, case: Any, data: st.DataObject) -> None:
         """Streams that have events to send: one that waits in silence is read for a whole
@@ -360,3 +362,12 @@ class Fuzz:
                     self.tally.found(f"{method} {path}", "not a JSON 405 with Allow",
                                      f"{resp.status_code} Allow {allow}: {resp.text[:300]}",
                                      resp.status_code >= 500)
+
+
+def keep_here(job: dict[str, Any]) -> None:
+    """A fuzzed job never runs here, and a job that ends (cancelled, rejected) notifies no
+    host a fuzzed URL names: a URL the server would take is pointed at a closed port here."""
+    job["target"] = "worker"
+    url = job.get("notify_url")
+    if isinstance(url, str) and url_problem(url) is None:
+        job["notify_url"] = "http://127.0.0.1:9/fuzzed"

@@ -40,7 +40,7 @@ class GpuTable:
     READS: ClassVar[frozenset[type]] = _GPU_EVENTS
 
     nodes: dict[str, NodeGpus] = field(default_factory=dict)
-    busy_percent: float = ev.Limits().gpu_busy_memory_percent
+    busy_percent: float = ev.UNRECORDED_LIMITS.gpu_busy_memory_percent
 
     def evolve(self, record: Record) -> None:
         e = record.event

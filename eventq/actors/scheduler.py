@@ -15,6 +15,7 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import Any
 
 import msgspec
 
@@ -65,6 +66,14 @@ class Cancel(msgspec.Struct, frozen=True):
 class SetLimits(msgspec.Struct, frozen=True):
     limits: ev.Limits
     principal: str
+
+
+class ChangeLimits(msgspec.Struct, frozen=True):
+    """Change some limits; the others keep the value they have when the scheduler takes
+    the command (so two admins changing different limits at once lose neither change)."""
+
+    principal: str
+    changes: dict[str, Any]
 
 
 class AttemptReport(msgspec.Struct, frozen=True):
@@ -159,7 +168,7 @@ class SetSettings(msgspec.Struct, frozen=True):
 
 SchedulerMsg = (Submit | Cancel | SetLimits | AttemptReport | StopAttempt | ReleaseOrphans
                 | Process | JobAction | CancelMany | Cleanup | SetSettings | NodeLost
-                | NodeReconnected | SubmitMany | CheckReady)
+                | NodeReconnected | SubmitMany | CheckReady | ChangeLimits)
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,8 @@ class Outcome:
     durable: asyncio.Future[None] | None
     #: A command's answer beyond its events (e.g. what a reconnecting worker must do).
     result: object = None
+    #: The attempts the command set off: the pass it caused dispatched them.
+    dispatched: list[ev.AttemptDispatched] = dataclasses.field(default_factory=list)
 
 
 # --- pure decisions ------------------------------------------------------------------
@@ -235,6 +246,11 @@ def decide_action(state: SchedulerState, cmd: JobAction) -> list[ev.Event]:
         return [ev.JobRequeued(job_id=job_id, next_attempt=job.attempt + 1,
                                reason=f"retried by {cmd.principal}")]
     return [ev.PriorityChanged(job_id=job_id, priority_override=cmd.priority)]
+
+
+def decide_limits(state: SchedulerState, cmd: ChangeLimits) -> list[ev.Event]:
+    limits = msgspec.structs.replace(state.limits, **cmd.changes)
+    return [] if limits == state.limits else [ev.LimitsChanged(limits=limits)]
 
 
 def decide_node_lost(state: SchedulerState, cmd: NodeLost) -> list[ev.Event]:
@@ -481,6 +497,7 @@ class Scheduler(Actor[SchedulerMsg]):
         self.last_plan = policy.Plan()
         self._durable: asyncio.Future[None] | None = None
         self._result: object = None
+        self._dispatched: list[ev.AttemptDispatched] = []
         #: Read-only view of the registry's workers, for placement on worker nodes.
         self.workers: Workers | None = None
         self.views = NodeViews(state, gpu_table)
@@ -492,7 +509,7 @@ class Scheduler(Actor[SchedulerMsg]):
             self._durable = self.log.append(principal, events).durable
 
     async def receive(self, message: SchedulerMsg) -> Outcome:
-        self._durable, self._result = None, None
+        self._durable, self._result, self._dispatched = None, None, []
         if isinstance(message, Submit) and not message.no_wait and not is_gated(message.spec):
             return await self._submit(message)  # it holds the log only where it awaits
         with self.log.holding():
@@ -508,7 +525,7 @@ class Scheduler(Actor[SchedulerMsg]):
             await self.place_new(newcomers(events))
         if isinstance(message, Submit) and message.no_wait:
             events = [*events, *self._reject_if_waiting(message.spec.job_id)]
-        return Outcome(events, self._durable, self._result)
+        return Outcome(events, self._durable, self._result, self._dispatched)
 
     async def _handle(self, m: SchedulerMsg) -> list[ev.Event]:
         if isinstance(m, Submit):
@@ -572,9 +589,12 @@ class Scheduler(Actor[SchedulerMsg]):
         assert isinstance(outcome.result, Reconciled)
         return outcome, outcome.result
 
-    def _decide_admin(self, m: JobAction | CancelMany | Cleanup | SetSettings) -> list[ev.Event]:
+    def _decide_admin(self, m: JobAction | CancelMany | Cleanup | SetSettings | ChangeLimits
+                      ) -> list[ev.Event]:
         if isinstance(m, JobAction):
             return decide_action(self.state, m)
+        if isinstance(m, ChangeLimits):
+            return decide_limits(self.state, m)
         if isinstance(m, CancelMany):
             return decide_cancel_many(self.state, m)
         if isinstance(m, Cleanup):
@@ -640,7 +660,7 @@ class Scheduler(Actor[SchedulerMsg]):
         job = self.state.jobs[m.spec.job_id]
         if job.status == "pending":  # not blocked for an admin's approval
             await self._place(job)
-        return Outcome(submitted, self._durable)
+        return Outcome(submitted, self._durable, dispatched=self._dispatched)
 
     async def place_new(self, job_ids: list[str]) -> None:
         """Place newly queued jobs one by one in queue order, without walking the queue.
@@ -694,8 +714,10 @@ class Scheduler(Actor[SchedulerMsg]):
                                                     job.spec.device_ids, job.spec.any_gpu))
         if granted is None:
             return
-        self._append("system", [ev.AttemptDispatched(job_id=p.job_id, attempt=attempt,
-                                                     node=p.node, gpus=granted.gpus)])
+        dispatched = ev.AttemptDispatched(job_id=p.job_id, attempt=attempt, node=p.node,
+                                          gpus=granted.gpus)
+        self._append("system", [dispatched])
+        self._dispatched.append(dispatched)
         self.dispatched += 1
         if job.spec.max_runtime is not None:
             self.arm_timeout(job)

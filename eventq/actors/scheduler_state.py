@@ -78,8 +78,9 @@ def is_gated(spec: ev.JobSpec) -> bool:
 IGNORED = frozenset({
     ev.ServerStarted, ev.WorkerCreated, ev.WorkerTokenRotated, ev.WorkerConnected,
     ev.WorkerDraining, ev.WorkerLost, ev.WorkerRemoved, ev.UserCreated, ev.UserUpdated,
-    ev.TokenIssued, ev.TokenRevoked, ev.NodeInventoryReported, ev.GpusAllocated,
-    ev.GpusReleased, ev.StaleReportIgnored})
+    ev.TokenIssued, ev.TokenRevoked, ev.SessionOpened, ev.SessionEnded,
+    ev.NodeInventoryReported, ev.GpusAllocated, ev.GpusReleased, ev.StaleReportIgnored,
+    ev.ServerNotifyUrlSet, ev.NotificationDelivered, ev.NotificationFailed, ev.HookRan})
 
 
 @dataclass
@@ -100,7 +101,9 @@ class SchedulerState:
     counts: Counts = field(default_factory=Counts)
     #: node -> job id -> (expected end, GPU count) of its active attempts.
     node_active: dict[str, dict[str, tuple[float | None, int]]] = field(default_factory=dict)
-    limits: ev.Limits = field(default_factory=ev.Limits)
+    #: What the log last recorded; a log that recorded none keeps the limits it ran under.
+    limits: ev.Limits = ev.UNRECORDED_LIMITS
+    limits_recorded: bool = False
     approval_cost_threshold: float | None = None
     runtimes: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     #: job name -> ids of the jobs with that name (``depends_on`` may use unique names).
@@ -218,7 +221,7 @@ class SchedulerState:
         handler(self, record.event, record)
 
     def _on_limits(self, e: ev.LimitsChanged, r: Record) -> None:
-        self.limits = e.limits
+        self.limits, self.limits_recorded = e.limits, True
 
     def _on_submitted(self, e: ev.JobSubmitted, r: Record) -> None:
         spec = e.job

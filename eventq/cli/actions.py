@@ -126,7 +126,7 @@ def _retry_all(args: argparse.Namespace, api: Client) -> int:
             try:
                 api.call("POST", f"/api/queue/{quote(job_id)}/retry")
             except CliError as exc:
-                if "(HTTP 403)" in str(exc):
+                if exc.status == 403:
                     skipped += 1  # another user's job: not ours to retry
                 else:
                     problems.append({"job_id": job_id, "error": str(exc)})

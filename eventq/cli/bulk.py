@@ -21,7 +21,6 @@ import os
 import re
 import shlex
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from eventq import jobscheduler as jsv2
 from eventq.cli import output
-from eventq.cli.client import Client, CliError, parse_sse, quote
+from eventq.cli.client import Client, CliError, quote
 from eventq.cli.output import emit_json
 from eventq.jobscheduler import (
     BEGIN,
@@ -47,9 +46,8 @@ from eventq.jobscheduler import (
 )
 
 if TYPE_CHECKING:
-    import queue
-
     from rich.progress import Progress
+    from rich.text import Text
 
 # What one command needs loads inside it: rich's progress and live displays when they are
 # drawn, urllib when an import is sent, threads when progress is watched.
@@ -73,6 +71,13 @@ STATUS_CHOICES = sorted({*JSV2_STATUS, *JSV2_STATUS.values()})
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                 common: argparse.ArgumentParser) -> None:
+    _add_import(sub, common)
+    _add_export(sub, common)
+    _add_progress(sub, common)
+
+
+def _add_import(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                common: argparse.ArgumentParser) -> None:
     imp = sub.add_parser(
         "import", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="submit every row of a job-scheduler-v2 CSV as a job, all or none",
@@ -92,6 +97,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     imp.add_argument("--max-runtime", type=float, help="seconds; a job running longer fails")
     imp.add_argument("--max-attempts", type=int)
     imp.add_argument("--retry-on-failure", action="store_true")
+    imp.add_argument("--notify", metavar="URL",
+                     help="POST each job's end to this http(s) URL as JSON")
     env = imp.add_mutually_exclusive_group()
     env.add_argument("--export-env", action="store_true",
                      help="also send this shell's environment with every job (it is repeated "
@@ -100,6 +107,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                      help="send neither the working directory nor the environment")
     imp.set_defaults(run=import_csv)
 
+
+def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                common: argparse.ArgumentParser) -> None:
     exp = sub.add_parser("export", parents=[common],
                          help="write imported jobs as a job-scheduler-v2 CSV",
                          description="Write the jobs that came from `eventq import` as a CSV "
@@ -116,6 +126,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     exp.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     exp.set_defaults(run=export_csv)
 
+
+def _add_progress(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                  common: argparse.ArgumentParser) -> None:
     prog = sub.add_parser("progress", parents=[common],
                           help="totals; pending split into ready, waiting and blocked",
                           description="Totals by state, and pending jobs split into Ready "
@@ -252,6 +265,8 @@ def _shared_fields(args: argparse.Namespace) -> dict[str, Any]:
         shared["max_attempts"] = args.max_attempts
     if args.retry_on_failure:
         shared["retry_on_failure"] = True
+    if args.notify:
+        shared["notify_url"] = args.notify
     if not args.no_export_env and args.target != "worker":
         shared["exported_cwd"] = os.getcwd()
     if args.export_env and args.target != "worker":
@@ -344,7 +359,7 @@ def _refusal(status: int, body: dict[str, Any], path: Path, size: int) -> CliErr
         print(f"… and {len(messages) - SHOWN_ERRORS} more", file=sys.stderr)
     error = str(body.get("error") or f"HTTP {status}")
     return CliError(error if "nothing was imported" in error else
-                    f"{error} (HTTP {status}); nothing was imported")
+                    f"{error} (HTTP {status}); nothing was imported", status, body)
 
 
 def _progress() -> Progress:
@@ -511,7 +526,7 @@ class QueueProgress:
             "total": sum(c.values()),
             "by_status": dict(sorted(c.items())),
             "done": c["completed"], "running": c["dispatched"] + c["running"],
-            "error": c["failed"] + c["cancelled"] + c["rejected"],
+            "error": c["failed"] + c["rejected"], "cancelled": c["cancelled"],
             "pending": c["pending"] + c["waiting"] + c["blocked"] + c["held"],
             "ready": c["pending"],
             "waiting": len(waiting), "waiting_for_dependencies": len(waiting) - for_begin,
@@ -540,10 +555,7 @@ class QueueProgress:
             self.names[spec["job_id"]] = spec.get("name", "")
             return True
         if kind == "jobs_purged":
-            for job_id in body.get("job_ids", []):
-                job = self.jobs.pop(job_id, None)
-                if job is not None:
-                    self.counts[job.status] -= 1
+            self._purge(body.get("job_ids", []))
             return True
         job = self.jobs.get(body.get("job_id", ""))
         if job is None:
@@ -569,6 +581,12 @@ class QueueProgress:
         else:
             return False
         return True
+
+    def _purge(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            job = self.jobs.pop(job_id, None)
+            if job is not None:
+                self.counts[job.status] -= 1
 
     def _set(self, job_id: str, job: JobView) -> None:
         old = self.jobs.get(job_id)
@@ -630,12 +648,13 @@ def _name_mentioned(api: Client, model: QueueProgress, most: int = 100) -> None:
 def render(summary: dict[str, Any], most: int = 50) -> str:
     s = summary
     by = s["by_status"]
-    error_parts = [f"{k} {by[k]}" for k in ("failed", "cancelled", "rejected") if by.get(k)]
+    error_parts = [f"{k} {by[k]}" for k in ("failed", "rejected") if by.get(k)]
     lines = [
         f"Total: {s['total']}",
         f"  Done: {s['done']}",
         f"  Running: {s['running']}",
         f"  Error: {s['error']}" + (f" ({', '.join(error_parts)})" if error_parts else ""),
+        f"  Cancelled: {s['cancelled']}",
         f"  Pending: {s['pending']}",
         f"    - Ready: {s['ready']}      queued: starts when limits and GPUs allow",
         f"    - Waiting: {s['waiting']}    for dependencies ({s['waiting_for_dependencies']}) "
@@ -656,7 +675,9 @@ def render(summary: dict[str, Any], most: int = 50) -> str:
 def progress(args: argparse.Namespace) -> int:
     api = _client(args)
     if args.watch:
-        return watch(api, args.format)
+        from eventq.cli.watch import watch
+
+        return watch(api, ProgressView(api), args.format)
     summary = snapshot(api, everything=False).summary()
     if args.format == "json":
         emit_json(summary)
@@ -665,97 +686,33 @@ def progress(args: argparse.Namespace) -> int:
     return 0
 
 
-#: The least time between two redraws while events arrive.
-REDRAW_SECONDS = 0.25
+class ProgressView:
+    """``progress --watch``: read whole once per subscription, then folded event by event
+    (a queue of 100,000 jobs is not read again for each change)."""
 
+    def __init__(self, api: Client) -> None:
+        self.api = api
+        self.model = QueueProgress(Counter(), {}, {})
 
-def watch(api: Client, fmt: str) -> int:
-    """Subscribe to the event stream first, then read the queue, then fold the stream onto
-    it: the events between the two are applied again, which leaves every job as its latest
-    event says. Ends on Ctrl-C."""
-    import queue
-    import threading
+    def start(self) -> None:
+        self.model = snapshot(self.api, everything=True)
 
-    try:
-        while True:
-            messages: queue.Queue[tuple[str, str] | None] = queue.Queue()
-            resp = api.open("GET", "/api/events/stream", timeout=None)
-            reader = threading.Thread(target=_read_stream, args=(resp, messages), daemon=True)
-            reader.start()
-            model = snapshot(api, everything=True)
-            why = _follow(model, messages, fmt)
-            if why == "resubscribe":
-                with contextlib.suppress(OSError):
-                    resp.close()
-                continue
-            raise CliError(f"the server closed the event stream: {why}" if why != "closed"
-                           else "the server closed the event stream (did it stop?)")
-    except KeyboardInterrupt:
-        return 0
+    def read(self) -> None:
+        pass  # the events themselves keep the model current
 
+    def concerns(self, record: dict[str, Any]) -> bool:
+        try:
+            return self.model.apply(record)
+        except (KeyError, TypeError):
+            return False
 
-def _read_stream(resp: Any, messages: queue.Queue[tuple[str, str] | None]) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        for message in parse_sse(resp):
-            messages.put((message.event, message.data))
-    messages.put(None)
+    def over(self) -> bool:
+        return False
 
+    def as_json(self) -> Any:
+        return self.model.summary()
 
-def _follow(model: QueueProgress, messages: queue.Queue[tuple[str, str] | None],
-            fmt: str) -> str:
-    """Redraw as events arrive (at most every REDRAW_SECONDS); why it stopped: "resubscribe",
-    "closed", or the reason the server gave for ending the stream."""
-    import queue
+    def draw(self, now: float) -> Text:
+        from rich.text import Text
 
-    shown = ""
-    dirty, last = True, 0.0
-    with _live(fmt) as redraw:
-        while True:
-            wait = max(0.0, last + REDRAW_SECONDS - time.monotonic()) if dirty else None
-            try:
-                item = messages.get(timeout=wait)
-            except queue.Empty:
-                item = ("", "")
-            if item is None:
-                return "closed"
-            event, data = item
-            if event == "dropped":
-                return "resubscribe"
-            if event == "revoked":
-                return str(json.loads(data).get("reason"))
-            if event:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    record = json.loads(data)
-                    dirty = model.apply(record) or dirty
-                if time.monotonic() - last < REDRAW_SECONDS:
-                    continue
-            if not dirty:
-                continue
-            summary = model.summary()
-            text = json.dumps(summary) if fmt == "json" else render(summary)
-            dirty, last = False, time.monotonic()
-            if text == shown:
-                continue
-            shown = text
-            if redraw is not None:
-                redraw(text)
-            elif fmt == "json":
-                print(text, flush=True)
-            else:
-                stamp = datetime.datetime.now().strftime("%H:%M:%S")
-                output.console.print(f"--- {stamp}\n{text}", markup=False, highlight=False)
-                sys.stdout.flush()
-
-
-@contextlib.contextmanager
-def _live(fmt: str) -> Iterator[Callable[[str], None] | None]:
-    """A screen redrawn in place, for tables on a terminal; None otherwise (JSON lines
-    never load rich)."""
-    if fmt == "json" or not output.console.is_terminal:
-        yield None
-        return
-    from rich.live import Live
-    from rich.text import Text
-
-    with Live(Text(""), console=output.console, auto_refresh=False) as screen:
-        yield lambda text: screen.update(Text(text), refresh=True)
+        return Text(render(self.model.summary()))

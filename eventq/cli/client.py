@@ -25,7 +25,19 @@ def default_data_dir() -> Path:
 
 
 class CliError(Exception):
-    """Printed as ``eventq: <message>`` with a non-zero exit."""
+    """Printed as ``eventq: <message>`` with a non-zero exit (as JSON with
+    ``--format json``: ``{"error": message, "status": HTTP status, …the server's fields}``)."""
+
+    def __init__(self, message: str, status: int | None = None,
+                 reply: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        #: The HTTP status of a refusal, and what the server said besides its error.
+        self.status, self.reply = status, reply or {}
+
+    def as_json(self) -> dict[str, Any]:
+        found = {k: v for k, v in self.reply.items() if k not in ("error", "success")}
+        return {"error": self.reply.get("error", str(self)), **found,
+                **({"status": self.status} if self.status is not None else {})}
 
 
 class ServerSentEvent(NamedTuple):
@@ -103,7 +115,7 @@ class Client:
             resp: http.client.HTTPResponse = urllib.request.urlopen(
                 req, timeout=timeout, context=self.ssl_context)
         except urllib.error.HTTPError as exc:
-            raise CliError(_error_text(exc)) from None
+            raise refusal(exc.code, exc.read()) from None
         except urllib.error.URLError as exc:
             raise CliError(self.unreachable(exc.reason)) from None
         except OSError as exc:
@@ -163,17 +175,18 @@ def parse_sse(lines: Iterator[bytes] | Any) -> Iterator[ServerSentEvent]:
         yield ServerSentEvent(event or "message", "\n".join(data), last_id)
 
 
-def _error_text(exc: urllib.error.HTTPError) -> str:
+def refusal(status: int, raw: bytes) -> CliError:
+    """An HTTP error reply as an error to show: ``no job x (HTTP 404) [field: …]``."""
     try:
-        body = json.loads(exc.read())
+        body = json.loads(raw)
     except ValueError:
-        return f"HTTP {exc.code}"
+        body = None
     if not isinstance(body, dict):
-        return f"HTTP {exc.code}"
-    text = f"{body.get('error', 'error')} (HTTP {exc.code})"
+        return CliError(f"HTTP {status}", status)
+    text = f"{body.get('error', 'error')} (HTTP {status})"
     if body.get("field"):
         text += f" [field: {body['field']}]"
-    return text
+    return CliError(text, status, body)
 
 
 def _read(path: Path) -> str | None:

@@ -1,4 +1,4 @@
-"""``eventq jobs …``: submit, list, status, show, cancel (and the commands of actions/logs)."""
+"""``eventq jobs …``: submit, status, cancel (and the commands of actions, logs, views)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from eventq.cli import actions, logs, output
+from eventq.cli import actions, limits, logs, output, views
 from eventq.cli.client import Client, CliError, quote
 from eventq.cli.output import (
     cell,
     duration,
     emit_json,
-    pick,
     print_estimate,
     print_reasons,
-    table,
-    when,
 )
 
-LIST_FIELDS = ["job_id", "name", "user", "status", "gpus", "allocated_gpus", "position", "reasons"]
 #: Exit status of a submission the server refused (``--no-wait`` and it cannot start now).
 REJECTED = 3
 
@@ -30,9 +26,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                common: argparse.ArgumentParser) -> None:
     jobs = sub.add_parser("jobs", help="submit and manage jobs").add_subparsers(
         dest="action", required=True)
+    _add_submit(jobs, common)
+    views.add_parsers(jobs, common)
+    st = jobs.add_parser("status", parents=[common],
+                         help="the queue at a glance: depth, running, limits, local GPUs")
+    st.set_defaults(run=queue_status)
+    _add_cancel(jobs, common)
+    actions.add_parsers(jobs, common)
+    logs.add_parser(jobs, common)
+
+
+def _add_submit(jobs: argparse._SubParsersAction[argparse.ArgumentParser],
+                common: argparse.ArgumentParser) -> None:
     s = jobs.add_parser("submit", parents=[common],
                         help="submit a job: eventq jobs submit [options] -- CMD ARGS…")
-    s.add_argument("--gpus", type=int, default=1)
+    s.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="GPUs it needs, all on one node (default: 1; 0 for a job that needs "
+                        "none)")
     s.add_argument("--name")
     s.add_argument("--config-name", help="a config from the server's configs directory")
     s.add_argument("--config", type=Path, metavar="FILE",
@@ -55,11 +65,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     s.add_argument("--team", help="the team it counts against (default: yours)")
     s.add_argument("--worker-labels", metavar="K=GLOB,…",
                    help="labels a worker must match (fnmatch globs), e.g. gpu_type=a100*")
+    _add_submit_pipeline(s)
+
+
+def _add_submit_pipeline(s: argparse.ArgumentParser) -> None:
+    """When it may start, what it carries, and what it runs."""
     s.add_argument("--depends-on", action="append", default=[], metavar="JOB",
                    help="run after these jobs complete (ids or unique names; repeat or a,b)")
     s.add_argument("--begin-at", metavar="TIME",
                    help="not before this time (ISO-8601, or epoch seconds)")
     s.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--notify", metavar="URL",
+                   help="POST the job's end (status, exit code, times) to this http(s) URL "
+                        "as JSON, retried for about 10 minutes")
     s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="a variable the job gets wherever it runs (repeat)")
     s.add_argument("--export-env", action="append", default=[], metavar="NAME,…",
@@ -70,29 +88,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                         "(which a job that runs on the server's machine otherwise gets)")
     s.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     s.set_defaults(run=submit)
-    ls = jobs.add_parser("list", parents=[common], help="list jobs")
-    ls.add_argument("--status", help="e.g. running, queued, blocked, failed (comma-separated)")
-    ls.add_argument("-l", "--limit", type=int, default=50)
-    ls.add_argument("-a", "--all", action="store_true", help="include finished jobs")
-    ls.add_argument("-o", "--fields", help="comma-separated fields, dot paths allowed")
-    ls.set_defaults(run=list_jobs)
-    st = jobs.add_parser("status", parents=[common],
-                         help="the queue at a glance: depth, running, limits, local GPUs")
-    st.set_defaults(run=queue_status)
-    show = jobs.add_parser("show", parents=[common], help="a job and its event history")
-    show.add_argument("job_id")
-    show.set_defaults(run=show_job)
+
+
+def _add_cancel(jobs: argparse._SubParsersAction[argparse.ArgumentParser],
+                common: argparse.ArgumentParser) -> None:
     cancel = jobs.add_parser("cancel", parents=[common],
                              help="cancel a job, or --all of yours (admins: everyone's)")
     cancel.add_argument("job_id", nargs="?")
     cancel.add_argument("--all", action="store_true", help="every job in --status")
     cancel.add_argument("--status", action="append", metavar="STATUS",
-                        help="with --all: pending, blocked, held, running… (repeat or "
-                             "comma-separate; default: every unfinished state)")
+                        help="with --all: pending (every job waiting to start), waiting, "
+                             "blocked, held, running… (repeat or comma-separate; default: "
+                             "every unfinished state)")
     cancel.add_argument("--user", help="with --all: only this user's jobs (admins)")
+    cancel.add_argument("-v", "--verbose", action="store_true",
+                        help="with --all: name each job cancelled, not only how many")
     cancel.set_defaults(run=cancel_job)
-    actions.add_parsers(jobs, common)
-    logs.add_parser(jobs, common)
 
 
 def client(args: argparse.Namespace) -> Client:
@@ -111,7 +122,8 @@ def submit_body(args: argparse.Namespace) -> dict[str, Any]:
     optional = {"name": args.name, "max_runtime": args.max_runtime,
                 "estimated_runtime": args.estimated_runtime, "max_attempts": args.max_attempts,
                 "priority_override": args.priority, "config_name": args.config_name,
-                "estimated_cost": args.estimated_cost, "team": args.team}
+                "estimated_cost": args.estimated_cost, "team": args.team,
+                "notify_url": args.notify}
     body.update({k: v for k, v in optional.items() if v is not None})
     for flag in ("retry_on_failure", "dry_run", "requires_approval"):
         if getattr(args, flag):
@@ -213,25 +225,6 @@ def _print_dry_run(reply: dict[str, Any]) -> None:
     output.console.print("nothing was recorded")
 
 
-def reasons_text(job: dict[str, Any]) -> str:
-    return "; ".join(f"{r['code']}: {r['detail']}" for r in job.get("reasons") or [])
-
-
-def list_jobs(args: argparse.Namespace) -> int:
-    query = f"?limit={args.limit}" + ("&include_completed=true" if args.all else "")
-    if args.status:
-        query += f"&status={quote(args.status)}"
-    jobs = client(args).call("GET", "/api/queue" + query)["jobs"]
-    fields = args.fields.split(",") if args.fields else LIST_FIELDS
-    if args.format == "json":
-        emit_json([{f: pick(j, f) for f in fields} for j in jobs] if args.fields else jobs)
-        return 0
-    for job in jobs:
-        job["reasons"] = reasons_text(job) or None
-    table(jobs, fields)
-    return 0
-
-
 def queue_status(args: argparse.Namespace) -> int:
     stats = client(args).call("GET", "/api/queue/stats")
     if args.format == "json":
@@ -240,17 +233,11 @@ def queue_status(args: argparse.Namespace) -> int:
     local = stats["local"]
     output.console.print(f"[bold]queue[/bold]: {stats['queue_depth']} waiting, {stats['running']} "
                          f"running (average wait {duration(stats['avg_wait_seconds'])})")
-    gpu_cap = local["max_concurrent_gpus"]
     output.console.print(
         f"[bold]local[/bold]: {local['running_jobs']} running, {local['pending_jobs']} waiting; "
         f"GPUs in use {cell(local['allocated_gpus'])}, free {cell(local['available_gpus'])} "
         f"of {local['total_gpus']}" + (" (simulated)" if local.get("simulated") else ""))
-    output.console.print(
-        f"[bold]limits[/bold]: {stats['max_concurrent']} jobs, {stats['user_max_concurrent']} "
-        f"per user, {stats['team_max_concurrent']} per team; local "
-        f"{local['max_concurrent_jobs']} jobs, "
-        f"{'unlimited' if gpu_cap is None else gpu_cap} GPUs; fair share "
-        f"{'on' if stats['enable_fair_share'] else 'off'}")
+    output.console.print(f"[bold]limits[/bold]: {limits.line(stats)}")
     if stats["by_status"]:
         output.console.print("[bold]by status[/bold]: " + ", ".join(
             f"{k} {v}" for k, v in sorted(stats["by_status"].items())))
@@ -260,56 +247,33 @@ def queue_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def show_job(args: argparse.Namespace) -> int:
-    api = client(args)
-    job = api.call("GET", f"/api/jobs/{quote(args.job_id)}")
-    history = api.call("GET", f"/api/jobs/{quote(args.job_id)}/events")["events"]
-    if args.format == "json":
-        emit_json({"job": job, "events": history})
-        return 0
-    for key in ("job_id", "name", "user", "status", "gpus", "allocated_gpus", "node", "attempt",
-                "position", "exit_code", "error", "command", "cwd"):
-        if job.get(key) is not None:
-            output.console.print(f"[bold]{key}[/bold]: {cell(job[key])}")
-    if job.get("env"):  # as the server shows it: secret-looking values redacted
-        from rich.markup import escape
-
-        output.console.print("[bold]env[/bold]: " + escape(" ".join(
-            f"{k}={v}" for k, v in job["env"].items())))
-    if job.get("exported_env"):
-        output.console.print(f"[bold]exported env[/bold]: {job['exported_env']} variables, for "
-                             "a run on the server's machine")
-    if job.get("reasons"):
-        output.console.print(f"[bold]waits on[/bold]: {reasons_text(job)}")
-    rows = [{"seq": e["seq"], "time": when(e["time"]), "by": e["principal"], "event": e["type"],
-             "detail": _short(e["body"])} for e in history]
-    table(rows, ["seq", "time", "by", "event", "detail"], title="history")
-    return 0
-
-
-def _short(body: dict[str, Any]) -> str:
-    body = {k: v for k, v in body.items() if k not in ("job_id", "job")}
-    return ", ".join(f"{k}={cell(v)}" for k, v in body.items())
-
-
 def cancel_job(args: argparse.Namespace) -> int:
     if args.all == (args.job_id is not None):
         raise CliError("give a job id, or --all (with --status to choose which)")
-    if not args.all and (args.status or args.user):
-        raise CliError("--status and --user go with --all")
+    if not args.all and (args.status or args.user or args.verbose):
+        raise CliError("--status, --user and -v go with --all")
     if args.all:
         return _cancel_many(args)
     reply = client(args).call("POST", f"/api/queue/{quote(args.job_id)}/cancel")
     if args.format == "json":
         emit_json(reply)
     else:
-        stopped = "process stopped, GPUs freed" if reply["process_stopped"] else \
-            "process still stopping"
-        output.console.print(f"{reply['job_id']} {reply['status']} ({stopped})")
+        output.console.print(f"{reply['job_id']} {reply['status']} ({_stopped(reply)})",
+                             markup=False, highlight=False)
     return 0
 
 
+def _stopped(reply: dict[str, Any]) -> str:
+    """What the cancel did beyond the job's status."""
+    if not reply.get("was_running", True):
+        return "it had not started"
+    if reply["process_stopped"]:
+        return "its process stopped, its GPUs are free"
+    return "its process is still stopping; its GPUs are free once it has"
+
+
 def _cancel_many(args: argparse.Namespace) -> int:
+    """A count (thousands of ids help nobody); the ids with -v or --format json."""
     body: dict[str, Any] = {}
     if args.status:
         body["status"] = [s for given in args.status for s in given.split(",") if s]
@@ -318,7 +282,12 @@ def _cancel_many(args: argparse.Namespace) -> int:
     reply = client(args).call("POST", "/api/queue/cancel", body)
     if args.format == "json":
         emit_json(reply)
-    else:
-        output.console.print(f"cancelled {reply['cancelled']} jobs"
-                             + (f": {', '.join(reply['job_ids'])}" if reply["job_ids"] else ""))
+        return 0
+    count = reply["cancelled"]
+    output.console.print(f"cancelled {count:,} job{'s' if count != 1 else ''}"
+                         if count else "nothing to cancel: no unfinished job matches",
+                         markup=False, highlight=False)
+    if args.verbose:
+        for job_id in reply["job_ids"]:
+            print(job_id)
     return 0

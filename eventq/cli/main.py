@@ -1,14 +1,22 @@
-"""``eventq``: the entry point of every command."""
+"""``eventq``: the entry point of every command.
+
+Every way a command can fail ends here as one message and a non-zero exit: a mistyped
+command (with the nearest ones), bad arguments, a refusal from the server, a server that
+cannot be reached. With ``--format json`` that message is JSON on stdout, as an answer is.
+"""
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, NoReturn, cast
 
 from eventq import __version__
-from eventq.cli import bulk, jobs, replay, serve, users, worker, workers
+from eventq.cli import bulk, jobs, limits, replay, serve, ui, users, worker, workers
 from eventq.cli.client import CliError
 
 # Each command's module is imported here for its parser only: what a command needs beyond
@@ -17,7 +25,26 @@ from eventq.cli.client import CliError
 
 #: Which module's parsers define each command.
 DEFINED_BY = {"server": serve, "jobs": jobs, "import": bulk, "export": bulk, "progress": bulk,
-              "users": users, "workers": workers, "worker": worker, "replay": replay}
+              "users": users, "workers": workers, "worker": worker, "replay": replay,
+              "queue": limits, "ui": ui}
+#: Exit status of a usage error or a refusal (argparse's own).
+USAGE = 2
+
+
+class UsageError(CliError):
+    """Arguments the parser refused; ``usage`` is the command's usage line."""
+
+    def __init__(self, message: str, usage: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose errors are raised to ``main`` (which prints them as text or JSON)
+    instead of printed and exited on the spot. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}", self.format_usage())
 
 
 def parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -31,25 +58,67 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
                         help="verify an https server with this CA (PEM; default: $EVENTQ_CA, "
                              "or the system's CAs)")
     common.add_argument("--format", choices=["table", "json"], default="table")
-    top = argparse.ArgumentParser(prog="eventq", description="GPU job queue and orchestrator")
+    top = Parser(prog="eventq", description="GPU job queue and orchestrator")
     top.add_argument("--version", action="version", version=f"eventq {__version__}")
-    sub = top.add_subparsers(dest="command", required=True)
+    # Its subcommands' parsers are Parsers too (argparse makes them of its own class).
+    sub = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
+               top.add_subparsers(dest="command", required=True))
     wanted = DEFINED_BY.get(command or "")
-    for module in (serve, jobs, bulk, users, workers, worker, replay):
+    for module in (serve, jobs, bulk, users, workers, worker, replay, limits, ui):
         if wanted in (None, module):
             add = bulk.add_parsers if module is bulk else module.add_parser
             add(sub, common)
     return top
 
 
+def check_command(top: argparse.ArgumentParser, words: list[str]) -> None:
+    """A command word the parser does not know, named with the nearest known ones
+    (``eventq jobs submti``: did you mean submit?), before argparse lists them all."""
+    from eventq.cli.output import did_you_mean
+
+    level, said = top, ["eventq"]
+    for word in words:
+        choices: dict[str, argparse.ArgumentParser] | None = next(
+            (a.choices for a in level._actions if isinstance(a, argparse._SubParsersAction)),
+            None)
+        if choices is None or word.startswith("-"):
+            return
+        if word not in choices:
+            hint = did_you_mean(word, choices) or f"the commands are {', '.join(choices)}"
+            raise UsageError(f"{' '.join(said)}: no command {word!r}; {hint}",
+                             level.format_usage())
+        level = choices[word]
+        said.append(word)
+
+
+def wants_json(words: list[str]) -> bool:
+    """``--format json`` among the options (not in a job's command, after ``--``)."""
+    options = words[:words.index("--")] if "--" in words else words
+    return "--format=json" in options or any(
+        a == "--format" and b == "json" for a, b in itertools.pairwise(options))
+
+
+def complain(exc: CliError, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(exc.as_json()))
+    elif isinstance(exc, UsageError):
+        print(exc.usage + str(exc).replace(": ", ": error: ", 1), file=sys.stderr, end="\n")
+    else:
+        print(f"eventq: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
-    args = parser(next((w for w in words if not w.startswith("-")), None)).parse_args(words)
+    as_json = wants_json(words)
     try:
+        top = parser(next((w for w in words if not w.startswith("-")), None))
+        check_command(top, words)
+        args: Any = top.parse_args(words)
+        as_json = getattr(args, "format", None) == "json"
         code: int = args.run(args)
     except CliError as exc:
-        print(f"eventq: {exc}", file=sys.stderr)
-        return 2
+        complain(exc, as_json)
+        return USAGE
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

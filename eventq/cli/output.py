@@ -6,11 +6,15 @@ import datetime
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
+
+from eventq.timefmt import DAY, iso, relative
+from eventq.timefmt import duration as duration  # the CLI's commands take it from here
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.table import Table
 
     console: Console
     errors: Console
@@ -63,9 +67,11 @@ INDENT_BY_MSGSPEC = 100_000
 
 
 def emit_json(value: Any) -> None:
-    """``json.dumps(value, indent=2, default=str)``, printed. json indents in pure Python
-    (100 ms for the 10,000 jobs of an import): a large value is written compact by json's
-    C encoder, then indented by msgspec, which gives the same text."""
+    """``json.dumps(value, indent=2, default=str)``, printed, its times as ISO 8601. json
+    indents in pure Python (100 ms for the 10,000 jobs of an import): a large value is
+    written compact by json's C encoder, then indented by msgspec, which gives the same
+    text."""
+    value = readable_times(value)
     compact = json.dumps(value, default=str, separators=(",", ":"))
     if len(compact) > INDENT_BY_MSGSPEC:
         import msgspec
@@ -78,7 +84,9 @@ def emit_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
 
 
-def table(rows: Sequence[dict[str, Any]], fields: Sequence[str], title: str | None = None) -> None:
+def grid(fields: Sequence[str], rows: Iterable[Sequence[str]],
+         title: str | None = None) -> Table:
+    """A table of text cells (shown as they are: no markup)."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -88,35 +96,68 @@ def table(rows: Sequence[dict[str, Any]], fields: Sequence[str], title: str | No
         t.add_column(f, no_wrap=f.endswith("id"), min_width=12 if f.endswith("id") else None,
                      overflow="fold")
     for row in rows:
-        t.add_row(*(escape(cell(pick(row, f))) for f in fields))
-    _get("console").print(t)
+        t.add_row(*(escape(c) for c in row))
+    return t
+
+
+def table(rows: Sequence[dict[str, Any]], fields: Sequence[str], title: str | None = None) -> None:
+    _get("console").print(grid(fields, ([cell(pick(row, f)) for f in fields] for row in rows),
+                               title))
+
+
+def did_you_mean(word: str, choices: Iterable[str], most: int = 3) -> str:
+    """``did you mean submit?`` (or ``submit or status?``); "" when nothing is near."""
+    import difflib
+
+    near = difflib.get_close_matches(word, list(choices), n=most, cutoff=0.6)
+    return f"did you mean {' or '.join(near)}?" if near else ""
 
 
 def when(t: float | None) -> str:
-    """An epoch time as local time, to the millisecond."""
+    """An epoch time as local time, to the millisecond (a moment named in a sentence)."""
     if t is None:
         return "-"
     return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-def duration(seconds: float) -> str:
-    """``2h 5m``, ``4m 59s``, ``1.25s``: exact enough to compare, short enough to read."""
-    if seconds < 60:
-        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    if days:
-        return f"{days}d {hours}h {minutes}m"
-    if hours:
-        return f"{hours}h {minutes}m {secs}s"
-    return f"{minutes}m {secs}s"
+def stamp(t: float, now: float) -> str:
+    """A row of a history: ``14:20:03`` within a day of ``now``, else with its date."""
+    moment = datetime.datetime.fromtimestamp(t)
+    return moment.strftime("%H:%M:%S" if abs(now - t) < DAY else "%Y-%m-%d %H:%M:%S")
+
+
+#: Fields that hold an epoch time wherever they appear in an answer: JSON and ``-o`` output
+#: show them as ISO 8601 (``timefmt.iso``).
+TIME_FIELDS = frozenset({
+    "time", "timestamp", "queued_at", "started_at", "completed_at", "finished_at",
+    "begin_at", "estimated_start", "as_of", "at_time", "last_event_time", "since", "start",
+    "end", "accepts_until"})
+#: Free data of the user's (or a trainer's): its keys mean what they mean to them.
+OPAQUE_FIELDS = frozenset({"metadata", "config", "env", "exported_env", "labels",
+                           "worker_labels", "params", "cells"})
+
+
+def readable_times(value: Any) -> Any:
+    """``value`` with each epoch time of a TIME_FIELDS key as ISO 8601 (a copy where one
+    changes); numbers elsewhere, and everything inside OPAQUE_FIELDS, stay as they are."""
+    if isinstance(value, list):
+        return [readable_times(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, item in value.items():
+        if key in TIME_FIELDS and isinstance(item, int | float) and not isinstance(item, bool):
+            out[key] = iso(item)
+        elif key in OPAQUE_FIELDS or not isinstance(item, dict | list):
+            out[key] = item
+        else:
+            out[key] = readable_times(item)
+    return out
 
 
 def from_now(t: float, now: float) -> str:
-    """``in 4m 59s`` or ``1m 2s ago``."""
-    delta = t - now
-    return f"in {duration(delta)}" if delta >= 0 else f"{duration(-delta)} ago"
+    """``in 38 min`` or ``2 h ago``."""
+    return relative(t, now)
 
 
 def print_reasons(reasons: list[dict[str, Any]] | None) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from eventq.cli import output
 from eventq.cli.client import CliError, default_data_dir
-from eventq.cli.output import emit_json, table
+from eventq.cli.output import emit_json, readable_times, table, when
 from eventq.paths import LOG_FILE
 
 if TYPE_CHECKING:
@@ -143,10 +143,10 @@ def show(args: argparse.Namespace) -> int:
         for r in replay.select(records, args.job, args.type, args.principal):
             line = _line(r)
             if args.format == "json":
-                print(json.dumps(line, default=str))
+                print(json.dumps(readable_times(line), default=str))
             else:
-                print(f"{r.seq:>8} {r.time:.3f} {r.principal:<14} {r.type:<24} "
-                      f"{json.dumps(line['body'], default=str)}")
+                print(f"{r.seq:>8} {when(r.time)} {r.principal:<14} {r.type:<24} "
+                      f"{json.dumps(readable_times(line['body']), default=str)}")
     except LogCorrupt as exc:
         raise CliError(str(exc)) from None
     return 0

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
     from aiohttp.web import Application, AppRunner
 
+    from eventq.callbacks.notifier import CallbackSettings
     from eventq.server import Orchestrator
 
 # The server's modules (aiohttp, the actors, asyncio, logging) load only when a server
@@ -25,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     s = sub.add_parser("server", parents=[common], help="run the orchestrator")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8001, help="0 picks a free port")
-    s.add_argument("--gpus", help="a simulated inventory, e.g. 4xA100-80GB (default: NVML)")
+    s.add_argument("--gpus", help="0 for no local GPUs (CPU jobs only), or a simulated "
+                                  "inventory, e.g. 4xA100-80GB (default: NVML)")
     s.add_argument("--grace", type=float, default=10.0,
                    help="seconds between SIGTERM and SIGKILL when stopping a job")
     s.add_argument("--configs-dir", type=Path,
@@ -45,6 +47,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     s.add_argument("--metrics-public", action="store_true",
                    help="answer GET /metrics on the main address without a token (anyone "
                         "who reaches it sees user names and the queue)")
+    _network_arguments(s)
+    s.add_argument("--notify-url", metavar="URL",
+                   help="POST every job's end (status, exit code, times) to this http(s) URL "
+                        "as JSON, retried with backoff; recorded in the log")
+    s.add_argument("--on-finish", metavar="CMD",
+                   help="run CMD (with sh -c) when a job ends, with EVENTQ_JOB_ID, "
+                        "EVENTQ_STATUS, EVENTQ_EXIT_CODE, … in its environment")
+    s.add_argument("--on-finish-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="stop an --on-finish command still running after this (default 60)")
+    s.set_defaults(run=run_server)
+
+
+def _network_arguments(s: argparse.ArgumentParser) -> None:
+    """How the server is reached: TLS, and the address it gives workers."""
     s.add_argument("--tls-cert", type=Path, metavar="FILE",
                    help="serve HTTPS with this certificate chain (PEM), with --tls-key")
     s.add_argument("--tls-key", type=Path, metavar="FILE", help="the certificate's private key")
@@ -55,7 +71,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="how workers on other machines reach this server, e.g. "
                         "https://gpu-orch.example.com:8001 (default: this host's name when "
                         "--host is beyond loopback)")
-    s.set_defaults(run=run_server)
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -94,7 +109,8 @@ def run_server(args: argparse.Namespace) -> int:
         raise CliError("--log-cap-mb must be positive")
     orch = Orchestrator(args.data_dir or default_data_dir(), inventory,
                         grace_seconds=args.grace, configs_dir=args.configs_dir or Path(),
-                        log_cap_bytes=int(args.log_cap_mb * 2**20), log_actions=True)
+                        log_cap_bytes=int(args.log_cap_mb * 2**20),
+                        callbacks=callback_settings(args), log_actions=True)
     listen = Listen(args.host, args.port, tls_context, args.advertise_url, args.tls_cert,
                     args.metrics_listen, args.metrics_public)
     try:
@@ -102,6 +118,21 @@ def run_server(args: argparse.Namespace) -> int:
     except CannotStart as exc:
         raise CliError(str(exc)) from None
     return 0
+
+
+def callback_settings(args: argparse.Namespace) -> CallbackSettings:
+    """``--notify-url``, ``--on-finish``: checked before anything starts."""
+    from eventq.callbacks.notifier import CallbackSettings
+    from eventq.callbacks.urls import url_problem
+
+    if args.notify_url is not None and (why := url_problem(args.notify_url)):
+        raise CliError(f"--notify-url {why}")
+    if args.on_finish is not None and not args.on_finish.strip():
+        raise CliError("--on-finish is empty: give the command to run when a job ends")
+    if not args.on_finish_timeout > 0:
+        raise CliError("--on-finish-timeout must be positive")
+    return CallbackSettings(notify_url=args.notify_url, on_finish=args.on_finish,
+                            on_finish_timeout=args.on_finish_timeout)
 
 
 class Listen(NamedTuple):

@@ -8,15 +8,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from eventq import events as ev
 from eventq import replay
+from eventq.callbacks import story as callbacks_story
 from eventq.cli import output
 from eventq.cli.client import CliError
-from eventq.cli.output import cell, duration, emit_json, table, when
+from eventq.cli.output import cell, duration, emit_json, stamp, table, when
 from eventq.log import LogCorrupt, Record
 from eventq.redact import redact_text
 
@@ -74,70 +75,78 @@ class Story:
             self.steps.append(Step(r.seq, t, r.principal, state, redact_text(detail)))
 
     def _apply(self, e: ev.Event, t: float) -> tuple[str, str]:
-        if isinstance(e, ev.JobSubmitted):
-            spec = e.job
-            self.name, self.user = spec.name, spec.user
-            self._wait(t, "pending", {})
-            extra = f", config {spec.config_name}" if spec.config_name else ""
-            return "submitted", (f"{spec.gpus} GPUs, priority {spec.effective_base}, "
-                                 f"target {spec.target}{extra}")
-        if isinstance(e, ev.JobReasonsChanged):
-            self._set_reasons(t, {x.code: x.detail for x in e.reasons})
-            return "waiting", "; ".join(f"{x.code}: {x.detail}" for x in e.reasons) or \
-                "no reason left"
-        if isinstance(e, ev.JobBlocked):
-            self._wait(t, "blocked", {"approval": e.reason})
-            return "blocked", f"waits for an admin's approval: {e.reason}"
-        if isinstance(e, ev.JobApproved):
-            self._wait(t, "pending", {})
-            return "approved", "back in the queue"
-        if isinstance(e, ev.JobHeld):
-            self._wait(t, "held", {"held": "held until released"})
-            return "held", "kept from starting until released"
-        if isinstance(e, ev.JobReleased):
-            self._wait(t, "pending", {})
-            return "released", "back in the queue"
-        if isinstance(e, ev.PriorityChanged):
-            return "priority", ("back to the owner's level" if e.priority_override is None
-                                else f"set to {e.priority_override}")
-        if isinstance(e, ev.AttemptDispatched):
-            waited = self._end_wait(t)
-            self.status, self.attempt = "dispatched", e.attempt
-            self.runs.append((e.attempt, t, None))
-            return "dispatched", (f"attempt {e.attempt} on {e.node} GPUs {cell(e.gpus)}"
-                                  + (f", after waiting {duration(waited)}"
-                                     if waited is not None else ""))
-        if isinstance(e, ev.AttemptStarted):
-            self.status = "running"
-            return "running", f"attempt {e.attempt}, pid {e.pid}" + \
-                (" (adopted after a restart)" if e.adopted else "")
-        if isinstance(e, ev.AttemptStopRequested):
-            return "stopping", f"attempt {e.attempt}: {e.reason}"
-        if isinstance(e, ev.AttemptEnded):
-            ran = self._end_run(e.attempt, t)
-            code = "" if e.exit_code is None else f", exit code {e.exit_code}"
-            return "attempt ended", (f"attempt {e.attempt} {e.outcome}{code}"
-                                     + (f" after {duration(ran)}" if ran is not None else "")
-                                     + (f": {e.detail}" if e.detail else ""))
-        if isinstance(e, ev.JobRequeued):
-            self._wait(t, "pending", {})
-            return "requeued", f"as attempt {e.next_attempt}: {e.reason}"
-        if isinstance(e, ev.JobCompleted):
-            return self._finish(t, "completed"), ""
-        if isinstance(e, ev.JobFailed):
-            return self._finish(t, "failed"), e.reason
-        if isinstance(e, ev.JobCancelled):
-            return self._finish(t, "cancelled"), ""
-        if isinstance(e, ev.JobRejected):
-            return self._finish(t, "rejected"), "; ".join(f"{x.code}: {x.detail}"
-                                                          for x in e.reasons)
-        if isinstance(e, ev.JobsPurged):
-            return "purged", f"removed from the queue views (finished over " \
-                             f"{e.older_than_days} days before); its events stay in the log"
-        if isinstance(e, ev.StaleReportIgnored):
-            return "ignored", f"a late '{e.report}' report of attempt {e.attempt} " \
-                              f"(current: {e.current_attempt})"
-        return "", ""
+        """The state an event puts the job in and its detail; ("", "") for events that
+        tell nothing of the job's story."""
+        told = STORY.get(type(e))
+        if told is not None:
+            return told(self, e, t)
+        return callbacks_story.step(e, t) or ("", "")
+
+    def _submitted(self, e: ev.JobSubmitted, t: float) -> tuple[str, str]:
+        spec = e.job
+        self.name, self.user = spec.name, spec.user
+        self._wait(t, "pending", {})
+        extra = f", config {spec.config_name}" if spec.config_name else ""
+        return "submitted", (f"{spec.gpus} GPUs, priority {spec.effective_base}, "
+                             f"target {spec.target}{extra}")
+
+    def _reasons_changed(self, e: ev.JobReasonsChanged, t: float) -> tuple[str, str]:
+        self._set_reasons(t, {x.code: x.detail for x in e.reasons})
+        return "waiting", "; ".join(f"{x.code}: {x.detail}" for x in e.reasons) or \
+            "no reason left"
+
+    def _blocked(self, e: ev.JobBlocked, t: float) -> tuple[str, str]:
+        self._wait(t, "blocked", {"approval": e.reason})
+        return "blocked", f"waits for an admin's approval: {e.reason}"
+
+    def _approved(self, e: ev.JobApproved, t: float) -> tuple[str, str]:
+        self._wait(t, "pending", {})
+        return "approved", "back in the queue"
+
+    def _released(self, e: ev.JobReleased, t: float) -> tuple[str, str]:
+        self._wait(t, "pending", {})
+        return "released", "back in the queue"
+
+    def _held(self, e: ev.JobHeld, t: float) -> tuple[str, str]:
+        self._wait(t, "held", {"held": "held until released"})
+        return "held", "kept from starting until released"
+
+    def _dispatched(self, e: ev.AttemptDispatched, t: float) -> tuple[str, str]:
+        waited = self._end_wait(t)
+        self.status, self.attempt = "dispatched", e.attempt
+        self.runs.append((e.attempt, t, None))
+        return "dispatched", (f"attempt {e.attempt} on {e.node} GPUs {cell(e.gpus)}"
+                              + (f", after waiting {duration(waited)}"
+                                 if waited is not None else ""))
+
+    def _started(self, e: ev.AttemptStarted, t: float) -> tuple[str, str]:
+        self.status = "running"
+        return "running", f"attempt {e.attempt}, pid {e.pid}" + \
+            (" (adopted after a restart)" if e.adopted else "")
+
+    def _ended(self, e: ev.AttemptEnded, t: float) -> tuple[str, str]:
+        ran = self._end_run(e.attempt, t)
+        code = "" if e.exit_code is None else f", exit code {e.exit_code}"
+        return "attempt ended", (f"attempt {e.attempt} {e.outcome}{code}"
+                                 + (f" after {duration(ran)}" if ran is not None else "")
+                                 + (f": {e.detail}" if e.detail else ""))
+
+    def _requeued(self, e: ev.JobRequeued, t: float) -> tuple[str, str]:
+        self._wait(t, "pending", {})
+        return "requeued", f"as attempt {e.next_attempt}: {e.reason}"
+
+    def _completed(self, e: ev.JobCompleted, t: float) -> tuple[str, str]:
+        return self._finish(t, "completed"), ""
+
+    def _failed(self, e: ev.JobFailed, t: float) -> tuple[str, str]:
+        return self._finish(t, "failed"), e.reason
+
+    def _cancelled(self, e: ev.JobCancelled, t: float) -> tuple[str, str]:
+        return self._finish(t, "cancelled"), ""
+
+    def _rejected(self, e: ev.JobRejected, t: float) -> tuple[str, str]:
+        return self._finish(t, "rejected"), "; ".join(f"{x.code}: {x.detail}"
+                                                      for x in e.reasons)
 
     def _wait(self, t: float, status: str, reasons: dict[str, str]) -> None:
         """Enter (or stay in) a waiting state held by ``reasons``."""
@@ -215,6 +224,36 @@ class Story:
         }
 
 
+#: How an event type moves a job's story on: (state, detail), folding it into the story.
+Told = Callable[["Story", Any, float], tuple[str, str]]
+STORY: dict[type[ev.Event], Told] = {
+    ev.JobSubmitted: Story._submitted,
+    ev.JobReasonsChanged: Story._reasons_changed,
+    ev.JobBlocked: Story._blocked,
+    ev.JobApproved: Story._approved,
+    ev.JobHeld: Story._held,
+    ev.JobReleased: Story._released,
+    ev.PriorityChanged: lambda _, e, t: ("priority", "back to the owner's level"
+                                         if e.priority_override is None
+                                         else f"set to {e.priority_override}"),
+    ev.AttemptDispatched: Story._dispatched,
+    ev.AttemptStarted: Story._started,
+    ev.AttemptStopRequested: lambda _, e, t: ("stopping", f"attempt {e.attempt}: {e.reason}"),
+    ev.AttemptEnded: Story._ended,
+    ev.JobRequeued: Story._requeued,
+    ev.JobCompleted: Story._completed,
+    ev.JobFailed: Story._failed,
+    ev.JobCancelled: Story._cancelled,
+    ev.JobRejected: Story._rejected,
+    ev.JobsPurged: lambda _, e, t: (
+        "purged", f"removed from the queue views (finished over {e.older_than_days} days "
+                  "before); its events stay in the log"),
+    ev.StaleReportIgnored: lambda _, e, t: (
+        "ignored", f"a late '{e.report}' report of attempt {e.attempt} "
+                   f"(current: {e.current_attempt})"),
+}
+
+
 def story_of(job_id: str, records: Iterable[Record]) -> Story | None:
     story = Story(job_id)
     for r in records:
@@ -242,7 +281,8 @@ def why(args: argparse.Namespace, conn: Any) -> int:
     console = output.console
     console.print(f"job {escape(story.job_id)} ({escape(story.name)}, {escape(story.user)}): "
                   f"[bold]{summary['status']}[/bold]")
-    table([{"seq": s["seq"], "time": when(s["time"]), "by": s["by"], "state": s["state"],
+    now = time.time()
+    table([{"seq": s["seq"], "time": stamp(s["time"], now), "by": s["by"], "state": s["state"],
             "detail": s["detail"]} for s in summary["steps"]],
           ["seq", "time", "by", "state", "detail"])
     if summary["reasons"]:
@@ -274,13 +314,7 @@ def parse_time(text: str) -> float:
 
 
 def at(args: argparse.Namespace, conn: Any) -> int:
-    if args.seq:
-        try:
-            to_seq, at_time = int(args.time), None
-        except ValueError:
-            raise CliError(f"--seq wants an event number, not {args.time!r}") from None
-    else:
-        to_seq, at_time = None, parse_time(args.time)
+    to_seq, at_time = _moment(args)
     try:
         held = replay.holdings_at(conn, to_seq=to_seq, at_time=at_time)
     except LogCorrupt as exc:
@@ -291,6 +325,37 @@ def at(args: argparse.Namespace, conn: Any) -> int:
             f"the log starts at {when(held.first_time)} (seq 1)"
         hint = " (for an event number, add --seq)" if args.time.isdigit() else ""
         raise CliError(f"nothing was recorded by then: {start}{hint}")
+    rows = _holders(held)
+    out = {"at_seq": folded.last_seq, "at_time": at_time, "last_event_time": folded.last_time,
+           "gpus": rows}
+    if args.format == "json":
+        emit_json(out)
+        return 0
+    asked = f"seq {to_seq}" if to_seq is not None else when(at_time)
+    output.console.print(f"GPUs at {asked}: the state after seq {folded.last_seq} "
+                         f"({when(folded.last_time)})", markup=False)
+    moment = folded.last_time if at_time is None else at_time
+    for row in rows:
+        row["held for"] = duration(moment - row["since"]) if row["since"] else None
+        row["since"] = stamp(row["since"], time.time()) if row["since"] else None
+    table(rows, ["node", "gpu", "model", "job_id", "attempt", "user", "name", "since",
+                 "held for"])
+    return 0
+
+
+def _moment(args: argparse.Namespace) -> tuple[int | None, float | None]:
+    """``at``'s TIME: a seq with --seq, else a time."""
+    if not args.seq:
+        return None, parse_time(args.time)
+    try:
+        return int(args.time), None
+    except ValueError:
+        raise CliError(f"--seq wants an event number, not {args.time!r}") from None
+
+
+def _holders(held: replay.Holdings) -> list[dict[str, Any]]:
+    """Each GPU of each node, and who held it then, since when."""
+    folded = held.folded
     jobs = folded.scheduler.jobs
     rows: list[dict[str, Any]] = []
     for node_name, node in sorted(folded.gpus.nodes.items()):
@@ -304,19 +369,4 @@ def at(args: argparse.Namespace, conn: Any) -> int:
                 "user": job.spec.user if job else None,
                 "name": job.spec.name if job else None,
                 "since": held.since.get((node_name, gpu)) if holder else None})
-    out = {"at_seq": folded.last_seq, "at_time": at_time, "last_event_time": folded.last_time,
-           "gpus": rows}
-    if args.format == "json":
-        emit_json(out)
-        return 0
-    asked = f"seq {to_seq}" if to_seq is not None else when(at_time)
-    console = output.console
-    console.print(f"GPUs at {asked}: the state after seq {folded.last_seq} "
-                  f"({when(folded.last_time)})", markup=False)
-    moment = folded.last_time if at_time is None else at_time
-    for row in rows:
-        row["held for"] = duration(moment - row["since"]) if row["since"] else None
-        row["since"] = when(row["since"]) if row["since"] else None
-    table(rows, ["node", "gpu", "model", "job_id", "attempt", "user", "name", "since",
-                 "held for"])
-    return 0
+    return rows

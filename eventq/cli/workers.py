@@ -74,13 +74,17 @@ def add(args: argparse.Namespace) -> int:
     output.console.print("token (shown only this once; give it to the worker as "
                          "EVENTQ_WORKER_TOKEN):", markup=False)
     print(reply["token"])
-    _print_connection(reply, "on the GPU machine, run")
+    _print_connection(reply, "run" if reply.get("note") else "on the GPU machine, run")
     return 0
 
 
 def _print_connection(reply: dict[str, Any], lead: str) -> None:
-    """The commands that start the worker: eventq's agent, or SimpleTuner's stock one."""
+    """The commands that start the worker: eventq's agent, or SimpleTuner's stock one. A
+    server no other machine can reach says so first (``note``), before any command."""
     say = output.console.print
+    if reply.get("note"):
+        say(f"warning: {reply['note']}", markup=False)
+        lead += " on this machine only"
     say(f"{lead}:", markup=False)
     print(f"  {reply['connection_command']}")
     say("or, with SimpleTuner's worker:", markup=False)
@@ -88,8 +92,6 @@ def _print_connection(reply: dict[str, Any], lead: str) -> None:
     if reply["url"].startswith("https:"):
         say("if the server's certificate is not from a CA that machine trusts, copy the CA "
             "there and add --ca FILE (SimpleTuner's worker: SSL_CERT_FILE=FILE)", markup=False)
-    if reply.get("note"):
-        say(f"note: {reply['note']}", markup=False)
 
 
 def _row(worker: dict[str, Any]) -> dict[str, Any]:

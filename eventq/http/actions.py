@@ -11,7 +11,8 @@ from aiohttp import web
 from eventq import events as ev
 from eventq.actors.scheduler import Cancel, CancelMany, Cleanup, JobAction, Process
 from eventq.actors.scheduler_state import JobState
-from eventq.http.app import (
+from eventq.http.bounds import REASON_CHARS
+from eventq.http.common import (
     ORCH,
     ApiError,
     current_user,
@@ -19,7 +20,6 @@ from eventq.http.app import (
     require_admin,
     require_owner,
 )
-from eventq.http.bounds import REASON_CHARS
 from eventq.http.queue import int_param, settle
 from eventq.server import Orchestrator
 
@@ -47,14 +47,16 @@ async def cancel(request: web.Request) -> web.Response:
     await settle(await orch.scheduler.ask(Cancel(job.spec.job_id, user.principal)))
     if was_active:
         await orch.node.wait_ended(job.spec.job_id, attempt, orch.grace_seconds + 2)
-    return _reply(orch, job.spec.job_id, process_stopped=not job.active)
+    return _reply(orch, job.spec.job_id, process_stopped=not job.active, was_running=was_active)
 
 
-CANCELLABLE = {"pending", "blocked", "held", "dispatched", "running"}
-#: Seed 000's words for waiting jobs, accepted as ``pending``.
-PENDING_WORDS = {"queued": "pending", "waiting": "pending"}
+CANCELLABLE = {"pending", "waiting", "blocked", "held", "dispatched", "running"}
+#: Seed 000's words: ``pending`` and ``queued`` are every job that waits to start, in the
+#: queue (``pending``) or before it (``waiting``: dependencies, a begin time), as in
+#: ``GET /api/queue?status=``.
+STATUS_WORDS = {"queued": ("pending", "waiting"), "pending": ("pending", "waiting")}
 CancelStatus = Annotated[str, msgspec.Meta(extra_json_schema={
-    "enum": sorted(CANCELLABLE | PENDING_WORDS.keys())})]
+    "enum": sorted(CANCELLABLE | STATUS_WORDS.keys())})]
 
 
 class CancelFilter(msgspec.Struct, forbid_unknown_fields=True):
@@ -69,7 +71,7 @@ class CancelFilter(msgspec.Struct, forbid_unknown_fields=True):
 async def cancel_many(request: web.Request) -> web.Response:
     orch, user = request.app[ORCH], current_user(request)
     body = decode_body(await request.read(), CancelFilter)
-    wanted = sorted({PENDING_WORDS.get(s, s) for s in body.status})
+    wanted = sorted({each for s in body.status for each in STATUS_WORDS.get(s, (s,))})
     if unknown := [s for s in wanted if s not in CANCELLABLE]:
         raise ApiError(422, f"cannot cancel jobs by status {unknown}; use {sorted(CANCELLABLE)}",
                        "status")

@@ -11,7 +11,7 @@ from eventq import events as ev
 from eventq.actors.registry import AddUser, IssueToken, RevokeTokens, UpdateUser
 from eventq.auth import User
 from eventq.http import bounds as b
-from eventq.http.app import ORCH, ApiError, decode_body, require_admin
+from eventq.http.common import ORCH, ApiError, decode_body, require_admin
 
 routes = web.RouteTableDef()
 

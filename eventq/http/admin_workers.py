@@ -15,7 +15,7 @@ from aiohttp import web
 from eventq.actors.registry import CreateWorker, DrainWorker, RemoveWorker, RotateWorkerToken
 from eventq.actors.scheduler import Outcome
 from eventq.http import bounds as b
-from eventq.http.app import ORCH, ApiError, decode_body, require_admin
+from eventq.http.common import ORCH, ApiError, decode_body, require_admin
 from eventq.http.queue import flag
 from eventq.server import Orchestrator
 
@@ -96,9 +96,12 @@ def connection(request: web.Request, worker_id: str, token: str) -> dict[str, An
                                 + (" SIMPLETUNER_WORKER_PERSISTENT=true" if persistent else "")
                                 + " simpletuner worker"}
     if orch.advertise_url is None:
-        out["note"] = ("the server listens on loopback only: these commands work on its own "
-                       "machine. For another machine, start it with --host and --tls-cert/"
-                       "--tls-key (or --advertise-url)")
+        out["note"] = (
+            "no other machine can reach this server: it listens on loopback only, so these "
+            "commands work on its own machine only. For a GPU machine, restart it with "
+            "--host 0.0.0.0 --tls-cert FILE --tls-key FILE (or --insecure on a network you "
+            "trust), or with --advertise-url URL where a proxy or tunnel reaches it; then "
+            f"`eventq workers token {name}` prints these commands with that address")
     return out
 
 

@@ -2,182 +2,30 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-
-import msgspec
-import structlog
 from aiohttp import web
 
-from eventq.actors.scheduler import CommandError
-from eventq.auth import User, may_act_for, token_hash
-from eventq.events import Level
-from eventq.http.bounds import JSON_DEPTH, PATTERN_WORDS
+from eventq.http import (
+    actions,
+    admin,
+    admin_workers,
+    history,
+    imports,
+    jobs,
+    logs,
+    metrics,
+    openapi,
+    queue,
+    session,
+    stream,
+    system,
+    workers,
+)
+from eventq.http.common import OPEN_PATHS, ORCH, PUBLIC, guard
 from eventq.server import Orchestrator
-
-ORCH = web.AppKey("orchestrator", Orchestrator)
-USER = web.RequestKey("user", User)
-#: The SHA-256 of the token the request was made with: a stream lives only while it is valid.
-TOKEN_SHA256 = web.RequestKey("token_sha256", str)
-T = TypeVar("T")
-log = structlog.get_logger()
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-#: Reachable without a token: the API's description holds no data.
-PUBLIC = frozenset({"/api/openapi.json"})
-#: The paths an app answers without a token: PUBLIC, and /metrics with --metrics-public.
-OPEN_PATHS = web.AppKey("open_paths", frozenset[str])
-_FIELD = re.compile(r"`\$\.([^`\[]+)")
-
-
-class ApiError(Exception):
-    """Answered as ``{"error": message, "field": field, "detail": detail}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, field: str | None = None,
-                 detail: Any = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.field, self.detail = status, message, field, detail
-
-    def response(self) -> web.Response:
-        body: dict[str, Any] = {"error": self.message}
-        if self.field is not None:
-            body["field"] = self.field
-        if self.detail is not None:
-            body["detail"] = self.detail
-        return web.json_response(body, status=self.status)
-
-
-def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> ApiError:
-    """msgspec says ``Expected `int`, got `str` - at `$.gpus```: name the field, and say
-    what is wrong in words (a limit, or what a pattern forbids)."""
-    text = str(exc)
-    match = _FIELD.search(text)
-    # ValidationError is a DecodeError too: only a real decode failure is "not JSON".
-    if not isinstance(exc, msgspec.ValidationError) and match is None:
-        return ApiError(422, "request body is not valid JSON", detail=text)
-    field = match[1] if match else None
-    if field is None and "unknown field" in text:
-        field = text.split("`")[1]
-    if field is None and "missing required field" in text:
-        field = text.split("`")[1]
-    if not field:
-        return ApiError(422, "invalid request", None, text)
-    return ApiError(422, f"invalid field {field}: {_in_words(text)}", field, text)
-
-
-def _in_words(text: str) -> str:
-    what = text.split(" - at `")[0]
-    for pattern, words in PATTERN_WORDS.items():
-        if f"matching regex {pattern!r}" in what:
-            return words
-    return what
-
-
-def decode_body(raw: bytes, kind: type[T]) -> T:
-    try:
-        return msgspec.json.decode(raw or b"{}", type=kind)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise validation_error(exc) from None
-    except RecursionError:
-        raise ApiError(422, "request body is nested too deeply to read (free JSON fields "
-                            f"may nest at most {JSON_DEPTH} levels)") from None
-
-
-def current_user(request: web.Request) -> User:
-    return request[USER]
-
-
-def require_admin(request: web.Request) -> User:
-    user = current_user(request)
-    if user.level != Level.ADMIN:
-        raise ApiError(403, "only admins may do this")
-    return user
-
-
-def require_owner(request: web.Request, owner: str, doing: str) -> User:
-    """The job's owner or an admin (SPEC 8)."""
-    user = current_user(request)
-    if not may_act_for(user, owner):
-        raise ApiError(403, only_owner(doing))
-    return user
-
-
-def only_owner(doing: str) -> str:
-    return f"only the job's owner or an admin may {doing}"
-
-
-#: Worker routes authenticate with X-Worker-Token themselves; user tokens open none.
-WORKER_ROUTES = "/api/workers/"
-
-
-@web.middleware
-async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authenticate the caller, and answer every refusal as JSON. One middleware rather
-    than two: each is one more coroutine on every request."""
-    try:
-        path = request.path
-        if path not in request.app[OPEN_PATHS] and not path.startswith(WORKER_ROUTES):
-            request[USER] = authenticate(request)
-        return await handler(request)
-    except ApiError as exc:
-        if exc.status in (401, 403):
-            refused(request, exc)
-        return exc.response()
-    except CommandError as exc:
-        return ApiError(exc.status, exc.message, exc.field).response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        # The router's own refusals (404, 405, 413, a websocket route without upgrade)
-        # are JSON too (SPEC 10); a 405 keeps its Allow header (RFC 9110).
-        refusal = ApiError(exc.status, exc.reason or "request refused").response()
-        if "Allow" in exc.headers:
-            refusal.headers["Allow"] = exc.headers["Allow"]
-        return refusal
-
-
-def refused(request: web.Request, exc: ApiError) -> None:
-    """One line per refused token or role, for whoever watches who knocks: the route and
-    the peer, never the token."""
-    user = request.get(USER)
-    resource = request.match_info.route.resource
-    log.warning("request_refused", status=exc.status, method=request.method,
-                route=resource.canonical if resource is not None else None, path=request.path,
-                peer=request.remote, user=user.name if user is not None else None,
-                reason=exc.message)
-
-
-def authenticate(request: web.Request) -> User:
-    """The user of the request's bearer token (public and worker routes need none)."""
-    header = request.headers.get("Authorization", "")
-    if not header.startswith("Bearer "):
-        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
-    digest = token_hash(header.removeprefix("Bearer ").strip())
-    user = request.app[ORCH].users.holder(digest)
-    if user is None:
-        raise ApiError(401, "invalid or revoked token")
-    request[TOKEN_SHA256] = digest
-    return user
 
 
 def make_app(orchestrator: Orchestrator, metrics_public: bool = False) -> web.Application:
     """The API around ``orchestrator``; ``metrics_public``: GET /metrics without a token."""
-    from eventq.http import (
-        actions,
-        admin,
-        admin_workers,
-        imports,
-        jobs,
-        logs,
-        metrics,
-        openapi,
-        queue,
-        stream,
-        system,
-        workers,
-    )
-
     # Large enough for a 100,000-row batch import; every body is still validated whole.
     app = web.Application(middlewares=[guard], client_max_size=64 * 2**20)
     app[ORCH] = orchestrator
@@ -194,5 +42,7 @@ def make_app(orchestrator: Orchestrator, metrics_public: bool = False) -> web.Ap
     stream.setup(app)
     app.add_routes(workers.routes)
     app.add_routes(admin_workers.routes)
+    session.setup(app)
+    app.add_routes(history.routes)
     app[workers.PENDING] = {}
     return app

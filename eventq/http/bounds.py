@@ -67,6 +67,8 @@ JOB_ID_CHARS = 64
 DETAIL_CHARS = 65_536
 ATTEMPTS = 1_000_000
 RUNNING = 4_096
+#: A notification's URL (``notify_url``): what browsers and proxies reliably carry.
+URL_CHARS = 2_048
 
 
 def _text(chars: int, min_chars: int = 0) -> Meta:
@@ -128,6 +130,8 @@ ExitCode = Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)]
 #: [job id, attempt] of the attempts a worker still runs.
 Running = Annotated[list[tuple[JobId, Attempt]], Meta(max_length=RUNNING)]
 Reason = Annotated[str, _text(REASON_CHARS)]
+NotifyUrl = Annotated[str, Meta(min_length=1, max_length=URL_CHARS, pattern=PRINTABLE,
+                                description="An absolute http:// or https:// URL.")]
 
 
 _encode = msgspec.json.Encoder().encode

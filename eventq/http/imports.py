@@ -18,7 +18,7 @@ from eventq.actors.scheduler import NamesTaken
 from eventq.auth import User
 from eventq.events import Level
 from eventq.http import bounds as b
-from eventq.http.app import ORCH, ApiError, current_user, decode_body
+from eventq.http.common import ORCH, ApiError, current_user, decode_body
 from eventq.http.queue import (
     NonNegative,
     Positive,
@@ -57,6 +57,8 @@ class ImportRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: The submitter's directory and environment, for runs on the server's machine only.
     exported_cwd: b.Path | None = None
     exported_env: b.Env = {}
+    #: Each job's end is POSTed here (as a submission's ``notify_url``).
+    notify_url: b.NotifyUrl | None = None
 
 
 @routes.post("/api/queue/import")
@@ -114,7 +116,7 @@ async def _record(orch: Orchestrator, user: User,
 #: What each row's submission takes from the request where it was given (None, False
 #: and {} are the defaults: a row left alone gets the submission's own).
 SHARED = ("target", "max_runtime", "max_attempts", "retry_on_failure", "cwd", "env",
-          "exported_cwd", "exported_env")
+          "exported_cwd", "exported_env", "notify_url")
 
 
 def options_of(body: ImportRequest) -> jsv2.Options:

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from eventq import events as ev
 from eventq import jobenv
-from eventq.http.app import ORCH, ApiError, current_user
+from eventq.http.common import ORCH, ApiError, current_user
 from eventq.log import Record
 from eventq.redact import redact_body, redact_env
 

@@ -23,7 +23,7 @@ from eventq.actors.scheduler_state import PARKED, TERMINAL, JobState
 from eventq.auth import User, may_act_for
 from eventq.http import access as accesses
 from eventq.http.access import Access
-from eventq.http.app import ORCH, ApiError, only_owner, require_owner
+from eventq.http.common import ORCH, ApiError, only_owner, require_owner
 from eventq.http.queue import flag, int_param
 from eventq.http.stream import KEEPALIVE_SECONDS, SHUTTING_DOWN, open_sse, sse_frame
 from eventq.server import Orchestrator

@@ -22,7 +22,7 @@ from prometheus_client.metrics_core import Metric
 
 from eventq import events as ev
 from eventq.actors.scheduler_state import PARKED, TERMINAL
-from eventq.http.app import ORCH, ApiError
+from eventq.http.common import ORCH, ApiError
 from eventq.log import Record
 from eventq.projections.queue import GATED, RUNNING, WAITING
 from eventq.server import Orchestrator

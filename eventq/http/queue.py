@@ -14,21 +14,22 @@ import msgspec
 from aiohttp import web
 
 from eventq import events as ev
-from eventq import jobenv
+from eventq import jobenv, policy
 from eventq.actors.scheduler import (
+    ChangeLimits,
     CommandError,
     DryRun,
     NamesTaken,
     Outcome,
-    SetLimits,
     SetSettings,
     Submit,
     SubmitMany,
 )
 from eventq.auth import User
+from eventq.callbacks.urls import url_problem
 from eventq.gcpause import collector_paused
 from eventq.http import bounds as b
-from eventq.http.app import (
+from eventq.http.common import (
     ORCH,
     ApiError,
     Handler,
@@ -82,6 +83,8 @@ class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     depends_on: Annotated[list[b.Reference], msgspec.Meta(max_length=10_000)] = []
     #: Not before this time: epoch seconds, or ISO-8601 (local time if no zone is given).
     begin_at: b.Epoch | b.IsoTime | None = None
+    #: A JSON POST goes here when the job ends (docs/api.md, "Completion callbacks").
+    notify_url: b.NotifyUrl | None = None
 
 
 class Checked:
@@ -118,6 +121,8 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
     _check_free_json(req)
     _check_dir(req.cwd, "cwd", checked)
     _check_gpus(req, gpus, orch)
+    if req.notify_url is not None and (why := url_problem(req.notify_url)):
+        raise ApiError(422, f"notify_url {why}", "notify_url")
     env_sha256 = _seal_env(req, checked)
     return ev.JobSpec(
         job_id=job_id or new_job_id(orch), user=user.name, priority=ev.LEVEL_PRIORITY[user.level],
@@ -131,7 +136,7 @@ def build_spec(req: SubmitRequest, user: User, orch: Orchestrator,
         resolve_config(req.config_name, orch), config_name=req.config_name,
         requires_approval=req.requires_approval, estimated_cost=req.estimated_cost,
         depends_on=resolve_dependencies(req.depends_on, orch, checked.names),
-        begin_at=parse_time(req.begin_at))
+        begin_at=parse_time(req.begin_at), notify_url=req.notify_url)
 
 
 def _check_dir(path: str | None, field: str, checked: Checked) -> None:
@@ -259,17 +264,32 @@ def _check_free_json(req: SubmitRequest) -> None:
 
 
 def _check_gpus(req: SubmitRequest, gpus: int, orch: Orchestrator) -> None:
+    """A job no node could ever hold is refused, saying how to ask for what can run."""
     local = orch.gpu_table.nodes.get("local")
     total = len(local.gpus) if local else 0
-    if req.target != "worker" and gpus > total:
+    if gpus > total and (req.target == "local" or (
+            req.target == "auto" and not _a_worker_holds(req, gpus, orch))):
         raise ApiError(422, f"needs {gpus} GPUs; the local node has {total}"
-                       + (f" ({local.nvml_error})" if local and local.nvml_error else ""), "gpus")
+                       + (f" ({local.nvml_error})" if local and local.nvml_error else "")
+                       + (" and no worker has that many" if req.target == "auto" else "")
+                       + ". A job that needs no GPU runs with --gpus 0 (\"gpus\": 0); "
+                         "--target worker waits for a remote worker that has them", "gpus")
     if req.device_ids and local and not set(req.device_ids) <= local.gpus.keys():
         raise ApiError(422, f"device_ids {req.device_ids} are not all GPUs of the local node "
                             f"(it has {sorted(local.gpus)})", "device_ids")
     if req.device_ids and not req.any_gpu and len(req.device_ids) != gpus:
         raise ApiError(422, f"device_ids names {len(req.device_ids)} GPUs but gpus is {gpus}",
                        "device_ids")
+
+
+def _a_worker_holds(req: SubmitRequest, gpus: int, orch: Orchestrator) -> bool:
+    """Has a known worker (connected or not) that many GPUs, and the labels asked for?"""
+    for name, node in orch.gpu_table.nodes.items():
+        worker = orch.workers.by_id.get(name)
+        if worker is not None and len(node.gpus) >= gpus \
+                and policy.labels_match(req.worker_labels, worker.labels):
+            return True
+    return False
 
 
 def resolve_config(name: str | None, orch: Orchestrator) -> dict[str, Any] | None:
@@ -477,7 +497,8 @@ async def list_queue(request: web.Request) -> web.Response:
             jobs = orch.queue.list(status, limit, completed, offset)
         except UnknownStatus as exc:
             raise ApiError(422, str(exc), "status") from None
-        cached = msgspec.json.encode({"jobs": jobs, "count": len(jobs)})
+        cached = msgspec.json.encode({"jobs": jobs, "count": len(jobs),
+                                      "total": orch.queue.count(status, completed)})
         orch.queue.remember(key, cached)
     return web.Response(body=cached, content_type="application/json")
 
@@ -514,7 +535,8 @@ class LimitsUpdate(msgspec.Struct, forbid_unknown_fields=True):
     user_max_concurrent: Count | Unset = msgspec.UNSET
     team_max_concurrent: Count | Unset = msgspec.UNSET
     enable_fair_share: bool | Unset = msgspec.UNSET
-    local_job_max_concurrent: Count | Unset = msgspec.UNSET
+    #: null: no count of its own; the local GPUs are the bound (the default).
+    local_job_max_concurrent: Count | Unset | None = msgspec.UNSET
     #: null means unlimited.
     local_gpu_max_concurrent: Count | Unset | None = msgspec.UNSET
     #: From under a second (a demo) to a year; nothing shorter, so aging never overflows.
@@ -542,7 +564,8 @@ async def set_limits(request: web.Request) -> web.Response:
     threshold = changes.pop("approval_cost_threshold", orch.state.approval_cost_threshold)
     if threshold != orch.state.approval_cost_threshold:
         await settle(await orch.scheduler.ask(SetSettings(user.principal, threshold)))
-    limits = msgspec.structs.replace(orch.state.limits, **changes)
-    if limits != orch.state.limits:
-        await settle(await orch.scheduler.ask(SetLimits(limits, user.principal)))
-    return web.json_response({"success": True, **limits_dict(orch)})
+    outcome = await orch.scheduler.ask(ChangeLimits(user.principal, changes))
+    await settle(outcome)
+    started = [{"job_id": d.job_id, "attempt": d.attempt, "node": d.node, "gpus": d.gpus}
+               for d in outcome.dispatched]
+    return web.json_response({"success": True, **limits_dict(orch), "started": started})

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from eventq.http.app import ORCH
+from eventq.http.common import ORCH
 from eventq.http.queue import flag
 from eventq.server import Orchestrator
 

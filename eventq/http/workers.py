@@ -27,7 +27,7 @@ from eventq.actors.scheduler import AttemptReport, Outcome, Reconciled
 from eventq.actors.workers_state import Worker
 from eventq.auth import token_hash
 from eventq.http import bounds as b
-from eventq.http.app import ORCH, ApiError, decode_body
+from eventq.http.common import ORCH, ApiError, decode_body
 from eventq.http.hub import Outbox
 from eventq.leases import lease_terms
 from eventq.server import Orchestrator

@@ -150,25 +150,30 @@ class QueueView:
         if spec.begin_at is not None:
             out["begin_at"] = spec.begin_at
         if job.status in WAITING:
-            if position is None:
-                position = self.state.position(job_id, self.now())
-            out["position"] = position
-            out["reasons"] = [{"code": r.code, "detail": r.detail}
-                              for r in self.reasons(job, position)]
-            estimate = self.estimate(job_id)
-            out["estimated_start"] = estimate.start
-            if estimate.note:
-                out["estimate_note"] = estimate.note
-            elif out["reasons"] and estimate.start is not None and estimate.start <= self.now():
-                # The GPUs are free; a limit holds it: a slot frees when a job in it ends.
-                out["estimated_start"] = self.slot_frees(job, {r["code"] for r in out["reasons"]})
-                if out["estimated_start"] is None:
-                    out["estimate_note"] = "as soon as the reasons above clear"
+            out.update(self._waiting(job, position))
         if detail:
             out["command"] = redact_command(spec.command)
             out["max_runtime"] = spec.max_runtime
             out["estimated_runtime"] = spec.estimated_runtime
             out["recorded_reasons"] = [{"code": r.code, "detail": r.detail} for r in job.reasons]
+        return out
+
+    def _waiting(self, job: JobState, position: int | None) -> dict[str, Any]:
+        """A waiting job's place, reasons and estimated start."""
+        job_id = job.spec.job_id
+        if position is None:
+            position = self.state.position(job_id, self.now())
+        reasons = [{"code": r.code, "detail": r.detail} for r in self.reasons(job, position)]
+        out: dict[str, Any] = {"position": position, "reasons": reasons}
+        estimate = self.estimate(job_id)
+        out["estimated_start"] = estimate.start
+        if estimate.note:
+            out["estimate_note"] = estimate.note
+        elif reasons and estimate.start is not None and estimate.start <= self.now():
+            # The GPUs are free; a limit holds it: a slot frees when a job in it ends.
+            out["estimated_start"] = self.slot_frees(job, {r["code"] for r in reasons})
+            if out["estimated_start"] is None:
+                out["estimate_note"] = "as soon as the reasons above clear"
         return out
 
     def list(self, status: str | None = None, limit: int = 50,
@@ -200,6 +205,11 @@ class QueueView:
                     assert record is not None
                     out.append(record)
         return out
+
+    def count(self, status: str | None = None, include_completed: bool = False) -> int:
+        """How many jobs ``list`` would give without a limit."""
+        wanted = _statuses(status, include_completed)
+        return sum(n for s, n in self.state.status_counts().items() if s in wanted)
 
     def me(self, user: str) -> dict[str, Any]:
         """Seed 000's ``/api/queue/me``: the user's waiting, running and blocked jobs."""
