@@ -5,12 +5,13 @@ each says what was done, to which job or worker, by whom, where, and how it ende
 written from the log's durable records, not from the handlers, so a line stands for what
 the log holds, once: nothing a crash lost before its commit, and nothing twice (a start's
 replay writes none). Each line's ``event`` is the event's stored type, as ``eventq replay
-show --type`` names it, and ``seq`` its place in the log.
+show --type`` names it, ``seq`` its place in the log, ``by`` who did it, and its time the
+event's own.
 
 ``Orchestrator.start`` subscribes it after the local node, so writing a commit's lines never
-delays the processes it starts. A commit that holds more than ``BULK`` events of one kind (a
-set of 10,000 jobs, ``cancel --all``) gets one line for them, with their count and first and
-last job, instead of a line each.
+delays the processes it starts. One request that records more than ``BULK`` events of one
+kind (a set of 10,000 jobs, ``cancel --all``) gets one line for them, with their count and
+first and last job, instead of a line each; the requests a commit groups keep theirs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
+from itertools import groupby
 from typing import Any, TextIO
 
 from eventq import events as ev
@@ -42,7 +44,6 @@ class ActionLog:
                  stream: TextIO | None = None) -> None:
         self.state, self.workers = state, workers
         self.lines = serverlog.Lines(stream or sys.stderr)
-        self.out = self.lines.log
         #: The kinds it reads: every kind at info, only those that may go wrong above it.
         self.reads = frozenset(DESCRIBE) if self.lines.enabled(logging.INFO) else MAY_WARN
         #: (job, attempt) -> (node, GPUs) of each live attempt, for the line of its end
@@ -55,21 +56,34 @@ class ActionLog:
         self._stamp = (0.0, serverlog.iso(0.0))
 
     def on_durable(self, records: Sequence[Record]) -> None:
+        if len(records) <= BULK:
+            for record in records:
+                self._tell(record)
+        else:  # a commit of many requests: each request's events apart
+            for _, appended in groupby(records, key=lambda r: (r.time, r.principal)):
+                self._tell_append(list(appended))
+        self.lines.flush()
+
+    def _tell_append(self, records: list[Record]) -> None:
+        """The events of one append (one request, one pass): more than BULK of a kind are
+        one line for them all."""
         many = Counter(type(r.event) for r in records) if len(records) > BULK else None
         told: set[type] = set()
         for record in records:
             kind = type(record.event)
-            if many is not None and many[kind] > BULK:
-                self.place(record.event)
-                if kind not in told:
-                    told.add(kind)
-                    self._tell_many([r for r in records if type(r.event) is kind])
+            if many is None or many[kind] <= BULK:
+                self._tell(record)
                 continue
-            fields = DESCRIBE[kind](self, record.event)
-            level = fields.pop("level", "info")
-            getattr(self.out, level)(record.type, timestamp=self._iso(record.time),
-                                     seq=record.seq, by=record.principal, **fields)
-        self.lines.flush()
+            self.place(record.event)
+            if kind not in told:
+                told.add(kind)
+                self._tell_many([r for r in records if type(r.event) is kind])
+
+    def _tell(self, record: Record) -> None:
+        fields = DESCRIBE[type(record.event)](self, record.event)
+        level = fields.pop("level", "info")
+        self.lines.write(level, record.type, self._iso(record.time), seq=record.seq,
+                         by=record.principal, **fields)
 
     def _iso(self, t: float) -> str:
         """The events of one append share their time: format it once."""
@@ -86,11 +100,11 @@ class ActionLog:
 
     def _tell_many(self, records: list[Record]) -> None:
         jobs = [job_id for r in records if (job_id := ev.event_job_id(r.event))]
-        self.out.info(records[0].type, timestamp=self._iso(records[0].time), count=len(records),
-                      seq=records[0].seq, last_seq=records[-1].seq,
-                      by=",".join(sorted({r.principal for r in records})),
-                      first_job_id=jobs[0] if jobs else None,
-                      last_job_id=jobs[-1] if jobs else None)
+        self.lines.write("info", records[0].type, self._iso(records[0].time),
+                         count=len(records), seq=records[0].seq, last_seq=records[-1].seq,
+                         by=",".join(sorted({r.principal for r in records})),
+                         first_job_id=jobs[0] if jobs else None,
+                         last_job_id=jobs[-1] if jobs else None)
 
     # --- what each line holds ----------------------------------------------------------
 

@@ -4,8 +4,8 @@
 Every line goes to stderr, but the announcement (where the server listens), which goes to
 stdout as it always has, so a script that reads the first line of stdout finds the URL in
 either format. JSON is encoded with msgspec, and the lines of one commit of the log
-(``Lines``) are written with one call, stamped with their events' own time: the server's
-hot path pays a few microseconds a line.
+(``Lines``) are rendered without structlog's bound logger and written with one call,
+stamped with their events' own time: the server's hot path pays a few microseconds a line.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import structlog
 _encoder = msgspec.json.Encoder(enc_hook=str)
 #: As ``configure`` set them: what ``Lines`` renders and which of its lines it keeps.
 _format, _level = "console", logging.INFO
+_LEVELS = {name.lower(): number for name, number in logging.getLevelNamesMapping().items()}
 
 
 def _json(event: dict[str, Any], **_: Any) -> str:
@@ -81,23 +82,24 @@ def iso(t: float) -> str:
 
 
 class Lines:
-    """Lines kept until ``flush``, in the configured format, each given its ``timestamp``
-    by its caller: a commit's lines cost one write."""
+    """Lines kept until ``flush``, in the configured format, each with the time its caller
+    gives: a commit's lines cost one write. They are rendered here as structlog's chain
+    would render them, without its bound logger: 0.8 µs a line against 6."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.kept: list[str] = []
-        self.log: Any = structlog.wrap_logger(
-            self, processors=processors(_format, stamp=False),
-            wrapper_class=structlog.make_filtering_bound_logger(_level))
+        self.json = _format == "json"
 
     def enabled(self, level: int) -> bool:
         return level >= _level
 
-    def msg(self, message: str) -> None:
-        self.kept.append(message)
-
-    debug = info = warning = error = critical = msg
+    def write(self, level: str, event: str, timestamp: str, **fields: Any) -> None:
+        if _LEVELS[level] < _level:
+            return
+        line = {"timestamp": timestamp, "level": level, "event": event, **fields}
+        self.kept.append(_encoder.encode(line).decode() if self.json
+                         else _console(None, level, line))
 
     def flush(self) -> None:
         if self.kept:

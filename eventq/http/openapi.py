@@ -310,7 +310,9 @@ OPERATIONS: tuple[Op, ...] = (
        params=(OWN_WORKER,), also=(403,)),
     Op("get", "/metrics", "metrics", "operator",
        "Prometheus metrics: queue depth, running jobs, GPUs, dispatch latency, the log.",
-       "user", Text(("text/plain",), "Prometheus text exposition format.")),
+       "user", Text(("text/plain", "application/openmetrics-text"),
+                    "Prometheus text format 0.0.4, or OpenMetrics 1.0 when Accept asks for it "
+                    "(as Prometheus does).")),
     Op("get", "/api/openapi.json", "openapi", "operator", "This document.", "public",
        Text((JSON_MEDIA,), "An OpenAPI 3.1 document.")),
 )
