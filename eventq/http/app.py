@@ -22,8 +22,9 @@ TOKEN_SHA256 = web.RequestKey("token_sha256", str)
 T = TypeVar("T")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-#: Reachable without a token: the API's description holds no data.
-PUBLIC = frozenset({"/api/openapi.json"})
+#: Reachable without a token: the API's description and the web page hold no data.
+PUBLIC = frozenset({"/api/openapi.json", "/"})
+PAGE_FILES = "/ui/"
 _FIELD = re.compile(r"`\$\.([^`\[]+)")
 
 
@@ -113,7 +114,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     than two: each is one more coroutine on every request."""
     try:
         path = request.path
-        if path not in PUBLIC and not path.startswith(WORKER_ROUTES):
+        if path not in PUBLIC and not path.startswith((WORKER_ROUTES, PAGE_FILES)):
             request[USER] = authenticate(request)
         return await handler(request)
     except ApiError as exc:
@@ -151,12 +152,14 @@ def make_app(orchestrator: Orchestrator) -> web.Application:
         admin_workers,
         imports,
         jobs,
+        listing,
         logs,
         metrics,
         openapi,
         queue,
         stream,
         system,
+        ui,
         workers,
     )
 
@@ -175,5 +178,7 @@ def make_app(orchestrator: Orchestrator) -> web.Application:
     stream.setup(app)
     app.add_routes(workers.routes)
     app.add_routes(admin_workers.routes)
+    app.add_routes(listing.routes)
+    app.add_routes(ui.routes)
     app[workers.PENDING] = {}
     return app
