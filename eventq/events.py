@@ -159,6 +159,30 @@ class UserUpdated(Event, frozen=True, tag="user_updated"):
     team: str | None
 
 
+class SessionOpened(Event, frozen=True, tag="session_opened"):
+    """A browser signed in (the web page), with a token or a one-time code made with one.
+
+    Only the SHA-256 of the session's cookie is kept. The session lasts until
+    ``expires_at`` (fixed at sign-in, never extended), its sign-out, the revocation of the
+    token it was opened with (``token_sha256``: that token's, or the code maker's), or
+    its user's demotion below ``level``; whichever comes first."""
+
+    session_sha256: str
+    name: str
+    level: Level
+    token_sha256: str
+    expires_at: float
+    via: Literal["token", "code"]
+
+
+class SessionEnded(Event, frozen=True, tag="session_ended"):
+    """A session ended before its time: signed out (its other ends need no event: the
+    revocation or demotion that ends it is one already, and expiry is a time)."""
+
+    session_sha256: str
+    reason: str
+
+
 class LimitsChanged(Event, frozen=True, tag="limits_changed"):
     limits: Limits
 
@@ -362,6 +386,8 @@ AnyEvent = (
     | UserUpdated
     | TokenIssued
     | TokenRevoked
+    | SessionOpened
+    | SessionEnded
     | LimitsChanged
     | SettingsChanged
     | WorkerCreated

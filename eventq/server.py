@@ -34,6 +34,7 @@ from eventq.log import EventLog, HeadTrust, KeyFileInvalid, LogCorrupt
 from eventq.logfiles import DEFAULT_CAP, AttemptLogs
 from eventq.node import LocalNode
 from eventq.paths import LOG_FILE, SERVER_FILE
+from eventq.projections.history import History
 from eventq.projections.queue import QueueView
 
 log = structlog.get_logger()
@@ -195,7 +196,11 @@ class Orchestrator:
         self.registry = Registry(self.log, self.users, self.workers, self.scheduler,
                                  self.allocator, self.clock, self.heartbeat_timeout)
         self.queue = QueueView(self.state, self.gpu_table, self.scheduler)
-        self.log.fold_into(self.state, self.gpu_table, self.users, self.workers, self.queue)
+        self.sessions = self.registry.sessions
+        #: The past, for replay and the GPUs over time (``projections/history.py``).
+        self.history = History()
+        self.log.fold_into(self.state, self.gpu_table, self.users, self.workers, self.queue,
+                           self.sessions, self.history)
 
     def _remove_purged_directories(self) -> None:
         """A purge is durable before its directories go: finish one a crash interrupted."""

@@ -231,7 +231,9 @@ async def test_open_streams_end_cleanly_when_the_server_shuts_down(
 
 async def test_a_bad_resume_point_is_refused(api: TestClient[Any, Any]) -> None:
     for query, headers, field in (("?after=-1", {}, "after"), ("?after=x", {}, "after"),
-                                  ("", {"Last-Event-ID": "seven"}, "Last-Event-ID")):
+                                  ("", {"Last-Event-ID": "seven"}, "Last-Event-ID"),
+                                  ("?after=-1", {"Last-Event-ID": "3"}, "after"),
+                                  ("?after=3", {"Last-Event-ID": "seven"}, "Last-Event-ID")):
         resp = await api.get(f"/api/events/stream{query}", headers=headers)
         assert resp.status == 422 and (await resp.json())["field"] == field
 

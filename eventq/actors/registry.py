@@ -36,6 +36,7 @@ from eventq.actors.workers_state import Worker, Workers
 from eventq.auth import Users, new_token, token_hash
 from eventq.clock import Clock
 from eventq.log import EventLog
+from eventq.sessions import EndSession, OpenSession, Sessions, decide_session
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
@@ -126,7 +127,8 @@ class LoseAttempts(msgspec.Struct, frozen=True):
 
 WorkerMsg = (CreateWorker | RotateWorkerToken | DrainWorker | RemoveWorker | WorkerHello
              | WorkerGone | CheckAlive | LoseAttempts)
-RegistryMsg = AddUser | UpdateUser | IssueToken | RevokeTokens | WorkerMsg
+RegistryMsg = AddUser | UpdateUser | IssueToken | RevokeTokens | OpenSession | EndSession \
+    | WorkerMsg
 
 
 def decide_user(users: Users, cmd: AddUser | UpdateUser, digest: str) -> list[ev.Event]:
@@ -186,6 +188,8 @@ class Registry(Actor[RegistryMsg]):
         self.log, self.users, self.workers = log, users, workers
         self.scheduler, self.allocator, self.clock = scheduler, allocator, clock
         self.heartbeat_timeout = heartbeat_timeout
+        #: Browser sessions (``eventq.sessions``): opened and ended only here.
+        self.sessions = Sessions()
         #: worker id -> last time heard from (liveness: in memory, never an event).
         self.last_seen: dict[str, float] = {}
 
@@ -203,6 +207,10 @@ class Registry(Actor[RegistryMsg]):
         elif isinstance(message, CreateWorker | RotateWorkerToken | DrainWorker):
             events = decide_worker_admin(self.workers, message, digest,
                                          f"w_{secrets.token_hex(6)}")
+        elif isinstance(message, OpenSession | EndSession):
+            principal, events = decide_session(self.users, self.sessions, message,
+                                               self.clock.now())
+            return Outcome(events, self.log.append(principal, events).durable), None
         else:
             return await self._liveness(message), None
         appended = self.log.append(message.principal, events)

@@ -78,7 +78,8 @@ def is_gated(spec: ev.JobSpec) -> bool:
 IGNORED = frozenset({
     ev.ServerStarted, ev.WorkerCreated, ev.WorkerTokenRotated, ev.WorkerConnected,
     ev.WorkerDraining, ev.WorkerLost, ev.WorkerRemoved, ev.UserCreated, ev.UserUpdated,
-    ev.TokenIssued, ev.TokenRevoked, ev.NodeInventoryReported, ev.GpusAllocated,
+    ev.TokenIssued, ev.TokenRevoked, ev.SessionOpened, ev.SessionEnded,
+    ev.NodeInventoryReported, ev.GpusAllocated,
     ev.GpusReleased, ev.StaleReportIgnored})
 
 

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
+from yarl import URL
 
 from eventq.actors.scheduler import CommandError
 from eventq.auth import User, may_act_for, token_hash
@@ -19,11 +20,18 @@ ORCH = web.AppKey("orchestrator", Orchestrator)
 USER = web.RequestKey("user", User)
 #: The SHA-256 of the token the request was made with: a stream lives only while it is valid.
 TOKEN_SHA256 = web.RequestKey("token_sha256", str)
+#: The SHA-256 of the session cookie the request was made with, if it was (the web page).
+SESSION_SHA256 = web.RequestKey("session_sha256", str)
+#: The web page's session cookie (``eventq/http/session.py`` sets it).
+SESSION_COOKIE = "eventq_session"
+#: Methods that change something: with a session cookie, only from the server's own origin.
+UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 T = TypeVar("T")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-#: Reachable without a token: the API's description and the web page hold no data.
-PUBLIC = frozenset({"/api/openapi.json", "/"})
+#: Reachable without a token: the API's description and the web page hold no data;
+#: signing in and out checks its own credentials (``eventq/http/session.py``).
+PUBLIC = frozenset({"/api/openapi.json", "/api/session", "/"})
 PAGE_FILES = "/ui/"
 _FIELD = re.compile(r"`\$\.([^`\[]+)")
 
@@ -133,10 +141,15 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def authenticate(request: web.Request) -> User:
-    """The user of the request's bearer token (public and worker routes need none)."""
-    header = request.headers.get("Authorization", "")
+    """The user of the request's bearer token, or of its session cookie when it has no
+    Authorization header (public and worker routes need neither)."""
+    header = request.headers.get("Authorization")
+    if header is None and SESSION_COOKIE in request.cookies:
+        return session_user(request)
+    header = header or ""
     if not header.startswith("Bearer "):
-        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
+        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>) or "
+                            "session cookie")
     digest = token_hash(header.removeprefix("Bearer ").strip())
     user = request.app[ORCH].users.holder(digest)
     if user is None:
@@ -145,11 +158,48 @@ def authenticate(request: web.Request) -> User:
     return user
 
 
+def session_user(request: web.Request) -> User:
+    """The user of the request's session cookie while its session stands. A browser sends
+    the cookie with whatever a page of any site makes it send, so a request that changes
+    something must come from the server's own origin (the page served here)."""
+    orch = request.app[ORCH]
+    digest = token_hash(request.cookies[SESSION_COOKIE])
+    user, why = orch.sessions.standing(digest, orch.clock.now(), orch.users)
+    if user is None:
+        raise ApiError(401, why or "no session")
+    if request.method in UNSAFE and not same_origin(request):
+        raise ApiError(403, "a request that changes something with a session cookie must "
+                            f"come from this server's own page (Origin {own_origin(request)})")
+    request[TOKEN_SHA256] = orch.sessions.by_digest[digest].token_sha256
+    request[SESSION_SHA256] = digest
+    return user
+
+
+def own_origin(request: web.Request) -> str:
+    """scheme://host:port as this request reached the server."""
+    return f"{request.scheme}://{request.host}"
+
+
+def same_origin(request: web.Request) -> bool:
+    """Does the request's ``Origin`` header name this server as the request reached it?
+    Absent, ``null`` or anything unreadable is not."""
+    origin = request.headers.get("Origin")
+    if not origin:
+        return False
+    try:
+        theirs, ours = URL(origin), URL(own_origin(request))
+        return theirs.path in ("", "/") and not theirs.query_string and \
+            (theirs.scheme, theirs.host, theirs.port) == (ours.scheme, ours.host, ours.port)
+    except (ValueError, TypeError):
+        return False
+
+
 def make_app(orchestrator: Orchestrator) -> web.Application:
     from eventq.http import (
         actions,
         admin,
         admin_workers,
+        history,
         imports,
         jobs,
         listing,
@@ -157,6 +207,7 @@ def make_app(orchestrator: Orchestrator) -> web.Application:
         metrics,
         openapi,
         queue,
+        session,
         stream,
         system,
         ui,
@@ -178,6 +229,8 @@ def make_app(orchestrator: Orchestrator) -> web.Application:
     stream.setup(app)
     app.add_routes(workers.routes)
     app.add_routes(admin_workers.routes)
+    session.setup(app)
+    app.add_routes(history.routes)
     app.add_routes(listing.routes)
     app.add_routes(ui.routes)
     app[workers.PENDING] = {}

@@ -25,8 +25,10 @@ from eventq.http import schemas as s
 from eventq.http.actions import CancelFilter, PriorityBody
 from eventq.http.admin import NewUser, UserChange
 from eventq.http.admin_workers import NewWorker
+from eventq.http.history import LAST_EPOCH
 from eventq.http.imports import ImportRequest
 from eventq.http.queue import BatchRequest, LimitsUpdate, SubmitRequest
+from eventq.http.session import SignIn
 from eventq.http.stream import LAST_SEQ
 from eventq.http.workers import DisconnectBody, HeartbeatBody, RegisterBody, StatusBody
 from eventq.projections.queue import STATUS_WORDS
@@ -66,6 +68,13 @@ Stream = Annotated[Literal["stdout", "stderr", "all"], Meta(extra_json_schema={
 AfterSeq = Annotated[int, Meta(ge=0, le=LAST_SEQ,
                                description="Resume after this seq (as Last-Event-ID).")]
 JobId = Annotated[str, Meta(min_length=1, description="12 hex digits, as submit answers.")]
+Seq = Annotated[int, Meta(ge=0, le=LAST_SEQ, description="An event's seq (0: before the "
+                                                          "first). Default: the log's last.")]
+EpochParam = Annotated[float, Meta(ge=0, le=LAST_EPOCH, description="Epoch seconds.")]
+Finished = Annotated[int, Meta(ge=0, le=10_000, extra_json_schema={"default": 50},
+                               description="How many of the jobs that had ended by then to "
+                                           "list too, the latest first.")]
+Bars = Annotated[int, Meta(ge=1, le=100_000, extra_json_schema={"default": 10_000})]
 UserName = Annotated[str, Meta(min_length=1)]
 WorkerId = Annotated[str, Meta(min_length=1)]
 
@@ -213,6 +222,40 @@ OPERATIONS: tuple[Op, ...] = (
        params=(Param("after", AfterSeq),
                Param("Last-Event-ID", Annotated[str, Meta(pattern="^[0-9]{0,18}$")], "header",
                      "The seq of the last event received (empty: none).")), also=(422,)),
+    Op("get", "/api/jobs/{job_id}/reasons", "jobReasons", "jobs",
+       "Each set of reasons the job waited on, from when to when, and the events that set "
+       "and changed it (read from the log).", "owner", (s.ReasonHistory,), params=(JOB,)),
+    Op("get", "/api/replay/state", "replayState", "replay",
+       "The queue, the GPUs' holders and the workers as they were right after event `at` "
+       "(or, with `time`, after the last event before the first one later than it; both: "
+       "whichever comes first). From a snapshot and the events after it, never a fold from "
+       "the start.", "user", (s.ReplayState,),
+       params=(Param("at", Seq), Param("time", EpochParam, about="Epoch seconds."),
+               Param("finished", Finished)),
+       also=(404,)),
+    Op("get", "/api/gpus/timeline", "gpuTimeline", "replay",
+       "Which attempt held which GPU when: every hold that overlaps [since, until] (default: "
+       "the hour up to now), and a lane per GPU.", "user", (s.GpuTimeline,),
+       params=(Param("since", EpochParam, about="Default: an hour before until."),
+               Param("until", EpochParam, about="Default: now."),
+               Param("limit", Bars, about="At most this many bars, the latest kept."))),
+    Op("post", "/api/session", "signIn", "session",
+       "Sign a browser in with a token or a one-time code: the reply sets the session cookie "
+       "(`eventq_session`: HttpOnly, SameSite=Strict, Secure over TLS) and the page keeps no "
+       "token. The session lasts 12 hours from now (fixed), until sign-out, or until its "
+       "token is revoked or its user demoted. From a browser, `Origin` must be this server's.",
+       "public", (s.SessionReply,), body=SignIn, also=(401, 403)),
+    Op("get", "/api/session", "getSession", "session",
+       "Who the session cookie signs in, while its session stands.", "public",
+       (s.SessionReply,), also=(401,)),
+    Op("delete", "/api/session", "signOut", "session",
+       "Sign out: the cookie's session ends at once, and every stream it opened closes "
+       "(`Origin` must be this server's). Without a session there is nothing to end.",
+       "public", Text((), "No content; the cookie is cleared."), status=204, also=(403,)),
+    Op("post", "/api/session/code", "makeSignInCode", "session",
+       "A one-time sign-in code for the caller (`eventq ui`): good once, for five minutes; "
+       "the session it opens ends when the caller's token is revoked.", "user",
+       (s.SignInCode,), status=201),
     Op("get", "/api/admin/users", "listUsers", "admin", "Every user, their level and team.",
        "admin", (s.UserList,)),
     Op("post", "/api/admin/users", "addUser", "admin",
@@ -300,8 +343,9 @@ OPERATIONS: tuple[Op, ...] = (
 )
 
 ERRORS: dict[int, str] = {
-    401: "No token, or an invalid or revoked one.",
-    403: "The caller's level (or, for a worker, the worker) does not allow this.",
+    401: "No token or session, or an invalid, revoked or ended one.",
+    403: "The caller's level (or, for a worker, the worker) does not allow this; or a "
+         "request that changes something came with a session cookie from another origin.",
     404: "No such job, user or worker.",
     409: "The job's (or user's) state does not allow this now.",
     422: "A field or parameter is invalid; `field` names it.",
@@ -408,14 +452,17 @@ def build() -> dict[str, Any]:
         "openapi": "3.2.0",
         "info": {"title": "eventq", "version": __version__,
                  "description": "A GPU job queue and orchestrator. Users send "
-                                "`Authorization: Bearer <token>`, workers (`/api/workers/*`) "
-                                "`X-Worker-Token`; this document needs neither."},
-        "security": [{"bearer": []}],
+                                "`Authorization: Bearer <token>` (the web page: its session "
+                                "cookie, and `Origin` with a request that changes "
+                                "something), workers (`/api/workers/*`) `X-Worker-Token`; "
+                                "this document needs none."},
+        "security": [{"bearer": []}, {"session": []}],
         "paths": paths,
         "components": {
             "schemas": components,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "eventq_session"},
                 "workerToken": {"type": "apiKey", "in": "header", "name": "X-Worker-Token"}},
             "responses": {f"E{code}": {"description": about, "content": {
                 "application/json": {"schema": error}}} for code, about in ERRORS.items()},

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import UNSET, Meta, Struct, UnsetType, field
 
 from eventq import events as ev
 
@@ -399,6 +399,144 @@ class TokensRevoked(Reply):
     name: str
     tokens: int
 
+
+
+# --- the web page's session -------------------------------------------------------------
+
+
+class SessionReply(Reply):
+    """A signed-in browser: who, at what level, and until when (fixed at sign-in)."""
+
+    user: str
+    level: ev.Level
+    expires_at: float
+
+
+class SignInCode(Reply):
+    """A one-time sign-in code for the caller: good once, for five minutes."""
+
+    code: str
+    expires_at: float
+    user: str
+    #: The page's sign-in link, to follow from the server's URL (a fragment: it never
+    #: reaches an access log).
+    link: str
+
+
+# --- the past ---------------------------------------------------------------------------
+
+
+class ReplayJob(Reply):
+    """A job as ``GET /api/queue`` lists it, as it was at that event."""
+
+    job_id: str
+    name: str
+    user: str
+    team: str | None
+    status: JobStatus
+    priority: int
+    #: With the aging the job had then.
+    effective_priority: int
+    gpus: int
+    allocated_gpus: GpuIndices
+    node: str | None
+    target: ev.Target
+    attempt: int
+    max_attempts: int
+    queued_at: float
+    started_at: float | None
+    completed_at: float | None
+    exit_code: int | None
+    error: str | None
+    #: The reasons recorded for it by then (a waiting, blocked, held or rejected job).
+    reasons: list[WaitReason]
+    #: Its place in the queue then (jobs in the queue only).
+    position: int | UnsetType = UNSET
+
+
+class ReplayGpu(Reply):
+    """A GPU of a node as it was: who held it (null: free)."""
+
+    node: str
+    index: int
+    job_id: str | None
+    attempt: int | None
+
+
+class ReplayWorker(Reply):
+    worker_id: str
+    name: str
+    status: Literal["connecting", "idle", "busy", "draining", "offline"]
+
+
+class ReplayState(Reply):
+    """The state right after event ``seq`` (0: before the first)."""
+
+    seq: int
+    #: The time of that event; null for seq 0.
+    time: float | None
+    #: The log's last seq now.
+    head_seq: int
+    #: Running jobs, waiting jobs in queue order, jobs waiting for dependencies or a begin
+    #: time, blocked and held ones; then up to ``finished`` jobs that had ended, latest first.
+    jobs: list[ReplayJob]
+    #: Every GPU of every node known then.
+    gpus: list[ReplayGpu]
+    workers: list[ReplayWorker]
+
+
+class GpuLane(Reply):
+    node: str
+    gpu: int
+
+
+class GpuBar(Reply):
+    """One attempt's hold on a node's GPUs, from allocation to release."""
+
+    job_id: str
+    attempt: int
+    user: str
+    #: The job's priority before aging (its override, else its user's level's).
+    priority: int
+    node: str
+    gpus: GpuIndices
+    start: float
+    #: Null while it still holds them.
+    end: float | None
+    #: ``running`` while it holds them, else what became of the attempt.
+    status: Literal["running", "completed", "failed", "timeout", "cancelled", "lost",
+                    "start_failed", "orphaned"]
+
+
+class GpuTimeline(Reply):
+    now: float
+    since: float
+    until: float
+    lanes: list[GpuLane]
+    bars: list[GpuBar]
+    #: More bars overlapped the window than ``limit``: the latest were kept.
+    truncated: bool
+
+
+class ReasonSpan(Reply):
+    """One set of reasons a job waited on, from the event that set it to the one that
+    changed it."""
+
+    codes: list[str]
+    detail: str
+    reasons: list[WaitReason]
+    from_: float = field(name="from")
+    #: Null while it still holds.
+    until: float | None
+    seq: int
+    event: EventType
+    until_seq: int | None
+    until_event: EventType | None
+
+
+class ReasonHistory(Reply):
+    job_id: str
+    history: list[ReasonSpan]
 
 
 # --- workers --------------------------------------------------------------------------

@@ -81,6 +81,7 @@ def public_body(record: Record) -> dict[str, Any]:
     if isinstance(record.event, ev.JobSubmitted):
         body["job"].pop("env", None)
     body.pop("token_sha256", None)
+    body.pop("session_sha256", None)
     return out
 
 
@@ -166,13 +167,16 @@ class Subscription:
         return sse_frame(record.type, out, str(record.seq))
 
     async def _shown(self, record: Record, body: dict[str, Any]) -> bool:
-        """A non-admin sees events of their own jobs and events that belong to no job."""
+        """A non-admin sees events of their own jobs and events that belong to no job
+        (of sign-ins and sign-outs, their own)."""
         e = record.event
         if isinstance(e, ev.JobsPurged):
             body["job_ids"] = [j for j in e.job_ids if await self._owner(j) == self.user.name]
             return bool(body["job_ids"])
         if isinstance(e, ev.JobSubmitted):
             return e.job.user == self.user.name
+        if isinstance(e, ev.SessionOpened | ev.SessionEnded):  # who signs in when: theirs only
+            return record.principal == self.user.principal
         job_id = ev.event_job_id(e)
         return job_id is None or await self._owner(job_id) == self.user.name
 
@@ -198,12 +202,12 @@ async def _shut_down(app: web.Application) -> None:
 
 
 def resume_point(request: web.Request) -> int | None:
-    """The seq to resume after: ``Last-Event-ID`` (what EventSource sends) or ``?after=``."""
-    for name, raw in (("Last-Event-ID", request.headers.get("Last-Event-ID")),
-                      ("after", request.query.get("after"))):
-        if raw:
-            return parse_int(raw, name, 0, LAST_SEQ)
-    return None
+    """The seq to resume after: ``Last-Event-ID`` (what EventSource sends), else ``?after=``;
+    each is checked whenever it is sent, the one not taken too."""
+    found = [parse_int(raw, name, 0, LAST_SEQ)
+             for name, raw in (("Last-Event-ID", request.headers.get("Last-Event-ID")),
+                               ("after", request.query.get("after"))) if raw]
+    return found[0] if found else None
 
 
 @routes.get("/api/events/stream")

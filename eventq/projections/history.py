@@ -1,0 +1,438 @@
+"""The past: the queue, GPUs and workers as they were right after any event, and which
+attempt held which GPU when.
+
+A ``Frame`` is a light fold of the log: the jobs not yet finished (one frozen row each),
+every node's GPUs and their holders, the workers, the limits. ``History`` keeps the live
+frame at the head and, every ``every`` events (at least as many as there are open jobs,
+so a copy costs at most one row per event), a snapshot of it: a shallow copy, since rows
+are replaced, never changed. The state at seq S is the last snapshot at or before S with
+the events after it folded in (read from the log): at most a few thousand events, however
+long the log. Finished jobs are not copied into snapshots: each is appended once, when it
+ends, to ``finished``, which a query reads back to S. Snapshots are thinned when there are
+more than ``keep`` (every other one goes, the spacing doubles), so memory stays bounded.
+
+The fold must agree with the scheduler's own (``SchedulerState``) on every field it keeps;
+``tests/test_history.py`` compares them at many points of real logs.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgspec
+
+from eventq import events as ev
+from eventq.actors.scheduler_state import implied_reasons, is_gated
+from eventq.log import Record
+
+#: Events a snapshot is taken after at the least.
+EVERY = 4096
+#: Snapshots kept at most; past it every other one is dropped.
+KEEP = 512
+
+
+class JobRow(msgspec.Struct, frozen=True, gc=False):
+    """One job as it was: replaced on every change, so a snapshot can share it."""
+
+    spec: ev.JobSpec
+    #: Its submission's seq: queue order within a priority.
+    order: int
+    status: str
+    queued_at: float
+    attempt: int = 0
+    #: An attempt is alive (dispatched or running, also while a cancel takes effect).
+    active: bool = False
+    node: str | None = None
+    gpus: tuple[int, ...] = ()
+    reasons: tuple[ev.Reason, ...] = ()
+    started_at: float | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None
+    error: str | None = None
+
+
+class NodeRow(msgspec.Struct, frozen=True, gc=False):
+    """A node's GPUs and who holds each: (job, attempt) by GPU index."""
+
+    gpus: tuple[int, ...]
+    held: dict[int, tuple[str, int]]
+
+
+class WorkerRow(msgspec.Struct, frozen=True, gc=False):
+    name: str
+    online: bool = False
+    draining: bool = False
+    offline_reason: str | None = None
+
+
+def _replace(row: Any, **changes: Any) -> Any:
+    return msgspec.structs.replace(row, **changes)
+
+
+@dataclass
+class Finished:
+    """Every job as it ended, in seq order: appended once per end, never copied."""
+
+    seqs: list[int] = field(default_factory=list)
+    rows: list[JobRow] = field(default_factory=list)
+    #: job id -> the seq of the purge that removed it from the read models.
+    purged: dict[str, int] = field(default_factory=dict)
+
+    def add(self, seq: int, row: JobRow) -> None:
+        self.seqs.append(seq)
+        self.rows.append(row)
+
+    def last_before(self, job_id: str, seq: int) -> JobRow | None:
+        """The job's row as it last ended before ``seq`` (a retry takes it back)."""
+        for i in range(bisect.bisect_left(self.seqs, seq) - 1, -1, -1):
+            if self.rows[i].spec.job_id == job_id:
+                return self.rows[i]
+        return None
+
+    def newest(self, at: int, skip: Iterable[str], most: int) -> list[JobRow]:
+        """Up to ``most`` jobs finished at ``at``, the latest first: each once, as it last
+        ended by then, unless it is open again (``skip``) or purged by then."""
+        seen, out = set(skip), list[JobRow]()
+        for i in range(bisect.bisect_right(self.seqs, at) - 1, -1, -1):
+            if len(out) >= most:
+                break
+            row = self.rows[i]
+            job_id = row.spec.job_id
+            purged = self.purged.get(job_id)
+            if job_id in seen or (purged is not None and purged <= at):
+                continue
+            seen.add(job_id)
+            out.append(row)
+        return out
+
+
+@dataclass
+class Frame:
+    """The state right after ``seq``: open jobs, nodes, workers, limits."""
+
+    seq: int = 0
+    time: float = 0.0
+    #: The latest event time up to ``seq`` (times may step back with the wall clock).
+    high: float = 0.0
+    jobs: dict[str, JobRow] = field(default_factory=dict)
+    nodes: dict[str, NodeRow] = field(default_factory=dict)
+    workers: dict[str, WorkerRow] = field(default_factory=dict)
+    limits: ev.Limits = field(default_factory=ev.Limits)
+
+    def copy(self) -> Frame:
+        return Frame(self.seq, self.time, self.high, dict(self.jobs), dict(self.nodes),
+                     dict(self.workers), self.limits)
+
+    def active_on(self, node: str) -> int:
+        return sum(1 for row in self.jobs.values() if row.active and row.node == node)
+
+
+#: What a fold does with a job that ends, or one that comes back from its end.
+@dataclass
+class Ends:
+    finished: Finished
+    #: Live: the fold records ends (``Finished.add``); a tail fold reads them only.
+    record: bool
+
+
+Step = Callable[[Frame, Any, Record, Ends], None]
+
+
+def _job(frame: Frame, job_id: str) -> JobRow | None:
+    return frame.jobs.get(job_id)
+
+
+def _set(frame: Frame, job_id: str, **changes: Any) -> None:
+    row = frame.jobs.get(job_id)
+    if row is not None:
+        frame.jobs[job_id] = _replace(row, **changes)
+
+
+def _end(frame: Frame, job_id: str, r: Record, ends: Ends, **changes: Any) -> None:
+    row = frame.jobs.pop(job_id, None)
+    if row is not None and ends.record:
+        ends.finished.add(r.seq, _replace(row, finished_at=r.time, **changes))
+
+
+def _submitted(frame: Frame, e: ev.JobSubmitted, r: Record, ends: Ends) -> None:
+    spec = e.job
+    frame.jobs[spec.job_id] = JobRow(spec, r.seq, "waiting" if is_gated(spec) else "pending",
+                                     r.time, reasons=implied_reasons(spec))
+
+
+def _back(frame: Frame, e: ev.JobApproved | ev.JobReleased | ev.JobReady, r: Record,
+          ends: Ends) -> None:
+    row = frame.jobs.get(e.job_id)
+    if row is None:
+        return
+    gated = isinstance(e, ev.JobApproved) and is_gated(row.spec)
+    frame.jobs[e.job_id] = _replace(row, status="waiting" if gated else "pending", reasons=())
+
+
+def _parked(frame: Frame, e: ev.JobBlocked | ev.JobHeld, r: Record, ends: Ends) -> None:
+    reason = ev.Reason("approval", e.reason) if isinstance(e, ev.JobBlocked) else \
+        ev.Reason("held", f"held since seq {r.seq}")
+    _set(frame, e.job_id, status="blocked" if isinstance(e, ev.JobBlocked) else "held",
+         reasons=(reason,))
+
+
+def _priority(frame: Frame, e: ev.PriorityChanged, r: Record, ends: Ends) -> None:
+    row = frame.jobs.get(e.job_id)
+    if row is not None:
+        spec = _replace(row.spec, priority_override=e.priority_override)
+        frame.jobs[e.job_id] = _replace(row, spec=spec)
+
+
+def _reasons(frame: Frame, e: ev.JobReasonsChanged, r: Record, ends: Ends) -> None:
+    _set(frame, e.job_id, reasons=tuple(e.reasons))
+
+
+def _dispatched(frame: Frame, e: ev.AttemptDispatched, r: Record, ends: Ends) -> None:
+    _set(frame, e.job_id, status="dispatched", attempt=e.attempt, active=True, node=e.node,
+         gpus=tuple(e.gpus), reasons=(), started_at=r.time, exit_code=None)
+
+
+def _started(frame: Frame, e: ev.AttemptStarted, r: Record, ends: Ends) -> None:
+    row = frame.jobs.get(e.job_id)
+    if row is not None and row.status == "dispatched":
+        frame.jobs[e.job_id] = _replace(row, status="running")
+
+
+def _attempt_ended(frame: Frame, e: ev.AttemptEnded, r: Record, ends: Ends) -> None:
+    _set(frame, e.job_id, active=False, exit_code=e.exit_code)
+
+
+def _requeued(frame: Frame, e: ev.JobRequeued, r: Record, ends: Ends) -> None:
+    row = frame.jobs.get(e.job_id) or ends.finished.last_before(e.job_id, r.seq)
+    if row is not None:  # a retry brings a finished job back
+        frame.jobs[e.job_id] = _replace(row, status="pending", node=None, gpus=(),
+                                        error=e.reason, finished_at=None)
+
+
+def _rejected(frame: Frame, e: ev.JobRejected, r: Record, ends: Ends) -> None:
+    _end(frame, e.job_id, r, ends, status="rejected", reasons=tuple(e.reasons))
+
+
+def _completed(frame: Frame, e: ev.JobCompleted, r: Record, ends: Ends) -> None:
+    _end(frame, e.job_id, r, ends, status="completed")
+
+
+def _failed(frame: Frame, e: ev.JobFailed, r: Record, ends: Ends) -> None:
+    _end(frame, e.job_id, r, ends, status="failed", error=e.reason)
+
+
+def _cancelled(frame: Frame, e: ev.JobCancelled, r: Record, ends: Ends) -> None:
+    _end(frame, e.job_id, r, ends, status="cancelled")
+
+
+def _purged(frame: Frame, e: ev.JobsPurged, r: Record, ends: Ends) -> None:
+    if ends.record:
+        for job_id in e.job_ids:
+            ends.finished.purged[job_id] = r.seq
+
+
+def _inventory(frame: Frame, e: ev.NodeInventoryReported, r: Record, ends: Ends) -> None:
+    old = frame.nodes.get(e.node)
+    frame.nodes[e.node] = NodeRow(tuple(sorted(g.index for g in e.gpus)),
+                                  old.held if old else {})
+
+
+def _allocated(frame: Frame, e: ev.GpusAllocated, r: Record, ends: Ends) -> None:
+    node = frame.nodes.get(e.node) or NodeRow((), {})
+    held = dict(node.held)
+    for gpu in e.gpus:
+        held[gpu] = (e.job_id, e.attempt)
+    frame.nodes[e.node] = NodeRow(node.gpus, held)
+
+
+def _released(frame: Frame, e: ev.GpusReleased, r: Record, ends: Ends) -> None:
+    node = frame.nodes.get(e.node)
+    if node is None:
+        return
+    held = {gpu: h for gpu, h in node.held.items()
+            if not (gpu in e.gpus and h == (e.job_id, e.attempt))}
+    frame.nodes[e.node] = NodeRow(node.gpus, held)
+
+
+def _limits(frame: Frame, e: ev.LimitsChanged, r: Record, ends: Ends) -> None:
+    frame.limits = e.limits
+
+
+def _worker(frame: Frame, e: ev.Event, r: Record, ends: Ends) -> None:
+    if isinstance(e, ev.WorkerCreated):
+        frame.workers[e.worker_id] = WorkerRow(e.name)
+        return
+    worker_id = ev.event_worker_id(e) or ""
+    row = frame.workers.get(worker_id)
+    if row is None:
+        return
+    if isinstance(e, ev.WorkerConnected):
+        frame.workers[worker_id] = _replace(row, online=True, offline_reason=None)
+    elif isinstance(e, ev.WorkerDraining):
+        frame.workers[worker_id] = _replace(row, draining=True)
+    elif isinstance(e, ev.WorkerLost):
+        frame.workers[worker_id] = _replace(row, online=False, offline_reason=e.reason)
+    elif isinstance(e, ev.WorkerRemoved):
+        del frame.workers[worker_id]
+        frame.nodes.pop(worker_id, None)
+
+
+STEPS: dict[type, Step] = {
+    ev.JobSubmitted: _submitted, ev.JobReady: _back, ev.JobApproved: _back,
+    ev.JobReleased: _back, ev.JobBlocked: _parked, ev.JobHeld: _parked,
+    ev.PriorityChanged: _priority, ev.JobReasonsChanged: _reasons,
+    ev.AttemptDispatched: _dispatched, ev.AttemptStarted: _started,
+    ev.AttemptEnded: _attempt_ended, ev.JobRequeued: _requeued, ev.JobRejected: _rejected,
+    ev.JobCompleted: _completed, ev.JobFailed: _failed, ev.JobCancelled: _cancelled,
+    ev.JobsPurged: _purged, ev.NodeInventoryReported: _inventory,
+    ev.GpusAllocated: _allocated, ev.GpusReleased: _released, ev.LimitsChanged: _limits,
+    ev.WorkerCreated: _worker, ev.WorkerConnected: _worker, ev.WorkerDraining: _worker,
+    ev.WorkerLost: _worker, ev.WorkerRemoved: _worker,
+}
+
+
+def fold_step(frame: Frame, record: Record, ends: Ends) -> None:
+    """One event into ``frame``; the frame moves to its seq whatever its type."""
+    step = STEPS.get(type(record.event))
+    if step is not None:
+        step(frame, record.event, record, ends)
+    frame.seq, frame.time = record.seq, record.time
+    frame.high = max(frame.high, record.time)
+
+
+# --- the GPUs over time --------------------------------------------------------------------
+
+#: What became of an attempt that held GPUs (``running`` while it holds them).
+Outcome = str
+
+
+@dataclass(slots=True)
+class Bar:
+    """One attempt's hold on a node's GPUs, from allocation to release."""
+
+    job_id: str
+    attempt: int
+    user: str
+    priority: int
+    node: str
+    gpus: tuple[int, ...]
+    start: float
+    end: float | None = None
+    status: Outcome = "running"
+
+
+def outcome(e: ev.AttemptEnded) -> Outcome:
+    if e.outcome == "exited":
+        return "completed" if e.exit_code == 0 else "failed"
+    return e.outcome
+
+
+@dataclass
+class Bars:
+    """Every hold on GPUs, in the order they began; the open ones by (job, attempt, node)."""
+
+    bars: list[Bar] = field(default_factory=list)
+    starts: list[float] = field(default_factory=list)
+    open: dict[tuple[str, int, str], Bar] = field(default_factory=dict)
+    #: The longest hold that has ended: a query for a window looks back this far.
+    longest: float = 0.0
+
+    def allocated(self, e: ev.GpusAllocated, r: Record, row: JobRow | None) -> None:
+        user, priority = (row.spec.user, row.spec.effective_base) if row else ("", 0)
+        bar = Bar(e.job_id, e.attempt, user, priority, e.node, tuple(e.gpus), r.time)
+        start = max(r.time, self.starts[-1]) if self.starts else r.time
+        self.bars.append(bar)
+        self.starts.append(start)  # kept sorted even if the wall clock steps back
+        self.open[(e.job_id, e.attempt, e.node)] = bar
+
+    def ended(self, e: ev.AttemptEnded) -> None:
+        for (job_id, attempt, _), bar in self.open.items():
+            if job_id == e.job_id and attempt == e.attempt:
+                bar.status = outcome(e)
+
+    def released(self, e: ev.GpusReleased, r: Record) -> None:
+        bar = self.open.pop((e.job_id, e.attempt, e.node), None)
+        if bar is None:
+            return
+        bar.end = max(r.time, bar.start)
+        if e.reason == "orphaned" and bar.status == "running":
+            bar.status = "orphaned"
+        self.longest = max(self.longest, bar.end - bar.start)
+
+    def between(self, since: float, until: float) -> list[Bar]:
+        """Holds that overlap [since, until], in the order they began."""
+        hi = bisect.bisect_right(self.starts, until)
+        lo = bisect.bisect_left(self.starts, since - self.longest)
+        out = [b for b in self.bars[lo:hi] if b.end is None or b.end >= since]
+        seen = {id(b) for b in out}
+        early = [b for b in self.open.values()
+                 if id(b) not in seen and b.start <= until]
+        return sorted(early, key=lambda b: b.start) + out
+
+
+# --- the live model ------------------------------------------------------------------------
+
+
+@dataclass
+class History:
+    """The live frame, its snapshots, every finished job and every hold on GPUs."""
+
+    READS: ClassVar[frozenset[type]] = frozenset(STEPS)
+
+    every: int = EVERY
+    keep: int = KEEP
+    frame: Frame = field(default_factory=Frame)
+    finished: Finished = field(default_factory=Finished)
+    bars: Bars = field(default_factory=Bars)
+    #: Snapshots in seq order, with their seqs and ``high`` times (both ascending).
+    snapshots: list[Frame] = field(default_factory=list)
+    snapshot_seqs: list[int] = field(default_factory=list)
+    snapshot_highs: list[float] = field(default_factory=list)
+    _ends: Ends | None = None
+
+    def __post_init__(self) -> None:
+        self._ends = Ends(self.finished, record=True)
+        self.snapshots.append(Frame())
+        self.snapshot_seqs.append(0)
+        self.snapshot_highs.append(0.0)
+
+    def evolve(self, record: Record) -> None:
+        e, frame = record.event, self.frame
+        if isinstance(e, ev.GpusAllocated):
+            self.bars.allocated(e, record, frame.jobs.get(e.job_id))
+        elif isinstance(e, ev.AttemptEnded):
+            self.bars.ended(e)
+        elif isinstance(e, ev.GpusReleased):
+            self.bars.released(e, record)
+        assert self._ends is not None
+        fold_step(frame, record, self._ends)
+        if record.seq - self.snapshot_seqs[-1] >= max(self.every, len(frame.jobs)):
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        self.snapshots.append(self.frame.copy())
+        self.snapshot_seqs.append(self.frame.seq)
+        self.snapshot_highs.append(self.frame.high)
+        if len(self.snapshots) > self.keep:
+            # Every other one goes (the empty log's and the newest stay), and snapshots are
+            # taken half as often from now on: the spacing stays even along the log.
+            kept = [*range(0, len(self.snapshots) - 1, 2), len(self.snapshots) - 1]
+            self.snapshots = [self.snapshots[i] for i in kept]
+            self.snapshot_seqs = [self.snapshot_seqs[i] for i in kept]
+            self.snapshot_highs = [self.snapshot_highs[i] for i in kept]
+            self.every *= 2
+
+    def base_for(self, at: int, at_time: float | None) -> Frame:
+        """A copy of the latest snapshot from which folding forward reaches ``at`` (and,
+        with ``at_time``, stops at the first event later than it)."""
+        i = bisect.bisect_right(self.snapshot_seqs, at) - 1
+        if at_time is not None:
+            i = min(i, bisect.bisect_right(self.snapshot_highs, at_time) - 1)
+        return self.snapshots[max(i, 0)].copy()
+
+    def tail_ends(self) -> Ends:
+        """For folding a copy forward: ends are read from ``finished``, not added to it."""
+        return Ends(self.finished, record=False)
