@@ -33,8 +33,8 @@ export function mount(root, ctx, params) {
       const now = Date.now() / 1000;
       const data = await get('/api/gpus/timeline' + query({since: Math.floor(now - view.window), until: Math.ceil(now + 60)}));
       view.skew = data.now - Date.now() / 1000;  // the server's clock draws "now"
+      await nameBars(data.bars, view.users);
       view.data = data;
-      for (const bar of data.bars) view.users.set(bar.job_id, bar);
       draw();
     } catch (e) {
       box.replaceChildren(h('p', {class: 'error', role: 'alert'}, `The timeline could not be read: ${e.message}`));
@@ -44,6 +44,16 @@ export function mount(root, ctx, params) {
   const tick = setInterval(draw, 10000);  // moves the "now" line; fetches nothing
   load();
   return {unmount: () => { stop(); clearInterval(tick); }};
+}
+
+/** The timeline names jobs by id: their names come from the jobs table's rows. */
+export async function nameBars(bars, known) {
+  const missing = [...new Set(bars.filter((b) => !known.has(b.job_id)).map((b) => b.job_id))];
+  for (let i = 0; i < missing.length; i += 40) {
+    const page = await get('/api/jobs' + query({ids: missing.slice(i, i + 40).join(',')}));
+    for (const row of page.jobs) known.set(row.job_id, {user: row.user, name: row.name, priority: row.priority});
+  }
+  for (const bar of bars) if (known.has(bar.job_id)) bar.name = known.get(bar.job_id).name;
 }
 
 /** A bar opens at a dispatch and closes at the release of its GPUs. */

@@ -140,12 +140,14 @@ function renderReasons(box, history, job) {
   }
   const now = Date.now() / 1000;
   box.replaceChildren(title, h('table', {'aria-labelledby': 'reasons-title'},
-    h('thead', {}, h('tr', {}, ['Reason', 'From', 'Until', 'For', 'Changed by event'].map((c) => h('th', {scope: 'col'}, c)))),
+    h('thead', {}, h('tr', {}, ['Reason', 'From', 'Until', 'For', 'Set by event', 'Ended by event'].map((c) => h('th', {scope: 'col'}, c)))),
     h('tbody', {}, history.map((r) => h('tr', {},
-      h('td', {}, r.detail || r.codes.join(', ')), h('td', {}, when(r.from)),
+      h('td', {}, r.reasons && r.reasons.length ? r.reasons.map(reasonWords).join('; ') : r.detail || r.codes.join(', ')),
+      h('td', {}, when(r.from)),
       h('td', {}, r.until === null ? (TERMINAL.has(job.status) ? '—' : 'still') : when(r.until)),
       h('td', {}, duration((r.until ?? (TERMINAL.has(job.status) ? job.completed_at ?? now : now)) - r.from)),
-      h('td', {}, `${r.seq} (${r.event.replace(/_/g, ' ')})`))))));
+      h('td', {}, `${r.seq} (${r.event.replace(/_/g, ' ')})`),
+      h('td', {}, r.until_seq ? `${r.until_seq} (${r.until_event.replace(/_/g, ' ')})` : '—'))))));
 }
 
 function followLogs(box, view, attempt) {
@@ -157,12 +159,13 @@ function followLogs(box, view, attempt) {
     followLogs(box, view, +e.target.value);
   }}, Array.from({length: Math.max(1, job.attempt)}, (_, i) => h('option', {value: i + 1, selected: i + 1 === attempt}, `Attempt ${i + 1}`)));
   const state = h('p', {class: 'note', 'aria-live': 'polite'}, 'Following…');
-  const panes = {stdout: h('pre', {tabindex: 0, 'aria-labelledby': 'out-title'}), stderr: h('pre', {tabindex: 0, 'aria-labelledby': 'err-title'})};
+  const panes = {stdout: h('pre', {role: 'log', tabindex: 0, 'aria-labelledby': 'out-title'}),
+    stderr: h('pre', {role: 'log', tabindex: 0, 'aria-labelledby': 'err-title'})};
   box.replaceChildren(h('h2', {id: 'logs-title'}, 'Logs'),
     h('label', {for: 'log-attempt'}, 'Attempt'), choose, state,
     h('div', {class: 'logs'},
-      h('section', {role: 'log', 'aria-labelledby': 'out-title'}, h('h3', {id: 'out-title'}, 'stdout'), panes.stdout),
-      h('section', {role: 'log', 'aria-labelledby': 'err-title'}, h('h3', {id: 'err-title'}, 'stderr'), panes.stderr)));
+      h('div', {}, h('h3', {id: 'out-title'}, 'stdout'), panes.stdout),
+      h('div', {}, h('h3', {id: 'err-title'}, 'stderr'), panes.stderr)));
   view.follow = follow(`/api/jobs/${job.job_id}/logs?follow=true&stream=all&attempt=${attempt}`, (frame) => {
     if (frame.event === 'log') {
       const chunk = JSON.parse(frame.data);

@@ -179,7 +179,8 @@ class JobsView {
   build() {
     const f = this.table.filters;
     this.count = h('p', {class: 'count', id: 'jobs-count'}, 'Loading jobs…');
-    this.bulk = h('button', {type: 'button', disabled: true, onclick: () => this.cancelSelected()}, 'Cancel selected');
+    this.bulk = h('button', {type: 'button', disabled: true, hidden: this.ctx.me.level === 'viewer',
+      onclick: () => this.cancelSelected()}, 'Cancel selected');
     this.note = h('p', {class: 'note', 'aria-live': 'polite'});
     this.top = h('td', {colspan: COLUMNS.length + 1});
     this.bottom = h('td', {colspan: COLUMNS.length + 1});

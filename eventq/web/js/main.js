@@ -23,7 +23,10 @@ function liveState(state, seq) {
   if (region.textContent !== words) region.textContent = words;
   region.dataset.state = state;
   document.getElementById('seq').textContent = seq ? `event ${seq}` : '';
-  if (state === 'ended') whoAmI().then((me) => { if (!me) signedOut('Your session has ended.'); });
+  if (state === 'ended') {
+    const live = ctx.live;
+    whoAmI().then((me) => { if (!me && ctx.live === live) signedOut('Your session has ended.'); });
+  }
 }
 
 async function whoAmI() {
@@ -108,26 +111,42 @@ function signInForm(message) {
   token.focus();
 }
 
+/** A one-time sign-in link (#signin=CODE, what `eventq ui` prints): the code is sent once
+ * and leaves the address bar and the history at once. False if it was refused. */
+async function useCode() {
+  const code = location.hash.match(/^#signin=([^&]+)/);
+  if (!code) return true;
+  history.replaceState(null, '', `${location.pathname}#/queue`);
+  try {
+    await post('/api/session', {code: decodeURIComponent(code[1])});
+    return true;
+  } catch (e) {
+    if (ctx.me) signedOut('');
+    signInForm('That sign-in link was already used or has expired: ask for another (eventq ui).');
+    return false;
+  }
+}
+
+async function enter() {
+  if (!await useCode()) return;
+  const me = await whoAmI();
+  if (me) await start(me); else signInForm('');
+}
+
 async function boot() {
   document.getElementById('signout').addEventListener('click', async () => {
+    const live = ctx.live;
+    ctx.live = null;
+    if (live) live.stop();
     try { await del('/api/session'); } catch (e) { /* the session may already be gone */ }
     if (location.hash.startsWith('#/')) history.replaceState(null, '', location.pathname);
     signedOut('You are signed out.');
     announce('Signed out');
   });
-  const code = location.hash.match(/^#signin=([^&]+)/);
-  if (code) {
-    history.replaceState(null, '', `${location.pathname}#/queue`);
-    try {
-      await post('/api/session', {code: decodeURIComponent(code[1])});
-    } catch (e) {
-      signInForm('That sign-in link was already used or has expired: ask for another (eventq ui).');
-      return;
-    }
-  }
-  const me = await whoAmI();
-  if (me) await start(me); else signInForm('');
-  window.addEventListener('hashchange', route);
+  window.addEventListener('hashchange', () => {
+    if (location.hash.startsWith('#signin=')) enter(); else route();
+  });
+  await enter();
 }
 
 boot();

@@ -5,6 +5,7 @@
 import {get, query} from './api.js';
 import {empty, h, when} from './dom.js';
 import {gantt} from './gantt.js';
+import {nameBars} from './gpus.js';
 import {reasonWords} from './rows.js';
 
 export function mount(root, ctx, params) {
@@ -41,6 +42,7 @@ export function mount(root, ctx, params) {
       history.replaceState(null, '', `#/replay?at=${state.seq}`);
       asOf.textContent = `As of event ${state.seq}, ${when(state.time)}`;
       const timeline = await get('/api/gpus/timeline' + query({since: Math.floor(state.time - 3600), until: Math.ceil(state.time)}));
+      await nameBars(timeline.bars, new Map(state.jobs.map((j) => [j.job_id, j])));
       render(box, state, timeline);
     } catch (e) {
       asOf.textContent = `That state could not be rebuilt: ${e.message}`;
