@@ -209,6 +209,10 @@ def test_a_waiting_job_says_why_in_words_and_starts_live_when_another_is_cancell
     expect(waiter).to_contain_text("waits for GPUs")
     expect(waiter).to_contain_text("pending")
     accessible(admin, "jobs")
+    view(admin, "#/queue", "Queue")
+    expect(admin.get_by_role("table", name="Open jobs by user")).to_contain_text("admin")
+    shoot(admin, "queue-busy")
+    view(admin, "#/jobs", "Jobs")
     admin.get_by_role("button", name=re.compile("^Cancel hog-a")).click()
     expect(row(admin, "hog-a")).to_contain_text("cancelled")
     expect(waiter).to_contain_text("running")
@@ -328,6 +332,8 @@ def test_the_gantt_shows_two_jobs_on_disjoint_gpus(admin: Any, server: Server) -
     expect(chart).to_have_accessible_description(
         re.compile("^left attempt 1 by admin, on local GPU"))
     accessible(admin, "gpus")
+    view(admin, "#/gpus?window=600", "GPUs over time")
+    shoot(admin, "gpus-10-minutes")
     chart.get_by_role("link", name=re.compile("^Job left attempt 1")).click()
     expect(admin.get_by_role("heading", name=re.compile("^left"), level=1)).to_be_visible()
 

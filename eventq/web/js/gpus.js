@@ -6,7 +6,7 @@ import {get, query} from './api.js';
 import {h} from './dom.js';
 import {gantt} from './gantt.js';
 
-const WINDOWS = {'Last hour': 3600, 'Last 6 hours': 6 * 3600, 'Last 24 hours': 86400};
+const WINDOWS = {'Last 10 minutes': 600, 'Last hour': 3600, 'Last 6 hours': 6 * 3600, 'Last 24 hours': 86400};
 const ENDS = {job_completed: 'completed', job_failed: 'failed', job_cancelled: 'cancelled', job_requeued: 'requeued'};
 
 export function mount(root, ctx, params) {

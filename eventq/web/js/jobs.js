@@ -63,6 +63,8 @@ export class JobsTable {
     this.loaded = false;
     this.buffer = [];
     this.selected = new Set();
+    // The <tr> last built for each row object: a row that did not change is not rebuilt.
+    this.built = new WeakMap();
     this.order = compare(filters.sort, filters.order);
     this.statuses = STATUS_WORDS[filters.status] ? new Set(STATUS_WORDS[filters.status]) : null;
     this.applyTimes = [];
@@ -184,6 +186,7 @@ class JobsView {
     this.note = h('p', {class: 'note', 'aria-live': 'polite'});
     this.top = h('td', {colspan: COLUMNS.length + 1});
     this.bottom = h('td', {colspan: COLUMNS.length + 1});
+    this.topRow = this.bottomRow = null;
     this.tbody = h('tbody', {});
     this.head = h('tr', {'aria-rowindex': 1}, h('th', {scope: 'col', class: 'select'},
       h('input', {type: 'checkbox', 'aria-label': 'Select every loaded job', onchange: (e) => this.selectAll(e.target.checked)})),
@@ -251,6 +254,7 @@ class JobsView {
     }
     this.render();
     this.firstRender = performance.now() - started;
+    performance.mark('jobs-table-rendered');
     this.refreshVisible();
   }
 
@@ -278,15 +282,26 @@ class JobsView {
     const last = Math.min(t.total, first + Math.ceil(height / ROW_HEIGHT) + 2 * OVERSCAN);
     this.top.style.height = `${first * ROW_HEIGHT}px`;
     this.bottom.style.height = `${Math.max(0, t.total - last) * ROW_HEIGHT}px`;
-    const out = [h('tr', {class: 'spacer', 'aria-hidden': 'true'}, this.top)];
+    const out = [this.topRow || (this.topRow = h('tr', {class: 'spacer', 'aria-hidden': 'true'}, this.top))];
     for (let i = first; i < last; i++) {
-      out.push(t.rows[i] ? this.rowElement(t.rows[i], i) : h('tr', {class: 'job', 'aria-rowindex': i + 2},
-        h('td', {colspan: COLUMNS.length + 1}, 'Loading…')));
+      const row = t.rows[i];
+      if (!row) {
+        out.push(h('tr', {class: 'job', 'aria-rowindex': i + 2}, h('td', {colspan: COLUMNS.length + 1}, 'Loading…')));
+        continue;
+      }
+      let tr = t.built.get(row);
+      if (!tr || tr.dataset.selected !== String(t.selected.has(row.job_id))) {
+        tr = this.rowElement(row, i);
+        t.built.set(row, tr);
+      } else if (tr.getAttribute('aria-rowindex') !== String(i + 2)) {
+        tr.setAttribute('aria-rowindex', i + 2);
+      }
+      out.push(tr);
     }
-    out.push(h('tr', {class: 'spacer', 'aria-hidden': 'true'}, this.bottom));
+    out.push(this.bottomRow || (this.bottomRow = h('tr', {class: 'spacer', 'aria-hidden': 'true'}, this.bottom)));
     const focused = this.tbody.contains(document.activeElement) ? focusKey(document.activeElement) : null;
-    this.tbody.replaceChildren(...out);
-    if (focused) this.tbody.querySelector(`[data-focus="${focused}"]`)?.focus();
+    reconcile(this.tbody, out);
+    if (focused && !this.tbody.contains(document.activeElement)) this.tbody.querySelector(`[data-focus="${focused}"]`)?.focus();
     this.tableEl.setAttribute('aria-rowcount', t.total + 1);
     this.count.textContent = `${t.total} ${t.total === 1 ? 'job' : 'jobs'}`;
     this.bulk.disabled = t.selected.size === 0;
@@ -297,7 +312,8 @@ class JobsView {
   rowElement(row, i) {
     const label = jobLabel(row);
     const mayAct = this.ctx.admin || row.user === this.ctx.me.user;
-    return h('tr', {class: `job status-${row.status}`, 'aria-rowindex': i + 2},
+    return h('tr', {class: `job status-${row.status}`, 'aria-rowindex': i + 2,
+      dataset: {selected: String(this.table.selected.has(row.job_id))}},
       h('td', {class: 'select'}, mayAct && !TERMINAL.has(row.status) ? h('input', {type: 'checkbox',
         'aria-label': `Select ${label}`, checked: this.table.selected.has(row.job_id), dataset: {focus: `sel-${row.job_id}`},
         onchange: (e) => this.select(row.job_id, e.target.checked)}) : null),
@@ -387,6 +403,8 @@ class JobsView {
     const t = this.table;
     for (const row of fresh) {
       const at = t.index.get(row.job_id);
+      if (at !== undefined && same(t.rows[at], row)) continue;
+      if (at !== undefined && t.matches(row) && t.order(t.rows[at], row) === 0) { t.rows[at] = row; continue; }
       if (at !== undefined) t.remove(at);
       if (t.matches(row)) t.insert(row);
     }
@@ -402,6 +420,23 @@ export function urlOf(f, ctx) {
   if (ctx.admin ? f.user : f.user !== ctx.me.user) q.set('user', f.user);
   const text = q.toString();
   return text ? `?${text}` : '';
+}
+
+/** Make ``parent``'s children ``nodes`` touching only what differs: rows that stay in view
+ * are not taken out and put back, which would cost the browser their style and layout again. */
+export function reconcile(parent, nodes) {
+  const wanted = new Set(nodes);
+  for (const child of [...parent.children]) if (!wanted.has(child)) child.remove();
+  nodes.forEach((node, i) => {
+    if (parent.children[i] !== node) parent.insertBefore(node, parent.children[i] || null);
+  });
+}
+
+/** Does a fresh row from the server show what the held one shows? */
+function same(a, b) {
+  return a.status === b.status && a.position === b.position && a.estimated_start === b.estimated_start
+    && a.node === b.node && a.priority === b.priority && a.attempt === b.attempt
+    && JSON.stringify(a.reasons || []) === JSON.stringify(b.reasons || []);
 }
 
 function focusKey(el) {
