@@ -11,6 +11,7 @@ from eventq.http import (
     history,
     imports,
     jobs,
+    listing,
     logs,
     metrics,
     openapi,
@@ -18,6 +19,7 @@ from eventq.http import (
     session,
     stream,
     system,
+    ui,
     workers,
 )
 from eventq.http.common import OPEN_PATHS, ORCH, PUBLIC, guard
@@ -44,5 +46,7 @@ def make_app(orchestrator: Orchestrator, metrics_public: bool = False) -> web.Ap
     app.add_routes(admin_workers.routes)
     session.setup(app)
     app.add_routes(history.routes)
+    app.add_routes(listing.routes)
+    app.add_routes(ui.routes)
     app[workers.PENDING] = {}
     return app

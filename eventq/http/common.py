@@ -37,7 +37,9 @@ log = structlog.get_logger()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Reachable without a token: the API's description holds no data; signing in and out
 #: checks its own credentials (``eventq/http/session.py``).
-PUBLIC = frozenset({"/api/openapi.json", "/api/session"})
+PUBLIC = frozenset({"/api/openapi.json", "/api/session", "/"})
+#: The web page's own files (``eventq/http/ui.py``): public, as the page itself is.
+PAGE_FILES = "/ui/"
 #: The paths an app answers without a token: PUBLIC, and /metrics with --metrics-public.
 OPEN_PATHS = web.AppKey("open_paths", frozenset[str])
 _FIELD = re.compile(r"`\$\.([^`\[]+)")
@@ -129,7 +131,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     than two: each is one more coroutine on every request."""
     try:
         path = request.path
-        if path not in request.app[OPEN_PATHS] and not path.startswith(WORKER_ROUTES):
+        if path not in request.app[OPEN_PATHS] and not path.startswith((WORKER_ROUTES, PAGE_FILES)):
             request[USER] = authenticate(request)
         return await handler(request)
     except ApiError as exc:

@@ -56,6 +56,11 @@ Flag = Annotated[bool, Meta(extra_json_schema={"default": False})]
 Limit = Annotated[int, Meta(ge=1, le=10_000, extra_json_schema={"default": 50})]
 Offset = Annotated[int, Meta(ge=0, le=100_000_000, extra_json_schema={"default": 0},
                              description="Skip this many matching jobs (pages of a listing).")]
+Cursor = Annotated[str, Meta(max_length=1400, pattern="^[A-Za-z0-9_=-]*$",
+                             description="The `next` of the page before.")]
+JobIds = Annotated[str, Meta(max_length=40 * 13, pattern="^[A-Za-z0-9_,-]*$",
+                             description="Comma-separated job ids (at most 40): those rows as "
+                                         "they are now; paging is ignored.")]
 Days = Annotated[int, Meta(ge=1, le=365, extra_json_schema={"default": 30})]
 Attempt = Annotated[int, Meta(ge=1, description="Default: the latest attempt.")]
 Stream = Annotated[Literal["stdout", "stderr", "all"], Meta(extra_json_schema={
@@ -308,6 +313,28 @@ OPERATIONS: tuple[Op, ...] = (
     Op("get", "/api/workers/queue", "workerHasJobs", "workers",
        "Is there a queued job this worker could take?", "worker", (s.HasJobs,),
        params=(OWN_WORKER,), also=(403,)),
+    Op("get", "/api/jobs", "listJobs", "jobs",
+       "The jobs table: every job matching the filters, sorted, in keyset pages.", "user",
+       (s.JobsPage,), params=(
+           Param("status", StatusWords),
+           Param("user", Annotated[str, Meta(max_length=100)], about="Exactly this user."),
+           Param("node", Annotated[str, Meta(max_length=100)], about="Exactly this node."),
+           Param("name", Annotated[str, Meta(max_length=200)], about="Part of the name, in "
+                                                                      "any case."),
+           Param("sort", Literal["submitted", "priority", "status", "user", "name", "gpus"],
+                 about="Default: submitted (by job id). Ties go by job id."),
+           Param("order", Literal["asc", "desc"], about="Default: desc."),
+           Param("after", Cursor), Param("limit", Annotated[int, Meta(
+               ge=1, le=1000, extra_json_schema={"default": 200})]),
+           Param("ids", JobIds)), also=(422,)),
+    Op("get", "/", "page", "page", "The web page (it asks for a sign-in itself).", "public",
+       Text(("text/html",), "index.html.")),
+    Op("get", "/ui/{path}", "pageFile", "page", "A file of the web page.", "public",
+       Text(("text/javascript", "text/css", "image/svg+xml", "text/plain"),
+            "A module, style sheet, image or licence of the page."),
+       params=(Param("path", Annotated[str, Meta(min_length=1, max_length=200,
+                                                 pattern="^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")],
+                     "path"),)),
     Op("get", "/metrics", "metrics", "operator",
        "Prometheus metrics: queue depth, running jobs, GPUs, dispatch latency, the log.",
        "user", Text(("text/plain", "application/openmetrics-text"),

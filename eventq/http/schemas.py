@@ -159,6 +159,16 @@ class QueueList(Reply):
     total: int
 
 
+class JobsPage(Reply):
+    """One page of the jobs table (``GET /api/jobs``)."""
+
+    jobs: list[JobSummary]
+    #: How many jobs match the filters, on every page.
+    total: int
+    #: Pass as ``after`` for the next page; null on the last one.
+    next: str | None
+
+
 class LocalBlock(Reply):
     """The local node in seed 000's stats."""
 

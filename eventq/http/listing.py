@@ -1,0 +1,130 @@
+"""``GET /api/jobs``: the jobs table of the web page, filtered, sorted, in keyset pages.
+
+A page ends with a cursor naming its last row by its sort value and job id; the next page
+is every matching row after that pair, so a row that moves or a job that arrives while the
+reader scrolls never makes a page repeat or skip one that stayed where it was (an offset
+would). Sorting by job id is sorting by submission: ids grow with the clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import re
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from eventq.actors.scheduler_state import JobState
+from eventq.http.common import ORCH, ApiError
+from eventq.http.queue import int_param
+from eventq.projections.queue import UnknownStatus, _statuses
+
+routes = web.RouteTableDef()
+
+#: Where each status sorts: what runs, what queues, what waits for something, what ended.
+STATUS_RANK = {"running": 0, "dispatched": 1, "pending": 2, "waiting": 3, "blocked": 4,
+               "held": 5, "failed": 6, "cancelled": 7, "rejected": 8, "completed": 9}
+SortKey = Callable[[JobState], Any]
+#: Each sort's key, and the type of its values (a cursor must carry one).
+SORTS: dict[str, tuple[SortKey, type]] = {
+    "submitted": (lambda j: j.spec.job_id, str),
+    "priority": (lambda j: j.spec.effective_base, int),
+    "status": (lambda j: STATUS_RANK.get(j.status, 99), int),
+    "user": (lambda j: j.spec.user, str),
+    "name": (lambda j: j.spec.name, str),
+    "gpus": (lambda j: j.spec.gpus, int),
+}
+#: Rows one page may hold, and job ids one ``ids=`` request may name.
+MAX_PAGE = 1000
+MAX_IDS = 40
+#: The longest value of each text parameter, and what it may hold (as documented).
+TEXT_PARAMS = {"user": (100, None), "node": (100, None), "name": (200, None),
+               "after": (1400, re.compile(r"[A-Za-z0-9_=-]*")),
+               "ids": (MAX_IDS * 13, re.compile(r"[A-Za-z0-9_,-]*"))}
+
+
+def _check_text(request: web.Request) -> None:
+    for name, (longest, allowed) in TEXT_PARAMS.items():
+        value = request.query.get(name)
+        if value is None:
+            continue
+        if len(value) > longest:
+            raise ApiError(422, f"{name} is longer than {longest} characters", name)
+        if allowed is not None and not allowed.fullmatch(value):
+            raise ApiError(422, f"{name} holds characters it never does", name)
+
+
+def encode_cursor(value: Any, job_id: str) -> str:
+    return base64.urlsafe_b64encode(msgspec.json.encode([value, job_id])).decode()
+
+
+def decode_cursor(raw: str, sort: str) -> tuple[Any, str]:
+    """The (sort value, job id) a cursor names; 422 for one this sort never gave."""
+    try:
+        value, job_id = msgspec.json.decode(base64.urlsafe_b64decode(raw.encode()),
+                                            type=tuple[int | str, str])
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        raise ApiError(422, "after is not a cursor this listing gave", "after") from None
+    if type(value) is not SORTS[sort][1]:
+        raise ApiError(422, f"after is a cursor of another sort than {sort}", "after")
+    return value, job_id
+
+
+def _matches(request: web.Request) -> Callable[[JobState], bool]:
+    query = request.query
+    try:
+        statuses = _statuses(query.get("status") or None, include_completed=True)
+    except UnknownStatus as exc:
+        raise ApiError(422, str(exc), "status") from None
+    user, node = query.get("user") or None, query.get("node") or None
+    name = (query.get("name") or "").casefold()
+
+    def match(job: JobState) -> bool:
+        return job.status in statuses and (user is None or job.spec.user == user) and \
+            (node is None or job.node == node) and (not name or name in job.spec.name.casefold())
+    return match
+
+
+def _sort(request: web.Request) -> tuple[str, bool]:
+    sort, order = request.query.get("sort", "submitted"), request.query.get("order", "desc")
+    if sort not in SORTS:
+        raise ApiError(422, f"sort must be one of {sorted(SORTS)}", "sort")
+    if order not in ("asc", "desc"):
+        raise ApiError(422, "order must be asc or desc", "order")
+    return sort, order == "desc"
+
+
+def _by_ids(request: web.Request, raw: str) -> web.Response:
+    """The rows of these jobs as they are now (the page refreshes what it shows)."""
+    ids = [i for i in raw.split(",") if i]
+    if len(ids) > MAX_IDS:
+        raise ApiError(422, f"ids names at most {MAX_IDS} jobs", "ids")
+    queue = request.app[ORCH].queue
+    rows = [row for i in dict.fromkeys(ids) if (row := queue.job(i, detail=False)) is not None]
+    return web.json_response({"jobs": rows, "total": len(rows), "next": None})
+
+
+@routes.get("/api/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    _check_text(request)
+    sort, descending = _sort(request)
+    limit = int_param(request, "limit", 200, 1, MAX_PAGE)
+    key, match = SORTS[sort][0], _matches(request)
+    if (ids := request.query.get("ids")) is not None:
+        return _by_ids(request, ids)
+    orch = request.app[ORCH]
+    keyed = sorted((key(job), job_id) for job_id, job in orch.state.jobs.items() if match(job))
+    cursor = decode_cursor(raw, sort) if (raw := request.query.get("after")) else None
+    if descending:  # the rows below the cursor, highest first
+        end = len(keyed) if cursor is None else bisect.bisect_left(keyed, cursor)
+        page, more = keyed[max(0, end - limit):end][::-1], end > limit
+    else:  # the rows above it, lowest first
+        start = 0 if cursor is None else bisect.bisect_right(keyed, cursor)
+        page, more = keyed[start:start + limit], start + limit < len(keyed)
+    rows = [orch.queue.job(job_id, detail=False) for _, job_id in page]
+    return web.json_response({"jobs": rows, "total": len(keyed),
+                              "next": encode_cursor(*page[-1]) if more and page else None})

@@ -1,0 +1,422 @@
+"""The web page in a real browser, against a real ``eventq server`` with simulated GPUs.
+
+Each test is a user's story: what they do on the page (found by role and name, as a screen
+reader finds it) or from the CLI, and what the page then shows without a reload. One server
+and one browser serve the whole module (the stories leave each other's jobs alone by their
+names); every view is checked by axe and saved as a screenshot in ``screenshots/``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import shlex
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.browser import launch, playwright_or_skip, serious_findings, shoot
+from tests.cluster import EVENTQ, Cluster, Server, Worker, clean_env, wait_for
+
+pytestmark = pytest.mark.slow
+#: How long the page may take to show what a story waits for.
+SHOWN_MS = 15_000
+
+
+@pytest.fixture(scope="module")
+def sync_api() -> Any:
+    return playwright_or_skip()
+
+
+@pytest.fixture(scope="module")
+def ui_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    made = Cluster(tmp_path_factory.mktemp("ui"))
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture(scope="module")
+def server(ui_cluster: Cluster, sync_api: Any) -> Server:
+    """Two simulated local GPUs; limits roomy enough that only GPUs hold jobs back."""
+    srv = ui_cluster.server(heartbeat_timeout=30.0, args=("--gpus", "2xA100-80GB"))
+    srv.call("POST", "/api/queue/concurrency", {
+        "max_concurrent": 20, "user_max_concurrent": 20, "local_job_max_concurrent": 20})
+    return srv
+
+
+@pytest.fixture(scope="module")
+def browser(sync_api: Any) -> Iterator[Any]:
+    with sync_api.sync_playwright() as playwright:
+        chromium = launch(playwright)
+        sync_api.expect.set_options(timeout=SHOWN_MS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def new_page(browser: Any, server: Server) -> Any:
+    context = browser.new_context(base_url=server.url, viewport={"width": 1400, "height": 900})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    page = context.new_page()
+    page.set_default_timeout(SHOWN_MS)
+    return page
+
+
+def sign_in(page: Any, token: str) -> None:
+    page.goto("/")
+    page.get_by_label("API token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    from playwright.sync_api import expect
+    expect(page.get_by_role("status")).to_have_text("Live")
+
+
+@pytest.fixture(scope="module")
+def admin(browser: Any, server: Server) -> Iterator[Any]:
+    """The admin's page, signed in with the admin's token, reused by the stories."""
+    page = new_page(browser, server)
+    try:
+        sign_in(page, server.token)
+        yield page
+    finally:
+        page.context.close()
+
+
+def expect(target: Any) -> Any:
+    from playwright.sync_api import expect as playwright_expect
+    return playwright_expect(target)
+
+
+def view(page: Any, hash_: str, heading: str) -> None:
+    """Open a view by its link (as a user would) or its URL, and wait for its heading."""
+    page.evaluate("hash => { location.hash = hash; }", hash_)
+    expect(page.get_by_role("heading", name=heading, level=1)).to_be_visible()
+
+
+def accessible(page: Any, name: str) -> None:
+    """No critical or serious axe finding, and a screenshot for the record."""
+    shoot(page, name)
+    assert serious_findings(page) == []
+
+
+def submit(server: Server, name: str, command: str, gpus: int = 1, **more: Any) -> str:
+    """What a user types: ``eventq jobs submit`` (the CLI, against the server's data dir)."""
+    extra = [f"--{k.replace('_', '-')}={v}" for k, v in more.items()]
+    done = subprocess.run(
+        [EVENTQ, "jobs", "submit", "--url", server.url, "--token", server.token, "--name", name,
+         "--gpus", str(gpus), "--target", "local", "--no-export-env", "--format", "json", *extra,
+         "--", "sh", "-c",
+         command], capture_output=True, text=True, env=clean_env(), timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    job_id: str = json.loads(done.stdout)["job_id"]
+    return job_id
+
+
+def row(page: Any, name: str) -> Any:
+    return page.get_by_role("table", name="Jobs").get_by_role("row").filter(
+        has=page.get_by_role("link", name=name, exact=True))
+
+
+def cancel_all(server: Server) -> None:
+    """Free both local GPUs for the next story."""
+    server.call("POST", "/api/queue/cancel",
+                {"status": ["pending", "running", "blocked", "held", "waiting"]})
+    wait_for(lambda: server.call("GET", "/api/queue/stats")["local"]["running_jobs"] == 0,
+             "the local GPUs to free")
+
+
+# --- sign-in ------------------------------------------------------------------------------
+
+
+def test_the_page_asks_for_a_token_and_a_bad_one_is_refused_in_words(
+        browser: Any, server: Server) -> None:
+    page = new_page(browser, server)
+    try:
+        page.goto("/")
+        expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+        accessible(page, "sign-in")
+        page.get_by_label("API token").fill("eq_not-a-token")
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_role("alert")).to_contain_text("not valid")
+        assert page.context.cookies() == [] or all(
+            c["name"] != "eventq_session" for c in page.context.cookies())
+    finally:
+        page.context.close()
+
+
+def test_a_one_time_link_signs_the_admin_in_once(browser: Any, server: Server) -> None:
+    made = server.call("POST", "/api/session/code")
+    page = new_page(browser, server)
+    try:
+        page.goto(made["link"])
+        expect(page.get_by_role("status")).to_have_text("Live")
+        expect(page.get_by_text("admin (admin)")).to_be_visible()
+        assert "signin" not in page.url, "the code stays out of the address bar and history"
+        cookie = next(c for c in page.context.cookies() if c["name"] == "eventq_session")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        page.get_by_role("button", name="Sign out").click()
+        expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+        page.goto(made["link"])  # used once: refused the second time
+        expect(page.get_by_text("already used or has expired")).to_be_visible()
+    finally:
+        page.context.close()
+
+
+# --- queue and jobs -----------------------------------------------------------------------
+
+
+def test_the_queue_panel_shows_counts_and_admin_controls(admin: Any, server: Server) -> None:
+    view(admin, "#/queue", "Queue")
+    expect(admin.get_by_role("button", name="Save limits")).to_be_visible()
+    expect(admin.get_by_role("button", name="Process queue")).to_be_visible()
+    server.call("POST", "/api/queue/submit", {"command": ["true"], "name": "needs-approval",
+                                              "requires_approval": True})
+    approvals = admin.get_by_role("table", name="Waiting for approval")
+    expect(approvals.get_by_role("link", name=re.compile("needs-approval"))).to_be_visible()
+    admin.get_by_role("button", name=re.compile("^Reject needs-approval")).click()
+    expect(admin.get_by_text("A reason is required to reject.")).to_be_visible()
+    admin.get_by_label(re.compile("^Reason for rejecting needs-approval")).fill("over budget")
+    admin.get_by_role("button", name=re.compile("^Reject needs-approval")).click()
+    expect(admin.get_by_text("No job waits for approval.")).to_be_visible()
+    accessible(admin, "queue")
+
+
+def test_a_job_submitted_from_the_cli_appears_without_a_reload(
+        admin: Any, server: Server) -> None:
+    view(admin, "#/jobs", "Jobs")
+    marker = admin.evaluate("() => { window.sameDocument = true; return true; }")
+    submit(server, "cli-row", "true")
+    expect(row(admin, "cli-row")).to_have_count(1)
+    assert admin.evaluate("() => window.sameDocument") is marker, "the page was reloaded"
+
+
+def test_a_waiting_job_says_why_in_words_and_starts_live_when_another_is_cancelled(
+        admin: Any, server: Server) -> None:
+    cancel_all(server)
+    view(admin, "#/jobs", "Jobs")
+    submit(server, "hog-a", "sleep 300")
+    submit(server, "hog-b", "sleep 300")
+    expect(row(admin, "hog-b")).to_contain_text("running")
+    submit(server, "waiter", "sleep 300")
+    waiter = row(admin, "waiter")
+    expect(waiter).to_contain_text("waits for GPUs")
+    expect(waiter).to_contain_text("pending")
+    accessible(admin, "jobs")
+    view(admin, "#/queue", "Queue")
+    expect(admin.get_by_role("table", name="Open jobs by user")).to_contain_text("admin")
+    shoot(admin, "queue-busy")
+    view(admin, "#/jobs", "Jobs")
+    admin.get_by_role("button", name=re.compile("^Cancel hog-a")).click()
+    expect(row(admin, "hog-a")).to_contain_text("cancelled")
+    expect(waiter).to_contain_text("running")
+
+
+def test_the_job_page_tells_how_long_it_waited_and_why(admin: Any, server: Server) -> None:
+    view(admin, "#/jobs", "Jobs")
+    row(admin, "waiter").get_by_role("link", name="waiter").click()
+    expect(admin.get_by_role("heading", name=re.compile("^waiter"), level=1)).to_be_visible()
+    history = admin.get_by_role("table", name="Reason history")
+    expect(history).to_contain_text("GPU")
+    expect(history.get_by_role("row")).not_to_have_count(1)
+    timeline = admin.get_by_role("table", name="Timeline")
+    expect(timeline).to_contain_text("attempt 1 sent to local")
+    accessible(admin, "job")
+
+
+def test_logs_follow_live(admin: Any, server: Server, tmp_path: Path) -> None:
+    cancel_all(server)
+    go = tmp_path / "go"
+    job_id = submit(server, "talker", f"echo first; echo oops >&2; "
+                                      f"while [ ! -e {go} ]; do sleep 0.05; done; echo second")
+    view(admin, f"#/job/{job_id}", re.compile("^talker"))
+    stdout = admin.get_by_role("log", name="stdout")
+    expect(stdout).to_contain_text("first")
+    expect(admin.get_by_role("log", name="stderr")).to_contain_text("oops")
+    go.touch()
+    expect(stdout).to_contain_text("second")
+    expect(admin.get_by_text(re.compile("Attempt 1 ended: completed, exit code 0"))).to_be_visible()
+
+
+# --- workers ------------------------------------------------------------------------------
+
+
+def test_add_a_worker_copy_its_command_and_see_it_go_idle_then_busy(
+        admin: Any, server: Server, ui_cluster: Cluster) -> None:
+    view(admin, "#/workers", "Workers")
+    admin.get_by_label("Name", exact=True).fill("gpu-box-1")
+    admin.get_by_role("button", name="Add worker").click()
+    expect(admin.get_by_role("heading", name="Worker gpu-box-1 added")).to_be_visible()
+    admin.get_by_role("button", name="Copy eventq worker command").click()
+    expect(admin.get_by_text("Copied.")).to_be_visible()
+    command = shlex.split(admin.evaluate("() => navigator.clipboard.readText()"))
+    assert command[:2] == ["eventq", "worker"]
+    flags = dict(zip(command[2::2], command[3::2], strict=False))
+    worker = start_worker(server, ui_cluster, flags)
+    workers = admin.get_by_role("table", name="Every worker")
+    box = workers.get_by_role("row").filter(has_text="gpu-box-1")
+    expect(box).to_contain_text("idle")
+    accessible(admin, "workers")
+    server.call("POST", "/api/queue/submit", {"command": ["sleep", "300"], "name": "remote",
+                                              "target": "worker"})
+    expect(box).to_contain_text("busy")
+    expect(box.get_by_role("link")).to_have_count(1)
+    rotate_from_the_page(admin, server, worker)
+
+
+def start_worker(server: Server, cluster: Cluster, flags: dict[str, str]) -> Worker:
+    """``eventq worker`` with the URL, token and name the page's command gave."""
+    created = {"worker_id": "gpu-box-1", "token": flags["--token"]}
+    worker = Worker(server, cluster.root / "gpu-box-1", created, url=flags["--url"])
+    cluster.workers.append(worker)
+    worker.start("--name", flags["--name"], "--persistent", "--gpus", "1xA100-80GB")
+    return worker
+
+
+def rotate_from_the_page(admin: Any, server: Server, worker: Worker) -> None:
+    old = worker.token
+    box = admin.get_by_role("table", name="Every worker").get_by_role("row").filter(
+        has_text="gpu-box-1")
+    box.get_by_role("button", name="Rotate token gpu-box-1").click()
+    expect(admin.get_by_role("heading", name="New token for gpu-box-1")).to_be_visible()
+    admin.get_by_role("button", name="Copy eventq worker command").click()
+    shown = shlex.split(admin.evaluate("() => navigator.clipboard.readText()"))
+    new = shown[shown.index("--token") + 1]
+    assert new != old
+    assert register(server, old) == 401, "the old token still opens the worker routes"
+    assert register(server, new) == 200
+
+
+def register(server: Server, token: str) -> int:
+    parts = urlsplit(server.url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+    try:
+        conn.request("POST", "/api/workers/register", body=json.dumps({
+            "name": "gpu-box-1", "gpu_info": {"name": "A100", "vram_gb": 80, "count": 1,
+                                              "accelerator": "cuda"}, "persistent": True}),
+            headers={"X-Worker-Token": token, "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+# --- GPUs over time and replay ------------------------------------------------------------
+
+
+def test_the_gantt_shows_two_jobs_on_disjoint_gpus(admin: Any, server: Server) -> None:
+    cancel_all(server)
+    submit(server, "left", "sleep 300")
+    submit(server, "right", "sleep 300")
+    wait_for(lambda: server.call("GET", "/api/queue/stats")["local"]["running_jobs"] == 2,
+             "both to run")
+    view(admin, "#/gpus", "GPUs over time")
+    chart = admin.get_by_role("group", name=re.compile("^GPUs over time"))
+    expect(chart.get_by_role("link", name=re.compile("^Job left attempt 1"))).to_be_visible()
+    expect(chart.get_by_role("link", name=re.compile("^Job right attempt 1"))).to_be_visible()
+    table = admin.get_by_role("table", name=re.compile("every attempt that held a GPU"))
+    gpus = {}
+    for name in ("left", "right"):
+        line = table.get_by_role("row").filter(has=admin.get_by_role("link", name=name))
+        expect(line).to_contain_text("now")
+        gpus[name] = line.get_by_role("cell").nth(1).text_content()
+    assert gpus["left"] != gpus["right"], gpus
+    chart.get_by_role("link", name=re.compile("^Job left attempt 1")).focus()
+    expect(chart).to_have_accessible_description(
+        re.compile("^left attempt 1 by admin, on local GPU"))
+    accessible(admin, "gpus")
+    view(admin, "#/gpus?window=600", "GPUs over time")
+    shoot(admin, "gpus-10-minutes")
+    chart.get_by_role("link", name=re.compile("^Job left attempt 1")).click()
+    expect(admin.get_by_role("heading", name=re.compile("^left"), level=1)).to_be_visible()
+
+
+def test_the_scrubber_moved_back_shows_a_finished_job_as_running(
+        admin: Any, server: Server) -> None:
+    cancel_all(server)
+    job_id = submit(server, "finisher", "sleep 0.2")
+    wait_for(lambda: server.job(job_id)["status"] == "completed", "finisher to complete")
+    started = next(e["seq"] for e in server.call("GET", f"/api/jobs/{job_id}/events")["events"]
+                   if e["type"] == "attempt_started")
+    view(admin, "#/replay", "Replay")
+    jobs = admin.get_by_role("table", name="Jobs at this event")
+    expect(jobs.get_by_role("row").filter(has_text="finisher")).to_contain_text("completed")
+    admin.get_by_role("slider", name="Event").fill(str(started))
+    expect(admin.get_by_text(f"As of event {started},")).to_be_visible()
+    expect(jobs.get_by_role("row").filter(has_text="finisher")).to_contain_text("running")
+    admin.get_by_role("button", name="Next event").click()
+    expect(admin.get_by_text(f"As of event {started + 1},")).to_be_visible()
+    accessible(admin, "replay")
+
+
+# --- who may do what, and the stream ------------------------------------------------------
+
+
+def test_a_viewer_sees_no_admin_control_and_a_forged_post_is_refused(
+        browser: Any, admin: Any, server: Server) -> None:
+    made = server.call("POST", "/api/admin/users", {"name": "vera", "level": "viewer"})
+    page = new_page(browser, server)
+    try:
+        sign_in(page, made["token"])
+        expect(page.get_by_text("vera (viewer)")).to_be_visible()
+        expect(page.get_by_role("navigation").get_by_role("link", name="Workers")).to_have_count(0)
+        view(page, "#/queue", "Queue")
+        expect(page.get_by_role("table", name="Jobs by status")).to_be_visible()
+        for control in ("Save limits", "Process queue", "Clean up"):
+            expect(page.get_by_role("button", name=control)).to_have_count(0)
+        view(page, "#/jobs?user=", "Jobs")
+        expect(page.get_by_role("table", name="Jobs").get_by_role("row")).not_to_have_count(1)
+        expect(page.get_by_role("button", name=re.compile("^(Cancel|Hold|Retry|Priority) "))) \
+            .to_have_count(0)
+        accessible(page, "viewer-jobs")
+    finally:
+        page.context.close()
+    job_id = server.call("POST", "/api/queue/submit", {"command": ["true"], "name": "kept",
+                                                       "requires_approval": True})["job_id"]
+    cookie = next(c["value"] for c in admin.context.cookies() if c["name"] == "eventq_session")
+    for origin in ("http://evil.example", None):
+        status, body = forged(server, f"/api/queue/{job_id}/cancel", cookie, origin)
+        assert status == 403 and "Origin" in body["error"], body
+    assert server.job(job_id)["status"] == "blocked", "a refused request changed nothing"
+
+
+def forged(server: Server, path: str, cookie: str, origin: str | None) -> tuple[int, Any]:
+    """A POST another site's page could make a browser send: the cookie, a foreign Origin."""
+    parts = urlsplit(server.url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+    headers = {"Cookie": f"eventq_session={cookie}"}
+    if origin:
+        headers["Origin"] = origin
+    try:
+        conn.request("POST", path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_a_dropped_stream_resumes_with_nothing_missed(admin: Any, server: Server) -> None:
+    view(admin, "#/jobs", "Jobs")
+    admin.context.set_offline(True)
+    admin.evaluate("() => window.eventq.live.drop()")
+    status = admin.get_by_role("status")
+    expect(status).to_contain_text("Reconnecting… as of event")
+    names = [f"while-away-{i}" for i in range(3)]
+    for name in names:
+        server.call("POST", "/api/queue/submit", {"command": ["true"], "name": name})
+    head = server.call("GET", "/api/replay/state?at=1")["head_seq"]
+    for name in names:
+        expect(row(admin, name)).to_have_count(0)
+    admin.context.set_offline(False)
+    expect(status).to_have_text("Live")
+    for name in names:
+        expect(row(admin, name)).to_have_count(1)
+    wait_for(lambda: admin.evaluate("() => window.eventq.live.lastSeq") >= head,
+             "the page to have every event")
