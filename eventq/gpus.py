@@ -76,6 +76,16 @@ def _read_device(pynvml: object, index: int) -> GpuInfo:
                    foreign_memory_percent=round(used_percent, 1))
 
 
+def allocated(inventory: Inventory, indices: tuple[int, ...] | None) -> Inventory:
+    """Only the GPUs a batch system allocated, when NVML sees more of the node than that (a
+    node whose devices the job is not fenced from); all it sees otherwise."""
+    if indices is None or inventory.simulated or len(inventory.gpus) <= len(indices):
+        return inventory
+    wanted = set(indices)
+    return Inventory([g for g in inventory.gpus if g.index in wanted], False,
+                     inventory.nvml_error)
+
+
 def detect(spec: str | None) -> Inventory:
     """The simulated inventory if a spec is given, else NVML."""
     return simulated(spec) if spec else from_nvml()

@@ -21,7 +21,9 @@ import structlog
 from eventq import __version__, gpus, lockfile
 from eventq import events as ev
 from eventq.actors.allocator import Allocator, GpuTable, ReportInventory
+from eventq.actors.provisioner import Provisioner
 from eventq.actors.registry import AddUser, Registry, decide_user
+from eventq.actors.requests_state import Requests
 from eventq.actors.scheduler import CheckReady, Process, ReleaseOrphans, Scheduler, SetLimits
 from eventq.actors.scheduler_state import SchedulerState
 from eventq.actors.workers_state import Workers
@@ -35,6 +37,8 @@ from eventq.logfiles import DEFAULT_CAP, AttemptLogs
 from eventq.node import LocalNode
 from eventq.paths import LOG_FILE, SERVER_FILE
 from eventq.projections.queue import QueueView
+from eventq.provider import ProviderError
+from eventq.slurm import SlurmProvider, SlurmSettings
 
 log = structlog.get_logger()
 
@@ -109,6 +113,8 @@ class Orchestrator:
     #: --advertise-url``, else this host's name when it listens beyond loopback); None when
     #: it listens on loopback only.
     advertise_url: str | None = None
+    #: Start workers through Slurm when jobs need them (``eventq server --slurm-partition``).
+    slurm: SlurmSettings | None = None
 
     def __post_init__(self) -> None:
         # One spelling for the life of the data: attempts record it (their wrapper's argv,
@@ -119,8 +125,11 @@ class Orchestrator:
 
     running: bool = False
     _refresh: asyncio.Task[None] | None = None
+    provider: SlurmProvider | None = None
+    provisioner: Provisioner | None = None
 
     async def start(self) -> None:
+        provider = await self._provider()
         self._lock = take_lock(self.data_dir)
         try:
             replayed = await self._open_log()
@@ -159,6 +168,37 @@ class Orchestrator:
              if active and node != "local" and node not in self.workers.by_id})
         if not self.inventory.simulated and self.inventory.nvml_error is None:
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_inventory())
+        self.provider = provider
+
+    async def _provider(self) -> SlurmProvider | None:
+        """The batch system that starts workers, checked before anything else happens: a
+        partition Slurm does not know, or no Slurm command at all, ends the start."""
+        if self.slurm is None:
+            return None
+        provider = SlurmProvider(self.slurm, self.data_dir)
+        try:
+            await provider.check()
+        except ProviderError as exc:
+            if "cannot run" in str(exc) or "not found" in str(exc):
+                raise CannotStart(f"--slurm-partition {self.slurm.partition}: {exc}") from None
+            log.warning("slurm_unchecked", why=str(exc),
+                        note="the partition's time limit is unknown until a restart")
+        return provider
+
+    def start_provisioning(self, url: str, ca: str | None = None) -> None:
+        """Once the server listens at ``url``: ask the provider for workers on demand."""
+        if self.provider is None:
+            if self.requests.by_id:
+                log.warning("requests_left_alone", requests=len(self.requests.by_id),
+                            note="requests for workers are open, but this server was started "
+                                 "without --slurm-partition: they are neither watched nor "
+                                 "cancelled")
+            return
+        self.provisioner = Provisioner(
+            self.log, self.requests, self.scheduler, self.registry, self.workers,
+            self.provider, self.clock, self.provider.settings.idle_timeout, url, ca)
+        self.scheduler.provider_note = self.provisioner.note
+        self.provisioner.start()
 
     async def _open_log(self) -> int:
         """Open the log and fold it, verified whole, into new actors; returns the number of
@@ -195,7 +235,9 @@ class Orchestrator:
         self.registry = Registry(self.log, self.users, self.workers, self.scheduler,
                                  self.allocator, self.clock, self.heartbeat_timeout)
         self.queue = QueueView(self.state, self.gpu_table, self.scheduler)
-        self.log.fold_into(self.state, self.gpu_table, self.users, self.workers, self.queue)
+        self.requests = Requests()
+        self.log.fold_into(self.state, self.gpu_table, self.users, self.workers, self.queue,
+                           self.requests)
 
     def _remove_purged_directories(self) -> None:
         """A purge is durable before its directories go: finish one a crash interrupted."""
@@ -263,6 +305,8 @@ class Orchestrator:
         if self._refresh is not None:
             self._refresh.cancel()
         running = self.state.counts.total
+        if self.provisioner is not None:
+            await self.provisioner.stop()
         await self.scheduler.stop()
         await self.allocator.stop()
         await self.registry.stop()

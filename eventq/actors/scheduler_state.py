@@ -79,7 +79,8 @@ IGNORED = frozenset({
     ev.ServerStarted, ev.WorkerCreated, ev.WorkerTokenRotated, ev.WorkerConnected,
     ev.WorkerDraining, ev.WorkerLost, ev.WorkerRemoved, ev.UserCreated, ev.UserUpdated,
     ev.TokenIssued, ev.TokenRevoked, ev.NodeInventoryReported, ev.GpusAllocated,
-    ev.GpusReleased, ev.StaleReportIgnored})
+    ev.GpusReleased, ev.StaleReportIgnored, ev.WorkersRequested, ev.WorkersRequestSubmitted,
+    ev.WorkersRequestFailed, ev.RequestedWorkerChanged, ev.RequestedWorkersCancelled})
 
 
 @dataclass
