@@ -290,6 +290,8 @@ class SlurmTask:
     label: str
     task: int | None
     partition: str
+    #: The node it runs on, as Slurm names it.
+    node: str
     #: GPU indices Slurm gave the job on this node (``SLURM_JOB_GPUS``).
     gpus: tuple[int, ...] | None
 
@@ -302,7 +304,7 @@ class SlurmTask:
         gpus = env.get("SLURM_JOB_GPUS")
         return cls(job_id, f"{array}_{task}" if array and task else job_id,
                    int(task) if task and task.isdigit() else None,
-                   env.get("SLURM_JOB_PARTITION", ""),
+                   env.get("SLURM_JOB_PARTITION", ""), env.get("SLURMD_NODENAME", ""),
                    tuple(int(g) for g in gpus.split(",") if g.isdigit()) if gpus else None)
 
 

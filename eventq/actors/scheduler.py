@@ -455,11 +455,11 @@ def newcomers(events: Sequence[ev.Event]) -> list[str]:
 
 
 def with_note(reasons: list[ev.Reason], note: ev.Reason | None) -> list[ev.Reason]:
-    """A provider's note in place of the ``no_worker`` reason it explains (or beside the
-    others, when the job waits for GPUs that a worker it asks for would bring)."""
+    """A provider's note in place of "no connected worker fits", or beside the other reasons
+    (a connected worker whose time is short, GPUs a worker it asks for would bring)."""
     if note is None:
         return reasons
-    return [r for r in reasons if r.code != note.code] + [note]
+    return [r for r in reasons if not policy.fits_no_worker(r)] + [note]
 
 
 def reason_changes(state: SchedulerState, plan: policy.Plan) -> list[ev.Event]:

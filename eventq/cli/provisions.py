@@ -38,8 +38,8 @@ class Provisions:
     asked: dict[str, Asked] = field(default_factory=dict)
     #: worker id -> (request id, task)
     tasks_of: dict[str, tuple[str, int]] = field(default_factory=dict)
-    #: worker id -> when it first connected
-    came: dict[str, float] = field(default_factory=dict)
+    #: worker id -> when it first connected, and the node it said it runs on
+    came: dict[str, tuple[float, str | None]] = field(default_factory=dict)
     #: The worker each dispatch went to, when a provider started it.
     waits: list[dict[str, Any]] = field(default_factory=list)
 
@@ -53,7 +53,7 @@ class Provisions:
                               f"{e.asks})")
         if isinstance(e, ev.WorkerConnected):
             if e.worker_id in self.tasks_of:
-                self.came.setdefault(e.worker_id, t)
+                self.came.setdefault(e.worker_id, (t, e.labels.get(f"{self._provider(e)}_node")))
             return None
         asked = self.asked.get(getattr(e, "request_id", ""))
         if asked is None:
@@ -80,6 +80,9 @@ class Provisions:
                    f"{duration(t - asked.asked_at)} after the request"
         return f"{name} ended ({e.detail})"
 
+    def _provider(self, e: ev.WorkerConnected) -> str:
+        return self.asked[self.tasks_of[e.worker_id][0]].provider
+
     def _mine(self, request_id: str, detail: str) -> tuple[str, str] | None:
         asked = self.asked[request_id]
         return (asked.provider, detail) if self.job_id in asked.for_jobs else None
@@ -90,8 +93,8 @@ class Provisions:
         if found is None:
             return ""
         asked, task = self.asked[found[0]], found[1]
-        came = self.came.get(node, t)
-        where = asked.tasks.get(task, ("", "", None))[2]
+        came, said = self.came.get(node, (t, None))
+        where = said or asked.tasks.get(task, ("", "", None))[2]
         self.waits.append({"provider": asked.provider, "request_id": found[0],
                            "task": asked.task_name(task), "node": where,
                            "seconds": came - asked.asked_at,

@@ -50,7 +50,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="with --max-runtime: time kept free at the end of the allocation")
     w.add_argument("--slurm", action="store_true",
                    help="run as the task of a Slurm job (as `eventq server --slurm-partition` "
-                        "starts it): the name, the labels slurm_job and slurm_partition, the "
+                        "starts it): the name, the labels slurm_job, slurm_partition and "
+                        "slurm_node, the "
                         "data directory, the GPUs and the time budget (--max-runtime) come "
                         "from Slurm, and an array's token (wa_…) gives this task's own")
     w.add_argument("--log-format", choices=["console", "json"], default="console")
@@ -121,7 +122,8 @@ def _as_slurm_task(args: argparse.Namespace, token: str) -> tuple[str, tuple[int
                            "(no SLURM_ARRAY_TASK_ID)")
         token = task_token(token, task.task)
     args.name = args.name or f"slurm-{task.label}"
-    labels = {"slurm_job": task.label, "slurm_partition": task.partition}
+    labels = {"slurm_job": task.label, "slurm_partition": task.partition,
+              "slurm_node": task.node}
     args.labels = ",".join(f"{k}={v}" for k, v in labels.items() if v) + \
         (f",{args.labels}" if args.labels else "")
     args.data_dir = args.data_dir or Path(os.environ.get("TMPDIR") or "/tmp") \
