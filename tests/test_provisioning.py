@@ -3,6 +3,8 @@ the pure parts of the provider (``eventq.provisioning``, ``eventq.slurm``)."""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +25,7 @@ from eventq.slurm import (
     partition_limit,
     sightings,
 )
+from tests.serverproc import clean_env, server_argv
 
 NOW = 1_700_000_000.0
 ROOMY = ev.Limits(max_concurrent=100, user_max_concurrent=100)
@@ -221,3 +224,18 @@ def test_each_task_of_an_array_has_its_own_token() -> None:
     assert len(tokens) == 100 and all(t.startswith("wt_") for t in tokens)
     assert task_token(secret, 3) == task_token(secret, 3)
     assert task_token("wa_other", 3) != task_token(secret, 3)
+
+
+@pytest.mark.parametrize(("flags", "said"), [
+    (["--slurm-gres", "mps:100"], "--slurm-gres 'mps:100' must read gpu"),
+    (["--slurm-time", "1", "--slurm-margin-time", "60"], "leaves nothing past"),
+    (["--slurm-worker-gpus", "lots"], "cannot read GPU spec"),
+    (["--slurm-extra=--qos='unclosed"], "quotation"),
+])
+def test_slurm_flags_slurm_would_refuse_stop_the_server_before_it_starts(
+        tmp_path: Path, flags: list[str], said: str) -> None:
+    done = subprocess.run([*server_argv(tmp_path / "data"), "--slurm-partition", "debug",
+                           *flags], capture_output=True, text=True, timeout=60,
+                          env=clean_env(), check=False)
+    assert done.returncode == 2 and said in done.stderr, done.stderr
+    assert not (tmp_path / "data").exists(), "nothing was written"

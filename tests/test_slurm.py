@@ -14,12 +14,14 @@ import shutil
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from eventq import events as ev
 from tests.cluster import EVENTQ, Cluster, Server, clean_env, wait_for
+from tests.serverproc import refused_start
 
 SLURM_COMMANDS = ("sbatch", "squeue", "scancel", "scontrol")
 PARTITION = "debug"
@@ -204,3 +206,44 @@ def test_a_worker_with_little_time_left_takes_no_long_job_and_none_is_asked_for_
     assert server.job(long)["status"] == "pending"
     assert len(recorded(server, ev.WorkersRequested)) == 1
     assert len(squeue(prefix)) == 1, "only the first worker's task"
+
+
+def test_a_task_slurm_ends_under_a_running_job_is_a_lost_worker(
+        slurm: Callable[..., tuple[Server, str]]) -> None:
+    server, prefix = slurm()
+    job_id = server.submit("sleep 300")
+    first = server.wait_job(job_id, "running", SLOW)["node"]
+    task = next(line.split("|")[1] for line in squeue(prefix) if "RUNNING" in line)
+    subprocess.run(["scancel", task], check=True, timeout=30)  # a person, or a node failure
+    lost = wait_for(lambda: [e for e in recorded(server, ev.WorkerLost)
+                             if e.worker_id == first], "the worker to be lost", SLOW)
+    assert "ended" in lost[0].reason
+    again = wait_for(lambda: (job := server.job(job_id))["attempt"] == 2
+                     and job["status"] == "running" and job, "a second attempt", SLOW)
+    assert again["node"] != first
+    ended = server.ends(job_id)[0]
+    assert ended["outcome"] == "lost" and "worker_lost" in ended["detail"]
+    server.call("POST", f"/api/queue/{job_id}/cancel")
+
+
+def test_a_restarted_server_keeps_watching_the_requests_it_made(
+        slurm: Callable[..., tuple[Server, str]]) -> None:
+    server, prefix = slurm("--slurm-extra=--hold")
+    job_id = server.submit("true")
+    wait_for(lambda: "pending: JobHeldUser" in reasons(server, job_id), "the request", SLOW)
+    assert server.proc is not None
+    server.proc.terminate()
+    server.proc.wait(timeout=30)
+    server.start()
+    wait_for(lambda: "pending: JobHeldUser" in reasons(server, job_id),
+             "the new server to say what Slurm is doing", SLOW)
+    assert len(recorded(server, ev.WorkersRequested)) == 1, "the same request, not a new one"
+    server.call("POST", f"/api/queue/{job_id}/cancel")
+    wait_for(lambda: not squeue(prefix), "its request to be cancelled", SLOW)
+
+
+def test_a_partition_slurm_does_not_know_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    refusal = refused_start(tmp_path / "data", tmp_path / "err",
+                            "--slurm-partition", "no-such-partition")
+    assert refusal.code == 2
+    assert refusal.stderr[-1].startswith("eventq: --slurm-partition no-such-partition: ")
