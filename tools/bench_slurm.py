@@ -41,10 +41,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from eventq import events as ev
 from tools.bench_dispatch import DEFAULT_SLURM_SCRIPT, slurm_daemons
 from tools.benchkit import Api, print_goals, read_stamp, stop_server, wait_for
-
-from eventq import events as ev
 
 PARTITION = "debug"
 JOB = ["date", "+%s%N"]
@@ -104,9 +103,9 @@ def event_times(data: Path, job_id: str) -> dict[str, float]:
     """When the log saw each step of one job's start through a new worker."""
     with contextlib.closing(sqlite3.connect(f"file:{data / 'events.db'}?mode=ro",
                                             uri=True)) as db:
-        rows = db.execute("SELECT time, type, body, v FROM events ORDER BY seq").fetchall()
+        rows = db.execute("SELECT time, body, v FROM events ORDER BY seq").fetchall()
     out: dict[str, float] = {}
-    for t, kind, body, v in rows:
+    for t, body, v in rows:
         e = ev.decode(body, v)
         if isinstance(e, ev.JobSubmitted) and e.job.job_id == job_id:
             out["submitted"] = t
@@ -132,8 +131,9 @@ def latency(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             t0 = time.time_ns()
             job_id = api.call("POST", "/api/queue/submit",
                               {"command": JOB, "gpus": 1, "target": "worker"})["job_id"]
-            stamp = wait_for(lambda: read_stamp(data / "jobs" / job_id / "1" / "stdout.log"),
-                             120, f"eventq sample {i + 1}", step=0.005)
+            out_file = data / "jobs" / job_id / "1" / "stdout.log"
+            stamp = wait_for(lambda f=out_file: read_stamp(f), 120, f"eventq sample {i + 1}",
+                             step=0.005)
             eventq.append((stamp - t0) / 1e9)
             seen = event_times(data, job_id)
             parts["provider"].append(seen["requested"] - seen["submitted"])
@@ -158,7 +158,7 @@ def slurm_latency(args: argparse.Namespace, root: Path, rng: random.Random) -> l
             subprocess.run(["sbatch", "-Q", "-J", name, "-D", str(tmp), "-o", str(stamp_file),
                             "--gres=gpu:1", "--wrap", " ".join(JOB)], check=True,
                            capture_output=True, timeout=30)
-            stamp = wait_for(lambda: read_stamp(stamp_file), 120, f"Slurm sample {i + 1}",
+            stamp = wait_for(lambda f=stamp_file: read_stamp(f), 120, f"Slurm sample {i + 1}",
                              step=0.002)
             out.append((stamp - t0) / 1e9)
             wait_for(lambda: not ours(name), 60, f"Slurm sample {i + 1} to end", step=0.02)
