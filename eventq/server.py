@@ -129,7 +129,7 @@ class Orchestrator:
     provisioner: Provisioner | None = None
 
     async def start(self) -> None:
-        provider = await self._provider()
+        self.provider = await self._provider()
         self._lock = take_lock(self.data_dir)
         try:
             replayed = await self._open_log()
@@ -163,12 +163,8 @@ class Orchestrator:
         if self.limits is not None and self.limits != self.state.limits:
             await self.scheduler.ask(SetLimits(self.limits, "system"))
         await self.recover(replayed)
-        self.registry.watch_known_workers(
-            {node for node, active in self.state.node_active.items()
-             if active and node != "local" and node not in self.workers.by_id})
         if not self.inventory.simulated and self.inventory.nvml_error is None:
             self._refresh = asyncio.get_running_loop().create_task(self._refresh_inventory())
-        self.provider = provider
 
     async def _provider(self) -> SlurmProvider | None:
         """The batch system that starts workers, checked before anything else happens: a
@@ -257,7 +253,8 @@ class Orchestrator:
             self.scheduler.tell(Process())
 
     async def recover(self, replayed: int) -> None:
-        """Release orphans, reconcile attempts with their processes, dispatch at once."""
+        """Release orphans, reconcile attempts with their processes, dispatch at once; the
+        workers the log shows online get one timeout to come back."""
         await self.scheduler.ask(ReleaseOrphans())
         found = await self.node.recover(self._left_active)
         for job in self.state.jobs.values():
@@ -268,6 +265,9 @@ class Orchestrator:
         await self.scheduler.ask(Process())
         await self.log.flush()
         log.info("recovered", events=replayed, **found, waiting=self.state.waiting_count())
+        self.registry.watch_known_workers(
+            {node for node, active in self.state.node_active.items()
+             if active and node != "local" and node not in self.workers.by_id})
 
     def _bootstrap_admin(self) -> str | None:
         """First start: create the admin and write its token to a 0600 file."""

@@ -193,13 +193,7 @@ async def _serve(orch: Orchestrator, listen: Listen) -> None:
         await orch.stop()  # running attempts keep running; the next start adopts them
         raise CannotStart(
             f"cannot listen on {listen.host}:{listen.port} ({exc.strerror or exc})") from None
-    url, orch.advertise_url = listen.urls(runner.addresses[0][1])
-    # The certificate lets a client on this machine trust this very server by itself.
-    orch.write_server_file(url, advertise_url=orch.advertise_url,
-                           cert=str(listen.cert.absolute()) if listen.cert else None)
-    orch.start_provisioning(orch.advertise_url or url,
-                            str(listen.cert.absolute()) if listen.cert else None)
-    _announce(orch, url, listen)
+    _listening(orch, listen, runner.addresses[0][1])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -210,6 +204,17 @@ async def _serve(orch: Orchestrator, listen: Listen) -> None:
     await orch.hub.close_all("the orchestrator is restarting", tell=False)
     await runner.cleanup()
     await orch.stop()
+
+
+def _listening(orch: Orchestrator, listen: Listen, port: int) -> None:
+    """Say where the server listens (``server.json``, stdout), and start what needs it."""
+    url, orch.advertise_url = listen.urls(port)
+    # The certificate lets a client on this machine (or a worker Slurm starts) trust this
+    # very server by itself.
+    cert = str(listen.cert.absolute()) if listen.cert else None
+    orch.write_server_file(url, advertise_url=orch.advertise_url, cert=cert)
+    orch.start_provisioning(orch.advertise_url or url, cert)
+    _announce(orch, url, listen)
 
 
 def _announce(orch: Orchestrator, url: str, listen: Listen) -> None:

@@ -113,13 +113,7 @@ class Story:
             return "priority", ("back to the owner's level" if e.priority_override is None
                                 else f"set to {e.priority_override}")
         if isinstance(e, ev.AttemptDispatched):
-            waited = self._end_wait(t)
-            self.status, self.attempt = "dispatched", e.attempt
-            self.runs.append((e.attempt, t, None))
-            return "dispatched", (f"attempt {e.attempt} on {e.node} GPUs {cell(e.gpus)}"
-                                  + self.provisions.dispatched(e.node, t)
-                                  + (f", after waiting {duration(waited)}"
-                                     if waited is not None else ""))
+            return "dispatched", self._dispatched(e, t)
         if isinstance(e, ev.AttemptStarted):
             self.status = "running"
             return "running", f"attempt {e.attempt}, pid {e.pid}" + \
@@ -151,6 +145,14 @@ class Story:
             return "ignored", f"a late '{e.report}' report of attempt {e.attempt} " \
                               f"(current: {e.current_attempt})"
         return "", ""
+
+    def _dispatched(self, e: ev.AttemptDispatched, t: float) -> str:
+        waited = self._end_wait(t)
+        self.status, self.attempt = "dispatched", e.attempt
+        self.runs.append((e.attempt, t, None))
+        return (f"attempt {e.attempt} on {e.node} GPUs {cell(e.gpus)}"
+                + self.provisions.dispatched(e.node, t)
+                + (f", after waiting {duration(waited)}" if waited is not None else ""))
 
     def _wait(self, t: float, status: str, reasons: dict[str, str]) -> None:
         """Enter (or stay in) a waiting state held by ``reasons``."""

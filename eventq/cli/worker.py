@@ -49,11 +49,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     w.add_argument("--margin-time", type=float, default=0.0, metavar="SECONDS",
                    help="with --max-runtime: time kept free at the end of the allocation")
     w.add_argument("--slurm", action="store_true",
-                   help="run as the task of a Slurm job (as `eventq server --slurm-partition` "
-                        "starts it): the name, the labels slurm_job, slurm_partition and "
-                        "slurm_node, the "
-                        "data directory, the GPUs and the time budget (--max-runtime) come "
-                        "from Slurm, and an array's token (wa_…) gives this task's own")
+                   help="run as a Slurm job's task (as `eventq server --slurm-partition` "
+                        "starts it): name, labels (slurm_job, slurm_partition, slurm_node), "
+                        "data directory, GPUs and --max-runtime from Slurm; an array's "
+                        "token (wa_…) gives this task's own")
     w.add_argument("--log-format", choices=["console", "json"], default="console")
     w.set_defaults(run=run_worker)
 
