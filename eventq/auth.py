@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -39,6 +40,17 @@ def token_hash(token: str) -> str:
 
 def new_token(prefix: str = "eq") -> str:
     return f"{prefix}_{secrets.token_urlsafe(32)}"
+
+
+#: The prefix of a worker array's secret (``eventq worker --slurm`` derives its token).
+ARRAY_PREFIX = "wa_"
+
+
+def task_token(array_secret: str, task: int) -> str:
+    """The worker token of one task of an array: HMAC of the array's secret and the task's
+    number. The server keeps only each task's hash; a task's token opens only its worker."""
+    digest = hmac.new(array_secret.encode(), f"eventq task {task}".encode(), hashlib.sha256)
+    return "wt_" + base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
 
 
 _USER_EVENTS = frozenset({ev.UserCreated, ev.UserUpdated, ev.TokenIssued, ev.TokenRevoked})

@@ -221,6 +221,10 @@ class WorkerCreated(Event, frozen=True, tag="worker_created"):
     worker_type: Literal["ephemeral", "persistent"]
     labels: dict[str, str]
     token_sha256: str
+    #: Made by a provider (``slurm``) for one task of a request (``WorkersRequested``): it
+    #: lives as long as that allocation, taking jobs until it idles out or its time is spent,
+    #: where an ephemeral worker an admin made runs one job.
+    provider: str | None = None
 
 
 class WorkerTokenRotated(Event, frozen=True, tag="worker_token_rotated"):
@@ -258,6 +262,59 @@ class WorkerLost(Event, frozen=True, tag="worker_lost"):
 
 class WorkerRemoved(Event, frozen=True, tag="worker_removed"):
     worker_id: str
+
+
+# --- workers a batch system starts on demand (SPEC 12) -------------------------------
+
+
+class WorkersRequested(Event, frozen=True, tag="workers_requested"):
+    """Workers asked of a batch system (``provider``: ``slurm``), one per task of one array
+    job. Recorded, with each task's worker already created (``WorkerCreated``), before the
+    request leaves: a crash in between is settled at the next start by the name it carries."""
+
+    request_id: str
+    provider: str
+    #: The worker each task starts as: task i is ``workers[i]``.
+    workers: list[str]
+    #: The waiting jobs it was made for.
+    for_jobs: list[str]
+    #: What each task asks for, in the provider's words (partition, GRES, time limit).
+    asks: str = ""
+
+
+class WorkersRequestSubmitted(Event, frozen=True, tag="workers_request_submitted"):
+    """The batch system took the request, under its own id (Slurm's array job id)."""
+
+    request_id: str
+    batch_id: str
+
+
+class WorkersRequestFailed(Event, frozen=True, tag="workers_request_failed"):
+    """The batch system did not take the request (``sbatch`` failed, or a restart found no
+    trace of it); none of its workers will come."""
+
+    request_id: str
+    error: str
+
+
+class RequestedWorkerChanged(Event, frozen=True, tag="requested_worker_changed"):
+    """What the batch system says of one task changed: waiting (with its own reason), started
+    on a node, or ended (with its end state). Only changes are recorded."""
+
+    request_id: str
+    task: int
+    state: Literal["pending", "running", "ended"]
+    #: Slurm's reason while pending (``Resources``, ``Priority``), its state otherwise.
+    detail: str = ""
+    node: str | None = None
+
+
+class RequestedWorkersCancelled(Event, frozen=True, tag="requested_workers_cancelled"):
+    """eventq cancels these tasks of a request (``scancel``): no longer needed, or idle."""
+
+    request_id: str
+    tasks: list[int]
+    reason: str
 
 
 # --- a job's life ---------------------------------------------------------------------
@@ -468,6 +525,11 @@ AnyEvent = (
     | WorkerDraining
     | WorkerLost
     | WorkerRemoved
+    | WorkersRequested
+    | WorkersRequestSubmitted
+    | WorkersRequestFailed
+    | RequestedWorkerChanged
+    | RequestedWorkersCancelled
     | JobSubmitted
     | JobReady
     | JobRejected

@@ -87,6 +87,16 @@ def _read_device(pynvml: object, index: int) -> GpuInfo:
 NONE = "0"
 
 
+def allocated(inventory: Inventory, indices: tuple[int, ...] | None) -> Inventory:
+    """Only the GPUs a batch system allocated, when NVML sees more of the node than that (a
+    node whose devices the job is not fenced from); all it sees otherwise."""
+    if indices is None or inventory.simulated or len(inventory.gpus) <= len(indices):
+        return inventory
+    wanted = set(indices)
+    return Inventory([g for g in inventory.gpus if g.index in wanted], False,
+                     inventory.nvml_error)
+
+
 def detect(spec: str | None) -> Inventory:
     """No GPUs for ``0``, the simulated inventory for another spec, else NVML."""
     if spec is not None and spec.strip() == NONE:

@@ -352,6 +352,12 @@ class _Pass:
             self.counts.local_gpus += spec.gpus
 
 
+def fits_no_worker(reason: Reason) -> bool:
+    """Is this the reason ``_no_node`` gives when no connected worker fits at all?"""
+    return reason.code == "no_worker" and \
+        reason.detail.startswith(("no worker is connected", "no connected worker"))
+
+
 def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
          nodes: list[NodeView], now: float, scan_depth: int = SCAN_DEPTH,
          cpu_jobs_waiting: bool = True) -> Plan:

@@ -121,11 +121,14 @@ def select(records: Iterator[Record], job: str | None = None, type_: str | None 
         yield r
 
 
-def job_history(conn: sqlite3.Connection, job_id: str) -> Iterator[Record]:
-    """Every verified record about one job, including a purge that names it."""
+def job_history(conn: sqlite3.Connection, job_id: str,
+                also: tuple[type[ev.Event], ...] = ()) -> Iterator[Record]:
+    """Every verified record about one job, including a purge that names it; and every
+    record of the ``also`` types (those of the workers started for it, say)."""
     for r in iter_verified(conn):
         e = r.event
-        if ev.event_job_id(e) == job_id or (isinstance(e, ev.JobsPurged) and job_id in e.job_ids):
+        if ev.event_job_id(e) == job_id or isinstance(e, also) \
+                or (isinstance(e, ev.JobsPurged) and job_id in e.job_ids):
             yield r
 
 

@@ -22,7 +22,9 @@ from eventq import __version__, gpus, lockfile
 from eventq import events as ev
 from eventq.actionlog import ActionLog
 from eventq.actors.allocator import Allocator, GpuTable, ReportInventory
+from eventq.actors.provisioner import Provisioner
 from eventq.actors.registry import AddUser, Registry, decide_user
+from eventq.actors.requests_state import Requests
 from eventq.actors.scheduler import CheckReady, Process, ReleaseOrphans, Scheduler, SetLimits
 from eventq.actors.scheduler_state import SchedulerState
 from eventq.actors.workers_state import Workers
@@ -39,6 +41,8 @@ from eventq.node import LocalNode
 from eventq.paths import LOG_FILE, SERVER_FILE
 from eventq.projections.history import History
 from eventq.projections.queue import QueueView
+from eventq.provider import ProviderError
+from eventq.slurm import SlurmProvider, SlurmSettings
 
 log = structlog.get_logger()
 
@@ -118,6 +122,8 @@ class Orchestrator:
     #: Write one line per action once the log holds it (``eventq.actionlog``), as ``eventq
     #: server`` does; off where nobody reads them (tests, tools).
     log_actions: bool = False
+    #: Start workers through Slurm when jobs need them (``eventq server --slurm-partition``).
+    slurm: SlurmSettings | None = None
 
     def __post_init__(self) -> None:
         # One spelling for the life of the data: attempts record it (their wrapper's argv,
@@ -128,8 +134,11 @@ class Orchestrator:
 
     running: bool = False
     _refresh: asyncio.Task[None] | None = None
+    provider: SlurmProvider | None = None
+    provisioner: Provisioner | None = None
 
     async def start(self) -> None:
+        self.provider = await self._provider()
         self._lock = take_lock(self.data_dir)
         try:
             replayed = await self._open_log()
@@ -187,6 +196,36 @@ class Orchestrator:
             return None
         return ev.Limits()
 
+    async def _provider(self) -> SlurmProvider | None:
+        """The batch system that starts workers, checked before anything else happens: a
+        partition Slurm does not know, or no Slurm command at all, ends the start."""
+        if self.slurm is None:
+            return None
+        provider = SlurmProvider(self.slurm, self.data_dir)
+        try:
+            await provider.check()
+        except ProviderError as exc:
+            if "cannot run" in str(exc) or "not found" in str(exc):
+                raise CannotStart(f"--slurm-partition {self.slurm.partition}: {exc}") from None
+            log.warning("slurm_unchecked", why=str(exc),
+                        note="the partition's time limit is unknown until a restart")
+        return provider
+
+    def start_provisioning(self, url: str, ca: str | None = None) -> None:
+        """Once the server listens at ``url``: ask the provider for workers on demand."""
+        if self.provider is None:
+            if self.requests.by_id:
+                log.warning("requests_left_alone", requests=len(self.requests.by_id),
+                            note="requests for workers are open, but this server was started "
+                                 "without --slurm-partition: they are neither watched nor "
+                                 "cancelled")
+            return
+        self.provisioner = Provisioner(
+            self.log, self.requests, self.scheduler, self.registry, self.workers,
+            self.provider, self.clock, self.provider.settings.idle_timeout, url, ca)
+        self.scheduler.provider_note = self.provisioner.note
+        self.provisioner.start()
+
     async def _open_log(self) -> int:
         """Open the log and fold it, verified whole, into new actors; returns the number of
         events. Nothing acts on them yet: the actors are not started."""
@@ -226,8 +265,9 @@ class Orchestrator:
         #: The past, for replay and the GPUs over time (``projections/history.py``).
         self.history = History(self.state, self.gpu_table, self.workers)
         self.notifications = Notifications(self.state)  # reads the state folded before it
+        self.requests = Requests()
         self.log.fold_into(self.state, self.gpu_table, self.users, self.workers, self.queue,
-                           self.sessions, self.history, self.notifications)
+                           self.sessions, self.history, self.notifications, self.requests)
 
     def _remove_purged_directories(self) -> None:
         """A purge is durable before its directories go: finish one a crash interrupted."""
@@ -247,7 +287,8 @@ class Orchestrator:
             self.scheduler.tell(Process())
 
     async def recover(self, replayed: int) -> None:
-        """Release orphans, reconcile attempts with their processes, dispatch at once."""
+        """Release orphans, reconcile attempts with their processes, dispatch at once; the
+        workers the log shows online get one timeout to come back."""
         await self.scheduler.ask(ReleaseOrphans())
         found = await self.node.recover(self._left_active)
         for job in self.state.jobs.values():
@@ -258,6 +299,9 @@ class Orchestrator:
         await self.scheduler.ask(Process())
         await self.log.flush()
         log.info("recovered", events=replayed, **found, waiting=self.state.waiting_count())
+        self.registry.watch_known_workers(
+            {node for node, active in self.state.node_active.items()
+             if active and node != "local" and node not in self.workers.by_id})
 
     def _bootstrap_admin(self) -> str | None:
         """First start: create the admin and write its token to a 0600 file."""
@@ -296,6 +340,8 @@ class Orchestrator:
             self._refresh.cancel()
         await self.notifier.stop()
         running = self.state.counts.total
+        if self.provisioner is not None:
+            await self.provisioner.stop()
         await self.scheduler.stop()
         await self.allocator.stop()
         await self.registry.stop()

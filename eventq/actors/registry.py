@@ -117,6 +117,31 @@ class CheckAlive(msgspec.Struct, frozen=True):
     worker_id: str
 
 
+class NewWorker(msgspec.Struct, frozen=True):
+    """One worker a provider will start, made before its request leaves."""
+
+    worker_id: str
+    name: str
+    labels: dict[str, str]
+    token_sha256: str
+
+
+class CreateWorkers(msgspec.Struct, frozen=True):
+    """Workers for the tasks of one request to a batch system (``provider``)."""
+
+    principal: str
+    provider: str
+    workers: list[NewWorker]
+
+
+class AllocationEnded(msgspec.Struct, frozen=True):
+    """The batch system ended the allocation a provider's worker ran in: it is offline now,
+    and whatever it still ran is given up once a lease it held has surely lapsed."""
+
+    worker_id: str
+    reason: str
+
+
 class LoseAttempts(msgspec.Struct, frozen=True):
     """A lease held on these attempts (all of a node's if None) has surely lapsed."""
 
@@ -126,7 +151,7 @@ class LoseAttempts(msgspec.Struct, frozen=True):
 
 
 WorkerMsg = (CreateWorker | RotateWorkerToken | DrainWorker | RemoveWorker | WorkerHello
-             | WorkerGone | CheckAlive | LoseAttempts)
+             | WorkerGone | CheckAlive | LoseAttempts | CreateWorkers | AllocationEnded)
 RegistryMsg = AddUser | UpdateUser | IssueToken | RevokeTokens | OpenSession | EndSession \
     | WorkerMsg
 
@@ -159,6 +184,16 @@ def _worker(workers: Workers, worker_id: str) -> Worker:
     if worker is None:
         raise CommandError(404, f"no worker {worker_id}")
     return worker
+
+
+def decide_created(workers: Workers, cmd: CreateWorkers) -> list[ev.Event]:
+    """A provider's workers: ephemeral, each with the token its task will derive."""
+    taken = {w.name for w in workers.by_id.values()}
+    if clash := [w.name for w in cmd.workers if w.name in taken or w.worker_id in workers.by_id]:
+        raise CommandError(409, f"workers named {clash} already exist")
+    return [ev.WorkerCreated(worker_id=w.worker_id, name=w.name, worker_type="ephemeral",
+                             labels=dict(w.labels), token_sha256=w.token_sha256,
+                             provider=cmd.provider) for w in cmd.workers]
 
 
 def decide_worker_admin(workers: Workers, cmd: CreateWorker | RotateWorkerToken | DrainWorker,
@@ -211,17 +246,21 @@ class Registry(Actor[RegistryMsg]):
             principal, events = decide_session(self.users, self.sessions, message,
                                                self.clock.now())
             return Outcome(events, self.log.append(principal, events).durable), None
+        elif isinstance(message, CreateWorkers):
+            events = decide_created(self.workers, message)
         else:
             return await self._liveness(message), None
         appended = self.log.append(message.principal, events)
         return Outcome(events, appended.durable), token
 
     async def _liveness(self, m: RemoveWorker | WorkerHello | WorkerGone | CheckAlive
-                        | LoseAttempts) -> Outcome:
+                        | LoseAttempts | AllocationEnded) -> Outcome:
         if isinstance(m, WorkerHello):
             return await self._hello(m)
         if isinstance(m, RemoveWorker):
             return await self._remove(m)
+        if isinstance(m, AllocationEnded):
+            return self._allocation_ended(m)
         if isinstance(m, LoseAttempts):
             lost: Outcome = await self.scheduler.ask(NodeLost(m.node, m.reason, m.attempts))
             return lost
@@ -268,6 +307,18 @@ class Registry(Actor[RegistryMsg]):
         if worker.online:  # its token works no more: its agent stops what it runs, and its
             # lease, renewed no more, lapses within one timeout
             self.lose_later(worker.worker_id, f"worker_lost: removed by {m.principal}")
+        return Outcome(events, appended.durable)
+
+    def _allocation_ended(self, m: AllocationEnded) -> Outcome:
+        """Offline now; its attempts move only one timeout from now, as after a forced
+        removal: what the batch system ended may not have ended every process it started."""
+        worker = self.workers.by_id.get(m.worker_id)
+        if worker is None or not worker.online:
+            return Outcome([], None)
+        events: list[ev.Event] = [ev.WorkerLost(worker_id=m.worker_id, reason=m.reason)]
+        appended = self.log.append(f"worker:{m.worker_id}", events)
+        if self.scheduler.state.node_active.get(m.worker_id):
+            self.lose_later(m.worker_id, f"worker_lost: {m.reason}")
         return Outcome(events, appended.durable)
 
     def touch(self, worker_id: str) -> None:

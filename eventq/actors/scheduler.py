@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -470,6 +470,14 @@ def newcomers(events: Sequence[ev.Event]) -> list[str]:
     return [j for j in out if j not in blocked]
 
 
+def with_note(reasons: list[ev.Reason], note: ev.Reason | None) -> list[ev.Reason]:
+    """A provider's note in place of "no connected worker fits", or beside the other reasons
+    (a connected worker whose time is short, GPUs a worker it asks for would bring)."""
+    if note is None:
+        return reasons
+    return [r for r in reasons if not policy.fits_no_worker(r)] + [note]
+
+
 def reason_changes(state: SchedulerState, plan: policy.Plan) -> list[ev.Event]:
     """Record a job's reasons only when its set of reason codes changes."""
     out: list[ev.Event] = []
@@ -503,6 +511,8 @@ class Scheduler(Actor[SchedulerMsg]):
         self.views = NodeViews(state, gpu_table)
         log.fold_into(self.views)
         self.dispatched = 0
+        #: What a provider is doing for a waiting job (SPEC 12), shown in its live reasons.
+        self.provider_note: Callable[[str], ev.Reason | None] = lambda job_id: None
 
     def _append(self, principal: str, events: Sequence[ev.Event]) -> None:
         if events:
@@ -768,7 +778,7 @@ class Scheduler(Actor[SchedulerMsg]):
         reasons = policy.explain(job.spec, self.state.counts, self.state.limits,
                                  self.node_views(), self.last_plan.reservation, now)
         if reasons:
-            return reasons
+            return with_note(reasons, self.provider_note(job.spec.job_id))
         if position is None:
             position = self.state.position(job.spec.job_id, now)
         if position is not None and position > 1:

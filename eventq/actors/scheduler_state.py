@@ -80,7 +80,9 @@ IGNORED = frozenset({
     ev.WorkerDraining, ev.WorkerLost, ev.WorkerRemoved, ev.UserCreated, ev.UserUpdated,
     ev.TokenIssued, ev.TokenRevoked, ev.SessionOpened, ev.SessionEnded,
     ev.NodeInventoryReported, ev.GpusAllocated, ev.GpusReleased, ev.StaleReportIgnored,
-    ev.ServerNotifyUrlSet, ev.NotificationDelivered, ev.NotificationFailed, ev.HookRan})
+    ev.ServerNotifyUrlSet, ev.NotificationDelivered, ev.NotificationFailed, ev.HookRan,
+    ev.WorkersRequested, ev.WorkersRequestSubmitted, ev.WorkersRequestFailed,
+    ev.RequestedWorkerChanged, ev.RequestedWorkersCancelled})
 
 
 @dataclass

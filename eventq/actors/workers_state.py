@@ -44,6 +44,14 @@ class Worker:
     offline_reason: str | None = None
     #: Attempts ever dispatched to it (an ephemeral worker takes one).
     jobs_taken: int = 0
+    #: The provider (``slurm``) that started it for one allocation, if any.
+    provider: str | None = None
+
+    @property
+    def one_job(self) -> bool:
+        """An ephemeral worker an admin made runs one job; a provider's runs jobs for as long
+        as its allocation lasts (its idle timeout and time budget end it)."""
+        return self.worker_type == "ephemeral" and self.provider is None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -72,7 +80,8 @@ class Workers:
             return
         if isinstance(e, ev.WorkerCreated):
             self.by_id[e.worker_id] = Worker(e.worker_id, e.name, e.worker_type, dict(e.labels),
-                                             e.token_sha256, created_at=t, since=t)
+                                             e.token_sha256, created_at=t, since=t,
+                                             provider=e.provider)
             return
         worker = self.by_id.get(ev.event_worker_id(e) or "")
         if worker is None:
@@ -103,7 +112,7 @@ class Workers:
         """May new attempts be placed on this node?"""
         worker = self.by_id.get(worker_id)
         return worker is not None and worker.online and not worker.draining \
-            and not (worker.worker_type == "ephemeral" and worker.jobs_taken)
+            and not (worker.one_job and worker.jobs_taken)
 
     def status(self, worker_id: str, active_jobs: int) -> WorkerStatus:
         worker = self.by_id[worker_id]

@@ -72,6 +72,9 @@ class AgentConfig:
     accepts_until: float | None = None
     #: Verifies an https orchestrator (``--ca``); None: the system's CAs.
     ssl: ssl.SSLContext | None = None
+    #: The GPUs a batch system gave this worker on a node it shares (Slurm's
+    #: ``SLURM_JOB_GPUS``): NVML sees them all, the worker offers only these.
+    allocated_gpus: tuple[int, ...] | None = None
 
 
 class Refused(Exception):
@@ -238,7 +241,8 @@ class Agent:
                 "(`eventq workers token ID` prints a new one) or the worker removed.")
 
     async def _hello(self, ws: aiohttp.ClientWebSocketResponse) -> m.Welcome | str:
-        inventory = await asyncio.to_thread(gpus.detect, self.config.gpu_spec)
+        inventory = gpus.allocated(await asyncio.to_thread(gpus.detect, self.config.gpu_spec),
+                                   self.config.allocated_gpus)
         if inventory.nvml_error:
             log.warning("no_gpus", why=inventory.nvml_error)
         self._hello_sent = now()  # a lease the welcome grants counts from here

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from eventq.callbacks.notifier import CallbackSettings
     from eventq.server import Orchestrator
+    from eventq.slurm import SlurmSettings
 
 # The server's modules (aiohttp, the actors, asyncio, logging) load only when a server
 # starts: every other command stays quick to launch.
@@ -56,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                         "EVENTQ_STATUS, EVENTQ_EXIT_CODE, … in its environment")
     s.add_argument("--on-finish-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="stop an --on-finish command still running after this (default 60)")
+    add_slurm_flags(s)
     s.set_defaults(run=run_server)
 
 
@@ -71,6 +73,59 @@ def _network_arguments(s: argparse.ArgumentParser) -> None:
                    help="how workers on other machines reach this server, e.g. "
                         "https://gpu-orch.example.com:8001 (default: this host's name when "
                         "--host is beyond loopback)")
+
+
+def add_slurm_flags(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group(
+        "workers through Slurm", "start `eventq worker` as Slurm array tasks when waiting jobs "
+        "fit no connected worker (SPEC 12); this machine needs sbatch, squeue, scancel and "
+        "scontrol, and the Slurm nodes must reach the server (--host, --advertise-url)")
+    g.add_argument("--slurm-partition", metavar="P", help="the partition to ask for workers")
+    g.add_argument("--slurm-max-workers", type=int, default=4, metavar="N",
+                   help="workers asked for or running at most (default 4)")
+    g.add_argument("--slurm-gres", default="gpu:1", metavar="GRES",
+                   help="each worker's GPUs, as sbatch --gres (default gpu:1; gpu:a100:2 also "
+                        "labels the workers gpu_type=a100)")
+    g.add_argument("--slurm-time", metavar="TIME",
+                   help="each worker's time limit, as sbatch --time (default: the "
+                        "partition's); workers take only jobs known to end before it")
+    g.add_argument("--slurm-account", metavar="A", help="sbatch --account")
+    g.add_argument("--slurm-extra", metavar="OPTIONS", default="",
+                   help='more sbatch options, e.g. "--qos=high --mem=32G"')
+    g.add_argument("--slurm-idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="cancel a worker idle this long (default 60)")
+    g.add_argument("--slurm-margin-time", type=float, default=60.0, metavar="SECONDS",
+                   help="time kept free at the end of each worker's time limit (default 60)")
+    g.add_argument("--slurm-worker-gpus", metavar="SPEC",
+                   help="a simulated inventory for the workers, e.g. 1xA100-80GB (GRES GPUs "
+                        "without a driver, tests; default: NVML on the node)")
+    g.add_argument("--slurm-job-name", default="eventq", metavar="PREFIX",
+                   help="prefix of the Slurm job names (default eventq): tells this server's "
+                        "requests from others'")
+
+
+def slurm_settings(args: argparse.Namespace) -> SlurmSettings | None:
+    """The ``--slurm-*`` flags, checked; None without ``--slurm-partition``."""
+    import shlex
+
+    from eventq.slurm import SlurmSettings, SlurmSettingsError
+
+    if args.slurm_partition is None:
+        return None
+    try:
+        extra = tuple(shlex.split(args.slurm_extra))
+        settings = SlurmSettings(
+            args.slurm_partition, args.slurm_max_workers, args.slurm_gres, args.slurm_time,
+            args.slurm_account, extra, args.slurm_idle_timeout, args.slurm_margin_time,
+            args.slurm_worker_gpus, args.slurm_job_name)
+        settings.check()
+        if settings.worker_gpus:
+            from eventq import gpus
+
+            gpus.simulated(settings.worker_gpus)
+    except (ValueError, SlurmSettingsError) as exc:
+        raise CliError(str(exc)) from None
+    return settings
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -110,7 +165,8 @@ def run_server(args: argparse.Namespace) -> int:
     orch = Orchestrator(args.data_dir or default_data_dir(), inventory,
                         grace_seconds=args.grace, configs_dir=args.configs_dir or Path(),
                         log_cap_bytes=int(args.log_cap_mb * 2**20),
-                        callbacks=callback_settings(args), log_actions=True)
+                        callbacks=callback_settings(args), log_actions=True,
+                        slurm=slurm_settings(args))
     listen = Listen(args.host, args.port, tls_context, args.advertise_url, args.tls_cert,
                     args.metrics_listen, args.metrics_public)
     try:
@@ -190,8 +246,11 @@ async def _serve(orch: Orchestrator, listen: Listen, log_format: str) -> None:
         raise
     url, orch.advertise_url = listen.urls(port)
     # The certificate lets a client on this machine trust this very server by itself.
+    # The certificate lets a worker Slurm starts trust this very server by itself too.
+    cert = str(listen.cert.absolute()) if listen.cert else None
     orch.write_server_file(url, advertise_url=orch.advertise_url, metrics_url=metrics_url,
-                           cert=str(listen.cert.absolute()) if listen.cert else None)
+                           cert=cert)
+    orch.start_provisioning(orch.advertise_url or url, cert)
     _announce(orch, url, listen, metrics_url, log_format)
     await _until_stopped()
     # End worker streams first (without "shutdown": workers keep their jobs and reconnect);
@@ -252,6 +311,10 @@ def _announce(orch: Orchestrator, url: str, listen: Listen, metrics_url: str | N
         print(f"metrics without a token on {metrics_url}", flush=True)
     if listen.metrics_public:
         print(f"{url}/metrics answers without a token (--metrics-public)", flush=True)
+    if orch.provider is not None:
+        s = orch.provider.settings
+        print(f"workers through Slurm: partition {s.partition}, --gres {s.gres}, at most "
+              f"{s.max_workers}, connecting to {orch.advertise_url or url}", flush=True)
     if listen.in_clear_beyond_loopback():
         print("warning: serving plain HTTP beyond loopback (--insecure): tokens cross the "
               "network in clear text", flush=True)

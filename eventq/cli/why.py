@@ -18,6 +18,8 @@ from eventq.callbacks import story as callbacks_story
 from eventq.cli import output
 from eventq.cli.client import CliError
 from eventq.cli.output import cell, duration, emit_json, stamp, table, when
+from eventq.cli.provisions import READS as PROVISION_EVENTS
+from eventq.cli.provisions import Provisions, wait_line
 from eventq.log import LogCorrupt, Record
 from eventq.redact import redact_text
 
@@ -65,11 +67,21 @@ class Story:
     reasons: dict[str, ReasonTime] = field(default_factory=dict)
     waits: list[Wait] = field(default_factory=list)
     runs: list[tuple[int, float, float | None]] = field(default_factory=list)
+    #: What a batch system did for it (requests made for it, the workers it ran on).
+    provisions: Provisions = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.provisions = Provisions(self.job_id)
 
     # --- folding ---------------------------------------------------------------------
 
     def evolve(self, r: Record) -> None:
         e, t = r.event, r.time
+        if isinstance(e, PROVISION_EVENTS):
+            told = self.provisions.step(e, t)
+            if told is not None:
+                self.steps.append(Step(r.seq, t, r.principal, *told))
+            return
         state, detail = self._apply(e, t)
         if state:  # details quote what workers and admins wrote: tokens are hidden
             self.steps.append(Step(r.seq, t, r.principal, state, redact_text(detail)))
@@ -116,6 +128,7 @@ class Story:
         self.status, self.attempt = "dispatched", e.attempt
         self.runs.append((e.attempt, t, None))
         return "dispatched", (f"attempt {e.attempt} on {e.node} GPUs {cell(e.gpus)}"
+                              + self.provisions.dispatched(e.node, t)
                               + (f", after waiting {duration(waited)}"
                                  if waited is not None else ""))
 
@@ -221,6 +234,8 @@ class Story:
             "total_wait_seconds": sum(w["seconds"] for w in waits),
             "runs": [{"attempt": a, "start": s, "end": e,
                       "seconds": None if e is None else e - s} for a, s, e in self.runs],
+            "provider_waits": self.provisions.waits,
+            "provider_pending": self.provisions.pending() if self.waiting() else [],
         }
 
 
@@ -266,7 +281,7 @@ def story_of(job_id: str, records: Iterable[Record]) -> Story | None:
 
 def why(args: argparse.Namespace, conn: Any) -> int:
     try:
-        story = story_of(args.job_id, replay.job_history(conn, args.job_id))
+        story = story_of(args.job_id, replay.job_history(conn, args.job_id, PROVISION_EVENTS))
     except LogCorrupt as exc:
         raise CliError(str(exc)) from None
     if story is None:
@@ -290,6 +305,11 @@ def why(args: argparse.Namespace, conn: Any) -> int:
         table([{"reason": x["code"], "for": duration(x["seconds"])
                 + (" so far" if x["still_waiting"] else ""), "detail": x["detail"]}
                for x in summary["reasons"]], ["reason", "for", "detail"])
+    for wait in summary["provider_waits"]:
+        if wait["for_this_job"]:
+            console.print(wait_line(wait), markup=False)
+    for pending in summary["provider_pending"]:
+        console.print(f"still waiting for {pending}", markup=False)
     total = duration(summary["total_wait_seconds"])
     per_attempt = ", ".join(f"attempt {w['attempt']}: {duration(w['seconds'])}"
                             for w in summary["waits"])

@@ -48,6 +48,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                         "(or max_runtime) fits in the time left, and exit once none does")
     w.add_argument("--margin-time", type=float, default=0.0, metavar="SECONDS",
                    help="with --max-runtime: time kept free at the end of the allocation")
+    w.add_argument("--slurm", action="store_true",
+                   help="run as a Slurm job's task (as `eventq server --slurm-partition` "
+                        "starts it): name, labels (slurm_job, slurm_partition, slurm_node), "
+                        "data directory, GPUs and --max-runtime from Slurm; an array's "
+                        "token (wa_…) gives this task's own")
     w.add_argument("--log-format", choices=["console", "json"], default="console")
     w.set_defaults(run=run_worker)
 
@@ -101,6 +106,32 @@ def _verified(url: str, ca: str | None) -> ssl.SSLContext | None:
     return context
 
 
+def _as_slurm_task(args: argparse.Namespace, token: str) -> tuple[str, tuple[int, ...] | None]:
+    """Fill in what the Slurm job says (flags given win); this task's token, and the GPUs
+    Slurm gave it on the node."""
+    from eventq.auth import ARRAY_PREFIX, task_token
+    from eventq.slurm import SlurmTask, time_left
+
+    task = SlurmTask.from_environ(dict(os.environ))
+    if task is None:
+        raise CliError("--slurm: this is not a Slurm job (no SLURM_JOB_ID)")
+    if token.startswith(ARRAY_PREFIX):
+        if task.task is None:
+            raise CliError("--slurm: an array's token needs an array task "
+                           "(no SLURM_ARRAY_TASK_ID)")
+        token = task_token(token, task.task)
+    args.name = args.name or f"slurm-{task.label}"
+    labels = {"slurm_job": task.label, "slurm_partition": task.partition,
+              "slurm_node": task.node}
+    args.labels = ",".join(f"{k}={v}" for k, v in labels.items() if v) + \
+        (f",{args.labels}" if args.labels else "")
+    args.data_dir = args.data_dir or Path(os.environ.get("TMPDIR") or "/tmp") \
+        / f"eventq-slurm-{task.job_id}"
+    if args.max_runtime is None:
+        args.max_runtime = time_left(task.job_id)
+    return token, task.gpus
+
+
 def run_worker(args: argparse.Namespace) -> int:
     import asyncio
     import shlex
@@ -111,6 +142,9 @@ def run_worker(args: argparse.Namespace) -> int:
 
     env = os.environ
     url, token = _orchestrator(args)
+    allocated = None
+    if args.slurm:
+        token, allocated = _as_slurm_task(args, token)
     spec = args.gpus or env.get("EVENTQ_WORKER_GPUS") or None
     try:
         if spec:
@@ -128,7 +162,8 @@ def run_worker(args: argparse.Namespace) -> int:
         name=args.name or env.get("EVENTQ_WORKER_NAME") or socket.gethostname(),
         gpu_spec=spec, labels=parse_labels(args.labels or env.get("EVENTQ_WORKER_LABELS")),
         persistent=args.persistent, trainer=trainer, grace_seconds=args.grace,
-        accepts_until=budget_end(args.max_runtime, args.margin_time), ssl=ssl_context)
+        accepts_until=budget_end(args.max_runtime, args.margin_time), ssl=ssl_context,
+        allocated_gpus=allocated)
     serverlog.configure(args.log_format)
     try:
         return asyncio.run(Agent(config).run())

@@ -173,7 +173,7 @@ class WorkerHub:
             job = self.state.jobs.get(e.job_id)
             worker = self.workers.by_id.get(job.node or "") if job else None
             outbox = self.connections.get(worker.worker_id) if worker else None
-            if worker is not None and worker.worker_type == "ephemeral" and outbox is not None:
+            if worker is not None and worker.one_job and outbox is not None:
                 outbox.close("an ephemeral worker runs one job")
 
     def hand_token(self, worker_id: str, token: str) -> bool:

@@ -1,0 +1,249 @@
+"""Workers through Slurm against Slurm alone, side by side in the same run.
+
+(a) Submit-to-start of a job that needs a new worker: an ``eventq server --slurm-partition``
+with no worker gets one job (``date +%s%N``, a list command); the clock starts just before
+the submission and stops at the time the job's own process read (the same clock). This
+counts the provider's reaction, Slurm's scheduling of the array task, the worker's start and
+registration, and the dispatch; the tool waits until that worker has idled out and left
+Slurm before the next sample, so each one starts from no worker. The log gives each part.
+Beside it, ``sbatch --wrap 'date +%s%N'`` of the same command straight to Slurm.
+
+(b) Throughput: N one-GPU ``true`` jobs drained on 2 slots. eventq: one batch of N jobs into
+a server whose provider may start 2 one-GPU workers (``--slurm-max-workers 2``), timed from
+the submission to the last completion, the workers' start included. Slurm alone: N
+``sbatch --gres=gpu:1 --wrap true``, one after another as a script submits them, timed from
+the first until Slurm lists none of them (slurm-local.sh's own benchmark does the same).
+
+Every Slurm job carries a name of this run's own; at the end they are cancelled, the
+server stopped and the temporary directories removed. Slurm must be up (slurm-local.sh
+install); others using it at the same time slow both sides alike.
+
+Run from the repository root: ``.venv/bin/python tools/bench_slurm.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import random
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eventq import events as ev
+from tools.bench_dispatch import DEFAULT_SLURM_SCRIPT, slurm_daemons
+from tools.benchkit import Api, print_goals, read_stamp, stop_server, wait_for
+
+PARTITION = "debug"
+JOB = ["date", "+%s%N"]
+GOAL_RATIO = 5.0
+
+
+def ours(name: str) -> list[str]:
+    """Slurm jobs (pending, running, completing) whose name starts with ``name``."""
+    out = subprocess.run(["squeue", "--noheader", "--format=%j"], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    return [line for line in out.split() if line.startswith(name)]
+
+
+def cancel(name: str) -> None:
+    ids = subprocess.run(["squeue", "--noheader", "--format=%j %A"], capture_output=True,
+                         text=True, timeout=30, check=False).stdout.splitlines()
+    mine = [line.split()[1] for line in ids if line.startswith(name)]
+    if mine:
+        subprocess.run(["scancel", *mine], capture_output=True, timeout=60, check=False)
+
+
+@contextlib.contextmanager
+def eventq_server(root: Path, name: str, *flags: str) -> Iterator[tuple[Api, Path]]:
+    """An ``eventq server`` whose provider asks Slurm for workers; its API and data dir."""
+    data = root / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    exe = Path(sys.executable).with_name("eventq")
+    argv = [str(exe), "server", "--data-dir", str(data), "--port", "0", "--grace", "1",
+            "--log-format", "json", "--slurm-partition", PARTITION,
+            "--slurm-worker-gpus", "1xA100-80GB", "--slurm-job-name", name, *flags]
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed below
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTQ_")}
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    api = None
+    try:
+        wait_for(lambda: proc.poll() is not None or (data / "server.json").exists(), 60,
+                 "the server's start", step=0.02)
+        if proc.poll() is not None:
+            raise RuntimeError(f"eventq server exited; see {root / 'server.log'}")
+        import json
+
+        url = json.loads((data / "server.json").read_text())["url"]
+        api = Api(url, (data / "admin.token").read_text().strip())
+        api.call("POST", "/api/queue/concurrency", {"max_concurrent": 1000,
+                                                    "user_max_concurrent": 1000})
+        yield api, data
+    finally:
+        if api is not None:
+            api.close()
+        cancel(name)
+        stop_server(proc)
+        log.close()
+
+
+def event_times(data: Path, job_id: str) -> dict[str, float]:
+    """When the log saw each step of one job's start through a new worker."""
+    with contextlib.closing(sqlite3.connect(f"file:{data / 'events.db'}?mode=ro",
+                                            uri=True)) as db:
+        rows = db.execute("SELECT time, body, v FROM events ORDER BY seq").fetchall()
+    out: dict[str, float] = {}
+    for t, body, v in rows:
+        e = ev.decode(body, v)
+        if isinstance(e, ev.JobSubmitted) and e.job.job_id == job_id:
+            out["submitted"] = t
+        elif isinstance(e, ev.WorkersRequested) and job_id in e.for_jobs:
+            out["requested"], out["worker"] = t, e.workers[0]  # type: ignore[assignment]
+        elif isinstance(e, ev.WorkerConnected) and e.worker_id == out.get("worker"):
+            out.setdefault("connected", t)
+        elif isinstance(e, ev.AttemptDispatched) and e.job_id == job_id:
+            out["dispatched"] = t
+    return out
+
+
+def latency(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    name = f"eventq-bench-slurm-{os.getpid()}-a"
+    rng = random.Random(1)
+    eventq: list[float] = []
+    parts: dict[str, list[float]] = {"provider": [], "slurm_and_worker": [], "dispatch": [],
+                                     "process": []}
+    with eventq_server(root / "a", name, "--slurm-idle-timeout", "0.5") as (api, data):
+        for i in range(args.samples):
+            wait_for(lambda: not ours(name), 60, "the last worker to leave Slurm", step=0.05)
+            time.sleep(args.gap + rng.random())
+            t0 = time.time_ns()
+            job_id = api.call("POST", "/api/queue/submit",
+                              {"command": JOB, "gpus": 1, "target": "worker"})["job_id"]
+            out_file = data / "jobs" / job_id / "1" / "stdout.log"
+            stamp = wait_for(lambda f=out_file: read_stamp(f), 120, f"eventq sample {i + 1}",
+                             step=0.005)
+            eventq.append((stamp - t0) / 1e9)
+            seen = event_times(data, job_id)
+            parts["provider"].append(seen["requested"] - seen["submitted"])
+            parts["slurm_and_worker"].append(seen["connected"] - seen["requested"])
+            parts["dispatch"].append(seen["dispatched"] - seen["connected"])
+            parts["process"].append(stamp / 1e9 - seen["dispatched"])
+    slurm = slurm_latency(args, root, rng)
+    return {"eventq_s": eventq, "slurm_s": slurm,
+            "eventq_parts_median_s": {k: statistics.median(v) for k, v in parts.items()}}
+
+
+def slurm_latency(args: argparse.Namespace, root: Path, rng: random.Random) -> list[float]:
+    name = f"eventq-bench-slurm-{os.getpid()}-s"
+    tmp = root / "s"
+    tmp.mkdir()
+    out: list[float] = []
+    try:
+        for i in range(args.samples):
+            time.sleep(args.gap + rng.random())
+            stamp_file = tmp / f"start.{i}"
+            t0 = time.time_ns()
+            subprocess.run(["sbatch", "-Q", "-J", name, "-D", str(tmp), "-o", str(stamp_file),
+                            "--gres=gpu:1", "--wrap", " ".join(JOB)], check=True,
+                           capture_output=True, timeout=30)
+            stamp = wait_for(lambda f=stamp_file: read_stamp(f), 120, f"Slurm sample {i + 1}",
+                             step=0.002)
+            out.append((stamp - t0) / 1e9)
+            wait_for(lambda: not ours(name), 60, f"Slurm sample {i + 1} to end", step=0.02)
+    finally:
+        cancel(name)
+    return out
+
+
+def throughput(args: argparse.Namespace, root: Path) -> dict[str, float]:
+    name = f"eventq-bench-slurm-{os.getpid()}-b"
+    with eventq_server(root / "b", name, "--slurm-max-workers", "2", "--slurm-gres", "gpu:1",
+                       "--slurm-idle-timeout", "5") as (api, _):
+        body = {"jobs": [{"command": ["true"], "gpus": 1, "target": "worker"}
+                         for _ in range(args.jobs)]}
+        t0 = time.monotonic()
+        api.call("POST", "/api/queue/batch", body)
+        wait_for(lambda: api.call("GET", "/api/queue/stats")["by_status"].get("completed", 0)
+                 >= args.jobs, 600, "eventq's jobs to drain", step=0.05)
+        eventq_s = time.monotonic() - t0
+    tmp = root / "bs"
+    tmp.mkdir()
+    sname = f"eventq-bench-slurm-{os.getpid()}-t"
+    try:
+        t0 = time.monotonic()
+        for _ in range(args.jobs):
+            subprocess.run(["sbatch", "-Q", "-J", sname, "-D", str(tmp), "-o", "/dev/null",
+                            "--gres=gpu:1", "--wrap", "true"], check=True, capture_output=True,
+                           timeout=30)
+        wait_for(lambda: not ours(sname), 600, "Slurm's jobs to drain", step=0.05)
+        slurm_s = time.monotonic() - t0
+    finally:
+        cancel(sname)
+    return {"eventq_s": eventq_s, "slurm_s": slurm_s,
+            "eventq_jobs_per_s": args.jobs / eventq_s, "slurm_jobs_per_s": args.jobs / slurm_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"Goal: (b) eventq >= {GOAL_RATIO:g}x Slurm's jobs/s.")
+    p.add_argument("--samples", type=int, default=7, help="latency samples each (default 7)")
+    p.add_argument("--gap", type=float, default=0.5,
+                   help="idle seconds before each sample, plus a random fraction (default 0.5)")
+    p.add_argument("--jobs", type=int, default=500, help="jobs drained in (b) (default 500)")
+    p.add_argument("--only", choices=["latency", "throughput"], help="run one part only")
+    p.add_argument("--slurm-script", type=Path, default=DEFAULT_SLURM_SCRIPT,
+                   help=f"slurm-local.sh, to start Slurm if it is down ({DEFAULT_SLURM_SCRIPT})")
+    args = p.parse_args(argv)
+    print(f"machine: nproc={os.cpu_count()} python={platform.python_version()} "
+          f"load={os.getloadavg()[0]:.2f}", flush=True)
+    with slurm_daemons(args.slurm_script, "auto") as why_not:
+        if why_not is not None:
+            print(f"cannot run: {why_not}")
+            return 2
+        root = Path(tempfile.mkdtemp(prefix="eventq-bench-slurm-"))
+        try:
+            return report(args, root)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def report(args: argparse.Namespace, root: Path) -> int:
+    goals: list[tuple[str, bool, str]] = []
+    if args.only in (None, "latency"):
+        lat = latency(args, root)
+        e, s = statistics.median(lat["eventq_s"]), statistics.median(lat["slurm_s"])
+        print(f"(a) submit-to-start, median of {args.samples}: eventq through a new Slurm "
+              f"worker {e:.3f} s (min {min(lat['eventq_s']):.3f}, max "
+              f"{max(lat['eventq_s']):.3f}); sbatch straight to Slurm {s:.3f} s (min "
+              f"{min(lat['slurm_s']):.3f}, max {max(lat['slurm_s']):.3f}); ratio {e / s:.2f}")
+        print("    eventq's parts (medians): " + ", ".join(
+            f"{k} {v:.3f} s" for k, v in lat["eventq_parts_median_s"].items()))
+    if args.only in (None, "throughput"):
+        thr = throughput(args, root)
+        ratio = thr["eventq_jobs_per_s"] / thr["slurm_jobs_per_s"]
+        print(f"(b) {args.jobs} one-GPU `true` jobs on 2 slots: eventq {thr['eventq_s']:.2f} s "
+              f"({thr['eventq_jobs_per_s']:.1f} jobs/s, the workers' start included); Slurm "
+              f"alone {thr['slurm_s']:.2f} s ({thr['slurm_jobs_per_s']:.1f} jobs/s); "
+              f"ratio {ratio:.2f}")
+        goals.append((f"(b) eventq >= {GOAL_RATIO:g}x Slurm's jobs/s", ratio >= GOAL_RATIO,
+                      f"{ratio:.2f}x"))
+    if goals:
+        print_goals(goals)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
