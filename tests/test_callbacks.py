@@ -376,3 +376,21 @@ async def test_a_batch_and_an_import_name_a_url_for_each_job(
     ids = (await batch.json())["job_ids"] + (await imported.json())["job_ids"]
     assert [orch.state.jobs[j].spec.notify_url for j in ids] == [
         receiver.url("/batch"), None, receiver.url("/import"), receiver.url("/import")]
+
+
+async def test_an_end_durable_only_as_the_server_stops_is_sent_after_the_next_start(
+        start: Start, receiver: Receiver, tmp_path: Path) -> None:
+    """The stopping server sends nothing and starts no hook once it began to stop: the
+    end is owed in the log, and the next start sends it."""
+    hooked = tmp_path / "hooked"
+    orch, api = await start(CallbackSettings(on_finish=f"touch {hooked}"))
+    job_id = await submit(api, command=["true"], requires_approval=True,
+                          notify_url=receiver.url())
+    await api.close()
+    orch.log.append("user:admin", [ev.JobCancelled(job_id=job_id)])  # as a cancel decides
+    await orch.stop()  # the cancel becomes durable as the log closes
+    assert receiver.got == [] and orch.notifier.deliveries == {}
+    assert not hooked.exists()
+    orch, _ = await start()
+    await until(lambda: len(receiver.got) == 1, "sent after the restart")
+    assert (receiver.got[0]["job_id"], receiver.got[0]["status"]) == (job_id, "cancelled")

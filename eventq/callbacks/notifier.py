@@ -72,6 +72,8 @@ class Notifier:
     appended: dict[int, list[Ending]] = field(default_factory=dict)
     deliveries: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
     hooks: Hooks | None = None
+    #: Set once ``stop`` began: an end that becomes durable later is left to the next start.
+    stopped: bool = False
     _session: aiohttp.ClientSession | None = None
     _turns: dict[yarl.URL, asyncio.Semaphore] = field(default_factory=dict)
 
@@ -89,6 +91,8 @@ class Notifier:
         self.appended.setdefault(ending.ending, []).append(ending)
 
     def on_durable(self, records: Sequence[Record]) -> None:
+        if self.stopped:
+            return
         for record in records:
             for ending in self.appended.pop(record.seq, ()):
                 for key in self.notifications.owed_by(ending):
@@ -165,6 +169,7 @@ class Notifier:
 
     async def stop(self) -> None:
         """Stop trying (what is owed is sent after the next start) and end running hooks."""
+        self.stopped = True
         self.notifications.listener = None
         tasks = list(self.deliveries.values())
         for task in tasks:
