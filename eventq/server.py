@@ -198,7 +198,7 @@ class Orchestrator:
         self.queue = QueueView(self.state, self.gpu_table, self.scheduler)
         self.sessions = self.registry.sessions
         #: The past, for replay and the GPUs over time (``projections/history.py``).
-        self.history = History()
+        self.history = History(self.state, self.gpu_table, self.workers)
         self.log.fold_into(self.state, self.gpu_table, self.users, self.workers, self.queue,
                            self.sessions, self.history)
 

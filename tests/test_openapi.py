@@ -145,6 +145,13 @@ async def test_replies_about_real_jobs_match_the_document(
                         path_parameters={"job_id": job}) == 200
             assert call("GET", "/api/queue/position/{job_id}",
                         path_parameters={"job_id": job}) == 200
+            assert call("GET", "/api/jobs/{job_id}/reasons",
+                        path_parameters={"job_id": job}) == 200
+        head = orch.log.head_seq
+        for at in sorted({0, 1, head // 3, head // 2, head}):  # the past, as the page reads it
+            assert call("GET", "/api/replay/state", query={"at": str(at)}) == 200
+        assert call("GET", "/api/gpus/timeline", query={"since": "0"}) == 200
+        assert call("POST", "/api/session/code") == 201
         assert call("GET", "/api/queue", query={"include_completed": "true"}) == 200
         for path in ("/api/queue/stats", "/api/queue/me", "/api/queue/concurrency",
                      "/api/admin/users", "/metrics"):

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from eventq import __version__
-from eventq.cli import bulk, jobs, replay, serve, users, worker, workers
+from eventq.cli import bulk, jobs, replay, serve, ui, users, worker, workers
 from eventq.cli.client import CliError
 
 # Each command's module is imported here for its parser only: what a command needs beyond
@@ -17,7 +17,7 @@ from eventq.cli.client import CliError
 
 #: Which module's parsers define each command.
 DEFINED_BY = {"server": serve, "jobs": jobs, "import": bulk, "export": bulk, "progress": bulk,
-              "users": users, "workers": workers, "worker": worker, "replay": replay}
+              "users": users, "workers": workers, "worker": worker, "replay": replay, "ui": ui}
 
 
 def parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"eventq {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
     wanted = DEFINED_BY.get(command or "")
-    for module in (serve, jobs, bulk, users, workers, worker, replay):
+    for module in (serve, jobs, bulk, users, workers, worker, replay, ui):
         if wanted in (None, module):
             add = bulk.add_parsers if module is bulk else module.add_parser
             add(sub, common)

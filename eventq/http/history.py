@@ -19,11 +19,12 @@ from aiohttp import web
 from eventq import events as ev
 from eventq.actors.scheduler_state import PARKED, implied_reasons
 from eventq.http.app import ORCH, ApiError, require_owner
+from eventq.http.bounds import LAST_EPOCH
 from eventq.http.queue import int_param
 from eventq.http.stream import LAST_SEQ
 from eventq.log import Record
 from eventq.policy import effective_priority
-from eventq.projections.history import Bar, Frame, JobRow, fold_step
+from eventq.projections.history import Bar, Frame, JobRow
 from eventq.projections.queue import GATED, RUNNING, WAITING
 from eventq.redact import redact_text
 from eventq.server import Orchestrator
@@ -32,8 +33,6 @@ routes = web.RouteTableDef()
 
 #: Rows of the log read at a time while folding the events after a snapshot.
 TAIL_PAGE = 2000
-#: The latest epoch a client may name (as ``bounds.Epoch``): year 9999.
-LAST_EPOCH = 253_402_300_799.0
 _NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 
 
@@ -55,22 +54,16 @@ async def state_at(orch: Orchestrator, at: int, at_time: float | None) -> Frame:
     """The frame right after ``at``, or, with ``at_time``, right before the first event
     later than it (as ``eventq.replay.fold`` stops)."""
     history = orch.history
-    live = history.frame
-    if at == live.seq and (at_time is None or at_time >= live.high):
-        return live
+    if at >= history.seq and (at_time is None or at_time >= history.high):
+        return history.now()
     frame = history.base_for(at, at_time)
     if frame.seq >= at:
         return frame
     await orch.log.flush()  # the events after the snapshot are read from the file
-    ends = history.tail_ends()
     while frame.seq < at:
         page = await orch.log.read(from_seq=frame.seq + 1, to_seq=at, limit=TAIL_PAGE)
-        if not page:
+        if not page or not history.fold_tail(frame, page, at_time):
             break
-        for record in page:
-            if at_time is not None and record.time > at_time:
-                return frame
-            fold_step(frame, record, ends)
     return frame
 
 
@@ -162,7 +155,7 @@ def bar_dict(bar: Bar) -> dict[str, Any]:
 
 def lanes(orch: Orchestrator, bars: Iterable[Bar]) -> list[dict[str, Any]]:
     """Every GPU of every node known now, and any other a bar shows; local first."""
-    found = {(node, gpu) for node, row in orch.history.frame.nodes.items() for gpu in row.gpus}
+    found = {(node, gpu) for node, row in orch.gpu_table.nodes.items() for gpu in row.gpus}
     found |= {(bar.node, gpu) for bar in bars for gpu in bar.gpus}
     ordered = sorted(found, key=lambda lane: (lane[0] != "local", lane[0], lane[1]))
     return [{"node": node, "gpu": gpu} for node, gpu in ordered]

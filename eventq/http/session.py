@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from aiohttp import web
 
-from eventq.auth import token_hash
+from eventq.auth import User, token_hash
 from eventq.http.app import (
     ORCH,
     SESSION_COOKIE,
@@ -80,9 +80,9 @@ def setup(app: web.Application) -> None:
     app.add_routes(routes)
 
 
-def session_body(session: Session) -> dict[str, Any]:
-    return {"user": session.name, "level": session.level.value,
-            "expires_at": session.expires_at}
+def session_body(user: User, session: Session) -> dict[str, Any]:
+    """Who is signed in, at their level now (a promotion shows at once), and until when."""
+    return {"user": user.name, "level": user.level.value, "expires_at": session.expires_at}
 
 
 def _vouching_token(request: web.Request,
@@ -113,23 +113,24 @@ async def sign_in(request: web.Request) -> web.Response:
     outcome, _ = await orch.registry.ask(OpenSession(digest, token_sha256, via))
     await outcome.durable
     session = orch.sessions.session(digest)
-    assert session is not None
-    resp = web.json_response(session_body(session))
+    user = orch.users.by_name.get(session.name) if session is not None else None
+    assert session is not None and user is not None
+    resp = web.json_response(session_body(user, session))
     resp.set_cookie(SESSION_COOKIE, cookie, path="/", httponly=True, samesite="Strict",
                     secure=request.secure or None,
                     max_age=max(1, int(session.expires_at - orch.clock.now())))
     return resp
 
 
-def _cookie_session(request: web.Request) -> tuple[str, Session] | None:
-    """The digest and session of the request's cookie, while the session stands."""
+def _cookie_session(request: web.Request) -> tuple[str, User, Session] | None:
+    """The digest, user and session of the request's cookie, while the session stands."""
     cookie = request.cookies.get(SESSION_COOKIE)
     if not cookie:
         return None
     orch, digest = request.app[ORCH], token_hash(cookie)
     user, _ = orch.sessions.standing(digest, orch.clock.now(), orch.users)
     session = orch.sessions.session(digest)
-    return (digest, session) if user is not None and session is not None else None
+    return (digest, user, session) if user is not None and session is not None else None
 
 
 @routes.get("/api/session")
@@ -137,7 +138,7 @@ async def who_am_i(request: web.Request) -> web.Response:
     found = _cookie_session(request)
     if found is None:
         raise ApiError(401, "not signed in (no session cookie, or its session has ended)")
-    return web.json_response(session_body(found[1]))
+    return web.json_response(session_body(found[1], found[2]))
 
 
 @routes.delete("/api/session")
@@ -150,7 +151,7 @@ async def sign_out(request: web.Request) -> web.Response:
                                 f"(Origin {own_origin(request)})")
         orch = request.app[ORCH]
         outcome, _ = await orch.registry.ask(
-            EndSession(f"user:{found[1].name}", found[0]))
+            EndSession(found[1].principal, found[0]))
         await outcome.durable
     resp = web.Response(status=204)
     resp.del_cookie(SESSION_COOKIE, path="/")

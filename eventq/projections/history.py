@@ -1,18 +1,21 @@
 """The past: the queue, GPUs and workers as they were right after any event, and which
 attempt held which GPU when.
 
-A ``Frame`` is a light fold of the log: the jobs not yet finished (one frozen row each),
-every node's GPUs and their holders, the workers, the limits. ``History`` keeps the live
-frame at the head and, every ``every`` events (at least as many as there are open jobs,
-so a copy costs at most one row per event), a snapshot of it: a shallow copy, since rows
-are replaced, never changed. The state at seq S is the last snapshot at or before S with
-the events after it folded in (read from the log): at most a few thousand events, however
-long the log. Finished jobs are not copied into snapshots: each is appended once, when it
-ends, to ``finished``, which a query reads back to S. Snapshots are thinned when there are
-more than ``keep`` (every other one goes, the spacing doubles), so memory stays bounded.
+A ``Frame`` is the state right after one event: the jobs not yet finished (one frozen row
+each), every node's GPUs and their holders, the workers, the limits. ``History`` takes one
+every ``every`` events (at least as many as there are open jobs, so it costs at most a row
+per event) from the live read models, which have folded that event already, and keeps it
+as a snapshot. The state at seq S is the last snapshot at or before S with the events after
+it folded in by ``fold_step``, a light fold of its own, from the log: a few thousand events
+at most, however long the log. Finished jobs are not copied into snapshots: each is
+recorded once, as it ends, in ``finished``, which a question reads back from S. Snapshots
+are thinned past ``keep`` of them (or ``rows`` job rows in all): every other one goes and
+the spacing doubles, so memory stays bounded.
 
-The fold must agree with the scheduler's own (``SchedulerState``) on every field it keeps;
-``tests/test_history.py`` compares them at many points of real logs.
+What promises this keeps: a snapshot is what the scheduler, the allocator and the registry
+held at its seq, and ``fold_step`` changes a frame as their folds change them, field by
+field; ``tests/test_history.py`` checks both at every event of real logs against
+``eventq.replay.fold``.
 """
 
 from __future__ import annotations
@@ -25,13 +28,26 @@ from typing import Any, ClassVar
 import msgspec
 
 from eventq import events as ev
-from eventq.actors.scheduler_state import implied_reasons, is_gated
+from eventq.actors.allocator import GpuTable
+from eventq.actors.scheduler_state import (
+    ACTIVE,
+    PARKED,
+    JobState,
+    SchedulerState,
+    implied_reasons,
+    is_gated,
+)
+from eventq.actors.workers_state import Workers
 from eventq.log import Record
 
 #: Events a snapshot is taken after at the least.
 EVERY = 4096
 #: Snapshots kept at most; past it every other one is dropped.
 KEEP = 512
+#: Job rows held by all snapshots together at most (a long queue makes them large).
+ROWS = 500_000
+#: The statuses of a job that has not ended.
+OPEN = ("waiting", "pending", *ACTIVE, *PARKED)
 
 
 class JobRow(msgspec.Struct, frozen=True, gc=False):
@@ -68,8 +84,7 @@ class WorkerRow(msgspec.Struct, frozen=True, gc=False):
     offline_reason: str | None = None
 
 
-def _replace(row: Any, **changes: Any) -> Any:
-    return msgspec.structs.replace(row, **changes)
+_replace = msgspec.structs.replace
 
 
 @dataclass
@@ -299,8 +314,10 @@ def fold_step(frame: Frame, record: Record, ends: Ends) -> None:
     step = STEPS.get(type(record.event))
     if step is not None:
         step(frame, record.event, record, ends)
-    frame.seq, frame.time = record.seq, record.time
-    frame.high = max(frame.high, record.time)
+    frame.seq = record.seq
+    frame.time = t = record.time
+    if t > frame.high:
+        frame.high = t
 
 
 # --- the GPUs over time --------------------------------------------------------------------
@@ -309,9 +326,9 @@ def fold_step(frame: Frame, record: Record, ends: Ends) -> None:
 Outcome = str
 
 
-@dataclass(slots=True)
-class Bar:
-    """One attempt's hold on a node's GPUs, from allocation to release."""
+class Bar(msgspec.Struct, gc=False):
+    """One attempt's hold on a node's GPUs, from allocation to release (``end`` and
+    ``status`` are set as it ends)."""
 
     job_id: str
     attempt: int
@@ -332,29 +349,32 @@ def outcome(e: ev.AttemptEnded) -> Outcome:
 
 @dataclass
 class Bars:
-    """Every hold on GPUs, in the order they began; the open ones by (job, attempt, node)."""
+    """Every hold on GPUs, in the order they began; the open ones by (job, attempt): an
+    attempt holds GPUs of one node."""
 
     bars: list[Bar] = field(default_factory=list)
     starts: list[float] = field(default_factory=list)
-    open: dict[tuple[str, int, str], Bar] = field(default_factory=dict)
+    open: dict[tuple[str, int], Bar] = field(default_factory=dict)
     #: The longest hold that has ended: a query for a window looks back this far.
     longest: float = 0.0
 
-    def allocated(self, e: ev.GpusAllocated, r: Record, row: JobRow | None) -> None:
-        user, priority = (row.spec.user, row.spec.effective_base) if row else ("", 0)
+    def allocated(self, e: ev.GpusAllocated, r: Record, spec: ev.JobSpec | None) -> None:
+        user, priority = (spec.user, spec.effective_base) if spec is not None else ("", 0)
         bar = Bar(e.job_id, e.attempt, user, priority, e.node, tuple(e.gpus), r.time)
-        start = max(r.time, self.starts[-1]) if self.starts else r.time
+        start = r.time
+        if self.starts and self.starts[-1] > start:  # kept sorted if the wall clock steps back
+            start = self.starts[-1]
         self.bars.append(bar)
-        self.starts.append(start)  # kept sorted even if the wall clock steps back
-        self.open[(e.job_id, e.attempt, e.node)] = bar
+        self.starts.append(start)
+        self.open[(e.job_id, e.attempt)] = bar
 
     def ended(self, e: ev.AttemptEnded) -> None:
-        for (job_id, attempt, _), bar in self.open.items():
-            if job_id == e.job_id and attempt == e.attempt:
-                bar.status = outcome(e)
+        bar = self.open.get((e.job_id, e.attempt))
+        if bar is not None:
+            bar.status = outcome(e)
 
     def released(self, e: ev.GpusReleased, r: Record) -> None:
-        bar = self.open.pop((e.job_id, e.attempt, e.node), None)
+        bar = self.open.pop((e.job_id, e.attempt), None)
         if bar is None:
             return
         bar.end = max(r.time, bar.start)
@@ -376,54 +396,100 @@ class Bars:
 # --- the live model ------------------------------------------------------------------------
 
 
+def row_of(job: JobState) -> JobRow:
+    """A job as the scheduler holds it, as the history's fold would have it."""
+    return JobRow(job.spec, job.order, job.status, job.queued_at, job.attempt, job.active,
+                  job.node, job.gpus, job.reasons, job.dispatched_at, job.finished_at,
+                  job.exit_code, job.error)
+
+
 @dataclass
 class History:
-    """The live frame, its snapshots, every finished job and every hold on GPUs."""
+    """Snapshots of the live read models every ``every`` events, every finished job and
+    every hold on GPUs.
 
-    READS: ClassVar[frozenset[type]] = frozenset(STEPS)
+    The scheduler's, the allocator's and the registry's folds already hold the state at
+    every event: a snapshot is their projection (``project``), taken after they have folded
+    the event (``History`` is subscribed after them). So the append path pays for a time,
+    a seq and, for a few event types, a row or a bar; the light fold (``fold_step``) runs
+    only when a question needs the events after a snapshot.
+    """
 
+    #: Every event moves it to its seq and time, even one it does nothing else with.
+    READS: ClassVar[frozenset[type]] = frozenset(ev.EVENT_TYPES.values())
+
+    state: SchedulerState
+    gpus: GpuTable
+    workers: Workers
     every: int = EVERY
     keep: int = KEEP
-    frame: Frame = field(default_factory=Frame)
+    rows: int = ROWS
     finished: Finished = field(default_factory=Finished)
     bars: Bars = field(default_factory=Bars)
     #: Snapshots in seq order, with their seqs and ``high`` times (both ascending).
     snapshots: list[Frame] = field(default_factory=list)
     snapshot_seqs: list[int] = field(default_factory=list)
     snapshot_highs: list[float] = field(default_factory=list)
-    _ends: Ends | None = None
+    #: The seq from which the next snapshot is taken.
+    next_snapshot: int = 0
+    seq: int = 0
+    time: float = 0.0
+    #: The latest event time so far (times may step back with the wall clock).
+    high: float = 0.0
 
     def __post_init__(self) -> None:
-        self._ends = Ends(self.finished, record=True)
         self.snapshots.append(Frame())
         self.snapshot_seqs.append(0)
         self.snapshot_highs.append(0.0)
+        self.next_snapshot = self.every
 
     def evolve(self, record: Record) -> None:
-        e, frame = record.event, self.frame
-        if isinstance(e, ev.GpusAllocated):
-            self.bars.allocated(e, record, frame.jobs.get(e.job_id))
-        elif isinstance(e, ev.AttemptEnded):
-            self.bars.ended(e)
-        elif isinstance(e, ev.GpusReleased):
-            self.bars.released(e, record)
-        assert self._ends is not None
-        fold_step(frame, record, self._ends)
-        if record.seq - self.snapshot_seqs[-1] >= max(self.every, len(frame.jobs)):
+        """One event, live: on the append path, so it does as little as it can."""
+        self.seq = seq = record.seq
+        self.time = t = record.time
+        if t > self.high:
+            self.high = t
+        live = _LIVE.get(type(record.event))
+        if live is not None:
+            live(self, record.event, record)
+        if seq >= self.next_snapshot:
             self._snapshot()
 
+    def now(self) -> Frame:
+        """The state at the latest event, from the live read models."""
+        state = self.state
+        jobs = {job_id: row_of(state.jobs[job_id])
+                for status in OPEN for job_id in state.by_status.get(status, ())}
+        nodes = {name: NodeRow(tuple(sorted(n.gpus)), dict(n.held))
+                 for name, n in self.gpus.nodes.items()}
+        workers = {w.worker_id: WorkerRow(w.name, w.online, w.draining, w.offline_reason)
+                   for w in self.workers.by_id.values()}
+        return Frame(self.seq, self.time, self.high, jobs, nodes, workers, state.limits)
+
     def _snapshot(self) -> None:
-        self.snapshots.append(self.frame.copy())
-        self.snapshot_seqs.append(self.frame.seq)
-        self.snapshot_highs.append(self.frame.high)
-        if len(self.snapshots) > self.keep:
-            # Every other one goes (the empty log's and the newest stay), and snapshots are
-            # taken half as often from now on: the spacing stays even along the log.
-            kept = [*range(0, len(self.snapshots) - 1, 2), len(self.snapshots) - 1]
-            self.snapshots = [self.snapshots[i] for i in kept]
-            self.snapshot_seqs = [self.snapshot_seqs[i] for i in kept]
-            self.snapshot_highs = [self.snapshot_highs[i] for i in kept]
-            self.every *= 2
+        frame = self.now()
+        last = self.snapshots[-1].jobs
+        for job_id, row in frame.jobs.items():  # unchanged rows are shared, not copied
+            if last.get(job_id) == row:
+                frame.jobs[job_id] = last[job_id]
+        self.snapshots.append(frame)
+        self.snapshot_seqs.append(frame.seq)
+        self.snapshot_highs.append(frame.high)
+        if len(self.snapshots) > self.keep or \
+                sum(len(f.jobs) for f in self.snapshots) > self.rows:
+            self._thin()
+        # A snapshot costs a row per open job: at most one row per event, however long the
+        # queue.
+        self.next_snapshot = frame.seq + max(self.every, len(frame.jobs))
+
+    def _thin(self) -> None:
+        """Every other snapshot goes (the empty log's and the newest stay), and they are
+        taken half as often from now on: the spacing stays even along the log."""
+        kept = [*range(0, len(self.snapshots) - 1, 2), len(self.snapshots) - 1]
+        self.snapshots = [self.snapshots[i] for i in kept]
+        self.snapshot_seqs = [self.snapshot_seqs[i] for i in kept]
+        self.snapshot_highs = [self.snapshot_highs[i] for i in kept]
+        self.every *= 2
 
     def base_for(self, at: int, at_time: float | None) -> Frame:
         """A copy of the latest snapshot from which folding forward reaches ``at`` (and,
@@ -433,6 +499,42 @@ class History:
             i = min(i, bisect.bisect_right(self.snapshot_highs, at_time) - 1)
         return self.snapshots[max(i, 0)].copy()
 
-    def tail_ends(self) -> Ends:
-        """For folding a copy forward: ends are read from ``finished``, not added to it."""
-        return Ends(self.finished, record=False)
+    def fold_tail(self, frame: Frame, records: Iterable[Record], at_time: float | None) -> bool:
+        """Fold ``records`` (the next ones after ``frame.seq``) into a copy ``base_for``
+        gave; False once one is later than ``at_time``: the frame is then complete. Ends
+        are read from ``finished``, never added to it (they were, live)."""
+        ends = Ends(self.finished, record=False)
+        for record in records:
+            if at_time is not None and record.time > at_time:
+                return False
+            fold_step(frame, record, ends)
+        return True
+
+    # --- what the live path records -----------------------------------------------------------
+
+    def _allocated(self, e: ev.GpusAllocated, r: Record) -> None:
+        job = self.state.jobs.get(e.job_id)
+        self.bars.allocated(e, r, job.spec if job is not None else None)
+
+    def _ended(self, e: ev.AttemptEnded, r: Record) -> None:
+        self.bars.ended(e)
+
+    def _released(self, e: ev.GpusReleased, r: Record) -> None:
+        self.bars.released(e, r)
+
+    def _finished(self, e: ev.JobCompleted | ev.JobFailed | ev.JobCancelled | ev.JobRejected,
+                  r: Record) -> None:
+        job = self.state.jobs.get(e.job_id)
+        if job is not None:
+            self.finished.add(r.seq, row_of(job))
+
+    def _purged(self, e: ev.JobsPurged, r: Record) -> None:
+        for job_id in e.job_ids:
+            self.finished.purged[job_id] = r.seq
+
+
+_LIVE: dict[type, Callable[[History, Any, Record], None]] = {
+    ev.GpusAllocated: History._allocated, ev.AttemptEnded: History._ended,
+    ev.GpusReleased: History._released, ev.JobCompleted: History._finished,
+    ev.JobFailed: History._finished, ev.JobCancelled: History._finished,
+    ev.JobRejected: History._finished, ev.JobsPurged: History._purged}
