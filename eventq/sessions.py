@@ -86,7 +86,7 @@ class Sessions:
         return self.by_digest.get(digest)
 
 
-ENDED = "the session has ended (signed out); sign in again"
+ENDED = "no such session (signed out, or never signed in); sign in again"
 EXPIRED = "the session has expired; sign in again"
 REVOKED = "the token this session was opened with is no longer valid (revoked)"
 DEMOTED = "the session's user is no longer {was} (now {now}); sign in again"

@@ -348,3 +348,41 @@ def sign_in(url: str, code: str) -> tuple[int, str | None]:
     except urllib.error.HTTPError as exc:
         exc.close()
         return exc.code, None
+
+
+@pytest.mark.slow
+def test_over_tls_the_cookie_is_secure_and_the_https_origin_is_the_servers_own(
+        tmp_path: Path) -> None:
+    """A real server process with a certificate: a standard-library cookie jar holds the
+    Secure cookie, and the page's https origin may change things with it."""
+    import http.cookiejar
+    import ssl
+    import urllib.request
+
+    from tests.test_tls import Certs, TlsServer
+
+    certs = Certs(tmp_path)
+    server = TlsServer(tmp_path / "data", "--tls-cert", str(certs.cert),
+                       "--tls-key", str(certs.key))
+    try:
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(certs.ca))),
+            urllib.request.HTTPCookieProcessor(jar))
+
+        def send(path: str, body: dict[str, Any]) -> Any:
+            req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
+                                         method="POST", headers={
+                                             "Content-Type": "application/json",
+                                             "Origin": server.url})
+            with opener.open(req, timeout=30) as resp:
+                return resp.headers, json.loads(resp.read())
+
+        headers, signed = send("/api/session", {"token": server.token})
+        assert signed["user"] == "admin" and "Secure" in headers["Set-Cookie"]
+        assert [c.secure for c in jar if c.name == COOKIE] == [True]
+        _, job = send("/api/queue/submit", {"command": ["true"], "gpus": 0,
+                                            "requires_approval": True})
+        assert job["status"] == "blocked"
+    finally:
+        server.stop()

@@ -218,8 +218,26 @@ def test_a_waiting_job_says_why_in_words_and_starts_live_when_another_is_cancell
     expect(waiter).to_contain_text("running")
 
 
+def test_thousands_of_jobs_keep_only_the_rows_in_view_in_the_page(
+        admin: Any, server: Server) -> None:
+    jobs = [{"command": ["true"], "name": f"bulk-{i:04d}", "target": "worker",
+             "worker_labels": {"pool": "none"}} for i in range(3000)]
+    server.call("POST", "/api/queue/batch", {"jobs": jobs})
+    view(admin, "#/jobs?name=bulk-", "Jobs")
+    expect(admin.get_by_text("3000 jobs")).to_be_visible()
+    table = admin.get_by_role("table", name="Jobs")
+    expect(table.get_by_role("link", name="bulk-2999")).to_be_visible()
+    assert table.get_by_role("row").count() < 60
+    scroller = admin.get_by_role("region", name="Jobs, scrollable")
+    scroller.evaluate("el => { el.scrollTop = el.scrollHeight; }")
+    expect(table.get_by_role("link", name="bulk-0000")).to_be_visible()
+    assert table.get_by_role("row").count() < 60
+    assert table.get_attribute("aria-rowcount") == "3001"
+    server.call("POST", "/api/queue/cancel", {"status": ["pending"], "user": "admin"})
+
+
 def test_the_job_page_tells_how_long_it_waited_and_why(admin: Any, server: Server) -> None:
-    view(admin, "#/jobs", "Jobs")
+    view(admin, "#/jobs?name=waiter", "Jobs")
     row(admin, "waiter").get_by_role("link", name="waiter").click()
     expect(admin.get_by_role("heading", name=re.compile("^waiter"), level=1)).to_be_visible()
     history = admin.get_by_role("table", name="Reason history")

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from eventq import events as ev
 from eventq.actors.scheduler_state import PARKED, implied_reasons
+from eventq.http.bounds import LAST_EPOCH
 from eventq.http.common import ORCH, ApiError, require_owner
 from eventq.http.queue import int_param
 from eventq.http.stream import LAST_SEQ
@@ -32,8 +33,6 @@ routes = web.RouteTableDef()
 
 #: Rows of the log read at a time while folding the events after a snapshot.
 TAIL_PAGE = 2000
-#: The latest epoch a client may name (as ``bounds.Epoch``): year 9999.
-LAST_EPOCH = 253_402_300_799.0
 _NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 
 

@@ -3,7 +3,8 @@
 A page ends with a cursor naming its last row by its sort value and job id; the next page
 is every matching row after that pair, so a row that moves or a job that arrives while the
 reader scrolls never makes a page repeat or skip one that stayed where it was (an offset
-would). Sorting by job id is sorting by submission: ids grow with the clock.
+would). Each page names the last event it reflects (``seq``), so the page applies only the
+events of the stream after it. Sorting by job id is sorting by submission: ids grow with the clock.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def _by_ids(request: web.Request, raw: str) -> web.Response:
         raise ApiError(422, f"ids names at most {MAX_IDS} jobs", "ids")
     queue = request.app[ORCH].queue
     rows = [row for i in dict.fromkeys(ids) if (row := queue.job(i, detail=False)) is not None]
-    return web.json_response({"jobs": rows, "total": len(rows), "next": None})
+    return web.json_response({"jobs": rows, "total": len(rows), "next": None,
+                              "seq": request.app[ORCH].log.head_seq})
 
 
 @routes.get("/api/jobs")
@@ -126,5 +128,5 @@ async def list_jobs(request: web.Request) -> web.Response:
         start = 0 if cursor is None else bisect.bisect_right(keyed, cursor)
         page, more = keyed[start:start + limit], start + limit < len(keyed)
     rows = [orch.queue.job(job_id, detail=False) for _, job_id in page]
-    return web.json_response({"jobs": rows, "total": len(keyed),
+    return web.json_response({"jobs": rows, "total": len(keyed), "seq": orch.log.head_seq,
                               "next": encode_cursor(*page[-1]) if more and page else None})

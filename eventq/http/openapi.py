@@ -25,7 +25,6 @@ from eventq.http import schemas as s
 from eventq.http.actions import CancelFilter, PriorityBody
 from eventq.http.admin import NewUser, UserChange
 from eventq.http.admin_workers import NewWorker
-from eventq.http.history import LAST_EPOCH
 from eventq.http.imports import ImportRequest
 from eventq.http.queue import BatchRequest, LimitsUpdate, SubmitRequest
 from eventq.http.session import SignIn
@@ -70,7 +69,7 @@ AfterSeq = Annotated[int, Meta(ge=0, le=LAST_SEQ,
 JobId = Annotated[str, Meta(min_length=1, description="12 hex digits, as submit answers.")]
 Seq = Annotated[int, Meta(ge=0, le=LAST_SEQ, description="An event's seq (0: before the "
                                                           "first). Default: the log's last.")]
-EpochParam = Annotated[float, Meta(ge=0, le=LAST_EPOCH, description="Epoch seconds.")]
+EpochParam = Annotated[float, Meta(ge=0, le=b.LAST_EPOCH, description="Epoch seconds.")]
 Finished = Annotated[int, Meta(ge=0, le=10_000, extra_json_schema={"default": 50},
                                description="How many of the jobs that had ended by then to "
                                            "list too, the latest first.")]

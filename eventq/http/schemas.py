@@ -167,6 +167,8 @@ class JobsPage(Reply):
     total: int
     #: Pass as ``after`` for the next page; null on the last one.
     next: str | None
+    #: The last event of the log this page reflects: later ones change it.
+    seq: int
 
 
 class LocalBlock(Reply):

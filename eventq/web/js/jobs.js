@@ -68,6 +68,11 @@ export class JobsTable {
     this.order = compare(filters.sort, filters.order);
     this.statuses = STATUS_WORDS[filters.status] ? new Set(STATUS_WORDS[filters.status]) : null;
     this.applyTimes = [];
+    this.asOf = 0;
+    // [seq, +1 or -1] of each applied event that changed the count of matching jobs.
+    this.deltas = [];
+    // The seq of the event being applied; null while the table changes for other reasons.
+    this.applying = null;
     this.refreshing = false;
     this.refreshAgain = false;
   }
@@ -87,6 +92,7 @@ export class JobsTable {
 
   async loadFirst() {
     const page = await get('/api/jobs' + this.params({limit: FIRST_PAGE}));
+    this.asOf = page.seq;
     this.take(page);
     this.loaded = true;
     for (const record of this.buffer.splice(0)) this.apply(record);
@@ -106,8 +112,17 @@ export class JobsTable {
       this.index.set(row.job_id, this.rows.length);
       this.rows.push(row);
     }
-    this.total = Math.max(page.total, this.rows.length);
+    // The server counted every event up to page.seq; those after it that this table has
+    // applied are counted on top (the stream may be ahead of the page, or behind it).
+    this.deltas = this.deltas.filter(([seq]) => seq > page.seq);
+    this.total = page.total + this.deltas.reduce((sum, [, d]) => sum + d, 0);
     this.next = page.next;
+  }
+
+  count(delta) {
+    if (this.applying === null) return;
+    this.deltas.push([this.applying, delta]);
+    this.total = Math.max(0, this.total + delta);
   }
 
   reindex(from = 0) {
@@ -120,7 +135,7 @@ export class JobsTable {
       const mid = (lo + hi) >> 1;
       if (this.order(this.rows[mid], row) < 0) lo = mid + 1; else hi = mid;
     }
-    this.total += 1;
+    this.count(+1);
     if (lo === this.rows.length && this.next) return;  // beyond what is loaded: its page brings it
     this.rows.splice(lo, 0, row);
     this.reindex(lo);
@@ -131,12 +146,22 @@ export class JobsTable {
     this.index.delete(row.job_id);
     this.selected.delete(row.job_id);
     this.reindex(at);
-    this.total = Math.max(0, this.total - 1);
+    this.count(-1);
   }
 
   /** One event of the stream; returns the ids of jobs it could not place (not loaded). */
   apply(record) {
     if (!this.loaded) { this.buffer.push(record); return null; }
+    if (record.seq <= this.asOf) return null;  // the first page already shows it
+    this.applying = record.seq;
+    try {
+      return this.applyOne(record);
+    } finally {
+      this.applying = null;
+    }
+  }
+
+  applyOne(record) {
     if (record.type === 'job_submitted') {
       const row = rowOf(record);
       if (!this.index.has(row.job_id) && this.matches(row)) this.insert(row);
