@@ -136,11 +136,12 @@ def test_a_worker_killed_mid_job_loses_it_and_attempt_2_runs_on_the_other(
 
 def test_an_orchestrator_killed_and_restarted_keeps_the_remote_job_which_runs_once(
         cluster: Cluster, tmp_path: Path) -> None:
-    # the restarted server waits one heartbeat timeout for the worker: leave room for its start
-    server = cluster.server(port=free_port(), heartbeat_timeout=3.0)
+    # The worker's lease (8 s of a 10 s offline timeout, with its 1 s grace) must outlast the
+    # restart, or the agent rightly stops its job: a loaded machine restarts slowly.
+    server = cluster.server(port=free_port(), heartbeat_timeout=10.0)
     worker = cluster.worker(server, "box")
     ledger = tmp_path / "ledger"
-    job = server.submit(f"echo ran >> {ledger}; sleep 2; echo done")
+    job = server.submit(f"echo ran >> {ledger}; sleep 3; echo done")
     server.wait_job(job, "running")
 
     assert server.proc is not None
