@@ -138,8 +138,8 @@ async def main(args: argparse.Namespace) -> int:
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--clients", type=int, default=64)
-    p.add_argument("--seconds", type=float, default=2.0, help="per phase")
-    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--seconds", type=float, default=1.5, help="per phase")
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--queued", type=int, default=100_000)
     return p.parse_args()
 
