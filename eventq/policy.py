@@ -437,6 +437,8 @@ def _earliest(slots: list[tuple[float, str]], need: int, now: float) -> Estimate
     """When ``need`` of these GPUs are free: the need-th earliest free time."""
     if need == 0:
         return Estimate(now)
+    if need > len(slots):  # the rest are held with no attempt listed (a worker given up)
+        return Estimate(None, "its GPUs are held by an attempt whose end is not known yet")
     time, holder = sorted(slots)[need - 1]
     if time == INF:
         return Estimate(None, f"waits for job {holder}, whose end is unknown")

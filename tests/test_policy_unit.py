@@ -66,6 +66,15 @@ def test_estimates_follow_the_free_times_of_the_gpus() -> None:
     assert "waits for job big" in starts["next"].note
 
 
+def test_a_gpu_held_by_no_listed_attempt_gives_no_estimate_rather_than_an_error() -> None:
+    """A worker removed by force keeps its GPUs held until its attempt's end is known, with
+    no active attempt to list: a job needing that GPU has no estimate (it was an
+    IndexError, and GET /api/jobs/{id} answered 500)."""
+    held = policy.NodeView("w1", False, set(), 1, [])
+    starts = policy.estimate_starts([job("next", 1).spec], [held], NOW)
+    assert starts["next"].start is None and "not known" in starts["next"].note
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from([0, 10, 20, 30]), st.floats(0, 7200)),
                 min_size=1, max_size=40), st.floats(0, 7200))

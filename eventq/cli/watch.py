@@ -45,14 +45,10 @@ class Subscription:
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError), self._resp:
             for message in parse_sse(self._resp):
                 self.messages.put((message.event, message.data))
         self.messages.put(None)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._resp.close()
 
 
 class View(Protocol):
@@ -85,11 +81,10 @@ def watch(api: Client, view: View, fmt: str) -> int:
     falling behind is subscribed to again."""
     try:
         while True:
-            subscription = Subscription(api)
-            try:
-                why = _follow(subscription, view, fmt)
-            finally:
-                subscription.close()
+            # A stream is closed by its reader thread when it ends: closing it from here
+            # would wait for the buffer lock that thread holds while it waits for data
+            # (a keepalive, up to 15 s away). A watch that ends ends the process.
+            why = _follow(Subscription(api), view, fmt)
             if why == "over":
                 return 0
             if why != "resubscribe":
