@@ -22,6 +22,7 @@ from eventq import events as ev
 from eventq import gpus
 from eventq.log import EventLog, connect_readonly, iter_verified
 from tests import serverproc
+from tests.helpers import until
 from tests.receiver import AiohttpServer, Receiver, receiving
 
 pytestmark = pytest.mark.slow
@@ -44,15 +45,15 @@ class Servers:
         info.unlink(missing_ok=True)  # a killed server leaves its own behind
         proc = serverproc.spawn(self.data_dir, self.stderr, *flags)
         self.procs.append(proc)
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-                found = json.loads(info.read_text())
-                if found["pid"] == proc.pid:
-                    break
+
+        def up() -> bool:
             assert proc.poll() is None, self.stderr.read_text()
-            assert time.monotonic() < deadline, "the server did not start"
-            await asyncio.sleep(0.02)
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                return bool(json.loads(info.read_text())["pid"] == proc.pid)
+            return False
+
+        await until(up, "the server to start", seconds=30)
+        found = json.loads(info.read_text())
         self.url, self.token = found["url"], (self.data_dir / "admin.token").read_text().strip()
         return proc
 
@@ -97,14 +98,6 @@ async def servers(tmp_path: Path) -> AsyncIterator[Servers]:
             await asyncio.to_thread(serverproc.end, proc)
 
 
-async def until(check: Any, what: str, seconds: float = 30) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"never happened: {what}")
-
-
 async def leave_log(data_dir: Path, events: list[ev.Event]) -> None:
     """The log as a kill left it: these events durable, nothing after them."""
     data_dir.mkdir(parents=True)
@@ -139,7 +132,8 @@ async def test_the_log_a_kill_left_is_notified_after_the_restart_exactly_as_it_o
     await leave_log(servers.data_dir, events)
     await servers.start()
     later = await servers.submit(command=["true"], notify_url=receiver.url())
-    await until(lambda: any(b["job_id"] == later for b in receiver.got), "the later job's end")
+    await until(lambda: any(b["job_id"] == later for b in receiver.got), "the later job's end",
+                seconds=30)
     await servers.until_recorded(ev.NotificationDelivered, 2)
     left_over = [b for b in receiver.got if b["job_id"] == JOB]
     if left == "owed":
@@ -156,7 +150,7 @@ async def test_a_server_killed_while_the_receiver_holds_the_post_sends_it_once_r
     first = await servers.start()
     job_id = await servers.submit(name="nightly", command=["true"],
                                   notify_url=receiver.url("/services/T0/B0/s3cretpath"))
-    await until(lambda: len(receiver.got) == 1, "the POST reached the receiver")
+    await until(lambda: len(receiver.got) == 1, "the POST reached the receiver", seconds=30)
     first.kill()  # SIGKILL between the end (durable) and its delivery
     await asyncio.to_thread(first.wait)
     assert servers.recorded(ev.NotificationDelivered) == []
@@ -164,14 +158,14 @@ async def test_a_server_killed_while_the_receiver_holds_the_post_sends_it_once_r
     receiver.release.set()
 
     await servers.start()
-    await until(lambda: len(receiver.got) == 2, "sent again after the restart")
+    await until(lambda: len(receiver.got) == 2, "sent again after the restart", seconds=30)
     assert receiver.got[1] == receiver.got[0]  # the same notification, still its first try
     await servers.until_recorded(ev.NotificationDelivered)
     await asyncio.to_thread(serverproc.end, servers.procs[-1])
 
     await servers.start()
     later = await servers.submit(command=["true"], notify_url=receiver.url())
-    await until(lambda: len(receiver.got) == 3, "the later job's end")
+    await until(lambda: len(receiver.got) == 3, "the later job's end", seconds=30)
     assert receiver.got[2]["job_id"] == later  # and nothing more of the first
     [delivered, _] = await servers.until_recorded(ev.NotificationDelivered, 2)
     assert (delivered.job_id, delivered.tries) == (job_id, 1)
@@ -192,7 +186,7 @@ async def test_eventq_server_notifies_its_url_and_runs_its_hook_for_each_end(
     await servers.start("--notify-url", receiver.url("/all"),
                         "--on-finish", f'echo "$EVENTQ_STATUS $EVENTQ_EXIT_CODE" >> {ran}')
     job_id = await servers.submit(command=["sh", "-c", "exit 2"])
-    await until(lambda: len(receiver.got) == 1, "the server's URL got the end")
+    await until(lambda: len(receiver.got) == 1, "the server's URL got the end", seconds=30)
     assert (receiver.got[0]["job_id"], receiver.got[0]["target"]) == (job_id, "server")
     [hook] = await servers.until_recorded(ev.HookRan)
     assert (hook.job_id, hook.exit_code, ran.read_text()) == (job_id, 0, "failed 2\n")

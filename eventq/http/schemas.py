@@ -72,8 +72,8 @@ class DryRunReply(Reply):
     estimate_note: str | UnsetType = UNSET
 
 
-class JobSummary(Reply):
-    """A job as the queue lists it."""
+class JobCore(Reply):
+    """What every listing of a job says of it, now or as it was at an event."""
 
     job_id: str
     name: str
@@ -82,6 +82,7 @@ class JobSummary(Reply):
     status: JobStatus
     #: Before aging: the override if set, else the level's.
     priority: int
+    #: With aging (as it was then, in a replayed state).
     effective_priority: int
     gpus: int
     allocated_gpus: GpuIndices
@@ -94,6 +95,11 @@ class JobSummary(Reply):
     completed_at: float | None
     exit_code: int | None
     error: str | None
+
+
+class JobSummary(JobCore):
+    """A job as the queue lists it."""
+
     metadata: dict[str, Any]
     #: The ids of the jobs it waits for (when it has any).
     depends_on: list[str] | UnsetType = UNSET
@@ -448,28 +454,9 @@ class SignInCode(Reply):
 # --- the past ---------------------------------------------------------------------------
 
 
-class ReplayJob(Reply):
+class ReplayJob(JobCore):
     """A job as ``GET /api/queue`` lists it, as it was at that event."""
 
-    job_id: str
-    name: str
-    user: str
-    team: str | None
-    status: JobStatus
-    priority: int
-    #: With the aging the job had then.
-    effective_priority: int
-    gpus: int
-    allocated_gpus: GpuIndices
-    node: str | None
-    target: ev.Target
-    attempt: int
-    max_attempts: int
-    queued_at: float
-    started_at: float | None
-    completed_at: float | None
-    exit_code: int | None
-    error: str | None
     #: The reasons recorded for it by then (a waiting, blocked, held or rejected job).
     reasons: list[WaitReason]
     #: Its place in the queue then (jobs in the queue only).
