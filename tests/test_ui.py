@@ -285,6 +285,7 @@ def test_add_a_worker_copy_its_command_and_see_it_go_idle_then_busy(
     workers = admin.get_by_role("table", name="Every worker")
     box = workers.get_by_role("row").filter(has_text="gpu-box-1")
     expect(box).to_contain_text("idle")
+    expect(box.get_by_role("cell").nth(4)).to_have_text(re.compile(r"\d\d:\d\d"))  # last seen
     accessible(admin, "workers")
     server.call("POST", "/api/queue/submit", {"command": ["sleep", "300"], "name": "remote",
                                               "target": "worker"})
