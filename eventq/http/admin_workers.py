@@ -38,7 +38,8 @@ def worker_dict(orch: Orchestrator, worker_id: str) -> dict[str, Any]:
             "gpus": [{"index": g.index, "name": g.name, "memory_gb": g.memory_gb}
                      for g in node.gpus.values()] if node else [],
             "simulated": node.simulated if node else False,
-            "connected": worker_id in orch.hub.connections, "offline_reason": w.offline_reason}
+            "connected": worker_id in orch.hub.connections, "offline_reason": w.offline_reason,
+            "last_seen": orch.registry.last_seen.get(worker_id)}
 
 
 async def _ask(request: web.Request, message: Any) -> str | None:

@@ -565,6 +565,9 @@ class WorkerReply(Reply):
     simulated: bool
     connected: bool
     offline_reason: str | None
+    #: When the server last heard from it (epoch seconds; null: not since the server
+    #: started). Liveness is kept in memory, never in the log.
+    last_seen: float | None
 
 
 class WorkerList(Reply):

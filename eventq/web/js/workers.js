@@ -3,7 +3,7 @@
 // Drain, Rotate token, Remove. The list is read again when an event changes a worker.
 
 import {del, get, post} from './api.js';
-import {announce, empty, h} from './dom.js';
+import {announce, empty, h, when} from './dom.js';
 
 const WORKER_EVENTS = new Set(['worker_created', 'worker_token_rotated', 'worker_connected',
   'worker_draining', 'worker_lost', 'worker_removed', 'attempt_dispatched', 'attempt_ended',
@@ -114,7 +114,7 @@ function workerRow(w, secret, refresh) {
     h('td', {}, Object.entries(w.labels).map(([k, v]) => `${k}=${v}`).join(', ') || '—'),
     h('td', {}, w.gpus.length ? w.gpus.map((g) => `${g.index}: ${g.name} ${g.memory_gb} GB`).join('; ') + (w.simulated ? ' (simulated)' : '') : '—'),
     h('td', {}, w.current_jobs.length ? w.current_jobs.map((id, i) => [i ? ', ' : '', h('a', {href: `#/job/${id}`}, id)]) : '—'),
-    h('td', {}, w.last_seen ? new Date(w.last_seen * 1000).toLocaleTimeString() : (w.connected ? 'connected now' : '—')),
+    h('td', {}, w.last_seen ? when(w.last_seen) : (w.connected ? 'connected now' : '—')),
     h('td', {class: 'actions'},
       !offline && w.status !== 'draining' ? act('Drain', () => post(`/api/admin/workers/${w.worker_id}/drain`)) : null,
       act('Rotate token', async () => {
