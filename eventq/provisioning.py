@@ -67,18 +67,20 @@ def worker_view(name: str, offer: Offer, now: float) -> NodeView:
                     accepts_until=until)
 
 
-def coming(requests: Requests, online: set[str]) -> list[Task]:
-    """Tasks whose worker may still come: asked for, not cancelled, not connected (those
-    already started first, then the oldest)."""
-    tasks = [t for t in requests.open_tasks() if t.cancelled is None and t.worker_id not in online]
+def coming(requests: Requests, present: set[str]) -> list[Task]:
+    """Tasks whose worker may still come: asked for, not cancelled, and neither connected
+    nor connected once and lost since (those already started first, then the oldest)."""
+    tasks = [t for t in requests.open_tasks()
+             if t.cancelled is None and t.worker_id not in present]
     return sorted(tasks, key=lambda t: (t.state is not TaskState.RUNNING, t.since, t.index))
 
 
-def assess(queue: Queue, requests: Requests, online: set[str], offer: Offer,
+def assess(queue: Queue, requests: Requests, present: set[str], offer: Offer,
            held: Reason | None = None) -> Demand:
-    """The demand now. ``online``: workers connected now; ``held``: why no request may be
-    made now (a failure's backoff), said to the jobs that wait for one instead."""
-    tasks = {t.worker_id: t for t in coming(requests, online)}
+    """The demand now. ``present``: workers connected now, or once (a worker lost is no
+    worker to wait for); ``held``: why no request may be made now (a failure's backoff),
+    said to the jobs that wait for one instead."""
+    tasks = {t.worker_id: t for t in coming(requests, present)}
     expected = [worker_view(w, offer, queue.now) for w in tasks]
     specs: dict[str, JobSpec] = {}
     first = plan(_noting(queue.waiting(), specs), queue.counts, queue.limits,

@@ -239,3 +239,15 @@ def test_slurm_flags_slurm_would_refuse_stop_the_server_before_it_starts(
                           env=clean_env(), check=False)
     assert done.returncode == 2 and said in done.stderr, done.stderr
     assert not (tmp_path / "data").exists(), "nothing was written"
+
+
+def test_a_worker_lost_is_no_worker_to_wait_for() -> None:
+    log = Log()
+    requests = asked(log, "r1", 1)
+    log.add(ev.RequestedWorkerChanged(request_id="r1", task=0, state="running", node="n7"))
+    assert assess(queue(job(1)), requests, set(), offer()).new_workers == 0, \
+        "started, its worker about to connect"
+    replaced = assess(queue(job(1)), requests, {"w_r10"}, offer())
+    assert replaced.new_workers == 1, "its worker came and went: the job needs another"
+    assert assess(queue(job(1)), requests, {"w_r10"}, offer(max_workers=1)).new_workers == 0, \
+        "while Slurm still holds its task, it counts toward the cap"

@@ -170,6 +170,7 @@ def test_max_workers_holds_the_second_request(
     first, second = server.submit("true"), server.submit("true")
     wait_for(lambda: "1 of 1 workers asked for (--slurm-max-workers 1)"
              in reasons(server, second), "the second job to say what holds it", SLOW)
+    wait_for(lambda: squeue(prefix), "the first request to reach Slurm", SLOW)
     requested = recorded(server, ev.WorkersRequested)
     assert [(len(r.workers), r.for_jobs) for r in requested] == [(1, [first])]
     assert len(squeue(prefix)) == 1

@@ -152,10 +152,11 @@ class Provisioner(Actor[Review | Poll]):
         now = self.clock.now()
         self._review_due, self._last_review = None, now
         state = self.scheduler.state
-        online = {w.worker_id for w in self.workers.by_id.values() if w.online}
+        present = {w.worker_id for w in self.workers.by_id.values()
+                   if w.online or w.transport is not None}
         queue = Queue(lambda: state.iter_waiting(now), state.counts, state.limits,
                       self.scheduler.node_views(), now)
-        demand = assess(queue, self.requests, online, self.provider.offer, self._held(now))
+        demand = assess(queue, self.requests, present, self.provider.offer, self._held(now))
         self.notes = demand.notes
         if demand.new_workers:
             await self._request(demand.new_workers, demand.for_jobs)

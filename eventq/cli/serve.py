@@ -91,7 +91,8 @@ def add_slurm_flags(s: argparse.ArgumentParser) -> None:
                         "partition's); workers take only jobs known to end before it")
     g.add_argument("--slurm-account", metavar="A", help="sbatch --account")
     g.add_argument("--slurm-extra", metavar="OPTIONS", default="",
-                   help='more sbatch options, e.g. "--qos=high --mem=32G"')
+                   help='more sbatch options, given with "=": --slurm-extra="--qos=high '
+                        '--mem=32G"')
     g.add_argument("--slurm-idle-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="cancel a worker idle this long (default 60)")
     g.add_argument("--slurm-margin-time", type=float, default=60.0, metavar="SECONDS",
