@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from eventq import events as ev
@@ -153,7 +155,8 @@ async def test_kill_after_dispatch_before_the_process_started_runs_the_next_atte
 async def test_process_started_before_the_kill_is_adopted_never_rerun(
         harness: Harness, when: str) -> None:
     """The process started; AttemptStarted never became durable."""
-    job_spec = spec(harness, sleep=1.0)
+    gate = harness.data_dir.parent / "gate"
+    job_spec = gated(spec(harness), gate)
     await leave_log(harness, [
         ev.JobSubmitted(job=job_spec),
         ev.GpusAllocated(job_id=JOB, attempt=1, node="local", gpus=[0, 1]),
@@ -163,8 +166,13 @@ async def test_process_started_before_the_kill_is_adopted_never_rerun(
     pid = runner.spawn(job_spec, 1, [0, 1], directory)
     try:
         if when != "still running":
+            gate.touch()
             await reap(pid)
         await harness.start()
+        if when == "still running":
+            # The job waits for the gate, so it is still running however slow the start.
+            await until_event(harness, "attempt_started")
+            gate.touch()
         job = await harness.wait_for(JOB)
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -175,6 +183,21 @@ async def test_process_started_before_the_kill_is_adopted_never_rerun(
     if when == "still running":
         started = [e["body"] for e in await harness.events(JOB) if e["type"] == "attempt_started"]
         assert started == [{"job_id": JOB, "attempt": 1, "pid": pid, "adopted": True}]
+
+
+def gated(job: ev.JobSpec, gate: Path) -> ev.JobSpec:
+    """The job, made to wait until ``gate`` exists before it runs its command."""
+    wait = f"while [ ! -e {shlex.quote(str(gate))} ]; do sleep 0.02; done; exec \"$@\""
+    return msgspec.structs.replace(job, command=["sh", "-c", wait, "gated", *job.command])
+
+
+async def until_event(h: Harness, kind: str, seconds: float = 30.0) -> None:
+    """Wait until the job's log holds an event of ``kind``."""
+    for _ in range(int(seconds / 0.05)):
+        if any(e["type"] == kind for e in await h.events(JOB)):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never happened: {kind}")
 
 
 async def test_kill_after_attempt_ended_before_release_gives_the_gpus_back(

@@ -48,9 +48,12 @@ def waiter(tmp_path: Path, name: str) -> str:
 async def test_cancel_stops_the_whole_process_group_and_frees_gpus(
         make_orch: MakeOrch, tmp_path: Path) -> None:
     orch = await make_orch(limits=ROOMY)
-    await submit(orch, spec("j1", f"sleep 300 & echo $! > {tmp_path}/child; wait", gpus=2))
-    await until(lambda: (tmp_path / "child").exists(), "grandchild started")
-    grandchild = int((tmp_path / "child").read_text())
+    child = tmp_path / "child"
+    # written aside and renamed, so that the file exists only once it holds the pid
+    command = f"sleep 300 & echo $! > {child}.tmp; mv {child}.tmp {child}; wait"
+    await submit(orch, spec("j1", command, gpus=2))
+    await until(child.exists, "grandchild started")
+    grandchild = int(child.read_text())
     await orch.scheduler.ask(Cancel("j1", "user:admin"))
     await until(lambda: not orch.state.jobs["j1"].active, "attempt ended")
     assert orch.state.jobs["j1"].status == "cancelled"

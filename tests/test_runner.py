@@ -103,8 +103,10 @@ async def test_a_lapsed_lease_stops_the_attempt_with_term_then_kill_and_says_so(
     write_lease(lease, 0.5, 0.3)
     directory = tmp_path / "jobs" / "j" / "1"
     child = tmp_path / "child"
-    # The job ignores SIGTERM and leaves a child: only the group's SIGKILL ends both.
-    pid = runner.spawn(spec("j", f"trap '' TERM; sleep 300 & echo $! > {child}; wait"), 1, [0],
+    # The job ignores SIGTERM and leaves a child: only the group's SIGKILL ends both. The
+    # pid is written aside and renamed, so that the file exists only once it holds it.
+    command = f"trap '' TERM; sleep 300 & echo $! > {child}.tmp; mv {child}.tmp {child}; wait"
+    pid = runner.spawn(spec("j", command), 1, [0],
                        directory, lease=lease)
     spawned.append(pid)
     await until(child.exists, "the job's child to start")
