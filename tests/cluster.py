@@ -25,7 +25,9 @@ from typing import Any, TypeVar
 from eventq.runner import is_ours
 
 EVENTQ = shutil.which("eventq", path=str(Path(sys.executable).parent)) or "eventq"
-HEARTBEAT_TIMEOUT = 2.0
+# Short enough that a lost worker is seen within a test, long enough that its lease (about
+# half of it) survives a heartbeat delayed by a loaded machine: at 2 s, a 1 s lease was missed.
+HEARTBEAT_TIMEOUT = 4.0
 T = TypeVar("T")
 
 
