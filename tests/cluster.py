@@ -31,7 +31,7 @@ HEARTBEAT_TIMEOUT = 4.0
 T = TypeVar("T")
 
 
-def wait_for(check: Callable[[], T], what: str, timeout: float = 20.0) -> T:
+def wait_for(check: Callable[[], T], what: str, timeout: float = 30.0) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()

@@ -23,16 +23,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.cluster import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -120,16 +121,6 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> StockWorkerKit:
 # --- an eventq server, a user, and stock workers ---------------------------------------
 
 
-def wait_until(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")
-
-
 class Server:
     """``eventq server`` in a subprocess; kill -9 and restart it on the same port."""
 
@@ -151,15 +142,15 @@ class Server:
                 start_new_session=True)
         proc = self.proc
 
-        def up() -> str | None:
+        def up() -> str:
             assert proc.poll() is None, f"eventq server exited: {self.log_path.read_text()}"
             try:  # written once it listens; whole only once it parses
                 url: str = json.loads((self.data / "server.json").read_text())["url"]
             except (FileNotFoundError, ValueError, KeyError):
-                return None
+                return ""
             return url
 
-        self.url = wait_until(up, "the server writes server.json")
+        self.url = wait_for(up, "the server writes server.json")
         self.port = int(self.url.rsplit(":", 1)[1])
 
     def kill9(self) -> None:
@@ -243,7 +234,7 @@ class World:
                  "--worker-token", made["token"], "--name", made["name"], "--persistent"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 cwd=self.tmp, start_new_session=True))
-        wait_until(lambda: self.server.worker(made["worker_id"])["connected"],
+        wait_for(lambda: self.server.worker(made["worker_id"])["connected"],
                    "the stock worker registers and opens its stream", timeout)
         return log_path
 
@@ -272,7 +263,7 @@ class World:
         return reply
 
     def status_becomes(self, job_id: str, status: str, timeout: float = 30.0) -> dict[str, Any]:
-        found: dict[str, Any] = wait_until(
+        found: dict[str, Any] = wait_for(
             lambda: (job := self.server.job(job_id))["status"] == status and job,
             f"job {job_id} becomes {status} (it is {self.server.job(job_id)['status']})",
             timeout)
@@ -338,10 +329,10 @@ def test_a_cancelled_job_is_stopped_by_the_worker_and_ends_cancelled(world: Worl
     made = world.add_worker("st-box")
     world.start_worker(made)
     job = world.submit(world.config("long", hold=True))
-    wait_until(lambda: world.runs("long"), "the trainer starts")
+    wait_for(lambda: world.runs("long"), "the trainer starts")
     world.status_becomes(job["job_id"], "running")
     world.server.ok("POST", f"/api/queue/{job['job_id']}/cancel")
-    wait_until(lambda: world.server.worker(made["worker_id"])["status"] == "idle",
+    wait_for(lambda: world.server.worker(made["worker_id"])["status"] == "idle",
                "the worker stops the trainer and reports it")
     assert world.server.job(job["job_id"])["status"] == "cancelled"
     ended = next(e for e in world.server.events(job["job_id"]) if e["type"] == "attempt_ended")
@@ -357,14 +348,14 @@ def test_an_orchestrator_killed_mid_job_comes_back_and_the_job_completes_once(
     made = world.add_worker("st-box")
     log = world.start_worker(made)
     job = world.submit(world.config("resumed", hold=True))
-    wait_until(lambda: world.runs("resumed"), "the trainer starts")
+    wait_for(lambda: world.runs("resumed"), "the trainer starts")
     world.status_becomes(job["job_id"], "running")
 
     world.server.kill9()
     world.server.start()  # same data directory, same port
     # The worker notices the broken stream, waits its 10 s, and registers again with
     # current_job_id: eventq answers resume_job, and the run goes on.
-    wait_until(lambda: world.server.worker(made["worker_id"])["connected"],
+    wait_for(lambda: world.server.worker(made["worker_id"])["connected"],
                "the worker registers again", timeout=HEARTBEAT_TIMEOUT)
     assert f"Resuming job: {job['job_id']}" in log.read_text()
     assert world.server.job(job["job_id"])["status"] == "running"
@@ -392,7 +383,7 @@ def test_two_concurrent_submissions_one_runs_the_other_waits_then_runs(world: Wo
     assert [r["code"] for r in waiting["reasons"]] == ["gpus"], waiting
     assert "1 of 1 jobs" in waiting["reasons"][0]["detail"], "a stock worker runs one job"
 
-    wait_until(lambda: world.runs(first), "the first trainer starts")
+    wait_for(lambda: world.runs(first), "the first trainer starts")
     world.release(second)  # the second job finishes as soon as it starts
     world.release(first)
     world.status_becomes(replies[first]["job_id"], "completed")
@@ -406,7 +397,7 @@ def test_an_orchestrator_stopped_with_sigterm_leaves_the_run_going_and_resumes_i
     made = world.add_worker("st-box")
     log = world.start_worker(made)
     job = world.submit(world.config("graceful", hold=True))
-    wait_until(lambda: world.runs("graceful"), "the trainer starts")
+    wait_for(lambda: world.runs("graceful"), "the trainer starts")
     world.status_becomes(job["job_id"], "running")
 
     assert world.server.stop(timeout=15), \
@@ -416,7 +407,7 @@ def test_an_orchestrator_stopped_with_sigterm_leaves_the_run_going_and_resumes_i
     assert world.workers[0].poll() is None, "the stock worker keeps running"
 
     world.server.start()
-    wait_until(lambda: world.server.worker(made["worker_id"])["connected"],
+    wait_for(lambda: world.server.worker(made["worker_id"])["connected"],
                "the worker registers again", timeout=HEARTBEAT_TIMEOUT)
     assert f"Resuming job: {job['job_id']}" in log.read_text()
     world.release("graceful")
