@@ -206,13 +206,18 @@ def test_a_waiting_job_says_why_in_words_and_starts_live_when_another_is_cancell
         admin: Any, server: Server) -> None:
     cancel_all(server)
     view(admin, "#/jobs", "Jobs")
-    submit(server, "hog-a", "sleep 300")
+    submit(server, "hog-a", "sleep 300", max_runtime=600)
     submit(server, "hog-b", "sleep 300")
     expect(row(admin, "hog-b")).to_contain_text("running")
     submit(server, "waiter", "sleep 300")
     waiter = row(admin, "waiter")
     expect(waiter).to_contain_text("waits for GPUs")
     expect(waiter).to_contain_text("pending")
+    expect(waiter).to_contain_text(re.compile(
+        r"starts after job hog-a ends, its time limit is \d\d:\d\d"))
+    submit(server, "after-waiter", "true")
+    unknown = re.compile(r"no estimate: job (hog-b|waiter)[^;]* has no time limit")
+    expect(row(admin, "after-waiter")).to_contain_text(unknown)
     accessible(admin, "jobs")
     view(admin, "#/queue", "Queue")
     expect(admin.get_by_role("table", name="Open jobs by user")).to_contain_text("admin")
@@ -221,6 +226,7 @@ def test_a_waiting_job_says_why_in_words_and_starts_live_when_another_is_cancell
     admin.get_by_role("button", name=re.compile("^Cancel hog-a")).click()
     expect(row(admin, "hog-a")).to_contain_text("cancelled")
     expect(waiter).to_contain_text("running")
+    expect(row(admin, "after-waiter")).to_contain_text(unknown)
 
 
 def test_thousands_of_jobs_keep_only_the_rows_in_view_in_the_page(

@@ -5,7 +5,7 @@
 import {ApiError, get, post} from './api.js';
 import {announce, duration, empty, h, jobLabel, when} from './dom.js';
 import {follow} from './live.js';
-import {TERMINAL, jobOf, reasonWords} from './rows.js';
+import {TERMINAL, estimateWords, jobOf, reasonWords} from './rows.js';
 
 const LOG_CAP = 512 * 1024;
 
@@ -72,7 +72,7 @@ function renderDetails(box, job) {
   ];
   if (job.position !== undefined) rows.push(['Position', job.position ?? '—']);
   if (job.estimated_start !== undefined) {
-    rows.push(['Estimated start', job.estimated_start ? when(job.estimated_start) : `unknown: ${job.estimate_note || ''}`]);
+    rows.push(['Estimated start', estimateWords(job) || 'unknown']);
   }
   if (job.reasons && job.reasons.length) rows.push(['Waits because', job.reasons.map(reasonWords).join('; ')]);
   box.replaceChildren(h('dl', {class: 'details'}, rows.map(([k, v]) => [h('dt', {}, k), h('dd', {}, String(v))])));
