@@ -106,11 +106,13 @@ def accessible(page: Any, name: str) -> None:
     assert serious_findings(page) == []
 
 
-def submit(server: Server, name: str, command: str, gpus: int = 1, **more: Any) -> str:
+def submit(server: Server, name: str, command: str, gpus: int = 1, token: str | None = None,
+           **more: Any) -> str:
     """What a user types: ``eventq jobs submit`` (the CLI, against the server's data dir)."""
     extra = [f"--{k.replace('_', '-')}={v}" for k, v in more.items()]
     done = subprocess.run(
-        [EVENTQ, "jobs", "submit", "--url", server.url, "--token", server.token, "--name", name,
+        [EVENTQ, "jobs", "submit", "--url", server.url, "--token", token or server.token,
+         "--name", name,
          "--gpus", str(gpus), "--target", "local", "--no-export-env", "--format", "json", *extra,
          "--", "sh", "-c",
          command], capture_output=True, text=True, env=clean_env(), timeout=60, check=False)
@@ -193,6 +195,35 @@ def test_the_queue_panel_shows_counts_and_admin_controls(admin: Any, server: Ser
     accessible(admin, "queue")
 
 
+def test_the_admin_approves_saves_limits_processes_the_queue_and_cleans_up(
+        admin: Any, server: Server) -> None:
+    view(admin, "#/queue", "Queue")
+    job_id = server.call("POST", "/api/queue/submit", {
+        "command": ["true"], "name": "to-approve", "requires_approval": True})["job_id"]
+    approvals = admin.get_by_role("table", name="Waiting for approval")
+    expect(approvals.get_by_role("link", name=re.compile("to-approve"))).to_be_visible()
+    admin.get_by_role("button", name=re.compile("^Approve to-approve")).click()
+    expect(admin.get_by_text("No job waits for approval.")).to_be_visible()
+    wait_for(lambda: server.job(job_id)["status"] == "completed", "the approved job to run")
+    admin.get_by_label("Max concurrent").fill("19")
+    admin.get_by_role("button", name="Save limits").click()
+    wait_for(lambda: server.call("GET", "/api/queue/concurrency")["max_concurrent"] == 19,
+             "the limit to be saved")
+    expect(admin.get_by_role("definition").filter(has_text=re.compile("^19$"))).to_have_count(1)
+    admin.get_by_role("button", name="Process queue").click()
+    expect(admin.get_by_text(re.compile(r"^Scheduling pass done: \d+ started\.$"))) \
+        .to_be_visible()
+    days = admin.get_by_label("Finished more than (days)")
+    days.fill("0")
+    admin.get_by_role("button", name="Clean up").click()
+    expect(admin.get_by_text("days must be between 1 and 365")).to_be_visible()
+    days.fill("1")
+    admin.get_by_role("button", name="Clean up").click()
+    expect(admin.get_by_text("Cleaned up 0 jobs.")).to_be_visible()
+    assert server.job(job_id)["status"] == "completed", "a job of today is kept"
+    server.call("POST", "/api/queue/concurrency", {"max_concurrent": 20})
+
+
 def test_a_job_submitted_from_the_cli_appears_without_a_reload(
         admin: Any, server: Server) -> None:
     view(admin, "#/jobs", "Jobs")
@@ -227,6 +258,104 @@ def test_a_waiting_job_says_why_in_words_and_starts_live_when_another_is_cancell
     expect(row(admin, "hog-a")).to_contain_text("cancelled")
     expect(waiter).to_contain_text("running")
     expect(row(admin, "after-waiter")).to_contain_text(unknown)
+
+
+def test_row_actions_hold_release_priority_cancel_retry_and_bulk_cancel(
+        admin: Any, server: Server) -> None:
+    cancel_all(server)
+    for name in ("busy-a", "busy-b"):
+        submit(server, name, "sleep 300")
+    ids = {name: submit(server, name, "true") for name in ("acted-on", "bulk-1", "bulk-2")}
+    view(admin, "#/jobs?name=acted-on", "Jobs")
+    acted = row(admin, "acted-on")
+    expect(acted).to_contain_text("pending")
+    acted.get_by_role("button", name=re.compile("^Hold acted-on")).click()
+    expect(acted).to_contain_text("held")
+    acted.get_by_role("button", name=re.compile("^Release acted-on")).click()
+    expect(acted).to_contain_text("pending")
+    acted.get_by_role("button", name=re.compile("^Priority acted-on")).click()
+    dialog = admin.get_by_role("dialog", name=re.compile("^Priority of acted-on"))
+    accessible(admin, "priority-dialog")
+    dialog.get_by_label(re.compile("^New priority")).fill("25")
+    dialog.get_by_role("button", name="Set priority").click()
+    expect(dialog).to_be_hidden()
+    expect(acted.get_by_role("cell").nth(6)).to_have_text("25")
+    assert server.job(ids["acted-on"])["priority"] == 25
+    acted.get_by_role("button", name=re.compile("^Cancel acted-on")).click()
+    expect(acted).to_contain_text("cancelled")
+    acted.get_by_role("button", name=re.compile("^Retry acted-on")).click()
+    expect(acted).to_contain_text("pending")
+    view(admin, "#/jobs?name=bulk-", "Jobs")
+    for name in ("bulk-1", "bulk-2"):
+        row(admin, name).get_by_role("checkbox", name=re.compile(f"^Select {name}")).check()
+    admin.get_by_role("button", name="Cancel selected (2)").click()
+    expect(admin.get_by_role("main").get_by_text("Cancelled 2 jobs.")).to_be_visible()
+    for name in ("bulk-1", "bulk-2"):
+        expect(row(admin, name)).to_contain_text("cancelled")
+        assert server.job(ids[name])["status"] == "cancelled"
+    assert server.job(ids["acted-on"])["status"] == "pending", "bulk cancel took only those"
+    cancel_all(server)
+
+
+def test_filters_and_sort_are_kept_in_the_url_a_shared_link_shows_the_same_rows(
+        browser: Any, admin: Any, server: Server) -> None:
+    for name, gpus in (("url-a1", 1), ("url-a2", 2)):
+        server.call("POST", "/api/queue/submit", {"command": ["true"], "name": name, "gpus": gpus,
+                                                  "target": "worker",
+                                                  "worker_labels": {"pool": "none"}})
+    view(admin, "#/jobs", "Jobs")
+    search = admin.get_by_role("search", name="Filter jobs")
+    search.get_by_label("Name").fill("url-a")
+    search.get_by_label("Status").select_option("pending")
+    search.get_by_role("button", name="Filter").click()
+    expect(admin.get_by_text("2 jobs", exact=True)).to_be_visible()
+    assert urlsplit(admin.url).fragment == "/jobs?status=pending&name=url-a"
+    table = admin.get_by_role("table", name="Jobs")
+    table.get_by_role("button", name="GPUs").click()
+    expect(table.get_by_role("columnheader", name="GPUs")).to_have_attribute(
+        "aria-sort", "descending")
+    table.get_by_role("button", name="GPUs").click()
+    expect(table.get_by_role("columnheader", name="GPUs")).to_have_attribute(
+        "aria-sort", "ascending")
+    shared = admin.url
+    assert "sort=gpus&order=asc" in shared
+    page = new_page(browser, server)
+    try:
+        sign_in(page, server.token)
+        page.goto(shared)
+        expect(page.get_by_text("2 jobs", exact=True)).to_be_visible()
+        expect(page.get_by_label("Name")).to_have_value("url-a")
+        expect(page.get_by_label("Status")).to_have_value("pending")
+        names = page.get_by_role("table", name="Jobs").get_by_role("link")
+        expect(names).to_have_text(["url-a1", "url-a2"])
+    finally:
+        page.context.close()
+    server.call("POST", "/api/queue/cancel", {"status": ["pending"], "user": "admin"})
+
+
+def test_a_researcher_sees_their_own_jobs_by_default_and_everyone_s_on_asking(
+        browser: Any, server: Server) -> None:
+    made = server.call("POST", "/api/admin/users", {"name": "rita", "level": "researcher"})
+    submit(server, "ritas-job", "exit 1", gpus=0, token=made["token"], max_attempts=1)
+    submit(server, "admins-job", "true", gpus=0)
+    page = new_page(browser, server)
+    try:
+        sign_in(page, made["token"])
+        view(page, "#/jobs", "Jobs")
+        expect(page.get_by_label("User")).to_have_value("rita")
+        expect(row(page, "ritas-job")).to_have_count(1)
+        expect(row(page, "admins-job")).to_have_count(0)
+        assert urlsplit(page.url).fragment == "/jobs", "mine is the default, not in the URL"
+        page.get_by_label("User").fill("")
+        page.get_by_role("button", name="Filter").click()
+        expect(row(page, "admins-job")).to_have_count(1)
+        assert urlsplit(page.url).fragment == "/jobs?user="
+        expect(row(page, "admins-job").get_by_role("button")).to_have_count(0)
+        expect(row(page, "ritas-job").get_by_role("button", name=re.compile("^Retry"))) \
+            .to_have_count(1)
+        accessible(page, "researcher-jobs")
+    finally:
+        page.context.close()
 
 
 def test_thousands_of_jobs_keep_only_the_rows_in_view_in_the_page(
