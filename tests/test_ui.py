@@ -109,7 +109,7 @@ def accessible(page: Any, name: str) -> None:
 def submit(server: Server, name: str, command: str, gpus: int = 1, token: str | None = None,
            **more: Any) -> str:
     """What a user types: ``eventq jobs submit`` (the CLI, against the server's data dir)."""
-    extra = [f"--{k.replace('_', '-')}={v}" for k, v in more.items()]
+    extra = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in more.items()]
     done = subprocess.run(
         [EVENTQ, "jobs", "submit", "--url", server.url, "--token", token or server.token,
          "--name", name,
@@ -400,6 +400,27 @@ def test_logs_follow_live(admin: Any, server: Server, tmp_path: Path) -> None:
     go.touch()
     expect(stdout).to_contain_text("second")
     expect(admin.get_by_text(re.compile("Attempt 1 ended: completed, exit code 0"))).to_be_visible()
+
+
+def test_the_logs_of_each_attempt_are_chosen_by_attempt(
+        admin: Any, server: Server, tmp_path: Path) -> None:
+    cancel_all(server)
+    mark = tmp_path / "tried"
+    job_id = submit(server, "twice", f"if [ -e {mark} ]; then echo second-out; "
+                                     f"echo second-err >&2; else touch {mark}; echo first-out; "
+                                     f"echo first-err >&2; exit 3; fi", max_attempts=2,
+                    retry_on_failure=True)
+    wait_for(lambda: server.job(job_id)["status"] == "completed", "the second attempt")
+    view(admin, f"#/job/{job_id}", re.compile("^twice"))
+    stdout, stderr = (admin.get_by_role("log", name=n) for n in ("stdout", "stderr"))
+    expect(stdout).to_contain_text("second-out")
+    expect(stderr).to_contain_text("second-err")
+    admin.get_by_label("Attempt", exact=True).select_option("1")
+    expect(stdout).to_have_text("first-out\n")
+    expect(stderr).to_have_text("first-err\n")
+    expect(admin.get_by_text(
+        "Attempt 1 ended, exit code 3; the job went on to attempt 2.")).to_be_visible()
+    accessible(admin, "job-logs")
 
 
 # --- workers ------------------------------------------------------------------------------
