@@ -437,6 +437,12 @@ def test_add_a_worker_copy_its_command_and_see_it_go_idle_then_busy(
     command = shlex.split(admin.evaluate("() => navigator.clipboard.readText()"))
     assert command[:2] == ["eventq", "worker"]
     flags = dict(zip(command[2::2], command[3::2], strict=False))
+    admin.get_by_role("button", name="Copy SimpleTuner worker command").click()
+    stock = shlex.split(admin.evaluate("() => navigator.clipboard.readText()"))
+    assert stock[-2:] == ["simpletuner", "worker"], stock
+    assert dict(word.split("=", 1) for word in stock[:-2]) == {
+        "SIMPLETUNER_ORCHESTRATOR_URL": flags["--url"], "SIMPLETUNER_WORKER_TOKEN": flags["--token"],
+        "SIMPLETUNER_WORKER_NAME": "gpu-box-1", "SIMPLETUNER_WORKER_PERSISTENT": "true"}
     worker = start_worker(server, ui_cluster, flags)
     workers = admin.get_by_role("table", name="Every worker")
     box = workers.get_by_role("row").filter(has_text="gpu-box-1")
@@ -447,7 +453,26 @@ def test_add_a_worker_copy_its_command_and_see_it_go_idle_then_busy(
                                               "target": "worker"})
     expect(box).to_contain_text("busy")
     expect(box.get_by_role("link")).to_have_count(1)
+    box.get_by_role("button", name="Drain gpu-box-1").click()
+    expect(box).to_contain_text("draining")
     rotate_from_the_page(admin, server, worker)
+
+
+def test_a_worker_never_started_is_removed_from_the_page(admin: Any, server: Server) -> None:
+    view(admin, "#/workers", "Workers")
+    admin.get_by_label("Name", exact=True).fill("never-started")
+    admin.get_by_role("button", name="Add worker").click()
+    expect(admin.get_by_role("heading", name="Worker never-started added")).to_be_visible()
+    admin.get_by_role("button", name="Done, hide the token").click()
+    expect(admin.get_by_role("heading", name="Worker never-started added")).to_have_count(0)
+    workers = admin.get_by_role("table", name="Every worker")
+    spare = workers.get_by_role("row").filter(has_text="never-started")
+    expect(spare).to_contain_text("connecting")
+    admin.once("dialog", lambda dialog: dialog.accept())
+    spare.get_by_role("button", name="Remove never-started").click()
+    expect(spare).to_have_count(0)
+    assert all(w["name"] != "never-started"
+               for w in server.call("GET", "/api/admin/workers")["workers"])
 
 
 def start_worker(server: Server, cluster: Cluster, flags: dict[str, str]) -> Worker:
