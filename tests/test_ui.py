@@ -536,6 +536,10 @@ def test_the_gantt_shows_two_jobs_on_disjoint_gpus(admin: Any, server: Server) -
     chart.get_by_role("link", name=re.compile("^Job left attempt 1")).focus()
     expect(chart).to_have_accessible_description(
         re.compile("^left attempt 1 by admin, on local GPU"))
+    chart.get_by_role("link", name=re.compile("^Job right attempt 1")).hover()
+    expect(chart).to_have_accessible_description(
+        re.compile("^right attempt 1 by admin, on local GPU"))
+    expect(chart.get_by_text("now", exact=True)).to_be_visible()
     accessible(admin, "gpus")
     view(admin, "#/gpus?window=600", "GPUs over time")
     expect(chart.get_by_role("link", name=re.compile("^Job right attempt 1"))).to_be_visible()
@@ -559,7 +563,17 @@ def test_the_scrubber_moved_back_shows_a_finished_job_as_running(
     expect(jobs.get_by_role("row").filter(has_text="finisher")).to_contain_text("running")
     admin.get_by_role("button", name="Next event").click()
     expect(admin.get_by_text(f"As of event {started + 1},")).to_be_visible()
+    admin.get_by_role("button", name="Previous event").click()
+    expect(admin.get_by_text(f"As of event {started},")).to_be_visible()
+    expect(jobs.get_by_role("row").filter(has_text="finisher")).to_contain_text("running")
     accessible(admin, "replay")
+    ended = server.job(job_id)["completed_at"]
+    local = admin.evaluate("t => { const d = new Date(t * 1000 + 1000);"
+                           " d.setMinutes(d.getMinutes() - d.getTimezoneOffset());"
+                           " return d.toISOString().slice(0, 19); }", ended)
+    admin.get_by_label("Time", exact=True).fill(local)
+    admin.get_by_role("button", name="Go to time").click()
+    expect(jobs.get_by_role("row").filter(has_text="finisher")).to_contain_text("completed")
 
 
 # --- who may do what, and the stream ------------------------------------------------------
@@ -591,6 +605,28 @@ def test_a_viewer_sees_no_admin_control_and_a_forged_post_is_refused(
         status, body = forged(server, f"/api/queue/{job_id}/cancel", cookie, origin)
         assert status == 403 and "Origin" in body["error"], body
     assert server.job(job_id)["status"] == "blocked", "a refused request changed nothing"
+
+
+@pytest.mark.parametrize(("level", "ending"), [
+    ("researcher", ("DELETE", "tokens", None)),
+    ("lead", ("PATCH", "", {"level": "researcher"}))], ids=["revoked", "demoted"])
+def test_a_session_ends_and_its_stream_closes_when_its_user_is_revoked_or_demoted(
+        browser: Any, server: Server, level: str, ending: tuple[str, str, Any]) -> None:
+    name = f"leaving-{level}"
+    made = server.call("POST", "/api/admin/users", {"name": name, "level": level})
+    page = new_page(browser, server)
+    try:
+        sign_in(page, made["token"])
+        view(page, "#/jobs", "Jobs")
+        method, tail, body = ending
+        server.call(method, f"/api/admin/users/{name}" + (f"/{tail}" if tail else ""), body)
+        expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+        expect(page.get_by_text("Your session has ended.")).to_be_visible()
+        expect(page.get_by_role("navigation", name="Views")).to_be_hidden()
+        assert page.evaluate("() => window.eventq.live") is None, "its stream is closed"
+        accessible(page, f"session-ended-{level}")
+    finally:
+        page.context.close()
 
 
 def forged(server: Server, path: str, cookie: str, origin: str | None) -> tuple[int, Any]:
