@@ -468,6 +468,11 @@ def test_a_worker_never_started_is_removed_from_the_page(admin: Any, server: Ser
     workers = admin.get_by_role("table", name="Every worker")
     spare = workers.get_by_role("row").filter(has_text="never-started")
     expect(spare).to_contain_text("connecting")
+    cards = {admin.get_by_role("term").nth(i).text_content(): int(
+        admin.get_by_role("definition").nth(i).text_content() or 0)
+        for i in range(admin.get_by_role("term").count())}
+    assert cards["Total"] == sum(v for k, v in cards.items() if k != "Total"), cards
+    assert cards["Connecting"] >= 1, cards
     admin.once("dialog", lambda dialog: dialog.accept())
     spare.get_by_role("button", name="Remove never-started").click()
     expect(spare).to_have_count(0)
