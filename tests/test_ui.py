@@ -265,7 +265,7 @@ def test_row_actions_hold_release_priority_cancel_retry_and_bulk_cancel(
     cancel_all(server)
     for name in ("busy-a", "busy-b"):
         submit(server, name, "sleep 300")
-    ids = {name: submit(server, name, "true") for name in ("acted-on", "bulk-1", "bulk-2")}
+    ids = {name: submit(server, name, "true") for name in ("acted-on", "picked-1", "picked-2")}
     view(admin, "#/jobs?name=acted-on", "Jobs")
     acted = row(admin, "acted-on")
     expect(acted).to_contain_text("pending")
@@ -285,12 +285,12 @@ def test_row_actions_hold_release_priority_cancel_retry_and_bulk_cancel(
     expect(acted).to_contain_text("cancelled")
     acted.get_by_role("button", name=re.compile("^Retry acted-on")).click()
     expect(acted).to_contain_text("pending")
-    view(admin, "#/jobs?name=bulk-", "Jobs")
-    for name in ("bulk-1", "bulk-2"):
+    view(admin, "#/jobs?name=picked-", "Jobs")
+    for name in ("picked-1", "picked-2"):
         row(admin, name).get_by_role("checkbox", name=re.compile(f"^Select {name}")).check()
     admin.get_by_role("button", name="Cancel selected (2)").click()
     expect(admin.get_by_role("main").get_by_text("Cancelled 2 jobs.")).to_be_visible()
-    for name in ("bulk-1", "bulk-2"):
+    for name in ("picked-1", "picked-2"):
         expect(row(admin, name)).to_contain_text("cancelled")
         assert server.job(ids[name])["status"] == "cancelled"
     assert server.job(ids["acted-on"])["status"] == "pending", "bulk cancel took only those"
