@@ -385,7 +385,13 @@ def test_the_job_page_tells_how_long_it_waited_and_why(admin: Any, server: Serve
     expect(history.get_by_role("row")).not_to_have_count(1)
     timeline = admin.get_by_role("table", name="Timeline")
     expect(timeline).to_contain_text("attempt 1 sent to local")
+    expect(admin.get_by_role("definition").filter(has_text="sh -c sleep 300")).to_have_count(1)
     accessible(admin, "job")
+    view(admin, "#/jobs?name=after-waiter", "Jobs")
+    row(admin, "after-waiter").get_by_role("link", name="after-waiter").click()
+    expect(admin.get_by_role("heading", name=re.compile("^after-waiter"), level=1)).to_be_visible()
+    expect(admin.get_by_role("definition").filter(has_text="no estimate: job")).to_contain_text(
+        "has no time limit")
 
 
 def test_logs_follow_live(admin: Any, server: Server, tmp_path: Path) -> None:
@@ -441,8 +447,9 @@ def test_add_a_worker_copy_its_command_and_see_it_go_idle_then_busy(
     stock = shlex.split(admin.evaluate("() => navigator.clipboard.readText()"))
     assert stock[-2:] == ["simpletuner", "worker"], stock
     assert dict(word.split("=", 1) for word in stock[:-2]) == {
-        "SIMPLETUNER_ORCHESTRATOR_URL": flags["--url"], "SIMPLETUNER_WORKER_TOKEN": flags["--token"],
-        "SIMPLETUNER_WORKER_NAME": "gpu-box-1", "SIMPLETUNER_WORKER_PERSISTENT": "true"}
+        "SIMPLETUNER_ORCHESTRATOR_URL": flags["--url"],
+        "SIMPLETUNER_WORKER_TOKEN": flags["--token"], "SIMPLETUNER_WORKER_NAME": "gpu-box-1",
+        "SIMPLETUNER_WORKER_PERSISTENT": "true"}
     worker = start_worker(server, ui_cluster, flags)
     workers = admin.get_by_role("table", name="Every worker")
     box = workers.get_by_role("row").filter(has_text="gpu-box-1")
@@ -667,3 +674,5 @@ def test_a_dropped_stream_resumes_with_nothing_missed(admin: Any, server: Server
         expect(row(admin, name)).to_have_count(1)
     wait_for(lambda: admin.evaluate("() => window.eventq.live.lastSeq") >= head,
              "the page to have every event")
+    seq = admin.evaluate("() => window.eventq.live.lastSeq")
+    expect(admin.get_by_role("banner").get_by_text(f"event {seq}", exact=True)).to_be_visible()
