@@ -250,6 +250,10 @@ def test_a_waiting_job_says_why_in_words_and_starts_live_when_another_is_cancell
     unknown = re.compile(r"no estimate: job (hog-b|waiter)[^;]* has no time limit")
     expect(row(admin, "after-waiter")).to_contain_text(unknown)
     accessible(admin, "jobs")
+    row(admin, "after-waiter").get_by_role("link", name="after-waiter").click()
+    expect(admin.get_by_role("heading", name=re.compile("^after-waiter"), level=1)).to_be_visible()
+    expect(admin.get_by_role("definition").filter(has_text="no estimate: job")).to_contain_text(
+        "has no time limit")
     view(admin, "#/queue", "Queue")
     expect(admin.get_by_role("table", name="Open jobs by user")).to_contain_text("admin")
     shoot(admin, "queue-busy")
@@ -387,11 +391,6 @@ def test_the_job_page_tells_how_long_it_waited_and_why(admin: Any, server: Serve
     expect(timeline).to_contain_text("attempt 1 sent to local")
     expect(admin.get_by_role("definition").filter(has_text="sh -c sleep 300")).to_have_count(1)
     accessible(admin, "job")
-    view(admin, "#/jobs?name=after-waiter", "Jobs")
-    row(admin, "after-waiter").get_by_role("link", name="after-waiter").click()
-    expect(admin.get_by_role("heading", name=re.compile("^after-waiter"), level=1)).to_be_visible()
-    expect(admin.get_by_role("definition").filter(has_text="no estimate: job")).to_contain_text(
-        "has no time limit")
 
 
 def test_logs_follow_live(admin: Any, server: Server, tmp_path: Path) -> None:
