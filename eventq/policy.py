@@ -428,6 +428,9 @@ ESTIMATE_DEPTH = 1000
 class Estimate:
     start: float | None
     note: str = ""
+    #: The job (running, or projected to start first) whose end frees the last GPU this one
+    #: needs: what the estimate rests on; "" when its GPUs are free now.
+    waits_for: str = ""
 
 
 INF = float("inf")
@@ -441,8 +444,8 @@ def _earliest(slots: list[tuple[float, str]], need: int, now: float) -> Estimate
         return Estimate(None, "its GPUs are held by an attempt whose end is not known yet")
     time, holder = sorted(slots)[need - 1]
     if time == INF:
-        return Estimate(None, f"waits for job {holder}, whose end is unknown")
-    return Estimate(max(now, time))
+        return Estimate(None, f"waits for job {holder}, whose end is unknown", holder)
+    return Estimate(max(now, time), waits_for=holder if time > now else "")
 
 
 def estimate_starts(waiting: Iterable[JobSpec], nodes: list[NodeView],

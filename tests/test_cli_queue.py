@@ -290,3 +290,23 @@ def test_logs_follow_waits_for_the_start_prints_as_it_comes_and_ends_with_the_st
     assert out == "two\n"
     assert follow.returncode == 0, "a follow exits 0; the job's end goes to stderr"
     assert f"job {job} attempt 1 failed (exit code 4)" in err
+
+
+def test_position_and_show_say_whose_end_a_waiting_jobs_start_rests_on(
+        server: Server, tmp_path: Path) -> None:
+    data, _ = server
+    eq(data, "queue", "limits", "--local-jobs", "10", "--max", "10", "--per-user", "10")
+    timed = submit(data, "--gpus", "2", "--name", "timed", "--max-runtime", "600", "--",
+                   *blocker(tmp_path, "a"))
+    submit(data, "--gpus", "2", "--name", "endless", "--", *blocker(tmp_path, "b"))
+    one = submit(data, "--gpus", "1", "--name", "one", "--", "true")
+    four = submit(data, "--gpus", "4", "--name", "four", "--", "true")
+    said = eq(data, "jobs", "position", one["job_id"]).stdout
+    assert f"after job timed ({timed['job_id']}) ends, its time limit is " in said, said
+    shown = eq(data, "jobs", "show", one["job_id"]).stdout
+    assert f"estimate: after job timed ({timed['job_id']}) ends" in shown, shown
+    said = eq(data, "jobs", "position", four["job_id"]).stdout
+    assert "estimated start: unknown (no estimate: job " in said and \
+        "has no time limit)" in said, said
+    for name in "ab":
+        (tmp_path / name).touch()

@@ -89,6 +89,10 @@ async def test_stats_me_and_position(make_orch: MakeOrch, aiohttp_client: Aiohtt
     assert pos["position"] == 1 and pos["queue_depth"] == 1
     assert {r["code"] for r in pos["reasons"]} == {"global_limit", "user_limit", "local_limit"}
     assert pos["estimated_start"] is not None, "the running job's max_runtime bounds it"
+    assert pos["estimate_basis"] == {
+        "kind": "job_ends", "job_id": first["job_id"], "name": "sh",
+        "status": orch.state.jobs[first["job_id"]].status, "end": pos["estimated_start"],
+        "by": "time_limit", "frees": "slot"}, "a slot of the limits frees when it ends"
     blocked = await (await api.get(f"/api/queue/position/{third['job_id']}")).json()
     assert blocked["status"] == "blocked" and blocked["reasons"][0]["code"] == "approval"
     (tmp_path / "c").touch()
@@ -323,3 +327,65 @@ async def test_admins_changing_different_limits_at_once_lose_neither_change(
     limits = orch.state.limits
     assert (limits.max_concurrent, limits.user_max_concurrent, limits.team_max_concurrent,
             limits.enable_fair_share, limits.local_gpu_max_concurrent) == (9, 7, 4, True, 3)
+
+
+async def test_a_wait_on_gpus_names_the_job_whose_end_frees_them(
+        make_orch: MakeOrch, aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
+    """Every listing of a waiting job says whose end its estimate rests on (a running job's,
+    or one expected to start first), by that job's time limit or its estimated runtime, and
+    that there is no estimate when that job has neither."""
+    orch = await make_orch(gpu_spec="2xA100-80GB", limits=ROOMY)
+    api = await aiohttp_client(make_app(orch),
+                               headers={"Authorization": f"Bearer {orch.admin_token}"})
+    limited = await submit(api, command=runs_until(tmp_path, "a"), gpus=1, name="limited",
+                           max_runtime=600)
+    guessed = await submit(api, command=runs_until(tmp_path, "b"), gpus=1, name="guessed",
+                           estimated_runtime=300)
+    first = await submit(api, command=["true"], gpus=1, name="first", max_runtime=60)
+    endless = await submit(api, command=["true"], gpus=1, name="endless")
+    third = await submit(api, command=["true"], gpus=1, name="third")
+    both = await submit(api, command=["true"], gpus=2, name="both")
+    jobs = orch.state.jobs
+    limited_end, guessed_end = (jobs[j["job_id"]].expected_end for j in (limited, guessed))
+    assert limited_end is not None and guessed_end is not None
+
+    def ends(job: dict[str, Any], end: float | None, by: str | None) -> dict[str, Any]:
+        return {"kind": "job_ends", "job_id": job["job_id"], "name": jobs[job["job_id"]].spec.name,
+                "status": jobs[job["job_id"]].status, "end": end, "by": by, "frees": "gpus"}
+
+    expected = [(first, guessed_end, ends(guessed, guessed_end, "estimated_runtime")),
+                (endless, guessed_end + 60, ends(first, guessed_end + 60, "time_limit")),
+                (third, limited_end, ends(limited, limited_end, "time_limit")),
+                (both, None, ends(third, None, None))]
+    for waiter, start, basis in expected:
+        for record in await listed(api, waiter["job_id"]):
+            assert record["estimated_start"] == start, record
+            assert record["estimate_basis"] == basis, record
+    later = await submit(api, command=["true"], gpus=0, name="later",
+                         begin_at=orch.clock.now() + 3600)
+    for record in await listed(api, later["job_id"], queued=False):
+        assert record["status"] == "waiting"
+        assert record["estimated_start"] == orch.clock.now() + 3600
+        assert record["estimate_basis"] == {"kind": "begin_at"}, record
+    for name in "ab":
+        (tmp_path / name).touch()
+
+
+async def listed(api: TestClient[Any, Any], job_id: str,
+                 queued: bool = True) -> list[dict[str, Any]]:
+    """The job as GET /api/queue, /api/jobs, /api/jobs/{id} and the position answer it,
+    each checked against its documented shape."""
+    from msgspec import convert
+
+    from eventq.http import schemas as s
+
+    queue = (await (await api.get("/api/queue?limit=100")).json())["jobs"]
+    table = (await (await api.get(f"/api/jobs?ids={job_id}")).json())["jobs"]
+    detail = await (await api.get(f"/api/jobs/{job_id}")).json()
+    position = await (await api.get(f"/api/queue/position/{job_id}")).json()
+    convert(detail, s.JobDetail)
+    convert(position, s.PositionReply)
+    for row in (*queue, *table):
+        convert(row, s.JobSummary)
+    found = [j for j in queue if j["job_id"] == job_id]
+    return [*found, *table, detail, *([position] if queued else [])]

@@ -106,11 +106,13 @@ def accessible(page: Any, name: str) -> None:
     assert serious_findings(page) == []
 
 
-def submit(server: Server, name: str, command: str, gpus: int = 1, **more: Any) -> str:
+def submit(server: Server, name: str, command: str, gpus: int = 1, token: str | None = None,
+           **more: Any) -> str:
     """What a user types: ``eventq jobs submit`` (the CLI, against the server's data dir)."""
-    extra = [f"--{k.replace('_', '-')}={v}" for k, v in more.items()]
+    extra = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in more.items()]
     done = subprocess.run(
-        [EVENTQ, "jobs", "submit", "--url", server.url, "--token", server.token, "--name", name,
+        [EVENTQ, "jobs", "submit", "--url", server.url, "--token", token or server.token,
+         "--name", name,
          "--gpus", str(gpus), "--target", "local", "--no-export-env", "--format", "json", *extra,
          "--", "sh", "-c",
          command], capture_output=True, text=True, env=clean_env(), timeout=60, check=False)
@@ -193,6 +195,35 @@ def test_the_queue_panel_shows_counts_and_admin_controls(admin: Any, server: Ser
     accessible(admin, "queue")
 
 
+def test_the_admin_approves_saves_limits_processes_the_queue_and_cleans_up(
+        admin: Any, server: Server) -> None:
+    view(admin, "#/queue", "Queue")
+    job_id = server.call("POST", "/api/queue/submit", {
+        "command": ["true"], "name": "to-approve", "requires_approval": True})["job_id"]
+    approvals = admin.get_by_role("table", name="Waiting for approval")
+    expect(approvals.get_by_role("link", name=re.compile("to-approve"))).to_be_visible()
+    admin.get_by_role("button", name=re.compile("^Approve to-approve")).click()
+    expect(admin.get_by_text("No job waits for approval.")).to_be_visible()
+    wait_for(lambda: server.job(job_id)["status"] == "completed", "the approved job to run")
+    admin.get_by_label("Max concurrent").fill("19")
+    admin.get_by_role("button", name="Save limits").click()
+    wait_for(lambda: server.call("GET", "/api/queue/concurrency")["max_concurrent"] == 19,
+             "the limit to be saved")
+    expect(admin.get_by_role("definition").filter(has_text=re.compile("^19$"))).to_have_count(1)
+    admin.get_by_role("button", name="Process queue").click()
+    expect(admin.get_by_text(re.compile(r"^Scheduling pass done: \d+ started\.$"))) \
+        .to_be_visible()
+    days = admin.get_by_label("Finished more than (days)")
+    days.fill("0")
+    admin.get_by_role("button", name="Clean up").click()
+    expect(admin.get_by_text("days must be between 1 and 365")).to_be_visible()
+    days.fill("1")
+    admin.get_by_role("button", name="Clean up").click()
+    expect(admin.get_by_text("Cleaned up 0 jobs.")).to_be_visible()
+    assert server.job(job_id)["status"] == "completed", "a job of today is kept"
+    server.call("POST", "/api/queue/concurrency", {"max_concurrent": 20})
+
+
 def test_a_job_submitted_from_the_cli_appears_without_a_reload(
         admin: Any, server: Server) -> None:
     view(admin, "#/jobs", "Jobs")
@@ -206,14 +237,23 @@ def test_a_waiting_job_says_why_in_words_and_starts_live_when_another_is_cancell
         admin: Any, server: Server) -> None:
     cancel_all(server)
     view(admin, "#/jobs", "Jobs")
-    submit(server, "hog-a", "sleep 300")
+    submit(server, "hog-a", "sleep 300", max_runtime=600)
     submit(server, "hog-b", "sleep 300")
     expect(row(admin, "hog-b")).to_contain_text("running")
     submit(server, "waiter", "sleep 300")
     waiter = row(admin, "waiter")
     expect(waiter).to_contain_text("waits for GPUs")
     expect(waiter).to_contain_text("pending")
+    expect(waiter).to_contain_text(re.compile(
+        r"starts after job hog-a ends, its time limit is \d\d:\d\d"))
+    submit(server, "after-waiter", "true")
+    unknown = re.compile(r"no estimate: job (hog-b|waiter)[^;]* has no time limit")
+    expect(row(admin, "after-waiter")).to_contain_text(unknown)
     accessible(admin, "jobs")
+    row(admin, "after-waiter").get_by_role("link", name="after-waiter").click()
+    expect(admin.get_by_role("heading", name=re.compile("^after-waiter"), level=1)).to_be_visible()
+    expect(admin.get_by_role("definition").filter(has_text="no estimate: job")).to_contain_text(
+        "has no time limit")
     view(admin, "#/queue", "Queue")
     expect(admin.get_by_role("table", name="Open jobs by user")).to_contain_text("admin")
     shoot(admin, "queue-busy")
@@ -221,6 +261,105 @@ def test_a_waiting_job_says_why_in_words_and_starts_live_when_another_is_cancell
     admin.get_by_role("button", name=re.compile("^Cancel hog-a")).click()
     expect(row(admin, "hog-a")).to_contain_text("cancelled")
     expect(waiter).to_contain_text("running")
+    expect(row(admin, "after-waiter")).to_contain_text(unknown)
+
+
+def test_row_actions_hold_release_priority_cancel_retry_and_bulk_cancel(
+        admin: Any, server: Server) -> None:
+    cancel_all(server)
+    for name in ("busy-a", "busy-b"):
+        submit(server, name, "sleep 300")
+    ids = {name: submit(server, name, "true") for name in ("acted-on", "picked-1", "picked-2")}
+    view(admin, "#/jobs?name=acted-on", "Jobs")
+    acted = row(admin, "acted-on")
+    expect(acted).to_contain_text("pending")
+    acted.get_by_role("button", name=re.compile("^Hold acted-on")).click()
+    expect(acted).to_contain_text("held")
+    acted.get_by_role("button", name=re.compile("^Release acted-on")).click()
+    expect(acted).to_contain_text("pending")
+    acted.get_by_role("button", name=re.compile("^Priority acted-on")).click()
+    dialog = admin.get_by_role("dialog", name=re.compile("^Priority of acted-on"))
+    accessible(admin, "priority-dialog")
+    dialog.get_by_label(re.compile("^New priority")).fill("25")
+    dialog.get_by_role("button", name="Set priority").click()
+    expect(dialog).to_be_hidden()
+    expect(acted.get_by_role("cell").nth(6)).to_have_text("25")
+    assert server.job(ids["acted-on"])["priority"] == 25
+    acted.get_by_role("button", name=re.compile("^Cancel acted-on")).click()
+    expect(acted).to_contain_text("cancelled")
+    acted.get_by_role("button", name=re.compile("^Retry acted-on")).click()
+    expect(acted).to_contain_text("pending")
+    view(admin, "#/jobs?name=picked-", "Jobs")
+    for name in ("picked-1", "picked-2"):
+        row(admin, name).get_by_role("checkbox", name=re.compile(f"^Select {name}")).check()
+    admin.get_by_role("button", name="Cancel selected (2)").click()
+    expect(admin.get_by_role("main").get_by_text("Cancelled 2 jobs.")).to_be_visible()
+    for name in ("picked-1", "picked-2"):
+        expect(row(admin, name)).to_contain_text("cancelled")
+        assert server.job(ids[name])["status"] == "cancelled"
+    assert server.job(ids["acted-on"])["status"] == "pending", "bulk cancel took only those"
+    cancel_all(server)
+
+
+def test_filters_and_sort_are_kept_in_the_url_a_shared_link_shows_the_same_rows(
+        browser: Any, admin: Any, server: Server) -> None:
+    for name, gpus in (("url-a1", 1), ("url-a2", 2)):
+        server.call("POST", "/api/queue/submit", {"command": ["true"], "name": name, "gpus": gpus,
+                                                  "target": "worker",
+                                                  "worker_labels": {"pool": "none"}})
+    view(admin, "#/jobs", "Jobs")
+    search = admin.get_by_role("search", name="Filter jobs")
+    search.get_by_label("Name").fill("url-a")
+    search.get_by_label("Status").select_option("pending")
+    search.get_by_role("button", name="Filter").click()
+    expect(admin.get_by_text("2 jobs", exact=True)).to_be_visible()
+    assert urlsplit(admin.url).fragment == "/jobs?status=pending&name=url-a"
+    table = admin.get_by_role("table", name="Jobs")
+    table.get_by_role("button", name="GPUs").click()
+    expect(table.get_by_role("columnheader", name="GPUs")).to_have_attribute(
+        "aria-sort", "descending")
+    table.get_by_role("button", name="GPUs").click()
+    expect(table.get_by_role("columnheader", name="GPUs")).to_have_attribute(
+        "aria-sort", "ascending")
+    shared = admin.url
+    assert "sort=gpus&order=asc" in shared
+    page = new_page(browser, server)
+    try:
+        sign_in(page, server.token)
+        page.goto(shared)
+        expect(page.get_by_text("2 jobs", exact=True)).to_be_visible()
+        expect(page.get_by_label("Name")).to_have_value("url-a")
+        expect(page.get_by_label("Status")).to_have_value("pending")
+        names = page.get_by_role("table", name="Jobs").get_by_role("link")
+        expect(names).to_have_text(["url-a1", "url-a2"])
+    finally:
+        page.context.close()
+    server.call("POST", "/api/queue/cancel", {"status": ["pending"], "user": "admin"})
+
+
+def test_a_researcher_sees_their_own_jobs_by_default_and_everyone_s_on_asking(
+        browser: Any, server: Server) -> None:
+    made = server.call("POST", "/api/admin/users", {"name": "rita", "level": "researcher"})
+    submit(server, "ritas-job", "exit 1", gpus=0, token=made["token"], max_attempts=1)
+    submit(server, "admins-job", "true", gpus=0)
+    page = new_page(browser, server)
+    try:
+        sign_in(page, made["token"])
+        view(page, "#/jobs", "Jobs")
+        expect(page.get_by_label("User")).to_have_value("rita")
+        expect(row(page, "ritas-job")).to_have_count(1)
+        expect(row(page, "admins-job")).to_have_count(0)
+        assert urlsplit(page.url).fragment == "/jobs", "mine is the default, not in the URL"
+        page.get_by_label("User").fill("")
+        page.get_by_role("button", name="Filter").click()
+        expect(row(page, "admins-job")).to_have_count(1)
+        assert urlsplit(page.url).fragment == "/jobs?user="
+        expect(row(page, "admins-job").get_by_role("button")).to_have_count(0)
+        expect(row(page, "ritas-job").get_by_role("button", name=re.compile("^Retry"))) \
+            .to_have_count(1)
+        accessible(page, "researcher-jobs")
+    finally:
+        page.context.close()
 
 
 def test_thousands_of_jobs_keep_only_the_rows_in_view_in_the_page(
@@ -250,6 +389,7 @@ def test_the_job_page_tells_how_long_it_waited_and_why(admin: Any, server: Serve
     expect(history.get_by_role("row")).not_to_have_count(1)
     timeline = admin.get_by_role("table", name="Timeline")
     expect(timeline).to_contain_text("attempt 1 sent to local")
+    expect(admin.get_by_role("definition").filter(has_text="sh -c sleep 300")).to_have_count(1)
     accessible(admin, "job")
 
 
@@ -267,6 +407,27 @@ def test_logs_follow_live(admin: Any, server: Server, tmp_path: Path) -> None:
     expect(admin.get_by_text(re.compile("Attempt 1 ended: completed, exit code 0"))).to_be_visible()
 
 
+def test_the_logs_of_each_attempt_are_chosen_by_attempt(
+        admin: Any, server: Server, tmp_path: Path) -> None:
+    cancel_all(server)
+    mark = tmp_path / "tried"
+    job_id = submit(server, "twice", f"if [ -e {mark} ]; then echo second-out; "
+                                     f"echo second-err >&2; else touch {mark}; echo first-out; "
+                                     f"echo first-err >&2; exit 3; fi", max_attempts=2,
+                    retry_on_failure=True)
+    wait_for(lambda: server.job(job_id)["status"] == "completed", "the second attempt")
+    view(admin, f"#/job/{job_id}", re.compile("^twice"))
+    stdout, stderr = (admin.get_by_role("log", name=n) for n in ("stdout", "stderr"))
+    expect(stdout).to_contain_text("second-out")
+    expect(stderr).to_contain_text("second-err")
+    admin.get_by_label("Attempt", exact=True).select_option("1")
+    expect(stdout).to_have_text("first-out\n")
+    expect(stderr).to_have_text("first-err\n")
+    expect(admin.get_by_text(
+        "Attempt 1 ended, exit code 3; the job went on to attempt 2.")).to_be_visible()
+    accessible(admin, "job-logs")
+
+
 # --- workers ------------------------------------------------------------------------------
 
 
@@ -281,6 +442,13 @@ def test_add_a_worker_copy_its_command_and_see_it_go_idle_then_busy(
     command = shlex.split(admin.evaluate("() => navigator.clipboard.readText()"))
     assert command[:2] == ["eventq", "worker"]
     flags = dict(zip(command[2::2], command[3::2], strict=False))
+    admin.get_by_role("button", name="Copy SimpleTuner worker command").click()
+    stock = shlex.split(admin.evaluate("() => navigator.clipboard.readText()"))
+    assert stock[-2:] == ["simpletuner", "worker"], stock
+    assert dict(word.split("=", 1) for word in stock[:-2]) == {
+        "SIMPLETUNER_ORCHESTRATOR_URL": flags["--url"],
+        "SIMPLETUNER_WORKER_TOKEN": flags["--token"], "SIMPLETUNER_WORKER_NAME": "gpu-box-1",
+        "SIMPLETUNER_WORKER_PERSISTENT": "true"}
     worker = start_worker(server, ui_cluster, flags)
     workers = admin.get_by_role("table", name="Every worker")
     box = workers.get_by_role("row").filter(has_text="gpu-box-1")
@@ -291,7 +459,31 @@ def test_add_a_worker_copy_its_command_and_see_it_go_idle_then_busy(
                                               "target": "worker"})
     expect(box).to_contain_text("busy")
     expect(box.get_by_role("link")).to_have_count(1)
+    box.get_by_role("button", name="Drain gpu-box-1").click()
+    expect(box).to_contain_text("draining")
     rotate_from_the_page(admin, server, worker)
+
+
+def test_a_worker_never_started_is_removed_from_the_page(admin: Any, server: Server) -> None:
+    view(admin, "#/workers", "Workers")
+    admin.get_by_label("Name", exact=True).fill("never-started")
+    admin.get_by_role("button", name="Add worker").click()
+    expect(admin.get_by_role("heading", name="Worker never-started added")).to_be_visible()
+    admin.get_by_role("button", name="Done, hide the token").click()
+    expect(admin.get_by_role("heading", name="Worker never-started added")).to_have_count(0)
+    workers = admin.get_by_role("table", name="Every worker")
+    spare = workers.get_by_role("row").filter(has_text="never-started")
+    expect(spare).to_contain_text("connecting")
+    cards = {admin.get_by_role("term").nth(i).text_content(): int(
+        admin.get_by_role("definition").nth(i).text_content() or 0)
+        for i in range(admin.get_by_role("term").count())}
+    assert cards["Total"] == sum(v for k, v in cards.items() if k != "Total"), cards
+    assert cards["Connecting"] >= 1, cards
+    admin.once("dialog", lambda dialog: dialog.accept())
+    spare.get_by_role("button", name="Remove never-started").click()
+    expect(spare).to_have_count(0)
+    assert all(w["name"] != "never-started"
+               for w in server.call("GET", "/api/admin/workers")["workers"])
 
 
 def start_worker(server: Server, cluster: Cluster, flags: dict[str, str]) -> Worker:
@@ -355,6 +547,10 @@ def test_the_gantt_shows_two_jobs_on_disjoint_gpus(admin: Any, server: Server) -
     chart.get_by_role("link", name=re.compile("^Job left attempt 1")).focus()
     expect(chart).to_have_accessible_description(
         re.compile("^left attempt 1 by admin, on local GPU"))
+    chart.get_by_role("link", name=re.compile("^Job right attempt 1")).hover()
+    expect(chart).to_have_accessible_description(
+        re.compile("^right attempt 1 by admin, on local GPU"))
+    expect(chart.get_by_text("now", exact=True)).to_be_visible()
     accessible(admin, "gpus")
     view(admin, "#/gpus?window=600", "GPUs over time")
     expect(chart.get_by_role("link", name=re.compile("^Job right attempt 1"))).to_be_visible()
@@ -378,7 +574,17 @@ def test_the_scrubber_moved_back_shows_a_finished_job_as_running(
     expect(jobs.get_by_role("row").filter(has_text="finisher")).to_contain_text("running")
     admin.get_by_role("button", name="Next event").click()
     expect(admin.get_by_text(f"As of event {started + 1},")).to_be_visible()
+    admin.get_by_role("button", name="Previous event").click()
+    expect(admin.get_by_text(f"As of event {started},")).to_be_visible()
+    expect(jobs.get_by_role("row").filter(has_text="finisher")).to_contain_text("running")
     accessible(admin, "replay")
+    ended = server.job(job_id)["completed_at"]
+    local = admin.evaluate("t => { const d = new Date(t * 1000 + 1000);"
+                           " d.setMinutes(d.getMinutes() - d.getTimezoneOffset());"
+                           " return d.toISOString().slice(0, 19); }", ended)
+    admin.get_by_label("Time", exact=True).fill(local)
+    admin.get_by_role("button", name="Go to time").click()
+    expect(jobs.get_by_role("row").filter(has_text="finisher")).to_contain_text("completed")
 
 
 # --- who may do what, and the stream ------------------------------------------------------
@@ -410,6 +616,28 @@ def test_a_viewer_sees_no_admin_control_and_a_forged_post_is_refused(
         status, body = forged(server, f"/api/queue/{job_id}/cancel", cookie, origin)
         assert status == 403 and "Origin" in body["error"], body
     assert server.job(job_id)["status"] == "blocked", "a refused request changed nothing"
+
+
+@pytest.mark.parametrize(("level", "ending"), [
+    ("researcher", ("DELETE", "tokens", None)),
+    ("lead", ("PATCH", "", {"level": "researcher"}))], ids=["revoked", "demoted"])
+def test_a_session_ends_and_its_stream_closes_when_its_user_is_revoked_or_demoted(
+        browser: Any, server: Server, level: str, ending: tuple[str, str, Any]) -> None:
+    name = f"leaving-{level}"
+    made = server.call("POST", "/api/admin/users", {"name": name, "level": level})
+    page = new_page(browser, server)
+    try:
+        sign_in(page, made["token"])
+        view(page, "#/jobs", "Jobs")
+        method, tail, body = ending
+        server.call(method, f"/api/admin/users/{name}" + (f"/{tail}" if tail else ""), body)
+        expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+        expect(page.get_by_text("Your session has ended.")).to_be_visible()
+        expect(page.get_by_role("navigation", name="Views")).to_be_hidden()
+        assert page.evaluate("() => window.eventq.live") is None, "its stream is closed"
+        accessible(page, f"session-ended-{level}")
+    finally:
+        page.context.close()
 
 
 def forged(server: Server, path: str, cookie: str, origin: str | None) -> tuple[int, Any]:
@@ -445,3 +673,5 @@ def test_a_dropped_stream_resumes_with_nothing_missed(admin: Any, server: Server
         expect(row(admin, name)).to_have_count(1)
     wait_for(lambda: admin.evaluate("() => window.eventq.live.lastSeq") >= head,
              "the page to have every event")
+    seq = admin.evaluate("() => window.eventq.live.lastSeq")
+    expect(admin.get_by_role("banner").get_by_text(f"event {seq}", exact=True)).to_be_visible()

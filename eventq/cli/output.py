@@ -169,14 +169,39 @@ def print_estimate(record: dict[str, Any]) -> None:
     out = _get("console")
     start = record.get("estimated_start")
     note = record.get("estimate_note")
+    basis = estimate_basis_words(record.get("estimate_basis"))
     if start is None:
-        out.print(f"  estimated start: unknown ({note or 'no estimate'})", markup=False)
+        out.print(f"  estimated start: unknown ({basis or note or 'no estimate'})", markup=False)
         return
     now = time.time()
-    if start <= now + 1 and record.get("reasons"):
+    if start <= now + 1 and record.get("reasons") and not basis:
         # Estimates project GPUs, not limits: free GPUs do not mean it starts now.
         out.print("  estimated start: as soon as the reasons above clear (its GPUs are "
                   "free now)", markup=False)
         return
     out.print(f"  estimated start: {when(start)} ({from_now(start, now)})"
-              + (f" — {note}" if note else ""), markup=False)
+              + (f", {basis}" if basis else "") + (f" — {note}" if note else ""), markup=False)
+
+
+#: How a job's end is known: what ``by`` of an estimate's basis names.
+BY_WORDS = {"time_limit": "time limit", "estimated_runtime": "estimated end"}
+
+
+def estimate_basis_words(basis: dict[str, Any] | None) -> str:
+    """What an estimate rests on, in words: ``after job train-a ends, its time limit is
+    14:20:00`` or ``no estimate: job train-a has no time limit``; "" when nothing is said."""
+    if not basis:
+        return ""
+    if basis["kind"] == "gpus_free":
+        return "its GPUs are free"
+    if basis["kind"] == "begin_at":
+        return "no earlier than its begin time"
+    job = f"job {basis.get('name') or basis['job_id']} ({basis['job_id']}" + \
+        (", ahead of it in the queue)" if basis.get("status") == "pending" else ")")
+    if basis.get("end") is None:
+        by = basis.get("by")
+        return f"no estimate: {job} ran past its {BY_WORDS[by]}" if by else \
+            f"no estimate: {job} has no time limit"
+    frees = " and frees a slot of its limit" if basis.get("frees") == "slot" else ""
+    end = stamp(basis['end'], time.time())
+    return f"after {job} ends{frees}, its {BY_WORDS[basis['by']]} is {end}"

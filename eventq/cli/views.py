@@ -25,7 +25,7 @@ RECORD_FIELDS = (
     "job_id", "name", "user", "team", "status", "priority", "effective_priority", "gpus",
     "allocated_gpus", "node", "target", "attempt", "max_attempts", "queued_at", "started_at",
     "completed_at", "exit_code", "error", "metadata", "depends_on", "begin_at", "reasons",
-    "position", "estimated_start", "estimate_note")
+    "position", "estimated_start", "estimate_note", "estimate_basis")
 #: Columns worked out from the record: when it started (a waiting job: when it is expected
 #: to), and how long it has run.
 DERIVED_FIELDS = ("started", "runtime")
@@ -265,6 +265,9 @@ def _times(job: dict[str, Any], now: float) -> list[tuple[str, str]]:
     start = expected_start(job)
     if start is not None:
         out.append(("starts" if job["status"] in WAITING else "started", moment(start)))
+    if job["status"] in WAITING and (basis := output.estimate_basis_words(
+            job.get("estimate_basis"))):
+        out.append(("estimate", basis))
     if job["status"] in FINISHED and job.get("completed_at") is not None:
         out.append(("ended", moment(job["completed_at"])))
     ran = runtime(job, now)

@@ -97,6 +97,25 @@ class JobCore(Reply):
     error: str | None
 
 
+class EstimateBasis(Reply):
+    """What a waiting job's estimated start rests on.
+
+    ``job_ends``: the end of job ``job_id`` frees the last GPU it needs (``frees: gpus``;
+    the job runs, or is itself expected to start first) or a slot of the limit that holds
+    it (``frees: slot``). ``end`` is that end, by the job's time limit or else its estimated
+    runtime (``by``); null when it has neither (``by`` null) or ran past it: then the
+    estimate is unknown too. ``gpus_free``: the GPUs it needs are free now. ``begin_at``: it
+    waits only for its begin time, the earliest it can start."""
+
+    kind: Literal["job_ends", "gpus_free", "begin_at"]
+    job_id: str | UnsetType = UNSET
+    name: str | UnsetType = UNSET
+    status: JobStatus | UnsetType = UNSET
+    end: float | UnsetType | None = UNSET
+    by: Literal["time_limit", "estimated_runtime"] | UnsetType | None = UNSET
+    frees: Literal["gpus", "slot"] | UnsetType = UNSET
+
+
 class JobSummary(JobCore):
     """A job as the queue lists it."""
 
@@ -107,10 +126,11 @@ class JobSummary(JobCore):
     begin_at: float | UnsetType = UNSET
     #: Queued, waiting, blocked and held jobs: what holds them.
     reasons: list[WaitReason] | UnsetType = UNSET
-    #: Waiting jobs only.
+    #: Waiting jobs only (and ``estimated_start`` for one that waits only for its begin time).
     position: int | UnsetType | None = UNSET
     estimated_start: float | UnsetType | None = UNSET
     estimate_note: str | UnsetType = UNSET
+    estimate_basis: EstimateBasis | UnsetType = UNSET
 
 
 class JobDetail(JobSummary, kw_only=True):
@@ -230,6 +250,7 @@ class PositionReply(Reply):
     reasons: list[WaitReason] | None
     estimated_start: float | None
     estimate_note: str | UnsetType = UNSET
+    estimate_basis: EstimateBasis | UnsetType = UNSET
 
 
 class LimitsReply(Reply):

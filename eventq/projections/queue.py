@@ -107,9 +107,10 @@ class QueueView:
             return Estimate(None, f"more than {ESTIMATE_DEPTH} jobs ahead")
         return found
 
-    def slot_frees(self, job: JobState, codes: set[str]) -> float | None:
-        """When every limit holding ``job`` has a free slot: the earliest expected end of a
-        running job counted by each limit, the latest of those; None if one is unknown."""
+    def slot_frees(self, job: JobState, codes: set[str]) -> tuple[float, JobState] | None:
+        """When every limit holding ``job`` has a free slot, and the job whose end frees the
+        last of them: the earliest expected end of a running job counted by each limit, the
+        latest of those; None if one is unknown."""
         running = list(self.state.with_status(*RUNNING))
         pools = {"global_limit": running,
                  "user_limit": [j for j in running if j.spec.user == job.spec.user],
@@ -119,11 +120,24 @@ class QueueView:
         for code, pool in pools.items():
             if code not in codes:
                 continue
-            ends = [j.expected_end for j in pool if j.expected_end is not None]
+            ends = [(j.expected_end, j) for j in pool if j.expected_end is not None]
             if not ends:
                 return None
-            frees.append(min(ends))
-        return max(frees) if frees else None
+            frees.append(min(ends, key=lambda e: e[0]))
+        return max(frees, key=lambda e: e[0]) if frees else None
+
+    def basis(self, holder_id: str, end: float | None, frees: str) -> dict[str, Any] | None:
+        """What an estimate rests on: the job whose end frees what the waiting one needs,
+        when that end is expected, and by which of its figures (its time limit, else its
+        estimated runtime; neither: its end, and so the estimate, is unknown)."""
+        holder = self.state.jobs.get(holder_id)
+        if holder is None:
+            return None
+        spec = holder.spec
+        by = "time_limit" if spec.max_runtime is not None else \
+            "estimated_runtime" if spec.estimated_runtime is not None else None
+        return {"kind": "job_ends", "job_id": holder_id, "name": spec.name,
+                "status": holder.status, "end": end, "by": by, "frees": frees}
 
     def job(self, job_id: str, detail: bool = True,
             position: int | None = None) -> dict[str, Any] | None:
@@ -151,6 +165,8 @@ class QueueView:
             out["begin_at"] = spec.begin_at
         if job.status in WAITING:
             out.update(self._waiting(job, position))
+        elif job.status in GATED:
+            out.update(self._gated(job))
         if detail:
             out["command"] = redact_command(spec.command)
             out["max_runtime"] = spec.max_runtime
@@ -159,7 +175,7 @@ class QueueView:
         return out
 
     def _waiting(self, job: JobState, position: int | None) -> dict[str, Any]:
-        """A waiting job's place, reasons and estimated start."""
+        """A waiting job's place, reasons and estimated start, and what the estimate rests on."""
         job_id = job.spec.job_id
         if position is None:
             position = self.state.position(job_id, self.now())
@@ -167,14 +183,29 @@ class QueueView:
         out: dict[str, Any] = {"position": position, "reasons": reasons}
         estimate = self.estimate(job_id)
         out["estimated_start"] = estimate.start
+        basis = self.basis(estimate.waits_for, estimate.start, "gpus") \
+            if estimate.waits_for else None
         if estimate.note:
             out["estimate_note"] = estimate.note
         elif reasons and estimate.start is not None and estimate.start <= self.now():
             # The GPUs are free; a limit holds it: a slot frees when a job in it ends.
-            out["estimated_start"] = self.slot_frees(job, {r["code"] for r in reasons})
-            if out["estimated_start"] is None:
+            slot = self.slot_frees(job, {r["code"] for r in reasons})
+            out["estimated_start"] = None if slot is None else slot[0]
+            if slot is None:
                 out["estimate_note"] = "as soon as the reasons above clear"
+            else:
+                basis = self.basis(slot[1].spec.job_id, slot[0], "slot")
+        elif estimate.start is not None and not estimate.waits_for:
+            basis = {"kind": "gpus_free"}
+        if basis is not None:
+            out["estimate_basis"] = basis
         return out
+
+    def _gated(self, job: JobState) -> dict[str, Any]:
+        """A job that waits only for its begin time: it starts no earlier than that."""
+        if job.spec.begin_at is None or self.state.unmet(job):
+            return {}
+        return {"estimated_start": job.spec.begin_at, "estimate_basis": {"kind": "begin_at"}}
 
     def list(self, status: str | None = None, limit: int = 50,
              include_completed: bool = False, offset: int = 0) -> list[dict[str, Any]]:
@@ -232,9 +263,11 @@ class QueueView:
         record = self.job(job_id, detail=False)
         if record is None:
             return None
-        keys = ("job_id", "status", "position", "reasons", "estimated_start", "estimate_note")
+        keys = ("job_id", "status", "position", "reasons", "estimated_start", "estimate_note",
+                "estimate_basis")
+        optional = ("estimate_note", "estimate_basis")
         return {"queue_depth": self.state.waiting_count(),
-                **{k: record.get(k) for k in keys if k in record or k != "estimate_note"}}
+                **{k: record.get(k) for k in keys if k in record or k not in optional}}
 
     def stats(self) -> dict[str, Any]:
         limits = self.state.limits

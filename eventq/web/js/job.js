@@ -5,7 +5,7 @@
 import {ApiError, get, post} from './api.js';
 import {announce, duration, empty, h, jobLabel, when} from './dom.js';
 import {follow} from './live.js';
-import {TERMINAL, jobOf, reasonWords} from './rows.js';
+import {TERMINAL, estimateWords, jobOf, reasonWords} from './rows.js';
 
 const LOG_CAP = 512 * 1024;
 
@@ -72,7 +72,7 @@ function renderDetails(box, job) {
   ];
   if (job.position !== undefined) rows.push(['Position', job.position ?? '—']);
   if (job.estimated_start !== undefined) {
-    rows.push(['Estimated start', job.estimated_start ? when(job.estimated_start) : `unknown: ${job.estimate_note || ''}`]);
+    rows.push(['Estimated start', estimateWords(job) || 'unknown']);
   }
   if (job.reasons && job.reasons.length) rows.push(['Waits because', job.reasons.map(reasonWords).join('; ')]);
   box.replaceChildren(h('dl', {class: 'details'}, rows.map(([k, v]) => [h('dt', {}, k), h('dd', {}, String(v))])));
@@ -173,11 +173,19 @@ function followLogs(box, view, attempt) {
       pane.textContent = (pane.textContent + chunk.text).slice(-LOG_CAP);
       pane.scrollTop = pane.scrollHeight;
     } else if (frame.event === 'end') {
-      const end = JSON.parse(frame.data);
-      state.textContent = `Attempt ${end.attempt} ended: ${end.status}${end.exit_code !== null && end.exit_code !== undefined ? `, exit code ${end.exit_code}` : ''}.`;
+      state.textContent = endWords(JSON.parse(frame.data), view.job);
     } else if (frame.event === 'revoked') {
       state.textContent = 'Stopped: this session may no longer read these logs.';
     }
   });
   view.follow.done.then((status) => { if (status && status !== 200) state.textContent = `The logs could not be read (${status}).`; });
+}
+
+/** How a followed attempt ended. The end frame's status is the job's now, not the
+ * attempt's: an earlier attempt of a job that went on is told as such, not as "completed". */
+export function endWords(end, job) {
+  const code = end.exit_code !== null && end.exit_code !== undefined ? `exit code ${end.exit_code}` : 'exit code unknown';
+  if (job && job.attempt > end.attempt) return `Attempt ${end.attempt} ended, ${code}; the job went on to attempt ${job.attempt}.`;
+  if (TERMINAL.has(end.status) || end.status === 'purged') return `Attempt ${end.attempt} ended: ${end.status}, ${code}.`;
+  return `Attempt ${end.attempt} ended, ${code}; the job is ${end.status} again.`;
 }

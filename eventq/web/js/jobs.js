@@ -6,7 +6,7 @@
 
 import {ApiError, get, post, query} from './api.js';
 import {announce, duration, h, jobLabel, when} from './dom.js';
-import {TERMINAL, evolve, jobOf, reasonWords, rowOf} from './rows.js';
+import {TERMINAL, estimateWords, evolve, jobOf, reasonWords, rowOf} from './rows.js';
 
 export const ROW_HEIGHT = 40;
 const PAGE = 500;
@@ -461,7 +461,8 @@ export function reconcile(parent, nodes) {
 function same(a, b) {
   return a.status === b.status && a.position === b.position && a.estimated_start === b.estimated_start
     && a.node === b.node && a.priority === b.priority && a.attempt === b.attempt
-    && JSON.stringify(a.reasons || []) === JSON.stringify(b.reasons || []);
+    && JSON.stringify(a.reasons || []) === JSON.stringify(b.reasons || [])
+    && JSON.stringify(a.estimate_basis || null) === JSON.stringify(b.estimate_basis || null);
 }
 
 function focusKey(el) {
@@ -497,8 +498,8 @@ export function story(row) {
       ...(row.reasons || []).map(reasonWords)].filter(Boolean).join('; ');
   }
   const parts = (row.reasons || []).map(reasonWords);
-  if (row.estimated_start) parts.push(`starts about ${when(row.estimated_start)}`);
-  else if (row.estimate_note) parts.push(`start unknown: ${row.estimate_note}`);
+  const start = estimateWords(row);
+  if (start) parts.push(start);
   return parts.join('; ') || 'about to be placed';
 }
 

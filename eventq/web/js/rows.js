@@ -2,6 +2,8 @@
 // the same transitions, so a row the page holds says what the server would answer. Pure:
 // (row, record) -> the new row, or the same row when the event changes nothing it shows.
 
+import {when} from './dom.js';
+
 export const TERMINAL = new Set(['completed', 'failed', 'cancelled', 'rejected']);
 export const WAITING = new Set(['pending', 'waiting', 'blocked', 'held']);
 
@@ -30,7 +32,7 @@ const STEPS = {
   job_reasons_changed: (r, b) => ({...r, reasons: b.reasons}),
   attempt_dispatched: (r, b, t) => ({...r, status: 'dispatched', attempt: b.attempt, node: b.node,
     allocated_gpus: b.gpus, started_at: t, reasons: [], position: undefined,
-    estimated_start: undefined, estimate_note: undefined, exit_code: null}),
+    estimated_start: undefined, estimate_note: undefined, estimate_basis: undefined, exit_code: null}),
   attempt_started: (r) => (r.status === 'dispatched' ? {...r, status: 'running'} : r),
   attempt_ended: (r, b) => ({...r, exit_code: b.exit_code ?? null}),
   job_requeued: (r, b) => ({...r, status: 'pending', node: null, allocated_gpus: [], error: b.reason, completed_at: null}),
@@ -64,3 +66,26 @@ export function reasonWords(reason) {
   const words = CODE_WORDS[reason.code] || reason.code.replace(/_/g, ' ');
   return reason.detail ? `${words}: ${reason.detail}` : words;
 }
+
+/** When a waiting job should start and what that rests on, in words: "starts after job
+ * train-a ends, its time limit is 14:20", or why no time can be given. */
+export function estimateWords(row) {
+  const basis = row.estimate_basis;
+  const start = row.estimated_start;
+  if (basis && basis.kind === 'job_ends') {
+    const job = `job ${basis.name || basis.job_id}${basis.status === 'pending' ? ' (ahead of it in the queue)' : ''}`;
+    if (basis.end === null || basis.end === undefined) {
+      return basis.by ? `no estimate: ${job} ran past its ${BY_WORDS[basis.by]}`
+        : `no estimate: ${job} has no time limit`;
+    }
+    const frees = basis.frees === 'slot' ? ' and frees a slot of its limit' : '';
+    return `starts after ${job} ends${frees}, its ${BY_WORDS[basis.by]} is ${when(basis.end)}`;
+  }
+  if (basis && basis.kind === 'begin_at') return `starts no earlier than its begin time, ${when(start)}`;
+  if (basis && basis.kind === 'gpus_free') return `starts about ${when(start)}: its GPUs are free`;
+  if (start) return `starts about ${when(start)}`;
+  if (row.estimate_note) return `start unknown: ${row.estimate_note}`;
+  return '';
+}
+
+const BY_WORDS = {time_limit: 'time limit', estimated_runtime: 'estimated end'};

@@ -8,7 +8,8 @@ import {announce, empty, h, when} from './dom.js';
 const WORKER_EVENTS = new Set(['worker_created', 'worker_token_rotated', 'worker_connected',
   'worker_draining', 'worker_lost', 'worker_removed', 'attempt_dispatched', 'attempt_ended',
   'gpus_released', 'node_inventory_reported']);
-const STATES = ['idle', 'busy', 'draining', 'offline'];
+// Every status the server gives a worker: a card each, so the cards add up to Total.
+const STATES = ['connecting', 'idle', 'busy', 'draining', 'offline'];
 
 export function mount(root, ctx) {
   root.append(h('h1', {}, 'Workers'));
