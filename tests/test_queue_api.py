@@ -111,6 +111,11 @@ async def test_approval_by_flag_or_cost_then_approve_or_reject(
     assert {j["job_id"] for j in listed["jobs"]} == {flagged["job_id"], costly["job_id"]}
     approved = await (await api.post(f"/api/queue/{flagged['job_id']}/approve")).json()
     assert approved["success"] and approved["status"] in ("dispatched", "running", "completed")
+    # a rejection says why, in printable words, or is refused
+    for blank in ("", "?reason=", "?reason=%20%20", "?reason=a%01b"):
+        refused = await api.post(f"/api/queue/{costly['job_id']}/reject{blank}")
+        assert refused.status == 422 and (await refused.json())["field"] == "reason"
+    assert (await (await api.get(f"/api/jobs/{costly['job_id']}")).json())["status"] == "blocked"
     await api.post(f"/api/queue/{costly['job_id']}/reject?reason=over budget")
     job = await (await api.get(f"/api/jobs/{costly['job_id']}")).json()
     assert job["status"] == "rejected"

@@ -26,7 +26,7 @@ def add_parsers(jobs: argparse._SubParsersAction[argparse.ArgumentParser],
     a.set_defaults(run=act, verb="approve")
     r = jobs.add_parser("reject", parents=[common], help="refuse a blocked job (admins)")
     r.add_argument("job_id")
-    r.add_argument("--reason", default="", help="recorded with the rejection")
+    r.add_argument("--reason", required=True, help="why: recorded and shown to the submitter")
     r.set_defaults(run=act, verb="reject")
     h = jobs.add_parser("hold", parents=[common], help="keep a waiting job from starting")
     h.add_argument("job_id")

@@ -11,7 +11,7 @@ from aiohttp import web
 from eventq import events as ev
 from eventq.actors.scheduler import Cancel, CancelMany, Cleanup, JobAction, Process
 from eventq.actors.scheduler_state import JobState
-from eventq.http.bounds import REASON_CHARS
+from eventq.http import bounds as b
 from eventq.http.common import (
     ORCH,
     ApiError,
@@ -103,9 +103,13 @@ async def approve(request: web.Request) -> web.Response:
 @routes.post("/api/queue/{job_id}/reject")
 async def reject(request: web.Request) -> web.Response:
     require_admin(request)
-    reason = request.query.get("reason", "").strip()
-    if len(reason) > REASON_CHARS:
-        raise ApiError(422, f"reason has more than {REASON_CHARS} characters", "reason")
+    reason = request.query.get("reason", "")
+    if not reason.strip():  # the submitter is owed the why (SPEC: "reject (with a reason)")
+        raise ApiError(422, "a rejection needs a reason: ?reason=...", "reason")
+    try:
+        reason = msgspec.convert(reason, b.RejectReason).strip()
+    except msgspec.ValidationError as e:
+        raise ApiError(422, f"reason: {e}", "reason") from None
     return await _act(request, "reject", reason=reason)
 
 

@@ -130,6 +130,9 @@ ExitCode = Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)]
 #: [job id, attempt] of the attempts a worker still runs.
 Running = Annotated[list[tuple[JobId, Attempt]], Meta(max_length=RUNNING)]
 Reason = Annotated[str, _text(REASON_CHARS)]
+#: A rejection's reason: printable, with at least one character that is not a space.
+RejectReason = Annotated[str, Meta(min_length=1, max_length=REASON_CHARS,
+                                   pattern="^[^\\x00-\\x1f\\x7f]*[^\\x00-\\x20\\x7f][^\\x00-\\x1f\\x7f]*$")]
 NotifyUrl = Annotated[str, Meta(min_length=1, max_length=URL_CHARS, pattern=PRINTABLE,
                                 description="An absolute http:// or https:// URL.")]
 

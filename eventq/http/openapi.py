@@ -84,6 +84,7 @@ class Param:
     kind: Any
     where: Literal["query", "path", "header"] = "query"
     about: str = ""
+    required: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,8 @@ OPERATIONS: tuple[Op, ...] = (
        "Let a blocked job queue.", "admin", (s.ActionReply,), params=(JOB,), also=(409,)),
     Op("post", "/api/queue/{job_id}/reject", "reject", "queue",
        "Refuse a blocked job.", "admin", (s.ActionReply,),
-       params=(JOB, Param("reason", b.Reason, about="Recorded with the job.")),
+       params=(JOB, Param("reason", b.RejectReason, required=True,
+                          about="Why, recorded with the job and shown to its submitter.")),
        also=(409,)),
     Op("post", "/api/queue/{job_id}/priority", "setPriority", "queue",
        "Override a waiting job's priority (null: back to its level's).", "lead",
@@ -391,7 +393,7 @@ def _operation(op: Op, schema_of: Any) -> dict[str, Any]:
         out["security"] = [{"workerToken": []}]
     if op.params:
         out["parameters"] = [
-            {"name": p.name, "in": p.where, "required": p.where == "path",
+            {"name": p.name, "in": p.where, "required": p.where == "path" or p.required,
              "schema": schema_of(p.kind), **({"description": p.about} if p.about else {})}
             for p in op.params]
     if op.body is not None:
