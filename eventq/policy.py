@@ -103,6 +103,39 @@ class Reservation:
 
 
 @dataclass
+class Capped:
+    """Users and teams a pass found at their limit.
+
+    Counts only grow within a pass, so every later job of a capped user or team is held by
+    the same limit: once the walk has examined ``REASON_DEPTH`` jobs (whose reasons stay
+    current), the waiting order may leave those jobs out (``skipping``). A sweep of a
+    million jobs from one user at its limit then costs a pass nothing, and a job of
+    another user behind it is still reached.
+    """
+
+    users: set[str] = field(default_factory=set)
+    teams: set[str] = field(default_factory=set)
+    #: No node has a free GPU: no job needing one can start in this pass either.
+    gpus_taken: bool = False
+    skipping: bool = False
+
+    def note(self, spec: JobSpec, reasons: list[Reason]) -> None:
+        for reason in reasons:
+            if reason.code == "user_limit":
+                self.users.add(spec.user)
+            elif reason.code == "team_limit" and spec.team:
+                self.teams.add(spec.team)
+
+    def holds(self, user: str, team: str | None, needs_gpus: bool) -> bool:
+        return self.skipping and (user in self.users or team in self.teams
+                                  or (needs_gpus and self.gpus_taken))
+
+
+#: How many waiting jobs need no GPU, when the caller does not know: assume always one more.
+UNKNOWN = 1 << 62
+
+
+@dataclass
 class Plan:
     placements: list[Placement] = field(default_factory=list)
     reasons: dict[str, list[Reason]] = field(default_factory=dict)
@@ -228,9 +261,11 @@ class _Pass:
     """
 
     def __init__(self, counts: Counts, limits: Limits, nodes: list[NodeView], now: float,
-                 cpu_jobs_waiting: bool = True):
+                 cpu_jobs_waiting: int = UNKNOWN):
         self.counts, self.limits, self.nodes, self.now = counts, limits, nodes, now
-        self.cpu_jobs_waiting = cpu_jobs_waiting
+        #: Waiting jobs needing no GPU that the walk has not reached yet: once none is
+        #: left, a node with no free GPU can take nothing more in this pass.
+        self.cpu_left = cpu_jobs_waiting
         self.plan = Plan()
         self._copied = False
 
@@ -256,7 +291,7 @@ class _Pass:
             return False
         if node.max_jobs is not None and node.jobs >= node.max_jobs:
             return False
-        return bool(node.free) or self.cpu_jobs_waiting
+        return bool(node.free) or self.cpu_left > 0
 
     def consider(self, spec: JobSpec) -> None:
         reasons = limit_reasons(spec, self.counts, self.limits)
@@ -360,12 +395,16 @@ def fits_no_worker(reason: Reason) -> bool:
 
 def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
          nodes: list[NodeView], now: float, scan_depth: int = SCAN_DEPTH,
-         cpu_jobs_waiting: bool = True) -> Plan:
+         cpu_jobs_waiting: int = UNKNOWN, capped: Capped | None = None) -> Plan:
     """Decide which waiting jobs start now. ``counts`` and ``nodes`` are copied, not changed.
 
-    ``cpu_jobs_waiting`` False lets the walk stop as soon as no node has a free GPU.
+    ``cpu_jobs_waiting``: how many waiting jobs need no GPU; once the walk has passed them
+    all, it stops as soon as no node has a free GPU. ``capped``: filled as the walk finds
+    users and teams at their limit, for a ``waiting`` order that leaves their jobs out.
     """
     work = _Pass(counts, limits, nodes, now, cpu_jobs_waiting)
+    capped = capped if capped is not None else Capped()
+    capped.gpus_taken = not any(n.free for n in nodes)
     after_full = REASON_DEPTH
     examined_held: list[JobSpec] = []
     restate = 0  # examined_held[:restate] were looked at before the latest placement
@@ -377,10 +416,15 @@ def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
             break
         placed = len(work.plan.placements)
         work.consider(job.spec)
+        if job.spec.gpus == 0:
+            work.cpu_left -= 1
         if len(work.plan.placements) > placed:
             restate = len(examined_held)
+            capped.gpus_taken = not any(n.free for n in work.nodes)
         else:
             examined_held.append(job.spec)
+            capped.note(job.spec, work.plan.reasons.get(job.spec.job_id, []))
+        capped.skipping = examined + 1 >= REASON_DEPTH
     # A placement later in the walk changes what holds the jobs looked at before it.
     for spec in examined_held[:restate]:
         final = explain(spec, work.counts, limits, work.nodes, work.plan.reservation, now)

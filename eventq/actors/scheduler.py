@@ -634,9 +634,10 @@ class Scheduler(Actor[SchedulerMsg]):
         if not self.state.waiting_count():
             self.last_plan = policy.Plan()
             return  # nothing waits: no node views to build (a fleet of workers costs)
-        now = self.clock.now()
-        plan = policy.plan(self.state.iter_waiting(now), self.state.counts, self.state.limits,
-                           self.node_views(), now, cpu_jobs_waiting=self.state.waiting_cpu > 0)
+        now, capped = self.clock.now(), policy.Capped()
+        plan = policy.plan(self.state.iter_schedulable(now, capped), self.state.counts,
+                           self.state.limits, self.node_views(), now,
+                           cpu_jobs_waiting=self.state.waiting_cpu, capped=capped)
         for placement in plan.placements:
             await self._dispatch(placement)
         self._append("system", reason_changes(self.state, plan))
