@@ -490,21 +490,22 @@ def _earliest(slots: list[tuple[float, str]], need: int, now: float) -> Estimate
 
 
 def estimate_starts(waiting: Iterable[JobSpec], nodes: list[NodeView],
-                    now: float) -> dict[str, Estimate]:
+                    now: float, depth: int = ESTIMATE_DEPTH) -> dict[str, Estimate]:
     """Project waiting jobs onto the GPUs' free times, job by job in priority order.
 
     Each GPU has the time it becomes free: now if free, a running attempt's expected end,
     or never known (its end is unknown). A job starts when enough of a fitting node's GPUs
     are free and then holds the earliest of them for its expected runtime. This is list
     scheduling: cheap (no holes are backfilled) and honest about what is unknown. Limits
-    are not projected, so an estimate is the earliest the GPUs allow.
+    are not projected, so an estimate is the earliest the GPUs allow. A job's estimate
+    depends only on the jobs ahead of it: the first ``depth`` are the same at any depth.
     """
     slots = {n.name: [(now, "")] * len(n.free) + [
         (INF if end is None or end <= now else end, job) for end, gpus, job in n.ends
         for _ in range(gpus)] for n in nodes}
     out: dict[str, Estimate] = {}
     for spec in waiting:
-        if len(out) >= ESTIMATE_DEPTH:
+        if len(out) >= depth:
             break
         options = [(n.name, _earliest(slots[n.name], spec.gpus, now))
                    for n in fitting_nodes(spec, nodes)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -759,9 +759,11 @@ class Scheduler(Actor[SchedulerMsg]):
             return DryRun("blocked", None, [], [ev.Reason("approval", "needs an admin's "
                                                           "approval")], None, "")
         hypo = JobState(spec=spec, order=self.log.head_seq + 1, queued_at=now)
-        waiting = list(heapq.merge(self.state.iter_waiting(now), [hypo],
-                                   key=lambda j: self.state.sort_key(j, now)))
-        plan = policy.plan(iter(waiting), self.state.counts, self.state.limits,
+
+        def waiting() -> Iterator[JobState]:  # walked as deep as each use needs, not whole
+            return heapq.merge(self.state.iter_waiting(now), [hypo],
+                               key=lambda j: self.state.sort_key(j, now))
+        plan = policy.plan(waiting(), self.state.counts, self.state.limits,
                            self.node_views(), now)
         placed = next((p for p in plan.placements if p.job_id == spec.job_id), None)
         if placed is not None:
@@ -769,7 +771,7 @@ class Scheduler(Actor[SchedulerMsg]):
                                                             spec.device_ids, spec.any_gpu))
             return DryRun("running", placed.node, gpus.gpus if gpus else [], [], now, "")
         reasons = plan.reasons.get(spec.job_id) or self.explain(hypo)
-        estimate = policy.estimate_starts((j.spec for j in waiting), self.node_views(), now)
+        estimate = policy.estimate_starts((j.spec for j in waiting()), self.node_views(), now)
         found = estimate.get(spec.job_id, policy.Estimate(None, "too many jobs ahead"))
         return DryRun("queued", None, [], reasons, found.start, found.note)
 
