@@ -40,11 +40,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eventq import events as ev  # noqa: E402
-from eventq.clock import RealClock  # noqa: E402
-from eventq.log import EventLog  # noqa: E402
-from tools.bench_http import busy, free_port  # noqa: E402
-from tools.benchkit import Api, print_goals, stop_server, wait_for  # noqa: E402
+from eventq import events as ev
+from eventq.clock import RealClock
+from eventq.log import EventLog
+from tools.bench_http import busy, free_port
+from tools.benchkit import Api, print_goals, stop_server, wait_for
 
 BATCH = 5000
 USERS = 50
