@@ -6,9 +6,10 @@ reader scrolls never makes a page repeat or skip one that stayed where it was (a
 would). Each page names the last event it reflects (``seq``), so the page applies only the
 events of the stream after it. Sorting by job id is sorting by submission: ids grow with the clock.
 
-The default sort (by submission), filtered by status and user only, is read from the sorted
-ids the scheduler's state keeps per status and user: a page costs the same with a million
-jobs as with a hundred. The other sorts, and a name or node filter, sort the matching jobs.
+The default sort (by submission) and the sort by status, filtered by status and user only,
+are read from the sorted ids the scheduler's state keeps per status and user: a page costs
+the same with a million jobs as with a hundred. The other sorts, and a name or node filter,
+sort the matching jobs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from sortedcontainers import SortedList
 
 from eventq.actors.scheduler_state import JobState, SchedulerState
 from eventq.http.common import ORCH, ApiError
@@ -144,6 +146,8 @@ async def list_jobs(request: web.Request) -> web.Response:
     cursor = decode_cursor(raw, sort) if (raw := request.query.get("after")) else None
     if sort == "submitted" and match.indexed:
         page, more, total = by_submission(orch.state, match, cursor, limit, descending)
+    elif sort == "status" and match.indexed:
+        page, more, total = by_status(orch.state, match, cursor, limit, descending)
     else:
         page, more, total = by_sorting(orch.state, key, match, cursor, limit, descending)
     rows = [orch.queue.job(job_id, detail=False) for _, job_id in page]
@@ -165,15 +169,20 @@ def by_sorting(state: SchedulerState, key: SortKey, match: Filter,
     return keyed[start:start + limit], start + limit < len(keyed), len(keyed)
 
 
+def sorted_ids(state: SchedulerState, match: Filter) -> dict[str, SortedList]:
+    """The sorted ids of each matching status (and user) that has any."""
+    if match.user is None:
+        lists = {s: state.ids_by_status.get(s) for s in match.statuses}
+    else:
+        lists = {s: state.ids_by_user_status.get((s, match.user)) for s in match.statuses}
+    return {s: ids for s, ids in lists.items() if ids}
+
+
 def by_submission(state: SchedulerState, match: Filter, cursor: tuple[Any, str] | None,
                   limit: int, descending: bool) -> Page:
     """The same page as ``by_sorting`` by job id, merged from the sorted ids of each
     matching status (and user): O(page), whatever the number of jobs."""
-    if match.user is None:
-        lists = [state.ids_by_status.get(s) for s in match.statuses]
-    else:
-        lists = [state.ids_by_user_status.get((s, match.user)) for s in match.statuses]
-    present = [ids for ids in lists if ids]
+    present = list(sorted_ids(state, match).values())
     after = None if cursor is None else cursor[1]
     runs = []
     for ids in present:
@@ -185,3 +194,26 @@ def by_submission(state: SchedulerState, match: Filter, cursor: tuple[Any, str] 
             runs.append(ids.islice(start))
     found = list(itertools.islice(heapq.merge(*runs, reverse=descending), limit + 1))
     return [(i, i) for i in found[:limit]], len(found) > limit, sum(map(len, present))
+
+
+def by_status(state: SchedulerState, match: Filter, cursor: tuple[Any, str] | None,
+              limit: int, descending: bool) -> Page:
+    """The same page as ``by_sorting`` by status: each status's sorted ids (one status a
+    rank) one after another, in rank order. O(page), whatever the number of jobs."""
+    present = sorted_ids(state, match)
+    ranked = sorted(((STATUS_RANK.get(s, 99), ids) for s, ids in present.items()),
+                    key=lambda r: r[0], reverse=descending)
+    found: list[tuple[Any, str]] = []
+    for rank, ids in ranked:
+        if cursor is not None and (rank > cursor[0] if descending else rank < cursor[0]):
+            continue  # wholly on the cursor's side already read
+        at = cursor[1] if cursor is not None and rank == cursor[0] else None
+        if descending:
+            end = len(ids) if at is None else ids.bisect_left(at)
+            run = ids.islice(0, end, reverse=True)
+        else:
+            run = ids.islice(0 if at is None else ids.bisect_right(at))
+        found += ((rank, job_id) for job_id in itertools.islice(run, limit + 1 - len(found)))
+        if len(found) > limit:
+            break
+    return found[:limit], len(found) > limit, sum(map(len, present.values()))
