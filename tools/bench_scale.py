@@ -11,14 +11,16 @@ its place in the queue). Then, for each size, a real ``eventq server`` process:
   another), with a submission between two requests (not timed) so that no answer comes
   from the last rendering and the queue moves as a live one does:
   ``GET /api/queue/stats``, ``GET /api/queue?limit=50``, ``GET /api/jobs?limit=200``
-  (the web page's first page), the page after it (``after=`` its cursor), and
-  ``GET /api/queue/me``; quiet, then with ``--load N`` busy processes beside it;
+  (the web page's first page), the page after it (``after=`` its cursor), the first page
+  sorted by status, and ``GET /api/queue/me``; quiet, then with ``--load N`` busy
+  processes beside it;
 - the server's RSS (``VmRSS``);
 - ``kill -9``, a start, and the time until its first request is answered (the restart).
 
+The two servers run side by side while the views are timed, one request to each in turn.
 Each view's median at ``--large`` over its median at ``--small`` is the figure: the goal
 is <= 2 (O(page), not O(queue)). Run from the repository root:
-``.venv/bin/python tools/bench_scale.py`` (~5 min at 1,000,000; ``--large 100000`` for a
+``.venv/bin/python tools/bench_scale.py`` (~2 min at 1,000,000; ``--large 100000`` for a
 quick run).
 """
 
@@ -52,6 +54,7 @@ VIEWS = {"stats": "GET /api/queue/stats",
          "queue50": "GET /api/queue?limit=50",
          "jobs200": "GET /api/jobs?limit=200",
          "jobs_next": "GET /api/jobs?limit=200&after=…",
+         "jobs_status": "GET /api/jobs?limit=200&sort=status",
          "me": "GET /api/queue/me"}
 SUBMIT = {"command": ["true"], "gpus": 0, "target": "worker"}
 
@@ -132,44 +135,59 @@ class Measured:
     times: dict[tuple[str, int], list[float]] = field(default_factory=dict)
 
 
-def time_views(api: Api, samples: int, load: int, out: Measured) -> None:
-    """Each view ``samples`` times, a submission (not timed) before each request."""
+def view_paths(api: Api) -> dict[str, str]:
     after = api.call("GET", "/api/jobs?limit=200")["next"]
     if after is None:
         raise RuntimeError("fewer than 200 jobs: --small must be larger")
-    paths = {"stats": "/api/queue/stats", "queue50": "/api/queue?limit=50",
-             "jobs200": "/api/jobs?limit=200", "jobs_next": f"/api/jobs?limit=200&after={after}",
-             "me": "/api/queue/me"}
-    for view, path in paths.items():
-        for _ in range(5):  # warm: a fresh process's first answers say nothing of its size
-            api.call("GET", path)
-        times = out.times.setdefault((view, load), [])
+    return {"stats": "/api/queue/stats", "queue50": "/api/queue?limit=50",
+            "jobs200": "/api/jobs?limit=200", "jobs_next": f"/api/jobs?limit=200&after={after}",
+            "jobs_status": "/api/jobs?limit=200&sort=status", "me": "/api/queue/me"}
+
+
+def time_views(apis: list[Api], samples: int, load: int, out: list[Measured]) -> None:
+    """Each view ``samples`` times on each server, the servers in turn (whatever else the
+    machine does falls on both alike), a submission (not timed) before each request."""
+    paths = [view_paths(api) for api in apis]
+    for view in VIEWS:
+        for api, path in zip(apis, paths, strict=True):
+            for _ in range(5):  # warm: a fresh process's first answers say nothing of its size
+                api.call("GET", path[view])
         for _ in range(samples):
-            api.call("POST", "/api/queue/submit", SUBMIT)
-            t0 = time.perf_counter()
-            api.call("GET", path)
-            times.append(time.perf_counter() - t0)
+            for api, path, measured in zip(apis, paths, out, strict=True):
+                api.call("POST", "/api/queue/submit", SUBMIT)
+                t0 = time.perf_counter()
+                api.call("GET", path[view])
+                measured.times.setdefault((view, load), []).append(time.perf_counter() - t0)
 
 
-def measure(data: Path, args: argparse.Namespace) -> Measured:
-    out = Measured()
-    port = free_port()
-    proc, out.first_start = started(data, port)
+def measure(datas: list[Path], args: argparse.Namespace) -> list[Measured]:
+    """Both servers up side by side for the views; then each killed and started alone."""
+    out = [Measured() for _ in datas]
+    ports = [free_port() for _ in datas]
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        api = Api(f"http://127.0.0.1:{port}", (data / "admin.token").read_text().strip())
+        for data, port, measured in zip(datas, ports, out, strict=True):
+            proc, measured.first_start = started(data, port)
+            procs.append(proc)
+        apis = [Api(f"http://127.0.0.1:{port}", (data / "admin.token").read_text().strip())
+                for data, port in zip(datas, ports, strict=True)]
         try:
             for load in sorted({0, args.load}):
                 with busy(load):
-                    time_views(api, args.samples, load, out)
+                    time_views(apis, args.samples, load, out)
         finally:
-            api.close()
-        out.rss_mb = rss_mb(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc, out.restart = started(data, port)
-        out.rss_after_restart_mb = rss_mb(proc.pid)
+            for api in apis:
+                api.close()
+        for at, (data, port, measured) in enumerate(zip(datas, ports, out, strict=True)):
+            measured.rss_mb = rss_mb(procs[at].pid)
+            os.kill(procs[at].pid, signal.SIGKILL)
+            procs[at].wait()
+            procs[at], measured.restart = started(data, port)
+            measured.rss_after_restart_mb = rss_mb(procs[at].pid)
+            stop_server(procs[at])
     finally:
-        stop_server(proc)
+        for proc in procs:
+            stop_server(proc)
     return out
 
 
@@ -211,15 +229,15 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.2f}")
     work = Path(tempfile.mkdtemp(prefix="eventq-bench-scale-"))
     try:
-        results = []
+        datas = []
         for n in (args.small, args.large):
             data = work / f"data-{n}"
             took = asyncio.run(seed(data, n))
             size = (data / "events.db").stat().st_size
             print(f"seeded {n:,} waiting jobs in {took:.1f} s ({n / took:,.0f} jobs/s); log "
                   f"{size / 2**20:.0f} MB ({size / n:.0f} B per job)")
-            results.append(measure(data, args))
-        report(args, *results)
+            datas.append(data)
+        report(args, *measure(datas, args))
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
