@@ -115,7 +115,8 @@ class Capped:
 
     users: set[str] = field(default_factory=set)
     teams: set[str] = field(default_factory=set)
-    #: No node has a free GPU: no job needing one can start in this pass either.
+    #: No node has a free GPU and the reservation is taken: no job needing GPUs can start
+    #: in this pass, nor change what it reserves.
     gpus_taken: bool = False
     skipping: bool = False
 
@@ -404,7 +405,6 @@ def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
     """
     work = _Pass(counts, limits, nodes, now, cpu_jobs_waiting)
     capped = capped if capped is not None else Capped()
-    capped.gpus_taken = not any(n.free for n in nodes)
     after_full = REASON_DEPTH
     examined_held: list[JobSpec] = []
     restate = 0  # examined_held[:restate] were looked at before the latest placement
@@ -414,13 +414,14 @@ def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
         if examined >= scan_depth or after_full < 0:
             work.plan.truncated = True
             break
-        placed = len(work.plan.placements)
+        placed, reserved = len(work.plan.placements), work.plan.reservation is not None
         work.consider(job.spec)
         if job.spec.gpus == 0:
             work.cpu_left -= 1
+        if len(work.plan.placements) > placed or reserved != (work.plan.reservation is not None):
+            capped.gpus_taken = _gpus_taken(work)
         if len(work.plan.placements) > placed:
             restate = len(examined_held)
-            capped.gpus_taken = not any(n.free for n in work.nodes)
         else:
             examined_held.append(job.spec)
             capped.note(job.spec, work.plan.reasons.get(job.spec.job_id, []))
@@ -431,6 +432,12 @@ def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
         if final:
             work.plan.reasons[spec.job_id] = final
     return work.plan
+
+
+def _gpus_taken(work: _Pass) -> bool:
+    """No job needing GPUs can start in the rest of this pass, nor take the reservation
+    (EASY): no node has a free GPU, and the highest job lacking them already holds it."""
+    return work.plan.reservation is not None and not any(n.free for n in work.nodes)
 
 
 def plan_one(spec: JobSpec, counts: Counts, limits: Limits, nodes: list[NodeView],

@@ -209,3 +209,23 @@ def test_the_pass_order_is_the_queue_order_less_what_a_limit_holds(
         assert [j.spec.job_id for j in state.iter_schedulable(now, capped)] == [
             j for j in order if state.jobs[j].spec.user != USERS[capped_user]]
     assert [state.position(j, now) for j in order] == list(range(1, len(order) + 1))
+
+
+def test_the_reservation_goes_to_the_highest_job_lacking_gpus_even_past_the_skipping() -> None:
+    """No GPU free, a hundred and more of Alice's jobs held by her limit, then Bob's job
+    lacking only GPUs, then a job needing no GPU (so the walk goes on): once the walk
+    skips, it still reaches Bob's job and reserves the GPU for it (EASY), rather than
+    leaving out every job that needs GPUs at once."""
+    state = SchedulerState()
+    jobs = [spec(f"a{i:04d}", "alice") for i in range(policy.REASON_DEPTH + 50)]
+    cpu = spec("cpu-last", "carol", gpus=0, target="worker")
+    for seq, queued in enumerate([*jobs, spec("bob-big", "bob"), cpu], start=1):
+        state.evolve(Record(seq, 1_700_000_000.0, "user:x", ev.JobSubmitted(job=queued), b""))
+    node = policy.NodeView("local", True, set(), 1, [(1_700_000_600.0, 1, "running")])
+    counts = policy.Counts(total=1, by_user=Counter(alice=1), local_jobs=1, local_gpus=1)
+    capped = policy.Capped()
+    now = 1_700_000_001.0
+    plan = policy.plan(state.iter_schedulable(now, capped), counts, ONE_EACH, [node], now,
+                       cpu_jobs_waiting=1, capped=capped)
+    assert plan.reservation is not None and plan.reservation.job_id == "bob-big"
+    assert [r.code for r in plan.reasons["bob-big"]] == ["gpus"]
