@@ -103,6 +103,40 @@ class Reservation:
 
 
 @dataclass
+class Capped:
+    """Users and teams a pass found at their limit.
+
+    Counts only grow within a pass, so every later job of a capped user or team is held by
+    the same limit: once the walk has examined ``REASON_DEPTH`` jobs (whose reasons stay
+    current), the waiting order may leave those jobs out (``skipping``). A sweep of a
+    million jobs from one user at its limit then costs a pass nothing, and a job of
+    another user behind it is still reached.
+    """
+
+    users: set[str] = field(default_factory=set)
+    teams: set[str] = field(default_factory=set)
+    #: No node has a free GPU and the reservation is taken: no job needing GPUs can start
+    #: in this pass, nor change what it reserves.
+    gpus_taken: bool = False
+    skipping: bool = False
+
+    def note(self, spec: JobSpec, reasons: list[Reason]) -> None:
+        for reason in reasons:
+            if reason.code == "user_limit":
+                self.users.add(spec.user)
+            elif reason.code == "team_limit" and spec.team:
+                self.teams.add(spec.team)
+
+    def holds(self, user: str, team: str | None, needs_gpus: bool) -> bool:
+        return self.skipping and (user in self.users or team in self.teams
+                                  or (needs_gpus and self.gpus_taken))
+
+
+#: How many waiting jobs need no GPU, when the caller does not know: assume always one more.
+UNKNOWN = 1 << 62
+
+
+@dataclass
 class Plan:
     placements: list[Placement] = field(default_factory=list)
     reasons: dict[str, list[Reason]] = field(default_factory=dict)
@@ -228,9 +262,11 @@ class _Pass:
     """
 
     def __init__(self, counts: Counts, limits: Limits, nodes: list[NodeView], now: float,
-                 cpu_jobs_waiting: bool = True):
+                 cpu_jobs_waiting: int = UNKNOWN):
         self.counts, self.limits, self.nodes, self.now = counts, limits, nodes, now
-        self.cpu_jobs_waiting = cpu_jobs_waiting
+        #: Waiting jobs needing no GPU that the walk has not reached yet: once none is
+        #: left, a node with no free GPU can take nothing more in this pass.
+        self.cpu_left = cpu_jobs_waiting
         self.plan = Plan()
         self._copied = False
 
@@ -256,7 +292,7 @@ class _Pass:
             return False
         if node.max_jobs is not None and node.jobs >= node.max_jobs:
             return False
-        return bool(node.free) or self.cpu_jobs_waiting
+        return bool(node.free) or self.cpu_left > 0
 
     def consider(self, spec: JobSpec) -> None:
         reasons = limit_reasons(spec, self.counts, self.limits)
@@ -360,12 +396,15 @@ def fits_no_worker(reason: Reason) -> bool:
 
 def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
          nodes: list[NodeView], now: float, scan_depth: int = SCAN_DEPTH,
-         cpu_jobs_waiting: bool = True) -> Plan:
+         cpu_jobs_waiting: int = UNKNOWN, capped: Capped | None = None) -> Plan:
     """Decide which waiting jobs start now. ``counts`` and ``nodes`` are copied, not changed.
 
-    ``cpu_jobs_waiting`` False lets the walk stop as soon as no node has a free GPU.
+    ``cpu_jobs_waiting``: how many waiting jobs need no GPU; once the walk has passed them
+    all, it stops as soon as no node has a free GPU. ``capped``: filled as the walk finds
+    users and teams at their limit, for a ``waiting`` order that leaves their jobs out.
     """
     work = _Pass(counts, limits, nodes, now, cpu_jobs_waiting)
+    capped = capped if capped is not None else Capped()
     after_full = REASON_DEPTH
     examined_held: list[JobSpec] = []
     restate = 0  # examined_held[:restate] were looked at before the latest placement
@@ -375,18 +414,30 @@ def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
         if examined >= scan_depth or after_full < 0:
             work.plan.truncated = True
             break
-        placed = len(work.plan.placements)
+        placed, reserved = len(work.plan.placements), work.plan.reservation is not None
         work.consider(job.spec)
+        if job.spec.gpus == 0:
+            work.cpu_left -= 1
+        if len(work.plan.placements) > placed or reserved != (work.plan.reservation is not None):
+            capped.gpus_taken = _gpus_taken(work)
         if len(work.plan.placements) > placed:
             restate = len(examined_held)
         else:
             examined_held.append(job.spec)
+            capped.note(job.spec, work.plan.reasons.get(job.spec.job_id, []))
+        capped.skipping = examined + 1 >= REASON_DEPTH
     # A placement later in the walk changes what holds the jobs looked at before it.
     for spec in examined_held[:restate]:
         final = explain(spec, work.counts, limits, work.nodes, work.plan.reservation, now)
         if final:
             work.plan.reasons[spec.job_id] = final
     return work.plan
+
+
+def _gpus_taken(work: _Pass) -> bool:
+    """No job needing GPUs can start in the rest of this pass, nor take the reservation
+    (EASY): no node has a free GPU, and the highest job lacking them already holds it."""
+    return work.plan.reservation is not None and not any(n.free for n in work.nodes)
 
 
 def plan_one(spec: JobSpec, counts: Counts, limits: Limits, nodes: list[NodeView],
@@ -449,21 +500,22 @@ def _earliest(slots: list[tuple[float, str]], need: int, now: float) -> Estimate
 
 
 def estimate_starts(waiting: Iterable[JobSpec], nodes: list[NodeView],
-                    now: float) -> dict[str, Estimate]:
+                    now: float, depth: int = ESTIMATE_DEPTH) -> dict[str, Estimate]:
     """Project waiting jobs onto the GPUs' free times, job by job in priority order.
 
     Each GPU has the time it becomes free: now if free, a running attempt's expected end,
     or never known (its end is unknown). A job starts when enough of a fitting node's GPUs
     are free and then holds the earliest of them for its expected runtime. This is list
     scheduling: cheap (no holes are backfilled) and honest about what is unknown. Limits
-    are not projected, so an estimate is the earliest the GPUs allow.
+    are not projected, so an estimate is the earliest the GPUs allow. A job's estimate
+    depends only on the jobs ahead of it: the first ``depth`` are the same at any depth.
     """
     slots = {n.name: [(now, "")] * len(n.free) + [
         (INF if end is None or end <= now else end, job) for end, gpus, job in n.ends
         for _ in range(gpus)] for n in nodes}
     out: dict[str, Estimate] = {}
     for spec in waiting:
-        if len(out) >= ESTIMATE_DEPTH:
+        if len(out) >= depth:
             break
         options = [(n.name, _earliest(slots[n.name], spec.gpus, now))
                    for n in fitting_nodes(spec, nodes)]

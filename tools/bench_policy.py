@@ -16,6 +16,10 @@ timed), so the queue keeps its length. Three cases:
   is full, while GPUs stay free.
 - ``global``: limits raised but ``max_concurrent`` equals the GPU count, so the
   global limit is full.
+- ``cpu``: as ``gpus``, with a job that needs no GPU waiting for a worker (none is
+  connected) at the head of the queue: a GPU-less job is waiting, but none can start.
+- ``user``: one user's sweep is the whole queue, and that user is at its limit
+  (``user_max_concurrent`` 4) while half the GPUs are free.
 
 Also: ``policy.plan`` alone, and the queue views a user hits (``QueueView.list(limit=50)``
 = ``GET /api/queue``, the position of the last job, ``QueueView.job`` of the last job =
@@ -71,7 +75,10 @@ GPU_SPEC = "8xA100-80GB"
 GPU_COUNT = 8
 CASES = {"gpus": "GPUs full, limits raised",
          "stock": "unrecorded limits, local_job_max_concurrent (1) full",
-         "global": f"global limit full (max_concurrent={GPU_COUNT})"}
+         "global": f"global limit full (max_concurrent={GPU_COUNT})",
+         "cpu": "GPUs full, a job needing no GPU waits for a worker",
+         "user": "one user's sweep, at its user limit (4), GPUs free"}
+SWEEP_LIMIT = 4
 
 
 def realistic_spec(i: int, rng: random.Random) -> ev.JobSpec:
@@ -109,6 +116,8 @@ class Rig:
     queue: QueueView
     rng: random.Random
     submitted: int = 0
+    #: Every job is this user's (the ``user`` case).
+    sweep_user: str | None = None
 
     @classmethod
     async def start(cls, path: Path, limits: ev.Limits) -> Rig:
@@ -130,12 +139,19 @@ class Rig:
 
     def spec(self) -> ev.JobSpec:
         self.submitted += 1
-        return realistic_spec(self.submitted, self.rng)
+        spec = realistic_spec(self.submitted, self.rng)
+        if self.sweep_user is not None:
+            spec = msgspec.structs.replace(spec, user=self.sweep_user, team="vision")
+        return spec
 
-    async def fill(self, waiting: int) -> None:
-        """Fill every GPU, then queue ``waiting`` jobs behind them."""
-        for _ in range(GPU_COUNT):
+    async def fill(self, waiting: int, case: str) -> None:
+        """Fill every GPU (the user's limit in the ``user`` case), then queue ``waiting``
+        jobs behind them."""
+        for _ in range(SWEEP_LIMIT if case == "user" else GPU_COUNT):
             spec = self.spec()
+            await self.scheduler.ask(Submit(spec, f"user:{spec.user}"))
+        if case == "cpu":
+            spec = msgspec.structs.replace(self.spec(), gpus=0, target="worker")
             await self.scheduler.ask(Submit(spec, f"user:{spec.user}"))
         # The queue itself is appended as the events Submit records, in batches: a
         # pass per job would only settle reasons that the pass below settles too.
@@ -177,10 +193,11 @@ class Rig:
         return out
 
     def plan_once(self) -> float:
-        now = self.scheduler.clock.now()
-        t0 = time.perf_counter()
-        policy.plan(self.state.iter_waiting(now), self.state.counts, self.state.limits,
-                    self.scheduler.node_views(), now)
+        now, capped = self.scheduler.clock.now(), policy.Capped()
+        t0 = time.perf_counter()  # as Scheduler.run_pass calls it
+        policy.plan(self.state.iter_schedulable(now, capped), self.state.counts,
+                    self.state.limits, self.scheduler.node_views(), now,
+                    cpu_jobs_waiting=self.state.waiting_cpu, capped=capped)
         return time.perf_counter() - t0
 
     def last_waiting(self) -> str:
@@ -204,12 +221,14 @@ def repeat(fn: Callable[[], Any], times: int) -> list[float]:
 async def measure(tmp: Path, case: str, waiting: int, decisions: int) -> dict[str, float]:
     raised = ev.Limits(max_concurrent=100, user_max_concurrent=100,
                        local_job_max_concurrent=100)
-    limits = {"gpus": raised, "stock": ev.UNRECORDED_LIMITS,
-              "global": msgspec.structs.replace(raised, max_concurrent=GPU_COUNT)}[case]
+    limits = {"gpus": raised, "stock": ev.UNRECORDED_LIMITS, "cpu": raised,
+              "global": msgspec.structs.replace(raised, max_concurrent=GPU_COUNT),
+              "user": msgspec.structs.replace(raised, user_max_concurrent=SWEEP_LIMIT)}[case]
     path = tmp / f"{case}-{waiting}.db"
     rig = await Rig.start(path, limits)
+    rig.sweep_user = "alice" if case == "user" else None
     try:
-        await rig.fill(waiting)
+        await rig.fill(waiting, case)
         assert rig.state.waiting_count() > waiting
         times = await rig.decisions(decisions)
         out = {"decision": median_ms(times), "decision_p90": p90_ms(times),
@@ -280,8 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--large", type=int, default=100_000, help="the long queue (100,000)")
     p.add_argument("--decisions", type=int, default=100,
                    help="timed decisions per case and size (100)")
-    p.add_argument("--cases", default="gpus,stock,global",
-                   help="comma-separated, of gpus, stock, global (default: all three)")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated, of {', '.join(CASES)} (default: all)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the memory figure (at --large 1000000 it holds ~3 GB)")
     args = p.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     if not cases or not set(cases) <= set(CASES):
@@ -315,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"({large[key] / small[key]:.1f}x)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.no_memory:
+        print_goals(goals)
+        return 0
     state_b, both_b, spec_b = memory_per_job(args.large)
     print(f"memory per queued job ({args.large} waiting, tracemalloc): SchedulerState "
           f"{state_b:.0f} B (the decoded JobSubmitted alone: {spec_b:.0f} B); "

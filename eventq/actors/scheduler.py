@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -634,9 +634,10 @@ class Scheduler(Actor[SchedulerMsg]):
         if not self.state.waiting_count():
             self.last_plan = policy.Plan()
             return  # nothing waits: no node views to build (a fleet of workers costs)
-        now = self.clock.now()
-        plan = policy.plan(self.state.iter_waiting(now), self.state.counts, self.state.limits,
-                           self.node_views(), now, cpu_jobs_waiting=self.state.waiting_cpu > 0)
+        now, capped = self.clock.now(), policy.Capped()
+        plan = policy.plan(self.state.iter_schedulable(now, capped), self.state.counts,
+                           self.state.limits, self.node_views(), now,
+                           cpu_jobs_waiting=self.state.waiting_cpu, capped=capped)
         for placement in plan.placements:
             await self._dispatch(placement)
         self._append("system", reason_changes(self.state, plan))
@@ -758,9 +759,11 @@ class Scheduler(Actor[SchedulerMsg]):
             return DryRun("blocked", None, [], [ev.Reason("approval", "needs an admin's "
                                                           "approval")], None, "")
         hypo = JobState(spec=spec, order=self.log.head_seq + 1, queued_at=now)
-        waiting = list(heapq.merge(self.state.iter_waiting(now), [hypo],
-                                   key=lambda j: self.state.sort_key(j, now)))
-        plan = policy.plan(iter(waiting), self.state.counts, self.state.limits,
+
+        def waiting() -> Iterator[JobState]:  # walked as deep as each use needs, not whole
+            return heapq.merge(self.state.iter_waiting(now), [hypo],
+                               key=lambda j: self.state.sort_key(j, now))
+        plan = policy.plan(waiting(), self.state.counts, self.state.limits,
                            self.node_views(), now)
         placed = next((p for p in plan.placements if p.job_id == spec.job_id), None)
         if placed is not None:
@@ -768,7 +771,7 @@ class Scheduler(Actor[SchedulerMsg]):
                                                             spec.device_ids, spec.any_gpu))
             return DryRun("running", placed.node, gpus.gpus if gpus else [], [], now, "")
         reasons = plan.reasons.get(spec.job_id) or self.explain(hypo)
-        estimate = policy.estimate_starts((j.spec for j in waiting), self.node_views(), now)
+        estimate = policy.estimate_starts((j.spec for j in waiting()), self.node_views(), now)
         found = estimate.get(spec.job_id, policy.Estimate(None, "too many jobs ahead"))
         return DryRun("queued", None, [], reasons, found.start, found.note)
 

@@ -5,7 +5,10 @@ Waiting jobs live in one sorted bucket per base priority, ordered by submission.
 Aging never reorders a bucket (an older job of the same base has at least the
 same boost), so the queue's order is a lazy k-way merge of the buckets by
 (effective priority, submission order): no re-sort as time passes, and finding
-the next job is O(log n).
+the next job is O(log n). The same jobs are also kept in one stream per (base priority,
+user, team, whether it needs GPUs), so that a pass can leave out the jobs of a user or team
+at its limit, or every job needing GPUs once none is free, without walking them
+(``iter_schedulable``).
 """
 
 from __future__ import annotations
@@ -15,20 +18,21 @@ import heapq
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 from sortedcontainers import SortedList
 
 from eventq import events as ev
 from eventq.log import Record
-from eventq.policy import Counts, effective_priority, expected_runtime
+from eventq.policy import Capped, Counts, effective_priority, expected_runtime
 
 ACTIVE = ("dispatched", "running")
 TERMINAL = ("completed", "failed", "cancelled", "rejected")
 #: Waiting for a person: an admin's approval, or the release of a hold.
 PARKED = ("blocked", "held")
 RUNTIME_HISTORY = 20
+K = TypeVar("K")
 
 
 class JobState(msgspec.Struct, gc=False):
@@ -58,6 +62,14 @@ def _median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+#: (base priority, user, team, needs GPUs): the jobs a pass may leave out together.
+Stream = tuple[int, str, str | None, bool]
+
+
+def _stream(spec: ev.JobSpec) -> Stream:
+    return spec.effective_base, spec.user, spec.team, spec.gpus > 0
 
 
 def implied_reasons(spec: ev.JobSpec) -> tuple[ev.Reason, ...]:
@@ -93,12 +105,19 @@ class SchedulerState:
     jobs: dict[str, JobState] = field(default_factory=dict)
     #: status -> job ids in that status (insertion-ordered), kept by ``_status``.
     by_status: dict[str, dict[str, None]] = field(default_factory=dict)
+    #: status -> its job ids sorted, and (status, user) -> the same for one user: the
+    #: jobs table (``GET /api/jobs``) pages by submission from these (ids grow with the
+    #: clock) without sorting every job per request.
+    ids_by_status: dict[str, SortedList] = field(default_factory=dict)
+    ids_by_user_status: dict[tuple[str, str], SortedList] = field(default_factory=dict)
     #: user -> jobs not yet finished.
     open_by_user: Counter[str] = field(default_factory=Counter)
     #: Waiting jobs that may run on the local node, and waiting jobs needing no GPU.
     waiting_local: int = 0
     waiting_cpu: int = 0
     buckets: dict[int, SortedList] = field(default_factory=dict)
+    #: The same orders by (base priority, user, team): what ``iter_schedulable`` merges.
+    streams: dict[Stream, SortedList] = field(default_factory=dict)
     by_order: dict[int, str] = field(default_factory=dict)
     counts: Counts = field(default_factory=Counts)
     #: node -> job id -> (expected end, GPU count) of its active attempts.
@@ -125,17 +144,32 @@ class SchedulerState:
     @contextlib.contextmanager
     def replaying(self) -> Iterator[None]:
         """While a replay folds the whole log, the waiting order is kept only as a set
-        (``by_order``); the sorted buckets are built once at the end, not kept sorted
-        through every submission and dispatch since the log began."""
+        (``by_order``); the sorted buckets, streams and ids by status are built once at the
+        end, not kept sorted through every submission and dispatch since the log began."""
         self._replaying = True
         try:
             yield
         finally:
             self._replaying = False
             grouped: dict[int, list[int]] = {}
+            streams: dict[Stream, list[int]] = {}
             for order, job_id in self.by_order.items():
-                grouped.setdefault(self.jobs[job_id].spec.effective_base, []).append(order)
+                spec = self.jobs[job_id].spec
+                grouped.setdefault(spec.effective_base, []).append(order)
+                streams.setdefault(_stream(spec), []).append(order)
             self.buckets = {base: SortedList(orders) for base, orders in grouped.items()}
+            self.streams = {key: SortedList(orders) for key, orders in streams.items()}
+            self._build_indexes()
+
+    def _build_indexes(self) -> None:
+        """The sorted ids by status and user, at once: ids mostly come in order, which
+        a sort takes in one run, where keeping them sorted event by event costs twice."""
+        by_user: dict[tuple[str, str], list[str]] = {}
+        for status, ids in self.by_status.items():
+            for job_id in ids:
+                by_user.setdefault((status, self.jobs[job_id].spec.user), []).append(job_id)
+        self.ids_by_status = {s: SortedList(ids) for s, ids in self.by_status.items() if ids}
+        self.ids_by_user_status = {key: SortedList(ids) for key, ids in by_user.items()}
 
     def _enqueue(self, job: JobState) -> None:
         self.by_order[job.order] = job.spec.job_id
@@ -150,6 +184,11 @@ class SchedulerState:
         if bucket is None:
             bucket = self.buckets[base] = SortedList()
         bucket.add(job.order)
+        key = _stream(job.spec)
+        stream = self.streams.get(key)
+        if stream is None:
+            stream = self.streams[key] = SortedList()
+        stream.add(job.order)
 
     def _dequeue(self, job: JobState) -> None:
         if job.order not in self.by_order:
@@ -165,6 +204,11 @@ class SchedulerState:
         bucket.discard(job.order)
         if not bucket:
             del self.buckets[job.spec.effective_base]
+        key = _stream(job.spec)
+        stream = self.streams[key]
+        stream.discard(job.order)
+        if not stream:
+            del self.streams[key]
 
     def iter_waiting(self, now: float) -> Iterator[JobState]:
         """Waiting jobs, highest effective priority first, FIFO within a priority."""
@@ -173,6 +217,29 @@ class SchedulerState:
                 yield self.jobs[self.by_order[order]]
         return heapq.merge(*(bucket_jobs(b) for b in self.buckets.values()),
                            key=lambda j: self.sort_key(j, now))
+
+    def iter_schedulable(self, now: float, capped: Capped) -> Iterator[JobState]:
+        """``iter_waiting``'s order, leaving out, from the moment ``capped`` holds them,
+        the jobs of users and teams at their limit: their whole stream is dropped at once."""
+        heap: list[tuple[tuple[int, int], int, Stream, Iterator[int]]] = []
+        for tag, (stream, orders) in enumerate(self.streams.items()):
+            walk = iter(orders)
+            first = self.jobs[self.by_order[next(walk)]]
+            heap.append((self.sort_key(first, now), tag, stream, walk))
+        heapq.heapify(heap)
+        while heap:
+            key, tag, stream, walk = heap[0]
+            if capped.holds(stream[1], stream[2], stream[3]):
+                heapq.heappop(heap)
+                continue
+            job = self.jobs[self.by_order[key[1]]]
+            following = next(walk, None)
+            if following is None:
+                heapq.heappop(heap)
+            else:
+                after = self.sort_key(self.jobs[self.by_order[following]], now)
+                heapq.heapreplace(heap, (after, tag, stream, walk))
+            yield job
 
     def waiting_count(self) -> int:
         return len(self.by_order)
@@ -232,6 +299,7 @@ class SchedulerState:
                        status="waiting" if gated else "pending", reasons=implied_reasons(spec))
         self.jobs[spec.job_id] = job
         self.by_status.setdefault(job.status, {})[spec.job_id] = None
+        self._index(job, job.status, add=True)
         self.open_by_user[spec.user] += 1
         for dep in spec.depends_on:
             self.dependants.setdefault(dep, set()).add(spec.job_id)
@@ -288,6 +356,7 @@ class SchedulerState:
             job = self.jobs.pop(job_id, None)
             if job is not None:
                 self.by_status[job.status].pop(job_id, None)
+                self._index(job, job.status, add=False)
                 for dep in job.spec.depends_on:
                     self.dependants.get(dep, set()).discard(job_id)
                 self.dependants.pop(job_id, None)
@@ -365,10 +434,19 @@ class SchedulerState:
         job_id = job.spec.job_id
         self.by_status[job.status].pop(job_id, None)
         self.by_status.setdefault(status, {})[job_id] = None
+        self._index(job, job.status, add=False)
+        self._index(job, status, add=True)
         ended, ends = job.status in TERMINAL, status in TERMINAL
         if ended != ends:
             self.open_by_user[job.spec.user] += 1 if ended else -1
         job.status = status
+
+    def _index(self, job: JobState, status: str, add: bool) -> None:
+        if self._replaying:
+            return  # built once at the end (``_build_indexes``)
+        job_id = job.spec.job_id
+        _keep(self.ids_by_status, status, job_id, add)
+        _keep(self.ids_by_user_status, (status, job.spec.user), job_id, add)
 
     def with_status(self, *statuses: str, newest_first: bool = False) -> Iterator[JobState]:
         """Jobs in these states, without scanning every job."""
@@ -400,7 +478,11 @@ class SchedulerState:
         return {
             "jobs": {k: msgspec.to_builtins(v) for k, v in sorted(self.jobs.items())},
             "waiting": {p: list(b) for p, b in sorted(self.buckets.items())},
+            "streams": sorted((str(k), list(b)) for k, b in self.streams.items()),
             "by_status": {s: sorted(ids) for s, ids in sorted(self.by_status.items()) if ids},
+            "ids_by_status": {s: list(ids) for s, ids in sorted(self.ids_by_status.items())},
+            "ids_by_user_status": {f"{s}/{u}": list(ids) for (s, u), ids
+                                   in sorted(self.ids_by_user_status.items())},
             "dependants": {d: sorted(js) for d, js in sorted(self.dependants.items()) if js},
             "open_by_user": dict(sorted((+self.open_by_user).items())),
             "waiting_local": self.waiting_local,
@@ -411,6 +493,19 @@ class SchedulerState:
                             for n, a in sorted(self.node_active.items()) if a},
             "limits": msgspec.to_builtins(self.limits),
         }
+
+
+def _keep(index: dict[K, SortedList], key: K, job_id: str, add: bool) -> None:
+    """Add ``job_id`` to the sorted ids under ``key``, or take it out (and an empty list)."""
+    ids = index.get(key)
+    if add:
+        if ids is None:
+            ids = index[key] = SortedList()
+        ids.add(job_id)
+    elif ids is not None:
+        ids.discard(job_id)
+        if not ids:
+            del index[key]
 
 
 _HANDLERS: dict[type, Callable[[SchedulerState, Any, Record], None]] = {

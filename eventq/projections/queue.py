@@ -51,7 +51,8 @@ class QueueView:
     scheduler: Scheduler | None = None
     times: dict[str, Times] = field(default_factory=dict)
     waits: list[float] = field(default_factory=list)
-    _estimates: tuple[tuple[int, int], dict[str, Estimate]] | None = None
+    #: (head seq, second), how deep the queue was projected, and the estimates so far.
+    _estimates: tuple[tuple[int, int], int, dict[str, Estimate]] | None = None
     #: Rendered listings by (head seq, second, query); only the latest few are kept.
     rendered: dict[tuple[Any, ...], bytes] = field(default_factory=dict)
 
@@ -94,15 +95,24 @@ class QueueView:
         assert self.scheduler is not None
         return self.scheduler.explain(job, position)
 
-    def estimate(self, job_id: str) -> Estimate:
-        """Estimated start from the allocation timeline; recomputed when the log moves on."""
+    def estimate(self, job_id: str, position: int | None = None) -> Estimate:
+        """Estimated start from the allocation timeline; recomputed when the log moves on,
+        only as deep as the job's ``position`` (when known) needs: the first page of a
+        listing projects about a page of jobs, not ``ESTIMATE_DEPTH``."""
         assert self.scheduler is not None
+        if position is not None and position > ESTIMATE_DEPTH:
+            return Estimate(None, f"more than {ESTIMATE_DEPTH} jobs ahead")
         now = self.now()
         key = (self.scheduler.log.head_seq, int(now))
-        if self._estimates is None or self._estimates[0] != key:
+        need = ESTIMATE_DEPTH if position is None else position
+        cached = self._estimates
+        if cached is None or cached[0] != key or cached[1] < need:
+            deeper = 2 * cached[1] if cached is not None and cached[0] == key else 0
+            depth = min(ESTIMATE_DEPTH, max(need, deeper, 64))
             waiting = (j.spec for j in self.state.iter_waiting(now))
-            self._estimates = (key, estimate_starts(waiting, self.scheduler.node_views(), now))
-        found = self._estimates[1].get(job_id)
+            cached = self._estimates = (key, depth, estimate_starts(
+                waiting, self.scheduler.node_views(), now, depth))
+        found = cached[2].get(job_id)
         if found is None:
             return Estimate(None, f"more than {ESTIMATE_DEPTH} jobs ahead")
         return found
@@ -181,7 +191,7 @@ class QueueView:
             position = self.state.position(job_id, self.now())
         reasons = [{"code": r.code, "detail": r.detail} for r in self.reasons(job, position)]
         out: dict[str, Any] = {"position": position, "reasons": reasons}
-        estimate = self.estimate(job_id)
+        estimate = self.estimate(job_id, position)
         out["estimated_start"] = estimate.start
         basis = self.basis(estimate.waits_for, estimate.start, "gpus") \
             if estimate.waits_for else None
@@ -244,7 +254,11 @@ class QueueView:
 
     def me(self, user: str) -> dict[str, Any]:
         """Seed 000's ``/api/queue/me``: the user's waiting, running and blocked jobs."""
-        mine = [j for j in self.state.jobs.values() if j.spec.user == user]
+        # The user's jobs from the sorted ids by status and user: not every job's.
+        index = self.state.ids_by_user_status
+        mine = [self.state.jobs[job_id] for status in (*WAITING, "held", *RUNNING, "blocked")
+                for job_id in index.get((status, user), ())]
+        mine.sort(key=lambda j: j.order)  # in submission order, as before
         pending = [j for j in mine if j.status in WAITING or j.status == "held"]
         running = [j for j in mine if j.status in RUNNING]
         positions = [p for j in pending
