@@ -8,6 +8,7 @@ cannot be reached. With ``--format json`` that message is JSON on stdout, as an 
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import os
@@ -16,17 +17,20 @@ from pathlib import Path
 from typing import Any, NoReturn, cast
 
 from eventq import __version__
-from eventq.cli import bulk, jobs, limits, replay, serve, ui, users, worker, workers
 from eventq.cli.client import CliError
 
-# Each command's module is imported here for its parser only: what a command needs beyond
-# the standard library (rich, msgspec, urllib, the server's modules) loads in its handler.
+# A command's module is imported when that command runs (all of them for `eventq --help`
+# or a word the parser does not know): `eventq jobs submit` does not load the server's
+# modules that `eventq import` needs. What a command needs beyond the standard library
+# (rich, msgspec, the server's modules) loads in its handler.
 
-
+#: The modules of eventq.cli that define the commands, in the order `--help` lists them.
+COMMAND_MODULES = ("serve", "jobs", "bulk", "users", "workers", "worker", "replay", "limits",
+                   "ui")
 #: Which module's parsers define each command.
-DEFINED_BY = {"server": serve, "jobs": jobs, "import": bulk, "export": bulk, "progress": bulk,
-              "users": users, "workers": workers, "worker": worker, "replay": replay,
-              "queue": limits, "ui": ui}
+DEFINED_BY = {"server": "serve", "jobs": "jobs", "import": "bulk", "export": "bulk",
+              "progress": "bulk", "users": "users", "workers": "workers", "worker": "worker",
+              "replay": "replay", "queue": "limits", "ui": "ui"}
 #: Exit status of a usage error or a refusal (argparse's own).
 USAGE = 2
 
@@ -47,9 +51,10 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}", self.format_usage())
 
 
-def parser(command: str | None = None) -> argparse.ArgumentParser:
+def parser(command: str | None = None, action: str | None = None) -> argparse.ArgumentParser:
     """Every command's parser; only ``command``'s if given (the others' fifty parsers
-    cost every command 7 ms to build)."""
+    cost every command 7 ms to build), and of that command only ``action``'s where its
+    module can build one alone (``jobs submit``)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", type=Path, help="default: $EVENTQ_HOME or ~/.eventq")
     common.add_argument("--url", help="server address (default: $EVENTQ_URL, or the local one)")
@@ -64,10 +69,15 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
                top.add_subparsers(dest="command", required=True))
     wanted = DEFINED_BY.get(command or "")
-    for module in (serve, jobs, bulk, users, workers, worker, replay, limits, ui):
-        if wanted in (None, module):
-            add = bulk.add_parsers if module is bulk else module.add_parser
-            add(sub, common)
+    for name in COMMAND_MODULES:
+        if wanted in (None, name):
+            module: Any = importlib.import_module(f"eventq.cli.{name}")
+            if name == "bulk":
+                module.add_parsers(sub, common)
+            elif name == "jobs":
+                module.add_parser(sub, common, action)
+            else:
+                module.add_parser(sub, common)
     return top
 
 
@@ -111,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     as_json = wants_json(words)
     try:
-        top = parser(next((w for w in words if not w.startswith("-")), None))
+        # The words as typed (`eventq jobs submit …`) name the parsers to build; any other
+        # order gets them all, and argparse says what is wrong with it.
+        top = parser(*(words[:2] if words[:1] == ["jobs"] else
+                       (next((w for w in words if not w.startswith("-")), None),)))
         check_command(top, words)
         args: Any = top.parse_args(words)
         as_json = getattr(args, "format", None) == "json"
