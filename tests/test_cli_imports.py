@@ -1,0 +1,93 @@
+"""What the CLI's cheap commands load: a submission is most of what a user types, and each
+module it imports is CPU of every one (rich, urllib.request with ssl and email, the other
+commands' modules were most of it). The figures are tools/bench_dispatch.py's; this holds
+which modules, against a real server, with no timing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.serverproc import Server, clean_env, running
+
+pytestmark = pytest.mark.slow
+
+#: Loaded only where a command needs them: a table or a progress bar (rich), an https
+#: server, a proxy or a stream (urllib.request, http.client, ssl, email), another command.
+HEAVY = ("rich", "urllib.request", "http.client", "ssl", "email", "eventq.cli.bulk",
+         "eventq.cli.serve", "eventq.cli.views", "eventq.cli.actions", "eventq.cli.logs",
+         "eventq.jobscheduler", "eventq.server")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
+    data = tmp_path_factory.mktemp("imports") / "data"
+    with running(data, data.parent / "server.err") as found:
+        yield found, data
+
+
+#: The ``eventq`` script's two lines, and the modules loaded by its end, as one line.
+SCRIPT = ("import atexit, sys\n"
+          "atexit.register(lambda: print('modules:', *sorted(sys.modules), file=sys.stderr))\n"
+          "from eventq.cli.main import main\n"
+          "sys.exit(main())")
+
+
+def imported(*args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run ``eventq args`` in a process of its own, and the modules it had loaded at exit
+    (what ``-X importtime`` lists misses what importlib.import_module loads)."""
+    done = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True,
+                          text=True, timeout=60, env=clean_env(), check=False)
+    listed = [line for line in done.stderr.splitlines() if line.startswith("modules: ")]
+    assert listed, done.stderr[-2000:]
+    return done, set(listed[-1].split()[1:])
+
+
+def heavy(names: set[str]) -> list[str]:
+    return sorted(n for n in names if any(n == h or n.startswith(h + ".") for h in HEAVY))
+
+
+@pytest.mark.parametrize("output", ["table", "json"])
+def test_a_submission_loads_no_rich_no_urllib_no_ssl_and_no_other_command(
+        server: tuple[Server, Path], output: str) -> None:
+    api, data = server
+    done, names = imported("jobs", "submit", "--data-dir", str(data), "--format", output,
+                           "--gpus", "0", "--", "true")
+    assert done.returncode == 0, done.stderr[-2000:]
+    job_id = done.stdout.split()[0] if output == "table" else done.stdout.split('"job_id": "')[
+        1].split('"')[0]
+    status, job = api.call("GET", f"/api/jobs/{job_id}")
+    assert status == 200 and job["command"] == ["true"]
+    assert "eventq.cli.jobs" in names  # the list is real: the command's own module is in it
+    assert heavy(names) == []
+
+
+def test_a_refusal_and_the_version_load_none_of_them_either(
+        server: tuple[Server, Path]) -> None:
+    _, data = server
+    done, names = imported("jobs", "submit", "--data-dir", str(data), "--depends-on",
+                           "nosuchjob", "--", "true")
+    assert done.returncode == 2
+    assert "no job or name 'nosuchjob' (HTTP 422) [field: depends_on]" in done.stderr
+    assert heavy(names) == []
+    done, names = imported("--version")
+    assert done.stdout.startswith("eventq ") and heavy(names) == []
+
+
+def test_a_response_in_chunks_or_cut_short_is_read_as_http_says() -> None:
+    from eventq.cli.client import parse_response
+
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"4\r\n{\"a\"\r\n3;x=1\r\n: 1\r\n1\r\n}\r\n0\r\n\r\n")
+    assert parse_response(chunked) == (200, b'{"a": 1}')
+    sized = b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}"
+    assert parse_response(sized) == (404, b"{}")
+    for broken in (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}",
+                   b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\n{}",
+                   b"SSH-2.0-OpenSSH_9.2\r\n"):
+        with pytest.raises(ValueError):
+            parse_response(broken)
