@@ -1,31 +1,33 @@
-"""Idle submit-to-start latency over HTTP, against Slurm and a polling loop in the same run.
+"""Idle submit-to-start latency: over HTTP, by the `eventq` command, and by `sbatch`.
 
 A real ``eventq server`` subprocess (temporary data directory, ``--port 0``, simulated
-GPUs) receives one job at a time. The clock starts just before the client sends
-``POST /api/queue/submit`` and stops at the time the job's own process reads the
-clock (``CLOCK_REALTIME`` in nanoseconds, the same clock as the client's
-``time.time_ns()``). Each job is waited for until it has completed before the next
-is submitted, so every sample is taken on an idle system.
+GPUs) receives one job at a time. Each job is waited for until it has completed before
+the next is submitted, so every sample is taken on an idle queue. Three paths to the
+same job, ``date +%s%N``, whose own process writes the time it starts
+(``CLOCK_REALTIME`` in nanoseconds, the same clock as the benchmark's ``time.time_ns()``):
 
-The job is ``["date", "+%s%N"]`` as a JSON list: eventq's attempt wrapper runs a list
-command directly (no ``sh -c`` in between) and sends its stdout to the attempt's
-``stdout.log``, so the job needs no shell and no redirection of its own. Its
-timestamp is taken one fork and one exec of a small C program after the wrapper
-reaches the command; ``sh -c 'date +%s%N > FILE'`` would add one more shell start
-to every sample and charge it to eventq.
+- over HTTP: a keep-alive client sends ``POST /api/queue/submit``; the clock starts just
+  before it sends (the server's own path).
+- the user's path: ``eventq jobs submit -- date +%s%N`` as a process, with its defaults
+  (it sends this directory and environment), as a shell runs it; the clock starts before
+  the process is spawned, so its start, imports, request and exit are all in the figure.
+  The CPU of each of these processes (user + system, from its rusage) is reported beside
+  that of ``python -c pass`` and ``eventq --version`` run in the same phase, as ratios.
+- Slurm: ``sbatch --wrap 'date +%s%N'`` as a process, its output in a file, when
+  ``sbatch`` is on PATH. If the daemons are not running and ``shared/tools/slurm-local.sh``
+  is found, the tool starts them with ``slurm-local.sh install`` and stops them again at
+  the end. With its tuned profile an idle submission waits for the next tick of
+  slurmctld's scheduling loop.
 
-Baselines, measured in the same run:
+eventq's attempt wrapper runs a list command directly (no ``sh -c`` in between) and sends
+its stdout to the attempt's ``stdout.log``: the stamp is one fork and one exec of a small
+C program after the wrapper reaches the command.
 
-- Slurm: the median ``sbatch`` submit-to-start of the same job (``sbatch --wrap
-  'date +%s%N'`` with its output in a file), when ``sbatch`` is on PATH. If the
-  daemons are not running and ``shared/tools/slurm-local.sh`` is found, the tool
-  starts them with ``slurm-local.sh install`` and stops them again at the end.
-  With the tuned profile of slurm-local.sh, an idle submission waits for the next
-  tick of slurmctld's 1 s scheduling loop: samples spread evenly over 0-1 s, so
-  the median is near 0.5 s (0.45-0.49 s over runs of 31 samples on a 2-CPU VM).
-- A 5 s polling loop: its expected wait is 2.5 s (half the period).
+``--load N`` runs every figure a second time beside N busy processes (benchkit.busy):
+each is printed quiet and loaded, as p50 and p99. Within a phase the samples of the three
+paths are interleaved, so all see the same machine over the same minutes.
 
-Run from the repository root: ``.venv/bin/python tools/bench_dispatch.py``.
+Run from the repository root: ``.venv/bin/python tools/bench_dispatch.py --load 2``.
 """
 
 from __future__ import annotations
@@ -116,7 +118,9 @@ class EventqRun:
     def __init__(self, data_dir: Path, api: Api, gap: float) -> None:
         self.data_dir, self.api, self.gap = data_dir, api, gap
         self.env = {**os.environ, "EVENTQ_HOME": str(data_dir)}
-        for name in ("EVENTQ_URL", "EVENTQ_TOKEN", "EVENTQ_CA"):
+        # A user's Python caches bytecode: without it each command would compile every
+        # module of eventq's it imports, each time.
+        for name in ("EVENTQ_URL", "EVENTQ_TOKEN", "EVENTQ_CA", "PYTHONDONTWRITEBYTECODE"):
             self.env.pop(name, None)
 
     def sample(self, into: Samples | None) -> None:
