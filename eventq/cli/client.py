@@ -6,7 +6,6 @@ import json
 import os
 import sys
 import urllib.parse
-from pathlib import Path
 
 from eventq.paths import SERVER_FILE, TOKEN_FILE
 
@@ -18,6 +17,7 @@ if TYPE_CHECKING:
     import ssl
     import urllib.error
     from collections.abc import Iterator
+    from pathlib import Path
     from typing import Any
 
 # urllib.request (http.client, ssl, email) loads with the first request that needs it: an
@@ -28,7 +28,21 @@ if TYPE_CHECKING:
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("EVENTQ_HOME") or Path.home() / ".eventq")
+    from pathlib import Path
+
+    return Path(_home())
+
+
+def _home() -> str:
+    return os.environ.get("EVENTQ_HOME") or os.path.join(os.path.expanduser("~"), ".eventq")
+
+
+def path_arg(text: str) -> Path:
+    """A path option as a Path: pathlib (3 ms of CPU) loads only when one is given, so a
+    command that finds its server by $EVENTQ_HOME or ~/.eventq does not pay for it."""
+    from pathlib import Path
+
+    return Path(text)
 
 
 class CliError(Exception):
@@ -79,7 +93,7 @@ class Client:
              ca: str | None = None) -> Client:
         """Flags, then EVENTQ_URL / EVENTQ_TOKEN / EVENTQ_CA, then the local data directory
         (whose ``server.json`` also names the certificate of a local TLS server)."""
-        home = data_dir or default_data_dir()
+        home = os.fspath(data_dir) if data_dir is not None else _home()
         ca = ca or os.environ.get("EVENTQ_CA") or None
         pinned = False
         url = url or os.environ.get("EVENTQ_URL")
@@ -87,13 +101,13 @@ class Client:
             url, cert = _read_server(home)
             pinned = ca is None and cert is not None
             ca = ca or cert
-        token = token or os.environ.get("EVENTQ_TOKEN") or _read(home / TOKEN_FILE)
+        token = token or os.environ.get("EVENTQ_TOKEN") or _read(os.path.join(home, TOKEN_FILE))
         if not url:
             raise CliError(f"no server found: none is running on {home} "
                            "(start one with `eventq server`, or pass --url / set EVENTQ_URL)")
         if not token:
             raise CliError(f"no token: pass --token, set EVENTQ_TOKEN, or run on the server's "
-                           f"machine where {home / TOKEN_FILE} is readable")
+                           f"machine where {os.path.join(home, TOKEN_FILE)} is readable")
         return cls(url.rstrip("/"), token, ca, pinned)
 
     @property
@@ -304,15 +318,16 @@ def refusal(status: int, raw: bytes) -> CliError:
     return CliError(text, status, body)
 
 
-def _read(path: Path) -> str | None:
+def _read(path: str) -> str | None:
     try:
-        return path.read_text().strip() or None
+        with open(path) as file:
+            return file.read().strip() or None
     except OSError:
         return None
 
 
-def _read_server(home: Path) -> tuple[str | None, str | None]:
+def _read_server(home: str) -> tuple[str | None, str | None]:
     """The local server's URL and, when it serves TLS, its certificate file."""
-    raw = _read(home / SERVER_FILE)
+    raw = _read(os.path.join(home, SERVER_FILE))
     found = json.loads(raw) if raw else {}
     return found.get("url"), found.get("cert")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
 from eventq.cli import output
-from eventq.cli.client import Client, CliError, quote
+from eventq.cli.client import Client, CliError, path_arg, quote
 from eventq.cli.output import (
     cell,
     duration,
@@ -21,6 +20,7 @@ from eventq.cli.output import (
 # typing is not imported at run time (2.5 ms of every command): annotations are strings.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any
 
 #: Exit status of a submission the server refused (``--no-wait`` and it cannot start now).
@@ -56,7 +56,7 @@ def _add_submit(jobs: argparse._SubParsersAction[argparse.ArgumentParser],
                         "none)")
     s.add_argument("--name")
     s.add_argument("--config-name", help="a config from the server's configs directory")
-    s.add_argument("--config", type=Path, metavar="FILE",
+    s.add_argument("--config", type=path_arg, metavar="FILE",
                    help="a JSON file with the job's config (sent with the job)")
     s.add_argument("--target", choices=["auto", "worker", "local"], default="auto")
     s.add_argument("--no-wait", action="store_true", help="reject it if it cannot start now")

@@ -13,10 +13,9 @@ import itertools
 import json
 import os
 import sys
-from pathlib import Path
 
 from eventq import __version__
-from eventq.cli.client import CliError
+from eventq.cli.client import CliError, path_arg
 
 # typing is not imported at run time (2.5 ms of every command): annotations are strings.
 TYPE_CHECKING = False
@@ -60,7 +59,7 @@ def parser(command: str | None = None, action: str | None = None) -> argparse.Ar
     cost every command 7 ms to build), and of that command only ``action``'s where its
     module can build one alone (``jobs submit``)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", type=Path, help="default: $EVENTQ_HOME or ~/.eventq")
+    common.add_argument("--data-dir", type=path_arg, help="default: $EVENTQ_HOME or ~/.eventq")
     common.add_argument("--url", help="server address (default: $EVENTQ_URL, or the local one)")
     common.add_argument("--token", help="API token (default: $EVENTQ_TOKEN, or the local admin's)")
     common.add_argument("--ca", metavar="FILE",
