@@ -5,10 +5,14 @@ which modules, against a real server, with no timing."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -76,6 +80,45 @@ def test_a_refusal_and_the_version_load_none_of_them_either(
     assert heavy(names) == []
     done, names = imported("--version")
     assert done.stdout.startswith("eventq ") and heavy(names) == []
+
+
+class Proxy(http.server.BaseHTTPRequestHandler):
+    """An HTTP proxy that answers every submission itself, and remembers what it was asked."""
+
+    asked: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        self.asked.append(f"{self.command} {self.path}")
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"job_id": "viaproxy", "status": "running", "allocated_gpus": [],
+                           "queue_position": None}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet in the test's output
+        pass
+
+
+def test_a_user_behind_an_http_proxy_still_goes_through_it() -> None:
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    serving = threading.Thread(target=proxy.serve_forever)
+    serving.start()
+    try:
+        env = {**clean_env(), "http_proxy": f"http://127.0.0.1:{proxy.server_address[1]}"}
+        # Nothing listens on port 9: only the proxy can answer.
+        done = subprocess.run([sys.executable, "-c", SCRIPT, "jobs", "submit", "--url",
+                               "http://127.0.0.1:9", "--token", "t", "--", "true"],
+                              capture_output=True, text=True, timeout=60, env=env, check=False)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        serving.join()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("viaproxy running")
+    assert Proxy.asked == ["POST http://127.0.0.1:9/api/queue/submit"]
 
 
 def test_a_response_in_chunks_or_cut_short_is_read_as_http_says() -> None:
