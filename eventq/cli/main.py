@@ -53,12 +53,32 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message}", self.format_usage())
 
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse makes a formatter for each option it adds (to check its metavar), and a
+        # formatter asks shutil, 2 ms of CPU to import, for the terminal's width.
+        return self.formatter_class(prog=self.prog, width=columns() - 2)  # type: ignore[call-arg]
+
+
+def columns() -> int:
+    """``shutil.get_terminal_size().columns``, without importing shutil."""
+    try:
+        found = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        found = 0
+    if found > 0:
+        return found
+    stdout = sys.__stdout__
+    try:
+        return (os.get_terminal_size(stdout.fileno()).columns if stdout else 0) or 80
+    except (ValueError, OSError):  # not a terminal, or closed
+        return 80
+
 
 def parser(command: str | None = None, action: str | None = None) -> argparse.ArgumentParser:
     """Every command's parser; only ``command``'s if given (the others' fifty parsers
     cost every command 7 ms to build), and of that command only ``action``'s where its
     module can build one alone (``jobs submit``)."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--data-dir", type=path_arg, help="default: $EVENTQ_HOME or ~/.eventq")
     common.add_argument("--url", help="server address (default: $EVENTQ_URL, or the local one)")
     common.add_argument("--token", help="API token (default: $EVENTQ_TOKEN, or the local admin's)")
