@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 import time
@@ -120,11 +119,15 @@ def when(t: float | None) -> str:
     """An epoch time as local time, to the millisecond (a moment named in a sentence)."""
     if t is None:
         return "-"
+    import datetime
+
     return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
 def stamp(t: float, now: float) -> str:
     """A row of a history: ``14:20:03`` within a day of ``now``, else with its date."""
+    import datetime
+
     moment = datetime.datetime.fromtimestamp(t)
     return moment.strftime("%H:%M:%S" if abs(now - t) < DAY else "%Y-%m-%d %H:%M:%S")
 
