@@ -21,8 +21,9 @@ from tests.serverproc import Server, clean_env, running
 pytestmark = pytest.mark.slow
 
 #: Loaded only where a command needs them: a table or a progress bar (rich), an https
-#: server, a proxy or a stream (urllib.request, http.client, ssl, email), another command.
-HEAVY = ("rich", "urllib.request", "http.client", "ssl", "email", "eventq.cli.bulk",
+#: server, a proxy or a stream (urllib, http.client, ssl, email), a path option (pathlib),
+#: another command.
+HEAVY = ("rich", "urllib", "pathlib", "http.client", "ssl", "email", "eventq.cli.bulk",
          "eventq.cli.serve", "eventq.cli.views", "eventq.cli.actions", "eventq.cli.logs",
          "eventq.jobscheduler", "eventq.server")
 
@@ -41,11 +42,13 @@ SCRIPT = ("import atexit, sys\n"
           "sys.exit(main())")
 
 
-def imported(*args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
-    """Run ``eventq args`` in a process of its own, and the modules it had loaded at exit
-    (what ``-X importtime`` lists misses what importlib.import_module loads)."""
+def imported(data: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run ``eventq args`` in a process of its own, its server found by $EVENTQ_HOME, and
+    the modules it had loaded at exit (what ``-X importtime`` lists misses what
+    importlib.import_module loads)."""
     done = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True,
-                          text=True, timeout=60, env=clean_env(), check=False)
+                          text=True, timeout=60, env={**clean_env(), "EVENTQ_HOME": str(data)},
+                          check=False)
     listed = [line for line in done.stderr.splitlines() if line.startswith("modules: ")]
     assert listed, done.stderr[-2000:]
     return done, set(listed[-1].split()[1:])
@@ -59,7 +62,7 @@ def heavy(names: set[str]) -> list[str]:
 def test_a_submission_loads_no_rich_no_urllib_no_ssl_and_no_other_command(
         server: tuple[Server, Path], output: str) -> None:
     api, data = server
-    done, names = imported("jobs", "submit", "--data-dir", str(data), "--format", output,
+    done, names = imported(data, "jobs", "submit", "--format", output,
                            "--gpus", "0", "--", "true")
     assert done.returncode == 0, done.stderr[-2000:]
     job_id = done.stdout.split()[0] if output == "table" else done.stdout.split('"job_id": "')[
@@ -73,12 +76,11 @@ def test_a_submission_loads_no_rich_no_urllib_no_ssl_and_no_other_command(
 def test_a_refusal_and_the_version_load_none_of_them_either(
         server: tuple[Server, Path]) -> None:
     _, data = server
-    done, names = imported("jobs", "submit", "--data-dir", str(data), "--depends-on",
-                           "nosuchjob", "--", "true")
+    done, names = imported(data, "jobs", "submit", "--depends-on", "nosuchjob", "--", "true")
     assert done.returncode == 2
     assert "no job or name 'nosuchjob' (HTTP 422) [field: depends_on]" in done.stderr
     assert heavy(names) == []
-    done, names = imported("--version")
+    done, names = imported(data, "--version")
     assert done.stdout.startswith("eventq ") and heavy(names) == []
 
 
@@ -134,3 +136,20 @@ def test_a_response_in_chunks_or_cut_short_is_read_as_http_says() -> None:
                    b"SSH-2.0-OpenSSH_9.2\r\n"):
         with pytest.raises(ValueError):
             parse_response(broken)
+
+
+def test_a_server_url_is_split_as_urllib_splits_it() -> None:
+    import urllib.parse
+
+    from eventq.cli.client import CliError, split_http_url
+
+    for url in ("http://127.0.0.1:41279/api/queue/submit", "http://[::1]:8080/base/api/x?n=5",
+                "http://user:secret@gpu-box.example/api/jobs/a%2Fb", "http://h:80?x=1",
+                "http://h/api/q#part"):
+        netloc, host, port, target = split_http_url(url)
+        want = urllib.parse.urlsplit(url)
+        assert (host, port) == (want.hostname, want.port or 80)
+        assert netloc == want.netloc.rpartition("@")[2]  # the password is never sent
+        assert target == (want.path or "/") + (f"?{want.query}" if want.query else "")
+    with pytest.raises(CliError, match="its port is 'x1'"):
+        split_http_url("http://127.0.0.1:x1/api/queue/submit")

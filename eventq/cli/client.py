@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import urllib.parse
 
 from eventq.paths import SERVER_FILE, TOKEN_FILE
 
@@ -15,7 +14,6 @@ if TYPE_CHECKING:
     import _socket
     import http.client
     import ssl
-    import urllib.error
     from collections.abc import Iterator
     from pathlib import Path
     from typing import Any
@@ -72,6 +70,8 @@ class ServerSentEvent:
 
 def quote(part: str) -> str:
     """One path segment of a URL (a job id or a user name as typed)."""
+    import urllib.parse
+
     return urllib.parse.quote(part, safe="")
 
 
@@ -165,19 +165,17 @@ class Client:
     def _plain(self, method: str, path: str, body: Any, timeout: float = 60.0,
                ) -> tuple[int, bytes]:
         """One plain-HTTP request on its own connection: the status and the body."""
-        where = urllib.parse.urlsplit(self.url + path)
+        netloc, host, port, target = split_http_url(self.url + path)
         data = b"" if body is None else json.dumps(body).encode()
-        target = (where.path or "/") + (f"?{where.query}" if where.query else "")
         try:
-            head = (f"{method} {target} HTTP/1.1\r\nHost: {where.netloc.rpartition('@')[2]}"
+            head = (f"{method} {target} HTTP/1.1\r\nHost: {netloc}"
                     f"\r\nAuthorization: Bearer {self.token}\r\nContent-Type: "
                     f"application/json\r\nContent-Length: {len(data)}\r\n"
                     "Connection: close\r\n\r\n").encode("latin-1")
         except UnicodeEncodeError:
             raise CliError("the token or the URL has characters HTTP cannot carry") from None
         try:
-            raw = _exchange(where.hostname or "localhost", where.port or 80, head + data,
-                            timeout)
+            raw = _exchange(host, port, head + data, timeout)
         except OSError as exc:
             raise CliError(self.unreachable(exc)) from None
         try:
@@ -223,6 +221,25 @@ def parse_sse(lines: Iterator[bytes] | Any) -> Iterator[ServerSentEvent]:
             last_id = value
     if data:
         yield ServerSentEvent(event or "message", "\n".join(data), last_id)
+
+
+def split_http_url(url: str) -> tuple[str, str, int, str]:
+    """An ``http://`` URL's host and port as the Host header names them, the host, the port
+    and the request's target: what urllib.parse.urlsplit gives for the one scheme a plain
+    call takes, without importing urllib.parse (2.1 ms of CPU, for its named tuples)."""
+    rest = url.removeprefix("http://")
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc = rest[:cut].rpartition("@")[2]  # no user:password@ in what is sent
+    target = rest[cut:].partition("#")[0]
+    if netloc.startswith("["):  # an IPv6 address: [::1]:8080
+        host, _, port = netloc[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        host, _, port = netloc.partition(":")
+    if port and not (port.isascii() and port.isdigit()):
+        raise CliError(f"{url.partition('/api/')[0]} is not a URL: its port is {port!r}")
+    return netloc, host or "localhost", int(port) if port else 80, \
+        target if target.startswith("/") else "/" + target
 
 
 def _exchange(host: str, port: int, request: bytes, timeout: float) -> bytes:
