@@ -1,31 +1,33 @@
-"""Idle submit-to-start latency over HTTP, against Slurm and a polling loop in the same run.
+"""Idle submit-to-start latency: over HTTP, by the `eventq` command, and by `sbatch`.
 
 A real ``eventq server`` subprocess (temporary data directory, ``--port 0``, simulated
-GPUs) receives one job at a time. The clock starts just before the client sends
-``POST /api/queue/submit`` and stops at the time the job's own process reads the
-clock (``CLOCK_REALTIME`` in nanoseconds, the same clock as the client's
-``time.time_ns()``). Each job is waited for until it has completed before the next
-is submitted, so every sample is taken on an idle system.
+GPUs) receives one job at a time. Each job is waited for until it has completed before
+the next is submitted, so every sample is taken on an idle queue. Three paths to the
+same job, ``date +%s%N``, whose own process writes the time it starts
+(``CLOCK_REALTIME`` in nanoseconds, the same clock as the benchmark's ``time.time_ns()``):
 
-The job is ``["date", "+%s%N"]`` as a JSON list: eventq's attempt wrapper runs a list
-command directly (no ``sh -c`` in between) and sends its stdout to the attempt's
-``stdout.log``, so the job needs no shell and no redirection of its own. Its
-timestamp is taken one fork and one exec of a small C program after the wrapper
-reaches the command; ``sh -c 'date +%s%N > FILE'`` would add one more shell start
-to every sample and charge it to eventq.
+- over HTTP: a keep-alive client sends ``POST /api/queue/submit``; the clock starts just
+  before it sends (the server's own path).
+- the user's path: ``eventq jobs submit -- date +%s%N`` as a process, with its defaults
+  (it sends this directory and environment), as a shell runs it; the clock starts before
+  the process is spawned, so its start, imports, request and exit are all in the figure.
+  The CPU of each of these processes (user + system, from its rusage) is reported beside
+  that of ``python -c pass`` and ``eventq --version`` run in the same phase, as ratios.
+- Slurm: ``sbatch --wrap 'date +%s%N'`` as a process, its output in a file, when
+  ``sbatch`` is on PATH. If the daemons are not running and ``shared/tools/slurm-local.sh``
+  is found, the tool starts them with ``slurm-local.sh install`` and stops them again at
+  the end. With its tuned profile an idle submission waits for the next tick of
+  slurmctld's scheduling loop.
 
-Baselines, measured in the same run:
+eventq's attempt wrapper runs a list command directly (no ``sh -c`` in between) and sends
+its stdout to the attempt's ``stdout.log``: the stamp is one fork and one exec of a small
+C program after the wrapper reaches the command.
 
-- Slurm: the median ``sbatch`` submit-to-start of the same job (``sbatch --wrap
-  'date +%s%N'`` with its output in a file), when ``sbatch`` is on PATH. If the
-  daemons are not running and ``shared/tools/slurm-local.sh`` is found, the tool
-  starts them with ``slurm-local.sh install`` and stops them again at the end.
-  With the tuned profile of slurm-local.sh, an idle submission waits for the next
-  tick of slurmctld's 1 s scheduling loop: samples spread evenly over 0-1 s, so
-  the median is near 0.5 s (0.45-0.49 s over runs of 31 samples on a 2-CPU VM).
-- A 5 s polling loop: its expected wait is 2.5 s (half the period).
+``--load N`` runs every figure a second time beside N busy processes (benchkit.busy):
+each is printed quiet and loaded, as p50 and p99. Within a phase the samples of the three
+paths are interleaved, so all see the same machine over the same minutes.
 
-Run from the repository root: ``.venv/bin/python tools/bench_dispatch.py``.
+Run from the repository root: ``.venv/bin/python tools/bench_dispatch.py --load 2``.
 """
 
 from __future__ import annotations
@@ -44,21 +46,29 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.benchkit import Api, percentile, print_goals, read_stamp, stop_server, wait_for
+from tools.benchkit import (
+    Api,
+    busy,
+    child_cpu,
+    percentile,
+    print_goals,
+    read_stamp,
+    stop_server,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SLURM_SCRIPT = REPO.parent / "shared" / "tools" / "slurm-local.sh"
+EVENTQ = str(Path(sys.executable).with_name("eventq"))
 POLL_PERIOD_S = 5.0
 JOB = ["date", "+%s%N"]
 
 
 def server_argv(data_dir: Path) -> list[str]:
-    exe = Path(sys.executable).with_name("eventq")
-    return [str(exe) if exe.exists() else "eventq", "server", "--data-dir", str(data_dir),
+    return [EVENTQ, "server", "--data-dir", str(data_dir),
             "--port", "0", "--gpus", "4xA100-80GB", "--grace", "2", "--log-format", "json"]
 
 
@@ -86,29 +96,69 @@ def eventq_server(data_dir: Path) -> Iterator[tuple[str, str]]:
         log.close()
 
 
+class Samples:
+    """What one phase (quiet, or beside busy processes) measured, in seconds."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.replies: list[float] = []
+        #: The user's path: `eventq jobs submit` as a process, to the job's start.
+        self.cli_starts: list[float] = []
+        #: CPU of each of those processes, and of the baselines beside them.
+        self.cli_cpu: list[float] = []
+        self.pass_cpu: list[float] = []
+        self.version_cpu: list[float] = []
+        self.slurm: list[float] = []
+
+
 class EventqRun:
-    """One server and one keep-alive client; ``sample()`` times one idle submission."""
+    """One server and one keep-alive client; ``sample()`` times one idle submission over
+    HTTP, ``sample_cli()`` one by the ``eventq`` command as a process."""
 
     def __init__(self, data_dir: Path, api: Api, gap: float) -> None:
         self.data_dir, self.api, self.gap = data_dir, api, gap
-        self.starts: list[float] = []
-        self.replies: list[float] = []
+        self.env = {**os.environ, "EVENTQ_HOME": str(data_dir)}
+        # A user's Python caches bytecode: without it each command would compile every
+        # module of eventq's it imports, each time.
+        for name in ("EVENTQ_URL", "EVENTQ_TOKEN", "EVENTQ_CA", "PYTHONDONTWRITEBYTECODE"):
+            self.env.pop(name, None)
 
-    def sample(self, record: bool = True) -> None:
+    def sample(self, into: Samples | None) -> None:
         time.sleep(self.gap)
         t0 = time.time_ns()
         reply = self.api.call("POST", "/api/queue/submit", {"command": JOB, "gpus": 1})
         t_reply = time.time_ns()
-        job_id = reply["job_id"]
+        stamp = self._started(reply["job_id"])
+        if into is not None:
+            into.starts.append((stamp - t0) / 1e9)
+            into.replies.append((t_reply - t0) / 1e9)
+
+    def sample_cli(self, into: Samples | None) -> None:
+        """As a user types it: the command's defaults (its environment and directory sent),
+        its own process start, import and exit all in the figure."""
+        time.sleep(self.gap)
+        t0 = time.time_ns()
+        out, cpu = child_cpu([EVENTQ, "jobs", "submit", "--", *JOB], self.env)
+        stamp = self._started(out.split()[0].decode())
+        if into is not None:
+            into.cli_starts.append((stamp - t0) / 1e9)
+            into.cli_cpu.append(cpu)
+
+    def sample_baselines(self, into: Samples) -> None:
+        """The CPU of a bare interpreter and of ``eventq --version``, beside the submits."""
+        into.pass_cpu.append(child_cpu([sys.executable, "-c", "pass"], self.env)[1])
+        into.version_cpu.append(child_cpu([EVENTQ, "--version"], self.env)[1])
+
+    def _started(self, job_id: str) -> int:
+        """The job's own start stamp, once it has completed (the next sample is idle)."""
         out = self.data_dir / "jobs" / job_id / "1" / "stdout.log"
         # The job's own stamp is the measurement: how fast this loop notices it
         # only paces the run.
-        stamp = wait_for(lambda: read_stamp(out), 30, f"start of job {job_id}", step=0.001)
+        stamp: int = wait_for(lambda: read_stamp(out), 30, f"start of job {job_id}",
+                              step=0.001)
         wait_for(lambda: self.api.call("GET", f"/api/jobs/{job_id}")["status"] == "completed",
                  30, f"completion of job {job_id}", step=0.002)
-        if record:
-            self.starts.append((stamp - t0) / 1e9)
-            self.replies.append((t_reply - t0) / 1e9)
+        return stamp
 
 
 @contextlib.contextmanager
@@ -127,7 +177,8 @@ def eventq_run(gap: float, warmup: int) -> Iterator[EventqRun]:
                     "local_job_max_concurrent": 100})
                 run = EventqRun(data_dir, api, gap)
                 for _ in range(warmup):
-                    run.sample(record=False)
+                    run.sample(None)
+                    run.sample_cli(None)
                 yield run
             finally:
                 api.close()
@@ -189,10 +240,11 @@ class SlurmRun:
         self.tmp, self.gap = tmp, gap
         self.rng = random.Random(seed)
         self.name = f"eventq-bench-{os.getpid()}"
-        self.starts: list[float] = []
+        self.count = 0
 
-    def sample(self) -> None:
-        i = len(self.starts) + 1
+    def sample(self, into: Samples) -> None:
+        self.count += 1
+        i = self.count
         time.sleep(self.gap + self.rng.random())
         stamp_file = self.tmp / f"start.{i}"
         t0 = time.time_ns()
@@ -201,7 +253,7 @@ class SlurmRun:
                        capture_output=True, timeout=30)
         stamp = wait_for(lambda: read_stamp(stamp_file), 30, f"start of Slurm job {i}",
                          step=0.002)
-        self.starts.append((stamp - t0) / 1e9)
+        into.slurm.append((stamp - t0) / 1e9)
         wait_for(lambda: not subprocess.run(
             ["squeue", "-h", "-n", self.name, "-o", "%i"], capture_output=True, text=True,
             timeout=10).stdout.strip(), 30, f"end of Slurm job {i}", step=0.02)
@@ -214,91 +266,136 @@ def slurm_run(gap: float) -> Iterator[SlurmRun]:
     try:
         yield run
     finally:
-        subprocess.run(["scancel", "-n", run.name], capture_output=True, timeout=30)
+        with contextlib.suppress(OSError):  # no Slurm: nothing to cancel
+            subprocess.run(["scancel", "-n", run.name], capture_output=True, timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- main ------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_phase(eq: EventqRun, sl: SlurmRun | None, args: argparse.Namespace) -> Samples:
+    """Every figure once. Interleaved: a slice of the eventq samples (HTTP, the command,
+    the CPU baselines), then one Slurm sample, and again, so all see the same machine over
+    the same minutes."""
+    into = Samples()
+    rounds = args.slurm_samples if sl is not None else 1
+    for k in range(rounds):
+        for _ in range(args.jobs * (k + 1) // rounds - len(into.starts)):
+            eq.sample(into)
+        for _ in range(args.cli_jobs * (k + 1) // rounds - len(into.cli_starts)):
+            eq.sample_cli(into)
+        for _ in range(args.cpu_samples * (k + 1) // rounds - len(into.pass_cpu)):
+            eq.sample_baselines(into)
+        if sl is not None:
+            sl.sample(into)
+    return into
+
+
+def spread(values: list[float]) -> str:
+    return (f"p50 {percentile(values, 50) * 1e3:.2f} ms  p99 {percentile(values, 99) * 1e3:.2f} "
+            f"ms  min {min(values) * 1e3:.2f} ms  max {max(values) * 1e3:.2f} ms  "
+            f"n={len(values)}")
+
+
+def report(title: str, got: Samples) -> dict[str, float]:
+    """One phase's figures, printed; returned for the goals and --json."""
+    print(f"{title} (load average {os.getloadavg()[0]:.2f} at its end):")
+    print(f"  HTTP client, submit to start:             {spread(got.starts)}")
+    print(f"  HTTP client, submit to reply:             {spread(got.replies)}")
+    print(f"  `eventq jobs submit` process, to start:   {spread(got.cli_starts)}")
+    fig = {"http_p50_s": percentile(got.starts, 50), "http_p99_s": percentile(got.starts, 99),
+           "http_reply_p50_s": percentile(got.replies, 50),
+           "cli_p50_s": percentile(got.cli_starts, 50),
+           "cli_p99_s": percentile(got.cli_starts, 99),
+           "cli_cpu_s": statistics.median(got.cli_cpu),
+           "pass_cpu_s": statistics.median(got.pass_cpu),
+           "version_cpu_s": statistics.median(got.version_cpu)}
+    if got.slurm:
+        print(f"  `sbatch` process, to start:               {spread(got.slurm)}")
+        fig.update(slurm_p50_s=percentile(got.slurm, 50), slurm_p99_s=percentile(got.slurm, 99))
+        fig["slurm_over_cli_p50"] = fig["slurm_p50_s"] / fig["cli_p50_s"]
+        fig["slurm_over_http_p50"] = fig["slurm_p50_s"] / fig["http_p50_s"]
+        print(f"  Slurm p50 / eventq p50: {fig['slurm_over_cli_p50']:.1f}x the command, "
+              f"{fig['slurm_over_http_p50']:.1f}x the HTTP client")
+    print(f"  CPU per process (median, user+system): `eventq jobs submit` "
+          f"{fig['cli_cpu_s'] * 1e3:.1f} ms, `eventq --version` "
+          f"{fig['version_cpu_s'] * 1e3:.1f} ms, `python -c pass` "
+          f"{fig['pass_cpu_s'] * 1e3:.1f} ms; submit / pass = "
+          f"{fig['cli_cpu_s'] / fig['pass_cpu_s']:.2f}, submit / --version = "
+          f"{fig['cli_cpu_s'] / fig['version_cpu_s']:.2f}")
+    return fig
+
+
+def goals(name: str, fig: dict[str, float]) -> list[tuple[str, bool, str]]:
+    ms = {k: v * 1e3 for k, v in fig.items() if k.endswith("_s")}
+    found = [(f"{name}: HTTP p50 <= 5 ms", ms["http_p50_s"] <= 5, f"{ms['http_p50_s']:.2f} ms"),
+             (f"{name}: HTTP p99 <= 25 ms", ms["http_p99_s"] <= 25,
+              f"{ms['http_p99_s']:.2f} ms"),
+             (f"{name}: command p50 <= 30 ms", ms["cli_p50_s"] <= 30,
+              f"{ms['cli_p50_s']:.2f} ms"),
+             (f"{name}: CPU per submit process <= 40 ms", ms["cli_cpu_s"] <= 40,
+              f"{ms['cli_cpu_s']:.1f} ms")]
+    if "slurm_over_cli_p50" in fig:
+        found.append((f"{name}: command >= 10x faster than sbatch (p50)",
+                      fig["slurm_over_cli_p50"] >= 10, f"{fig['slurm_over_cli_p50']:.1f}x"))
+    return found
+
+
+def options(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Goals: p50 <= 5 ms, p99 <= 25 ms, >= 100x faster than "
-                                       "Slurm's median.")
-    p.add_argument("--jobs", type=int, default=200, help="measured eventq jobs (default 200)")
+                                epilog="Goals: over HTTP p50 <= 5 ms, p99 <= 25 ms; the command "
+                                       "p50 <= 30 ms and >= 10x faster than sbatch; <= 40 ms "
+                                       "of CPU per `eventq jobs submit`.")
+    p.add_argument("--jobs", type=int, default=200,
+                   help="measured jobs over HTTP per phase (default 200)")
+    p.add_argument("--cli-jobs", type=int, default=100,
+                   help="measured `eventq jobs submit` processes per phase (default 100)")
+    p.add_argument("--cpu-samples", type=int, default=31,
+                   help="`python -c pass` and `eventq --version` runs per phase (default 31)")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured jobs first (default 5)")
     p.add_argument("--gap", type=float, default=0.01,
                    help="idle seconds before each eventq submission (default 0.01)")
+    p.add_argument("--load", type=int, default=0,
+                   help="busy processes beside the server for a second, loaded phase")
     p.add_argument("--slurm", choices=["auto", "on", "off"], default="auto",
                    help="auto: use Slurm if sbatch is on PATH, starting its daemons with "
                         "slurm-local.sh if they are down; on: also install it with "
                         "slurm-local.sh if sbatch is missing; off: skip (default auto)")
-    p.add_argument("--slurm-samples", type=int, default=31, help="Slurm samples (default 31)")
+    p.add_argument("--slurm-samples", type=int, default=31,
+                   help="Slurm samples per phase (default 31)")
     p.add_argument("--slurm-gap", type=float, default=0.3,
                    help="idle seconds before each Slurm sample, plus a fraction (default 0.3)")
     p.add_argument("--slurm-script", type=Path, default=DEFAULT_SLURM_SCRIPT,
                    help=f"slurm-local.sh (default {DEFAULT_SLURM_SCRIPT})")
     p.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = p.parse_args(argv)
-    if args.jobs < 1:
-        p.error("--jobs must be at least 1")
+    if min(args.jobs, args.cli_jobs, args.cpu_samples, args.slurm_samples) < 1:
+        p.error("--jobs, --cli-jobs, --cpu-samples and --slurm-samples must be at least 1")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = options(argv)
     print(f"machine: nproc={os.cpu_count()} python={platform.python_version()} "
           f"{platform.machine()}")
-    figures: dict[str, Any] = {}
-    slurm_median = None
+    figures: dict[str, dict[str, float]] = {}
     with slurm_daemons(args.slurm_script, args.slurm) as why_not, \
-            eventq_run(args.gap, args.warmup) as eq:
-        if why_not is None:
-            # Interleaved: a slice of the eventq jobs, then one Slurm sample, and again,
-            # so both see the same machine over the same minutes.
-            print(f"eventq: {args.jobs} jobs {JOB} one at a time over HTTP, interleaved with "
-                  f"{args.slurm_samples} Slurm sbatch samples ...", flush=True)
-            with slurm_run(args.slurm_gap) as sl:
-                for k in range(args.slurm_samples):
-                    share = args.jobs * (k + 1) // args.slurm_samples - len(eq.starts)
-                    for _ in range(share):
-                        eq.sample()
-                    sl.sample()
-            slurm_median = statistics.median(sl.starts)
-        else:
-            print(f"eventq: {args.jobs} jobs {JOB} one at a time over HTTP ...", flush=True)
-            for _ in range(args.jobs):
-                eq.sample()
-    starts, replies = eq.starts, eq.replies
-    p50, p99 = percentile(starts, 50), percentile(starts, 99)
-    print(f"eventq submit-to-start: p50 {p50 * 1e3:.2f} ms  p99 {p99 * 1e3:.2f} ms  "
-          f"min {min(starts) * 1e3:.2f} ms  max {max(starts) * 1e3:.2f} ms  n={len(starts)}")
-    print(f"eventq submit-to-reply: p50 {percentile(replies, 50) * 1e3:.2f} ms  "
-          f"p99 {percentile(replies, 99) * 1e3:.2f} ms")
-    figures.update({"eventq_p50_s": p50, "eventq_p99_s": p99,
-                    "eventq_reply_p50_s": percentile(replies, 50), "n": len(starts)})
-    if slurm_median is not None:
-        q1, _, q3 = statistics.quantiles(sl.starts, n=4) if len(sl.starts) > 1 else [0.0] * 3
-        print(f"Slurm sbatch submit-to-start: median {slurm_median * 1e3:.1f} ms  "
-              f"mean {statistics.fmean(sl.starts) * 1e3:.1f} ms  quartiles {q1 * 1e3:.0f}-"
-              f"{q3 * 1e3:.0f} ms  min {min(sl.starts) * 1e3:.1f} ms  "
-              f"max {max(sl.starts) * 1e3:.1f} ms  n={len(sl.starts)}")
-        figures["slurm_median_s"] = slurm_median
-    else:
-        print(f"Slurm baseline unavailable: {why_not}")
-
-    poll = POLL_PERIOD_S / 2
-    print(f"{POLL_PERIOD_S:.0f} s polling loop: expected wait {poll:.2f} s")
-    print("ratios:")
-    goals = [("p50 <= 5 ms", p50 <= 0.005, f"p50 {p50 * 1e3:.2f} ms"),
-             ("p99 <= 25 ms", p99 <= 0.025, f"p99 {p99 * 1e3:.2f} ms")]
-    if slurm_median is not None:
-        ratio = slurm_median / p50
-        figures["slurm_over_eventq_p50"] = ratio
-        print(f"  Slurm median / eventq p50 = {ratio:.1f}x")
-        goals.append((">= 100x faster than Slurm", ratio >= 100, f"{ratio:.1f}x"))
-    else:
-        print("  Slurm median / eventq p50 = unavailable (no Slurm baseline)")
-    figures["poll_over_eventq_p50"] = poll / p50
-    print(f"  poll expected / eventq p50 = {poll / p50:.0f}x")
-    print_goals(goals)
+            eventq_run(args.gap, args.warmup) as eq, slurm_run(args.slurm_gap) as sl:
+        if why_not is not None:
+            print(f"Slurm baseline unavailable: {why_not}")
+        print(f"per phase: {args.jobs} jobs {JOB} over HTTP, {args.cli_jobs} by `eventq jobs "
+              f"submit -- {' '.join(JOB)}`, {args.cpu_samples} CPU baselines"
+              + (f", {args.slurm_samples} sbatch" if why_not is None else "")
+              + ", one at a time, interleaved", flush=True)
+        for load in sorted({0, args.load}):
+            name = "quiet" if not load else f"{load} busy processes"
+            with busy(load):
+                got = run_phase(eq, sl if why_not is None else None, args)
+            figures[name] = report(name, got)
+    print(f"{POLL_PERIOD_S:.0f} s polling loop: expected wait {POLL_PERIOD_S / 2:.2f} s")
+    print_goals([goal for name, fig in figures.items() for goal in goals(name, fig)])
     if args.json:
         print(json.dumps(figures))
     return 0

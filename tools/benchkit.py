@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -84,3 +86,31 @@ def print_goals(goals: Sequence[tuple[str, bool, str]]) -> None:
     print("goals:")
     for goal, met, value in goals:
         print(f"  [{'met' if met else 'MISSED'}] {goal}: {value}")
+
+
+@contextlib.contextmanager
+def busy(count: int) -> Iterator[None]:
+    """``count`` processes that keep a core busy each, beside what is measured (the
+    loaded figures of a latency benchmark)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+             for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def child_cpu(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[bytes, float]:
+    """Run ``argv`` to its end: its stdout and its CPU seconds (user + system, from its
+    rusage). Fails if it exits non-zero."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+    assert proc.stdout is not None
+    with proc.stdout:
+        out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited with {proc.returncode}")
+    return out, usage.ru_utime + usage.ru_stime

@@ -5,28 +5,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
-from typing import Any
 
-from eventq.cli import actions, limits, logs, output, views
-from eventq.cli.client import Client, CliError, quote
+from eventq.cli import output
+from eventq.cli.client import Client, CliError, path_arg, quote
 from eventq.cli.output import (
     cell,
     duration,
     emit_json,
     print_estimate,
     print_reasons,
+    say,
 )
+
+# typing is not imported at run time (2.5 ms of every command): annotations are strings.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
 
 #: Exit status of a submission the server refused (``--no-wait`` and it cannot start now).
 REJECTED = 3
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-               common: argparse.ArgumentParser) -> None:
+               common: argparse.ArgumentParser, action: str | None = None) -> None:
+    """The parsers of ``eventq jobs …``; of ``submit`` alone when ``action`` is submit (the
+    others' modules and parsers are most of what a submission would start up)."""
     jobs = sub.add_parser("jobs", help="submit and manage jobs").add_subparsers(
         dest="action", required=True)
     _add_submit(jobs, common)
+    if action == "submit":
+        return
+    from eventq.cli import actions, logs, views
+
     views.add_parsers(jobs, common)
     st = jobs.add_parser("status", parents=[common],
                          help="the queue at a glance: depth, running, limits, local GPUs")
@@ -45,7 +56,7 @@ def _add_submit(jobs: argparse._SubParsersAction[argparse.ArgumentParser],
                         "none)")
     s.add_argument("--name")
     s.add_argument("--config-name", help="a config from the server's configs directory")
-    s.add_argument("--config", type=Path, metavar="FILE",
+    s.add_argument("--config", type=path_arg, metavar="FILE",
                    help="a JSON file with the job's config (sent with the job)")
     s.add_argument("--target", choices=["auto", "worker", "local"], default="auto")
     s.add_argument("--no-wait", action="store_true", help="reject it if it cannot start now")
@@ -201,9 +212,8 @@ def submit(args: argparse.Namespace) -> int:
         _print_dry_run(reply)
     else:
         gpus = cell(reply["allocated_gpus"])
-        output.console.print(f"{reply['job_id']} {reply['status']}  GPUs: {gpus}"
-                             + (f"  position: {reply['queue_position']}"
-                                if reply["queue_position"] else ""))
+        say(f"{reply['job_id']} {reply['status']}  GPUs: {gpus}"
+            + (f"  position: {reply['queue_position']}" if reply["queue_position"] else ""))
         print_reasons(reply.get("reasons"))
     return code
 
@@ -211,18 +221,18 @@ def submit(args: argparse.Namespace) -> int:
 def _print_dry_run(reply: dict[str, Any]) -> None:
     status = reply["status"]
     if status == "running":
-        output.console.print(f"dry run: would start now on {reply['node']} GPUs "
-                             f"{cell(reply['allocated_gpus'])}")
+        say(f"dry run: would start now on {reply['node']} GPUs "
+            f"{cell(reply['allocated_gpus'])}")
     elif status == "rejected":
-        output.console.print("dry run: would be rejected (--no-wait, and it cannot start now)")
+        say("dry run: would be rejected (--no-wait, and it cannot start now)")
     elif status == "blocked":
-        output.console.print("dry run: would wait for an admin's approval")
+        say("dry run: would wait for an admin's approval")
     else:
-        output.console.print("dry run: would wait in the queue")
+        say("dry run: would wait in the queue")
     print_reasons(reply.get("reasons"))
     if status in ("queued", "rejected"):
         print_estimate(reply)
-    output.console.print("nothing was recorded")
+    say("nothing was recorded")
 
 
 def queue_status(args: argparse.Namespace) -> int:
@@ -230,6 +240,8 @@ def queue_status(args: argparse.Namespace) -> int:
     if args.format == "json":
         emit_json(stats)
         return 0
+    from eventq.cli import limits
+
     local = stats["local"]
     output.console.print(f"[bold]queue[/bold]: {stats['queue_depth']} waiting, {stats['running']} "
                          f"running (average wait {duration(stats['avg_wait_seconds'])})")

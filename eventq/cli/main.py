@@ -8,25 +8,32 @@ cannot be reached. With ``--format json`` that message is JSON on stdout, as an 
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import os
 import sys
-from pathlib import Path
-from typing import Any, NoReturn, cast
 
 from eventq import __version__
-from eventq.cli import bulk, jobs, limits, replay, serve, ui, users, worker, workers
-from eventq.cli.client import CliError
+from eventq.cli.client import CliError, path_arg
 
-# Each command's module is imported here for its parser only: what a command needs beyond
-# the standard library (rich, msgspec, urllib, the server's modules) loads in its handler.
+# typing is not imported at run time (2.5 ms of every command): annotations are strings.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
+# A command's module is imported when that command runs (all of them for `eventq --help`
+# or a word the parser does not know): `eventq jobs submit` does not load the server's
+# modules that `eventq import` needs. What a command needs beyond the standard library
+# (rich, msgspec, the server's modules) loads in its handler.
 
+#: The modules of eventq.cli that define the commands, in the order `--help` lists them.
+COMMAND_MODULES = ("serve", "jobs", "bulk", "users", "workers", "worker", "replay", "limits",
+                   "ui")
 #: Which module's parsers define each command.
-DEFINED_BY = {"server": serve, "jobs": jobs, "import": bulk, "export": bulk, "progress": bulk,
-              "users": users, "workers": workers, "worker": worker, "replay": replay,
-              "queue": limits, "ui": ui}
+DEFINED_BY = {"server": "serve", "jobs": "jobs", "import": "bulk", "export": "bulk",
+              "progress": "bulk", "users": "users", "workers": "workers", "worker": "worker",
+              "replay": "replay", "queue": "limits", "ui": "ui"}
 #: Exit status of a usage error or a refusal (argparse's own).
 USAGE = 2
 
@@ -46,12 +53,33 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message}", self.format_usage())
 
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse makes a formatter for each option it adds (to check its metavar), and a
+        # formatter asks shutil, 2 ms of CPU to import, for the terminal's width.
+        return self.formatter_class(prog=self.prog, width=columns() - 2)  # type: ignore[call-arg]
 
-def parser(command: str | None = None) -> argparse.ArgumentParser:
+
+def columns() -> int:
+    """``shutil.get_terminal_size().columns``, without importing shutil."""
+    try:
+        found = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        found = 0
+    if found > 0:
+        return found
+    stdout = sys.__stdout__
+    try:
+        return (os.get_terminal_size(stdout.fileno()).columns if stdout else 0) or 80
+    except (ValueError, OSError):  # not a terminal, or closed
+        return 80
+
+
+def parser(command: str | None = None, action: str | None = None) -> argparse.ArgumentParser:
     """Every command's parser; only ``command``'s if given (the others' fifty parsers
-    cost every command 7 ms to build)."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", type=Path, help="default: $EVENTQ_HOME or ~/.eventq")
+    cost every command 7 ms to build), and of that command only ``action``'s where its
+    module can build one alone (``jobs submit``)."""
+    common = Parser(add_help=False)
+    common.add_argument("--data-dir", type=path_arg, help="default: $EVENTQ_HOME or ~/.eventq")
     common.add_argument("--url", help="server address (default: $EVENTQ_URL, or the local one)")
     common.add_argument("--token", help="API token (default: $EVENTQ_TOKEN, or the local admin's)")
     common.add_argument("--ca", metavar="FILE",
@@ -61,13 +89,17 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
     top = Parser(prog="eventq", description="GPU job queue and orchestrator")
     top.add_argument("--version", action="version", version=f"eventq {__version__}")
     # Its subcommands' parsers are Parsers too (argparse makes them of its own class).
-    sub = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
-               top.add_subparsers(dest="command", required=True))
+    sub: argparse._SubParsersAction[Any] = top.add_subparsers(dest="command", required=True)
     wanted = DEFINED_BY.get(command or "")
-    for module in (serve, jobs, bulk, users, workers, worker, replay, limits, ui):
-        if wanted in (None, module):
-            add = bulk.add_parsers if module is bulk else module.add_parser
-            add(sub, common)
+    for name in COMMAND_MODULES:
+        if wanted in (None, name):
+            module: Any = importlib.import_module(f"eventq.cli.{name}")
+            if name == "bulk":
+                module.add_parsers(sub, common)
+            elif name == "jobs":
+                module.add_parser(sub, common, action)
+            else:
+                module.add_parser(sub, common)
     return top
 
 
@@ -109,9 +141,15 @@ def complain(exc: CliError, as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
+    if words == ["--version"]:  # what argparse prints, without every command's parser first
+        print(f"eventq {__version__}")
+        return 0
     as_json = wants_json(words)
     try:
-        top = parser(next((w for w in words if not w.startswith("-")), None))
+        # The words as typed (`eventq jobs submit …`) name the parsers to build; any other
+        # order gets them all, and argparse says what is wrong with it.
+        top = parser(*(words[:2] if words[:1] == ["jobs"] else
+                       (next((w for w in words if not w.startswith("-")), None),)))
         check_command(top, words)
         args: Any = top.parse_args(words)
         as_json = getattr(args, "format", None) == "json"
