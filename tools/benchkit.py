@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -84,3 +86,21 @@ def print_goals(goals: Sequence[tuple[str, bool, str]]) -> None:
     print("goals:")
     for goal, met, value in goals:
         print(f"  [{'met' if met else 'MISSED'}] {goal}: {value}")
+
+
+@contextlib.contextmanager
+def busy_load(processes: int) -> Iterator[None]:
+    """``processes`` busy loops beside the server (``--load N``): latency under contention.
+
+    Each is its own Python process spinning on the CPU; all are killed when the block ends."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+             for _ in range(processes)]
+    try:
+        time.sleep(0.2 if procs else 0)  # let them take the CPU before anything is timed
+        yield
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
