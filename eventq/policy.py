@@ -126,7 +126,7 @@ def matches(spec: JobSpec, node: NodeView) -> bool:
 
 def labels_match(wanted: dict[str, str], labels: dict[str, str]) -> bool:
     """Every key's fnmatch glob matches the worker's label (SPEC 6)."""
-    return all(fnmatchcase(labels.get(k, ""), glob) for k, glob in wanted.items())
+    return not wanted or all(fnmatchcase(labels.get(k, ""), glob) for k, glob in wanted.items())
 
 
 def fitting_nodes(spec: JobSpec, nodes: Iterable[NodeView]) -> list[NodeView]:
@@ -223,8 +223,10 @@ def expected_runtime(spec: JobSpec) -> float | None:
 class _Pass:
     """The working state of one planning pass.
 
-    It reads the caller's counts and nodes and copies them at its first placement, before
-    it changes them: most looks at one job place nothing, and copy nothing.
+    It reads the caller's counts and nodes and copies what it changes before it changes
+    it: the counts and the list at its first placement, a node when a job is placed on it.
+    Most looks at one job place nothing, and copy nothing; a placement among 10,000
+    workers copies one node, not 10,000.
     """
 
     def __init__(self, counts: Counts, limits: Limits, nodes: list[NodeView], now: float,
@@ -233,16 +235,21 @@ class _Pass:
         self.cpu_jobs_waiting = cpu_jobs_waiting
         self.plan = Plan()
         self._copied = False
+        #: ids of the nodes in ``self.nodes`` that are the pass's own copies.
+        self._owned: set[int] = set()
 
     def _own(self, node: NodeView) -> NodeView:
-        """The pass's own copy of ``node``, once it has copied everything it may change."""
-        if self._copied:
-            return node  # taken from the copies
+        """The pass's own copy of ``node`` (made in place of it in ``self.nodes``)."""
+        if id(node) in self._owned:
+            return node
+        if not self._copied:
+            self.counts = _copy_counts(self.counts)
+            self.nodes = list(self.nodes)
+            self._copied = True
         at = next(i for i, n in enumerate(self.nodes) if n is node)
-        self.counts = _copy_counts(self.counts)
-        self.nodes = [_copy_node(n) for n in self.nodes]
-        self._copied = True
-        return self.nodes[at]
+        mine = self.nodes[at] = _copy_node(node)
+        self._owned.add(id(mine))
+        return mine
 
     def saturated(self) -> bool:
         """Nothing more can start anywhere: the global limit is full, or no node can take
