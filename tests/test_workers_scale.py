@@ -208,3 +208,24 @@ def test_a_plan_copies_only_the_nodes_it_places_on_and_leaves_the_callers_views_
     assert [(p.job_id, p.node) for p in plan.placements] == [
         ("j0", "w0"), ("j1", "w1"), ("j2", "w2")]  # the idle longest first, one job each
     assert all(n.free == {0} and n.ends == [] for n in nodes)
+
+
+def test_nodes_are_tried_workers_idle_longest_first_then_busy_then_the_local_node() -> None:
+    nodes = [NodeView("local", True, {0, 1}, 2, idle_since=0.0),
+             NodeView("busy-a", False, set(), 1), NodeView("late", False, {0}, 1,
+                                                          idle_since=30.0),
+             NodeView("big", False, {0, 1}, 2, idle_since=40.0),
+             NodeView("early", False, {0}, 1, idle_since=10.0, labels={"zone": "eu"}),
+             NodeView("busy-b", False, set(), 1)]
+
+    def tried(**spec: Any) -> list[str]:
+        job = JobSpec(job_id="j", user="u", priority=50, command=["true"], **spec)
+        return [n.name for n in policy.fitting_nodes(job, nodes)]
+
+    assert tried() == ["early", "late", "big", "busy-a", "busy-b", "local"]
+    assert tried(target="worker") == ["early", "late", "big", "busy-a", "busy-b"]
+    assert tried(target="local") == ["local"]
+    assert tried(gpus=2) == ["big", "local"]
+    assert tried(gpus=0) == ["local"]  # a CPU job stays home unless it asks for a worker
+    assert tried(gpus=0, target="worker") == ["early", "late", "big", "busy-a", "busy-b"]
+    assert tried(worker_labels={"zone": "e*"}) == ["early", "local"]
