@@ -237,7 +237,8 @@ def test_nodes_are_tried_workers_idle_longest_first_then_busy_then_the_local_nod
 def test_a_release_finds_the_gpus_an_attempt_holds_and_only_those() -> None:
     table = GpuTable()
     gpus = [ev.GpuInfo(i, "A100", 80.0) for i in range(2)]
-    fold = [ev.NodeInventoryReported(node=n, gpus=gpus, simulated=True) for n in ("a", "b")]
+    fold: list[ev.AnyEvent] = [ev.NodeInventoryReported(node=n, gpus=gpus, simulated=True)
+                               for n in ("a", "b")]
     fold += [ev.GpusAllocated(job_id="j1", attempt=1, node="a", gpus=[0, 1]),
              ev.GpusAllocated(job_id="j2", attempt=1, node="b", gpus=[1]),
              ev.GpusAllocated(job_id="j2", attempt=2, node="b", gpus=[0])]
@@ -246,8 +247,9 @@ def test_a_release_finds_the_gpus_an_attempt_holds_and_only_those() -> None:
     assert decide_release(table, Release("j1", 1)) == [ev.GpusReleased(
         job_id="j1", attempt=1, node="a", gpus=[0, 1], reason="ended")]
     assert table.held_by("j2", 1) == {"b": [1]} and table.held_by("j2", 2) == {"b": [0]}
-    for seq, e in enumerate([*decide_release(table, Release("j1", 1)),
-                             ev.WorkerRemoved(worker_id="b")], 10):
+    after: list[ev.AnyEvent] = [*decide_release(table, Release("j1", 1)),
+                                ev.WorkerRemoved(worker_id="b")]
+    for seq, e in enumerate(after, 10):
         table.evolve(Record(seq, 0.0, "system", e, b""))
     assert table.held_by("j1", 1) == {} and decide_release(table, Release("j1", 1)) == []
     assert table.held_by("j2", 1) == {}  # its worker was removed, and its GPUs with it
