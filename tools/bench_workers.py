@@ -29,8 +29,8 @@ measures, in the same run:
 It raises its own open-file limit to the hard limit (the server holds one socket per
 worker) and says what it needs if the hard limit is too low. The client processes share
 the machine with the server, so the figures are for that machine (printed first). Run
-from the repository root: ``.venv/bin/python tools/bench_workers.py`` (about 2
-minutes per size; 10,000 workers: ``--workers 10000``, about 5 minutes). Everything it
+from the repository root: ``.venv/bin/python tools/bench_workers.py`` (about 1.5
+minutes per size; 10,000 workers: ``--workers 10000``, about 3 minutes). Everything it
 starts is stopped and its temporary directory removed, also on Ctrl-C or an error.
 """
 
