@@ -91,15 +91,18 @@ def print_goals(goals: Sequence[tuple[str, bool, str]]) -> None:
 @contextlib.contextmanager
 def busy(count: int) -> Iterator[None]:
     """``count`` processes that keep a core busy each, beside what is measured (the
-    loaded figures of a latency benchmark)."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    loaded figures of a latency benchmark, ``--load N``); all are killed when the block ends."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                              stdin=subprocess.DEVNULL, start_new_session=True)
              for _ in range(count)]
     try:
+        time.sleep(0.2 if procs else 0)  # let them take the CPU before anything is timed
         yield
     finally:
         for proc in procs:
-            proc.kill()
-            proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
 
 
 def child_cpu(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[bytes, float]:

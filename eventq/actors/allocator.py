@@ -41,6 +41,9 @@ class GpuTable:
 
     nodes: dict[str, NodeGpus] = field(default_factory=dict)
     busy_percent: float = ev.UNRECORDED_LIMITS.gpu_busy_memory_percent
+    #: Attempt -> the nodes it was allocated GPUs on (what it still holds is in ``held``):
+    #: a release finds them without a walk over 10,000 workers.
+    holdings: dict[Holder, list[str]] = field(default_factory=dict)
 
     def evolve(self, record: Record) -> None:
         e = record.event
@@ -55,11 +58,16 @@ class GpuTable:
             node = self.nodes[e.node]
             for gpu in e.gpus:
                 node.held[gpu] = (e.job_id, e.attempt)
+            where = self.holdings.setdefault((e.job_id, e.attempt), [])
+            if e.node not in where:
+                where.append(e.node)
         elif isinstance(e, ev.GpusReleased):
             held = self.nodes[e.node].held
             for gpu in e.gpus:
                 if held.get(gpu) == (e.job_id, e.attempt):
                     del held[gpu]
+            if not self.held_by(e.job_id, e.attempt):
+                self.holdings.pop((e.job_id, e.attempt), None)
         elif isinstance(e, ev.LimitsChanged):
             self.busy_percent = e.limits.gpu_busy_memory_percent
         elif isinstance(e, ev.WorkerRemoved):
@@ -76,8 +84,10 @@ class GpuTable:
 
     def held_by(self, job_id: str, attempt: int) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
-        for name, node in self.nodes.items():
-            gpus = sorted(g for g, h in node.held.items() if h == (job_id, attempt))
+        for name in self.holdings.get((job_id, attempt), ()):
+            node = self.nodes.get(name)  # gone with its worker: nothing held there
+            gpus = sorted(g for g, h in node.held.items() if h == (job_id, attempt)) \
+                if node is not None else []
             if gpus:
                 out[name] = gpus
         return out

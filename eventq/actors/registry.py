@@ -188,7 +188,7 @@ def _worker(workers: Workers, worker_id: str) -> Worker:
 
 def decide_created(workers: Workers, cmd: CreateWorkers) -> list[ev.Event]:
     """A provider's workers: ephemeral, each with the token its task will derive."""
-    taken = {w.name for w in workers.by_id.values()}
+    taken = workers.by_name
     if clash := [w.name for w in cmd.workers if w.name in taken or w.worker_id in workers.by_id]:
         raise CommandError(409, f"workers named {clash} already exist")
     return [ev.WorkerCreated(worker_id=w.worker_id, name=w.name, worker_type="ephemeral",
@@ -201,7 +201,7 @@ def decide_worker_admin(workers: Workers, cmd: CreateWorker | RotateWorkerToken 
     if isinstance(cmd, CreateWorker):
         if not NAME.match(cmd.name.lower()):
             raise CommandError(422, f"worker name {cmd.name!r} must be 1-64 of a-z 0-9 _ . -")
-        if any(w.name == cmd.name for w in workers.by_id.values()):
+        if cmd.name in workers.by_name:
             raise CommandError(409, f"a worker named {cmd.name} already exists")
         return [ev.WorkerCreated(worker_id=worker_id, name=cmd.name, worker_type=cmd.worker_type,
                                  labels=dict(cmd.labels), token_sha256=digest)]

@@ -9,6 +9,11 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from eventq.cli.client import CliError
 
+#: Connections the kernel queues while the server is busy: after a restart every worker
+#: reconnects within a few seconds, and a short queue (aiohttp's default is 128) drops
+#: the rest, which then wait out TCP's SYN retries (1 s, 3 s, 7 s...) and their backoff.
+LISTEN_BACKLOG = 4096
+
 if TYPE_CHECKING:
     import ssl
 
@@ -272,7 +277,8 @@ async def _listen(runners: list[AppRunner], app: Application, host: str, port: i
     await runner.setup()
     runners.append(runner)
     try:
-        await web.TCPSite(runner, host, port, ssl_context=tls_context).start()
+        await web.TCPSite(runner, host, port, ssl_context=tls_context,
+                          backlog=LISTEN_BACKLOG).start()
     except OSError as exc:
         raise CannotStart(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     bound: int = runner.addresses[0][1]

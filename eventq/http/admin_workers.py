@@ -71,7 +71,7 @@ async def create_worker(request: web.Request) -> web.Response:
     body = decode_body(await request.read(), NewWorker)
     token = await _ask(request, CreateWorker(admin.principal, body.name, body.worker_type,
                                              body.labels))
-    worker = next(w for w in orch.workers.by_id.values() if w.name == body.name)
+    worker = orch.workers.by_id[orch.workers.by_name[body.name]]
     assert token is not None
     return web.json_response({"worker_id": worker.worker_id, "token": token, "name": worker.name,
                               **connection(request, worker.worker_id, token)}, status=201)

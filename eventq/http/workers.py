@@ -171,10 +171,14 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
                                          greeting.labels, None, list(greeting.running),
                                          greeting.accepts_until))
     terms = lease_terms(orch.heartbeat_timeout, greeting.grace_seconds or 10.0)
-    await ws.send_json({"type": "welcome", "worker_id": worker.worker_id,
-                        "heartbeat_seconds": terms.heartbeat, "keep": done.keep,
-                        "stop": done.stop, "lease_seconds": terms.lease,
-                        "fence_grace_seconds": terms.grace})
+    try:
+        await ws.send_json({"type": "welcome", "worker_id": worker.worker_id,
+                            "heartbeat_seconds": terms.heartbeat, "keep": done.keep,
+                            "stop": done.stop, "lease_seconds": terms.lease,
+                            "fence_grace_seconds": terms.grace})
+    except ConnectionResetError:  # it gave up waiting (a reconnection storm); it comes back
+        orch.hub.detach(worker.worker_id, outbox)
+        return ws
     greet(orch, worker.worker_id, outbox, done)
     writer = asyncio.get_running_loop().create_task(_write(ws, outbox))
     try:
