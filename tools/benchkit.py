@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,6 +22,29 @@ def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(p / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+@contextlib.contextmanager
+def busy(count: int) -> Iterator[None]:
+    """``count`` processes that keep a core busy each, for the loaded figures (a neighbour's
+    work on a shared machine)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+             for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def loads(count: int) -> list[int]:
+    """The loads to measure under: quiet, then ``count`` busy processes if asked."""
+    return sorted({0, count})
+
+
+def load_label(count: int) -> str:
+    return "quiet" if not count else f"loaded ({count} busy process{'es' if count > 1 else ''})"
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, step: float = 0.0005) -> Any:
