@@ -273,9 +273,24 @@ async def latency_phase(tmp: Path, submitters: int, seconds: float, pool: list[e
     return latencies
 
 
+class CollectorPauses:
+    """The cyclic collector's runs while it is installed: how many, and the longest (s)."""
+
+    def __init__(self) -> None:
+        self.runs, self.longest, self._started = 0, 0.0, 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.runs += 1
+            self.longest = max(self.longest, time.perf_counter() - self._started)
+
+
 def append_latency(tmp: Path, submitters: int, seconds: float, rounds: int,
                    load: int) -> None:
-    """(a)'s two EventLog phases again, each append timed, quiet and then loaded."""
+    """(a)'s two EventLog phases again, each append timed, quiet and then loaded; with the
+    collector's runs meanwhile, one suspect of a high p99."""
     pool = event_pool(4096)
     print(f"  append latency (append to durable), {seconds:g} s x {rounds} rounds per phase:")
     for count in loads(load):
@@ -283,11 +298,17 @@ def append_latency(tmp: Path, submitters: int, seconds: float, rounds: int,
             for label, clients in ((f"{submitters} submitters", submitters),
                                    ("1 serial submitter", 1)):
                 gc.collect()
-                values = asyncio.run(latency_phase(tmp, clients, seconds, pool, rounds))
-                print(f"    {load_label(count):<28} {label:<19} p50 "
+                pauses = CollectorPauses()
+                gc.callbacks.append(pauses)
+                try:
+                    values = asyncio.run(latency_phase(tmp, clients, seconds, pool, rounds))
+                finally:
+                    gc.callbacks.remove(pauses)
+                print(f"    {load_label(count):<24} {label:<19} p50 "
                       f"{percentile(values, 50) * 1e3:6.2f} ms  p99 "
                       f"{percentile(values, 99) * 1e3:6.2f} ms  max {max(values) * 1e3:6.1f} ms"
-                      f"  n={len(values)}")
+                      f"  n={len(values)}  collector: {pauses.runs} runs, longest "
+                      f"{pauses.longest * 1e3:.2f} ms")
 
 
 # --- (b) replay ------------------------------------------------------------------------------
