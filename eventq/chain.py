@@ -66,17 +66,6 @@ def hashed_rows(conn: sqlite3.Connection, upto: int) -> Iterator[Row]:
         raise LogCorrupt(expected, f"the row cannot be read: {exc}") from exc
 
 
-def contiguous_rows(conn: sqlite3.Connection, upto: int) -> Iterator[Row]:
-    """Rows 1 to ``upto`` in sequence, not hashed: the half of a start whose chain another
-    process hashes."""
-    expected = 1
-    for row in conn.execute(ROWS, (upto,)):
-        if row[0] != expected:
-            raise LogCorrupt(expected, f"sequence jumps to {row[0]}")
-        yield row
-        expected += 1
-
-
 def check_rows(rows: Iterator[Row]) -> dict[str, Any]:
     """The head ``rows`` reach, or where they break, as ``python -m eventq.chain`` answers."""
     seq, digest = 0, GENESIS

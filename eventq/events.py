@@ -588,6 +588,8 @@ def event_job_id(event: Event) -> str | None:
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[AnyEvent] = msgspec.msgpack.Decoder(AnyEvent)
+#: Bodies of the current version, for a loop that decodes a million (``decode`` otherwise).
+DECODER = _decoder
 _raw_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]

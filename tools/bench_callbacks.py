@@ -15,10 +15,11 @@ The receivers run in a process of their own, so their work is not charged to the
 event loop (they share its CPUs, as a receiver on the same machine would). Each job's next
 one starts only after it has ended, so a callback that held the queue would show as a ratio
 far above 1; what ``posted`` and ``hook`` add is the CPU their work takes. Printed: the median
-per set-up and its ratio to ``none``.
+per set-up and its ratio to ``none``, and the hand-off latency (a job's recorded end to the
+next one's recorded start, p50/p99), quiet and then with ``--load`` busy processes beside it.
 
 Run from the repository root: ``.venv/bin/python tools/bench_callbacks.py [--jobs 200]
-[--rounds 5]``.
+[--rounds 5] [--load 1]``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ from eventq import events as ev
 from eventq import gpus
 from eventq.callbacks.notifier import CallbackSettings
 from eventq.http.app import make_app
+from eventq.log import Record
 from eventq.server import Orchestrator
+from tools.benchkit import busy, load_label, loads, percentile
 
 SERIAL = ev.Limits(max_concurrent=100, user_max_concurrent=100, local_job_max_concurrent=1)
 SETUPS = ("none", "hung", "posted", "hook")
@@ -78,12 +81,23 @@ def settings(setup: str, urls: dict[str, str]) -> CallbackSettings:
                             on_finish="sleep 600" if setup == "hung" else None)
 
 
-async def sample(setup: str, jobs: int, urls: dict[str, str]) -> float:
-    """Seconds from the batch's reply until its last job completed."""
+async def sample(setup: str, jobs: int, urls: dict[str, str]) -> tuple[float, list[float]]:
+    """Seconds from the batch's reply until its last job completed, and each hand-off: the
+    seconds from one job's recorded end to the next one's recorded start."""
     with tempfile.TemporaryDirectory() as tmp:
         orch = Orchestrator(Path(tmp) / "data", gpus.detect("2xA100-80GB"), limits=SERIAL,
                             grace_seconds=1.0, callbacks=settings(setup, urls))
         await orch.start()
+        ends: list[float] = []
+        gaps: list[float] = []
+
+        def hand_off(record: Record) -> None:
+            if isinstance(record.event, ev.AttemptEnded):
+                ends.append(record.time)
+            elif ends:
+                gaps.append(record.time - ends[-1])
+
+        orch.log.subscribe(hand_off, (ev.AttemptEnded, ev.AttemptStarted))
         runner = web.AppRunner(make_app(orch))
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -97,33 +111,45 @@ async def sample(setup: str, jobs: int, urls: dict[str, str]) -> float:
             started = time.perf_counter()
             while any(orch.state.jobs[j].status != "completed" for j in ids):
                 await asyncio.sleep(0.002)
-            return time.perf_counter() - started
+            return time.perf_counter() - started, gaps
         finally:
             await runner.cleanup()
             await orch.stop()
 
 
-async def main(jobs: int, rounds: int) -> None:
+async def main(jobs: int, rounds: int, load: int) -> None:
     receivers = subprocess.Popen([sys.executable, "-c", RECEIVERS], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True)
     assert receivers.stdout is not None and receivers.stdin is not None
     ports = [receivers.stdout.readline().strip() for _ in range(2)]
     urls = {name: f"http://127.0.0.1:{port}/hook"
             for name, port in zip(("posted", "hung"), ports, strict=True)}
-    seconds: dict[str, list[float]] = {setup: [] for setup in SETUPS}
     try:
-        for _ in range(rounds):
-            for setup, samples in seconds.items():
-                samples.append(await sample(setup, jobs, urls))
+        for count in loads(load):
+            with busy(count):
+                await measure(jobs, rounds, urls, load_label(count))
     finally:
         receivers.stdin.close()
         receivers.wait(10)
         receivers.stdout.close()
+
+
+async def measure(jobs: int, rounds: int, urls: dict[str, str], label: str) -> None:
+    seconds: dict[str, list[float]] = {setup: [] for setup in SETUPS}
+    gaps: dict[str, list[float]] = {setup: [] for setup in SETUPS}
+    for _ in range(rounds):
+        for setup, samples in seconds.items():
+            took, hand_offs = await sample(setup, jobs, urls)
+            samples.append(took)
+            gaps[setup].extend(hand_offs)
     base = statistics.median(seconds["none"])
-    print(f"{jobs} serial jobs, {rounds} rounds each; median seconds until the last completed")
+    print(f"{label}: {jobs} serial jobs, {rounds} rounds each; median seconds until the last "
+          f"completed, and each job's end to the next one's start (recorded times)")
     for setup, samples in seconds.items():
         median = statistics.median(samples)
-        print(f"  {setup:<7} {median:7.3f} s  ratio to none {median / base:5.2f}  "
+        print(f"  {setup:<7} {median:7.3f} s  ratio to none {median / base:5.2f}  hand-off "
+              f"p50 {percentile(gaps[setup], 50) * 1e3:5.2f} ms p99 "
+              f"{percentile(gaps[setup], 99) * 1e3:6.2f} ms  "
               f"(samples {', '.join(f'{s:.3f}' for s in samples)})")
 
 
@@ -131,8 +157,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--load", type=int, default=1,
+                        help="busy processes beside the server for the loaded figures; 0: "
+                             "quiet only (1)")
     args = parser.parse_args()
     import structlog
 
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())  # quiet
-    asyncio.run(main(args.jobs, args.rounds))
+    asyncio.run(main(args.jobs, args.rounds, args.load))

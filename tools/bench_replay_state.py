@@ -6,7 +6,8 @@
     in the same run and at the same seqs, a fold from zero: the same light fold from seq 1
     (rows read and decoded, no hashing, the same reply built), and ``eventq.replay.fold``
     (what ``eventq replay state`` does: the whole chain verified, the scheduler's and the
-    allocator's folds). Printed: latency percentiles and the ratio of medians.
+    allocator's folds). Printed: latency percentiles (p50/p90/p99, quiet and with ``--load``
+    busy processes beside the server) and the ratio of medians.
 
 (b) The live append path: the first ``--append-events`` events of that log appended again,
     one ``EventLog.append`` each and a group commit every 64, into a fresh log with the read
@@ -61,7 +62,7 @@ from eventq.projections.queue import QueueView
 from eventq.server import Orchestrator
 from eventq.sessions import Sessions
 from tools.bench_log import generate, prepare_data_dir
-from tools.benchkit import percentile
+from tools.benchkit import busy, load_label, loads, percentile
 
 
 def light_fold_from_zero(path: Path, seq: int) -> dict[str, Any]:
@@ -120,7 +121,7 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:8.1f} ms"
 
 
-async def state_latency(data: Path, samples: int, baselines: int) -> None:
+async def state_latency(data: Path, samples: int, baselines: int, load: int) -> None:
     orch = Orchestrator(data, gpus.simulated("8xA100-80GB"),
                         limits=ev.Limits(max_concurrent=0), long_lived=True)
     await orch.start()
@@ -139,16 +140,24 @@ async def state_latency(data: Path, samples: int, baselines: int) -> None:
             await latencies(http, [f"at={head}"])  # the first request opens the reader
             at = await latencies(http, [f"at={s}" for s in seqs])
             by_time = await latencies(http, [f"time={t!r}" for t in times])
+            loaded: list[tuple[str, list[float]]] = []
+            for count in loads(load)[1:]:
+                with busy(count):
+                    loaded.append((f"{load_label(count)}, ?at=SEQ",
+                                   await latencies(http, [f"at={s}" for s in seqs])))
+                    loaded.append((f"{load_label(count)}, ?time=T",
+                                   await latencies(http, [f"time={t!r}" for t in times])))
             few = seqs[:: max(1, len(seqs) // baselines)][:baselines]
             at_few = await latencies(http, [f"at={s}" for s in few])
         light = [timed(light_fold_from_zero, orch.log.path, s) for s in few]
         full = [timed(replay_fold_from_zero, orch.log.path, s) for s in few]
     finally:
         await orch.stop()
-    for label, values in ((f"GET ?at=SEQ, {len(at)} seqs", at),
-                          (f"GET ?time=T, {len(by_time)} times", by_time)):
-        print(f"  {label:<31} p50 {ms(percentile(values, 50))}  p90 "
-              f"{ms(percentile(values, 90))}  max {ms(max(values))}")
+    for label, values in ((f"quiet, GET ?at=SEQ, {len(at)} seqs", at),
+                          (f"quiet, GET ?time=T, {len(by_time)} times", by_time), *loaded):
+        print(f"  {label:<40} p50 {ms(percentile(values, 50))}  p90 "
+              f"{ms(percentile(values, 90))}  p99 {ms(percentile(values, 99))}  "
+              f"max {ms(max(values))}")
     print(f"  at the {len(few)} baseline seqs (median seq {int(statistics.median(few)):,}):")
     print(f"    GET ?at=SEQ (snapshot + tail, HTTP) {ms(statistics.median(at_few))}")
     print(f"    the same light fold from seq 1      {ms(statistics.median(light))}")
@@ -287,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="events appended in (b) (200,000)")
     p.add_argument("--rounds", type=int, default=5, help="rounds of (b) and (c) (5)")
     p.add_argument("--only", choices=["state", "append", "start"])
+    p.add_argument("--load", type=int, default=1,
+                   help="busy processes beside the server for (a)'s loaded latencies; 0: "
+                        "quiet only (1)")
     args = p.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     print(f"machine: nproc={os.cpu_count()} python={platform.python_version()} "
@@ -301,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_data_dir(source, prepared)
         if args.only in (None, "state"):
             shutil.copytree(prepared, tmp / "state")
-            asyncio.run(state_latency(tmp / "state", args.samples, args.baselines))
+            asyncio.run(state_latency(tmp / "state", args.samples, args.baselines, args.load))
             shutil.rmtree(tmp / "state")
             gc.unfreeze()
             gc.collect()

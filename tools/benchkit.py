@@ -24,6 +24,15 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[rank - 1]
 
 
+def loads(count: int) -> list[int]:
+    """The loads to measure under: quiet, then ``count`` busy processes if asked."""
+    return sorted({0, count})
+
+
+def load_label(count: int) -> str:
+    return "quiet" if not count else f"loaded ({count} busy process{'es' if count > 1 else ''})"
+
+
 def wait_for(check: Callable[[], Any], timeout: float, what: str, step: float = 0.0005) -> Any:
     """Poll ``check()`` until it returns something truthy; bounded by ``timeout``."""
     deadline = time.monotonic() + timeout

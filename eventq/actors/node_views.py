@@ -32,6 +32,8 @@ class NodeViews:
 
     def evolve(self, record: Record) -> None:
         """Mark what changed; the rebuild waits for the next decision."""
+        if self._all:  # every node is rebuilt anyway (as through a whole start's replay)
+            return
         e = record.event
         if isinstance(e, _BY_NODE):
             self._dirty.add(e.node)

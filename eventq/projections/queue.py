@@ -9,7 +9,7 @@ append step as the actors, so a reply reads its own write.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from eventq import events as ev
 from eventq.actors.allocator import GpuTable
@@ -33,6 +33,8 @@ RUNNING = ("dispatched", "running")
 
 _TIMED = frozenset({ev.JobSubmitted, ev.AttemptDispatched, ev.JobCompleted, ev.JobFailed,
                     ev.JobCancelled, ev.JobRejected, ev.JobsPurged})
+_Finished = ev.JobCompleted | ev.JobFailed | ev.JobCancelled | ev.JobRejected
+_FINISHED = frozenset({ev.JobCompleted, ev.JobFailed, ev.JobCancelled, ev.JobRejected})
 
 
 @dataclass
@@ -63,19 +65,18 @@ class QueueView:
 
     def evolve(self, record: Record) -> None:
         e = record.event
-        if type(e) not in _TIMED:
-            return  # one set lookup for the events this view does not keep
-        if isinstance(e, ev.JobSubmitted):
+        # By exact type: a whole start passes 400,000 events through here.
+        if type(e) is ev.JobSubmitted:
             self.times[e.job.job_id] = Times(record.time)
-        elif isinstance(e, ev.AttemptDispatched):
+        elif type(e) is ev.AttemptDispatched:
             t = self.times[e.job_id]
             if t.started_at is None:
                 self.waits.append(record.time - t.submitted_at)
                 del self.waits[:-1000]
             t.started_at = record.time
-        elif isinstance(e, ev.JobCompleted | ev.JobFailed | ev.JobCancelled | ev.JobRejected):
-            self.times[e.job_id].finished_at = record.time
-        elif isinstance(e, ev.JobsPurged):
+        elif type(e) in _FINISHED:
+            self.times[cast(_Finished, e).job_id].finished_at = record.time
+        elif type(e) is ev.JobsPurged:
             for job_id in e.job_ids:
                 self.times.pop(job_id, None)
 
