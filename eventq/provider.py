@@ -92,3 +92,8 @@ class Provider(Protocol):
     async def cancel(self, batch_id: str, tasks: list[int]) -> None:
         """Cancel these tasks of an array. Raises ProviderError."""
         ...
+
+    def discard_output(self, batch_id: str, task: int, failed: bool) -> None:
+        """A task has ended and its worker left: remove what the batch system wrote for it,
+        or, if it failed, keep it (a bounded number of the latest) for whoever debugs it."""
+        ...

@@ -25,7 +25,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from eventq.provider import Observed, Offer, ProviderError, Sighting, Submission
+
+log = structlog.get_logger()
 
 #: Seconds any Slurm command may take before the call is given up.
 COMMAND_TIMEOUT = 30.0
@@ -36,6 +40,9 @@ SQUEUE_FORMAT = "%j|%F|%K|%T|%r|%N"
 PENDING = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"})
 ENDED = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                    "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY", "SPECIAL_EXIT", "REVOKED"})
+#: Where the output of failed tasks is kept, and how many of the latest stay there.
+FAILED_DIR = "failed"
+KEEP_FAILED = 20
 #: scancel's words for a task that has ended already: nothing left to cancel.
 GONE = ("already completing or completed", "Invalid job id")
 _GRES = re.compile(r"^gpu(?::([A-Za-z][\w.-]*))?(?::(\d+))?$")
@@ -253,6 +260,24 @@ class SlurmProvider:
         except ProviderError as exc:
             if not any(word in str(exc) for word in GONE):
                 raise
+
+
+    def discard_output(self, batch_id: str, task: int, failed: bool) -> None:
+        """A task's ``%A_%a.out`` goes once its worker has left; a failed task's moves to
+        ``failed/``, where the latest KEEP_FAILED stay."""
+        path = self.output_dir / f"{batch_id}_{task}.out"
+        try:
+            if not failed:
+                path.unlink(missing_ok=True)
+                return
+            kept = self.output_dir / FAILED_DIR
+            kept.mkdir(exist_ok=True)
+            path.replace(kept / path.name)
+            for old in sorted(kept.glob("*.out"), key=lambda f: f.stat().st_mtime,
+                              reverse=True)[KEEP_FAILED:]:
+                old.unlink(missing_ok=True)
+        except OSError as exc:  # a file someone removed by hand: nothing to tidy
+            log.info("slurm_output_not_tidied", file=str(path), why=str(exc))
 
 
 async def run(argv: list[str], stdin: str | None = None,

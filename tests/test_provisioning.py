@@ -3,6 +3,7 @@ the pure parts of the provider (``eventq.provisioning``, ``eventq.slurm``)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from eventq.policy import Counts, NodeView
 from eventq.provider import Observed, Offer, Sighting
 from eventq.provisioning import Queue, assess, observed_changes
 from eventq.slurm import (
+    FAILED_DIR,
+    KEEP_FAILED,
+    SlurmProvider,
     SlurmSettings,
     SlurmSettingsError,
     parse_gres,
@@ -251,3 +255,21 @@ def test_a_worker_lost_is_no_worker_to_wait_for() -> None:
     assert replaced.new_workers == 1, "its worker came and went: the job needs another"
     assert assess(queue(job(1)), requests, {"w_r10"}, offer(max_workers=1)).new_workers == 0, \
         "while Slurm still holds its task, it counts toward the cap"
+
+
+def test_a_finished_task_s_output_goes_and_only_the_latest_failed_ones_stay(
+        tmp_path: Path) -> None:
+    provider = SlurmProvider(SlurmSettings("debug"), tmp_path)
+    provider.output_dir.mkdir()
+    names = [f"7_{i}.out" for i in range(KEEP_FAILED + 3)]
+    for age, name in enumerate(names):
+        (provider.output_dir / name).write_text("worker output\n")
+        os.utime(provider.output_dir / name, (1000 + age, 1000 + age))
+    provider.discard_output("7", 0, failed=False)
+    assert not (provider.output_dir / "7_0.out").exists()
+    for i in range(1, KEEP_FAILED + 3):
+        provider.discard_output("7", i, failed=True)
+    kept = sorted(f.name for f in (provider.output_dir / FAILED_DIR).iterdir())
+    assert kept == sorted(names[3:]), "the latest failed tasks' output stays, the rest goes"
+    assert not list(provider.output_dir.glob("*.out"))
+    provider.discard_output("7", 99, failed=False)  # already gone: nothing to do

@@ -132,6 +132,8 @@ def test_workers_slurm_starts_run_the_jobs_then_idle_out_and_leave(
     wait_for(lambda: made <= {e.worker_id for e in recorded(server, ev.WorkerRemoved)},
              "every worker Slurm started to be removed", SLOW)
     assert not squeue(prefix), "nothing of this server's is left in Slurm"
+    wait_for(lambda: not list((server.data / "slurm").glob("*.out")),
+             "the output files of the tasks that ended and whose workers left to go")
     cancelled = recorded(server, ev.RequestedWorkersCancelled)
     assert any("idle" in e.reason for e in cancelled)
     lost = [e.reason for e in recorded(server, ev.WorkerLost)]

@@ -51,6 +51,10 @@ log = structlog.get_logger()
 POLL_MIN, POLL_MAX = 2.0, 30.0
 #: Reviews of the queue come at most this often (each walks the waiting jobs).
 REVIEW_GAP = 0.2
+#: How a task ends when nothing went wrong: eventq cancelled it (idle, no longer needed),
+#: its worker left by itself, or the batch system no longer lists it. Any other end keeps
+#: the task's output for debugging (``Provider.discard_output``).
+CLEAN_ENDS = frozenset({"COMPLETED", "CANCELLED", "no longer listed"})
 #: After a failure (a refused request, a task that ended before its worker connected), the
 #: next request waits this long, doubled for each failure in a row, up to FAILURE_MAX.
 FAILURE_WAIT, FAILURE_MAX = 5.0, 300.0
@@ -285,6 +289,9 @@ class Provisioner(Actor[Review | Poll]):
                 removed, _ = await self.registry.ask(RemoveWorker("system", task.worker_id))
                 await _durable(removed)
                 self._idle_checks.pop(task.worker_id, None)
+                if request.batch_id is not None:
+                    self.provider.discard_output(request.batch_id, task.index,
+                                                 failed=task.detail not in CLEAN_ENDS)
 
     # --- polling ----------------------------------------------------------------------
 
