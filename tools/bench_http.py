@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -34,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +41,7 @@ import aiohttp
 from eventq import events as ev
 from eventq.clock import RealClock
 from eventq.log import EventLog
+from tools.benchkit import busy
 
 NOOP_APP = """
 import sys
@@ -140,19 +139,6 @@ def wrk_rate(method: str, url: str, body: object, headers: dict[str, str], clien
     latency = {p: float(v) * _UNIT[u] for p, v, u in _LATENCY.findall(out)}
     return Driven(float(found.group(1)), (usage.ru_utime + usage.ru_stime) / wall,
                   latency.get("50", 0.0), latency.get("99", 0.0))
-
-
-@contextlib.contextmanager
-def busy(count: int) -> Iterator[None]:
-    """``count`` processes that keep a core busy each, for the loaded figures."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-             for _ in range(count)]
-    try:
-        yield
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
 
 
 async def seed_queue(data: Path, count: int) -> None:

@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eventq import events as ev
 from eventq.clock import RealClock
 from eventq.log import EventLog
-from tools.bench_http import busy, free_port
-from tools.benchkit import Api, print_goals, stop_server, wait_for
+from tools.bench_http import free_port
+from tools.benchkit import Api, busy, print_goals, stop_server, wait_for
 
 BATCH = 5000
 USERS = 50

@@ -14,6 +14,9 @@ the submission to the last completion, the workers' start included. Slurm alone:
 ``sbatch --gres=gpu:1 --wrap true``, one after another as a script submits them, timed from
 the first until Slurm lists none of them (slurm-local.sh's own benchmark does the same).
 
+``--load N`` runs N busy processes beside both sides (as ``bench_http.py`` does) for a
+second, loaded figure after the quiet one.
+
 Every Slurm job carries a name of this run's own; at the end they are cancelled, the
 server stopped and the temporary directories removed. Slurm must be up (slurm-local.sh
 install); others using it at the same time slow both sides alike.
@@ -43,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eventq import events as ev
 from tools.bench_dispatch import DEFAULT_SLURM_SCRIPT, slurm_daemons
-from tools.benchkit import Api, print_goals, read_stamp, stop_server, wait_for
+from tools.benchkit import Api, busy, print_goals, read_stamp, stop_server, wait_for
 
 PARTITION = "debug"
 JOB = ["date", "+%s%N"]
@@ -204,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="idle seconds before each sample, plus a random fraction (default 0.5)")
     p.add_argument("--jobs", type=int, default=500, help="jobs drained in (b) (default 500)")
     p.add_argument("--only", choices=["latency", "throughput"], help="run one part only")
+    p.add_argument("--load", type=int, default=0,
+                   help="busy processes beside both sides for a second, loaded run")
     p.add_argument("--slurm-script", type=Path, default=DEFAULT_SLURM_SCRIPT,
                    help=f"slurm-local.sh, to start Slurm if it is down ({DEFAULT_SLURM_SCRIPT})")
     args = p.parse_args(argv)
@@ -213,11 +218,16 @@ def main(argv: list[str] | None = None) -> int:
         if why_not is not None:
             print(f"cannot run: {why_not}")
             return 2
-        root = Path(tempfile.mkdtemp(prefix="eventq-bench-slurm-"))
-        try:
-            return report(args, root)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+        for load in sorted({0, args.load}):
+            root = Path(tempfile.mkdtemp(prefix="eventq-bench-slurm-"))
+            try:
+                with busy(load):
+                    print(f"-- {'quiet' if not load else f'{load} busy processes'} "
+                          f"(load {os.getloadavg()[0]:.2f})", flush=True)
+                    report(args, root)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+        return 0
 
 
 def report(args: argparse.Namespace, root: Path) -> int:
