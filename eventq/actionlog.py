@@ -214,6 +214,10 @@ def _user(a: ActionLog, e: ev.UserCreated | ev.UserUpdated) -> Fields:
     return {"name": e.name, "user_level": str(e.level), "team": e.team}
 
 
+def _user_deleted(a: ActionLog, e: ev.UserDeleted) -> Fields:
+    return {"name": e.name}
+
+
 def _token(a: ActionLog, e: ev.TokenIssued | ev.TokenRevoked) -> Fields:
     every = isinstance(e, ev.TokenRevoked) and e.token_sha256 is None
     return {"name": e.name, **({"every_token": True} if every else {})}
@@ -243,6 +247,7 @@ DESCRIBE: dict[type, Describe] = {
     ev.NodeInventoryReported: _inventory,
     ev.UserCreated: _user,
     ev.UserUpdated: _user,
+    ev.UserDeleted: _user_deleted,
     ev.TokenIssued: _token,
     ev.TokenRevoked: _token,
     ev.LimitsChanged: _limits,

@@ -53,7 +53,8 @@ def task_token(array_secret: str, task: int) -> str:
     return "wt_" + base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
 
 
-_USER_EVENTS = frozenset({ev.UserCreated, ev.UserUpdated, ev.TokenIssued, ev.TokenRevoked})
+_USER_EVENTS = frozenset({ev.UserCreated, ev.UserUpdated, ev.UserDeleted, ev.TokenIssued,
+                          ev.TokenRevoked})
 
 
 @dataclass
@@ -80,11 +81,18 @@ class Users:
             self.tokens[e.token_sha256] = e.name
             self.by_prefix.setdefault(e.token_sha256[:self.PREFIX], []).append(e.token_sha256)
         elif isinstance(e, ev.TokenRevoked):
-            self.tokens = {h: n for h, n in self.tokens.items()
-                           if n != e.name or (e.token_sha256 is not None and h != e.token_sha256)}
-            self.by_prefix = {}
-            for h in self.tokens:
-                self.by_prefix.setdefault(h[:self.PREFIX], []).append(h)
+            self._revoke(e.name, e.token_sha256)
+        elif isinstance(e, ev.UserDeleted):
+            self.by_name.pop(e.name, None)
+            self._revoke(e.name, None)
+
+    def _revoke(self, name: str, digest: str | None) -> None:
+        """Forget one token of ``name`` (by its hash), or every one when ``digest`` is None."""
+        self.tokens = {h: n for h, n in self.tokens.items()
+                       if n != name or (digest is not None and h != digest)}
+        self.by_prefix = {}
+        for h in self.tokens:
+            self.by_prefix.setdefault(h[:self.PREFIX], []).append(h)
 
     def authenticate(self, token: str) -> User | None:
         """The user a token belongs to; None if unknown or revoked."""

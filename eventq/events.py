@@ -178,6 +178,14 @@ class UserUpdated(Event, frozen=True, tag="user_updated"):
     team: str | None
 
 
+class UserDeleted(Event, frozen=True, tag="user_deleted"):
+    """A user is gone: every token of theirs, and every session and stream opened with
+    one, ends with them. Their finished jobs stay in the history under their name, and the
+    name may be given to a new user."""
+
+    name: str
+
+
 class SessionOpened(Event, frozen=True, tag="session_opened"):
     """A browser signed in (the web page), with a token or a one-time code made with one.
 
@@ -513,6 +521,7 @@ AnyEvent = (
     | NodeInventoryReported
     | UserCreated
     | UserUpdated
+    | UserDeleted
     | TokenIssued
     | TokenRevoked
     | SessionOpened

@@ -79,6 +79,24 @@ def test_user_commands_refuse_bad_input_with_a_clear_message(server: Server) -> 
     assert "nothing to change" in fails(data, "users", "set", "carol")
     assert "no user nobody (HTTP 404)" in fails(data, "users", "token", "nobody")
     assert "no user nobody (HTTP 404)" in fails(data, "users", "revoke", "nobody")
+    assert "no user nobody (HTTP 404)" in fails(data, "users", "delete", "nobody")
+
+
+def test_a_user_is_deleted_once_nothing_of_theirs_waits_or_runs(server: Server,
+                                                               tmp_path: Path) -> None:
+    data, _ = server
+    frank = token_of(eq(data, "users", "add", "frank").stdout)
+    job = submit(data, "--gpus", "0", "--", "sh", "-c",
+                 f"while [ ! -e {tmp_path}/go ]; do sleep 0.05; done", token=frank)
+    until(becomes(data, job["job_id"], "running"), "frank's job runs")
+    assert "frank has 1 unfinished job" in fails(data, "users", "delete", "frank")
+    (tmp_path / "go").touch()
+    until(becomes(data, job["job_id"], "completed"), "frank's job ends")
+
+    assert "deleted frank" in eq(data, "users", "delete", "frank").stdout
+    assert "invalid or revoked token (HTTP 401)" in fails(data, "jobs", "list", token=frank)
+    assert "frank" not in [u["name"] for u in eq_json(data, "users", "list")]
+    assert eq_json(data, "jobs", "show", job["job_id"])["job"]["user"] == "frank"
 
 
 def test_a_researcher_retrying_every_failed_job_retries_only_her_own(server: Server) -> None:

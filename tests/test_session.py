@@ -217,6 +217,53 @@ async def test_a_revoked_users_cookie_stream_closes_and_the_cookie_opens_nothing
     assert refused.status == 401 and "revoked" in (await refused.json())["error"]
 
 
+async def test_a_deleted_users_session_and_stream_end_and_the_deletion_outlives_a_restart(
+        make_orch: MakeOrch, aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
+    orch = await make_orch(data_dir=tmp_path / "data")
+    server = await aiohttp_client(make_app(orch))
+    alice = orch.add_user("alice", ev.Level.RESEARCHER)
+    browser = Browser(server)
+    try:
+        assert (await browser.sign_in(token=alice)).status == 200
+        stream = await browser.get("/api/events/stream")
+        mine = await (await browser.send("POST", "/api/queue/submit", json=parked())).json()
+        await frames_until(stream, lambda f: f.event == "job_blocked")
+
+        busy = await server.delete("/api/admin/users/alice", headers=bearer(orch.admin_token))
+        assert busy.status == 409 and "1 unfinished job" in (await busy.json())["error"]
+        assert (await browser.get("/api/session")).status == 200, "a refusal changes nothing"
+        await admin_call(server, orch, "POST",
+                         f"/api/queue/{mine['job_id']}/reject?reason=not+this+week")
+        await admin_call(server, orch, "DELETE", "/api/admin/users/alice")
+
+        last = await frames_until(stream, lambda f: f.event == "revoked")
+        assert "revoked" in last[-1].data["reason"] and await next_frame(stream) is None
+        assert (await browser.get("/api/queue/me")).status == 401
+        assert (await server.get("/api/queue/me", headers=bearer(alice))).status == 401
+        users = await (await admin_call(server, orch, "GET", "/api/admin/users")).json()
+        assert "alice" not in [u["name"] for u in users["users"]]
+        cookie = browser.cookie()
+    finally:
+        await browser.close()
+    await orch.stop()
+    again = await make_orch(data_dir=tmp_path / "data")
+    after = await aiohttp_client(make_app(again))
+    assert (await after.get("/api/session", cookies={COOKIE: cookie})).status == 401
+    assert (await after.get("/api/queue/me", headers=bearer(alice))).status == 401
+    job = await (await after.get(f"/api/jobs/{mine['job_id']}",
+                                 headers=bearer(again.admin_token))).json()
+    assert job["user"] == "alice", "her finished jobs stay in the history"
+
+
+async def test_deleting_oneself_or_no_one_is_refused(
+        orch: Orchestrator, server: TestClient[Any, Any]) -> None:
+    gone = await server.delete("/api/admin/users/nobody", headers=bearer(orch.admin_token))
+    assert gone.status == 404 and "no user nobody" in (await gone.json())["error"]
+    me = await server.delete("/api/admin/users/admin", headers=bearer(orch.admin_token))
+    assert me.status == 409 and "yourself" in (await me.json())["error"]
+    assert (await server.get("/api/queue", headers=bearer(orch.admin_token))).status == 200
+
+
 async def test_a_demoted_users_session_ends_and_a_promoted_ones_goes_on(
         orch: Orchestrator, browser: Browser, server: TestClient[Any, Any]) -> None:
     """A page that shows admin controls must not outlive its user's admin rights."""

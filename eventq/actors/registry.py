@@ -32,6 +32,7 @@ from eventq.actors.scheduler import (
     Process,
     Scheduler,
 )
+from eventq.actors.scheduler_state import TERMINAL
 from eventq.actors.workers_state import Worker, Workers
 from eventq.auth import Users, new_token, token_hash
 from eventq.clock import Clock
@@ -53,6 +54,11 @@ class UpdateUser(msgspec.Struct, frozen=True):
     name: str
     level: ev.Level
     team: str | None = None
+
+
+class DeleteUser(msgspec.Struct, frozen=True):
+    principal: str
+    name: str
 
 
 class IssueToken(msgspec.Struct, frozen=True):
@@ -152,8 +158,8 @@ class LoseAttempts(msgspec.Struct, frozen=True):
 
 WorkerMsg = (CreateWorker | RotateWorkerToken | DrainWorker | RemoveWorker | WorkerHello
              | WorkerGone | CheckAlive | LoseAttempts | CreateWorkers | AllocationEnded)
-RegistryMsg = AddUser | UpdateUser | IssueToken | RevokeTokens | OpenSession | EndSession \
-    | WorkerMsg
+RegistryMsg = AddUser | UpdateUser | DeleteUser | IssueToken | RevokeTokens | OpenSession \
+    | EndSession | WorkerMsg
 
 
 def decide_user(users: Users, cmd: AddUser | UpdateUser, digest: str) -> list[ev.Event]:
@@ -167,6 +173,20 @@ def decide_user(users: Users, cmd: AddUser | UpdateUser, digest: str) -> list[ev
     if cmd.name not in users.by_name:
         raise CommandError(404, f"no user {cmd.name}")
     return [ev.UserUpdated(name=cmd.name, level=cmd.level, team=cmd.team)]
+
+
+def decide_delete(users: Users, cmd: DeleteUser, unfinished: int) -> list[ev.Event]:
+    """A user goes only once nothing of theirs waits or runs: their jobs would otherwise
+    belong to no one who could act on them (as ``sacctmgr`` refuses while jobs are active)."""
+    if cmd.name not in users.by_name:
+        raise CommandError(404, f"no user {cmd.name}")
+    if cmd.principal == users.by_name[cmd.name].principal:
+        raise CommandError(409, "you cannot delete yourself; another admin can")
+    if unfinished:
+        raise CommandError(409, f"user {cmd.name} has {unfinished} unfinished "
+                                f"job{'s' if unfinished > 1 else ''}; cancel them or let "
+                                "them finish first")
+    return [ev.UserDeleted(name=cmd.name)]
 
 
 def decide_token(users: Users, cmd: IssueToken | RevokeTokens, digest: str) -> list[ev.Event]:
@@ -237,6 +257,8 @@ class Registry(Actor[RegistryMsg]):
         digest = token_hash(token) if token else ""
         if isinstance(message, AddUser | UpdateUser):
             events = decide_user(self.users, message, digest)
+        elif isinstance(message, DeleteUser):
+            events = decide_delete(self.users, message, self.unfinished_jobs(message.name))
         elif isinstance(message, IssueToken | RevokeTokens):
             events = decide_token(self.users, message, digest)
         elif isinstance(message, CreateWorker | RotateWorkerToken | DrainWorker):
@@ -252,6 +274,12 @@ class Registry(Actor[RegistryMsg]):
             return await self._liveness(message), None
         appended = self.log.append(message.principal, events)
         return Outcome(events, appended.durable), token
+
+    def unfinished_jobs(self, user: str) -> int:
+        """How many of ``user``'s jobs wait, are held, blocked or run."""
+        return sum(len(ids) for (status, owner), ids
+                   in self.scheduler.state.ids_by_user_status.items()
+                   if owner == user and status not in TERMINAL)
 
     async def _liveness(self, m: RemoveWorker | WorkerHello | WorkerGone | CheckAlive
                         | LoseAttempts | AllocationEnded) -> Outcome:

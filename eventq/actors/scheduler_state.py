@@ -90,7 +90,7 @@ def is_gated(spec: ev.JobSpec) -> bool:
 IGNORED = frozenset({
     ev.ServerStarted, ev.WorkerCreated, ev.WorkerTokenRotated, ev.WorkerConnected,
     ev.WorkerDraining, ev.WorkerLost, ev.WorkerRemoved, ev.UserCreated, ev.UserUpdated,
-    ev.TokenIssued, ev.TokenRevoked, ev.SessionOpened, ev.SessionEnded,
+    ev.UserDeleted, ev.TokenIssued, ev.TokenRevoked, ev.SessionOpened, ev.SessionEnded,
     ev.NodeInventoryReported, ev.GpusAllocated, ev.GpusReleased, ev.StaleReportIgnored,
     ev.ServerNotifyUrlSet, ev.NotificationDelivered, ev.NotificationFailed, ev.HookRan,
     ev.WorkersRequested, ev.WorkersRequestSubmitted, ev.WorkersRequestFailed,

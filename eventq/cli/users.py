@@ -1,4 +1,4 @@
-"""``eventq users add|list|token|revoke|set``: people, levels, teams and tokens (admins)."""
+"""``eventq users add|list|token|revoke|delete|set``: people, levels, teams and tokens (admins)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     r = users.add_parser("revoke", parents=[common], help="revoke every token of a user")
     r.add_argument("name")
     r.set_defaults(run=revoke)
+    d = users.add_parser("delete", parents=[common],
+                         help="delete a user: their tokens and sessions end (refused while "
+                              "a job of theirs waits or runs)")
+    d.add_argument("name")
+    d.set_defaults(run=delete)
     s = users.add_parser("set", parents=[common], help="change a user's level or team")
     s.add_argument("name")
     s.add_argument("--level", choices=LEVELS)
@@ -83,6 +88,15 @@ def revoke(args: argparse.Namespace) -> int:
         emit_json(reply)
     else:
         output.console.print(f"revoked every token of {reply['name']}", markup=False)
+    return 0
+
+
+def delete(args: argparse.Namespace) -> int:
+    reply = _client(args).call("DELETE", f"/api/admin/users/{quote(args.name)}")
+    if args.format == "json":
+        emit_json(reply)
+    else:
+        output.say(f"deleted {reply['name']}: their tokens and sessions no longer work")
     return 0
 
 

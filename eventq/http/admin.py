@@ -8,7 +8,7 @@ import msgspec
 from aiohttp import web
 
 from eventq import events as ev
-from eventq.actors.registry import AddUser, IssueToken, RevokeTokens, UpdateUser
+from eventq.actors.registry import AddUser, DeleteUser, IssueToken, RevokeTokens, UpdateUser
 from eventq.auth import User
 from eventq.http import bounds as b
 from eventq.http.common import ORCH, ApiError, decode_body, require_admin
@@ -75,6 +75,13 @@ async def change_user(request: web.Request) -> web.Response:
     await _registry(request, UpdateUser(admin.principal, user.name, level, team or None))
     users = request.app[ORCH].users
     return web.json_response(user_dict(users.by_name[user.name], users.token_count(user.name)))
+
+
+@routes.delete("/api/admin/users/{name}")
+async def delete_user(request: web.Request) -> web.Response:
+    admin, user = require_admin(request), _known(request)
+    await _registry(request, DeleteUser(admin.principal, user.name))
+    return web.json_response({"success": True, "name": user.name, "deleted": True})
 
 
 @routes.post("/api/admin/users/{name}/tokens")

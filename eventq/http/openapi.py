@@ -265,6 +265,10 @@ OPERATIONS: tuple[Op, ...] = (
     Op("patch", "/api/admin/users/{name}", "changeUser", "admin",
        "Change a user's level or team.", "admin", (s.UserReply,), body=UserChange,
        body_required=False, params=(USER,)),
+    Op("delete", "/api/admin/users/{name}", "deleteUser", "admin",
+       "Delete a user: every token of theirs, and every session and stream opened with one, "
+       "ends at once. Refused (409) while any job of theirs waits or runs, and for "
+       "oneself.", "admin", (s.UserDeleted,), params=(USER,), also=(409,)),
     Op("post", "/api/admin/users/{name}/tokens", "issueToken", "admin",
        "Issue a further token, shown once.", "admin", (s.TokenReply,), status=201,
        params=(USER,)),

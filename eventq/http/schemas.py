@@ -443,6 +443,12 @@ class TokenReply(Reply):
     token: str
 
 
+class UserDeleted(Reply):
+    success: bool
+    name: str
+    deleted: bool
+
+
 class TokensRevoked(Reply):
     success: bool
     name: str
