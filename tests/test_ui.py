@@ -555,6 +555,12 @@ def test_the_gantt_shows_two_jobs_on_disjoint_gpus(admin: Any, server: Server) -
     view(admin, "#/gpus?window=600", "GPUs over time")
     expect(chart.get_by_role("link", name=re.compile("^Job right attempt 1"))).to_be_visible()
     shoot(admin, "gpus-10-minutes")
+    admin.get_by_label("Show").select_option(label="Last 6 hours")
+    admin.get_by_label("Colour by").select_option("priority")
+    expect(admin).to_have_url(re.compile(r"#/gpus\?window=21600&by=priority$"))
+    admin.reload()
+    expect(admin.get_by_label("Show")).to_have_value("21600")
+    expect(admin.get_by_label("Colour by")).to_have_value("priority")
     chart.get_by_role("link", name=re.compile("^Job left attempt 1")).click()
     expect(admin.get_by_role("heading", name=re.compile("^left"), level=1)).to_be_visible()
 

@@ -13,9 +13,9 @@ export function mount(root, ctx, params) {
   const view = {data: null, window: +(params.get('window') || 3600), by: params.get('by') || 'user', skew: 0, users: new Map()};
   const box = h('div', {});
   const controls = h('div', {class: 'toolbar'},
-    h('label', {for: 'g-window'}, 'Show'), h('select', {id: 'g-window', onchange: (e) => { view.window = +e.target.value; load(); }},
+    h('label', {for: 'g-window'}, 'Show'), h('select', {id: 'g-window', onchange: (e) => { view.window = +e.target.value; keep(view); load(); }},
       Object.entries(WINDOWS).map(([k, v]) => h('option', {value: v, selected: v === view.window}, k))),
-    h('label', {for: 'g-by'}, 'Colour by'), h('select', {id: 'g-by', onchange: (e) => { view.by = e.target.value; draw(); }},
+    h('label', {for: 'g-by'}, 'Colour by'), h('select', {id: 'g-by', onchange: (e) => { view.by = e.target.value; keep(view); draw(); }},
       h('option', {value: 'user', selected: view.by === 'user'}, 'user'), h('option', {value: 'priority', selected: view.by === 'priority'}, 'priority')));
   root.append(h('h1', {}, 'GPUs over time'), controls, box);
   const draw = () => {
@@ -44,6 +44,15 @@ export function mount(root, ctx, params) {
   const tick = setInterval(draw, 10000);  // moves the "now" line; fetches nothing
   load();
   return {unmount: () => { stop(); clearInterval(tick); }};
+}
+
+/** The window and the colouring in the URL, so that a link shows what this page shows. */
+function keep(view) {
+  const q = new URLSearchParams();
+  if (view.window !== 3600) q.set('window', view.window);
+  if (view.by !== 'user') q.set('by', view.by);
+  const text = q.toString();
+  history.replaceState(null, '', `#/gpus${text ? `?${text}` : ''}`);
 }
 
 /** The timeline names jobs by id: their names come from the jobs table's rows. */
