@@ -667,11 +667,31 @@ class Scheduler(Actor[SchedulerMsg]):
         its first reasons recorded, right after its submission, without the general
         command's look at gates, newcomers and what the events free."""
         submitted = decide_submit(self.state, m)
+        waits = self._first_reasons(m.spec) if len(submitted) == 1 else None
+        if waits is not None:  # one event: the job and why it waits (no placement to try)
+            submitted = [ev.JobSubmitted(job=m.spec, reasons=waits)]
         self._append_submitted(m.principal, submitted)
         job = self.state.jobs[m.spec.job_id]
-        if job.status == "pending":  # not blocked for an admin's approval
+        if waits is None and job.status == "pending":  # not blocked for an admin's approval
             await self._place(job)
         return Outcome(submitted, self._durable, dispatched=self._dispatched)
+
+    def _first_reasons(self, spec: ev.JobSpec) -> list[ev.Reason] | None:
+        """Why a job about to queue would wait, if ``_place`` would only record that: its
+        submission then carries them (one append, not two). None: it may start, or it
+        must go through ``_place`` (held only by GPUs, it outranks the reservation's job).
+        Nothing it reads changes with the submission's own event (counts and nodes are
+        the running jobs'), so the answer is ``_place``'s."""
+        now, held = self.clock.now(), self.last_plan.reservation
+        plan = policy.plan_one(spec, self.state.counts, self.state.limits, self.node_views(),
+                               held, now)
+        reasons = plan.reasons.get(spec.job_id)
+        if not reasons:
+            return None
+        as_queued = JobState(spec=spec, order=self.log.head_seq + 1, queued_at=now)
+        if all(r.code == "gpus" for r in reasons) and self._outranks(as_queued, held, now):
+            return None
+        return reasons
 
     async def place_new(self, job_ids: list[str]) -> None:
         """Place newly queued jobs one by one in queue order, without walking the queue.
