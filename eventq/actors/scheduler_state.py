@@ -81,6 +81,12 @@ def implied_reasons(spec: ev.JobSpec) -> tuple[ev.Reason, ...]:
     return tuple(out)
 
 
+def submitted_reasons(e: ev.JobSubmitted) -> tuple[ev.Reason, ...]:
+    """A job's reasons as its submission left them: those it carries (it waited from the
+    start), else those it implies."""
+    return implied_reasons(e.job) if e.reasons is None else tuple(e.reasons)
+
+
 def is_gated(spec: ev.JobSpec) -> bool:
     """Does the job wait for dependencies or a begin time before it may queue?"""
     return bool(spec.depends_on) or spec.begin_at is not None
@@ -296,7 +302,7 @@ class SchedulerState:
         spec = e.job
         gated = is_gated(spec)
         job = JobState(spec=spec, order=r.seq, queued_at=r.time,
-                       status="waiting" if gated else "pending", reasons=implied_reasons(spec))
+                       status="waiting" if gated else "pending", reasons=submitted_reasons(e))
         self.jobs[spec.job_id] = job
         self.by_status.setdefault(job.status, {})[spec.job_id] = None
         self._index(job, job.status, add=True)
