@@ -14,7 +14,8 @@ closes the connection well within that time). Its directory is then marked ``rep
 
 No GPU is held by two of its attempts: a ``run`` whose GPUs an attempt here still uses
 (one the orchestrator gave away and told it to stop, say) starts once that one has ended.
-Nothing starts once the worker's lease has lapsed (``eventq.agent.lease``).
+Nothing starts once the worker's lease has lapsed (``eventq.agent.lease``), and nothing
+runs unknown to the worker's watchdog (``eventq.agent.watchdog``) while a lease binds it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from eventq import runner
 from eventq.agent.lease import Lease
 from eventq.agent.link import Link
 from eventq.agent.messages import Run
-from eventq.agent.watchdog import FENCED_FILE
+from eventq.agent.watchdog import FENCED_FILE, Watchdog
 
 log = structlog.get_logger()
 
@@ -105,6 +106,7 @@ class Attempts:
         self.data_dir, self.link = data_dir.absolute(), link
         self.trainer, self.grace_seconds = trainer, grace_seconds
         self.lease = lease or Lease(self.data_dir)
+        self.watchdog = Watchdog(self.lease.path)
         self.by_key: dict[Key, Attempt] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         #: run, adopted, completed, failed, cancelled, timeout, start_failed: for the last line.
@@ -216,10 +218,10 @@ class Attempts:
                                        "it starts nothing until the orchestrator answers")))
             return
         directory = att.directory
-        lease = self.lease.path if self.lease.seconds is not None else None
         try:
+            watch = self.watchdog.feed() if self.lease.seconds is not None else None
             att.pid = runner.spawn(msg.spec(), msg.attempt, msg.gpus, directory, self.trainer,
-                                   lease)
+                                   watch)
         except (OSError, ValueError) as exc:
             self._watch(att, _now(Exit("start_failed", None, f"could not start: {exc}")))
             return
@@ -247,6 +249,8 @@ class Attempts:
                           _read_gpus(seen.pid) if seen.state == "alive" else frozenset(),
                           _read_deadline(directory), offsets=_read_offsets(directory))
             self.by_key[att.key] = att
+            if seen.state == "alive" and seen.pid is not None and self.lease.path.exists():
+                self.watchdog.announce(seen.pid, directory)  # in case its own has gone
             self._watch(att, self._found(att, seen))
         return len(self.by_key)
 
@@ -285,6 +289,10 @@ class Attempts:
         if code == runner.CLAIMED and _read_pid(att.directory) != att.pid:
             att.process_done.set()
             return Exit("start_failed", None, "its directory was already claimed")
+        if code in (runner.UNWATCHED, -signal.SIGPIPE) and runner.read_exit(att.directory) is None:
+            att.process_done.set()
+            return Exit("start_failed", None, "the worker's lease watchdog was not there to "
+                                              "watch it, so it did not run")
         await self._left_behind(att)
         return _ended(att, code)
 
@@ -413,6 +421,7 @@ class Attempts:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.watchdog.close()
         return self.running
 
 
