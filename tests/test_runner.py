@@ -237,3 +237,20 @@ async def test_an_attempt_ends_only_when_what_it_left_in_its_group_is_gone(
     finally:  # a straggler that was not stopped must not outlive the test
         with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
             os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+async def test_a_watchdog_that_left_is_started_again_for_the_next_attempt(
+        tmp_path: Path, spawned: list[int], watchdog: Watchdog) -> None:
+    write_lease(tmp_path / "lease", 30.0, 0.3)
+    watchdog.feed()
+    first = watchdog.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    await until(lambda: Path(f"/proc/{first}/stat").read_text().split(") ")[1][0] == "Z",
+                "the watchdog to be gone")
+    directory = tmp_path / "jobs" / "j" / "1"
+    pid = runner.spawn(spec("j", "exit 7"), 1, [0], directory, watch=watchdog.feed())
+    spawned.append(pid)
+    assert watchdog.pid not in (None, first)
+    _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 7, "it ran, watched by the new watchdog"

@@ -151,7 +151,7 @@ class Watchdog:
 
     def feed(self) -> int:
         """The write end of a pipe that a live watchdog reads."""
-        if self.pid is not None and os.waitpid(self.pid, os.WNOHANG)[0] != 0:
+        if self.pid is not None and not self._running():
             self._drop()
         if self.feed_fd is None:
             self._start()
@@ -179,6 +179,13 @@ class Watchdog:
         finally:
             os.close(read)
             os.close(write)
+
+    def _running(self) -> bool:
+        assert self.pid is not None
+        try:
+            return os.waitpid(self.pid, os.WNOHANG)[0] == 0
+        except ChildProcessError:  # reaped already
+            return False
 
     def _drop(self) -> None:
         if self.feed_fd is not None:
