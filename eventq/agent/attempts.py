@@ -53,6 +53,9 @@ SENT_FILE = "sent"
 REPORTED_FILE = "reported"
 #: When its max_runtime runs out (epoch seconds), so that a restarted agent honours it too.
 DEADLINE_FILE = "deadline"
+#: How long a start waits to be told: a job that has ended by then has its start and its end
+#: sent back to back, which the orchestrator commits together.
+STARTED_AFTER = 0.01
 SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -231,8 +234,7 @@ class Attempts:
                 (directory / DEADLINE_FILE).write_text(f"{att.deadline}\n")
         self.counts["run"] += 1
         log.info("run", job_id=msg.job_id, attempt=msg.attempt, gpus=msg.gpus, pid=att.pid)
-        self._spawn(self._send_started(att))
-        self._watch(att, self._child(att))
+        self._watch(att, self._child(att), announce=True)
 
     async def adopt_all(self) -> int:
         """At start-up: take back every attempt whose end the orchestrator may not have."""
@@ -309,11 +311,14 @@ class Attempts:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _watch(self, att: Attempt, ended: Coroutine[Any, Any, Exit]) -> None:
-        self._spawn(self._lifecycle(att, ended))
+    def _watch(self, att: Attempt, ended: Coroutine[Any, Any, Exit],
+               announce: bool = False) -> None:
+        self._spawn(self._lifecycle(att, ended, announce))
 
-    async def _lifecycle(self, att: Attempt, ended: Coroutine[Any, Any, Exit]) -> None:
-        """Send its output while it runs, then the rest, then how it ended."""
+    async def _lifecycle(self, att: Attempt, ended: Coroutine[Any, Any, Exit],
+                         announce: bool = False) -> None:
+        """Say it started (``announce``), send its output while it runs, then the rest,
+        then how it ended."""
         waiter = asyncio.ensure_future(ended)
         timer = None
         if att.deadline is not None:
@@ -321,6 +326,9 @@ class Attempts:
                 max(0.0, att.deadline - time.time()), self.stop, att.key, "timeout",
                 "max_runtime exceeded")
         try:
+            if announce:  # a job that ends at once: its start and end leave together
+                await asyncio.wait({waiter}, timeout=STARTED_AFTER)
+                await self._send_started(att)
             await self._follow(att, waiter)
         finally:
             waiter.cancel()
