@@ -70,6 +70,16 @@ CREATE TABLE IF NOT EXISTS checkpoint (
 """
 ANCHOR = "INSERT OR REPLACE INTO checkpoint (id, seq, hash, mac) VALUES (1, ?, ?, ?)"
 
+#: Events whose loss in a power cut (never in a crash of the process: the page cache keeps
+#: what was written) costs nothing, so a commit of these alone is not synced
+#: (``synchronous=NORMAL``); the next commit that is synced makes them durable with it,
+#: the WAL being written in order. A lost ``AttemptStarted`` is told again: the worker
+#: repeats it after each welcome for every attempt it still runs, and a local attempt is
+#: found in its directory at start; ``JobReasonsChanged`` is what every pass recomputes.
+#: Every other event is synced before anyone acts on it (a ``run`` waits for its
+#: ``AttemptDispatched``, a worker forgets an attempt once its end is surely recorded).
+UNSYNCED = frozenset({ev.AttemptStarted, ev.JobReasonsChanged})
+
 #: From this many rows on, a start hashes the chain in a second process while it folds
 #: (``ChainCheckAside``); below it, starting that process costs more than it saves, and
 #: with one CPU there is nothing to gain.
@@ -491,6 +501,9 @@ class EventLog:
         default_factory=list)
     commits: int = 0
     committed_events: int = 0
+    #: Commits left unsynced (``UNSYNCED``).
+    unsynced_commits: int = 0
+    _synced: bool = True
     _pending: list[Row] = field(default_factory=list)
     _pending_records: list[Record] = field(default_factory=list)
     _batch_future: asyncio.Future[None] | None = None
@@ -681,7 +694,8 @@ class EventLog:
         self._pending, self._pending_records, self._batch_future = [], [], None
         self._inflight = future
         try:
-            await self._commit(rows)
+            await self._commit(rows, synced=any(type(r.event) not in UNSYNCED
+                                                for r in records))
             self._good = (records[-1].seq, records[-1].hash)
             if self.key is not None and self.key.pending:
                 self.key = promote_key(self.path, self.key)
@@ -724,18 +738,27 @@ class EventLog:
         if good is not None and self.key.pending:
             self.key = promote_key(self.path, self.key)
 
-    async def _commit(self, rows: list[Row]) -> None:
+    async def _commit(self, rows: list[Row], synced: bool = True) -> None:
         """``BEGIN IMMEDIATE`` (implicit, see ``open``), every row and the anchored head,
-        ``COMMIT``: the head moves with its rows or not at all, at no extra sync."""
+        ``COMMIT``: the head moves with its rows or not at all, at no extra sync. Synced
+        unless every row is ``UNSYNCED``."""
         assert self.key is not None  # set by _anchor_at_start
         seq, digest, conn = rows[-1][0], rows[-1][7], self.conn
         head = (seq, digest, anchor_mac(self.key.secret, seq, digest))
+        switch = synced != self._synced
+        self._synced = synced
+        self.unsynced_commits += not synced
 
         def write() -> None:
             conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             conn.execute(ANCHOR, head)
 
-        await self._on_writer(lambda: _in_transaction(conn, write))
+        def step() -> None:
+            if switch:  # outside a transaction, where SQLite takes it
+                conn.execute(f"PRAGMA synchronous={'FULL' if synced else 'NORMAL'}")
+            _in_transaction(conn, write)
+
+        await self._on_writer(step)
 
     def flush_future(self) -> asyncio.Future[None] | None:
         """The future of the latest commit still to come (None if all is durable)."""

@@ -288,6 +288,8 @@ class _Pass:
         self._copied = False
         #: ids of the nodes in ``self.nodes`` that are the pass's own copies.
         self._owned: set[int] = set()
+        #: Once ``settle`` holds: the reasons found for each job shape.
+        self.settled: dict[tuple[object, ...], list[Reason]] | None = None
 
     def _own(self, node: NodeView) -> NodeView:
         """The pass's own copy of ``node`` (made in place of it in ``self.nodes``)."""
@@ -317,6 +319,26 @@ class _Pass:
         return bool(node.free) or self.cpu_left > 0
 
     def consider(self, spec: JobSpec) -> None:
+        settled = self.settled if spec.gpus else None
+        if settled is None:
+            self._consider(spec)
+            return
+        shape = _shape(spec)
+        known = settled.get(shape)
+        if known is not None:
+            self.plan.reasons[spec.job_id] = list(known)
+            return
+        self._consider(spec)
+        if spec.job_id in self.plan.reasons:
+            settled[shape] = self.plan.reasons[spec.job_id]
+
+    def settle(self) -> None:
+        """From here on nothing needing a GPU can start and the reservation is made: what
+        holds such a job depends only on its ``_shape``, so jobs of one shape share a look."""
+        if self.settled is None and self.plan.reservation is not None and self.saturated():
+            self.settled = {}
+
+    def _consider(self, spec: JobSpec) -> None:
         reasons = limit_reasons(spec, self.counts, self.limits)
         fitting = fitting_nodes(spec, self.nodes)
         if not fitting:
@@ -433,6 +455,7 @@ def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
     for examined, job in enumerate(waiting):
         if work.saturated():
             after_full -= 1
+            work.settle()
         if examined >= scan_depth or after_full < 0:
             work.plan.truncated = True
             break
@@ -454,6 +477,14 @@ def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
         if final:
             work.plan.reasons[spec.job_id] = final
     return work.plan
+
+
+def _shape(spec: JobSpec) -> tuple[object, ...]:
+    """All of a job that what holds it depends on, once a pass is settled."""
+    labels = tuple(sorted(spec.worker_labels.items())) if spec.worker_labels else ()
+    return (spec.user, spec.team, spec.gpus, spec.target, labels,
+            tuple(spec.device_ids or ()), spec.any_gpu, spec.max_runtime,
+            spec.estimated_runtime)
 
 
 def _gpus_taken(work: _Pass) -> bool:

@@ -8,10 +8,11 @@ writes the exit code. Recovery claims the same directory: if recovery wins, the 
 started and never will; if the wrapper won, its pid and exit files say what
 became of it. Either way an attempt runs at most once.
 
-A remote attempt may run only while its worker holds a lease (SPEC 6): its wrapper also
-starts a watchdog (``eventq.agent.watchdog``) in the attempt's own process group that
-stops the attempt when the lease file it is given stops being renewed, whether or not
-the agent that renews it is alive.
+A remote attempt may run only while its worker holds a lease (SPEC 6): its wrapper is
+given the pipe of its worker's watchdog (``eventq.agent.watchdog``) as fd 3 and, before the
+job, tells it its process group and directory; a wrapper that cannot (the watchdog has
+gone) runs nothing. The watchdog stops the group once the lease lapses, whether or not the
+agent that renews it is alive.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,23 +28,24 @@ from eventq import procgroup
 from eventq.events import JobSpec
 
 WRAPPER = """\
-d=$1; c=$2; w=$3; p=$4; shift 4
+d=$1; c=$2; w=$3; shift 3
 set -C
 { : > "$d/claim"; } 2>/dev/null || exit 99
 set +C
 echo $$ > "$d/pid"
 trap ':' TERM INT HUP
-g=
-if [ -n "$w" ]; then "$p" -I -m eventq.agent.watchdog $$ "$d" "$w" </dev/null & g=$!; fi
+if [ -n "$w" ]; then { echo "$$ $d" >&3; } 2>/dev/null || exit 98; exec 3>&-; fi
 if cd "$c"; then "$@"; else false; fi
 rc=$?
 echo $rc > "$d/exit"
-if [ -n "$g" ]; then kill -USR1 $g 2>/dev/null; fi
 exit $rc
 """
 
 #: Exit code of a wrapper that found its directory already claimed.
 CLAIMED = 99
+#: Exit code of a wrapper that found no watchdog to tell (it ran nothing; without a
+#: SIGPIPE ignored it dies of that signal instead).
+UNWATCHED = 98
 DEFAULT_TRAINER = ("python", "-m", "simpletuner.train")
 
 
@@ -73,27 +74,29 @@ def job_env(spec: JobSpec, attempt: int, gpus: list[int], directory: Path) -> di
 
 
 def spawn(spec: JobSpec, attempt: int, gpus: list[int], directory: Path,
-          trainer: tuple[str, ...] = DEFAULT_TRAINER, lease: Path | None = None) -> int:
+          trainer: tuple[str, ...] = DEFAULT_TRAINER, watch: int | None = None) -> int:
     """Start the attempt in a new session (its own process group); its pid.
 
-    With ``lease`` (a worker's lease file), a watchdog stops the attempt once the lease
-    lapses. ``posix_spawn``, not an asyncio transport: closing the event loop must not
-    kill a running job (a restarted server adopts it instead), and spawning this way
-    avoids copying the server's memory on the dispatch path.
+    With ``watch`` (the write end of the worker's watchdog pipe), the watchdog stops the
+    attempt once the worker's lease lapses. ``posix_spawn``, not an asyncio transport:
+    closing the event loop must not kill a running job (a restarted server adopts it
+    instead), and spawning this way avoids copying the server's memory on the dispatch
+    path.
     """
     directory.mkdir(parents=True, exist_ok=True)
     argv = job_argv(spec, directory, trainer)
     append = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-    watchdog = (str(lease), sys.executable) if lease is not None else ("", "")
+    actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, str(directory / "stdout.log"), append, 0o644),
+        (os.POSIX_SPAWN_OPEN, 2, str(directory / "stderr.log"), append, 0o644)]
+    if watch is not None:
+        actions.append((os.POSIX_SPAWN_DUP2, watch, 3))
     return os.posix_spawn(
         "/bin/sh",
         ["sh", "-c", WRAPPER, "eventq-attempt", str(directory), spec.cwd or str(directory),
-         *watchdog, *argv],
-        job_env(spec, attempt, gpus, directory),
-        file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                      (os.POSIX_SPAWN_OPEN, 1, str(directory / "stdout.log"), append, 0o644),
-                      (os.POSIX_SPAWN_OPEN, 2, str(directory / "stderr.log"), append, 0o644)],
-        setsid=True)
+         "" if watch is None else "3", *argv],
+        job_env(spec, attempt, gpus, directory), file_actions=actions, setsid=True)
 
 
 async def wait_child(pid: int) -> int:

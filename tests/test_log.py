@@ -367,3 +367,24 @@ def test_old_schema_versions_are_upcast_on_read() -> None:
                                             "command": ["true"], "num_processes": 4}}
     event = ev.decode(msgspec.msgpack.encode(old), version=0)
     assert isinstance(event, ev.JobSubmitted) and event.job.gpus == 4
+
+
+async def test_only_a_commit_of_events_told_again_after_a_power_cut_goes_unsynced(
+        open_log: OpenLog, path: Path) -> None:
+    """An attempt's start (the worker repeats it) and a job's reasons (every pass recomputes
+    them) may wait for the next synced commit; anything else is synced as it commits."""
+    log = await open_log()
+
+    def synchronous() -> int:
+        return int(log.conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    started = ev.AttemptStarted(job_id="j1", attempt=1, pid=42)
+    reasons = ev.JobReasonsChanged(job_id="j1", reasons=[ev.Reason("gpus", "all busy")])
+    await log.append("system", [started, reasons]).durable
+    assert (log.unsynced_commits, synchronous()) == (1, 1)  # NORMAL
+    await log.append("system", [started, limits_event(2)]).durable
+    assert (log.unsynced_commits, synchronous()) == (1, 2)  # FULL
+    await log.append("system", [limits_event(3)]).durable
+    assert (log.unsynced_commits, synchronous()) == (1, 2)
+    await log.close()
+    assert verified_seqs(path) == [1, 2, 3, 4, 5]

@@ -133,3 +133,25 @@ def test_a_cpu_job_with_target_auto_is_placed_on_the_local_node_not_a_worker() -
     assert node_of(gpus=0, target="worker") == "w1"
     assert node_of(gpus=0, worker_labels={"kind": "c*"}) == "w1"
     assert node_of(gpus=1) == "w1"
+
+
+def test_once_nothing_can_start_each_job_s_reasons_are_what_it_alone_would_be_told() -> None:
+    """Past the point where no GPU is free and the reservation is made, jobs of one shape
+    share one look: each must still get exactly the reasons a look at it alone gives."""
+    limits = Limits(max_concurrent=50, user_max_concurrent=2, local_job_max_concurrent=50)
+    worker = policy.NodeView("w1", False, set(), 2, [(NOW + 600, 2, "running")],
+                             {"zone": "a"}, None, None, NOW + 900)
+    local = policy.NodeView("local", True, set(), 4, [(None, 4, "other")])
+    counts = policy.Counts(4, Counter({"u": 1, "capped": 2}), Counter(), 1, 4)
+    shapes = [dict(gpus=2), dict(gpus=1, max_runtime=60.0), dict(gpus=1, max_runtime=1200.0),
+              dict(gpus=1, user="capped"), dict(gpus=4, target="local"),
+              dict(gpus=1, worker_labels={"zone": "b"}), dict(gpus=1, target="worker")]
+    queue = [Queued(JobSpec(job_id=f"j{i}", priority=10, command=["x"],
+                            **{"user": "u", **shapes[i % len(shapes)]}))  # type: ignore[arg-type]
+             for i in range(40)]
+    plan = policy.plan(iter(queue), counts, limits, [worker, local], NOW, cpu_jobs_waiting=0)
+    assert plan.placements == [] and plan.reservation is not None
+    for queued in queue[1:]:
+        alone = policy.explain(queued.spec, counts, limits, [worker, local], plan.reservation,
+                               NOW)
+        assert plan.reasons[queued.spec.job_id] == alone, queued.spec

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -14,7 +15,7 @@ import pytest
 from eventq import events as ev
 from eventq import runner
 from eventq.actors.scheduler import Submit
-from eventq.agent.watchdog import FENCED_FILE, now
+from eventq.agent.watchdog import FENCED_FILE, Watchdog, now
 from eventq.server import Orchestrator
 from tests.cluster import gone
 from tests.helpers import until
@@ -31,6 +32,22 @@ async def submit(orch: Orchestrator, job: ev.JobSpec) -> None:
     outcome = await orch.scheduler.ask(Submit(job, "user:admin"))
     assert outcome.durable is not None
     await outcome.durable
+
+
+@pytest.fixture
+def watchdog(tmp_path: Path) -> Iterator[Watchdog]:
+    """A worker's watchdog on ``tmp_path/lease``; gone at the end of the test."""
+    dog = Watchdog(tmp_path / "lease")
+    try:
+        yield dog
+    finally:
+        pid = dog.pid
+        dog.close()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
 
 @pytest.fixture
@@ -98,7 +115,7 @@ def write_lease(path: Path, seconds: float, grace: float) -> None:
 
 
 async def test_a_lapsed_lease_stops_the_attempt_with_term_then_kill_and_says_so(
-        tmp_path: Path, spawned: list[int]) -> None:
+        tmp_path: Path, spawned: list[int], watchdog: Watchdog) -> None:
     lease = tmp_path / "lease"
     write_lease(lease, 0.5, 0.3)
     directory = tmp_path / "jobs" / "j" / "1"
@@ -106,8 +123,7 @@ async def test_a_lapsed_lease_stops_the_attempt_with_term_then_kill_and_says_so(
     # The job ignores SIGTERM and leaves a child: only the group's SIGKILL ends both. The
     # pid is written aside and renamed, so that the file exists only once it holds it.
     command = f"trap '' TERM; sleep 300 & echo $! > {child}.tmp; mv {child}.tmp {child}; wait"
-    pid = runner.spawn(spec("j", command), 1, [0],
-                       directory, lease=lease)
+    pid = runner.spawn(spec("j", command), 1, [0], directory, watch=watchdog.feed())
     spawned.append(pid)
     await until(child.exists, "the job's child to start")
     grandchild = int(child.read_text())
@@ -117,12 +133,12 @@ async def test_a_lapsed_lease_stops_the_attempt_with_term_then_kill_and_says_so(
     assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
 
 
-async def test_a_renewed_lease_lets_the_attempt_finish_and_its_watchdog_leaves_with_it(
-        tmp_path: Path, spawned: list[int]) -> None:
+async def test_a_renewed_lease_lets_the_attempt_finish_and_the_watchdog_leaves_after_the_agent(
+        tmp_path: Path, spawned: list[int], watchdog: Watchdog) -> None:
     lease = tmp_path / "lease"
     write_lease(lease, 0.6, 0.3)
     directory = tmp_path / "jobs" / "j" / "1"
-    pid = runner.spawn(spec("j", "sleep 1.5"), 1, [0], directory, lease=lease)
+    pid = runner.spawn(spec("j", "sleep 1.5"), 1, [0], directory, watch=watchdog.feed())
     spawned.append(pid)
     end = time.monotonic() + 10
     while not (directory / "exit").exists() and time.monotonic() < end:
@@ -130,10 +146,74 @@ async def test_a_renewed_lease_lets_the_attempt_finish_and_its_watchdog_leaves_w
         time.sleep(0.1)
     assert runner.read_exit(directory) == 0
     assert not (directory / FENCED_FILE).exists()
-    await until(lambda: not any(
-        f"eventq.agent.watchdog\0{pid}".encode() in p.read_bytes()
-        for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists()),
-        "the watchdog to leave with the job")
+    dog = watchdog.pid
+    assert dog is not None
+    watchdog.close()  # the agent leaves; nothing of its attempts is left
+    os.waitpid(pid, 0)
+    await until(lambda: reaped(dog), "the watchdog to leave")
+
+
+def reaped(child: int) -> bool:
+    try:
+        return os.waitpid(child, os.WNOHANG)[0] == child
+    except ChildProcessError:  # reaped already
+        return True
+
+
+async def test_the_watchdog_outlives_its_agent_and_stops_what_the_job_left_when_the_lease_lapses(
+        tmp_path: Path, spawned: list[int], watchdog: Watchdog) -> None:
+    """The agent is gone (its end of the pipe closed) and the job's own process has ended:
+    the child it left still runs on the worker's GPUs, so it is still fenced, and only
+    then does the watchdog leave."""
+    lease = tmp_path / "lease"
+    write_lease(lease, 1.0, 0.3)
+    directory = tmp_path / "jobs" / "j" / "1"
+    child = tmp_path / "child"
+    pid = runner.spawn(spec("j", f"sh -c 'trap \"\" TERM; exec sleep 300' & echo $! > {child}"),
+                       1, [0], directory, watch=watchdog.feed())
+    spawned.append(pid)
+    dog = watchdog.pid
+    assert dog is not None
+    watchdog.close()
+    await until(lambda: runner.read_exit(directory) == 0, "the job's own process to end")
+    os.waitpid(pid, 0)
+    straggler = int(child.read_text())
+    assert not gone(straggler) and not (directory / FENCED_FILE).exists()
+    await until(lambda: gone(straggler), "the straggler to be stopped")
+    assert (directory / FENCED_FILE).exists()
+    await until(lambda: reaped(dog), "the watchdog to leave after it")
+
+
+async def test_an_attempt_started_after_the_lease_lapsed_is_stopped_at_once(
+        tmp_path: Path, spawned: list[int], watchdog: Watchdog) -> None:
+    """An agent frozen between its look at the lease and the start runs late: the wrapper
+    has told the watchdog before its job runs, so the job is fenced all the same."""
+    write_lease(tmp_path / "lease", 30.0, 0.3)
+    feed = watchdog.feed()
+    write_lease(tmp_path / "lease", -1.0, 0.3)
+    directory = tmp_path / "jobs" / "j" / "1"
+    pid = runner.spawn(spec("j", "sleep 300"), 1, [0], directory, watch=feed)
+    spawned.append(pid)
+    _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+    assert os.waitstatus_to_exitcode(status) in (128 + signal.SIGTERM, -signal.SIGKILL)
+    assert (directory / FENCED_FILE).exists()
+
+
+async def test_without_a_watchdog_to_tell_the_wrapper_runs_nothing(
+        tmp_path: Path, spawned: list[int], watchdog: Watchdog) -> None:
+    write_lease(tmp_path / "lease", 30.0, 0.3)
+    feed = watchdog.feed()
+    dog = watchdog.pid
+    assert dog is not None
+    os.kill(dog, signal.SIGKILL)
+    os.waitpid(dog, 0)
+    directory = tmp_path / "jobs" / "j" / "1"
+    ran = tmp_path / "ran"
+    pid = runner.spawn(spec("j", f"touch {ran}"), 1, [0], directory, watch=feed)
+    spawned.append(pid)
+    _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+    assert os.waitstatus_to_exitcode(status) in (runner.UNWATCHED, -signal.SIGPIPE)
+    assert not ran.exists() and runner.read_exit(directory) is None
 
 
 async def test_an_attempt_ends_only_when_what_it_left_in_its_group_is_gone(
@@ -157,3 +237,20 @@ async def test_an_attempt_ends_only_when_what_it_left_in_its_group_is_gone(
     finally:  # a straggler that was not stopped must not outlive the test
         with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
             os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+async def test_a_watchdog_that_left_is_started_again_for_the_next_attempt(
+        tmp_path: Path, spawned: list[int], watchdog: Watchdog) -> None:
+    write_lease(tmp_path / "lease", 30.0, 0.3)
+    watchdog.feed()
+    first = watchdog.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    await until(lambda: Path(f"/proc/{first}/stat").read_text().split(") ")[1][0] == "Z",
+                "the watchdog to be gone")
+    directory = tmp_path / "jobs" / "j" / "1"
+    pid = runner.spawn(spec("j", "exit 7"), 1, [0], directory, watch=watchdog.feed())
+    spawned.append(pid)
+    assert watchdog.pid not in (None, first)
+    _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 7, "it ran, watched by the new watchdog"

@@ -14,6 +14,12 @@ the submission to the last completion, the workers' start included. Slurm alone:
 ``sbatch --gres=gpu:1 --wrap true``, one after another as a script submits them, timed from
 the first until Slurm lists none of them (slurm-local.sh's own benchmark does the same).
 
+(c) ``--only cpu`` (no Slurm needed): the CPU a job costs on eventq's side, which the machine's
+load does not change as it changes (b)'s seconds. A local ``eventq server`` and two
+``eventq worker --gpus 1xA100-80GB`` processes drain N ``true`` jobs; each worker's CPU is
+read from ``wait4`` when it has stopped (its own and every process it reaped: wrappers, jobs,
+watchdogs), the server's from ``/proc`` over the drain.
+
 ``--load N`` runs N busy processes beside both sides (as ``bench_http.py`` does) for a
 second, loaded figure after the quiet one.
 
@@ -28,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import random
 import shutil
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -87,8 +95,6 @@ def eventq_server(root: Path, name: str, *flags: str) -> Iterator[tuple[Api, Pat
                  "the server's start", step=0.02)
         if proc.poll() is not None:
             raise RuntimeError(f"eventq server exited; see {root / 'server.log'}")
-        import json
-
         url = json.loads((data / "server.json").read_text())["url"]
         api = Api(url, (data / "admin.token").read_text().strip())
         api.call("POST", "/api/queue/concurrency", {"max_concurrent": 1000,
@@ -198,6 +204,63 @@ def throughput(args: argparse.Namespace, root: Path) -> dict[str, float]:
             "eventq_jobs_per_s": args.jobs / eventq_s, "slurm_jobs_per_s": args.jobs / slurm_s}
 
 
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_job(args: argparse.Namespace, root: Path) -> dict[str, float]:
+    """(c): CPU seconds per job of the workers (with what they reaped) and of the server."""
+    exe, data = str(Path(sys.executable).with_name("eventq")), root / "c"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTQ_")}
+    server = subprocess.Popen([exe, "server", "--data-dir", str(data), "--port", "0",
+                               "--grace", "1", "--log-format", "json"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        wait_for(lambda: (data / "server.json").exists(), 60, "the server's start", step=0.02)
+        url = json.loads((data / "server.json").read_text())["url"]
+        api = Api(url, (data / "admin.token").read_text().strip())
+        api.call("POST", "/api/queue/concurrency", {"max_concurrent": 1000,
+                                                    "user_max_concurrent": 1000})
+        for i in range(2):
+            added = subprocess.run([exe, "workers", "add", f"w{i}", "--data-dir", str(data),
+                                    "--format", "json"], capture_output=True, text=True,
+                                   env=env, check=True, timeout=60).stdout
+            workers.append(subprocess.Popen(
+                [exe, "worker", "--url", url, "--token", json.loads(added)["token"],
+                 "--gpus", "1xA100-80GB", "--data-dir", str(root / f"w{i}"), "--persistent",
+                 "--grace", "1", "--log-format", "json"], stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True))
+        wait_for(lambda: sum(w["status"] == "idle" for w in api.call(
+            "GET", "/api/admin/workers")["workers"]) >= 2, 60, "the workers", step=0.05)
+        before = proc_cpu(server.pid)
+        api.call("POST", "/api/queue/batch", {"jobs": [
+            {"command": ["true"], "gpus": 1, "target": "worker"} for _ in range(args.jobs)]})
+        wait_for(lambda: api.call("GET", "/api/queue/stats")["by_status"].get("completed", 0)
+                 >= args.jobs, 600, "the jobs to drain", step=0.05)
+        server_s = proc_cpu(server.pid) - before
+        api.close()
+        worker_s = sum(_stopped_cpu(w) for w in workers)
+    finally:
+        for w in workers:
+            if w.returncode is None:
+                w.kill()
+                w.wait()
+        stop_server(server)
+    return {"workers_ms": worker_s / args.jobs * 1e3, "server_ms": server_s / args.jobs * 1e3}
+
+
+def _stopped_cpu(worker: subprocess.Popen[bytes]) -> float:
+    """Stop a worker; its CPU and that of every process it reaped."""
+    worker.send_signal(signal.SIGINT)
+    _, status, usage = os.wait4(worker.pid, 0)
+    worker.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -206,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gap", type=float, default=0.5,
                    help="idle seconds before each sample, plus a random fraction (default 0.5)")
     p.add_argument("--jobs", type=int, default=500, help="jobs drained in (b) (default 500)")
-    p.add_argument("--only", choices=["latency", "throughput"], help="run one part only")
+    p.add_argument("--only", choices=["latency", "throughput", "cpu"],
+                   help="run one part only")
     p.add_argument("--load", type=int, default=0,
                    help="busy processes beside both sides for a second, loaded run")
     p.add_argument("--slurm-script", type=Path, default=DEFAULT_SLURM_SCRIPT,
@@ -250,6 +314,10 @@ def report(args: argparse.Namespace, root: Path) -> int:
               f"ratio {ratio:.2f}")
         goals.append((f"(b) eventq >= {GOAL_RATIO:g}x Slurm's jobs/s", ratio >= GOAL_RATIO,
                       f"{ratio:.2f}x"))
+    if args.only == "cpu":
+        cpu = cpu_per_job(args, root)
+        print(f"(c) CPU per `true` job, {args.jobs} jobs on 2 local workers: workers and what "
+              f"they reaped {cpu['workers_ms']:.2f} ms, server {cpu['server_ms']:.2f} ms")
     if goals:
         print_goals(goals)
     return 0

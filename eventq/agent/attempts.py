@@ -14,7 +14,8 @@ closes the connection well within that time). Its directory is then marked ``rep
 
 No GPU is held by two of its attempts: a ``run`` whose GPUs an attempt here still uses
 (one the orchestrator gave away and told it to stop, say) starts once that one has ended.
-Nothing starts once the worker's lease has lapsed (``eventq.agent.lease``).
+Nothing starts once the worker's lease has lapsed (``eventq.agent.lease``), and nothing
+runs unknown to the worker's watchdog (``eventq.agent.watchdog``) while a lease binds it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from eventq import runner
 from eventq.agent.lease import Lease
 from eventq.agent.link import Link
 from eventq.agent.messages import Run
-from eventq.agent.watchdog import FENCED_FILE
+from eventq.agent.watchdog import FENCED_FILE, Watchdog
 
 log = structlog.get_logger()
 
@@ -52,6 +53,9 @@ SENT_FILE = "sent"
 REPORTED_FILE = "reported"
 #: When its max_runtime runs out (epoch seconds), so that a restarted agent honours it too.
 DEADLINE_FILE = "deadline"
+#: How long a start waits to be told: a job that has ended by then has its start and its end
+#: sent back to back, which the orchestrator commits together.
+STARTED_AFTER = 0.01
 SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -105,6 +109,7 @@ class Attempts:
         self.data_dir, self.link = data_dir.absolute(), link
         self.trainer, self.grace_seconds = trainer, grace_seconds
         self.lease = lease or Lease(self.data_dir)
+        self.watchdog = Watchdog(self.lease.path)
         self.by_key: dict[Key, Attempt] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         #: run, adopted, completed, failed, cancelled, timeout, start_failed: for the last line.
@@ -216,10 +221,10 @@ class Attempts:
                                        "it starts nothing until the orchestrator answers")))
             return
         directory = att.directory
-        lease = self.lease.path if self.lease.seconds is not None else None
         try:
+            watch = self.watchdog.feed() if self.lease.seconds is not None else None
             att.pid = runner.spawn(msg.spec(), msg.attempt, msg.gpus, directory, self.trainer,
-                                   lease)
+                                   watch)
         except (OSError, ValueError) as exc:
             self._watch(att, _now(Exit("start_failed", None, f"could not start: {exc}")))
             return
@@ -229,8 +234,7 @@ class Attempts:
                 (directory / DEADLINE_FILE).write_text(f"{att.deadline}\n")
         self.counts["run"] += 1
         log.info("run", job_id=msg.job_id, attempt=msg.attempt, gpus=msg.gpus, pid=att.pid)
-        self._spawn(self._send_started(att))
-        self._watch(att, self._child(att))
+        self._watch(att, self._child(att), announce=True)
 
     async def adopt_all(self) -> int:
         """At start-up: take back every attempt whose end the orchestrator may not have."""
@@ -247,6 +251,8 @@ class Attempts:
                           _read_gpus(seen.pid) if seen.state == "alive" else frozenset(),
                           _read_deadline(directory), offsets=_read_offsets(directory))
             self.by_key[att.key] = att
+            if seen.state == "alive" and seen.pid is not None and self.lease.path.exists():
+                self.watchdog.announce(seen.pid, directory)  # in case its own has gone
             self._watch(att, self._found(att, seen))
         return len(self.by_key)
 
@@ -285,6 +291,10 @@ class Attempts:
         if code == runner.CLAIMED and _read_pid(att.directory) != att.pid:
             att.process_done.set()
             return Exit("start_failed", None, "its directory was already claimed")
+        if code in (runner.UNWATCHED, -signal.SIGPIPE) and runner.read_exit(att.directory) is None:
+            att.process_done.set()
+            return Exit("start_failed", None, "the worker's lease watchdog was not there to "
+                                              "watch it, so it did not run")
         await self._left_behind(att)
         return _ended(att, code)
 
@@ -301,11 +311,14 @@ class Attempts:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _watch(self, att: Attempt, ended: Coroutine[Any, Any, Exit]) -> None:
-        self._spawn(self._lifecycle(att, ended))
+    def _watch(self, att: Attempt, ended: Coroutine[Any, Any, Exit],
+               announce: bool = False) -> None:
+        self._spawn(self._lifecycle(att, ended, announce))
 
-    async def _lifecycle(self, att: Attempt, ended: Coroutine[Any, Any, Exit]) -> None:
-        """Send its output while it runs, then the rest, then how it ended."""
+    async def _lifecycle(self, att: Attempt, ended: Coroutine[Any, Any, Exit],
+                         announce: bool = False) -> None:
+        """Say it started (``announce``), send its output while it runs, then the rest,
+        then how it ended."""
         waiter = asyncio.ensure_future(ended)
         timer = None
         if att.deadline is not None:
@@ -313,6 +326,9 @@ class Attempts:
                 max(0.0, att.deadline - time.time()), self.stop, att.key, "timeout",
                 "max_runtime exceeded")
         try:
+            if announce:  # a job that ends at once: its start and end leave together
+                await asyncio.wait({waiter}, timeout=STARTED_AFTER)
+                await self._send_started(att)
             await self._follow(att, waiter)
         finally:
             waiter.cancel()
@@ -413,6 +429,7 @@ class Attempts:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.watchdog.close()
         return self.running
 
 
