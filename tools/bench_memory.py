@@ -1,10 +1,10 @@
 """Server RSS per queued job, with what ``eventq jobs submit`` sends by default.
 
 A real ``eventq server`` process (one simulated GPU, held by a first job that sleeps, so
-every job after it waits in the queue) is sent ``--jobs`` submissions over HTTP, each the exact body the CLI
-builds (``eventq.cli.jobs.submit_body``, fed by the CLI's own parser): the command of a
-sweep, and by default the submitter's whole environment and directory. The environment
-is a login shell's (~60 variables, ``LS_COLORS`` and a conda ``PATH`` among them) with
+every job after it waits in the queue) is sent ``--jobs`` submissions over HTTP, each the
+exact body the CLI builds (``eventq.cli.jobs.submit_body``, fed by the CLI's own
+parser): the command of a sweep, and by default the submitter's whole environment and
+directory. The environment is a login shell's (~60 variables, ``LS_COLORS`` and a conda ``PATH`` among them) with
 two that differ per job, as a sweep's seed and run id do. The figure is the server
 process's RSS growth per job (``VmRSS`` of ``/proc/PID/status`` before and after, each
 read once the server has settled: its CPU time still for a second), after a warm-up of
@@ -44,6 +44,13 @@ from tools.benchkit import busy, print_goals, stop_server, wait_for
 
 GOAL_BYTES = 2048
 USERS_HOME = "/home/alice"
+#: The file extensions of a stock ``LS_COLORS`` (the longest variable of most shells).
+COLOURED = ("tar tgz arc arj taz lha lz4 lzh lzma tlz txz tzo t7z zip z dz gz lrz lz lzo xz "
+            "zst tzst bz2 bz tbz tbz2 tz deb rpm jar war ear sar rar alz ace zoo cpio 7z rz "
+            "cab wim swm dwm esd jpg jpeg mjpg mjpeg gif bmp pbm pgm ppm tga xbm xpm tif "
+            "tiff png svg svgz mng pcx mov mpg mpeg m2v mkv webm webp ogm mp4 m4v mp4v vob "
+            "qt nuv wmv asf rm rmvb flc avi fli flv gl dl xcf xwd yuv cgm emf ogv ogx aac "
+            "au flac m4a mid midi mka mp3 mpc ogg ra wav oga opus spx xspf")
 
 
 def login_shell() -> dict[str, str]:
@@ -80,13 +87,8 @@ def login_shell() -> dict[str, str]:
         "INFOPATH": "/usr/local/share/info", "LC_ALL": "en_US.UTF-8",
         "LC_CTYPE": "en_US.UTF-8", "DISPLAY": "localhost:10.0",
         "PS1": r"(train) \u@\h:\w\$ ",
-        "LS_COLORS": ":".join(f"*.{ext}=01;3{i % 8}" for i, ext in enumerate(
-            "tar tgz arc arj taz lha lz4 lzh lzma tlz txz tzo t7z zip z dz gz lrz lz lzo xz "
-            "zst tzst bz2 bz tbz tbz2 tz deb rpm jar war ear sar rar alz ace zoo cpio 7z rz "
-            "cab wim swm dwm esd jpg jpeg mjpg mjpeg gif bmp pbm pgm ppm tga xbm xpm tif "
-            "tiff png svg svgz mng pcx mov mpg mpeg m2v mkv webm webp ogm mp4 m4v mp4v vob "
-            "qt nuv wmv asf rm rmvb flc avi fli flv gl dl xcf xwd yuv cgm emf ogv ogx aac "
-            "au flac m4a mid midi mka mp3 mpc ogg ra wav oga opus spx xspf".split())),
+        "LS_COLORS": ":".join(f"*.{ext}=01;3{i % 8}"
+                              for i, ext in enumerate(COLOURED.split())),
     }
     return env
 
@@ -130,7 +132,8 @@ class Bodies:
         os.chdir(self.workdir)  # the exported directory must exist on the server's machine
         try:
             with environment(self.env):
-                return self.encoder.encode(cli_jobs.submit_body(self.args))
+                body: bytes = self.encoder.encode(cli_jobs.submit_body(self.args))
+                return body
         finally:
             os.chdir(cwd)
 
@@ -222,7 +225,7 @@ def measure(export_env: bool, work: Path, args: argparse.Namespace, load: int) -
             asyncio.run(submit_all(url, token, bodies, args.warm, args.jobs, args.clients))
         took = time.perf_counter() - t0
         after = settled_rss(proc.pid)
-        growth = (after - before) / args.jobs
+        growth: float = (after - before) / args.jobs
         label = "CLI defaults (environment and directory)" if export_env else \
             "no environment (--no-export-env)"
         print(f"  {label:42s} RSS {before / 2**20:6.0f} -> "
