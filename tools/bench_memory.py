@@ -4,12 +4,14 @@ A real ``eventq server`` process (one simulated GPU, held by a first job that sl
 every job after it waits in the queue) is sent ``--jobs`` submissions over HTTP, each the
 exact body the CLI builds (``eventq.cli.jobs.submit_body``, fed by the CLI's own
 parser): the command of a sweep, and by default the submitter's whole environment and
-directory. The environment is a login shell's (~60 variables, ``LS_COLORS`` and a conda ``PATH`` among them) with
-two that differ per job, as a sweep's seed and run id do. The figure is the server
-process's RSS growth per job (``VmRSS`` of ``/proc/PID/status`` before and after, each
-read once the server has settled: its CPU time still for a second), after a warm-up of
-``--warm`` jobs. The same with ``--no-export-env`` in the same run, on a fresh server, is
-the baseline. Prints both, their ratio, and the ratio to the 2 KB goal.
+directory. The environment is a login shell's (~60 variables, ``LS_COLORS`` and a conda
+``PATH`` among them) with two that differ per job, as a sweep's seed and run id do.
+
+The figure is the server process's RSS growth per job (``VmRSS`` of
+``/proc/PID/status`` before and after, each read once the server has settled: its CPU
+time still for a second), after a warm-up of ``--warm`` jobs. The same with
+``--no-export-env``, in the same run on a fresh server, is the baseline. Prints both,
+their ratio, and the ratio to the 2 KB goal.
 
 Run from the repository root: ``.venv/bin/python tools/bench_memory.py`` (~3–4 min;
 ``--jobs 20000`` for a quick run; ``--load N``: N busy processes beside the server while
