@@ -173,16 +173,27 @@ def settled_rss(pid: int) -> int:
 
 
 #: The job that holds the GPU while the measured ones wait.
-BLOCKER = {"command": ["sleep", "3600"], "gpus": 1, "target": "local"}
+BLOCKER = {"command": ["sleep", "1800"], "gpus": 1, "target": "local"}
 
 
-async def submit_one(url: str, token: str, body: dict[str, Any]) -> None:
+async def hold_the_gpu(base: str, token: str) -> str:
+    """The id of the job that now holds the GPU."""
     headers = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession(headers=headers) as http, \
-            http.post(url, json=body) as resp:
+            http.post(base + "/api/queue/submit", json=BLOCKER) as resp:
         reply = await resp.json()
         if reply.get("status") != "running":
             raise RuntimeError(f"the job that holds the GPU did not start: {reply}")
+        job_id: str = reply["job_id"]
+        return job_id
+
+
+async def cancel(base: str, token: str, job_id: str) -> None:
+    """A stopped server leaves its jobs running: the one that held the GPU goes first."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(headers=headers) as http, \
+            http.post(f"{base}/api/queue/{job_id}/cancel") as resp:
+        await resp.read()
 
 
 async def submit_all(url: str, token: str, bodies: Bodies, first: int, count: int,
@@ -208,7 +219,9 @@ def measure(export_env: bool, work: Path, args: argparse.Namespace, load: int) -
     """Bytes of server RSS per queued job, on a fresh server."""
     data = work / f"data-{'env' if export_env else 'bare'}-{load}"
     port = free_port()
+    base = f"http://127.0.0.1:{port}"
     proc = start_server(data, port)
+    holder = None
     try:
         token_file = data / "admin.token"
         wait_for(lambda: proc.poll() is not None or token_file.exists(), 60,
@@ -216,10 +229,10 @@ def measure(export_env: bool, work: Path, args: argparse.Namespace, load: int) -
         if proc.poll() is not None:
             raise RuntimeError(f"eventq server exited with {proc.returncode}")
         token = token_file.read_text().strip()
-        url = f"http://127.0.0.1:{port}/api/queue/submit"
+        url = base + "/api/queue/submit"
         bodies = Bodies(export_env, work)
         wait_for(lambda: _answers(port), 60, "the server's first answer", step=0.05)
-        asyncio.run(submit_one(url, token, BLOCKER))
+        holder = asyncio.run(hold_the_gpu(base, token))
         asyncio.run(submit_all(url, token, bodies, 0, args.warm, args.clients))
         before = settled_rss(proc.pid)
         t0 = time.perf_counter()
@@ -235,6 +248,8 @@ def measure(export_env: bool, work: Path, args: argparse.Namespace, load: int) -
               f"({args.jobs / took:,.0f} submissions/s; body {len(bodies.body(0)):,} B)")
         return growth
     finally:
+        if holder is not None and proc.poll() is None:
+            asyncio.run(cancel(base, token, holder))
         stop_server(proc)
 
 
