@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -124,3 +125,14 @@ def test_a_job_queued_at_a_kill_9_starts_after_the_restart_with_its_environment(
         assert {k: seen[k] for k in ("WANDB_PROJECT", "HF_HOME", "LS_COLORS")} == \
             {k: shell[k] for k in ("WANDB_PROJECT", "HF_HOME", "LS_COLORS")}
         assert os.path.samefile(seen["SEEN_CWD"], work), "and its directory"
+
+
+async def test_a_waiting_jobs_own_strings_stay_out_of_the_interpreters_intern_table(
+        api: TestClient[Any, Any], orch: Orchestrator, tmp_path: Path) -> None:
+    """An interned string costs a slot of the interpreter's table for as long as it lives:
+    a string only one job holds (its id, its environment's digest) gains nothing there."""
+    job_id = await submit(api, **sweep_job(7), exported_cwd=str(tmp_path))
+    spec = orch.state.jobs[job_id].spec
+    for own in (spec.job_id, spec.env_sha256):
+        assert own is not None
+        assert sys.intern("".join(list(own))) is not own, f"{own} is interned"
