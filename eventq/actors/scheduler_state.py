@@ -25,8 +25,8 @@ from sortedcontainers import SortedList
 
 from eventq import events as ev
 from eventq.log import Record
-from eventq.shared import Reasons, share
 from eventq.policy import Capped, Counts, effective_priority, expected_runtime
+from eventq.shared import Reasons, share
 
 ACTIVE = ("dispatched", "running")
 TERMINAL = ("completed", "failed", "cancelled", "rejected")
