@@ -30,28 +30,33 @@ _intern = sys.intern
 EMPTY_DICT: dict[Any, Any] = {}
 EMPTY_LIST: list[Any] = []
 
-#: Strings of a spec worth sharing: many waiting jobs hold the same.
-_WORDS = ("user", "team", "name", "config_name", "cwd")
-#: Containers of a spec that are empty in most jobs.
-_EMPTIES = (("worker_labels", EMPTY_DICT), ("env", EMPTY_DICT), ("metadata", EMPTY_DICT),
-            ("depends_on", EMPTY_LIST))
-
-
 def share(spec: ev.JobSpec) -> ev.JobSpec:
     """``spec`` itself, its repeated strings and empty containers now shared (in place:
-    the values are equal, and a new spec would cost what this saves, once more)."""
-    for name in _WORDS:
-        value = getattr(spec, name)
-        if value is not None:
-            force_setattr(spec, name, _intern(value))
-    for name, empty in _EMPTIES:
-        if not getattr(spec, name):
-            force_setattr(spec, name, empty)
+    the values are equal, and a new spec would cost what this saves, once more). Field by
+    field, not a loop over names: a start calls it for every job in the log."""
+    setattr_ = force_setattr
+    setattr_(spec, "user", _intern(spec.user))
+    setattr_(spec, "name", _intern(spec.name))
+    if spec.team is not None:
+        setattr_(spec, "team", _intern(spec.team))
+    if spec.config_name is not None:
+        setattr_(spec, "config_name", _intern(spec.config_name))
+    if spec.cwd is not None:
+        setattr_(spec, "cwd", _intern(spec.cwd))
+    if not spec.metadata:
+        setattr_(spec, "metadata", EMPTY_DICT)
+    if not spec.worker_labels:
+        setattr_(spec, "worker_labels", EMPTY_DICT)
+    if not spec.env:
+        setattr_(spec, "env", EMPTY_DICT)
+    if not spec.depends_on:
+        setattr_(spec, "depends_on", EMPTY_LIST)
     command = spec.command
     if isinstance(command, str):
-        force_setattr(spec, "command", _intern(command))
+        setattr_(spec, "command", _intern(command))
     else:
-        command[:] = map(_intern, command)
+        for at, word in enumerate(command):  # a loop: a third faster than map and a slice
+            command[at] = _intern(word)
     return spec
 
 
