@@ -328,8 +328,14 @@ class RequestedWorkersCancelled(Event, frozen=True, tag="requested_workers_cance
 # --- a job's life ---------------------------------------------------------------------
 
 
-class JobSubmitted(Event, frozen=True, tag="job_submitted"):
+class JobSubmitted(Event, frozen=True, tag="job_submitted", omit_defaults=True):
+    """A job was accepted. A job that queues at once and must wait carries its first
+    reasons here, in the one event of its submission; a later change of them is a
+    ``JobReasonsChanged``. None (not stored, as in every log before it existed): what the
+    submission implies (``submitted_reasons``)."""
+
     job: JobSpec
+    reasons: list[Reason] | None = None
 
 
 class JobReady(Event, frozen=True, tag="job_ready"):

@@ -108,10 +108,12 @@ class Story:
         return listed[job_id]["reasons"]  # type: ignore[no-any-return]
 
     async def recorded_reason_codes(self, job_id: str) -> list[list[str]]:
-        """The code lists of every ``job_reasons_changed`` event in the job's history."""
+        """The code lists of every reason change in the job's history: those its
+        submission carries (it waited from the start), then each ``job_reasons_changed``."""
         history = await self.get(f"/api/jobs/{job_id}/events")
         return [[r["code"] for r in e["body"]["reasons"]] for e in history["events"]
-                if e["type"] == "job_reasons_changed"]
+                if e["type"] == "job_reasons_changed"
+                or (e["type"] == "job_submitted" and e["body"].get("reasons"))]
 
     async def close(self) -> None:
         """Cancel what waits, let every running job exit, stop the orchestrator."""

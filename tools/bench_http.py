@@ -7,7 +7,10 @@ load comes from ``wrk`` (Debian's package: ``apt-get install wrk``) with ``--cli
 concurrent keep-alive connections (64 by default), whose own CPU is printed beside each
 figure so a reader sees it was not the bottleneck; the same phases driven by a Python
 aiohttp client follow as a second figure. ``--load N`` runs N busy processes beside the
-servers (the figures quiet, then loaded).
+servers (the figures quiet, then loaded). Beside each rate it prints each server's own CPU
+per request (all its threads, from /proc): what a request costs, which the neighbours of
+a shared machine change far less than the rates. ``--rounds N`` drives each phase N times,
+eventq and the no-op in turn, and reports the round of the median ratio.
 
 (a) ``POST /api/queue/submit`` of a CPU job with ``target: worker`` (no worker is
     connected, so nothing runs: the figure is the durable submit path — validation,
@@ -108,6 +111,19 @@ class Driven:
     client_cpu: float = 0.0
     p50_ms: float = 0.0
     p99_ms: float = 0.0
+    #: Requests answered in the phase (0: rate x seconds).
+    requests: int = 0
+    #: The server process's CPU microseconds per request (0: not measured).
+    server_us: float = 0.0
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds a process has used, all its threads (0.0 where /proc is missing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 WRK_BODY = """wrk.method = "{method}"
@@ -134,11 +150,13 @@ def wrk_rate(method: str, url: str, body: object, headers: dict[str, str], clien
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
     if proc.returncode != 0 or found is None or "Non-2xx" in out:
         raise RuntimeError(f"wrk against {url} failed:\n{out}")
     latency = {p: float(v) * _UNIT[u] for p, v, u in _LATENCY.findall(out)}
     return Driven(float(found.group(1)), (usage.ru_utime + usage.ru_stime) / wall,
-                  latency.get("50", 0.0), latency.get("99", 0.0))
+                  latency.get("50", 0.0), latency.get("99", 0.0),
+                  requests=int(total.group(1)) if total else 0)
 
 
 async def seed_queue(data: Path, count: int) -> None:
@@ -179,16 +197,23 @@ LABELS = {"submit": "durable submissions/s", "stats": "GET /api/queue/stats",
 
 
 async def drive(client: str, method: str, url: str, body: object, headers: dict[str, str],
-                args: argparse.Namespace, work: Path) -> Driven:
+                args: argparse.Namespace, work: Path, server: int) -> Driven:
+    """One phase against one server (``server``: its pid, for its CPU per request)."""
+    before = process_cpu(server)
     if client == "wrk":
-        return await asyncio.to_thread(wrk_rate, method, url, body, headers, args.clients,
-                                       args.seconds, work)
-    return Driven(await rate(method, url, body, headers, args.clients, args.seconds))
+        driven = await asyncio.to_thread(wrk_rate, method, url, body, headers, args.clients,
+                                         args.seconds, work)
+    else:
+        driven = Driven(await rate(method, url, body, headers, args.clients, args.seconds))
+    requests = driven.requests or driven.rate * args.seconds
+    driven.server_us = (process_cpu(server) - before) / max(requests, 1) * 1e6
+    return driven
 
 
-async def measure_eventq(data: Path, args: argparse.Namespace, noop: str,
+async def measure_eventq(data: Path, args: argparse.Namespace, noop: tuple[str, int],
                          client: str, work: Path) -> dict[str, tuple[Driven, Driven]]:
-    """Each phase against eventq, then the same against the no-op app, one after another."""
+    """Each phase against eventq, then the same against the no-op app, one after another
+    (``--rounds`` times: the round of the median ratio is kept)."""
     port = free_port()
     server = start_eventq(data, port)
     try:
@@ -199,10 +224,15 @@ async def measure_eventq(data: Path, args: argparse.Namespace, noop: str,
         await wait_up(base + "/api/queue/stats", headers)
         out = {}
         for name, method, path, body in PHASES:
-            eventq = await drive(client, method, base + path, body, headers, args, work)
-            bare = await drive(client, method, noop, {} if method == "POST" else None, {},
-                               args, work)
-            out[name] = (eventq, bare)
+            rounds = []
+            for _ in range(args.rounds):
+                eventq = await drive(client, method, base + path, body, headers, args, work,
+                                     server.pid)
+                bare = await drive(client, method, noop[0], {} if method == "POST" else None,
+                                   {}, args, work, noop[1])
+                rounds.append((eventq, bare))
+            rounds.sort(key=lambda pair: pair[0].rate / pair[1].rate)
+            out[name] = rounds[len(rounds) // 2]
         return out
     finally:
         stop(server)
@@ -211,15 +241,17 @@ async def measure_eventq(data: Path, args: argparse.Namespace, noop: str,
 def report(title: str, measured: dict[str, tuple[Driven, Driven]]) -> dict[str, float]:
     print(title)
     print(f"  {'':26}{'eventq/s':>10}{'no-op/s':>10}{'ratio':>7}{'p50 ms':>8}{'p99 ms':>8}"
-          f"{'client CPU':>11}  goal >= 0.5")
+          f"{'client CPU':>11}{'server us/req':>15}{'CPU ratio':>10}  goal >= 0.5")
     ratios = {}
     for name, (eventq, bare) in measured.items():
         ratios[name] = ratio = eventq.rate / bare.rate
         cpu = f"{eventq.client_cpu:.2f}/{bare.client_cpu:.2f}" if eventq.client_cpu else "-"
         p50, p99 = (f"{v:.1f}" if eventq.client_cpu else "-"
                     for v in (eventq.p50_ms, eventq.p99_ms))
+        server = f"{eventq.server_us:.0f}/{bare.server_us:.0f}"
+        by_cpu = bare.server_us / eventq.server_us if eventq.server_us else 0.0
         print(f"  {LABELS[name]:26}{eventq.rate:10.0f}{bare.rate:10.0f}{ratio:7.2f}"
-              f"{p50:>8}{p99:>8}{cpu:>11}  "
+              f"{p50:>8}{p99:>8}{cpu:>11}{server:>15}{by_cpu:10.2f}  "
               f"{'met' if ratio >= 0.5 else 'MISSED'}")
     return ratios
 
@@ -245,7 +277,8 @@ async def main(args: argparse.Namespace) -> int:
         for load in sorted({0, args.load}):
             for client in clients:
                 with busy(load):
-                    measured = await measure_eventq(work / "data", args, noop_url, client, work)
+                    measured = await measure_eventq(work / "data", args, (noop_url, noop.pid),
+                                                    client, work)
                 title = f"{client} client, {'quiet' if not load else f'{load} busy processes'}"
                 results[title] = report(title, measured)
         if args.json:
@@ -261,6 +294,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--seconds", type=float, default=5.0, help="per phase")
     p.add_argument("--queued", type=int, default=100_000)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="drive each phase this many times, in turn (the median ratio's round)")
     p.add_argument("--load", type=int, default=0,
                    help="busy processes beside the servers for a second, loaded run")
     p.add_argument("--json", action="store_true", help="also print the raw figures as JSON")

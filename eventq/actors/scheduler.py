@@ -667,11 +667,32 @@ class Scheduler(Actor[SchedulerMsg]):
         its first reasons recorded, right after its submission, without the general
         command's look at gates, newcomers and what the events free."""
         submitted = decide_submit(self.state, m)
+        # The plan is made before the submission is appended: nothing it reads changes
+        # with the submission's own event (counts and nodes are the running jobs').
+        plan = self._plan_one(m.spec) if len(submitted) == 1 else None  # else: blocked
+        waits = self._only_waits(m.spec, plan) if plan is not None else None
+        if waits is not None:  # one event: the job and why it waits (no placement to try)
+            submitted = [ev.JobSubmitted(job=m.spec, reasons=waits)]
         self._append_submitted(m.principal, submitted)
-        job = self.state.jobs[m.spec.job_id]
-        if job.status == "pending":  # not blocked for an admin's approval
-            await self._place(job)
+        if plan is not None and waits is None:
+            await self._place(self.state.jobs[m.spec.job_id], plan)
         return Outcome(submitted, self._durable, dispatched=self._dispatched)
+
+    def _plan_one(self, spec: ev.JobSpec) -> policy.Plan:
+        return policy.plan_one(spec, self.state.counts, self.state.limits, self.node_views(),
+                               self.last_plan.reservation, self.clock.now())
+
+    def _only_waits(self, spec: ev.JobSpec, plan: policy.Plan) -> list[ev.Reason] | None:
+        """Why the job waits, if that is all ``plan`` says; None if it may start, or if,
+        held only by GPUs, it outranks the reservation's job (a full pass must move it)."""
+        reasons = plan.reasons.get(spec.job_id)
+        if not reasons:
+            return None
+        now, held = self.clock.now(), self.last_plan.reservation
+        as_queued = JobState(spec=spec, order=self.log.head_seq + 1, queued_at=now)
+        if all(r.code == "gpus" for r in reasons) and self._outranks(as_queued, held, now):
+            return None
+        return reasons
 
     async def place_new(self, job_ids: list[str]) -> None:
         """Place newly queued jobs one by one in queue order, without walking the queue.
@@ -689,15 +710,16 @@ class Scheduler(Actor[SchedulerMsg]):
             if job.status == "pending" and await self._place(job):
                 return
 
-    async def _place(self, job: JobState) -> bool:
-        """Dispatch ``job`` if it can start now, or record why it waits.
+    async def _place(self, job: JobState, plan: policy.Plan | None = None) -> bool:
+        """Dispatch ``job`` if it can start now (by ``plan``, when its submission made it),
+        or record why it waits.
 
         A full pass runs instead when it lacks only GPUs and outranks the job holding the
         reservation (or there is none): the reservation must move to it. True if it ran.
         """
         now, held = self.clock.now(), self.last_plan.reservation
-        plan = policy.plan_one(job.spec, self.state.counts, self.state.limits,
-                               self.node_views(), held, now)
+        if plan is None:
+            plan = self._plan_one(job.spec)
         reasons = plan.reasons.get(job.spec.job_id)
         if reasons is not None and not (all(r.code == "gpus" for r in reasons)
                                         and self._outranks(job, held, now)):

@@ -82,6 +82,12 @@ def implied_reasons(spec: ev.JobSpec) -> tuple[ev.Reason, ...]:
     return tuple(out)
 
 
+def submitted_reasons(e: ev.JobSubmitted) -> tuple[ev.Reason, ...]:
+    """A job's reasons as its submission left them: those it carries (it waited from the
+    start), else those it implies."""
+    return implied_reasons(e.job) if e.reasons is None else tuple(e.reasons)
+
+
 def is_gated(spec: ev.JobSpec) -> bool:
     """Does the job wait for dependencies or a begin time before it may queue?"""
     return bool(spec.depends_on) or spec.begin_at is not None
@@ -300,7 +306,7 @@ class SchedulerState:
         gated = is_gated(spec)
         job = JobState(spec=spec, order=r.seq, queued_at=r.time,
                        status="waiting" if gated else "pending",
-                       reasons=self.shared_reasons(implied_reasons(spec)))
+                       reasons=self.shared_reasons(submitted_reasons(e)))
         self.jobs[spec.job_id] = job
         self.by_status.setdefault(job.status, {})[spec.job_id] = None
         self._index(job, job.status, add=True)

@@ -550,7 +550,8 @@ class QueueProgress:
         if kind == "job_submitted":
             spec = body["job"]
             gated = bool(spec.get("depends_on")) or spec.get("begin_at") is not None
-            self._set(spec["job_id"], JobView(spec.get("name", ""), "", gated))
+            self._set(spec["job_id"], JobView(spec.get("name", ""), "", gated,
+                                              list(body.get("reasons") or [])))
             self._status(spec["job_id"], "waiting" if gated else "pending")
             self.names[spec["job_id"]] = spec.get("name", "")
             return True

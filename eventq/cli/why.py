@@ -85,6 +85,11 @@ class Story:
         state, detail = self._apply(e, t)
         if state:  # details quote what workers and admins wrote: tokens are hidden
             self.steps.append(Step(r.seq, t, r.principal, state, redact_text(detail)))
+        if isinstance(e, ev.JobSubmitted) and e.reasons is not None:
+            # It waited from its submission: the step a JobReasonsChanged told before.
+            changed = ev.JobReasonsChanged(job_id=e.job.job_id, reasons=e.reasons)
+            state, detail = self._reasons_changed(changed, t)  # decided by the scheduler
+            self.steps.append(Step(r.seq, t, "system", state, redact_text(detail)))
 
     def _apply(self, e: ev.Event, t: float) -> tuple[str, str]:
         """The state an event puts the job in and its detail; ("", "") for events that

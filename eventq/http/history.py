@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from eventq import events as ev
-from eventq.actors.scheduler_state import PARKED, implied_reasons
+from eventq.actors.scheduler_state import PARKED, submitted_reasons
 from eventq.http.bounds import LAST_EPOCH
 from eventq.http.common import ORCH, ApiError, require_owner
 from eventq.http.queue import int_param
@@ -188,7 +188,7 @@ def reasons_after(record: Record) -> tuple[ev.Reason, ...] | None:
     """The job's reasons once ``record`` is applied; None if it does not change them."""
     e = record.event
     if isinstance(e, ev.JobSubmitted):
-        return implied_reasons(e.job)
+        return submitted_reasons(e)
     if isinstance(e, ev.JobReasonsChanged):
         return tuple(e.reasons)
     if isinstance(e, ev.JobBlocked):

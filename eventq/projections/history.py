@@ -34,8 +34,8 @@ from eventq.actors.scheduler_state import (
     PARKED,
     JobState,
     SchedulerState,
-    implied_reasons,
     is_gated,
+    submitted_reasons,
 )
 from eventq.actors.workers_state import Workers
 from eventq.log import Record
@@ -175,7 +175,7 @@ def _end(frame: Frame, job_id: str, r: Record, ends: Ends, **changes: Any) -> No
 def _submitted(frame: Frame, e: ev.JobSubmitted, r: Record, ends: Ends) -> None:
     spec = e.job
     frame.jobs[spec.job_id] = JobRow(spec, r.seq, "waiting" if is_gated(spec) else "pending",
-                                     r.time, reasons=implied_reasons(spec))
+                                     r.time, reasons=submitted_reasons(e))
 
 
 def _back(frame: Frame, e: ev.JobApproved | ev.JobReleased | ev.JobReady, r: Record,

@@ -79,7 +79,9 @@ function renderDetails(box, job) {
 }
 
 const EVENT_WORDS = {
-  job_submitted: (b) => `submitted (${b.job.gpus ?? 1} GPU)`, job_ready: () => 'joined the queue',
+  job_submitted: (b) => `submitted (${b.job.gpus ?? 1} GPU)` +
+    (b.reasons ? `; waits: ${b.reasons.map(reasonWords).join('; ')}` : ''),
+  job_ready: () => 'joined the queue',
   job_blocked: (b) => `blocked: ${b.reason}`, job_approved: () => 'approved', job_rejected: () => 'rejected',
   job_held: () => 'held', job_released: () => 'released',
   priority_changed: (b) => `priority set to ${b.priority_override ?? 'its level\u2019s'}`,
@@ -123,7 +125,7 @@ export function historyFromEvents(events) {
   };
   for (const e of events) {
     const b = e.body;
-    if (e.type === 'job_reasons_changed') open(b.reasons.map((r) => r.code), b.reasons.map(reasonWords).join('; '), e);
+    if (e.type === 'job_reasons_changed' || (e.type === 'job_submitted' && b.reasons)) open(b.reasons.map((r) => r.code), b.reasons.map(reasonWords).join('; '), e);
     else if (e.type === 'job_blocked') open(['approval'], b.reason, e);
     else if (e.type === 'job_held') open(['held'], 'held', e);
     else if (['attempt_dispatched', 'job_ready', 'job_released', 'job_approved', 'job_cancelled',

@@ -17,7 +17,7 @@ export function rowOf(record) {
     priority: spec.priority_override ?? spec.priority, gpus: spec.gpus ?? 1,
     allocated_gpus: [], node: null, attempt: 0, max_attempts: spec.max_attempts ?? 3,
     queued_at: record.time, started_at: null, completed_at: null, exit_code: null, error: null,
-    reasons: [],
+    reasons: record.body.reasons ?? [],
   };
 }
 
