@@ -105,7 +105,7 @@ def test_a_job_queued_at_a_kill_9_starts_after_the_restart_with_its_environment(
     shell = {**clean_env(), "WANDB_PROJECT": "sweeps", "HF_HOME": "/data/cache/hf",
              "LS_COLORS": ":".join(f"*.x{i}=01;3{i % 8}" for i in range(100))}
     with running(data, tmp_path / "first.err") as server:
-        for seed, hold in ((1, "2"), (2, "0")):
+        for seed, hold in ((1, "4"), (2, "0")):
             cli = [EVENTQ, "jobs", "submit", "--url", server.url, "--token", server.token,
                    "--gpus", "2", "--", "sh", "-c", f'"$0" -c "$1" "$2"; sleep {hold}',
                    "python3", dump, f"env-{seed}.json"]
