@@ -13,9 +13,9 @@ time still for a second), after a warm-up of ``--warm`` jobs. The same with
 ``--no-export-env``, in the same run on a fresh server, is the baseline. Prints both,
 their ratio, and the ratio to the 2 KB goal.
 
-Run from the repository root: ``.venv/bin/python tools/bench_memory.py`` (~3–4 min;
-``--jobs 20000`` for a quick run; ``--load N``: N busy processes beside the server while
-it is sent the jobs, a second pair of figures).
+Run from the repository root: ``.venv/bin/python tools/bench_memory.py`` (~5 min quiet,
+~15 at load average 8; ``--jobs 20000`` for a quick run; ``--load N``: N busy processes
+beside the server while it is sent the jobs, a second pair of figures).
 """
 
 from __future__ import annotations
