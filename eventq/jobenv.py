@@ -91,14 +91,17 @@ def write(directory: Path, sealed: Collection[Sealed]) -> None:
     """Write each file, fsync it, give it its name, then fsync the folder: on disk, named."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     for one in sealed:
-        tmp = directory / f".{one.digest}.tmp"
+        tmp = os.path.join(directory, f".{one.digest}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, one.data)
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, directory / one.digest)
+        # Not ``directory / one.digest``: pathlib interns each part of a path, and the
+        # digest is the very string the job's spec holds, so every waiting job's would
+        # stay in the interpreter's table of interned strings (~100 B a job).
+        os.replace(tmp, os.path.join(directory, one.digest))
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -110,7 +113,7 @@ def read(data_dir: Path, digest: str) -> KeptEnv:
     """The environment a job names; EnvUnreadable if it is gone or not what was written."""
     if not _DIGEST.fullmatch(digest):
         raise EnvUnreadable(f"its environment's digest {digest!r} is not a SHA-256")
-    path = data_dir / ENV_DIR / digest
+    path = Path(os.path.join(data_dir, ENV_DIR, digest))  # not interned: see ``write``
     try:
         data = path.read_bytes()
     except OSError as exc:

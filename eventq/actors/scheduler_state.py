@@ -26,6 +26,7 @@ from sortedcontainers import SortedList
 from eventq import events as ev
 from eventq.log import Record
 from eventq.policy import Capped, Counts, effective_priority, expected_runtime
+from eventq.shared import Reasons, share
 
 ACTIVE = ("dispatched", "running")
 TERMINAL = ("completed", "failed", "cancelled", "rejected")
@@ -139,6 +140,8 @@ class SchedulerState:
     dependants: dict[str, set[str]] = field(default_factory=dict)
     #: node -> when its last attempt ended (for "the worker idle longest").
     node_idle_since: dict[str, float] = field(default_factory=dict)
+    #: Equal reasons of waiting jobs, one tuple (``eventq/shared.py``).
+    shared_reasons: Reasons = field(default_factory=Reasons)
     _replaying: bool = False
 
     # --- the waiting order ---------------------------------------------------------------
@@ -299,10 +302,11 @@ class SchedulerState:
         self.limits, self.limits_recorded = e.limits, True
 
     def _on_submitted(self, e: ev.JobSubmitted, r: Record) -> None:
-        spec = e.job
+        spec = share(e.job)
         gated = is_gated(spec)
         job = JobState(spec=spec, order=r.seq, queued_at=r.time,
-                       status="waiting" if gated else "pending", reasons=submitted_reasons(e))
+                       status="waiting" if gated else "pending",
+                       reasons=self.shared_reasons(submitted_reasons(e)))
         self.jobs[spec.job_id] = job
         self.by_status.setdefault(job.status, {})[spec.job_id] = None
         self._index(job, job.status, add=True)
@@ -376,7 +380,7 @@ class SchedulerState:
                 if (d := self.jobs.get(dep)) is not None and d.status != "completed"]
 
     def _on_reasons(self, e: ev.JobReasonsChanged, r: Record) -> None:
-        self.jobs[e.job_id].reasons = tuple(e.reasons)
+        self.jobs[e.job_id].reasons = self.shared_reasons(tuple(e.reasons))
 
     def _on_dispatched(self, e: ev.AttemptDispatched, r: Record) -> None:
         job = self.jobs[e.job_id]
