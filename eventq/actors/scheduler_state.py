@@ -134,6 +134,8 @@ class SchedulerState:
     #: node -> when its last attempt ended (for "the worker idle longest").
     node_idle_since: dict[str, float] = field(default_factory=dict)
     _replaying: bool = False
+    #: (user, name) -> the median of ``runtimes[(user, name)]``, until it changes.
+    _medians: dict[tuple[str, str], float] = field(default_factory=dict)
 
     # --- the waiting order ---------------------------------------------------------------
 
@@ -296,14 +298,20 @@ class SchedulerState:
         spec = e.job
         gated = is_gated(spec)
         job = JobState(spec=spec, order=r.seq, queued_at=r.time,
-                       status="waiting" if gated else "pending", reasons=implied_reasons(spec))
+                       status="waiting" if gated else "pending",
+                       reasons=implied_reasons(spec) if gated else ())
         self.jobs[spec.job_id] = job
-        self.by_status.setdefault(job.status, {})[spec.job_id] = None
-        self._index(job, job.status, add=True)
+        _member(self.by_status, job.status)[spec.job_id] = None
+        if not self._replaying:
+            self._index(job, job.status, add=True)
         self.open_by_user[spec.user] += 1
         for dep in spec.depends_on:
             self.dependants.setdefault(dep, set()).add(spec.job_id)
-        self.by_name.setdefault(spec.name, []).append(spec.job_id)
+        named = self.by_name.get(spec.name)
+        if named is None:
+            self.by_name[spec.name] = [spec.job_id]
+        else:
+            named.append(spec.job_id)
         if not gated:
             self._enqueue(job)
 
@@ -377,14 +385,24 @@ class SchedulerState:
         self._dequeue(job)
         runtime = expected_runtime(job.spec)
         if runtime is None:
-            history = self.runtimes.get((job.spec.user, job.spec.name))
-            runtime = _median(history) if history else None
+            runtime = self._median_runtime((job.spec.user, job.spec.name))
         self._status(job, "dispatched")
         job.attempt, job.active, job.node, job.gpus = e.attempt, True, e.node, tuple(e.gpus)
         job.dispatched_at, job.reasons, job.pid, job.exit_code = r.time, (), None, None
         job.stop_requested = None
         job.expected_end = None if runtime is None else r.time + runtime
         self._count(job, +1)
+
+    def _median_runtime(self, key: tuple[str, str]) -> float | None:
+        """The median of the runtimes kept for (user, name), worked out once per change
+        (each dispatch of a job without an estimate asks; a start asks 100,000 times)."""
+        median = self._medians.get(key)
+        if median is None:
+            history = self.runtimes.get(key)
+            if not history:
+                return None
+            median = self._medians[key] = _median(history)
+        return median
 
     def _on_started(self, e: ev.AttemptStarted, r: Record) -> None:
         job = self.jobs[e.job_id]
@@ -402,9 +420,13 @@ class SchedulerState:
             self.node_idle_since[job.node] = r.time
         job.active, job.exit_code = False, e.exit_code
         if e.outcome == "exited" and e.exit_code == 0 and job.dispatched_at is not None:
-            history = self.runtimes.setdefault((job.spec.user, job.spec.name), [])
+            key = (job.spec.user, job.spec.name)
+            history = self.runtimes.get(key)
+            if history is None:
+                history = self.runtimes[key] = []
             history.append(r.time - job.dispatched_at)
             del history[:-RUNTIME_HISTORY]
+            self._medians.pop(key, None)
 
     def _on_requeued(self, e: ev.JobRequeued, r: Record) -> None:
         job = self.jobs[e.job_id]
@@ -433,9 +455,10 @@ class SchedulerState:
         """Every status change goes through here, so the index stays exact."""
         job_id = job.spec.job_id
         self.by_status[job.status].pop(job_id, None)
-        self.by_status.setdefault(status, {})[job_id] = None
-        self._index(job, job.status, add=False)
-        self._index(job, status, add=True)
+        _member(self.by_status, status)[job_id] = None
+        if not self._replaying:
+            self._index(job, job.status, add=False)
+            self._index(job, status, add=True)
         ended, ends = job.status in TERMINAL, status in TERMINAL
         if ended != ends:
             self.open_by_user[job.spec.user] += 1 if ended else -1
@@ -467,7 +490,7 @@ class SchedulerState:
         if node == "local":
             self.counts.local_jobs += delta
             self.counts.local_gpus += delta * spec.gpus
-        active = self.node_active.setdefault(node, {})
+        active = _member(self.node_active, node)
         if delta > 0:
             active[spec.job_id] = (job.expected_end, spec.gpus)
         else:
@@ -493,6 +516,17 @@ class SchedulerState:
                             for n, a in sorted(self.node_active.items()) if a},
             "limits": msgspec.to_builtins(self.limits),
         }
+
+
+V = TypeVar("V")
+
+
+def _member(index: dict[K, dict[V, Any]], key: K) -> dict[V, Any]:
+    """``index[key]``, a new dict if there is none (``setdefault`` builds one every call)."""
+    members = index.get(key)
+    if members is None:
+        members = index[key] = {}
+    return members
 
 
 def _keep(index: dict[K, SortedList], key: K, job_id: str, add: bool) -> None:
