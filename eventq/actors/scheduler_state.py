@@ -13,6 +13,7 @@ at its limit, or every job needing GPUs once none is free, without walking them
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import heapq
 from collections import Counter
@@ -56,12 +57,6 @@ class JobState(msgspec.Struct, gc=False):
     error: str | None = None
     reasons: tuple[ev.Reason, ...] = ()
     finished_at: float | None = None
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 #: (base priority, user, team, needs GPUs): the jobs a pass may leave out together.
@@ -134,8 +129,9 @@ class SchedulerState:
     #: node -> when its last attempt ended (for "the worker idle longest").
     node_idle_since: dict[str, float] = field(default_factory=dict)
     _replaying: bool = False
-    #: (user, name) -> the median of ``runtimes[(user, name)]``, until it changes.
-    _medians: dict[tuple[str, str], float] = field(default_factory=dict)
+    #: (user, name) -> ``runtimes[(user, name)]`` in ascending order: each dispatch of a
+    #: job without an estimate takes its median (a start, 100,000 times).
+    _ranked: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
     # --- the waiting order ---------------------------------------------------------------
 
@@ -394,15 +390,21 @@ class SchedulerState:
         self._count(job, +1)
 
     def _median_runtime(self, key: tuple[str, str]) -> float | None:
-        """The median of the runtimes kept for (user, name), worked out once per change
-        (each dispatch of a job without an estimate asks; a start asks 100,000 times)."""
-        median = self._medians.get(key)
-        if median is None:
-            history = self.runtimes.get(key)
-            if not history:
-                return None
-            median = self._medians[key] = _median(history)
-        return median
+        ranked = self._ranked.get(key)
+        if not ranked:
+            return None
+        middle = len(ranked) // 2
+        return ranked[middle] if len(ranked) % 2 else (ranked[middle - 1] + ranked[middle]) / 2
+
+    def _add_runtime(self, key: tuple[str, str], runtime: float) -> None:
+        """Keep the latest ``RUNTIME_HISTORY`` runtimes, and the same in order."""
+        history, ranked = self.runtimes.get(key), self._ranked.get(key)
+        if history is None or ranked is None:
+            history, ranked = self.runtimes[key], self._ranked[key] = [], []
+        history.append(runtime)
+        bisect.insort(ranked, runtime)
+        if len(history) > RUNTIME_HISTORY:
+            del ranked[bisect.bisect_left(ranked, history.pop(0))]
 
     def _on_started(self, e: ev.AttemptStarted, r: Record) -> None:
         job = self.jobs[e.job_id]
@@ -420,13 +422,7 @@ class SchedulerState:
             self.node_idle_since[job.node] = r.time
         job.active, job.exit_code = False, e.exit_code
         if e.outcome == "exited" and e.exit_code == 0 and job.dispatched_at is not None:
-            key = (job.spec.user, job.spec.name)
-            history = self.runtimes.get(key)
-            if history is None:
-                history = self.runtimes[key] = []
-            history.append(r.time - job.dispatched_at)
-            del history[:-RUNTIME_HISTORY]
-            self._medians.pop(key, None)
+            self._add_runtime((job.spec.user, job.spec.name), r.time - job.dispatched_at)
 
     def _on_requeued(self, e: ev.JobRequeued, r: Record) -> None:
         job = self.jobs[e.job_id]
