@@ -379,9 +379,10 @@ class SchedulerState:
     def _on_dispatched(self, e: ev.AttemptDispatched, r: Record) -> None:
         job = self.jobs[e.job_id]
         self._dequeue(job)
-        runtime = expected_runtime(job.spec)
+        spec = job.spec
+        runtime = expected_runtime(spec)
         if runtime is None:
-            runtime = self._median_runtime((job.spec.user, job.spec.name))
+            runtime = self._median_runtime((spec.user, spec.name))
         self._status(job, "dispatched")
         job.attempt, job.active, job.node, job.gpus = e.attempt, True, e.node, tuple(e.gpus)
         job.dispatched_at, job.reasons, job.pid, job.exit_code = r.time, (), None, None
@@ -449,9 +450,12 @@ class SchedulerState:
 
     def _status(self, job: JobState, status: str) -> None:
         """Every status change goes through here, so the index stays exact."""
-        job_id = job.spec.job_id
-        self.by_status[job.status].pop(job_id, None)
-        _member(self.by_status, status)[job_id] = None
+        job_id, by_status = job.spec.job_id, self.by_status
+        by_status[job.status].pop(job_id, None)
+        members = by_status.get(status)
+        if members is None:
+            members = by_status[status] = {}
+        members[job_id] = None
         if not self._replaying:
             self._index(job, job.status, add=False)
             self._index(job, status, add=True)
@@ -478,14 +482,14 @@ class SchedulerState:
         return {s: len(ids) for s, ids in self.by_status.items() if ids}
 
     def _count(self, job: JobState, delta: int) -> None:
-        spec, node = job.spec, job.node or ""
-        self.counts.total += delta
-        self.counts.by_user[spec.user] += delta
+        spec, node, counts = job.spec, job.node or "", self.counts
+        counts.total += delta
+        counts.by_user[spec.user] += delta
         if spec.team:
-            self.counts.by_team[spec.team] += delta
+            counts.by_team[spec.team] += delta
         if node == "local":
-            self.counts.local_jobs += delta
-            self.counts.local_gpus += delta * spec.gpus
+            counts.local_jobs += delta
+            counts.local_gpus += delta * spec.gpus
         active = _member(self.node_active, node)
         if delta > 0:
             active[spec.job_id] = (job.expected_end, spec.gpus)
