@@ -163,7 +163,7 @@ def _fold_contiguous(conn: sqlite3.Connection, upto: int,
     the gap check, decoding and folding in one loop, without the job column: the hot loop
     of every large start, where each generator or call a row passes through costs a tenth
     of the scan."""
-    decode, current, types = ev.decode, ev.SCHEMA_VERSION, ev.EVENT_TYPES
+    decode, current, tags = ev.decode, ev.SCHEMA_VERSION, ev.EVENT_TAGS
     decode_current, expected, stored = ev.DECODER.decode, 1, GENESIS
     routes: dict[type, tuple[Subscriber, ...]] = {}
     for seq, time, principal, type_, version, body, stored in conn.execute(
@@ -176,7 +176,7 @@ def _fold_contiguous(conn: sqlite3.Connection, upto: int,
         except _UNDECODABLE as exc:
             raise LogCorrupt(seq, f"body does not decode: {exc}") from exc
         kind = type(event)
-        if kind is not types.get(type_):
+        if tags.get(kind) != type_:  # by the event's type: the column's text is not hashed
             raise LogCorrupt(seq, f"type column {type_!r} differs from body")
         record = Record(seq, time, principal, event, stored)
         folds = routes.get(kind)
