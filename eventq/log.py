@@ -166,26 +166,36 @@ def iter_verified(conn: sqlite3.Connection) -> Iterator[Record]:
     return _records(hashed_rows(conn, _ALL))
 
 
-def _contiguous_records(conn: sqlite3.Connection, upto: int) -> Iterator[Record]:
-    """Rows 1 to ``upto`` in sequence and decoded, not hashed: the half of a large start
-    whose chain another process hashes. The gap check and ``_records`` in one loop,
-    without the job column: the hot loop of every large start, where each generator a row
-    passes through costs a tenth of the scan."""
-    decode, current, types = ev.decode, ev.SCHEMA_VERSION, ev.EVENT_TYPES
-    decode_current, expected = ev.DECODER.decode, 1
-    try:
-        for seq, time, principal, type_, version, body, stored in conn.execute(
-                "SELECT seq, time, principal, type, v, body, hash FROM events "
-                "WHERE seq <= ? ORDER BY seq", (upto,)):
-            if seq != expected:
-                raise LogCorrupt(expected, f"sequence jumps to {seq}")
+def _fold_contiguous(conn: sqlite3.Connection, upto: int,
+                     folds_of: Callable[[type], tuple[Subscriber, ...]]) -> tuple[int, bytes]:
+    """Fold rows 1 to ``upto`` in sequence and decoded, not hashed: the half of a large
+    start whose chain another process hashes; returns the last row's (seq, hash). Reading,
+    the gap check, decoding and folding in one loop, without the job column: the hot loop
+    of every large start, where each generator or call a row passes through costs a tenth
+    of the scan."""
+    decode, current, tags = ev.decode, ev.SCHEMA_VERSION, ev.EVENT_TAGS
+    decode_current, expected, stored = ev.DECODER.decode, 1, GENESIS
+    routes: dict[type, tuple[Subscriber, ...]] = {}
+    for seq, time, principal, type_, version, body, stored in conn.execute(
+            "SELECT seq, time, principal, type, v, body, hash FROM events "
+            "WHERE seq <= ? ORDER BY seq", (upto,)):
+        if seq != expected:
+            raise LogCorrupt(expected, f"sequence jumps to {seq}")
+        try:  # only the decoding: what a fold raises is the fold's
             event = decode_current(body) if version == current else decode(body, version)
-            if type(event) is not types.get(type_):
-                raise LogCorrupt(seq, f"type column {type_!r} differs from body")
-            yield Record(seq, time, principal, event, stored)
-            expected = seq + 1
-    except _UNDECODABLE as exc:
-        raise LogCorrupt(expected, f"body does not decode: {exc}") from exc
+        except _UNDECODABLE as exc:
+            raise LogCorrupt(seq, f"body does not decode: {exc}") from exc
+        kind = type(event)
+        if tags.get(kind) != type_:  # by the event's type: the column's text is not hashed
+            raise LogCorrupt(seq, f"type column {type_!r} differs from body")
+        record = Record(seq, time, principal, event, stored)
+        folds = routes.get(kind)
+        if folds is None:
+            folds = routes[kind] = folds_of(kind)
+        for fold in folds:
+            fold(record)
+        expected = seq + 1
+    return expected - 1, stored
 
 
 def _records(rows: Iterator[Row]) -> Iterator[Record]:
@@ -565,26 +575,36 @@ class EventLog:
     def _fold_verified(self, conn: sqlite3.Connection, upto: int,
                        aside: ChainCheckAside | None) -> tuple[int, bytes]:
         """Fold rows 1 to ``upto`` (hashed here, or by ``aside``); the verified head."""
+        if aside is None:
+            return self._fold_hashed(conn, upto)
+        try:
+            head = _fold_contiguous(conn, upto, self._route)
+        except Exception as exc:
+            # A change the other process found, or the anchor shows, is the cause to report.
+            verified = aside.result()
+            if not isinstance(exc, LogCorrupt):
+                check_head(conn, verified, self.key)
+            raise
+        if aside.result() != head:
+            raise LogCorrupt(head[0], "the rows differ from those the chain check read",
+                             first=False)
+        return head
+
+    def _fold_hashed(self, conn: sqlite3.Connection, upto: int) -> tuple[int, bytes]:
+        """Fold rows 1 to ``upto``, each hashed here first; the verified head."""
         record = None
         routes, route = self._routes, self._route
-        records = _records(hashed_rows(conn, upto)) if aside is None \
-            else _contiguous_records(conn, upto)
+        records = _records(hashed_rows(conn, upto))
         try:
             for record in records:
                 folds = routes.get(type(record.event))
                 for fold in route(type(record.event)) if folds is None else folds:
                     fold(record)
         except Exception as exc:
-            if aside is not None:
-                aside.result()  # a change the other process found is the cause to report
             if not isinstance(exc, LogCorrupt):
                 settle_failed_fold(conn, records, record, self.key)
             raise
-        head = (0, GENESIS) if record is None else (record.seq, record.hash)
-        if aside is not None and aside.result() != head:
-            raise LogCorrupt(head[0], "the rows differ from those the chain check read",
-                             first=False)
-        return head
+        return (0, GENESIS) if record is None else (record.seq, record.hash)
 
     def start(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())

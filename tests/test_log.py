@@ -226,6 +226,24 @@ async def test_a_recomputed_chain_fails_the_anchor_even_where_a_fold_trips_on_it
 
 
 @HASHED
+async def test_a_type_column_that_differs_from_its_body_is_refused_before_anything_folds_it(
+        open_log: OpenLog, path: Path, aside: bool) -> None:
+    """Its chain recomputed to match: the row itself says it is not what the server wrote."""
+    await appended_and_stopped(open_log, 1, 5)
+    with sql(path) as conn:
+        conn.execute("UPDATE events SET type = 'server_started' WHERE seq = 3")
+        rechain(conn, 3)
+    folded: list[int] = []
+    log = await open_log(replay=False, start=False, aside=aside)
+    log.subscribe(lambda record: folded.append(record.seq))
+    with pytest.raises(LogCorrupt) as caught:
+        log.replay()
+    assert (caught.value.seq, caught.value.first) == (3, True)
+    assert "type column 'server_started' differs from body" in caught.value.why
+    assert folded == [1, 2]
+
+
+@HASHED
 async def test_a_fold_that_fails_on_an_intact_log_is_not_blamed_on_the_log(
         open_log: OpenLog, aside: bool) -> None:
     await appended_and_stopped(open_log, 1, 3)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from eventq import policy
 from eventq.actors.scheduler_state import SchedulerState
-from eventq.events import JobSpec, JobSubmitted, Limits
+from eventq.events import AttemptDispatched, AttemptEnded, JobSpec, JobSubmitted, Limits
 from eventq.log import Record
 
 NOW = 1_000_000.0
@@ -155,3 +155,29 @@ def test_once_nothing_can_start_each_job_s_reasons_are_what_it_alone_would_be_to
         alone = policy.explain(queued.spec, counts, limits, [worker, local], plan.reservation,
                                NOW)
         assert plan.reasons[queued.spec.job_id] == alone, queued.spec
+
+
+def test_a_job_without_an_estimate_is_expected_to_take_the_median_of_its_names_last_20() -> None:
+    """Runtimes of one user's job name, 25 of them, out of order and one repeated: a new
+    attempt of that name is expected to end after the median of the latest 20 (the oldest
+    five no longer count), however the runs that left the window compared."""
+    state, seq = SchedulerState(), 0
+
+    def fold(event: object, at: float) -> None:
+        nonlocal seq
+        seq += 1
+        state.evolve(Record(seq, at, "u", event, b""))  # type: ignore[arg-type]
+
+    runtimes = [1000.0 + (i * 37) % 23 * 10 for i in range(24)] + [1000.0]
+    for i, runtime in enumerate(runtimes):
+        spec = JobSpec(job_id=f"j{i}", user="u", priority=10, command=["x"], name="train")
+        fold(JobSubmitted(job=spec), NOW)
+        fold(AttemptDispatched(job_id=f"j{i}", attempt=1, node="local", gpus=[0]), NOW)
+        fold(AttemptEnded(job_id=f"j{i}", attempt=1, outcome="exited", exit_code=0),
+             NOW + runtime)
+    fold(JobSubmitted(job=JobSpec(job_id="next", user="u", priority=10, command=["x"],
+                                  name="train")), NOW)
+    fold(AttemptDispatched(job_id="next", attempt=1, node="local", gpus=[0]), NOW + 50)
+    latest = sorted(runtimes[-20:])
+    assert state.jobs["next"].expected_end == NOW + 50 + (latest[9] + latest[10]) / 2
+    assert state.runtimes[("u", "train")] == runtimes[-20:]

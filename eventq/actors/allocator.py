@@ -7,8 +7,9 @@ with no await between them, so two requests can never be granted the same GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import msgspec
 
@@ -46,32 +47,48 @@ class GpuTable:
     holdings: dict[Holder, list[str]] = field(default_factory=dict)
 
     def evolve(self, record: Record) -> None:
-        e = record.event
-        if type(e) not in _GPU_EVENTS:
-            return
-        if isinstance(e, ev.NodeInventoryReported):
-            old = self.nodes.get(e.node)
-            self.nodes[e.node] = NodeGpus({g.index: g for g in e.gpus}, e.simulated,
-                                          e.nvml_error, e.node == "local",
-                                          old.held if old else {})
-        elif isinstance(e, ev.GpusAllocated):
-            node = self.nodes[e.node]
-            for gpu in e.gpus:
-                node.held[gpu] = (e.job_id, e.attempt)
-            where = self.holdings.setdefault((e.job_id, e.attempt), [])
-            if e.node not in where:
-                where.append(e.node)
-        elif isinstance(e, ev.GpusReleased):
-            held = self.nodes[e.node].held
-            for gpu in e.gpus:
-                if held.get(gpu) == (e.job_id, e.attempt):
-                    del held[gpu]
-            if not self.held_by(e.job_id, e.attempt):
-                self.holdings.pop((e.job_id, e.attempt), None)
-        elif isinstance(e, ev.LimitsChanged):
-            self.busy_percent = e.limits.gpu_busy_memory_percent
-        elif isinstance(e, ev.WorkerRemoved):
-            self.nodes.pop(e.worker_id, None)
+        # By exact type: a whole start passes every allocation and release through here.
+        step = _STEPS.get(type(record.event))
+        if step is not None:
+            step(self, record.event)
+
+    def _inventory(self, e: ev.NodeInventoryReported) -> None:
+        old = self.nodes.get(e.node)
+        self.nodes[e.node] = NodeGpus({g.index: g for g in e.gpus}, e.simulated,
+                                      e.nvml_error, e.node == "local",
+                                      old.held if old else {})
+
+    def _allocated(self, e: ev.GpusAllocated) -> None:
+        node, holder = self.nodes[e.node], (e.job_id, e.attempt)
+        for gpu in e.gpus:
+            node.held[gpu] = holder
+        where = self.holdings.get(holder)
+        if where is None:
+            self.holdings[holder] = [e.node]
+        elif e.node not in where:
+            where.append(e.node)
+
+    def _released(self, e: ev.GpusReleased) -> None:
+        held, holder = self.nodes[e.node].held, (e.job_id, e.attempt)
+        for gpu in e.gpus:
+            if held.get(gpu) == holder:
+                del held[gpu]
+        if not self._holds_any(holder):
+            self.holdings.pop(holder, None)
+
+    def _holds_any(self, holder: Holder) -> bool:
+        """Does the attempt still hold a GPU anywhere? (``held_by`` without its lists.)"""
+        for name in self.holdings.get(holder, ()):
+            node = self.nodes.get(name)
+            if node is not None and holder in node.held.values():
+                return True
+        return False
+
+    def _limits(self, e: ev.LimitsChanged) -> None:
+        self.busy_percent = e.limits.gpu_busy_memory_percent
+
+    def _worker_removed(self, e: ev.WorkerRemoved) -> None:
+        self.nodes.pop(e.worker_id, None)
 
     def allocatable(self, node: str) -> set[int]:
         """GPUs eventq may use on ``node``: held by eventq, or not busy with foreign work."""
@@ -114,6 +131,12 @@ class Release(msgspec.Struct, frozen=True):
     job_id: str
     attempt: int
     reason: Literal["ended", "orphaned"] = "ended"
+
+
+_STEPS: dict[type, Callable[[GpuTable, Any], None]] = {
+    ev.NodeInventoryReported: GpuTable._inventory, ev.GpusAllocated: GpuTable._allocated,
+    ev.GpusReleased: GpuTable._released, ev.LimitsChanged: GpuTable._limits,
+    ev.WorkerRemoved: GpuTable._worker_removed}
 
 
 class ReportInventory(msgspec.Struct, frozen=True):

@@ -13,6 +13,7 @@ at its limit, or every job needing GPUs once none is free, without walking them
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import heapq
 from collections import Counter
@@ -57,12 +58,6 @@ class JobState(msgspec.Struct, gc=False):
     error: str | None = None
     reasons: tuple[ev.Reason, ...] = ()
     finished_at: float | None = None
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 #: (base priority, user, team, needs GPUs): the jobs a pass may leave out together.
@@ -143,6 +138,9 @@ class SchedulerState:
     #: Equal reasons of waiting jobs, one tuple (``eventq/shared.py``).
     shared_reasons: Reasons = field(default_factory=Reasons)
     _replaying: bool = False
+    #: (user, name) -> ``runtimes[(user, name)]`` in ascending order: each dispatch of a
+    #: job without an estimate takes its median (a start, 100,000 times).
+    _ranked: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
     # --- the waiting order ---------------------------------------------------------------
 
@@ -308,12 +306,17 @@ class SchedulerState:
                        status="waiting" if gated else "pending",
                        reasons=self.shared_reasons(submitted_reasons(e)))
         self.jobs[spec.job_id] = job
-        self.by_status.setdefault(job.status, {})[spec.job_id] = None
-        self._index(job, job.status, add=True)
+        _member(self.by_status, job.status)[spec.job_id] = None
+        if not self._replaying:
+            self._index(job, job.status, add=True)
         self.open_by_user[spec.user] += 1
         for dep in spec.depends_on:
             self.dependants.setdefault(dep, set()).add(spec.job_id)
-        self.by_name.setdefault(spec.name, []).append(spec.job_id)
+        named = self.by_name.get(spec.name)
+        if named is None:
+            self.by_name[spec.name] = [spec.job_id]
+        else:
+            named.append(spec.job_id)
         if not gated:
             self._enqueue(job)
 
@@ -385,16 +388,33 @@ class SchedulerState:
     def _on_dispatched(self, e: ev.AttemptDispatched, r: Record) -> None:
         job = self.jobs[e.job_id]
         self._dequeue(job)
-        runtime = expected_runtime(job.spec)
+        spec = job.spec
+        runtime = expected_runtime(spec)
         if runtime is None:
-            history = self.runtimes.get((job.spec.user, job.spec.name))
-            runtime = _median(history) if history else None
+            runtime = self._median_runtime((spec.user, spec.name))
         self._status(job, "dispatched")
         job.attempt, job.active, job.node, job.gpus = e.attempt, True, e.node, tuple(e.gpus)
         job.dispatched_at, job.reasons, job.pid, job.exit_code = r.time, (), None, None
         job.stop_requested = None
         job.expected_end = None if runtime is None else r.time + runtime
         self._count(job, +1)
+
+    def _median_runtime(self, key: tuple[str, str]) -> float | None:
+        ranked = self._ranked.get(key)
+        if not ranked:
+            return None
+        middle = len(ranked) // 2
+        return ranked[middle] if len(ranked) % 2 else (ranked[middle - 1] + ranked[middle]) / 2
+
+    def _add_runtime(self, key: tuple[str, str], runtime: float) -> None:
+        """Keep the latest ``RUNTIME_HISTORY`` runtimes, and the same in order."""
+        history, ranked = self.runtimes.get(key), self._ranked.get(key)
+        if history is None or ranked is None:
+            history, ranked = self.runtimes[key], self._ranked[key] = [], []
+        history.append(runtime)
+        bisect.insort(ranked, runtime)
+        if len(history) > RUNTIME_HISTORY:
+            del ranked[bisect.bisect_left(ranked, history.pop(0))]
 
     def _on_started(self, e: ev.AttemptStarted, r: Record) -> None:
         job = self.jobs[e.job_id]
@@ -412,9 +432,7 @@ class SchedulerState:
             self.node_idle_since[job.node] = r.time
         job.active, job.exit_code = False, e.exit_code
         if e.outcome == "exited" and e.exit_code == 0 and job.dispatched_at is not None:
-            history = self.runtimes.setdefault((job.spec.user, job.spec.name), [])
-            history.append(r.time - job.dispatched_at)
-            del history[:-RUNTIME_HISTORY]
+            self._add_runtime((job.spec.user, job.spec.name), r.time - job.dispatched_at)
 
     def _on_requeued(self, e: ev.JobRequeued, r: Record) -> None:
         job = self.jobs[e.job_id]
@@ -441,11 +459,15 @@ class SchedulerState:
 
     def _status(self, job: JobState, status: str) -> None:
         """Every status change goes through here, so the index stays exact."""
-        job_id = job.spec.job_id
-        self.by_status[job.status].pop(job_id, None)
-        self.by_status.setdefault(status, {})[job_id] = None
-        self._index(job, job.status, add=False)
-        self._index(job, status, add=True)
+        job_id, by_status = job.spec.job_id, self.by_status
+        by_status[job.status].pop(job_id, None)
+        members = by_status.get(status)
+        if members is None:
+            members = by_status[status] = {}
+        members[job_id] = None
+        if not self._replaying:
+            self._index(job, job.status, add=False)
+            self._index(job, status, add=True)
         ended, ends = job.status in TERMINAL, status in TERMINAL
         if ended != ends:
             self.open_by_user[job.spec.user] += 1 if ended else -1
@@ -469,15 +491,15 @@ class SchedulerState:
         return {s: len(ids) for s, ids in self.by_status.items() if ids}
 
     def _count(self, job: JobState, delta: int) -> None:
-        spec, node = job.spec, job.node or ""
-        self.counts.total += delta
-        self.counts.by_user[spec.user] += delta
+        spec, node, counts = job.spec, job.node or "", self.counts
+        counts.total += delta
+        counts.by_user[spec.user] += delta
         if spec.team:
-            self.counts.by_team[spec.team] += delta
+            counts.by_team[spec.team] += delta
         if node == "local":
-            self.counts.local_jobs += delta
-            self.counts.local_gpus += delta * spec.gpus
-        active = self.node_active.setdefault(node, {})
+            counts.local_jobs += delta
+            counts.local_gpus += delta * spec.gpus
+        active = _member(self.node_active, node)
         if delta > 0:
             active[spec.job_id] = (job.expected_end, spec.gpus)
         else:
@@ -503,6 +525,17 @@ class SchedulerState:
                             for n, a in sorted(self.node_active.items()) if a},
             "limits": msgspec.to_builtins(self.limits),
         }
+
+
+V = TypeVar("V")
+
+
+def _member(index: dict[K, dict[V, Any]], key: K) -> dict[V, Any]:
+    """``index[key]``, a new dict if there is none (``setdefault`` builds one every call)."""
+    members = index.get(key)
+    if members is None:
+        members = index[key] = {}
+    return members
 
 
 def _keep(index: dict[K, SortedList], key: K, job_id: str, add: bool) -> None:

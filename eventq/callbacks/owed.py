@@ -101,32 +101,39 @@ class Notifications:
     listener: Callable[[Ending], None] | None = None
 
     def evolve(self, record: Record) -> None:
-        match record.event:
-            case ev.ServerNotifyUrlSet(url=url):
-                self.server_url = url
-            case ev.NotificationDelivered() as e:
-                self.owed.pop((e.job_id, e.ending, e.target), None)
-            case ev.NotificationFailed() as e:
-                self._failed(e)
-            case ev.AttemptEnded(job_id=job_id) if job_id in self.stopping:
-                principal = self.stopping.pop(job_id)
-                job = self.state.jobs[job_id]
-                if job.status in TERMINAL:  # else it was retried meanwhile: no end
-                    self._ended(ending_of(job, record, principal))
-            case (ev.JobCompleted(job_id=job_id) | ev.JobFailed(job_id=job_id)
-                  | ev.JobCancelled(job_id=job_id) | ev.JobRejected(job_id=job_id)):
-                self._terminal(job_id, record)
+        # By exact type: a whole start passes every attempt's end and job's end through here.
+        step = _STEPS.get(type(record.event))
+        if step is not None:
+            step(self, record.event, record)
 
-    def _terminal(self, job_id: str, record: Record) -> None:
-        job = self.state.jobs[job_id]
-        if job.active:  # cancelled while it runs: ends when its attempt does
-            self.stopping[job_id] = record.principal
+    def _url_set(self, e: ev.ServerNotifyUrlSet, record: Record) -> None:
+        self.server_url = e.url
+
+    def _delivered(self, e: ev.NotificationDelivered, record: Record) -> None:
+        self.owed.pop((e.job_id, e.ending, e.target), None)
+
+    def _attempt_ended(self, e: ev.AttemptEnded, record: Record) -> None:
+        if e.job_id not in self.stopping:
             return
-        principal = record.principal if isinstance(record.event, ev.JobCancelled) else None
-        self._ended(ending_of(job, record, principal))
+        principal = self.stopping.pop(e.job_id)
+        job = self.state.jobs[e.job_id]
+        if job.status in TERMINAL:  # else it was retried meanwhile: no end
+            self._ended(job, record, principal)
 
-    def _ended(self, ending: Ending) -> None:
-        own = self.state.jobs[ending.job_id].spec.notify_url
+    def _terminal(self, e: ev.JobCompleted | ev.JobFailed | ev.JobCancelled | ev.JobRejected,
+                  record: Record) -> None:
+        job = self.state.jobs[e.job_id]
+        if job.active:  # cancelled while it runs: ends when its attempt does
+            self.stopping[e.job_id] = record.principal
+            return
+        principal = record.principal if type(e) is ev.JobCancelled else None
+        self._ended(job, record, principal)
+
+    def _ended(self, job: JobState, record: Record, principal: str | None) -> None:
+        own = job.spec.notify_url
+        if own is None and self.server_url is None and self.listener is None:
+            return  # nothing owed, nobody told: most ends of a start's replay
+        ending = ending_of(job, record, principal)
         targets: list[tuple[ev.NotifyTarget, str | None]] = [("job", own),
                                                               ("server", self.server_url)]
         for target, url in targets:
@@ -157,6 +164,14 @@ class Notifications:
         if owed is None:
             return None
         return owed.url if owed.target == "job" else self.server_url
+
+
+_STEPS: dict[type, Callable[[Notifications, Any, Record], None]] = {
+    ev.ServerNotifyUrlSet: Notifications._url_set,
+    ev.NotificationDelivered: Notifications._delivered,
+    ev.NotificationFailed: lambda self, e, record: self._failed(e),
+    ev.AttemptEnded: Notifications._attempt_ended,
+    **{kind: Notifications._terminal for kind in TERMINAL_EVENTS}}
 
 
 # --- deciding a try's outcome (pure) ------------------------------------------------------
