@@ -392,6 +392,7 @@ class Agent:
 
     def _on_signal(self) -> None:
         self.signalled.set()
+        self.attempts.stopping.set()
 
     def _summary(self, left_running: int) -> None:
         c = self.attempts.counts

@@ -56,6 +56,13 @@ DEADLINE_FILE = "deadline"
 #: How long a start waits to be told: a job that has ended by then has its start and its end
 #: sent back to back, which the orchestrator commits together.
 STARTED_AFTER = 0.01
+#: How long the end of a job killed by a signal the agent did not send waits for the
+#: agent's own stop: a stop of the whole worker (Slurm's ``scancel``, a node's shutdown)
+#: signals the job and the agent at once, in either order.
+STOPPED_WITH_WORKER = 1.0
+#: Exit codes of a job (or of its wrapper) ended by a stop signal.
+STOP_CODES = frozenset(c for s in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP)
+                       for c in (128 + s, -s))
 SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -110,6 +117,8 @@ class Attempts:
         self.trainer, self.grace_seconds = trainer, grace_seconds
         self.lease = lease or Lease(self.data_dir)
         self.watchdog = Watchdog(self.lease.path)
+        #: Set when the agent itself is told to stop (SIGTERM, SIGINT).
+        self.stopping = asyncio.Event()
         self.by_key: dict[Key, Attempt] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         #: run, adopted, completed, failed, cancelled, timeout, start_failed: for the last line.
@@ -296,7 +305,16 @@ class Attempts:
             return Exit("start_failed", None, "the worker's lease watchdog was not there to "
                                               "watch it, so it did not run")
         await self._left_behind(att)
+        if att.stop_reason is None and code in STOP_CODES and await self._stopped_with_worker():
+            return Exit("lost", code, "ended by the stop of its worker (its allocation or "
+                                      "machine ended), not by itself")
         return _ended(att, code)
+
+    async def _stopped_with_worker(self) -> bool:
+        """Is the agent being stopped too (now, or within ``STOPPED_WITH_WORKER``)?"""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), STOPPED_WITH_WORKER)
+        return self.stopping.is_set()
 
     async def _left_behind(self, att: Attempt) -> None:
         """The job's process ended: the attempt ends once nothing of its group is left."""
