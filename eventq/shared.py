@@ -30,6 +30,7 @@ _intern = sys.intern
 EMPTY_DICT: dict[Any, Any] = {}
 EMPTY_LIST: list[Any] = []
 
+
 def share(spec: ev.JobSpec) -> ev.JobSpec:
     """``spec`` itself, its repeated strings and empty containers now shared (in place:
     the values are equal, and a new spec would cost what this saves, once more). Field by
