@@ -58,18 +58,57 @@ _USER_EVENTS = frozenset({ev.UserCreated, ev.UserUpdated, ev.UserDeleted, ev.Tok
 
 
 @dataclass
+class TokenIndex:
+    """Live token hashes (SHA-256, hex) and whom each opens: a user's name, a worker's id.
+
+    A hash is found by its first 64 bits, then compared whole in constant time: a lookup
+    costs the same with 2 tokens or 10,000, and its timing could tell only where the hash
+    of a random token falls, which helps no one make one."""
+
+    #: Hex digits of a hash that find its candidates (64 bits: one candidate, in practice).
+    PREFIX: ClassVar[int] = 16
+
+    owner: dict[str, str] = field(default_factory=dict)
+    #: The first PREFIX hex digits of each live hash -> the hashes that start so.
+    by_prefix: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, digest: str, owner: str) -> None:
+        self.owner[digest] = owner
+        self.by_prefix.setdefault(digest[:self.PREFIX], []).append(digest)
+
+    def discard(self, digest: str) -> None:
+        if self.owner.pop(digest, None) is None:
+            return
+        prefix = digest[:self.PREFIX]
+        rest = [d for d in self.by_prefix.get(prefix, ()) if d != digest]
+        if rest:
+            self.by_prefix[prefix] = rest
+        else:
+            self.by_prefix.pop(prefix, None)
+
+    def find(self, digest: str) -> str | None:
+        """Whom the token with this hash opens; None if no live token has it."""
+        for stored in self.by_prefix.get(digest[:self.PREFIX], ()):
+            if hmac.compare_digest(stored, digest):
+                return self.owner[stored]
+        return None
+
+
+@dataclass
 class Users:
     """Users and their live tokens (by SHA-256), folded from events."""
 
     READS: ClassVar[frozenset[type]] = _USER_EVENTS
+    PREFIX: ClassVar[int] = TokenIndex.PREFIX
 
     by_name: dict[str, User] = field(default_factory=dict)
-    tokens: dict[str, str] = field(default_factory=dict)  # token hash -> user name
-    #: The first PREFIX hex digits of each live token hash -> the hashes that start so.
-    by_prefix: dict[str, list[str]] = field(default_factory=dict)
+    #: Live token hashes -> user name.
+    index: TokenIndex = field(default_factory=TokenIndex)
 
-    #: Hex digits of a hash that find its candidates (64 bits: one candidate, in practice).
-    PREFIX: ClassVar[int] = 16
+    @property
+    def tokens(self) -> dict[str, str]:
+        """Live token hash -> user name."""
+        return self.index.owner
 
     def evolve(self, record: Record) -> None:
         e = record.event
@@ -78,8 +117,7 @@ class Users:
         if isinstance(e, ev.UserCreated | ev.UserUpdated):
             self.by_name[e.name] = User(e.name, e.level, e.team)
         if isinstance(e, ev.UserCreated | ev.TokenIssued):
-            self.tokens[e.token_sha256] = e.name
-            self.by_prefix.setdefault(e.token_sha256[:self.PREFIX], []).append(e.token_sha256)
+            self.index.add(e.token_sha256, e.name)
         elif isinstance(e, ev.TokenRevoked):
             self._revoke(e.name, e.token_sha256)
         elif isinstance(e, ev.UserDeleted):
@@ -88,11 +126,12 @@ class Users:
 
     def _revoke(self, name: str, digest: str | None) -> None:
         """Forget one token of ``name`` (by its hash), or every one when ``digest`` is None."""
-        self.tokens = {h: n for h, n in self.tokens.items()
-                       if n != name or (digest is not None and h != digest)}
-        self.by_prefix = {}
-        for h in self.tokens:
-            self.by_prefix.setdefault(h[:self.PREFIX], []).append(h)
+        if digest is not None:
+            if self.tokens.get(digest) == name:
+                self.index.discard(digest)
+            return
+        for held in [h for h, n in self.tokens.items() if n == name]:
+            self.index.discard(held)
 
     def authenticate(self, token: str) -> User | None:
         """The user a token belongs to; None if unknown or revoked."""
@@ -100,14 +139,9 @@ class Users:
 
     def holder(self, digest: str) -> User | None:
         """The user of the token with this SHA-256 (hex) as they are now; None if no live
-        token has it. Its candidates are found by their first 64 bits (a lookup whose
-        timing could tell only where the hash of a random token falls, which helps no one
-        make one), then compared whole in constant time: a request costs the same with 2
-        tokens or 2,000."""
-        for stored in self.by_prefix.get(digest[:self.PREFIX], ()):
-            if hmac.compare_digest(stored, digest):
-                return self.by_name.get(self.tokens[stored])
-        return None
+        token has it (``TokenIndex.find``)."""
+        name = self.index.find(digest)
+        return None if name is None else self.by_name.get(name)
 
     def token_count(self, name: str) -> int:
         return sum(1 for n in self.tokens.values() if n == name)

@@ -167,6 +167,7 @@ def iter_verified(conn: sqlite3.Connection) -> Iterator[Record]:
 
 
 def _fold_contiguous(conn: sqlite3.Connection, upto: int,
+                     routes: dict[type, tuple[Subscriber, ...]],
                      folds_of: Callable[[type], tuple[Subscriber, ...]]) -> tuple[int, bytes]:
     """Fold rows 1 to ``upto`` in sequence and decoded, not hashed: the half of a large
     start whose chain another process hashes; returns the last row's (seq, hash). Reading,
@@ -175,7 +176,6 @@ def _fold_contiguous(conn: sqlite3.Connection, upto: int,
     of the scan."""
     decode, current, tags = ev.decode, ev.SCHEMA_VERSION, ev.EVENT_TAGS
     decode_current, expected, stored = ev.DECODER.decode, 1, GENESIS
-    routes: dict[type, tuple[Subscriber, ...]] = {}
     for seq, time, principal, type_, version, body, stored in conn.execute(
             "SELECT seq, time, principal, type, v, body, hash FROM events "
             "WHERE seq <= ? ORDER BY seq", (upto,)):
@@ -190,9 +190,7 @@ def _fold_contiguous(conn: sqlite3.Connection, upto: int,
             raise LogCorrupt(seq, f"type column {type_!r} differs from body")
         record = Record(seq, time, principal, event, stored)
         folds = routes.get(kind)
-        if folds is None:
-            folds = routes[kind] = folds_of(kind)
-        for fold in folds:
+        for fold in folds_of(kind) if folds is None else folds:  # folds_of fills routes
             fold(record)
         expected = seq + 1
     return expected - 1, stored
@@ -578,7 +576,7 @@ class EventLog:
         if aside is None:
             return self._fold_hashed(conn, upto)
         try:
-            head = _fold_contiguous(conn, upto, self._route)
+            head = _fold_contiguous(conn, upto, self._routes, self._route)
         except Exception as exc:
             # A change the other process found, or the anchor shows, is the cause to report.
             verified = aside.result()

@@ -686,13 +686,10 @@ class Scheduler(Actor[SchedulerMsg]):
         """Why the job waits, if that is all ``plan`` says; None if it may start, or if,
         held only by GPUs, it outranks the reservation's job (a full pass must move it)."""
         reasons = plan.reasons.get(spec.job_id)
-        if not reasons:
+        if reasons is None:
             return None
-        now, held = self.clock.now(), self.last_plan.reservation
-        as_queued = JobState(spec=spec, order=self.log.head_seq + 1, queued_at=now)
-        if all(r.code == "gpus" for r in reasons) and self._outranks(as_queued, held, now):
-            return None
-        return reasons
+        as_queued = JobState(spec=spec, order=self.log.head_seq + 1, queued_at=self.clock.now())
+        return reasons if self._waits(as_queued, reasons) else None
 
     async def place_new(self, job_ids: list[str]) -> None:
         """Place newly queued jobs one by one in queue order, without walking the queue.
@@ -717,12 +714,10 @@ class Scheduler(Actor[SchedulerMsg]):
         A full pass runs instead when it lacks only GPUs and outranks the job holding the
         reservation (or there is none): the reservation must move to it. True if it ran.
         """
-        now, held = self.clock.now(), self.last_plan.reservation
         if plan is None:
             plan = self._plan_one(job.spec)
         reasons = plan.reasons.get(job.spec.job_id)
-        if reasons is not None and not (all(r.code == "gpus" for r in reasons)
-                                        and self._outranks(job, held, now)):
+        if reasons is not None and self._waits(job, reasons):
             self._append("system", reason_changes(self.state, plan))
             return False
         with self.log.holding():  # the allocator's events commit with ours
@@ -733,6 +728,13 @@ class Scheduler(Actor[SchedulerMsg]):
                 await self.run_pass()
                 return True
         return False
+
+    def _waits(self, job: JobState, reasons: list[ev.Reason]) -> bool:
+        """Does ``job``, held by ``reasons``, simply wait? Not when only GPUs hold it and it
+        outranks the job holding the reservation: a full pass must move it to ``job``."""
+        now = self.clock.now()
+        return not (all(r.code == "gpus" for r in reasons)
+                    and self._outranks(job, self.last_plan.reservation, now))
 
     def _outranks(self, job: JobState, held: policy.Reservation | None, now: float) -> bool:
         holder = self.state.jobs.get(held.job_id) if held else None

@@ -35,6 +35,7 @@ TERMINAL = ("completed", "failed", "cancelled", "rejected")
 PARKED = ("blocked", "held")
 RUNTIME_HISTORY = 20
 K = TypeVar("K")
+V = TypeVar("V")
 
 
 class JobState(msgspec.Struct, gc=False):
@@ -369,7 +370,8 @@ class SchedulerState:
             job = self.jobs.pop(job_id, None)
             if job is not None:
                 self.by_status[job.status].pop(job_id, None)
-                self._index(job, job.status, add=False)
+                if not self._replaying:
+                    self._index(job, job.status, add=False)
                 for dep in job.spec.depends_on:
                     self.dependants.get(dep, set()).discard(job_id)
                 self.dependants.pop(job_id, None)
@@ -474,8 +476,8 @@ class SchedulerState:
         job.status = status
 
     def _index(self, job: JobState, status: str, add: bool) -> None:
-        if self._replaying:
-            return  # built once at the end (``_build_indexes``)
+        """Keep the sorted ids by status (and user); not while replaying, where every caller
+        leaves them to ``_build_indexes`` (a call less per event of a start)."""
         job_id = job.spec.job_id
         _keep(self.ids_by_status, status, job_id, add)
         _keep(self.ids_by_user_status, (status, job.spec.user), job_id, add)
@@ -525,9 +527,6 @@ class SchedulerState:
                             for n, a in sorted(self.node_active.items()) if a},
             "limits": msgspec.to_builtins(self.limits),
         }
-
-
-V = TypeVar("V")
 
 
 def _member(index: dict[K, dict[V, Any]], key: K) -> dict[V, Any]:

@@ -7,11 +7,11 @@ heartbeat that changes nothing is not an event, so the log stays bounded.
 from __future__ import annotations
 
 import enum
-import hmac
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from eventq import events as ev
+from eventq.auth import TokenIndex
 from eventq.log import Record
 
 
@@ -70,11 +70,8 @@ class Workers:
     by_id: dict[str, Worker] = field(default_factory=dict)
     #: Worker name -> id: a name is taken or not without a walk over the fleet.
     by_name: dict[str, str] = field(default_factory=dict)
-    #: The first PREFIX hex digits of each worker's token hash -> those workers' ids.
-    by_prefix: dict[str, list[str]] = field(default_factory=dict)
-
-    #: As ``auth.Users.PREFIX``: 64 bits find one candidate, in practice.
-    PREFIX: ClassVar[int] = 16
+    #: Each worker's token hash -> its id.
+    tokens: TokenIndex = field(default_factory=TokenIndex)
 
     def evolve(self, record: Record) -> None:
         e, t = record.event, record.time
@@ -90,15 +87,15 @@ class Workers:
                                              e.token_sha256, created_at=t, since=t,
                                              provider=e.provider)
             self.by_name[e.name] = e.worker_id
-            self._index_token(e.worker_id, e.token_sha256)
+            self.tokens.add(e.token_sha256, e.worker_id)
             return
         worker = self.by_id.get(ev.event_worker_id(e) or "")
         if worker is None:
             return
         if isinstance(e, ev.WorkerTokenRotated):
-            self._unindex_token(worker)
+            self.tokens.discard(worker.token_sha256)
             worker.token_sha256 = e.token_sha256
-            self._index_token(worker.worker_id, e.token_sha256)
+            self.tokens.add(e.token_sha256, worker.worker_id)
         elif isinstance(e, ev.WorkerConnected):
             worker.online, worker.transport, worker.since = True, e.transport, t
             worker.reported_labels, worker.max_jobs = dict(e.labels), e.max_jobs
@@ -109,32 +106,16 @@ class Workers:
         elif isinstance(e, ev.WorkerLost):
             worker.online, worker.since, worker.offline_reason = False, t, e.reason
         elif isinstance(e, ev.WorkerRemoved):
-            self._unindex_token(worker)
+            self.tokens.discard(worker.token_sha256)
             if self.by_name.get(worker.name) == worker.worker_id:
                 del self.by_name[worker.name]
             del self.by_id[e.worker_id]
 
-    def _index_token(self, worker_id: str, digest: str) -> None:
-        self.by_prefix.setdefault(digest[:self.PREFIX], []).append(worker_id)
-
-    def _unindex_token(self, worker: Worker) -> None:
-        prefix = worker.token_sha256[:self.PREFIX]
-        holders = [w for w in self.by_prefix.get(prefix, ()) if w != worker.worker_id]
-        if holders:
-            self.by_prefix[prefix] = holders
-        else:
-            self.by_prefix.pop(prefix, None)
-
     def by_token(self, digest: str) -> Worker | None:
-        """The worker a token hash belongs to. Its candidates are found by their first 64
-        bits (as ``auth.Users.holder``: the timing of that lookup tells only where the hash
-        of a random token falls), then compared whole in constant time: a worker's
-        connection costs the same with 10 workers or 10,000."""
-        for worker_id in self.by_prefix.get(digest[:self.PREFIX], ()):
-            worker = self.by_id[worker_id]
-            if hmac.compare_digest(worker.token_sha256, digest):
-                return worker
-        return None
+        """The worker a token hash belongs to (``TokenIndex.find``): a worker's connection
+        costs the same with 10 workers or 10,000."""
+        worker_id = self.tokens.find(digest)
+        return None if worker_id is None else self.by_id.get(worker_id)
 
     def placeable(self, worker_id: str) -> bool:
         """May new attempts be placed on this node?"""
