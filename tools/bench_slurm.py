@@ -33,6 +33,7 @@ Run from the repository root: ``.venv/bin/python tools/bench_slurm.py``.
 from __future__ import annotations
 
 import argparse
+import calendar
 import contextlib
 import json
 import os
@@ -179,14 +180,15 @@ def slurm_latency(args: argparse.Namespace, root: Path, rng: random.Random) -> l
 def throughput(args: argparse.Namespace, root: Path) -> dict[str, float]:
     name = f"eventq-bench-slurm-{os.getpid()}-b"
     with eventq_server(root / "b", name, "--slurm-max-workers", "2", "--slurm-gres", "gpu:1",
-                       "--slurm-idle-timeout", "5") as (api, _):
+                       "--slurm-idle-timeout", "5") as (api, data):
         body = {"jobs": [{"command": ["true"], "gpus": 1, "target": "worker"}
                          for _ in range(args.jobs)]}
-        t0 = time.monotonic()
+        t0, wall0 = time.monotonic(), time.time()
         api.call("POST", "/api/queue/batch", body)
         wait_for(lambda: api.call("GET", "/api/queue/stats")["by_status"].get("completed", 0)
                  >= args.jobs, 600, "eventq's jobs to drain", step=0.05)
         eventq_s = time.monotonic() - t0
+        steps = drain_timeline(data, wall0)
     tmp = root / "bs"
     tmp.mkdir()
     sname = f"eventq-bench-slurm-{os.getpid()}-t"
@@ -200,8 +202,84 @@ def throughput(args: argparse.Namespace, root: Path) -> dict[str, float]:
         slurm_s = time.monotonic() - t0
     finally:
         cancel(sname)
-    return {"eventq_s": eventq_s, "slurm_s": slurm_s,
+    return {"eventq_s": eventq_s, "slurm_s": slurm_s, "timeline": steps,
             "eventq_jobs_per_s": args.jobs / eventq_s, "slurm_jobs_per_s": args.jobs / slurm_s}
+
+
+def drain_timeline(data: Path, t0: float) -> list[tuple[float, str]]:
+    """(seconds after the submission, what) for each step of the drain: the server's log,
+    Slurm's own log of the array (where it can be read) and each worker's first line."""
+    with contextlib.closing(sqlite3.connect(f"file:{data / 'events.db'}?mode=ro",
+                                            uri=True)) as db:
+        rows = db.execute("SELECT time, body, v FROM events ORDER BY seq").fetchall()
+    steps: list[tuple[float, str]] = []
+    first: dict[str, str] = {}
+    batches: list[str] = []
+    last_end = 0.0
+    for t, body, v in rows:
+        e = ev.decode(body, v)
+        said = _timeline_step(e, first, batches)
+        if said:
+            steps.append((t - t0, said))
+        if isinstance(e, ev.AttemptEnded):
+            last_end = t
+    steps.append((last_end - t0, "last attempt ended"))
+    steps += _slurm_steps(batches, t0) + _worker_steps(data / "slurm", t0)
+    return sorted(steps)
+
+
+def _timeline_step(e: ev.Event, first: dict[str, str], batches: list[str]) -> str | None:
+    if isinstance(e, ev.JobSubmitted) and "submitted" not in first:
+        first["submitted"] = e.job.job_id
+        return "first job submitted (server)"
+    if isinstance(e, ev.WorkersRequested):
+        return f"WorkersRequested {e.request_id}: {len(e.workers)} worker(s)"
+    if isinstance(e, ev.WorkersRequestSubmitted):
+        batches.append(e.batch_id)
+        return f"sbatch answered {e.batch_id}"
+    if isinstance(e, ev.RequestedWorkerChanged):
+        return f"squeue: task {e.task} {e.state} {e.detail}".rstrip()
+    if isinstance(e, ev.WorkerConnected):
+        return f"worker {e.worker_id} connected"
+    if isinstance(e, ev.AttemptDispatched) and e.node not in first:
+        first[e.node] = e.job_id
+        return f"first dispatch to {e.node}"
+    return None
+
+
+def _slurm_steps(batches: list[str], t0: float) -> list[tuple[float, str]]:
+    """slurmctld's own lines about the arrays (its log, if this user may read it)."""
+    try:
+        conf = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                              timeout=30, check=True).stdout
+        path = next(line.split("=", 1)[1].strip() for line in conf.splitlines()
+                    if line.startswith("SlurmctldLogFile"))
+        lines = Path(path).read_text(errors="replace").splitlines()[-20000:]
+    except (OSError, subprocess.SubprocessError, StopIteration):
+        return []
+    out = []
+    for line in lines:
+        if not any(f"JobId={b}" in line for b in batches) or not line.startswith("["):
+            continue
+        stamp, _, said = line[1:].partition("] ")
+        with contextlib.suppress(ValueError):
+            when = time.mktime(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) \
+                + float("0" + stamp[19:23])
+            out.append((when - t0, f"slurmctld: {said[:90]}"))
+    return out
+
+
+def _worker_steps(output_dir: Path, t0: float) -> list[tuple[float, str]]:
+    """Each worker's first line (its agent loaded and connecting), from its task's output."""
+    out = []
+    for path in sorted(output_dir.glob("*.out")):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            line = path.read_text(errors="replace").splitlines()[0]
+            stamp = line.split()[0].rstrip("Z")
+            when = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) \
+                + float("0" + stamp[19:26])
+            out.append((when - t0, f"task {path.stem}: {' '.join(line.split()[1:4])}"))
+    return out
 
 
 def proc_cpu(pid: int) -> float:
@@ -312,6 +390,9 @@ def report(args: argparse.Namespace, root: Path) -> int:
               f"({thr['eventq_jobs_per_s']:.1f} jobs/s, the workers' start included); Slurm "
               f"alone {thr['slurm_s']:.2f} s ({thr['slurm_jobs_per_s']:.1f} jobs/s); "
               f"ratio {ratio:.2f}")
+        print("    eventq's timeline, seconds after the submission:")
+        for at, what in thr["timeline"]:
+            print(f"    {at:8.3f}  {what}")
         goals.append((f"(b) eventq >= {GOAL_RATIO:g}x Slurm's jobs/s", ratio >= GOAL_RATIO,
                       f"{ratio:.2f}x"))
     if args.only == "cpu":
