@@ -54,6 +54,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eventq import events as ev
+from tools.bench_dag import byte_compile_eventq
 from tools.bench_dispatch import DEFAULT_SLURM_SCRIPT, slurm_daemons
 from tools.benchkit import Api, busy, print_goals, read_stamp, stop_server, wait_for
 
@@ -177,7 +178,7 @@ def slurm_latency(args: argparse.Namespace, root: Path, rng: random.Random) -> l
     return out
 
 
-def throughput(args: argparse.Namespace, root: Path) -> dict[str, float]:
+def throughput(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     name = f"eventq-bench-slurm-{os.getpid()}-b"
     with eventq_server(root / "b", name, "--slurm-max-workers", "2", "--slurm-gres", "gpu:1",
                        "--slurm-idle-timeout", "5") as (api, data):
@@ -189,6 +190,7 @@ def throughput(args: argparse.Namespace, root: Path) -> dict[str, float]:
                  >= args.jobs, 600, "eventq's jobs to drain", step=0.05)
         eventq_s = time.monotonic() - t0
         steps = drain_timeline(data, wall0)
+        sync_ms = sync_latency(data)
     tmp = root / "bs"
     tmp.mkdir()
     sname = f"eventq-bench-slurm-{os.getpid()}-t"
@@ -202,8 +204,27 @@ def throughput(args: argparse.Namespace, root: Path) -> dict[str, float]:
         slurm_s = time.monotonic() - t0
     finally:
         cancel(sname)
-    return {"eventq_s": eventq_s, "slurm_s": slurm_s, "timeline": steps,
+    return {"eventq_s": eventq_s, "slurm_s": slurm_s, "timeline": steps, "sync_ms": sync_ms,
             "eventq_jobs_per_s": args.jobs / eventq_s, "slurm_jobs_per_s": args.jobs / slurm_s}
+
+
+def sync_latency(directory: Path, count: int = 50) -> float:
+    """Median milliseconds of one ``fdatasync`` of a 4 KiB write where the server's log is,
+    right after the drain: each job's end and the next dispatch wait for one (the ``run``
+    is sent once its ``AttemptDispatched`` is durable), so other work's writes on the same
+    disk slow the drain."""
+    times = []
+    fd = os.open(directory / "sync-probe", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for _ in range(count):
+            os.write(fd, b"\0" * 4096)
+            started = time.perf_counter()
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        (directory / "sync-probe").unlink()
+    return statistics.median(times) * 1e3
 
 
 def drain_timeline(data: Path, t0: float) -> list[tuple[float, str]]:
@@ -354,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slurm-script", type=Path, default=DEFAULT_SLURM_SCRIPT,
                    help=f"slurm-local.sh, to start Slurm if it is down ({DEFAULT_SLURM_SCRIPT})")
     args = p.parse_args(argv)
+    byte_compile_eventq()  # the workers Slurm starts load eventq as an installed copy does
     print(f"machine: nproc={os.cpu_count()} python={platform.python_version()} "
           f"load={os.getloadavg()[0]:.2f}", flush=True)
     with slurm_daemons(args.slurm_script, "auto") as why_not:
@@ -390,6 +412,7 @@ def report(args: argparse.Namespace, root: Path) -> int:
               f"({thr['eventq_jobs_per_s']:.1f} jobs/s, the workers' start included); Slurm "
               f"alone {thr['slurm_s']:.2f} s ({thr['slurm_jobs_per_s']:.1f} jobs/s); "
               f"ratio {ratio:.2f}")
+        print(f"    fdatasync where the log is, right after: median {thr['sync_ms']:.2f} ms")
         print("    eventq's timeline, seconds after the submission:")
         for at, what in thr["timeline"]:
             print(f"    {at:8.3f}  {what}")
