@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -47,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -269,24 +270,44 @@ def _timeline_step(e: ev.Event, first: dict[str, str], batches: list[str]) -> st
 
 
 def _slurm_steps(batches: list[str], t0: float) -> list[tuple[float, str]]:
-    """slurmctld's own lines about the arrays (its log, if this user may read it)."""
+    """Slurm's own lines about the arrays: slurmctld's (submitted, allocated) and slurmd's
+    (each task's batch step launched), from their logs where this user may read them."""
     try:
         conf = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
                               timeout=30, check=True).stdout
-        path = next(line.split("=", 1)[1].strip() for line in conf.splitlines()
-                    if line.startswith("SlurmctldLogFile"))
+    except (OSError, subprocess.SubprocessError):
+        return []
+    files = {key: line.split("=", 1)[1].strip() for line in conf.splitlines()
+             for key in ("SlurmctldLogFile", "SlurmdLogFile") if line.startswith(key)}
+    ours = _log_lines(files.get("SlurmctldLogFile"),
+                      lambda line: any(f"JobId={b}" in line for b in batches))
+    # A task's own job id, as slurmd names it: "JobId=123_4(125)".
+    tasks = {m[2]: f"{m[0]}_{m[1]}" for _, said in ours
+             for m in re.findall(r"JobId=(\d+)_(\d+)\((\d+)\)", said)}
+    launched = _log_lines(files.get("SlurmdLogFile"), lambda line: any(
+        f"Launching batch job {t} " in line for t in tasks))
+    return [(when - t0, f"slurmctld: {said[:90]}") for when, said in ours] + [
+        (when - t0, f"slurmd: task {tasks.get(said.split()[3], '?')}: {said[:60]}")
+        for when, said in launched]
+
+
+def _log_lines(path: str | None, wanted: Callable[[str], bool]) -> list[tuple[float, str]]:
+    """(epoch seconds, text) of a Slurm log's latest lines that ``wanted`` keeps."""
+    if not path:
+        return []
+    try:
         lines = Path(path).read_text(errors="replace").splitlines()[-20000:]
-    except (OSError, subprocess.SubprocessError, StopIteration):
+    except OSError:
         return []
     out = []
     for line in lines:
-        if not any(f"JobId={b}" in line for b in batches) or not line.startswith("["):
+        if not line.startswith("[") or not wanted(line):
             continue
         stamp, _, said = line[1:].partition("] ")
         with contextlib.suppress(ValueError):
             when = time.mktime(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) \
                 + float("0" + stamp[19:23])
-            out.append((when - t0, f"slurmctld: {said[:90]}"))
+            out.append((when, said))
     return out
 
 
