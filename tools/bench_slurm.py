@@ -20,6 +20,10 @@ load does not change as it changes (b)'s seconds. A local ``eventq server`` and 
 read from ``wait4`` when it has stopped (its own and every process it reaped: wrappers, jobs,
 watchdogs), the server's from ``/proc`` over the drain.
 
+(d) ``--only start`` (no Slurm needed): a worker's own start, as a Slurm task starts it
+(``python -m eventq.cli.main worker``): seconds from its exec until the local server lists
+it idle, and the CPU it spent until then (stopped at once), one new worker at a time.
+
 ``--load N`` runs N busy processes beside both sides (as ``bench_http.py`` does) for a
 second, loaded figure after the quiet one.
 
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import calendar
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -329,48 +334,101 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_per_job(args: argparse.Namespace, root: Path) -> dict[str, float]:
-    """(c): CPU seconds per job of the workers (with what they reaped) and of the server."""
-    exe, data = str(Path(sys.executable).with_name("eventq")), root / "c"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTQ_")}
+@contextlib.contextmanager
+def local_server(data: Path) -> Iterator[tuple[Api, str]]:
+    """A local ``eventq server`` (no provider), its limits out of the way; its API and URL."""
+    exe = str(Path(sys.executable).with_name("eventq"))
     server = subprocess.Popen([exe, "server", "--data-dir", str(data), "--port", "0",
                                "--grace", "1", "--log-format", "json"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
                               stdin=subprocess.DEVNULL, start_new_session=True)
-    workers: list[subprocess.Popen[bytes]] = []
+    api = None
     try:
         wait_for(lambda: (data / "server.json").exists(), 60, "the server's start", step=0.02)
         url = json.loads((data / "server.json").read_text())["url"]
         api = Api(url, (data / "admin.token").read_text().strip())
         api.call("POST", "/api/queue/concurrency", {"max_concurrent": 1000,
                                                     "user_max_concurrent": 1000})
-        for i in range(2):
-            added = subprocess.run([exe, "workers", "add", f"w{i}", "--data-dir", str(data),
-                                    "--format", "json"], capture_output=True, text=True,
-                                   env=env, check=True, timeout=60).stdout
-            workers.append(subprocess.Popen(
-                [exe, "worker", "--url", url, "--token", json.loads(added)["token"],
-                 "--gpus", "1xA100-80GB", "--data-dir", str(root / f"w{i}"), "--persistent",
-                 "--grace", "1", "--log-format", "json"], stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True))
-        wait_for(lambda: sum(w["status"] == "idle" for w in api.call(
-            "GET", "/api/admin/workers")["workers"]) >= 2, 60, "the workers", step=0.05)
-        before = proc_cpu(server.pid)
-        api.call("POST", "/api/queue/batch", {"jobs": [
-            {"command": ["true"], "gpus": 1, "target": "worker"} for _ in range(args.jobs)]})
-        wait_for(lambda: api.call("GET", "/api/queue/stats")["by_status"].get("completed", 0)
-                 >= args.jobs, 600, "the jobs to drain", step=0.05)
-        server_s = proc_cpu(server.pid) - before
-        api.close()
-        worker_s = sum(_stopped_cpu(w) for w in workers)
+        yield api, url
     finally:
-        for w in workers:
-            if w.returncode is None:
-                w.kill()
-                w.wait()
+        if api is not None:
+            api.close()
         stop_server(server)
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("EVENTQ_")}
+
+
+def start_worker(data: Path, url: str, name: str, workdir: Path) -> subprocess.Popen[bytes]:
+    """``eventq worker`` (one simulated GPU) of a new worker ``name`` of the server at
+    ``data``, as Slurm's tasks start it (``python -m eventq.cli.main worker``)."""
+    exe = str(Path(sys.executable).with_name("eventq"))
+    added = subprocess.run([exe, "workers", "add", name, "--data-dir", str(data), "--format",
+                            "json"], capture_output=True, text=True, env=_env(), check=True,
+                           timeout=60).stdout
+    return subprocess.Popen(
+        [sys.executable, "-m", "eventq.cli.main", "worker", "--url", url, "--token",
+         json.loads(added)["token"], "--gpus", "1xA100-80GB", "--data-dir", str(workdir),
+         "--persistent", "--grace", "1", "--log-format", "json"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        env=_env(), start_new_session=True)
+
+
+def is_idle(api: Api, name: str) -> bool:
+    return name in idle_workers(api)
+
+
+def idle_workers(api: Api) -> set[str]:
+    return {w["name"] for w in api.call("GET", "/api/admin/workers")["workers"]
+            if w["status"] == "idle"}
+
+
+def cpu_per_job(args: argparse.Namespace, root: Path) -> dict[str, float]:
+    """(c): CPU seconds per job of the workers (with what they reaped) and of the server."""
+    data = root / "c"
+    workers: list[subprocess.Popen[bytes]] = []
+    with local_server(data) as (api, url):
+        try:
+            workers += [start_worker(data, url, f"w{i}", root / f"w{i}") for i in range(2)]
+            wait_for(lambda: len(idle_workers(api)) >= 2, 60, "the workers", step=0.05)
+            server_pid = json.loads((data / "server.json").read_text())["pid"]
+            before = proc_cpu(server_pid)
+            api.call("POST", "/api/queue/batch", {"jobs": [
+                {"command": ["true"], "gpus": 1, "target": "worker"}
+                for _ in range(args.jobs)]})
+            wait_for(lambda: api.call("GET", "/api/queue/stats")["by_status"].get(
+                "completed", 0) >= args.jobs, 600, "the jobs to drain", step=0.05)
+            server_s = proc_cpu(server_pid) - before
+            worker_s = sum(_stopped_cpu(w) for w in workers)
+        finally:
+            for w in workers:
+                if w.returncode is None:
+                    w.kill()
+                    w.wait()
     return {"workers_ms": worker_s / args.jobs * 1e3, "server_ms": server_s / args.jobs * 1e3}
+
+
+def worker_start(args: argparse.Namespace, root: Path) -> dict[str, list[float]]:
+    """(d): seconds from a worker's exec to its registration, and the CPU it spent until
+    then (stopped at once), one new worker at a time."""
+    data = root / "d"
+    out: dict[str, list[float]] = {"wall_s": [], "cpu_s": []}
+    with local_server(data) as (api, url):
+        for i in range(args.samples):
+            time.sleep(args.gap)
+            started = time.monotonic()
+            worker = start_worker(data, url, f"s{i}", root / f"s{i}")
+            try:
+                wait_for(functools.partial(is_idle, api, f"s{i}"), 60, "the worker",
+                         step=0.003)
+                out["wall_s"].append(time.monotonic() - started)
+                out["cpu_s"].append(_stopped_cpu(worker))
+            finally:
+                if worker.returncode is None:
+                    worker.kill()
+                    worker.wait()
+    return out
 
 
 def _stopped_cpu(worker: subprocess.Popen[bytes]) -> float:
@@ -389,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gap", type=float, default=0.5,
                    help="idle seconds before each sample, plus a random fraction (default 0.5)")
     p.add_argument("--jobs", type=int, default=500, help="jobs drained in (b) (default 500)")
-    p.add_argument("--only", choices=["latency", "throughput", "cpu"],
+    p.add_argument("--only", choices=["latency", "throughput", "cpu", "start"],
                    help="run one part only")
     p.add_argument("--load", type=int, default=0,
                    help="busy processes beside both sides for a second, loaded run")
@@ -443,6 +501,12 @@ def report(args: argparse.Namespace, root: Path) -> int:
         cpu = cpu_per_job(args, root)
         print(f"(c) CPU per `true` job, {args.jobs} jobs on 2 local workers: workers and what "
               f"they reaped {cpu['workers_ms']:.2f} ms, server {cpu['server_ms']:.2f} ms")
+    if args.only == "start":
+        start = worker_start(args, root)
+        wall, spent = start["wall_s"], start["cpu_s"]
+        print(f"(d) a worker's start, exec to registered, median of {args.samples}: "
+              f"{statistics.median(wall):.3f} s (min {min(wall):.3f}, max {max(wall):.3f}); "
+              f"its CPU until then {statistics.median(spent):.3f} s")
     if goals:
         print_goals(goals)
     return 0
