@@ -137,6 +137,12 @@ def _ask(demand: Demand, queue: Queue, requests: Requests, expected: list[NodeVi
                                                       second.reasons.get(job_id, [])))
 
 
+def could_serve(spec: JobSpec, offer: Offer, now: float) -> bool:
+    """Could a new worker of the offer take this job (target, labels, GPUs, time budget)?"""
+    fresh = worker_view(NEW, offer, now)
+    return matches(spec, fresh) and misfit(spec, fresh, offer, now) is None
+
+
 def misfit(spec: JobSpec, worker: NodeView, offer: Offer, now: float) -> Reason | None:
     """Why a new worker of the offer could not take the job, if it could not."""
     if spec.gpus > offer.gpus:

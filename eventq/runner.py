@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +65,11 @@ def job_argv(spec: JobSpec, directory: Path, trainer: tuple[str, ...]) -> list[s
     return list(spec.command)
 
 
-def job_env(spec: JobSpec, attempt: int, gpus: list[int], directory: Path) -> dict[str, str]:
-    env = {**os.environ, **spec.env}
+def job_env(spec: JobSpec, attempt: int, gpus: list[int], directory: Path,
+            base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The job's environment: ``base`` (this process's own by default), the job's, and
+    eventq's variables."""
+    env = {**(os.environ if base is None else base), **spec.env}
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
     env["EVENTQ_JOB_ID"], env["EVENTQ_ATTEMPT"] = spec.job_id, str(attempt)
     if spec.config is not None:
@@ -74,11 +78,14 @@ def job_env(spec: JobSpec, attempt: int, gpus: list[int], directory: Path) -> di
 
 
 def spawn(spec: JobSpec, attempt: int, gpus: list[int], directory: Path,
-          trainer: tuple[str, ...] = DEFAULT_TRAINER, watch: int | None = None) -> int:
+          trainer: tuple[str, ...] = DEFAULT_TRAINER, watch: int | None = None,
+          base_env: Mapping[str, str] | None = None) -> int:
     """Start the attempt in a new session (its own process group); its pid.
 
     With ``watch`` (the write end of the worker's watchdog pipe), the watchdog stops the
-    attempt once the worker's lease lapses. ``posix_spawn``, not an asyncio transport:
+    attempt once the worker's lease lapses. ``base_env``: the environment jobs start from,
+    where the caller keeps a copy (``os.environ`` decodes every variable at each read: a
+    third of a millisecond a job). ``posix_spawn``, not an asyncio transport:
     closing the event loop must not kill a running job (a restarted server adopts it
     instead), and spawning this way avoids copying the server's memory on the dispatch
     path.
@@ -96,7 +103,7 @@ def spawn(spec: JobSpec, attempt: int, gpus: list[int], directory: Path,
         "/bin/sh",
         ["sh", "-c", WRAPPER, "eventq-attempt", str(directory), spec.cwd or str(directory),
          "" if watch is None else "3", *argv],
-        job_env(spec, attempt, gpus, directory), file_actions=actions, setsid=True)
+        job_env(spec, attempt, gpus, directory, base_env), file_actions=actions, setsid=True)
 
 
 async def wait_child(pid: int) -> int:

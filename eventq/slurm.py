@@ -333,13 +333,28 @@ class SlurmTask:
                    tuple(int(g) for g in gpus.split(",") if g.isdigit()) if gpus else None)
 
 
-def time_left(job_id: str) -> float | None:
-    """Seconds left in the job's time limit, as Slurm says; None if unlimited or unknown."""
+def ask_time_left(job_id: str) -> subprocess.Popen[str] | None:
+    """Ask Slurm (``squeue``) without waiting for its answer: a worker starting under Slurm
+    loads its modules meanwhile (``read_time_left`` takes the answer). None: cannot ask."""
     try:
-        out = subprocess.run(["squeue", "--noheader", f"--jobs={job_id}", "--format=%l|%L"],
-                             capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
-                             check=True).stdout
-    except (OSError, subprocess.SubprocessError):
+        return subprocess.Popen(["squeue", "--noheader", f"--jobs={job_id}", "--format=%l|%L"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+    except OSError:
+        return None
+
+
+def read_time_left(asked: subprocess.Popen[str] | None) -> float | None:
+    """``ask_time_left``'s answer: seconds left; None if unlimited or unknown."""
+    if asked is None:
+        return None
+    try:
+        out, _ = asked.communicate(timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        asked.kill()
+        asked.communicate()
+        return None
+    if asked.returncode != 0:
         return None
     limit, _, left = out.strip().partition("|")
     # An unlimited job shows a limit of a year, and a year less what it ran as time left.

@@ -153,3 +153,22 @@ def test_a_server_url_is_split_as_urllib_splits_it() -> None:
         assert target == (want.path or "/") + (f"?{want.query}" if want.query else "")
     with pytest.raises(CliError, match="its port is 'x1'"):
         split_http_url("http://127.0.0.1:x1/api/queue/submit")
+
+
+def test_a_worker_loads_structlog_without_rich_and_leaves_rich_importable(
+        server: tuple[Server, Path], tmp_path: Path) -> None:
+    """A worker's start is on the path of every job that waits for a new one (Slurm's): rich
+    is structlog's, for tracebacks a worker never renders. Refused by the server (a token
+    it does not know), the worker has loaded the agent by then."""
+    api, data = server
+    done, names = imported(data, "worker", "--url", api.url, "--token", "wt_unknown",
+                           "--gpus", "1xA100-80GB", "--data-dir", str(tmp_path / "worker"))
+    assert done.returncode == 2 and "refused this worker's token" in done.stderr
+    assert {"eventq.agent.agent", "structlog", "aiohttp"} <= names
+    assert not [n for n in names if n == "rich" or n.startswith("rich.")]
+    # Blocked while structlog loads only: rich loads as ever afterwards in the same process.
+    probe = subprocess.run([sys.executable, "-c", "from eventq.cli.worker import _without_rich\n"
+                            "_without_rich()\nimport rich.console\nprint(rich.console.Console)"],
+                           capture_output=True, text=True, timeout=60, env=clean_env(),
+                           check=False)
+    assert probe.returncode == 0 and "Console" in probe.stdout, probe.stderr[-2000:]

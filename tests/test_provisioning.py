@@ -6,14 +6,17 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from eventq import events as ev
+from eventq.actors.provisioner import REVIEW_GAP, Provisioner
 from eventq.actors.requests_state import Requests, TaskState
 from eventq.actors.scheduler_state import JobState
 from eventq.auth import task_token
+from eventq.clock import SimClock
 from eventq.log import Record
 from eventq.policy import Counts, NodeView
 from eventq.provider import Observed, Offer, Sighting
@@ -273,3 +276,58 @@ def test_a_finished_task_s_output_goes_and_only_the_latest_failed_ones_stay(
     assert kept == sorted(names[3:]), "the latest failed tasks' output stays, the rest goes"
     assert not list(provider.output_dir.glob("*.out"))
     provider.discard_output("7", 99, failed=False)  # already gone: nothing to do
+
+
+# --- when the provisioner looks ----------------------------------------------------------
+
+
+class Looks(Provisioner):
+    """The provisioner's own timing of its reviews, with the reviews themselves recorded."""
+
+    def __init__(self, clock: SimClock) -> None:
+        provider = SimpleNamespace(offer=offer())
+        super().__init__(None, Requests(), None, None, None, provider,  # type: ignore[arg-type]
+                         clock, idle_timeout=60, url="http://eventq")
+        self.reviews: list[float] = []
+
+    def tell(self, message: Any) -> None:
+        self.reviews.append(self.clock.now())
+
+
+def submitted(n: int, at: float, **spec: Any) -> Record:
+    return Record(n, at, "alice", ev.JobSubmitted(job=job(n, **spec).spec), b"")
+
+
+def test_the_first_job_a_new_worker_could_take_is_looked_at_without_waiting_out_the_gap(
+) -> None:
+    clock = SimClock(NOW)
+    looks = Looks(clock)
+    looks.on_durable([submitted(1, NOW)])  # an earlier look (a change of limits, say)
+    clock.advance(0)
+    looks._review_due, looks._last_review = None, clock.now()  # as the review itself does
+    clock.advance(0.05)
+    looks.on_durable([submitted(2, clock.now(), target="local"), submitted(3, clock.now())])
+    clock.advance(0)
+    assert looks.reviews == [NOW, NOW + 0.05]  # not at NOW + REVIEW_GAP
+    clock.advance(REVIEW_GAP)
+    assert looks.reviews == [NOW, NOW + 0.05]  # the look the gap had planned does not follow
+
+
+def test_while_the_provider_serves_jobs_or_none_it_could_take_looks_wait_out_the_gap(
+) -> None:
+    clock = SimClock(NOW)
+    looks = Looks(clock)
+    looks._last_review = NOW
+    looks.on_durable([submitted(1, NOW, target="local"), submitted(2, NOW, gpus=2)])
+    clock.advance(0.05)
+    assert looks.reviews == []
+    clock.advance(REVIEW_GAP)
+    assert looks.reviews == [NOW + REVIEW_GAP]
+    last = clock.now()
+    looks._review_due, looks._last_review = None, last
+    looks.notes = {"j2": ev.Reason("no_worker", "slurm: asking for a worker")}
+    looks.on_durable([submitted(3, clock.now())])
+    clock.advance(0.05)
+    assert looks.reviews == [NOW + REVIEW_GAP]
+    clock.advance(REVIEW_GAP)
+    assert looks.reviews == [NOW + REVIEW_GAP, last + REVIEW_GAP]

@@ -20,6 +20,10 @@ load does not change as it changes (b)'s seconds. A local ``eventq server`` and 
 read from ``wait4`` when it has stopped (its own and every process it reaped: wrappers, jobs,
 watchdogs), the server's from ``/proc`` over the drain.
 
+(d) ``--only start`` (no Slurm needed): a worker's own start, as a Slurm task starts it
+(``python -m eventq.cli.main worker``): seconds from its exec until the local server lists
+it idle, and the CPU it spent until then (stopped at once), one new worker at a time.
+
 ``--load N`` runs N busy processes beside both sides (as ``bench_http.py`` does) for a
 second, loaded figure after the quiet one.
 
@@ -33,11 +37,14 @@ Run from the repository root: ``.venv/bin/python tools/bench_slurm.py``.
 from __future__ import annotations
 
 import argparse
+import calendar
 import contextlib
+import functools
 import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -46,13 +53,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eventq import events as ev
+from tools.bench_dag import byte_compile_eventq
 from tools.bench_dispatch import DEFAULT_SLURM_SCRIPT, slurm_daemons
 from tools.benchkit import Api, busy, print_goals, read_stamp, stop_server, wait_for
 
@@ -176,17 +184,19 @@ def slurm_latency(args: argparse.Namespace, root: Path, rng: random.Random) -> l
     return out
 
 
-def throughput(args: argparse.Namespace, root: Path) -> dict[str, float]:
+def throughput(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     name = f"eventq-bench-slurm-{os.getpid()}-b"
     with eventq_server(root / "b", name, "--slurm-max-workers", "2", "--slurm-gres", "gpu:1",
-                       "--slurm-idle-timeout", "5") as (api, _):
+                       "--slurm-idle-timeout", "5") as (api, data):
         body = {"jobs": [{"command": ["true"], "gpus": 1, "target": "worker"}
                          for _ in range(args.jobs)]}
-        t0 = time.monotonic()
+        t0, wall0 = time.monotonic(), time.time()
         api.call("POST", "/api/queue/batch", body)
         wait_for(lambda: api.call("GET", "/api/queue/stats")["by_status"].get("completed", 0)
                  >= args.jobs, 600, "eventq's jobs to drain", step=0.05)
         eventq_s = time.monotonic() - t0
+        steps = drain_timeline(data, wall0)
+        sync_ms = sync_latency(data)
     tmp = root / "bs"
     tmp.mkdir()
     sname = f"eventq-bench-slurm-{os.getpid()}-t"
@@ -200,8 +210,123 @@ def throughput(args: argparse.Namespace, root: Path) -> dict[str, float]:
         slurm_s = time.monotonic() - t0
     finally:
         cancel(sname)
-    return {"eventq_s": eventq_s, "slurm_s": slurm_s,
+    return {"eventq_s": eventq_s, "slurm_s": slurm_s, "timeline": steps, "sync_ms": sync_ms,
             "eventq_jobs_per_s": args.jobs / eventq_s, "slurm_jobs_per_s": args.jobs / slurm_s}
+
+
+def sync_latency(directory: Path, count: int = 50) -> float:
+    """Median milliseconds of one ``fdatasync`` of a 4 KiB write where the server's log is,
+    right after the drain: each job's end and the next dispatch wait for one (the ``run``
+    is sent once its ``AttemptDispatched`` is durable), so other work's writes on the same
+    disk slow the drain."""
+    times = []
+    fd = os.open(directory / "sync-probe", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for _ in range(count):
+            os.write(fd, b"\0" * 4096)
+            started = time.perf_counter()
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        (directory / "sync-probe").unlink()
+    return statistics.median(times) * 1e3
+
+
+def drain_timeline(data: Path, t0: float) -> list[tuple[float, str]]:
+    """(seconds after the submission, what) for each step of the drain: the server's log,
+    Slurm's own log of the array (where it can be read) and each worker's first line."""
+    with contextlib.closing(sqlite3.connect(f"file:{data / 'events.db'}?mode=ro",
+                                            uri=True)) as db:
+        rows = db.execute("SELECT time, body, v FROM events ORDER BY seq").fetchall()
+    steps: list[tuple[float, str]] = []
+    first: dict[str, str] = {}
+    batches: list[str] = []
+    last_end = 0.0
+    for t, body, v in rows:
+        e = ev.decode(body, v)
+        said = _timeline_step(e, first, batches)
+        if said:
+            steps.append((t - t0, said))
+        if isinstance(e, ev.AttemptEnded):
+            last_end = t
+    steps.append((last_end - t0, "last attempt ended"))
+    steps += _slurm_steps(batches, t0) + _worker_steps(data / "slurm", t0)
+    return sorted(steps)
+
+
+def _timeline_step(e: ev.Event, first: dict[str, str], batches: list[str]) -> str | None:
+    if isinstance(e, ev.JobSubmitted) and "submitted" not in first:
+        first["submitted"] = e.job.job_id
+        return "first job submitted (server)"
+    if isinstance(e, ev.WorkersRequested):
+        return f"WorkersRequested {e.request_id}: {len(e.workers)} worker(s)"
+    if isinstance(e, ev.WorkersRequestSubmitted):
+        batches.append(e.batch_id)
+        return f"sbatch answered {e.batch_id}"
+    if isinstance(e, ev.RequestedWorkerChanged):
+        return f"squeue: task {e.task} {e.state} {e.detail}".rstrip()
+    if isinstance(e, ev.WorkerConnected):
+        return f"worker {e.worker_id} connected"
+    if isinstance(e, ev.AttemptDispatched) and e.node not in first:
+        first[e.node] = e.job_id
+        return f"first dispatch to {e.node}"
+    return None
+
+
+def _slurm_steps(batches: list[str], t0: float) -> list[tuple[float, str]]:
+    """Slurm's own lines about the arrays: slurmctld's (submitted, allocated) and slurmd's
+    (each task's batch step launched), from their logs where this user may read them."""
+    try:
+        conf = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                              timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    files = {key: line.split("=", 1)[1].strip() for line in conf.splitlines()
+             for key in ("SlurmctldLogFile", "SlurmdLogFile") if line.startswith(key)}
+    ours = _log_lines(files.get("SlurmctldLogFile"),
+                      lambda line: any(f"JobId={b}" in line for b in batches))
+    # A task's own job id, as slurmd names it: "JobId=123_4(125)".
+    tasks = {m[2]: f"{m[0]}_{m[1]}" for _, said in ours
+             for m in re.findall(r"JobId=(\d+)_(\d+)\((\d+)\)", said)}
+    launched = _log_lines(files.get("SlurmdLogFile"), lambda line: any(
+        f"Launching batch job {t} " in line for t in tasks))
+    return [(when - t0, f"slurmctld: {said[:90]}") for when, said in ours] + [
+        (when - t0, f"slurmd: task {tasks.get(said.split()[3], '?')}: {said[:60]}")
+        for when, said in launched]
+
+
+def _log_lines(path: str | None, wanted: Callable[[str], bool]) -> list[tuple[float, str]]:
+    """(epoch seconds, text) of a Slurm log's latest lines that ``wanted`` keeps."""
+    if not path:
+        return []
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()[-20000:]
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        if not line.startswith("[") or not wanted(line):
+            continue
+        stamp, _, said = line[1:].partition("] ")
+        with contextlib.suppress(ValueError):
+            when = time.mktime(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) \
+                + float("0" + stamp[19:23])
+            out.append((when, said))
+    return out
+
+
+def _worker_steps(output_dir: Path, t0: float) -> list[tuple[float, str]]:
+    """Each worker's first line (its agent loaded and connecting), from its task's output."""
+    out = []
+    for path in sorted(output_dir.glob("*.out")):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            line = path.read_text(errors="replace").splitlines()[0]
+            stamp = line.split()[0].rstrip("Z")
+            when = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S")) \
+                + float("0" + stamp[19:26])
+            out.append((when - t0, f"task {path.stem}: {' '.join(line.split()[1:4])}"))
+    return out
 
 
 def proc_cpu(pid: int) -> float:
@@ -209,48 +334,101 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_per_job(args: argparse.Namespace, root: Path) -> dict[str, float]:
-    """(c): CPU seconds per job of the workers (with what they reaped) and of the server."""
-    exe, data = str(Path(sys.executable).with_name("eventq")), root / "c"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTQ_")}
+@contextlib.contextmanager
+def local_server(data: Path) -> Iterator[tuple[Api, str]]:
+    """A local ``eventq server`` (no provider), its limits out of the way; its API and URL."""
+    exe = str(Path(sys.executable).with_name("eventq"))
     server = subprocess.Popen([exe, "server", "--data-dir", str(data), "--port", "0",
                                "--grace", "1", "--log-format", "json"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
                               stdin=subprocess.DEVNULL, start_new_session=True)
-    workers: list[subprocess.Popen[bytes]] = []
+    api = None
     try:
         wait_for(lambda: (data / "server.json").exists(), 60, "the server's start", step=0.02)
         url = json.loads((data / "server.json").read_text())["url"]
         api = Api(url, (data / "admin.token").read_text().strip())
         api.call("POST", "/api/queue/concurrency", {"max_concurrent": 1000,
                                                     "user_max_concurrent": 1000})
-        for i in range(2):
-            added = subprocess.run([exe, "workers", "add", f"w{i}", "--data-dir", str(data),
-                                    "--format", "json"], capture_output=True, text=True,
-                                   env=env, check=True, timeout=60).stdout
-            workers.append(subprocess.Popen(
-                [exe, "worker", "--url", url, "--token", json.loads(added)["token"],
-                 "--gpus", "1xA100-80GB", "--data-dir", str(root / f"w{i}"), "--persistent",
-                 "--grace", "1", "--log-format", "json"], stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True))
-        wait_for(lambda: sum(w["status"] == "idle" for w in api.call(
-            "GET", "/api/admin/workers")["workers"]) >= 2, 60, "the workers", step=0.05)
-        before = proc_cpu(server.pid)
-        api.call("POST", "/api/queue/batch", {"jobs": [
-            {"command": ["true"], "gpus": 1, "target": "worker"} for _ in range(args.jobs)]})
-        wait_for(lambda: api.call("GET", "/api/queue/stats")["by_status"].get("completed", 0)
-                 >= args.jobs, 600, "the jobs to drain", step=0.05)
-        server_s = proc_cpu(server.pid) - before
-        api.close()
-        worker_s = sum(_stopped_cpu(w) for w in workers)
+        yield api, url
     finally:
-        for w in workers:
-            if w.returncode is None:
-                w.kill()
-                w.wait()
+        if api is not None:
+            api.close()
         stop_server(server)
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("EVENTQ_")}
+
+
+def start_worker(data: Path, url: str, name: str, workdir: Path) -> subprocess.Popen[bytes]:
+    """``eventq worker`` (one simulated GPU) of a new worker ``name`` of the server at
+    ``data``, as Slurm's tasks start it (``python -m eventq.cli.main worker``)."""
+    exe = str(Path(sys.executable).with_name("eventq"))
+    added = subprocess.run([exe, "workers", "add", name, "--data-dir", str(data), "--format",
+                            "json"], capture_output=True, text=True, env=_env(), check=True,
+                           timeout=60).stdout
+    return subprocess.Popen(
+        [sys.executable, "-m", "eventq.cli.main", "worker", "--url", url, "--token",
+         json.loads(added)["token"], "--gpus", "1xA100-80GB", "--data-dir", str(workdir),
+         "--persistent", "--grace", "1", "--log-format", "json"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        env=_env(), start_new_session=True)
+
+
+def is_idle(api: Api, name: str) -> bool:
+    return name in idle_workers(api)
+
+
+def idle_workers(api: Api) -> set[str]:
+    return {w["name"] for w in api.call("GET", "/api/admin/workers")["workers"]
+            if w["status"] == "idle"}
+
+
+def cpu_per_job(args: argparse.Namespace, root: Path) -> dict[str, float]:
+    """(c): CPU seconds per job of the workers (with what they reaped) and of the server."""
+    data = root / "c"
+    workers: list[subprocess.Popen[bytes]] = []
+    with local_server(data) as (api, url):
+        try:
+            workers += [start_worker(data, url, f"w{i}", root / f"w{i}") for i in range(2)]
+            wait_for(lambda: len(idle_workers(api)) >= 2, 60, "the workers", step=0.05)
+            server_pid = json.loads((data / "server.json").read_text())["pid"]
+            before = proc_cpu(server_pid)
+            api.call("POST", "/api/queue/batch", {"jobs": [
+                {"command": ["true"], "gpus": 1, "target": "worker"}
+                for _ in range(args.jobs)]})
+            wait_for(lambda: api.call("GET", "/api/queue/stats")["by_status"].get(
+                "completed", 0) >= args.jobs, 600, "the jobs to drain", step=0.05)
+            server_s = proc_cpu(server_pid) - before
+            worker_s = sum(_stopped_cpu(w) for w in workers)
+        finally:
+            for w in workers:
+                if w.returncode is None:
+                    w.kill()
+                    w.wait()
     return {"workers_ms": worker_s / args.jobs * 1e3, "server_ms": server_s / args.jobs * 1e3}
+
+
+def worker_start(args: argparse.Namespace, root: Path) -> dict[str, list[float]]:
+    """(d): seconds from a worker's exec to its registration, and the CPU it spent until
+    then (stopped at once), one new worker at a time."""
+    data = root / "d"
+    out: dict[str, list[float]] = {"wall_s": [], "cpu_s": []}
+    with local_server(data) as (api, url):
+        for i in range(args.samples):
+            time.sleep(args.gap)
+            started = time.monotonic()
+            worker = start_worker(data, url, f"s{i}", root / f"s{i}")
+            try:
+                wait_for(functools.partial(is_idle, api, f"s{i}"), 60, "the worker",
+                         step=0.003)
+                out["wall_s"].append(time.monotonic() - started)
+                out["cpu_s"].append(_stopped_cpu(worker))
+            finally:
+                if worker.returncode is None:
+                    worker.kill()
+                    worker.wait()
+    return out
 
 
 def _stopped_cpu(worker: subprocess.Popen[bytes]) -> float:
@@ -269,13 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gap", type=float, default=0.5,
                    help="idle seconds before each sample, plus a random fraction (default 0.5)")
     p.add_argument("--jobs", type=int, default=500, help="jobs drained in (b) (default 500)")
-    p.add_argument("--only", choices=["latency", "throughput", "cpu"],
+    p.add_argument("--only", choices=["latency", "throughput", "cpu", "start"],
                    help="run one part only")
     p.add_argument("--load", type=int, default=0,
                    help="busy processes beside both sides for a second, loaded run")
     p.add_argument("--slurm-script", type=Path, default=DEFAULT_SLURM_SCRIPT,
                    help=f"slurm-local.sh, to start Slurm if it is down ({DEFAULT_SLURM_SCRIPT})")
     args = p.parse_args(argv)
+    byte_compile_eventq()  # the workers Slurm starts load eventq as an installed copy does
     print(f"machine: nproc={os.cpu_count()} python={platform.python_version()} "
           f"load={os.getloadavg()[0]:.2f}", flush=True)
     with slurm_daemons(args.slurm_script, "auto") as why_not:
@@ -312,12 +491,22 @@ def report(args: argparse.Namespace, root: Path) -> int:
               f"({thr['eventq_jobs_per_s']:.1f} jobs/s, the workers' start included); Slurm "
               f"alone {thr['slurm_s']:.2f} s ({thr['slurm_jobs_per_s']:.1f} jobs/s); "
               f"ratio {ratio:.2f}")
+        print(f"    fdatasync where the log is, right after: median {thr['sync_ms']:.2f} ms")
+        print("    eventq's timeline, seconds after the submission:")
+        for at, what in thr["timeline"]:
+            print(f"    {at:8.3f}  {what}")
         goals.append((f"(b) eventq >= {GOAL_RATIO:g}x Slurm's jobs/s", ratio >= GOAL_RATIO,
                       f"{ratio:.2f}x"))
     if args.only == "cpu":
         cpu = cpu_per_job(args, root)
         print(f"(c) CPU per `true` job, {args.jobs} jobs on 2 local workers: workers and what "
               f"they reaped {cpu['workers_ms']:.2f} ms, server {cpu['server_ms']:.2f} ms")
+    if args.only == "start":
+        start = worker_start(args, root)
+        wall, spent = start["wall_s"], start["cpu_s"]
+        print(f"(d) a worker's start, exec to registered, median of {args.samples}: "
+              f"{statistics.median(wall):.3f} s (min {min(wall):.3f}, max {max(wall):.3f}); "
+              f"its CPU until then {statistics.median(spent):.3f} s")
     if goals:
         print_goals(goals)
     return 0

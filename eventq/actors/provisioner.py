@@ -44,7 +44,7 @@ from eventq.auth import ARRAY_PREFIX, new_token, task_token, token_hash
 from eventq.clock import Clock
 from eventq.log import EventLog, Record
 from eventq.provider import Provider, ProviderError, Submission
-from eventq.provisioning import Queue, assess, observed_changes
+from eventq.provisioning import Queue, assess, could_serve, observed_changes
 
 log = structlog.get_logger()
 
@@ -126,25 +126,38 @@ class Provisioner(Actor[Review | Poll]):
     # --- waking -----------------------------------------------------------------------
 
     def on_durable(self, records: Sequence[Record]) -> None:
+        first_demand = False
         for record in records:
             e = record.event
             if isinstance(e, ev.WorkerConnected) and e.worker_id in self.requests.by_worker:
                 self.failures = 0  # the provider's workers do come
-        self.wake()
+            elif isinstance(e, ev.JobSubmitted) and not first_demand and not self.notes:
+                first_demand = could_serve(e.job, self.provider.offer, record.time)
+        self.wake(at_once=first_demand)
 
-    def wake(self, at: float | None = None) -> None:
+    def wake(self, at: float | None = None, at_once: bool = False) -> None:
         """A review soon (at once, or REVIEW_GAP after the last one), or at ``at``. One
-        review waits at a time: it sees everything that happened before it runs."""
+        review waits at a time: it sees everything that happened before it runs.
+
+        ``at_once``: a job the provider could serve arrived while it served none (the
+        first demand). Its workers' start is on that job's path, so the review does not
+        wait out the gap; the gap bounds reviews while the provider serves jobs."""
         now = self.clock.now()
         if self._stopped:
             return
         if at is not None and at > now:
             self.clock.call_at(at, self.wake)
             return
-        if self._review_due is not None:
+        due = now if at_once else max(now, self._last_review + REVIEW_GAP)
+        if self._review_due is not None and self._review_due <= due:
             return
-        self._review_due = max(now, self._last_review + REVIEW_GAP)
-        self.clock.call_at(self._review_due, lambda: self._tell(Review()))
+        self._review_due = due
+        self.clock.call_at(due, lambda: self._review_at(due))
+
+    def _review_at(self, due: float) -> None:
+        """A review wakes up; an earlier one that took its place already ran."""
+        if self._review_due == due:
+            self._tell(Review())
 
     def _tell(self, message: Review | Poll) -> None:
         if not self._stopped:

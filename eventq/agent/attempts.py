@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import signal
 import time
@@ -115,11 +116,17 @@ class Attempts:
         # Absolute: the runner's wrapper writes its exit file after changing directory.
         self.data_dir, self.link = data_dir.absolute(), link
         self.trainer, self.grace_seconds = trainer, grace_seconds
+        #: The environment every job starts from: the agent's own, read once (the agent
+        #: never changes it once it runs; the worker's token left it before).
+        self.environ = dict(os.environ)
         self.lease = lease or Lease(self.data_dir)
         self.watchdog = Watchdog(self.lease.path)
         #: Set when the agent itself is told to stop (SIGTERM, SIGINT).
         self.stopping = asyncio.Event()
         self.by_key: dict[Key, Attempt] = {}
+        #: The attempts of ``by_key`` that may still run (those that have ended leave it at
+        #: the next start).
+        self.live: dict[Key, Attempt] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         #: run, adopted, completed, failed, cancelled, timeout, start_failed: for the last line.
         self.counts: Counter[str] = Counter()
@@ -201,13 +208,12 @@ class Attempts:
             return
         directory = runner.attempt_dir(self.data_dir, msg.job_id, msg.attempt)
         att = Attempt(msg.job_id, msg.attempt, directory, frozenset(msg.gpus))
-        self.by_key[key] = att
+        self.by_key[key] = self.live[key] = att
         if (directory / "claim").exists():  # started before (or claimed by a restart)
             att.offsets, att.deadline = _read_offsets(directory), _read_deadline(directory)
             self._watch(att, self._inspect(att))
             return
-        holders = [a for a in self.by_key.values()
-                   if a is not att and a.running and a.gpus & att.gpus]
+        holders = self._holders(att)
         if holders:
             log.info("run_waits", job_id=msg.job_id, attempt=msg.attempt,
                      gpus=sorted(att.gpus & frozenset().union(*(a.gpus for a in holders))),
@@ -215,6 +221,15 @@ class Attempts:
             self._spawn(self._start_after(att, msg, holders))
             return
         self._start(att, msg)
+
+    def _holders(self, att: Attempt) -> list[Attempt]:
+        """Attempts here still using one of its GPUs. Looked for among those that may still
+        run (``live``), not all the ended ones listed until the orchestrator surely has
+        their ends: a worker that runs short jobs would look at hundreds for each."""
+        for key in [k for k, a in self.live.items() if not a.running]:
+            del self.live[key]
+        return [a for a in self.live.values()
+                if a is not att and not a.gpus.isdisjoint(att.gpus)]
 
     async def _start_after(self, att: Attempt, msg: Run, holders: list[Attempt]) -> None:
         """Start once the attempts still using its GPUs have ended."""
@@ -233,7 +248,7 @@ class Attempts:
         try:
             watch = self.watchdog.feed() if self.lease.seconds is not None else None
             att.pid = runner.spawn(msg.spec(), msg.attempt, msg.gpus, directory, self.trainer,
-                                   watch)
+                                   watch, self.environ)
         except (OSError, ValueError) as exc:
             self._watch(att, _now(Exit("start_failed", None, f"could not start: {exc}")))
             return
@@ -259,7 +274,7 @@ class Attempts:
             att = Attempt(directory.parent.name, int(directory.name), directory,
                           _read_gpus(seen.pid) if seen.state == "alive" else frozenset(),
                           _read_deadline(directory), offsets=_read_offsets(directory))
-            self.by_key[att.key] = att
+            self.by_key[att.key] = self.live[att.key] = att
             if seen.state == "alive" and seen.pid is not None and self.lease.path.exists():
                 self.watchdog.announce(seen.pid, directory)  # in case its own has gone
             self._watch(att, self._found(att, seen))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +13,9 @@ from eventq.cli.client import CliError, default_data_dir
 
 if TYPE_CHECKING:
     import ssl
+    import subprocess
+
+    from eventq.agent.agent import AgentConfig
 
 # The agent's modules (aiohttp, the runner, asyncio) load only when a worker starts.
 
@@ -106,11 +110,12 @@ def _verified(url: str, ca: str | None) -> ssl.SSLContext | None:
     return context
 
 
-def _as_slurm_task(args: argparse.Namespace, token: str) -> tuple[str, tuple[int, ...] | None]:
-    """Fill in what the Slurm job says (flags given win); this task's token, and the GPUs
-    Slurm gave it on the node."""
+def _as_slurm_task(args: argparse.Namespace, token: str
+                   ) -> tuple[str, tuple[int, ...] | None, subprocess.Popen[str] | None]:
+    """Fill in what the Slurm job says (flags given win); this task's token, the GPUs
+    Slurm gave it on the node, and Slurm asked for its time left (without --max-runtime)."""
     from eventq.auth import ARRAY_PREFIX, task_token
-    from eventq.slurm import SlurmTask, time_left
+    from eventq.slurm import SlurmTask, ask_time_left
 
     task = SlurmTask.from_environ(dict(os.environ))
     if task is None:
@@ -127,24 +132,59 @@ def _as_slurm_task(args: argparse.Namespace, token: str) -> tuple[str, tuple[int
         (f",{args.labels}" if args.labels else "")
     args.data_dir = args.data_dir or Path(os.environ.get("TMPDIR") or "/tmp") \
         / f"eventq-slurm-{task.job_id}"
-    if args.max_runtime is None:
-        args.max_runtime = time_left(task.job_id)
-    return token, task.gpus
+    asked = ask_time_left(task.job_id) if args.max_runtime is None else None
+    return token, task.gpus, asked
+
+
+def _without_rich() -> None:
+    """Load structlog as if rich were not installed. structlog loads rich (~40 ms of CPU,
+    at every worker's start) for the coloured tracebacks of its own console renderer; a
+    worker's lines go through ``eventq.serverlog``'s renderers, which never use it. A None
+    in ``sys.modules`` makes an import fail as for a missing module (the import system's
+    documented way to block one); the entry goes once structlog is loaded."""
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        return
+    sys.modules["rich"] = None  # type: ignore[assignment]
+    try:
+        import structlog  # noqa: F401
+    finally:
+        del sys.modules["rich"]
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    url, token = _orchestrator(args)
+    _without_rich()
+    allocated, asked = None, None
+    if args.slurm:  # Slurm answers while the agent's modules load
+        token, allocated, asked = _as_slurm_task(args, token)
+
     import asyncio
+
+    from eventq import serverlog
+    from eventq.agent.agent import Agent, AgentBusy, Refused
+
+    if asked is not None:
+        from eventq.slurm import read_time_left
+
+        args.max_runtime = read_time_left(asked)
+    config = _config(args, url, token, allocated)
+    serverlog.configure(args.log_format)
+    try:
+        return asyncio.run(Agent(config).run())
+    except (Refused, AgentBusy) as exc:
+        raise CliError(str(exc)) from None
+
+
+def _config(args: argparse.Namespace, url: str, token: str,
+            allocated: tuple[int, ...] | None) -> AgentConfig:
+    """The agent's settings from the flags and the environment; CliError names a bad one."""
     import shlex
     import socket
 
-    from eventq import gpus, runner, serverlog
-    from eventq.agent.agent import Agent, AgentBusy, AgentConfig, Refused
+    from eventq import gpus, runner
+    from eventq.agent.agent import AgentConfig
 
     env = os.environ
-    url, token = _orchestrator(args)
-    allocated = None
-    if args.slurm:
-        token, allocated = _as_slurm_task(args, token)
     spec = args.gpus or env.get("EVENTQ_WORKER_GPUS") or None
     try:
         if spec:
@@ -156,16 +196,10 @@ def run_worker(args: argparse.Namespace) -> int:
     trainer = tuple(shlex.split(args.trainer)) if args.trainer else runner.DEFAULT_TRAINER
     if not trainer:
         raise CliError("--trainer must name a command")
-    ssl_context = _verified(url, args.ca or env.get("EVENTQ_CA"))
-    config = AgentConfig(
+    return AgentConfig(
         url=url, token=token, data_dir=(args.data_dir or default_data_dir() / "worker").absolute(),
         name=args.name or env.get("EVENTQ_WORKER_NAME") or socket.gethostname(),
         gpu_spec=spec, labels=parse_labels(args.labels or env.get("EVENTQ_WORKER_LABELS")),
         persistent=args.persistent, trainer=trainer, grace_seconds=args.grace,
-        accepts_until=budget_end(args.max_runtime, args.margin_time), ssl=ssl_context,
-        allocated_gpus=allocated)
-    serverlog.configure(args.log_format)
-    try:
-        return asyncio.run(Agent(config).run())
-    except (Refused, AgentBusy) as exc:
-        raise CliError(str(exc)) from None
+        accepts_until=budget_end(args.max_runtime, args.margin_time),
+        ssl=_verified(url, args.ca or env.get("EVENTQ_CA")), allocated_gpus=allocated)
