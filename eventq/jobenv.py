@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -87,26 +88,39 @@ def seal(env: dict[str, str], exported: dict[str, str], cwd: str | None) -> Seal
     return Sealed(hashlib.sha256(data).hexdigest(), data)
 
 
+#: Flushes the folder while the caller's thread flushes the files.
+_FOLDER_SYNC = ThreadPoolExecutor(1, thread_name_prefix="eventq-env-folder")
+
+
 def write(directory: Path, sealed: Collection[Sealed]) -> None:
-    """Write each file, fsync it, give it its name, then fsync the folder: on disk, named."""
+    """Write each file under its name, then fsync the files and the folder at once.
+
+    No temporary name and rename: nothing reads a file before a job names it, a job names
+    it only once both fsyncs have returned, and ``read`` checks every file against its
+    digest; what a crash tears before then no job names, and a start sweeps it away. So
+    the file's fsync and its folder's run side by side, not one after the other (on this
+    machine's disk that is one flush of 3-10 ms less before a submission is decided)."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for one in sealed:
-        tmp = os.path.join(directory, f".{one.digest}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, one.data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        # Not ``directory / one.digest``: pathlib interns each part of a path, and the
-        # digest is the very string the job's spec holds, so every waiting job's would
-        # stay in the interpreter's table of interned strings (~100 B a job).
-        os.replace(tmp, os.path.join(directory, one.digest))
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    written: list[int] = []
     try:
-        os.fsync(fd)
+        for one in sealed:
+            # Not ``directory / one.digest``: pathlib interns each part of a path, and the
+            # digest is the very string the job's spec holds, so every waiting job's would
+            # stay in the interpreter's table of interned strings (~100 B a job).
+            written.append(os.open(os.path.join(directory, one.digest),
+                                   os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+            os.write(written[-1], one.data)
+        folder = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        written.append(folder)
+        named = _FOLDER_SYNC.submit(os.fsync, folder)
+        try:
+            for fd in written[:-1]:
+                os.fsync(fd)
+        finally:
+            named.result()
     finally:
-        os.close(fd)
+        for fd in written:
+            os.close(fd)
 
 
 def read(data_dir: Path, digest: str) -> KeptEnv:
