@@ -91,8 +91,11 @@ def seal(env: dict[str, str], exported: dict[str, str], cwd: str | None) -> Seal
     return Sealed(hashlib.sha256(data).hexdigest(), data)
 
 
-#: Flushes the folder while the caller's thread flushes the files.
-_FOLDER_SYNC = ThreadPoolExecutor(1, thread_name_prefix="eventq-env-folder")
+#: Flushes the folder while the caller's thread flushes the files: as many threads as the
+#: loop's default executor, which runs the callers (one would queue the folder flushes of
+#: concurrent submissions one behind another).
+_FOLDER_SYNC = ThreadPoolExecutor(min(32, (os.cpu_count() or 1) + 4),
+                                  thread_name_prefix="eventq-env-folder")
 
 
 def write(directory: Path, sealed: Collection[Sealed],
