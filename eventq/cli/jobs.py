@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -20,6 +19,7 @@ from eventq.cli.output import (
 # typing is not imported at run time (2.5 ms of every command): annotations are strings.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     from pathlib import Path
     from typing import Any
 
@@ -97,6 +97,8 @@ def _add_submit_pipeline(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-export-env", action="store_true",
                    help="send neither this directory nor this shell's whole environment "
                         "(which a job that runs on the server's machine otherwise gets)")
+    import argparse  # loaded already: the parser being built is argparse's
+
     s.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     s.set_defaults(run=submit)
 
