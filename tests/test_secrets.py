@@ -406,19 +406,28 @@ async def test_an_environment_the_disk_refuses_records_nothing(
 async def test_a_flush_that_fails_once_the_submission_is_recorded_stops_the_server(
         api: TestClient[Any, Any], orch: Orchestrator) -> None:
     """As a failed commit of the log does: no reply goes out on a file the disk refused."""
+    import threading
+
     stopped: list[BaseException] = []
     orch.env_files.on_fatal = stopped.append
-    real = os.fsync
+    release, real = threading.Event(), os.fsync
 
     def refused(fd: int) -> None:
+        release.wait(30)
         raise OSError(5, "Input/output error")
 
+    before = set(orch.state.jobs)
     os.fsync = refused
     try:
-        resp = await api.post("/api/queue/submit", json={
+        reply = asyncio.ensure_future(api.post("/api/queue/submit", json={
             "gpus": 0, "command": ["true"], "exported_env": {"WANDB_API_KEY": WANDB},
-            "exported_cwd": "/"})
+            "exported_cwd": "/"}))
+        await until(lambda: set(orch.state.jobs) - before, "the submission is recorded")
+        release.set()
+        resp = await reply
     finally:
         os.fsync = real
+        release.set()
     assert resp.status == 500
     assert len(stopped) == 1 and isinstance(stopped[0], OSError)
+
