@@ -6,8 +6,11 @@ submission acknowledged is never without its environment.
 What a submission sends for the process — the variables it declares (``env``), and the
 submitter's whole environment and working directory (``exported_env``, ``exported_cwd``)
 — is written to ``DATA/env/<sha256>`` (mode 0600), and only that SHA-256 enters the log
-(``JobSpec.env_sha256``). The file is written and fsynced, with its directory, before the
-submission is decided, so a ``kill -9`` right after the reply finds it. Each file holds a
+(``JobSpec.env_sha256``). The file is written before the submission is decided and flushed
+(it and its directory) beside the log's commit, not before it; the reply waits for both, so
+a ``kill -9`` right after the reply finds it. A crash between the two may leave a recorded
+job whose file is missing or torn: its submission was never acknowledged, and its start
+fails naming the file (``read`` checks every file against its digest). Each file holds a
 random nonce: its digest tells nothing of the values (a short password cannot be guessed
 back from it), and no two submissions share a file. A batch writes one file per distinct
 environment: 10,000 jobs sent from one shell cost one fsync.
@@ -28,7 +31,8 @@ import hashlib
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -87,26 +91,43 @@ def seal(env: dict[str, str], exported: dict[str, str], cwd: str | None) -> Seal
     return Sealed(hashlib.sha256(data).hexdigest(), data)
 
 
-def write(directory: Path, sealed: Collection[Sealed]) -> None:
-    """Write each file, fsync it, give it its name, then fsync the folder: on disk, named."""
+#: Flushes the folder while the caller's thread flushes the files: as many threads as the
+#: loop's default executor, which runs the callers (one would queue the folder flushes of
+#: concurrent submissions one behind another).
+_FOLDER_SYNC = ThreadPoolExecutor(min(32, (os.cpu_count() or 1) + 4),
+                                  thread_name_prefix="eventq-env-folder")
+
+
+def write(directory: Path, sealed: Collection[Sealed],
+          written: Callable[[], None] | None = None) -> None:
+    """Write each file under its name, call ``written``, then fsync the files and the
+    folder side by side: on disk, named, when it returns.
+
+    No temporary name and rename: nothing reads a file before a job names it, and ``read``
+    checks every file against its digest; a file a crash tore is one whose submission was
+    never acknowledged, and a job that names it fails to start saying so."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for one in sealed:
-        tmp = os.path.join(directory, f".{one.digest}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, one.data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        # Not ``directory / one.digest``: pathlib interns each part of a path, and the
-        # digest is the very string the job's spec holds, so every waiting job's would
-        # stay in the interpreter's table of interned strings (~100 B a job).
-        os.replace(tmp, os.path.join(directory, one.digest))
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    opened: list[int] = []
     try:
-        os.fsync(fd)
+        for one in sealed:
+            # Not ``directory / one.digest``: pathlib interns each part of a path, and the
+            # digest is the very string the job's spec holds, so every waiting job's would
+            # stay in the interpreter's table of interned strings (~100 B a job).
+            opened.append(os.open(os.path.join(directory, one.digest),
+                                  os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+            os.write(opened[-1], one.data)
+        opened.append(os.open(directory, os.O_RDONLY | os.O_DIRECTORY))
+        if written is not None:
+            written()
+        named = _FOLDER_SYNC.submit(os.fsync, opened[-1])
+        try:
+            for fd in opened[:-1]:
+                os.fsync(fd)
+        finally:
+            named.result()
     finally:
-        os.close(fd)
+        for fd in opened:
+            os.close(fd)
 
 
 def read(data_dir: Path, digest: str) -> KeptEnv:
@@ -162,9 +183,14 @@ def _listed(directory: Path) -> list[str]:
         return []
 
 
+def _settle(written: asyncio.Future[None]) -> None:
+    if not written.done():
+        written.set_result(None)
+
+
 def _unlink(directory: Path, names: Iterable[str]) -> None:
     for name in names:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # never written
             os.unlink(directory / name)
 
 
@@ -176,6 +202,9 @@ class EnvFiles:
 
     data_dir: Path
     state: SchedulerState
+    #: What a flush that failed once its submission may be recorded calls: the log's own
+    #: ``on_fatal`` (the server stops, as when a commit fails).
+    on_fatal: Callable[[BaseException], None]
     #: Digests whose submission is still being decided: a sweep leaves their files alone.
     pending: collections.Counter[str] = field(default_factory=collections.Counter)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -186,30 +215,63 @@ class EnvFiles:
 
     @contextlib.asynccontextmanager
     async def kept(self, sealed: Collection[Sealed]) -> AsyncIterator[None]:
-        """Write ``sealed`` durably, then run the block that records the submission.
+        """Write ``sealed``, run the block that records the submission while the files
+        are flushed (beside the log's own commit, not before it), and return once they
+        are on disk: the reply waits for both.
 
-        A refusal (any exception but cancellation) removes the files again. A cancelled
-        block leaves them pending: the scheduler may still record the submission, and
-        a restart removes them if it did not."""
+        A file that cannot be written refuses the submission before anything is recorded
+        (EnvNotKept). A refusal from the block (any exception but cancellation) removes
+        the files again. A cancelled block leaves them pending: the scheduler may still
+        record the submission, and a restart removes them if it did not. A flush that
+        fails once the submission may be recorded stops the server (``on_fatal``), as a
+        failed commit of the log does."""
         digests = [one.digest for one in sealed]
         if not digests:
             yield
             return
         self.pending.update(digests)
-        try:
-            await asyncio.to_thread(write, self.directory, sealed)
-        except OSError as exc:
-            self._release(digests, discard=True)
-            raise EnvNotKept(f"cannot store the job's environment in {self.directory}: "
-                             f"{exc.strerror or exc}") from None
+        flushed = await self._written(sealed, digests)
         try:
             yield
         except asyncio.CancelledError:
+            flushed.add_done_callback(self._fatal_if_failed)
             raise
         except BaseException:
+            with contextlib.suppress(OSError):
+                await flushed
             self._release(digests, discard=True)
             raise
+        try:
+            await flushed
+        except OSError as exc:
+            self.on_fatal(exc)
+            raise
         self._release(digests, discard=False)
+
+    async def _written(self, sealed: Collection[Sealed],
+                       digests: Sequence[str]) -> asyncio.Future[None]:
+        """Once every file is written (not yet flushed): the future of their flush."""
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[None] = loop.create_future()
+
+        def announce() -> None:  # on the writing thread
+            loop.call_soon_threadsafe(_settle, written)
+
+        flushed = loop.run_in_executor(None, write, self.directory, sealed, announce)
+        await asyncio.wait([written, flushed], return_when=asyncio.FIRST_COMPLETED)
+        if not written.done():
+            written.cancel()
+            try:
+                await flushed
+            except OSError as exc:
+                self._release(digests, discard=True)
+                raise EnvNotKept(f"cannot store the job's environment in {self.directory}: "
+                                 f"{exc.strerror or exc}") from None
+        return flushed
+
+    def _fatal_if_failed(self, flushed: asyncio.Future[None]) -> None:
+        if not flushed.cancelled() and flushed.exception() is not None:
+            self.on_fatal(flushed.exception() or OSError())
 
     def _release(self, digests: Sequence[str], discard: bool) -> None:
         self.pending.subtract(digests)

@@ -174,7 +174,7 @@ class Orchestrator:
 
     def _subscribe_effects(self) -> None:
         """The parts that act on what the log holds, each once it is durable, in this order."""
-        self.env_files = EnvFiles(self.data_dir, self.state)
+        self.env_files = EnvFiles(self.data_dir, self.state, self.log.on_fatal)
         self.env_files.sweep()
         self.log.on_durable(self.env_files.on_durable, EnvFiles.DURABLE_READS)
         self.node = LocalNode(self.data_dir, self.scheduler, self.state, self.grace_seconds)

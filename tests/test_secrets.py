@@ -343,3 +343,91 @@ def test_export_env_of_an_unset_variable_is_a_clear_cli_error(tmp_path: Path) ->
                           env=clean, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert done.stderr.strip() == "eventq: --export-env: NOT_SET_HERE is not set in this shell"
+
+
+# --- an environment's file and the submission's commit ------------------------------------
+
+
+@contextlib.contextmanager
+def fsync_held() -> Any:
+    """Every ``os.fsync`` of this process waits until the yielded event is set (SQLite's
+    own flushes, in C, do not): a disk that takes its time."""
+    import threading
+
+    release, real = threading.Event(), os.fsync
+
+    def held(fd: int) -> None:
+        release.wait(30)
+        real(fd)
+
+    os.fsync = held
+    try:
+        yield release
+    finally:
+        os.fsync = real
+        release.set()
+
+
+async def test_a_submission_is_decided_while_its_environment_is_flushed_and_answered_after(
+        api: TestClient[Any, Any], orch: Orchestrator) -> None:
+    """The file's flush runs beside the log's commit, not before it: the job is recorded
+    (and may start) while the flush is held, and the reply waits for the flush."""
+    before = set(orch.state.jobs)
+    with fsync_held() as release:
+        reply = asyncio.ensure_future(api.post("/api/queue/submit", json={
+            "gpus": 0, "command": ["true"], "exported_env": {"WANDB_API_KEY": WANDB},
+            "exported_cwd": "/"}))
+        try:
+            await until(lambda: set(orch.state.jobs) - before, "the submission is recorded")
+            assert not reply.done(), "no reply before the environment is on disk"
+        finally:
+            release.set()
+        resp = await reply
+    assert resp.status == 200, await resp.text()
+    job_id = (await resp.json())["job_id"]
+    spec = orch.state.jobs[job_id].spec
+    assert jobenv.for_local(orch.data_dir, spec).env["WANDB_API_KEY"] == WANDB
+
+
+async def test_an_environment_the_disk_refuses_records_nothing(
+        api: TestClient[Any, Any], orch: Orchestrator) -> None:
+    env_dir = orch.data_dir / jobenv.ENV_DIR
+    shutil.rmtree(env_dir, ignore_errors=True)
+    env_dir.write_text("not a folder")  # every file under it fails to be written
+    before = set(orch.state.jobs)
+    resp = await api.post("/api/queue/submit", json={
+        "gpus": 0, "command": ["true"], "exported_env": {"WANDB_API_KEY": WANDB},
+        "exported_cwd": "/"})
+    assert resp.status == 503
+    assert "nothing was recorded" in (await resp.json())["error"]
+    assert set(orch.state.jobs) == before
+
+
+async def test_a_flush_that_fails_once_the_submission_is_recorded_stops_the_server(
+        api: TestClient[Any, Any], orch: Orchestrator) -> None:
+    """As a failed commit of the log does: no reply goes out on a file the disk refused."""
+    import threading
+
+    stopped: list[BaseException] = []
+    orch.env_files.on_fatal = stopped.append
+    release, real = threading.Event(), os.fsync
+
+    def refused(fd: int) -> None:
+        release.wait(30)
+        raise OSError(5, "Input/output error")
+
+    before = set(orch.state.jobs)
+    os.fsync = refused
+    try:
+        reply = asyncio.ensure_future(api.post("/api/queue/submit", json={
+            "gpus": 0, "command": ["true"], "exported_env": {"WANDB_API_KEY": WANDB},
+            "exported_cwd": "/"}))
+        await until(lambda: set(orch.state.jobs) - before, "the submission is recorded")
+        release.set()
+        resp = await reply
+    finally:
+        os.fsync = real
+        release.set()
+    assert resp.status == 500
+    assert len(stopped) == 1 and isinstance(stopped[0], OSError)
+

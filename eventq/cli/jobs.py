@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
-from eventq.cli import output
 from eventq.cli.client import Client, CliError, path_arg, quote
-from eventq.cli.output import (
-    cell,
-    duration,
-    emit_json,
-    print_estimate,
-    print_reasons,
-    say,
-)
+
+# What prints an answer (eventq.cli.output) loads once the answer is here: a submission's
+# request leaves before it, and its job may start while it loads.
 
 # typing is not imported at run time (2.5 ms of every command): annotations are strings.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     from pathlib import Path
     from typing import Any
 
@@ -97,6 +91,8 @@ def _add_submit_pipeline(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-export-env", action="store_true",
                    help="send neither this directory nor this shell's whole environment "
                         "(which a job that runs on the server's machine otherwise gets)")
+    import argparse  # loaded already: the parser being built is argparse's
+
     s.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     s.set_defaults(run=submit)
 
@@ -205,6 +201,8 @@ def _pair(text: str) -> tuple[str, str]:
 
 def submit(args: argparse.Namespace) -> int:
     reply = client(args).call("POST", "/api/queue/submit", submit_body(args))
+    from eventq.cli.output import cell, emit_json, print_reasons, say
+
     code = REJECTED if reply["status"] == "rejected" else 0
     if args.format == "json":
         emit_json(reply)
@@ -219,6 +217,8 @@ def submit(args: argparse.Namespace) -> int:
 
 
 def _print_dry_run(reply: dict[str, Any]) -> None:
+    from eventq.cli.output import cell, print_estimate, print_reasons, say
+
     status = reply["status"]
     if status == "running":
         say(f"dry run: would start now on {reply['node']} GPUs "
@@ -237,6 +237,9 @@ def _print_dry_run(reply: dict[str, Any]) -> None:
 
 def queue_status(args: argparse.Namespace) -> int:
     stats = client(args).call("GET", "/api/queue/stats")
+    from eventq.cli import output
+    from eventq.cli.output import cell, duration, emit_json
+
     if args.format == "json":
         emit_json(stats)
         return 0
@@ -267,8 +270,10 @@ def cancel_job(args: argparse.Namespace) -> int:
     if args.all:
         return _cancel_many(args)
     reply = client(args).call("POST", f"/api/queue/{quote(args.job_id)}/cancel")
+    from eventq.cli import output
+
     if args.format == "json":
-        emit_json(reply)
+        output.emit_json(reply)
     else:
         output.console.print(f"{reply['job_id']} {reply['status']} ({_stopped(reply)})",
                              markup=False, highlight=False)
@@ -292,8 +297,10 @@ def _cancel_many(args: argparse.Namespace) -> int:
     if args.user:
         body["user"] = args.user
     reply = client(args).call("POST", "/api/queue/cancel", body)
+    from eventq.cli import output
+
     if args.format == "json":
-        emit_json(reply)
+        output.emit_json(reply)
         return 0
     count = reply["cancelled"]
     output.console.print(f"cancelled {count:,} job{'s' if count != 1 else ''}"

@@ -1,4 +1,5 @@
-"""``eventq``: the entry point of every command.
+"""``eventq``: every command, parsed by argparse (``eventq.cli.entry``, the console script's
+entry point, reads a plain submission itself and hands everything else here).
 
 Every way a command can fail ends here as one message and a non-zero exit: a mistyped
 command (with the nearest ones), bad arguments, a refusal from the server, a server that
@@ -8,14 +9,15 @@ cannot be reached. With ``--format json`` that message is JSON on stdout, as an 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
-import itertools
-import json
 import os
 import sys
 
 from eventq import __version__
 from eventq.cli.client import CliError, path_arg
+from eventq.cli.entry import USAGE as USAGE
+from eventq.cli.entry import UsageError, failed, wants_json
 
 # typing is not imported at run time (2.5 ms of every command): annotations are strings.
 TYPE_CHECKING = False
@@ -34,16 +36,6 @@ COMMAND_MODULES = ("serve", "jobs", "bulk", "users", "workers", "worker", "repla
 DEFINED_BY = {"server": "serve", "jobs": "jobs", "import": "bulk", "export": "bulk",
               "progress": "bulk", "users": "users", "workers": "workers", "worker": "worker",
               "replay": "replay", "queue": "limits", "ui": "ui"}
-#: Exit status of a usage error or a refusal (argparse's own).
-USAGE = 2
-
-
-class UsageError(CliError):
-    """Arguments the parser refused; ``usage`` is the command's usage line."""
-
-    def __init__(self, message: str, usage: str) -> None:
-        super().__init__(message)
-        self.usage = usage
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,8 +51,9 @@ class Parser(argparse.ArgumentParser):
         return self.formatter_class(prog=self.prog, width=columns() - 2)  # type: ignore[call-arg]
 
 
+@functools.cache  # asked for each option added (argparse checks its metavar): 0.15 ms a submit
 def columns() -> int:
-    """``shutil.get_terminal_size().columns``, without importing shutil."""
+    """``shutil.get_terminal_size().columns``, without importing shutil; read once."""
     try:
         found = int(os.environ.get("COLUMNS", ""))
     except ValueError:
@@ -123,22 +116,6 @@ def check_command(top: argparse.ArgumentParser, words: list[str]) -> None:
         said.append(word)
 
 
-def wants_json(words: list[str]) -> bool:
-    """``--format json`` among the options (not in a job's command, after ``--``)."""
-    options = words[:words.index("--")] if "--" in words else words
-    return "--format=json" in options or any(
-        a == "--format" and b == "json" for a, b in itertools.pairwise(options))
-
-
-def complain(exc: CliError, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(exc.as_json()))
-    elif isinstance(exc, UsageError):
-        print(exc.usage + str(exc).replace(": ", ": error: ", 1), file=sys.stderr, end="\n")
-    else:
-        print(f"eventq: {exc}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     if words == ["--version"]:  # what argparse prints, without every command's parser first
@@ -154,16 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         args: Any = top.parse_args(words)
         as_json = getattr(args, "format", None) == "json"
         code: int = args.run(args)
-    except CliError as exc:
-        complain(exc, as_json)
-        return USAGE
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        # The reader went away (`eventq jobs list | head`): that is not an error to show.
-        # Python would complain again while flushing stdout at exit, so point it elsewhere.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+    except (CliError, KeyboardInterrupt, BrokenPipeError) as exc:
+        return failed(exc, as_json)
     return code
 
 
