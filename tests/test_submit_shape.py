@@ -180,3 +180,32 @@ async def test_a_waiting_submission_skips_the_mailbox_only_while_the_scheduler_i
     finally:
         conn.close()
     assert stored == [("job_submitted",)], "durable: in the file another connection reads"
+
+
+async def test_concurrent_submissions_are_each_acknowledged_once_durable_and_in_order(
+        make_orch: Callable[..., Awaitable[Orchestrator]], aiohttp_client: AiohttpClient,
+        tmp_path: Path) -> None:
+    """64 clients at once, as the benchmark drives it: every reply names a job that another
+    connection finds in the file, one row each, and the queue positions are 1..64."""
+    orch = await make_orch(data_dir=tmp_path / "data")
+    api = await aiohttp_client(make_app(orch),
+                               headers={"Authorization": f"Bearer {orch.admin_token}"})
+
+    def stored(job_id: str) -> list[tuple[str]]:
+        conn = sqlite3.connect(tmp_path / "data" / "events.db")
+        try:
+            return conn.execute("SELECT type FROM events WHERE job_id = ?", (job_id,)).fetchall()
+        finally:
+            conn.close()
+
+    async def submit() -> dict[str, Any]:
+        resp = await api.post("/api/queue/submit",
+                              json={"command": ["true"], "gpus": 0, "target": "worker"})
+        assert resp.status == 200, await resp.text()
+        reply: dict[str, Any] = await resp.json()
+        assert stored(reply["job_id"]) == [("job_submitted",)], "in the file at the reply"
+        return reply
+
+    replies = await asyncio.gather(*(submit() for _ in range(64)))
+    assert len({r["job_id"] for r in replies}) == 64
+    assert sorted(r["queue_position"] for r in replies) == list(range(1, 65))
