@@ -475,6 +475,25 @@ def _in_transaction(conn: sqlite3.Connection, write: Callable[[], object]) -> No
         raise
 
 
+#: Rows per INSERT: each statement is one step of SQLite, and each step gives the
+#: interpreter lock back and takes it again. Row by row (``executemany``), a commit of 32
+#: submissions waited for the event loop's thread 33 times; a commit is now a few
+#: statements whatever its size (sizes are powers of two, so a few statements are cached).
+#: 256 rows of 8 columns stay far below SQLite's limit of 32,766 parameters.
+_ROWS_PER_INSERT = (256, 64, 16, 4, 1)
+_INSERT = {n: "INSERT INTO events VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * n)
+           for n in _ROWS_PER_INSERT}
+
+
+def insert_statements(rows: Sequence[Row]) -> Iterator[tuple[str, list[object]]]:
+    """``rows`` as a few multi-row INSERTs, in seq order: each its SQL and its values."""
+    at = 0
+    for size in _ROWS_PER_INSERT:
+        while len(rows) - at >= size:
+            yield _INSERT[size], [value for row in rows[at:at + size] for value in row]
+            at += size
+
+
 def _fail_stop(exc: BaseException) -> None:
     """One line, then exit at once: no further reply, dispatch or process start can go out
     on memory the disk did not take; the next start folds what the log holds."""
@@ -687,21 +706,24 @@ class EventLog:
         except BaseException as exc:  # noqa: BLE001 - any failure stops the process
             self.on_fatal(exc)
             return
-        yielded = False
+        fresh = True  # the batch began while the writer waited
         while True:
             if not self._pending or (self._holds and not self._closing):
                 if self._closing and not self._pending:
                     return
                 await self._wake.wait()
                 self._wake.clear()
+                fresh = True
                 continue
-            if not yielded:
+            if fresh:
                 # One turn of the loop first: requests already read get to append to this
                 # commit, instead of each waiting for the next (bigger, fewer commits).
-                yielded = True
+                fresh = False
                 await asyncio.sleep(0)
                 continue
-            yielded = False
+            # A batch that gathered while the last commit was on disk goes at once: its
+            # rows are written while the last commit's replies go out, not after them
+            # (under 64 clients that turn of the loop held each commit back ~2 ms).
             if not await self._commit_pending():
                 return
 
@@ -768,7 +790,8 @@ class EventLog:
         self.unsynced_commits += not synced
 
         def write() -> None:
-            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            for sql, values in insert_statements(rows):
+                conn.execute(sql, values)
             conn.execute(ANCHOR, head)
 
         def step() -> None:

@@ -60,3 +60,27 @@ async def test_stopping_fails_every_pending_ask_with_a_clear_error() -> None:
             await pending
     with pytest.raises(ActorStopped):
         await actor.ask("after")
+
+
+async def test_an_actor_is_idle_only_with_no_message_in_hand_and_none_queued() -> None:
+    """A step taken while ``idle`` cannot overtake a message sent before it, nor run inside
+    one suspended at an await."""
+    actor = Slow()
+    assert not actor.idle(), "not started: nothing would ever answer"
+    actor.start()
+    await asyncio.sleep(0)
+    assert actor.idle()
+    actor.tell("a")
+    assert not actor.idle(), "sent and not yet taken"
+    await asyncio.sleep(0.01)
+    assert actor.idle()
+    in_hand = asyncio.ensure_future(actor.ask("block"))
+    await asyncio.sleep(0.01)
+    assert actor.seen == ["a", "block"] and not actor.idle(), "taken, suspended in its handler"
+    queued = asyncio.ensure_future(actor.ask("later"))
+    actor.release.set()
+    assert await in_hand == "BLOCK" and await queued == "LATER"
+    await asyncio.sleep(0)
+    assert actor.idle()
+    await actor.stop()
+    assert not actor.idle(), "stopped"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import stat
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from eventq.log import (
     read_anchor,
     read_key,
 )
+from tests.helpers import until
 
 OpenLog = Callable[..., Awaitable[EventLog]]
 
@@ -94,6 +96,46 @@ async def test_concurrent_appends_share_commits_and_all_become_durable(
     assert log.committed_events == 320
     assert log.commits < 320, "concurrent appends must be grouped into fewer commits"
     assert verified_seqs(path) == list(range(1, 321))
+
+
+async def test_a_commit_of_any_size_stores_every_row_in_seq_order(
+        open_log: OpenLog, path: Path) -> None:
+    """A commit writes its rows a few hundred per statement: sizes on either side of each
+    statement's size all land whole, in order, with the chain intact."""
+    log = await open_log()
+    sizes = [1, 3, 4, 5, 63, 64, 65, 255, 256, 257, 341]
+    for size in sizes:
+        await log.append("system", [limits_event(1 + n) for n in range(size)]).durable
+    await log.close()
+    assert log.commits == len(sizes)
+    with sql(path) as conn:
+        stored = [(r.seq, r.event) for r in iter_verified(conn)]
+    assert stored == [(seq, limits_event(1 + n)) for seq, n in
+                      enumerate((n for size in sizes for n in range(size)), start=1)]
+
+
+async def test_replies_gathered_during_a_commit_go_in_the_next_one_at_once(
+        open_log: OpenLog) -> None:
+    """What is appended while a commit is on disk is the next commit, started as soon as
+    that one ends: the replies of the first are not written before the second begins."""
+    log = await open_log()
+    await log.append("system", [limits_event(1)]).durable  # the writer is past its start
+    disk = threading.Event()  # the writer's thread is busy until this is set
+    log.thread.submit(disk.wait)
+    try:
+        first = log.append("system", [limits_event(1)]).durable
+        await until(lambda: log._inflight is first, "the writer took the first batch")
+        second = log.append("system", [limits_event(2)]).durable
+    finally:
+        disk.set()
+    order: list[str] = []
+    first.add_done_callback(lambda _: order.append("first durable"))
+    second.add_done_callback(lambda _: order.append("second durable"))
+    await first
+    assert log._inflight is second, "the second commit is under way when the first's waiters run"
+    await second
+    assert order == ["first durable", "second durable"]
+    await log.close()
 
 
 async def test_subscribers_see_events_in_seq_order_at_append(open_log: OpenLog) -> None:

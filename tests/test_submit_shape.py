@@ -21,6 +21,7 @@ import pytest
 
 from eventq import events as ev
 from eventq import replay
+from eventq.actors.scheduler import CommandError, Outcome, Process, Submit
 from eventq.cli.why import story_of
 from eventq.http.app import make_app
 from eventq.http.history import reason_history
@@ -143,3 +144,68 @@ async def test_a_job_that_must_wait_is_submitted_in_one_event_and_says_why(
     await orch.stop()
     again = await make_orch(data_dir=tmp_path / "data")
     assert [r.code for r in again.state.jobs[job["job_id"]].reasons] == said
+
+
+def _spec(job_id: str, target: str = "worker") -> ev.JobSpec:
+    return ev.JobSpec(job_id=job_id, user="admin", priority=10, command=["true"], gpus=0,
+                      target=target, name="true")
+
+
+async def test_a_waiting_submission_skips_the_mailbox_only_while_the_scheduler_is_idle(
+        make_orch: Callable[..., Awaitable[Orchestrator]], tmp_path: Path) -> None:
+    """The HTTP route records a job that simply waits at once when the scheduler has no
+    message in hand or queued: never ahead of one sent before it, never a job that may
+    start, refused as the mailbox refuses, and durable once its future says so."""
+    orch = await make_orch(data_dir=tmp_path / "data")
+    scheduler = orch.scheduler
+    await asyncio.sleep(0)
+    scheduler.tell(Process())
+    assert scheduler.submit_waiting(Submit(_spec("late1"), "user:admin")) is None
+    assert "late1" not in orch.state.jobs, "behind a queued message: nothing recorded"
+    by_mail: Outcome = await scheduler.ask(Submit(_spec("late1"), "user:admin"))
+    assert scheduler.submit_waiting(Submit(_spec("may-start", "local"), "user:admin")) is None
+    assert "may-start" not in orch.state.jobs, "placing a job awaits the allocator"
+    at_once = scheduler.submit_waiting(Submit(_spec("late2"), "user:admin"))
+    assert at_once is not None and at_once.durable is not None
+    assert orch.state.jobs["late2"].status == orch.state.jobs["late1"].status == "pending"
+    [inline_event], [mail_event] = at_once.events, by_mail.events
+    assert isinstance(inline_event, ev.JobSubmitted) and isinstance(mail_event, ev.JobSubmitted)
+    assert inline_event.reasons == mail_event.reasons and inline_event.reasons
+    with pytest.raises(CommandError, match="already exists"):
+        scheduler.submit_waiting(Submit(_spec("late2"), "user:admin"))
+    await at_once.durable
+    conn = sqlite3.connect(tmp_path / "data" / "events.db")
+    try:
+        stored = conn.execute("SELECT type FROM events WHERE job_id = 'late2'").fetchall()
+    finally:
+        conn.close()
+    assert stored == [("job_submitted",)], "durable: in the file another connection reads"
+
+
+async def test_concurrent_submissions_are_each_acknowledged_once_durable_and_in_order(
+        make_orch: Callable[..., Awaitable[Orchestrator]], aiohttp_client: AiohttpClient,
+        tmp_path: Path) -> None:
+    """64 clients at once, as the benchmark drives it: every reply names a job that another
+    connection finds in the file, one row each, and the queue positions are 1..64."""
+    orch = await make_orch(data_dir=tmp_path / "data")
+    api = await aiohttp_client(make_app(orch),
+                               headers={"Authorization": f"Bearer {orch.admin_token}"})
+
+    def stored(job_id: str) -> list[tuple[str]]:
+        conn = sqlite3.connect(tmp_path / "data" / "events.db")
+        try:
+            return conn.execute("SELECT type FROM events WHERE job_id = ?", (job_id,)).fetchall()
+        finally:
+            conn.close()
+
+    async def submit() -> dict[str, Any]:
+        resp = await api.post("/api/queue/submit",
+                              json={"command": ["true"], "gpus": 0, "target": "worker"})
+        assert resp.status == 200, await resp.text()
+        reply: dict[str, Any] = await resp.json()
+        assert stored(reply["job_id"]) == [("job_submitted",)], "in the file at the reply"
+        return reply
+
+    replies = await asyncio.gather(*(submit() for _ in range(64)))
+    assert len({r["job_id"] for r in replies}) == 64
+    assert sorted(r["queue_position"] for r in replies) == list(range(1, 65))

@@ -9,7 +9,8 @@ figure so a reader sees it was not the bottleneck; the same phases driven by a P
 aiohttp client follow as a second figure. ``--load N`` runs N busy processes beside the
 servers (the figures quiet, then loaded). Beside each rate it prints each server's own CPU
 per request (all its threads, from /proc): what a request costs, which the neighbours of
-a shared machine change far less than the rates. ``--rounds N`` drives each phase N times,
+a shared machine change far less than the rates; under the submissions, the events per
+commit of eventq's log (from its /metrics). ``--rounds N`` drives each phase N times,
 eventq and the no-op in turn, and reports the round of the median ratio.
 
 (a) ``POST /api/queue/submit`` of a CPU job with ``target: worker`` (no worker is
@@ -115,6 +116,8 @@ class Driven:
     requests: int = 0
     #: The server process's CPU microseconds per request (0: not measured).
     server_us: float = 0.0
+    #: Events per commit of the log over the phase's rounds (0: not measured).
+    per_commit: float = 0.0
 
 
 def process_cpu(pid: int) -> float:
@@ -210,6 +213,17 @@ async def drive(client: str, method: str, url: str, body: object, headers: dict[
     return driven
 
 
+_COUNTER = re.compile(r"^eventq_log_(commits|committed_events)_total ([\d.e+]+)$", re.M)
+
+
+async def log_counters(base: str, headers: dict[str, str]) -> tuple[float, float]:
+    """The server's commits and committed events so far (from its /metrics)."""
+    async with aiohttp.ClientSession(headers=headers) as http, \
+            http.get(base + "/metrics") as resp:
+        found = dict(_COUNTER.findall(await resp.text()))
+    return float(found.get("commits", 0)), float(found.get("committed_events", 0))
+
+
 async def measure_eventq(data: Path, args: argparse.Namespace, noop: tuple[str, int],
                          client: str, work: Path) -> dict[str, tuple[Driven, Driven]]:
     """Each phase against eventq, then the same against the no-op app, one after another
@@ -225,6 +239,7 @@ async def measure_eventq(data: Path, args: argparse.Namespace, noop: tuple[str, 
         out = {}
         for name, method, path, body in PHASES:
             rounds = []
+            commits, events = await log_counters(base, headers)
             for _ in range(args.rounds):
                 eventq = await drive(client, method, base + path, body, headers, args, work,
                                      server.pid)
@@ -233,6 +248,9 @@ async def measure_eventq(data: Path, args: argparse.Namespace, noop: tuple[str, 
                 rounds.append((eventq, bare))
             rounds.sort(key=lambda pair: pair[0].rate / pair[1].rate)
             out[name] = rounds[len(rounds) // 2]
+            commits_after, events_after = await log_counters(base, headers)
+            if commits_after > commits:
+                out[name][0].per_commit = (events_after - events) / (commits_after - commits)
         return out
     finally:
         stop(server)
@@ -253,6 +271,9 @@ def report(title: str, measured: dict[str, tuple[Driven, Driven]]) -> dict[str, 
         print(f"  {LABELS[name]:26}{eventq.rate:10.0f}{bare.rate:10.0f}{ratio:7.2f}"
               f"{p50:>8}{p99:>8}{cpu:>11}{server:>15}{by_cpu:10.2f}  "
               f"{'met' if ratio >= 0.5 else 'MISSED'}")
+        if eventq.per_commit:
+            print(f"  {'':26}the log: {eventq.per_commit:.1f} events per commit over the "
+                  "phase's rounds")
     return ratios
 
 

@@ -3,6 +3,10 @@
 An actor's handler runs to completion before the next message is taken, so the
 actor's own state never changes under it. Stopping fails every message still
 queued with ``ActorStopped``; no ``ask`` is left hanging.
+
+``idle`` says the actor is between messages with none waiting: a synchronous step taken
+then (no ``await`` in it) is one message handled whole, in the order it was sent, without
+the mailbox's two turns of the event loop.
 """
 
 from __future__ import annotations
@@ -34,9 +38,17 @@ class Actor(Generic[Msg]):
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self._current: asyncio.Future[Any] | None = None
+        #: A message is being handled (its handler may be suspended at an await).
+        self._busy = False
 
     async def receive(self, message: Msg) -> Any:
         raise NotImplementedError
+
+    def idle(self) -> bool:
+        """Running, handling no message, and none queued: a synchronous step taken now
+        comes after every message sent before it and before every one sent after."""
+        return self._task is not None and not self._stopped and not self._busy and \
+            self._mailbox.empty()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
@@ -58,7 +70,7 @@ class Actor(Generic[Msg]):
     async def _run(self) -> None:
         while True:
             message, reply = await self._mailbox.get()
-            self._current = reply
+            self._current, self._busy = reply, True
             try:
                 result = await self.receive(message)
             except Exception as exc:
@@ -67,6 +79,8 @@ class Actor(Generic[Msg]):
                 else:
                     log.exception("actor_message_failed", actor=self.name)
                 continue
+            finally:
+                self._busy = False
             if reply is not None and not reply.done():
                 reply.set_result(result)
 

@@ -678,6 +678,25 @@ class Scheduler(Actor[SchedulerMsg]):
             await self._place(self.state.jobs[m.spec.job_id], plan)
         return Outcome(submitted, self._durable, dispatched=self._dispatched)
 
+    def submit_waiting(self, m: Submit) -> Outcome | None:
+        """``ask(m)``'s outcome for a job that simply waits, recorded now, while the
+        scheduler is idle (``Actor.idle``): a submission under load is one turn of the
+        event loop less, and one future less. None where the mailbox must take it: the
+        scheduler busy or with mail, a gate, ``no_wait``, a blocked job, or one that may
+        start (placing it awaits the allocator). A refusal raises as ``ask`` would."""
+        if not self.idle() or m.no_wait or is_gated(m.spec):
+            return None
+        submitted = decide_submit(self.state, m)
+        if len(submitted) != 1:  # blocked
+            return None
+        waits = self._only_waits(m.spec, self._plan_one(m.spec))
+        if waits is None:
+            return None
+        self._durable, self._result, self._dispatched = None, None, []
+        submitted = [ev.JobSubmitted(job=m.spec, reasons=waits)]
+        self._append_submitted(m.principal, submitted)
+        return Outcome(submitted, self._durable)
+
     def _plan_one(self, spec: ev.JobSpec) -> policy.Plan:
         return policy.plan_one(spec, self.state.counts, self.state.limits, self.node_views(),
                                self.last_plan.reservation, self.clock.now())

@@ -383,7 +383,7 @@ async def submit(request: web.Request) -> web.Response:
         async with keeping_env(orch, checked):
             outcome: Outcome = await orch.scheduler.ask(command)
     else:  # no environment file to keep: a context manager less on the hot route
-        outcome = await orch.scheduler.ask(command)
+        outcome = orch.scheduler.submit_waiting(command) or await orch.scheduler.ask(command)
     await settle(outcome)
     # msgspec encodes several times faster than the json module on this hot route.
     return web.Response(body=msgspec.json.encode(submit_reply(orch, spec.job_id)),
