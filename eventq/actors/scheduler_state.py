@@ -104,6 +104,8 @@ IGNORED = frozenset({
 class SchedulerState:
     #: What ``evolve`` acts on: every event but the ignored ones.
     READS: ClassVar[frozenset[type]] = frozenset(ev.EVENT_TYPES.values()) - IGNORED
+    #: Each event type's step, for the log to call straight (``eventq.log.Fold``).
+    STEPS: ClassVar[dict[type, Callable[[SchedulerState, Any, Record], None]]]
 
     jobs: dict[str, JobState] = field(default_factory=dict)
     #: status -> job ids in that status (insertion-ordered), kept by ``_status``.
@@ -572,3 +574,4 @@ _HANDLERS: dict[type, Callable[[SchedulerState, Any, Record], None]] = {
     ev.PriorityChanged: SchedulerState._on_priority,
     ev.JobsPurged: SchedulerState._on_purged,
 }
+SchedulerState.STEPS = _HANDLERS
