@@ -72,6 +72,8 @@ def _stream(spec: ev.JobSpec) -> Stream:
 def implied_reasons(spec: ev.JobSpec) -> tuple[ev.Reason, ...]:
     """What a gated job waits for, as its submission says it: not recorded again unless it
     changes (a 10,000-job pipeline costs no 10,000 extra events)."""
+    if not spec.depends_on and spec.begin_at is None:  # most jobs: nothing built per job
+        return ()
     out = [ev.Reason("dependency", f"waits for {dep}") for dep in spec.depends_on]
     if spec.begin_at is not None:
         out.append(ev.Reason("begin_time", f"not before {spec.begin_at:.0f}"))
