@@ -130,8 +130,12 @@ class JobSpec(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
         return self.priority if self.priority_override is None else self.priority_override
 
 
-class Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
-    """Base of every event; the tag is stored as the row's type."""
+class Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True, gc=False):
+    """Base of every event; the tag is stored as the row's type.
+
+    Not tracked by the cyclic collector (``gc=False``, as specs and reasons): an event is
+    frozen data and holds no cycle, and a start decodes every one in the log (tracking
+    them made decoding take twice as long)."""
 
 
 # --- the orchestrator and its nodes ---------------------------------------------------

@@ -30,10 +30,11 @@ import sqlite3
 import struct
 import subprocess
 import sys
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MethodType
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import aiosqlite
@@ -166,9 +167,8 @@ def iter_verified(conn: sqlite3.Connection) -> Iterator[Record]:
     return _records(hashed_rows(conn, _ALL))
 
 
-def _fold_contiguous(conn: sqlite3.Connection, upto: int,
-                     routes: dict[type, tuple[Subscriber, ...]],
-                     folds_of: Callable[[type], tuple[Subscriber, ...]]) -> tuple[int, bytes]:
+def _fold_contiguous(conn: sqlite3.Connection, upto: int, routes: dict[type, tuple[Step, ...]],
+                     folds_of: Callable[[type], tuple[Step, ...]]) -> tuple[int, bytes]:
     """Fold rows 1 to ``upto`` in sequence and decoded, not hashed: the half of a large
     start whose chain another process hashes; returns the last row's (seq, hash). Reading,
     the gap check, decoding and folding in one loop, without the job column: the hot loop
@@ -191,7 +191,7 @@ def _fold_contiguous(conn: sqlite3.Connection, upto: int,
         record = Record(seq, time, principal, event, stored)
         folds = routes.get(kind)
         for fold in folds_of(kind) if folds is None else folds:  # folds_of fills routes
-            fold(record)
+            fold(event, record)
         expected = seq + 1
     return expected - 1, stored
 
@@ -429,14 +429,27 @@ def to_record(row: Row) -> Record:
 
 Subscriber = Callable[[Record], None]
 DurableSubscriber = Callable[[Sequence[Record]], None]
+#: What the log calls for one event and one subscriber: (the event, its record).
+Step = Callable[[Any, Record], None]
 
 
 class Fold(Protocol):
-    """A read model: ``evolve`` folds one record of the types it ``READS``."""
+    """A read model: ``evolve`` folds one record of the types it ``READS``.
+
+    One may also have ``STEPS``, a table by event type of its functions (read model, event,
+    record): the log then calls the event's function straight, without ``evolve``'s lookup
+    in the same table (a start passes a million events, each to several read models). A
+    type it reads and has no step for goes through ``evolve``."""
 
     READS: ClassVar[frozenset[type]]
 
     def evolve(self, record: Record) -> None: ...
+
+
+def _by_record(subscriber: Subscriber) -> Step:
+    def step(event: Any, record: Record) -> None:
+        subscriber(record)
+    return step
 
 
 @dataclass
@@ -521,8 +534,11 @@ class EventLog:
     head_hash: bytes = GENESIS
     #: Each with the event types it reads (None: every type).
     subscribers: list[tuple[Subscriber, frozenset[type] | None]] = field(default_factory=list)
-    #: Event type -> the subscribers that read it, built on first use.
-    _routes: dict[type, tuple[Subscriber, ...]] = field(default_factory=dict)
+    #: Event type -> the steps of the subscribers that read it, built on first use.
+    _routes: dict[type, tuple[Step, ...]] = field(default_factory=dict)
+    #: A read model's ``evolve`` -> the model and its ``STEPS`` (``Fold``).
+    _steps: dict[Subscriber, tuple[object, Mapping[type, Callable[..., None]]]] = field(
+        default_factory=dict)
     #: Each with the event types it reads (None: every type).
     durable_subscribers: list[tuple[DurableSubscriber, frozenset[type] | None]] = field(
         default_factory=list)
@@ -616,7 +632,7 @@ class EventLog:
             for record in records:
                 folds = routes.get(type(record.event))
                 for fold in route(type(record.event)) if folds is None else folds:
-                    fold(record)
+                    fold(record.event, record)
         except Exception as exc:
             if not isinstance(exc, LogCorrupt):
                 settle_failed_fold(conn, records, record, self.key)
@@ -637,16 +653,27 @@ class EventLog:
     def fold_into(self, *folds: Fold) -> None:
         """Subscribe each read model to the events it reads."""
         for fold in folds:
+            steps = getattr(fold, "STEPS", None)
+            if steps is not None:
+                self._steps[fold.evolve] = (fold, steps)
             self.subscribe(fold.evolve, fold.READS)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self.subscribers = [(s, r) for s, r in self.subscribers if s != subscriber]
+        self._steps.pop(subscriber, None)
         self._routes.clear()
 
-    def _route(self, kind: type) -> tuple[Subscriber, ...]:
-        folds = tuple(s for s, reads in self.subscribers if reads is None or kind in reads)
+    def _route(self, kind: type) -> tuple[Step, ...]:
+        folds = tuple(self._step(s, kind) for s, reads in self.subscribers
+                      if reads is None or kind in reads)
         self._routes[kind] = folds
         return folds
+
+    def _step(self, subscriber: Subscriber, kind: type) -> Step:
+        """The read model's own step for ``kind`` if it has one, else its ``evolve``."""
+        fold, steps = self._steps.get(subscriber, (None, {}))
+        step = steps.get(kind)
+        return _by_record(subscriber) if step is None else MethodType(step, fold)
 
     def on_durable(self, subscriber: DurableSubscriber,
                    reads: Collection[type] | None = None) -> None:
@@ -681,7 +708,7 @@ class EventLog:
             self.head_seq, self.head_hash = seq, digest
             folds = routes.get(kind)
             for fold in self._route(kind) if folds is None else folds:
-                fold(record)
+                fold(event, record)
             records.append(record)
         if self._batch_future is None:
             self._batch_future = asyncio.get_running_loop().create_future()

@@ -448,3 +448,14 @@ async def test_only_a_commit_of_events_told_again_after_a_power_cut_goes_unsynce
     assert (log.unsynced_commits, synchronous()) == (1, 2)
     await log.close()
     assert verified_seqs(path) == [1, 2, 3, 4, 5]
+
+
+def test_no_event_the_log_decodes_is_tracked_by_the_cyclic_collector() -> None:
+    """A start decodes every event in the log: none may cost the collector a scan (events
+    are frozen data and hold no cycle, as their specs and reasons already are)."""
+    import gc
+
+    for name, kind in ev.EVENT_TYPES.items():
+        assert kind.__struct_config__.gc is False, name
+    body = ev.encode(limits_event(3))
+    assert not gc.is_tracked(ev.DECODER.decode(body))

@@ -39,6 +39,8 @@ class GpuTable:
     """Every node's GPUs and who holds each one."""
 
     READS: ClassVar[frozenset[type]] = _GPU_EVENTS
+    #: Each event type's step, for the log to call straight (``eventq.log.Fold``).
+    STEPS: ClassVar[dict[type, Callable[[GpuTable, Any, Record], None]]]
 
     nodes: dict[str, NodeGpus] = field(default_factory=dict)
     busy_percent: float = ev.UNRECORDED_LIMITS.gpu_busy_memory_percent
@@ -50,15 +52,15 @@ class GpuTable:
         # By exact type: a whole start passes every allocation and release through here.
         step = _STEPS.get(type(record.event))
         if step is not None:
-            step(self, record.event)
+            step(self, record.event, record)
 
-    def _inventory(self, e: ev.NodeInventoryReported) -> None:
+    def _inventory(self, e: ev.NodeInventoryReported, _r: Record) -> None:
         old = self.nodes.get(e.node)
         self.nodes[e.node] = NodeGpus({g.index: g for g in e.gpus}, e.simulated,
                                       e.nvml_error, e.node == "local",
                                       old.held if old else {})
 
-    def _allocated(self, e: ev.GpusAllocated) -> None:
+    def _allocated(self, e: ev.GpusAllocated, _r: Record) -> None:
         node, holder = self.nodes[e.node], (e.job_id, e.attempt)
         for gpu in e.gpus:
             node.held[gpu] = holder
@@ -68,7 +70,7 @@ class GpuTable:
         elif e.node not in where:
             where.append(e.node)
 
-    def _released(self, e: ev.GpusReleased) -> None:
+    def _released(self, e: ev.GpusReleased, _r: Record) -> None:
         held, holder = self.nodes[e.node].held, (e.job_id, e.attempt)
         for gpu in e.gpus:
             if held.get(gpu) == holder:
@@ -84,10 +86,10 @@ class GpuTable:
                 return True
         return False
 
-    def _limits(self, e: ev.LimitsChanged) -> None:
+    def _limits(self, e: ev.LimitsChanged, _r: Record) -> None:
         self.busy_percent = e.limits.gpu_busy_memory_percent
 
-    def _worker_removed(self, e: ev.WorkerRemoved) -> None:
+    def _worker_removed(self, e: ev.WorkerRemoved, _r: Record) -> None:
         self.nodes.pop(e.worker_id, None)
 
     def allocatable(self, node: str) -> set[int]:
@@ -133,10 +135,11 @@ class Release(msgspec.Struct, frozen=True):
     reason: Literal["ended", "orphaned"] = "ended"
 
 
-_STEPS: dict[type, Callable[[GpuTable, Any], None]] = {
+_STEPS: dict[type, Callable[[GpuTable, Any, Record], None]] = {
     ev.NodeInventoryReported: GpuTable._inventory, ev.GpusAllocated: GpuTable._allocated,
     ev.GpusReleased: GpuTable._released, ev.LimitsChanged: GpuTable._limits,
     ev.WorkerRemoved: GpuTable._worker_removed}
+GpuTable.STEPS = _STEPS
 
 
 class ReportInventory(msgspec.Struct, frozen=True):

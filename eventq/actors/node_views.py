@@ -3,7 +3,8 @@ touched them: a fleet of a thousand workers costs a decision nothing extra."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from eventq import events as ev
 from eventq.actors.allocator import GpuTable
@@ -31,10 +32,12 @@ class NodeViews:
         self._all = True
 
     def evolve(self, record: Record) -> None:
+        self._mark(record.event, record)
+
+    def _mark(self, e: ev.Event, record: Record) -> None:
         """Mark what changed; the rebuild waits for the next decision."""
         if self._all:  # every node is rebuilt anyway (as through a whole start's replay)
             return
-        e = record.event
         if isinstance(e, _BY_NODE):
             self._dirty.add(e.node)
         elif isinstance(e, ev.AttemptEnded):
@@ -45,6 +48,10 @@ class NodeViews:
             self._dirty.add(e.worker_id)
         elif isinstance(e, ev.LimitsChanged):
             self._all = True  # the busy threshold changes what is allocatable everywhere
+
+    #: Each event type's step, for the log to call straight (``eventq.log.Fold``).
+    STEPS: ClassVar[dict[type, Callable[[NodeViews, Any, Record], None]]] = dict.fromkeys(
+        READS, _mark)
 
     def current(self) -> list[NodeView]:
         if self._all:

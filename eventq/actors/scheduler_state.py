@@ -72,6 +72,8 @@ def _stream(spec: ev.JobSpec) -> Stream:
 def implied_reasons(spec: ev.JobSpec) -> tuple[ev.Reason, ...]:
     """What a gated job waits for, as its submission says it: not recorded again unless it
     changes (a 10,000-job pipeline costs no 10,000 extra events)."""
+    if not spec.depends_on and spec.begin_at is None:  # most jobs: nothing built per job
+        return ()
     out = [ev.Reason("dependency", f"waits for {dep}") for dep in spec.depends_on]
     if spec.begin_at is not None:
         out.append(ev.Reason("begin_time", f"not before {spec.begin_at:.0f}"))
@@ -104,6 +106,8 @@ IGNORED = frozenset({
 class SchedulerState:
     #: What ``evolve`` acts on: every event but the ignored ones.
     READS: ClassVar[frozenset[type]] = frozenset(ev.EVENT_TYPES.values()) - IGNORED
+    #: Each event type's step, for the log to call straight (``eventq.log.Fold``).
+    STEPS: ClassVar[dict[type, Callable[[SchedulerState, Any, Record], None]]]
 
     jobs: dict[str, JobState] = field(default_factory=dict)
     #: status -> job ids in that status (insertion-ordered), kept by ``_status``.
@@ -572,3 +576,4 @@ _HANDLERS: dict[type, Callable[[SchedulerState, Any, Record], None]] = {
     ev.PriorityChanged: SchedulerState._on_priority,
     ev.JobsPurged: SchedulerState._on_purged,
 }
+SchedulerState.STEPS = _HANDLERS

@@ -7,8 +7,9 @@ heartbeat that changes nothing is not an event, so the log stays bounded.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from eventq import events as ev
 from eventq.auth import TokenIndex
@@ -73,12 +74,20 @@ class Workers:
     #: Each worker's token hash -> its id.
     tokens: TokenIndex = field(default_factory=TokenIndex)
 
+    def _dispatched(self, e: ev.AttemptDispatched, record: Record) -> None:
+        taker = self.by_id.get(e.node)
+        if taker is not None:
+            taker.jobs_taken += 1
+
+    #: Each event type's step, for the log to call straight (``eventq.log.Fold``): the one
+    #: a start passes 100,000s of; the rest go through ``evolve``.
+    STEPS: ClassVar[dict[type, Callable[[Workers, Any, Record], None]]] = {
+        ev.AttemptDispatched: _dispatched}
+
     def evolve(self, record: Record) -> None:
         e, t = record.event, record.time
         if type(e) is ev.AttemptDispatched:
-            taker = self.by_id.get(e.node)
-            if taker is not None:
-                taker.jobs_taken += 1
+            self._dispatched(e, record)
             return
         if type(e) not in _WORKER_EVENTS:
             return

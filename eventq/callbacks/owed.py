@@ -90,6 +90,8 @@ class Notifications:
     READS: ClassVar[frozenset[type]] = frozenset({
         ev.ServerNotifyUrlSet, *TERMINAL_EVENTS, ev.AttemptEnded, ev.NotificationDelivered,
         ev.NotificationFailed})
+    #: Each event type's step, for the log to call straight (``eventq.log.Fold``).
+    STEPS: ClassVar[dict[type, Callable[[Notifications, Any, Record], None]]]
 
     #: The scheduler's state, folded before this (``Orchestrator._assemble``).
     state: SchedulerState
@@ -172,6 +174,7 @@ _STEPS: dict[type, Callable[[Notifications, Any, Record], None]] = {
     ev.NotificationFailed: lambda self, e, record: self._failed(e),
     ev.AttemptEnded: Notifications._attempt_ended,
     **{kind: Notifications._terminal for kind in TERMINAL_EVENTS}}
+Notifications.STEPS = _STEPS
 
 
 # --- deciding a try's outcome (pure) ------------------------------------------------------

@@ -417,6 +417,8 @@ class History:
 
     #: Every event moves it to its seq and time, even one it does nothing else with.
     READS: ClassVar[frozenset[type]] = frozenset(ev.EVENT_TYPES.values())
+    #: Each event type's step, for the log to call straight (``eventq.log.Fold``).
+    STEPS: ClassVar[dict[type, Callable[[History, Any, Record], None]]]
 
     state: SchedulerState
     gpus: GpuTable
@@ -445,13 +447,15 @@ class History:
 
     def evolve(self, record: Record) -> None:
         """One event, live: on the append path, so it does as little as it can."""
+        History.STEPS.get(type(record.event), History._moved)(self, record.event, record)
+
+    def _moved(self, e: ev.Event, record: Record) -> None:
+        """Every event, after what its type records: the history is at its seq and time,
+        and a snapshot is taken when one is due."""
         self.seq = seq = record.seq
         self.time = t = record.time
         if t > self.high:
             self.high = t
-        live = _LIVE.get(type(record.event))
-        if live is not None:
-            live(self, record.event, record)
         if seq >= self.next_snapshot:
             self._snapshot()
 
@@ -515,26 +519,33 @@ class History:
     def _allocated(self, e: ev.GpusAllocated, r: Record) -> None:
         job = self.state.jobs.get(e.job_id)
         self.bars.allocated(e, r, job.spec if job is not None else None)
+        self._moved(e, r)
 
     def _ended(self, e: ev.AttemptEnded, r: Record) -> None:
         self.bars.ended(e)
+        self._moved(e, r)
 
     def _released(self, e: ev.GpusReleased, r: Record) -> None:
         self.bars.released(e, r)
+        self._moved(e, r)
 
     def _finished(self, e: ev.JobCompleted | ev.JobFailed | ev.JobCancelled | ev.JobRejected,
                   r: Record) -> None:
         job = self.state.jobs.get(e.job_id)
         if job is not None:
             self.finished.add(r.seq, row_of(job))
+        self._moved(e, r)
 
     def _purged(self, e: ev.JobsPurged, r: Record) -> None:
         for job_id in e.job_ids:
             self.finished.purged[job_id] = r.seq
+        self._moved(e, r)
 
 
+#: What the live path records besides the seq and time (``_moved``), by event type.
 _LIVE: dict[type, Callable[[History, Any, Record], None]] = {
     ev.GpusAllocated: History._allocated, ev.AttemptEnded: History._ended,
     ev.GpusReleased: History._released, ev.JobCompleted: History._finished,
     ev.JobFailed: History._finished, ev.JobCancelled: History._finished,
     ev.JobRejected: History._finished, ev.JobsPurged: History._purged}
+History.STEPS = {kind: _LIVE.get(kind, History._moved) for kind in History.READS}
