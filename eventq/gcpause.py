@@ -4,10 +4,14 @@ A replay, a 10,000-row import, a 10,000-job batch: what they build either lives 
 state) or is freed by reference counting, so the collector would only scan it again
 and again (a third of a large replay, a sixth of an import). Pauses may overlap (two
 batches on one event loop): the collector resumes when the last one ends.
+
+Worker connections are long-lived too: ``keep_soon`` moves a burst of them out of the
+collector's view once it has passed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 from collections.abc import Iterator
@@ -15,6 +19,10 @@ from collections.abc import Iterator
 _pauses = 0
 _resume = False
 _keep = False
+#: The loop a freeze is due on, if one is (a loop that closed first leaves it behind).
+_keep_due: asyncio.AbstractEventLoop | None = None
+#: How long after a connection its burst is taken to have passed.
+BURST_SECONDS = 1.0
 
 
 @contextlib.contextmanager
@@ -40,3 +48,25 @@ def collector_paused(keeps: bool = False) -> Iterator[None]:
                 gc.freeze()
             if _resume:
                 gc.enable()
+
+
+def keep_soon() -> None:
+    """What was just built (a worker's connection) lives on: freeze it out of the
+    collector's view once the burst it came in has passed (``BURST_SECONDS``).
+
+    10,000 connections make the young collections of a welcome burst cost 20-150 ms each
+    and an older one 250-780 ms, measured, and then every later collection scans them
+    again: a dispatch waits behind each. A freeze is cheap (it moves lists, scans
+    nothing); it keeps what cyclic garbage exists then, and a welcome burst makes almost
+    none (measured: under 100 objects over 10,000 welcomes)."""
+    global _keep_due
+    loop = asyncio.get_running_loop()
+    if _keep_due is not loop:
+        _keep_due = loop
+        loop.call_later(BURST_SECONDS, _keep_now)
+
+
+def _keep_now() -> None:
+    global _keep_due
+    _keep_due = None
+    gc.freeze()

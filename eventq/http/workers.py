@@ -21,7 +21,7 @@ import msgspec
 from aiohttp import WSMsgType, web
 
 from eventq import events as ev
-from eventq import policy
+from eventq import gcpause, policy
 from eventq.actors.registry import WorkerGone, WorkerHello
 from eventq.actors.scheduler import AttemptReport, Outcome, Reconciled
 from eventq.actors.workers_state import Worker
@@ -181,6 +181,8 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
         return ws
     greet(orch, worker.worker_id, outbox, done)
     writer = asyncio.get_running_loop().create_task(_write(ws, outbox))
+    if orch.long_lived:
+        gcpause.keep_soon()
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -297,6 +299,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     unsent = [(j, orch.state.jobs[j].attempt) for j in orch.state.node_active.get(
         worker.worker_id, {}) if orch.state.jobs[j].pid is None]
     greet(orch, worker.worker_id, outbox, Reconciled(done.keep, done.stop, unsent, done.cancel))
+    if orch.long_lived:
+        gcpause.keep_soon()
     number = 0
     try:
         while True:
