@@ -155,6 +155,8 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
     orch, worker = request.app[ORCH], authenticate_worker(request)
     ws = web.WebSocketResponse(max_msg_size=8 * 2**20)
     await ws.prepare(request)
+    if orch.long_lived:  # from its first step: a reconnection storm builds before welcomes
+        gcpause.keep_soon()
     try:
         first = await ws.receive(timeout=30)
         greeting = msgspec.json.decode(first.data, type=AgentHello)
@@ -181,8 +183,6 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
         return ws
     greet(orch, worker.worker_id, outbox, done)
     writer = asyncio.get_running_loop().create_task(_write(ws, outbox))
-    if orch.long_lived:
-        gcpause.keep_soon()
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
