@@ -183,6 +183,8 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
         return ws
     greet(orch, worker.worker_id, outbox, done)
     writer = asyncio.get_running_loop().create_task(_write(ws, outbox))
+    if orch.long_lived:  # and once welcomed: what its hello built lives on too
+        gcpause.keep_soon()
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -192,6 +194,8 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
     finally:
         orch.hub.detach(worker.worker_id, outbox)
         writer.cancel()
+        if orch.long_lived:
+            gcpause.connection_closed()
     return ws
 
 
@@ -218,6 +222,8 @@ async def _agent_message(orch: Orchestrator, worker_id: str, ws: web.WebSocketRe
         return
     if isinstance(msg, AgentHeartbeat):
         renew_lease(orch, worker_id, outbox, msg.beat)
+        if orch.long_lived:  # the connection's next read lives until its next heartbeat
+            gcpause.keep_soon()
     elif isinstance(msg, AgentStarted):
         orch.scheduler.tell(AttemptReport(msg.job_id, msg.attempt, "started", node=worker_id,
                                           pid=msg.pid))
@@ -318,6 +324,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
         pass
     finally:
         orch.hub.detach(worker.worker_id, outbox)
+        if orch.long_lived:
+            gcpause.connection_closed()
     return response
 
 
