@@ -155,6 +155,7 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
     orch, worker = request.app[ORCH], authenticate_worker(request)
     ws = web.WebSocketResponse(max_msg_size=8 * 2**20)
     await ws.prepare(request)
+    opened_at = gcpause.freezes()
     if orch.long_lived:  # from its first step: a reconnection storm builds before welcomes
         gcpause.keep_soon()
     try:
@@ -195,7 +196,7 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
         orch.hub.detach(worker.worker_id, outbox)
         writer.cancel()
         if orch.long_lived:
-            gcpause.connection_closed()
+            gcpause.connection_closed(opened_at)
     return ws
 
 
@@ -300,6 +301,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     outbox = Outbox("sse", worker.token_sha256)
     orch.hub.attach(worker.worker_id, outbox)
+    opened_at = gcpause.freezes()
     done = request.app[PENDING].pop(worker.worker_id, None) or Reconciled([], [], [])
     # Dispatched since it registered, before this stream could carry it: not started yet.
     unsent = [(j, orch.state.jobs[j].attempt) for j in orch.state.node_active.get(
@@ -325,7 +327,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     finally:
         orch.hub.detach(worker.worker_id, outbox)
         if orch.long_lived:
-            gcpause.connection_closed()
+            gcpause.connection_closed(opened_at)
     return response
 
 
