@@ -24,7 +24,8 @@ measures, in the same run:
   three slowest samples of each phase are printed stop by stop, with what was not
   eventq's: how late the worker's client process's own loop woke around it (a 20 ms
   ticker), and how long the server was ready to run but waited for a CPU
-  (``/proc/PID/task/*/schedstat``) between the submission and the process start;
+  (``/proc/PID/task/*/schedstat``) between the submission and the process start; and,
+  as context only, the p99 with each sample's wait for a CPU taken out;
 - after ``kill -9`` of the orchestrator and a restart on the same port and data
   directory: the time until every worker has reconnected and been welcomed again
   (workers reconnect with eventq's agent's own jittered exponential backoff,
@@ -443,7 +444,24 @@ class Figures:
                 if xs:
                     out[f"{phase}_{kind}_p50_ms"] = round(percentile(xs, 50) * 1e3, 2)
                     out[f"{phase}_{kind}_p99_ms"] = round(percentile(xs, 99) * 1e3, 2)
+        for phase, samples in self.samples.items():
+            if samples:
+                waits = [x.server_cpu_wait / 1e9 for x in samples]
+                less = [max(0, x.start - x.server_cpu_wait) / 1e9 for x in samples]
+                out[f"{phase}_server_cpu_wait_p99_ms"] = round(percentile(waits, 99) * 1e3, 2)
+                out[f"{phase}_remote_start_less_cpu_wait_p99_ms"] = round(
+                    percentile(less, 99) * 1e3, 2)
         return out
+
+    def machine_line(self, phase: str) -> str:
+        """The machine's share of the remote figure: context, never the goal's figure."""
+        r = self.report()
+        if f"{phase}_server_cpu_wait_p99_ms" not in r:
+            return ""
+        wait = r[f"{phase}_server_cpu_wait_p99_ms"]
+        return (f"{phase}: the server waited for a CPU up to {wait:.1f} ms in a sample (p99); "
+                "remote to the process start with each sample's wait "
+                f"taken out: p99 {r[f'{phase}_remote_start_less_cpu_wait_p99_ms']:.1f} ms")
 
     def dispatch_line(self, phase: str) -> str:
         r = self.report()
@@ -540,6 +558,7 @@ def measure_dispatch(fig: Figures, phase: str, api: Api, clients: Clients, serve
     print(f"  {fig.dispatch_line(phase)} (n={args.samples} each)", flush=True)
     for sample in sorted(fig.samples[phase], key=lambda x: -x.start)[:3]:
         print(f"    slowest: {sample.line()}", flush=True)
+    print(f"    {fig.machine_line(phase)}", flush=True)
 
 
 def create_tokens(url: str, admin: str, workers: int) -> list[str]:
@@ -707,6 +726,8 @@ def summary(results: list[Figures], args: argparse.Namespace) -> None:
               f"{r['reconnect_after_kill_s']:.1f} s after kill -9")
         for phase in PHASES:
             print(f"         {fig.dispatch_line(phase)}")
+            if fig.samples[phase]:
+                print(f"           ({fig.machine_line(phase)})")
     big = max(results, key=lambda f: f.workers)
     r = big.report()
     real = "" if not args.interval else f" (heartbeat compressed to {args.interval} s)"
