@@ -12,10 +12,11 @@ from __future__ import annotations
 import datetime
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from operator import attrgetter
+from itertools import chain
+from operator import itemgetter
 from typing import Protocol
 
 from eventq.events import JobSpec, Limits, Reason
@@ -164,25 +165,62 @@ def labels_match(wanted: dict[str, str], labels: dict[str, str]) -> bool:
     return not wanted or all(fnmatchcase(labels.get(k, ""), glob) for k, glob in wanted.items())
 
 
-def fitting_nodes(spec: JobSpec, nodes: Iterable[NodeView]) -> list[NodeView]:
-    """Nodes that fit the job's target and labels and could ever hold its GPU count:
-    workers first (the idle longest first, SPEC 6), then the local node (``auto``)."""
-    if spec.worker_labels or (spec.gpus == 0 and spec.target == "auto"):
-        fit = [n for n in nodes if matches(spec, n) and spec.gpus <= n.allocatable]
-    else:  # ``matches`` without labels, decided once for all nodes: 10,000 workers
-        to_local, to_worker = spec.target != "worker", spec.target != "local"
-        fit = [n for n in nodes if (to_local if n.local else to_worker)
-               and spec.gpus <= n.allocatable]
-    return _idle_longest_first([n for n in fit if not n.local]) \
-        + _idle_longest_first([n for n in fit if n.local])
+class NodeOrder:
+    """Positions in a list of nodes, in the order placement tries them (SPEC 6): workers
+    idle the longest first, then busy workers, then the local node(s) likewise.
+
+    ``NodeViews`` keeps one up to date between decisions, so a placement among 10,000 idle
+    workers looks at the first one that fits instead of sorting all of them."""
+
+    def __init__(self, idle: list[tuple[float, int]], busy: list[int], local: list[int]
+                 ) -> None:
+        #: (idle since, position) of the idle workers, in order; ties in list order.
+        self.idle = idle
+        #: Positions of the busy workers, in list order.
+        self.busy = busy
+        self.local = local
+
+    def workers(self) -> Iterator[int]:
+        return chain(map(itemgetter(1), self.idle), self.busy)
 
 
-def _idle_longest_first(nodes: list[NodeView]) -> list[NodeView]:
-    """Idle nodes by how long they have been idle, then busy ones, each in the given order
-    (a C-level key over 10,000 workers, not a tuple made per node)."""
-    idle = [n for n in nodes if n.idle_since is not None]
-    idle.sort(key=attrgetter("idle_since"))
-    return idle + [n for n in nodes if n.idle_since is None]
+def node_order(nodes: Sequence[NodeView]) -> NodeOrder:
+    """The order placement tries ``nodes`` in, made at once (see ``NodeOrder``)."""
+    idle = [(n.idle_since, i) for i, n in enumerate(nodes)
+            if not n.local and n.idle_since is not None]
+    idle.sort()
+    busy = [i for i, n in enumerate(nodes) if not n.local and n.idle_since is None]
+    return NodeOrder(idle, busy, local_order(nodes, (i for i, n in enumerate(nodes) if n.local)))
+
+
+def local_order(nodes: Sequence[NodeView], positions: Iterable[int]) -> list[int]:
+    """The local nodes' positions, idle the longest first, then busy (in list order)."""
+    local = list(positions)
+    idle = sorted((nodes[i].idle_since or 0.0, i) for i in local
+                  if nodes[i].idle_since is not None)
+    return [i for _, i in idle] + [i for i in local if nodes[i].idle_since is None]
+
+
+def fitting(spec: JobSpec, nodes: Sequence[NodeView], order: NodeOrder) -> Iterator[int]:
+    """Positions of the nodes that fit the job's target and labels and could ever hold its
+    GPU count, in ``order``: workers first, then the local node (``auto``). Lazy: a
+    placement stops at the first node that takes the job."""
+    gpus = spec.gpus
+    if spec.worker_labels or (gpus == 0 and spec.target == "auto"):
+        return (i for i in chain(order.workers(), order.local)
+                if matches(spec, nodes[i]) and gpus <= nodes[i].allocatable)
+    parts: list[Iterable[int]] = []
+    if spec.target != "local":  # ``matches`` without labels, decided once for all workers
+        parts.append(order.workers())
+    if spec.target != "worker":
+        parts.append(order.local)
+    return (i for i in chain.from_iterable(parts) if gpus <= nodes[i].allocatable)
+
+
+def fitting_nodes(spec: JobSpec, nodes: Sequence[NodeView], order: NodeOrder | None = None
+                  ) -> list[NodeView]:
+    """The nodes of ``fitting``, all of them."""
+    return [nodes[i] for i in fitting(spec, nodes, order or node_order(nodes))]
 
 
 def fits_budget(spec: JobSpec, node: NodeView, now: float) -> bool:
@@ -279,8 +317,10 @@ class _Pass:
     """
 
     def __init__(self, counts: Counts, limits: Limits, nodes: list[NodeView], now: float,
-                 cpu_jobs_waiting: int = UNKNOWN):
+                 cpu_jobs_waiting: int = UNKNOWN, order: NodeOrder | None = None):
         self.counts, self.limits, self.nodes, self.now = counts, limits, nodes, now
+        #: Made here when the caller keeps none: copies take their original's position.
+        self.order = order if order is not None else node_order(nodes)
         #: Waiting jobs needing no GPU that the walk has not reached yet: once none is
         #: left, a node with no free GPU can take nothing more in this pass.
         self.cpu_left = cpu_jobs_waiting
@@ -291,15 +331,15 @@ class _Pass:
         #: Once ``settle`` holds: the reasons found for each job shape.
         self.settled: dict[tuple[object, ...], list[Reason]] | None = None
 
-    def _own(self, node: NodeView) -> NodeView:
-        """The pass's own copy of ``node`` (made in place of it in ``self.nodes``)."""
+    def _own(self, at: int) -> NodeView:
+        """The pass's own copy of the node at ``at`` (made in its place in ``self.nodes``)."""
+        node = self.nodes[at]
         if id(node) in self._owned:
             return node
         if not self._copied:
             self.counts = _copy_counts(self.counts)
-            self.nodes = list(self.nodes)
+            self.nodes = self.nodes.copy()  # the pointers only, at C speed
             self._copied = True
-        at = next(i for i, n in enumerate(self.nodes) if n is node)
         mine = self.nodes[at] = _copy_node(node)
         self._owned.add(id(mine))
         return mine
@@ -340,21 +380,25 @@ class _Pass:
 
     def _consider(self, spec: JobSpec) -> None:
         reasons = limit_reasons(spec, self.counts, self.limits)
-        fitting = fitting_nodes(spec, self.nodes)
-        if not fitting:
+        walked: list[NodeView] = []
+        node_reasons: list[Reason] = []
+        for at in fitting(spec, self.nodes, self.order):
+            node = self.nodes[at]
+            walked.append(node)
+            held = self._node_reasons(spec, node)
+            if not held and not reasons:
+                self._place(spec, at)
+                return
+            node_reasons = node_reasons or held
+            if reasons and node_reasons:
+                break  # held by a limit: no reservation, and the first node's reason is found
+        if not walked:
             reasons.append(self._no_node(spec))
             self.plan.reasons[spec.job_id] = reasons
             return
-        node_reasons: list[Reason] = []
-        for node in fitting:
-            held = self._node_reasons(spec, node)
-            if not held and not reasons:
-                self._place(spec, node)
-                return
-            node_reasons = node_reasons or held
         if not reasons and self.plan.reservation is None \
                 and all(r.code == "gpus" for r in node_reasons):
-            self._reserve(spec, fitting)  # only the highest such job (EASY)
+            self._reserve(spec, walked)  # only the highest such job (EASY)
         self.plan.reasons[spec.job_id] = reasons + node_reasons
 
     def _node_reasons(self, spec: JobSpec, node: NodeView) -> list[Reason]:
@@ -407,8 +451,8 @@ class _Pass:
         self.plan.reservation = (min(known, key=lambda o: o.shadow or 0.0) if known
                                  else options[0])
 
-    def _place(self, spec: JobSpec, node: NodeView) -> None:
-        node = self._own(node)
+    def _place(self, spec: JobSpec, at: int) -> None:
+        node = self._own(at)
         self.plan.placements.append(Placement(spec.job_id, node.name, spec.gpus))
         taken = sorted(node.free)[: spec.gpus]
         if spec.device_ids and node.local:
@@ -440,14 +484,16 @@ def fits_no_worker(reason: Reason) -> bool:
 
 def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
          nodes: list[NodeView], now: float, scan_depth: int = SCAN_DEPTH,
-         cpu_jobs_waiting: int = UNKNOWN, capped: Capped | None = None) -> Plan:
+         cpu_jobs_waiting: int = UNKNOWN, capped: Capped | None = None,
+         order: NodeOrder | None = None) -> Plan:
     """Decide which waiting jobs start now. ``counts`` and ``nodes`` are copied, not changed.
 
     ``cpu_jobs_waiting``: how many waiting jobs need no GPU; once the walk has passed them
     all, it stops as soon as no node has a free GPU. ``capped``: filled as the walk finds
     users and teams at their limit, for a ``waiting`` order that leaves their jobs out.
+    ``order``: of ``nodes``, when the caller keeps one (``NodeOrder``).
     """
-    work = _Pass(counts, limits, nodes, now, cpu_jobs_waiting)
+    work = _Pass(counts, limits, nodes, now, cpu_jobs_waiting, order)
     capped = capped if capped is not None else Capped()
     after_full = REASON_DEPTH
     examined_held: list[JobSpec] = []
@@ -473,7 +519,8 @@ def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
         capped.skipping = examined + 1 >= REASON_DEPTH
     # A placement later in the walk changes what holds the jobs looked at before it.
     for spec in examined_held[:restate]:
-        final = explain(spec, work.counts, limits, work.nodes, work.plan.reservation, now)
+        final = explain(spec, work.counts, limits, work.nodes, work.plan.reservation, now,
+                        work.order)
         if final:
             work.plan.reasons[spec.job_id] = final
     return work.plan
@@ -494,13 +541,14 @@ def _gpus_taken(work: _Pass) -> bool:
 
 
 def plan_one(spec: JobSpec, counts: Counts, limits: Limits, nodes: list[NodeView],
-             reservation: Reservation | None, now: float) -> Plan:
+             reservation: Reservation | None, now: float, order: NodeOrder | None = None
+             ) -> Plan:
     """Consider one job as if it were next, under the standing reservation.
 
     A newly queued job changes nothing for the jobs already waiting (it frees no
     resources), so placing it needs no walk of the whole queue.
     """
-    work = _Pass(counts, limits, nodes, now)
+    work = _Pass(counts, limits, nodes, now, order=order)
     if reservation is not None and reservation.job_id != spec.job_id:
         work.plan.reservation = reservation
     work.consider(spec)
@@ -508,9 +556,11 @@ def plan_one(spec: JobSpec, counts: Counts, limits: Limits, nodes: list[NodeView
 
 
 def explain(spec: JobSpec, counts: Counts, limits: Limits, nodes: list[NodeView],
-            reservation: Reservation | None, now: float) -> list[Reason]:
+            reservation: Reservation | None, now: float, order: NodeOrder | None = None
+            ) -> list[Reason]:
     """Every check holding one job now, as if it were next; [] means it could start."""
-    return plan_one(spec, counts, limits, nodes, reservation, now).reasons.get(spec.job_id, [])
+    return plan_one(spec, counts, limits, nodes, reservation, now, order).reasons.get(
+        spec.job_id, [])
 
 
 def _copy_counts(c: Counts) -> Counts:
@@ -567,11 +617,12 @@ def estimate_starts(waiting: Iterable[JobSpec], nodes: list[NodeView],
         (INF if end is None or end <= now else end, job) for end, gpus, job in n.ends
         for _ in range(gpus)] for n in nodes}
     out: dict[str, Estimate] = {}
+    order = node_order(nodes)
     for spec in waiting:
         if len(out) >= depth:
             break
         options = [(n.name, _earliest(slots[n.name], spec.gpus, now))
-                   for n in fitting_nodes(spec, nodes)]
+                   for n in fitting_nodes(spec, nodes, order)]
         known = [(name, e) for name, e in options if e.start is not None]
         if not known:
             out[spec.job_id] = options[0][1] if options else Estimate(None, "no node fits it")

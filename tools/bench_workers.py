@@ -20,7 +20,12 @@ measures, in the same run:
   the same server, alternated sample by sample: submit -> the local job's own process
   reads the clock (as in bench_dispatch.py). Each sample waits for its job to complete
   before the next. Quiet, then with ``--load N`` busy processes beside the server
-  (``tools/benchkit.py``). Goal: remote p99 to the process start <= 50 ms, quiet;
+  (``tools/benchkit.py``). Goal: remote p99 to the process start <= 50 ms, quiet. The
+  three slowest samples of each phase are printed stop by stop, with what was not
+  eventq's: how late the worker's client process's own loop woke around it (a 20 ms
+  ticker), and how long the server was ready to run but waited for a CPU
+  (``/proc/PID/task/*/schedstat``) between the submission and the process start; and,
+  as context only, the p99 with each sample's wait for a CPU taken out;
 - after ``kill -9`` of the orchestrator and a restart on the same port and data
   directory: the time until every worker has reconnected and been welcomed again
   (workers reconnect with eventq's agent's own jittered exponential backoff,
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import math
@@ -70,6 +76,9 @@ REPO = Path(__file__).resolve().parents[1]
 JOB = ["date", "+%s%N"]  # the job's process reads the clock as it starts
 COMPRESSED_TIMEOUT = "3600"  # no worker is lost while --interval compresses time
 WORKERS_PER_CLIENT = 1000
+TICK_NS = 20_000_000
+#: How far before a ``run`` was read its client's lag may have held the read back.
+LAG_LOOKBACK_NS = 50_000_000
 #: Open files beside one per worker: the log, the server's own, the clients' pipes.
 SPARE_FILES = 512
 
@@ -87,6 +96,10 @@ class Fleet:
     interval: float
     heartbeats: int = 0
     stopping: bool = False
+    #: (when the loop should have woken, how late it woke), ns: this process's own lag.
+    ticks: collections.deque[tuple[int, int]] = field(
+        default_factory=lambda: collections.deque(maxlen=500))
+    ticker: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         import aiohttp
@@ -97,18 +110,36 @@ class Fleet:
             workers = [asyncio.create_task(self.worker(session, i, t)) for i, t in self.tokens]
             await self.commands()
             self.stopping = True
+            if self.ticker is not None:
+                self.ticker.cancel()
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
 
     async def commands(self) -> None:
-        """Lines on stdin: ``mark`` -> ``M <heartbeats sent so far>``; ``quit`` or EOF."""
+        """Lines on stdin: ``mark`` -> ``M <heartbeats sent so far>``; ``watch``: keep the
+        loop's lag from now on (not while the idle CPU is measured); ``quit`` or EOF."""
         while True:
             line = (await asyncio.to_thread(sys.stdin.readline)).strip()
             if line == "mark":
                 emit(f"M {self.heartbeats}")
+            elif line == "watch" and self.ticker is None:
+                self.ticker = asyncio.create_task(self.tick())
             elif line in ("quit", ""):
                 return
+
+    async def tick(self) -> None:
+        """Wake every few ms and keep how late: the client's own loop lag, so that a slow
+        sample can be told apart from a slow orchestrator."""
+        while True:
+            due = time.time_ns() + TICK_NS
+            await asyncio.sleep(TICK_NS / 1e9)
+            self.ticks.append((due, time.time_ns() - due))
+
+    def lag_within(self, since: int, until: int) -> int:
+        """The most this loop woke late (ns) in a wait that overlapped [since, until]."""
+        return max((late for due, late in self.ticks if due <= until and due + late >= since),
+                   default=0)
 
     async def worker(self, session: Any, index: int, token: str) -> None:
         """eventq's agent's connection loop, without its GPUs: connect, hello, heartbeat,
@@ -159,16 +190,18 @@ class Fleet:
             data = json.loads(msg.data)
             if data.get("type") == "run":
                 emit(f"R {data['job_id']} {got}")
-                await self.run_job(ws, data["job_id"], data["attempt"])
+                await self.run_job(ws, data["job_id"], data["attempt"], got)
 
-    async def run_job(self, ws: Any, job_id: str, attempt: int) -> None:
+    async def run_job(self, ws: Any, job_id: str, attempt: int, got: int) -> None:
         """Start the job's process as the agent would, and say when it read the clock."""
         proc = await asyncio.create_subprocess_exec(*JOB, stdout=asyncio.subprocess.PIPE,
                                                     stdin=asyncio.subprocess.DEVNULL)
         job = {"job_id": job_id, "attempt": attempt}
         await ws.send_json({"type": "started", "pid": proc.pid, **job})
         out, _ = await proc.communicate()
-        emit(f"S {job_id} {int(out.decode().strip() or 0)}")
+        start = int(out.decode().strip() or 0)
+        emit(f"S {job_id} {start}")
+        emit(f"L {job_id} {self.lag_within(got - LAG_LOOKBACK_NS, start)}")
         await ws.send_json({"type": "exited", "exit_code": proc.returncode,
                             "outcome": "exited", **job})
 
@@ -274,6 +307,8 @@ class Clients:
     welcomed: dict[int, int] = field(default_factory=dict)
     runs: dict[str, int] = field(default_factory=dict)
     starts: dict[str, int] = field(default_factory=dict)
+    #: job id -> the most its client's loop woke late between reading ``run`` and the start.
+    lags: dict[str, int] = field(default_factory=dict)
     marks: list[int] = field(default_factory=list)
 
     def start(self, url: str, tokens_file: Path, workers: int, processes: int,
@@ -308,6 +343,8 @@ class Clients:
                 self.runs[key] = value
             elif kind == "S":
                 self.starts[key] = value
+            elif kind == "L":
+                self.lags[key] = value
             elif kind == "M":
                 self.marks.append(int(key))
             try:
@@ -315,13 +352,16 @@ class Clients:
             except queue.Empty:
                 return
 
+    def tell(self, line: str) -> None:
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(line + "\n")
+            proc.stdin.flush()
+
     def heartbeats_sent(self) -> int:
         """Ask every client for its count of heartbeats sent, and add them up."""
         self.marks.clear()
-        for proc in self.procs:
-            assert proc.stdin is not None
-            proc.stdin.write("mark\n")
-            proc.stdin.flush()
+        self.tell("mark")
         deadline = time.monotonic() + 30
         while len(self.marks) < len(self.procs) and time.monotonic() < deadline:
             self.drain(0.05)
@@ -386,6 +426,7 @@ class Figures:
         phase: {kind: [] for kind in KINDS} for phase in PHASES})
     reconnect_from_kill_s: float = 0.0
     reconnect_from_listen_s: float = 0.0
+    samples: dict[str, list[Sample]] = field(default_factory=lambda: {p: [] for p in PHASES})
 
     def report(self) -> dict[str, Any]:
         per_beat = self.events_in_idle / self.heartbeats if self.heartbeats else float("nan")
@@ -403,7 +444,24 @@ class Figures:
                 if xs:
                     out[f"{phase}_{kind}_p50_ms"] = round(percentile(xs, 50) * 1e3, 2)
                     out[f"{phase}_{kind}_p99_ms"] = round(percentile(xs, 99) * 1e3, 2)
+        for phase, samples in self.samples.items():
+            if samples:
+                waits = [x.server_cpu_wait / 1e9 for x in samples]
+                less = [max(0, x.start - x.server_cpu_wait) / 1e9 for x in samples]
+                out[f"{phase}_server_cpu_wait_p99_ms"] = round(percentile(waits, 99) * 1e3, 2)
+                out[f"{phase}_remote_start_less_cpu_wait_p99_ms"] = round(
+                    percentile(less, 99) * 1e3, 2)
         return out
+
+    def machine_line(self, phase: str) -> str:
+        """The machine's share of the remote figure: context, never the goal's figure."""
+        r = self.report()
+        if f"{phase}_server_cpu_wait_p99_ms" not in r:
+            return ""
+        wait = r[f"{phase}_server_cpu_wait_p99_ms"]
+        return (f"{phase}: the server waited for a CPU up to {wait:.1f} ms in a sample (p99); "
+                "remote to the process start with each sample's wait "
+                f"taken out: p99 {r[f'{phase}_remote_start_less_cpu_wait_p99_ms']:.1f} ms")
 
     def dispatch_line(self, phase: str) -> str:
         r = self.report()
@@ -422,19 +480,52 @@ def until_completed(api: Api, job_id: str) -> None:
              f"completion of job {job_id}", step=0.002)
 
 
-def sample_remote(api: Api, clients: Clients) -> tuple[float, float]:
-    """(to the client reading ``run``, to the job's process reading the clock), seconds."""
+@dataclass
+class Sample:
+    """One remote dispatch, each stop in ns after the submission was sent."""
+
+    job_id: str
+    reply: int
+    run: int
+    start: int
+    #: The most the worker's client process woke late around it (its own lag, not eventq's).
+    client_lag: int
+    #: How long the server was ready to run but waited for a CPU, from the submission to
+    #: the process start (/proc/PID/schedstat): the machine's share, not eventq's.
+    server_cpu_wait: int
+
+    def line(self) -> str:
+        return (f"{self.job_id}: reply {self.reply / 1e6:.1f}, run read {self.run / 1e6:.1f}, "
+                f"process start {self.start / 1e6:.1f} ms; client lag {self.client_lag / 1e6:.1f}"
+                f" ms; server waited for a CPU {self.server_cpu_wait / 1e6:.1f} ms")
+
+
+def cpu_wait_ns(pid: int) -> int:
+    """Time the process's threads have spent ready to run, waiting for a CPU."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[1])
+    return total
+
+
+def sample_remote(api: Api, clients: Clients, server_pid: int) -> Sample:
+    """Submit one job for a worker; when its stops were reached."""
+    body = json.dumps({"command": ["true"], "gpus": 1, "target": "worker"}).encode()
+    waited = cpu_wait_ns(server_pid)
     t0 = time.time_ns()
-    job_id = api.call("POST", "/api/queue/submit", {
-        "command": ["true"], "gpus": 1, "target": "worker"})["job_id"]
+    job_id = api.send("POST", "/api/queue/submit", body)["job_id"]
+    reply = time.time_ns() - t0
 
     def started() -> bool:
         clients.drain(0.01)
-        return job_id in clients.starts
+        return job_id in clients.lags
 
     wait_for(started, 30, f"the process of job {job_id} at a worker", step=0)
+    waited = cpu_wait_ns(server_pid) - waited
     until_completed(api, job_id)
-    return (clients.runs[job_id] - t0) / 1e9, (clients.starts[job_id] - t0) / 1e9
+    return Sample(job_id, reply, clients.runs[job_id] - t0, clients.starts[job_id] - t0,
+                  clients.lags[job_id], waited)
 
 
 def sample_local(api: Api, data_dir: Path) -> float:
@@ -447,20 +538,27 @@ def sample_local(api: Api, data_dir: Path) -> float:
     return float((stamp - t0) / 1e9)
 
 
-def measure_dispatch(fig: Figures, phase: str, api: Api, clients: Clients, data_dir: Path,
+def measure_dispatch(fig: Figures, phase: str, api: Api, clients: Clients, server: Server,
                      args: argparse.Namespace) -> None:
+    assert server.proc is not None
+    server_pid, data_dir = server.proc.pid, server.data_dir
+    clients.tell("watch")
     for _ in range(args.warmup):
-        sample_remote(api, clients)
+        sample_remote(api, clients, server_pid)
         sample_local(api, data_dir)
     got = fig.dispatch[phase]
     for _ in range(args.samples):
         time.sleep(args.gap)
-        run, start = sample_remote(api, clients)
-        got["remote_run"].append(run)
-        got["remote_start"].append(start)
+        sample = sample_remote(api, clients, server_pid)
+        fig.samples[phase].append(sample)
+        got["remote_run"].append(sample.run / 1e9)
+        got["remote_start"].append(sample.start / 1e9)
         time.sleep(args.gap)
         got["local_start"].append(sample_local(api, data_dir))
     print(f"  {fig.dispatch_line(phase)} (n={args.samples} each)", flush=True)
+    for sample in sorted(fig.samples[phase], key=lambda x: -x.start)[:3]:
+        print(f"    slowest: {sample.line()}", flush=True)
+    print(f"    {fig.machine_line(phase)}", flush=True)
 
 
 def create_tokens(url: str, admin: str, workers: int) -> list[str]:
@@ -533,10 +631,10 @@ def run_at(workers: int, args: argparse.Namespace, tmp: Path) -> Figures:
         api = connect_fleet(fig, server, clients, args, tmp)
         time.sleep(2.0)  # the connections settle
         measure_idle(fig, server, clients, args.idle)
-        measure_dispatch(fig, "quiet", api, clients, data_dir, args)
+        measure_dispatch(fig, "quiet", api, clients, server, args)
         if args.load:
             with busy(args.load):
-                measure_dispatch(fig, "loaded", api, clients, data_dir, args)
+                measure_dispatch(fig, "loaded", api, clients, server, args)
         api.close()
 
         killed = time.time_ns() / 1e9
@@ -628,6 +726,8 @@ def summary(results: list[Figures], args: argparse.Namespace) -> None:
               f"{r['reconnect_after_kill_s']:.1f} s after kill -9")
         for phase in PHASES:
             print(f"         {fig.dispatch_line(phase)}")
+            if fig.samples[phase]:
+                print(f"           ({fig.machine_line(phase)})")
     big = max(results, key=lambda f: f.workers)
     r = big.report()
     real = "" if not args.interval else f" (heartbeat compressed to {args.interval} s)"

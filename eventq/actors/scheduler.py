@@ -637,7 +637,8 @@ class Scheduler(Actor[SchedulerMsg]):
         now, capped = self.clock.now(), policy.Capped()
         plan = policy.plan(self.state.iter_schedulable(now, capped), self.state.counts,
                            self.state.limits, self.node_views(), now,
-                           cpu_jobs_waiting=self.state.waiting_cpu, capped=capped)
+                           cpu_jobs_waiting=self.state.waiting_cpu, capped=capped,
+                           order=self.views.order)
         for placement in plan.placements:
             await self._dispatch(placement)
         self._append("system", reason_changes(self.state, plan))
@@ -699,7 +700,7 @@ class Scheduler(Actor[SchedulerMsg]):
 
     def _plan_one(self, spec: ev.JobSpec) -> policy.Plan:
         return policy.plan_one(spec, self.state.counts, self.state.limits, self.node_views(),
-                               self.last_plan.reservation, self.clock.now())
+                               self.last_plan.reservation, self.clock.now(), self.views.order)
 
     def _only_waits(self, spec: ev.JobSpec, plan: policy.Plan) -> list[ev.Reason] | None:
         """Why the job waits, if that is all ``plan`` says; None if it may start, or if,
@@ -822,7 +823,8 @@ class Scheduler(Actor[SchedulerMsg]):
         """Every reason holding one waiting job now (for views and dry runs)."""
         now = self.clock.now()
         reasons = policy.explain(job.spec, self.state.counts, self.state.limits,
-                                 self.node_views(), self.last_plan.reservation, now)
+                                 self.node_views(), self.last_plan.reservation, now,
+                                 self.views.order)
         if reasons:
             return with_note(reasons, self.provider_note(job.spec.job_id))
         if position is None:

@@ -21,7 +21,7 @@ import msgspec
 from aiohttp import WSMsgType, web
 
 from eventq import events as ev
-from eventq import policy
+from eventq import gcpause, policy
 from eventq.actors.registry import WorkerGone, WorkerHello
 from eventq.actors.scheduler import AttemptReport, Outcome, Reconciled
 from eventq.actors.workers_state import Worker
@@ -155,6 +155,9 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
     orch, worker = request.app[ORCH], authenticate_worker(request)
     ws = web.WebSocketResponse(max_msg_size=8 * 2**20)
     await ws.prepare(request)
+    opened_at = gcpause.freezes()
+    if orch.long_lived:  # from its first step: a reconnection storm builds before welcomes
+        gcpause.keep_soon()
     try:
         first = await ws.receive(timeout=30)
         greeting = msgspec.json.decode(first.data, type=AgentHello)
@@ -181,6 +184,8 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
         return ws
     greet(orch, worker.worker_id, outbox, done)
     writer = asyncio.get_running_loop().create_task(_write(ws, outbox))
+    if orch.long_lived:  # and once welcomed: what its hello built lives on too
+        gcpause.keep_soon()
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -190,6 +195,8 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
     finally:
         orch.hub.detach(worker.worker_id, outbox)
         writer.cancel()
+        if orch.long_lived:
+            gcpause.connection_closed(opened_at)
     return ws
 
 
@@ -216,6 +223,8 @@ async def _agent_message(orch: Orchestrator, worker_id: str, ws: web.WebSocketRe
         return
     if isinstance(msg, AgentHeartbeat):
         renew_lease(orch, worker_id, outbox, msg.beat)
+        if orch.long_lived:  # the connection's next read lives until its next heartbeat
+            gcpause.keep_soon()
     elif isinstance(msg, AgentStarted):
         orch.scheduler.tell(AttemptReport(msg.job_id, msg.attempt, "started", node=worker_id,
                                           pid=msg.pid))
@@ -292,11 +301,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     outbox = Outbox("sse", worker.token_sha256)
     orch.hub.attach(worker.worker_id, outbox)
+    opened_at = gcpause.freezes()
     done = request.app[PENDING].pop(worker.worker_id, None) or Reconciled([], [], [])
     # Dispatched since it registered, before this stream could carry it: not started yet.
     unsent = [(j, orch.state.jobs[j].attempt) for j in orch.state.node_active.get(
         worker.worker_id, {}) if orch.state.jobs[j].pid is None]
     greet(orch, worker.worker_id, outbox, Reconciled(done.keep, done.stop, unsent, done.cancel))
+    if orch.long_lived:
+        gcpause.keep_soon()
     number = 0
     try:
         while True:
@@ -314,6 +326,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
         pass
     finally:
         orch.hub.detach(worker.worker_id, outbox)
+        if orch.long_lived:
+            gcpause.connection_closed(opened_at)
     return response
 
 
