@@ -117,6 +117,12 @@ class Provisions:
 def wait_line(wait: dict[str, Any]) -> str:
     """``waited 40s for Slurm to start a worker on gpu07 (slurm job 123_4)``."""
     where = f" on {wait['node']}" if wait["node"] else ""
+    if not wait["for_this_job"]:
+        # Asked for another waiting job; whichever worker connects first takes the queue's
+        # head, so a job often runs on a worker another job's request brought.
+        return (f"ran on a worker {wait['provider'].capitalize()} started{where} "
+                f"({wait['provider']} job {wait['task']}, asked for another waiting job, "
+                f"{duration(wait['seconds'])} from that request to its connection)")
     return (f"waited {duration(wait['seconds'])} for {wait['provider'].capitalize()} to start "
             f"a worker{where} ({wait['provider']} job {wait['task']}, from the request to "
             "its worker's connection)")

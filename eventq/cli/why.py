@@ -311,8 +311,7 @@ def why(args: argparse.Namespace, conn: Any) -> int:
                 + (" so far" if x["still_waiting"] else ""), "detail": x["detail"]}
                for x in summary["reasons"]], ["reason", "for", "detail"])
     for wait in summary["provider_waits"]:
-        if wait["for_this_job"]:
-            console.print(wait_line(wait), markup=False)
+        console.print(wait_line(wait), markup=False)
     for pending in summary["provider_pending"]:
         console.print(f"still waiting for {pending}", markup=False)
     total = duration(summary["total_wait_seconds"])
