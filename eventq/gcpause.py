@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import time
 from collections.abc import Iterator
 
 _pauses = 0
@@ -25,8 +26,15 @@ _keep_due: asyncio.AbstractEventLoop | None = None
 BURST_SECONDS = 1.0
 #: Closed connections between two full collections of what is frozen.
 CLOSES_PER_SWEEP = 5000
+#: And at most this long between two: a freeze also keeps whatever other cycles (a web
+#: page's closed stream, a request's exception) had outlived a young collection when they
+#: became garbage, and those would otherwise wait for the closes forever.
+SWEEP_SECONDS = 600.0
+#: Connected workers from which freezing pays: below, a collection's scan of them is short.
+FREEZE_FROM_CONNECTIONS = 500
 _closed = 0
 _freezes = 0
+_last_sweep = time.monotonic()
 
 
 @contextlib.contextmanager
@@ -54,6 +62,11 @@ def collector_paused(keeps: bool = False) -> Iterator[None]:
                 gc.enable()
 
 
+def worth_keeping(connections: int) -> bool:
+    """Whether a server with ``connections`` workers connected freezes their connections."""
+    return connections >= FREEZE_FROM_CONNECTIONS
+
+
 def keep_soon() -> None:
     """What was just built lives on (a worker's connection, its next read): freeze it out
     of the collector's view within ``BURST_SECONDS``, once per such period at most.
@@ -72,11 +85,13 @@ def keep_soon() -> None:
 
 
 def _keep_now() -> None:
-    global _keep_due, _closed, _freezes
+    global _keep_due, _closed, _freezes, _last_sweep
     _keep_due = None
     _freezes += 1
-    if _closed >= CLOSES_PER_SWEEP:  # their frozen cycles are garbage now: sweep them all
-        _closed = 0
+    if _closed >= CLOSES_PER_SWEEP or time.monotonic() - _last_sweep >= SWEEP_SECONDS:
+        # What was frozen and is garbage now (closed connections' cycles, and any other
+        # cycle frozen before it was found): sweep it all.
+        _closed, _last_sweep = 0, time.monotonic()
         gc.unfreeze()
         gc.collect()
     else:

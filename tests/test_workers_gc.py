@@ -49,7 +49,8 @@ def scanned(objects: list[Outbox]) -> int:
 
 async def test_a_servers_welcomed_connections_are_frozen_out_of_the_collectors_scans(
         make_orch: Callable[..., Awaitable[Orchestrator]],
-        aiohttp_client: AiohttpClient) -> None:
+        aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gcpause, "FREEZE_FROM_CONNECTIONS", 1)
     frozen_before = gc.get_freeze_count()
     try:
         outboxes = await connected_outboxes(make_orch, aiohttp_client, long_lived=True)
@@ -75,6 +76,7 @@ class Cycle:
 async def test_frozen_connections_that_closed_are_freed_by_the_sweep_after_enough_closes(
         make_orch: Callable[..., Awaitable[Orchestrator]],
         aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gcpause, "FREEZE_FROM_CONNECTIONS", 1)
     monkeypatch.setattr(gcpause, "CLOSES_PER_SWEEP", 3)
     monkeypatch.setattr(gcpause, "_closed", 0)
     orch = await make_orch()
@@ -104,5 +106,44 @@ async def test_frozen_connections_that_closed_are_freed_by_the_sweep_after_enoug
         await asyncio.sleep(1.3)  # the heartbeat's freeze, after the sweep
         assert gone() is None
         await sockets[3].close()
+    finally:
+        gc.unfreeze()
+
+
+async def test_a_server_with_few_workers_leaves_the_collector_alone(
+        make_orch: Callable[..., Awaitable[Orchestrator]],
+        aiohttp_client: AiohttpClient) -> None:
+    """Ten connections are a short scan: freezing them would only keep other cycles."""
+    outboxes = await connected_outboxes(make_orch, aiohttp_client, long_lived=True)
+    assert len(outboxes) == 10 and scanned(outboxes) == 10
+    assert gc.get_freeze_count() == 0
+
+
+async def test_a_frozen_cycle_is_freed_after_the_sweep_period_with_no_connection_closed(
+        make_orch: Callable[..., Awaitable[Orchestrator]],
+        aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A freeze keeps any cycle that outlived a young collection (a web page's stream, a
+    request's exception), not only a connection's: with the workers all staying, a full
+    sweep still comes within ``SWEEP_SECONDS``, so such garbage does not pile up."""
+    monkeypatch.setattr(gcpause, "FREEZE_FROM_CONNECTIONS", 1)
+    monkeypatch.setattr(gcpause, "SWEEP_SECONDS", 0.5)
+    orch = await make_orch()
+    orch.long_lived = True
+    api = await aiohttp_client(make_app(orch),
+                               headers={"Authorization": f"Bearer {orch.admin_token}"})
+    try:
+        made = await (await api.post("/api/admin/workers", json={"name": "w"})).json()
+        ws = await api.ws_connect("/api/workers/ws", headers={"X-Worker-Token": made["token"]})
+        await ws.send_json({"type": "hello", "simulated": True, "gpus": []})
+        assert (await ws.receive_json(timeout=10))["type"] == "welcome"
+        held = Cycle()  # some other part's cycle, alive at the freeze
+        await asyncio.sleep(1.3)
+        assert gc.get_freeze_count() > 0
+        gone = weakref.ref(held)
+        del held  # garbage now, frozen; no connection closes
+        await ws.send_json({"type": "heartbeat", "running": [], "beat": 1})
+        await asyncio.sleep(1.3)  # the heartbeat's freeze, after the sweep its period asks
+        assert gone() is None
+        await ws.close()
     finally:
         gc.unfreeze()

@@ -156,7 +156,7 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(max_msg_size=8 * 2**20)
     await ws.prepare(request)
     opened_at = gcpause.freezes()
-    if orch.long_lived:  # from its first step: a reconnection storm builds before welcomes
+    if _keeps(orch):  # from its first step: a reconnection storm builds before welcomes
         gcpause.keep_soon()
     try:
         first = await ws.receive(timeout=30)
@@ -184,7 +184,7 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
         return ws
     greet(orch, worker.worker_id, outbox, done)
     writer = asyncio.get_running_loop().create_task(_write(ws, outbox))
-    if orch.long_lived:  # and once welcomed: what its hello built lives on too
+    if _keeps(orch):  # and once welcomed: what its hello built lives on too
         gcpause.keep_soon()
     try:
         async for msg in ws:
@@ -198,6 +198,11 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
         if orch.long_lived:
             gcpause.connection_closed(opened_at)
     return ws
+
+
+def _keeps(orch: Orchestrator) -> bool:
+    """A long-lived server with enough workers that freezing their connections pays."""
+    return orch.long_lived and gcpause.worth_keeping(len(orch.hub.connections))
 
 
 def unreadable(exc: Exception) -> str:
@@ -223,7 +228,7 @@ async def _agent_message(orch: Orchestrator, worker_id: str, ws: web.WebSocketRe
         return
     if isinstance(msg, AgentHeartbeat):
         renew_lease(orch, worker_id, outbox, msg.beat)
-        if orch.long_lived:  # the connection's next read lives until its next heartbeat
+        if _keeps(orch):  # the connection's next read lives until its next heartbeat
             gcpause.keep_soon()
     elif isinstance(msg, AgentStarted):
         orch.scheduler.tell(AttemptReport(msg.job_id, msg.attempt, "started", node=worker_id,
@@ -307,7 +312,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     unsent = [(j, orch.state.jobs[j].attempt) for j in orch.state.node_active.get(
         worker.worker_id, {}) if orch.state.jobs[j].pid is None]
     greet(orch, worker.worker_id, outbox, Reconciled(done.keep, done.stop, unsent, done.cancel))
-    if orch.long_lived:
+    if _keeps(orch):
         gcpause.keep_soon()
     number = 0
     try:
