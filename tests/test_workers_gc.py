@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiohttp import ClientWebSocketResponse
 from aiohttp.test_utils import TestClient
 
 from eventq import gcpause
@@ -25,18 +26,31 @@ from eventq.server import Orchestrator
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
+async def serving(make_orch: Callable[..., Awaitable[Orchestrator]],
+                  aiohttp_client: AiohttpClient, long_lived: bool
+                  ) -> tuple[Orchestrator, TestClient[Any, Any]]:
+    """An orchestrator (a server's if ``long_lived``) and an admin's client of its API."""
+    orch = await make_orch()
+    orch.long_lived = long_lived
+    return orch, await aiohttp_client(make_app(orch),
+                                      headers={"Authorization": f"Bearer {orch.admin_token}"})
+
+
+async def welcomed(api: TestClient[Any, Any], name: str) -> ClientWebSocketResponse:
+    """A new worker ``name``'s connection, past its welcome."""
+    made = await (await api.post("/api/admin/workers", json={"name": name})).json()
+    ws = await api.ws_connect("/api/workers/ws", headers={"X-Worker-Token": made["token"]})
+    await ws.send_json({"type": "hello", "simulated": True, "gpus": []})
+    assert (await ws.receive_json(timeout=10))["type"] == "welcome"
+    return ws
+
+
 async def connected_outboxes(make_orch: Callable[..., Awaitable[Orchestrator]],
                              aiohttp_client: AiohttpClient, long_lived: bool) -> list[Outbox]:
     """Ten workers connected and welcomed, past the burst; their connections' outboxes."""
-    orch = await make_orch()
-    orch.long_lived = long_lived
-    api = await aiohttp_client(make_app(orch),
-                               headers={"Authorization": f"Bearer {orch.admin_token}"})
+    orch, api = await serving(make_orch, aiohttp_client, long_lived)
     for i in range(10):
-        made = await (await api.post("/api/admin/workers", json={"name": f"w{i}"})).json()
-        ws = await api.ws_connect("/api/workers/ws", headers={"X-Worker-Token": made["token"]})
-        await ws.send_json({"type": "hello", "simulated": True, "gpus": []})
-        assert (await ws.receive_json(timeout=10))["type"] == "welcome"
+        await welcomed(api, f"w{i}")
     await asyncio.sleep(1.3)  # past the burst (gcpause.BURST_SECONDS, 1 s)
     return list(orch.hub.connections.values())
 
@@ -79,19 +93,9 @@ async def test_frozen_connections_that_closed_are_freed_by_the_sweep_after_enoug
     monkeypatch.setattr(gcpause, "FREEZE_FROM_CONNECTIONS", 1)
     monkeypatch.setattr(gcpause, "CLOSES_PER_SWEEP", 3)
     monkeypatch.setattr(gcpause, "_closed", 0)
-    orch = await make_orch()
-    orch.long_lived = True
-    api = await aiohttp_client(make_app(orch),
-                               headers={"Authorization": f"Bearer {orch.admin_token}"})
+    orch, api = await serving(make_orch, aiohttp_client, long_lived=True)
     try:
-        sockets = []
-        for i in range(4):
-            made = await (await api.post("/api/admin/workers", json={"name": f"w{i}"})).json()
-            ws = await api.ws_connect("/api/workers/ws",
-                                      headers={"X-Worker-Token": made["token"]})
-            await ws.send_json({"type": "hello", "simulated": True, "gpus": []})
-            assert (await ws.receive_json(timeout=10))["type"] == "welcome"
-            sockets.append(ws)
+        sockets = [await welcomed(api, f"w{i}") for i in range(4)]
         held = Cycle()  # what a connection holds in a cycle (aiohttp's objects do)
         await asyncio.sleep(1.3)  # frozen with the connections
         gone = weakref.ref(held)
@@ -127,15 +131,9 @@ async def test_a_frozen_cycle_is_freed_after_the_sweep_period_with_no_connection
     sweep still comes within ``SWEEP_SECONDS``, so such garbage does not pile up."""
     monkeypatch.setattr(gcpause, "FREEZE_FROM_CONNECTIONS", 1)
     monkeypatch.setattr(gcpause, "SWEEP_SECONDS", 0.5)
-    orch = await make_orch()
-    orch.long_lived = True
-    api = await aiohttp_client(make_app(orch),
-                               headers={"Authorization": f"Bearer {orch.admin_token}"})
+    _, api = await serving(make_orch, aiohttp_client, long_lived=True)
     try:
-        made = await (await api.post("/api/admin/workers", json={"name": "w"})).json()
-        ws = await api.ws_connect("/api/workers/ws", headers={"X-Worker-Token": made["token"]})
-        await ws.send_json({"type": "hello", "simulated": True, "gpus": []})
-        assert (await ws.receive_json(timeout=10))["type"] == "welcome"
+        ws = await welcomed(api, "w")
         held = Cycle()  # some other part's cycle, alive at the freeze
         await asyncio.sleep(1.3)
         assert gc.get_freeze_count() > 0

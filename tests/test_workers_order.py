@@ -9,7 +9,6 @@ nodes before the one it takes.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from eventq.events import JobSpec, Limits
 from eventq.http.app import make_app
 from eventq.policy import Counts, NodeView
 from eventq.server import Orchestrator
+from tests.helpers import until
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 ROOMY = ev.Limits(max_concurrent=20, user_max_concurrent=20, local_job_max_concurrent=20)
@@ -58,14 +58,6 @@ class Worker:
         return str(msg["job_id"])
 
 
-async def settle(check: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("never settled")
-
-
 async def test_jobs_go_to_the_worker_idle_longest_as_workers_finish_drain_leave_and_return(
         make_orch: Callable[..., Awaitable[Orchestrator]], aiohttp_client: AiohttpClient,
         clock: SimClock) -> None:
@@ -91,7 +83,7 @@ async def test_jobs_go_to_the_worker_idle_longest_as_workers_finish_drain_leave_
 
     async def finish(worker: Worker) -> None:
         job_id = await worker.run_next()
-        await settle(lambda: orch.state.jobs[job_id].status == "completed")
+        await until(lambda: orch.state.jobs[job_id].status == "completed")
         clock.advance(1)
         assert_kept_order_is_fresh(orch)
 
@@ -100,12 +92,12 @@ async def test_jobs_go_to_the_worker_idle_longest_as_workers_finish_drain_leave_
     await finish(w0)  # w0 is now the idle latest
     assert await placed() == "w2"
     assert (await api.post(f"/api/admin/workers/{w3.worker_id}/drain")).status == 200
-    await settle(lambda: not orch.workers.placeable(w3.worker_id))
+    await until(lambda: not orch.workers.placeable(w3.worker_id))
     assert await placed() == "w4"  # w3 drains: it takes nothing
     await finish(w1)
     assert w0.ws is not None
     await w0.ws.close()
-    await settle(lambda: w0.worker_id not in orch.hub.connections)
+    await until(lambda: w0.worker_id not in orch.hub.connections)
     assert_kept_order_is_fresh(orch)
     await w0.connect()
     clock.advance(1)
