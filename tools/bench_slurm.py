@@ -55,7 +55,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -89,31 +89,41 @@ def eventq_server(root: Path, name: str, *flags: str) -> Iterator[tuple[Api, Pat
     """An ``eventq server`` whose provider asks Slurm for workers; its API and data dir."""
     data = root / "data"
     root.mkdir(parents=True, exist_ok=True)
-    exe = Path(sys.executable).with_name("eventq")
-    argv = [str(exe), "server", "--data-dir", str(data), "--port", "0", "--grace", "1",
-            "--log-format", "json", "--slurm-partition", PARTITION,
-            "--slurm-worker-gpus", "1xA100-80GB", "--slurm-job-name", name, *flags]
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed below
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTQ_")}
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(root / "server.log", "wb") as log, \
+            _server(data, "--slurm-partition", PARTITION, "--slurm-worker-gpus", "1xA100-80GB",
+                    "--slurm-job-name", name, *flags, log=log) as (api, _):
+        try:
+            yield api, data
+        finally:
+            cancel(name)
+
+
+@contextlib.contextmanager
+def _server(data: Path, *flags: str, log: IO[bytes] | int = subprocess.DEVNULL
+            ) -> Iterator[tuple[Api, str]]:
+    """An ``eventq server`` on ``data`` with ``flags``, its limits out of the way; its API
+    and URL."""
+    exe = str(Path(sys.executable).with_name("eventq"))
+    proc = subprocess.Popen([exe, "server", "--data-dir", str(data), "--port", "0", "--grace",
+                             "1", "--log-format", "json", *flags], stdout=log,
+                            stderr=subprocess.STDOUT, env=_env(), stdin=subprocess.DEVNULL,
+                            start_new_session=True)
     api = None
     try:
         wait_for(lambda: proc.poll() is not None or (data / "server.json").exists(), 60,
                  "the server's start", step=0.02)
         if proc.poll() is not None:
-            raise RuntimeError(f"eventq server exited; see {root / 'server.log'}")
+            raise RuntimeError(f"eventq server exited ({proc.returncode}); see its log beside "
+                               f"{data}")
         url = json.loads((data / "server.json").read_text())["url"]
         api = Api(url, (data / "admin.token").read_text().strip())
         api.call("POST", "/api/queue/concurrency", {"max_concurrent": 1000,
                                                     "user_max_concurrent": 1000})
-        yield api, data
+        yield api, url
     finally:
         if api is not None:
             api.close()
-        cancel(name)
         stop_server(proc)
-        log.close()
 
 
 def event_times(data: Path, job_id: str) -> dict[str, float]:
@@ -334,26 +344,9 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@contextlib.contextmanager
-def local_server(data: Path) -> Iterator[tuple[Api, str]]:
+def local_server(data: Path) -> contextlib.AbstractContextManager[tuple[Api, str]]:
     """A local ``eventq server`` (no provider), its limits out of the way; its API and URL."""
-    exe = str(Path(sys.executable).with_name("eventq"))
-    server = subprocess.Popen([exe, "server", "--data-dir", str(data), "--port", "0",
-                               "--grace", "1", "--log-format", "json"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
-                              stdin=subprocess.DEVNULL, start_new_session=True)
-    api = None
-    try:
-        wait_for(lambda: (data / "server.json").exists(), 60, "the server's start", step=0.02)
-        url = json.loads((data / "server.json").read_text())["url"]
-        api = Api(url, (data / "admin.token").read_text().strip())
-        api.call("POST", "/api/queue/concurrency", {"max_concurrent": 1000,
-                                                    "user_max_concurrent": 1000})
-        yield api, url
-    finally:
-        if api is not None:
-            api.close()
-        stop_server(server)
+    return _server(data)
 
 
 def _env() -> dict[str, str]:
