@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import eventq.log
 from eventq import events as ev
 from eventq.clock import SimClock
 from eventq.log import (
@@ -448,6 +449,29 @@ async def test_only_a_commit_of_events_told_again_after_a_power_cut_goes_unsynce
     assert (log.unsynced_commits, synchronous()) == (1, 2)
     await log.close()
     assert verified_seqs(path) == [1, 2, 3, 4, 5]
+
+
+async def test_an_attempts_start_waits_to_share_its_end_s_commit(
+        open_log: OpenLog, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short job's start and end arrive a moment apart: they go in one commit, so the end
+    (which the next ``run`` waits for) never queues behind a commit of the start alone. A
+    start with nothing after it is still committed."""
+    log = await open_log()
+    before = log.commits
+    with monkeypatch.context() as patched:  # however slow this machine is right now
+        patched.setattr(eventq.log, "UNSYNCED_WAIT", 600.0)
+        started = log.append("system", [ev.AttemptStarted(job_id="j1", attempt=1, pid=42)])
+        for _ in range(5):  # the writer wakes, gathers, and waits
+            await asyncio.sleep(0)
+        ended = log.append("system", [ev.AttemptEnded(job_id="j1", attempt=1,
+                                                      outcome="exited",
+                                                      exit_code=0)])
+        await asyncio.gather(started.durable, ended.durable)
+    assert log.commits - before == 1
+    await log.append("system", [ev.AttemptStarted(job_id="j2", attempt=1, pid=43)]).durable
+    assert log.commits - before == 2
+    await log.close()
+    assert verified_seqs(path) == [1, 2, 3]
 
 
 def test_no_event_the_log_decodes_is_tracked_by_the_cyclic_collector() -> None:
