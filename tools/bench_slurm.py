@@ -487,7 +487,7 @@ def throughput_report(args: argparse.Namespace, root: Path) -> tuple[str, bool, 
               f"alone {thr['slurm_s']:.2f} s ({thr['slurm_jobs_per_s']:.1f} jobs/s); "
               f"ratio {ratio:.2f}; fdatasync where the log is, right after: median "
               f"{thr['sync_ms']:.2f} ms", flush=True)
-    ratio, thr = sorted(rounds, key=lambda r: r[0])[(len(rounds) - 1) // 2]  # the lower
+    ratio, thr = sorted(rounds, key=lambda r: r[0])[(len(rounds) - 1) // 2]  # lower middle if even
     which = "" if args.rounds == 1 else f" (the median round, ratio {ratio:.2f})"
     print(f"    eventq's timeline{which}, seconds after the submission:")
     for at, what in thr["timeline"]:
