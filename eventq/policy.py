@@ -517,13 +517,17 @@ def plan(waiting: Iterator[Waiting], counts: Counts, limits: Limits,
             examined_held.append(job.spec)
             capped.note(job.spec, work.plan.reasons.get(job.spec.job_id, []))
         capped.skipping = examined + 1 >= REASON_DEPTH
-    # A placement later in the walk changes what holds the jobs looked at before it.
-    for spec in examined_held[:restate]:
+    _restate(work, examined_held[:restate], limits, now)
+    return work.plan
+
+
+def _restate(work: _Pass, looked_at: list[JobSpec], limits: Limits, now: float) -> None:
+    """A placement later in the walk changes what holds the jobs looked at before it."""
+    for spec in looked_at:
         final = explain(spec, work.counts, limits, work.nodes, work.plan.reservation, now,
                         work.order)
         if final:
             work.plan.reasons[spec.job_id] = final
-    return work.plan
 
 
 def _shape(spec: JobSpec) -> tuple[object, ...]:

@@ -158,13 +158,8 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
     opened_at = gcpause.freezes()
     if _keeps(orch):  # from its first step: a reconnection storm builds before welcomes
         gcpause.keep_soon()
-    try:
-        first = await ws.receive(timeout=30)
-        greeting = msgspec.json.decode(first.data, type=AgentHello)
-    except (TimeoutError, msgspec.DecodeError, TypeError, RecursionError) as exc:
-        await ws.send_json({"type": "error", "error": f"expected a hello message first: "
-                                                     f"{unreadable(exc)}"})
-        await ws.close(code=4400)
+    greeting = await _read_hello(ws)
+    if greeting is None:
         return ws
     gpus = [ev.GpuInfo(g.index, g.name, g.memory_gb, g.foreign_memory_percent)
             for g in greeting.gpus]
@@ -187,17 +182,34 @@ async def agent_socket(request: web.Request) -> web.StreamResponse:
     if _keeps(orch):  # and once welcomed: what its hello built lives on too
         gcpause.keep_soon()
     try:
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                await _agent_message(orch, worker.worker_id, ws, outbox, msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await ws.send_json({"type": "error", "error": "send JSON text frames"})
+        await _serve_agent(orch, worker.worker_id, ws, outbox)
     finally:
         orch.hub.detach(worker.worker_id, outbox)
         writer.cancel()
         if orch.long_lived:
             gcpause.connection_closed(opened_at)
     return ws
+
+
+async def _read_hello(ws: web.WebSocketResponse) -> AgentHello | None:
+    """The agent's first message; None once it has been told what was wrong with it."""
+    try:
+        first = await ws.receive(timeout=30)
+        return msgspec.json.decode(first.data, type=AgentHello)
+    except (TimeoutError, msgspec.DecodeError, TypeError, RecursionError) as exc:
+        await ws.send_json({"type": "error", "error": f"expected a hello message first: "
+                                                     f"{unreadable(exc)}"})
+        await ws.close(code=4400)
+        return None
+
+
+async def _serve_agent(orch: Orchestrator, worker_id: str, ws: web.WebSocketResponse,
+                       outbox: Outbox) -> None:
+    async for msg in ws:
+        if msg.type == WSMsgType.TEXT:
+            await _agent_message(orch, worker_id, ws, outbox, msg.data)
+        elif msg.type == WSMsgType.BINARY:
+            await ws.send_json({"type": "error", "error": "send JSON text frames"})
 
 
 def _keeps(orch: Orchestrator) -> bool:
