@@ -16,7 +16,11 @@ the first until Slurm lists none of them (slurm-local.sh's own benchmark does th
 ``--rounds R`` runs both sides R times in turn and reads the goal on the median ratio: on a
 shared machine one round can land beside a neighbour's burst, and Slurm alone slows as its
 finished jobs pile up (it keeps them for ``MinJobAge``), so that a single round's ratio
-depends on when it ran.
+depends on when it ran. ``--settle S`` waits S idle seconds before each side of each round:
+on an ext4 without a journal (the tool says so when its temporary directory is on one) a
+file created within a minute of many deletions costs a scan past each freed inode, and
+every side deletes what it made (the workers' attempt directories, Slurm's spool), so that
+back-to-back rounds slow the ones after them, eventq's most (~7 files a job).
 
 (c) ``--only cpu`` (no Slurm needed): the CPU a job costs on eventq's side, which the machine's
 load does not change as it changes (b)'s seconds. A local ``eventq server`` and two
@@ -66,7 +70,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eventq import events as ev
 from tools.bench_dag import byte_compile_eventq
 from tools.bench_dispatch import DEFAULT_SLURM_SCRIPT, slurm_daemons
-from tools.benchkit import Api, busy, print_goals, read_stamp, stop_server, wait_for
+from tools.benchkit import (
+    Api,
+    busy,
+    journal_less_ext4,
+    print_goals,
+    read_stamp,
+    stop_server,
+    wait_for,
+)
 
 PARTITION = "debug"
 JOB = ["date", "+%s%N"]
@@ -200,6 +212,7 @@ def slurm_latency(args: argparse.Namespace, root: Path, rng: random.Random) -> l
 
 def throughput(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     name = f"eventq-bench-slurm-{os.getpid()}-b"
+    time.sleep(args.settle)
     with eventq_server(root / "b", name, "--slurm-max-workers", "2", "--slurm-gres", "gpu:1",
                        "--slurm-idle-timeout", "5") as (api, data):
         body = {"jobs": [{"command": ["true"], "gpus": 1, "target": "worker"}
@@ -214,6 +227,7 @@ def throughput(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     tmp = root / "bs"
     tmp.mkdir()
     sname = f"eventq-bench-slurm-{os.getpid()}-t"
+    time.sleep(args.settle)
     try:
         t0 = time.monotonic()
         for _ in range(args.jobs):
@@ -451,12 +465,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="run one part only")
     p.add_argument("--load", type=int, default=0,
                    help="busy processes beside both sides for a second, loaded run")
+    p.add_argument("--settle", type=float, default=0.0,
+                   help="(b) idle seconds before each side of each round, so that the files "
+                        "the side before deleted no longer slow it (see the note printed on "
+                        "an ext4 without a journal; 65 covers it) (default 0)")
     p.add_argument("--slurm-script", type=Path, default=DEFAULT_SLURM_SCRIPT,
                    help=f"slurm-local.sh, to start Slurm if it is down ({DEFAULT_SLURM_SCRIPT})")
     args = p.parse_args(argv)
     byte_compile_eventq()  # the workers Slurm starts load eventq as an installed copy does
     print(f"machine: nproc={os.cpu_count()} python={platform.python_version()} "
           f"load={os.getloadavg()[0]:.2f}", flush=True)
+    device = journal_less_ext4(Path(tempfile.gettempdir()))
+    if device is not None and args.only in (None, "throughput", "cpu"):
+        print(f"note: {tempfile.gettempdir()} is on ext4 without a journal ({device}): an inode "
+              f"freed in the last 60 s is passed over, at a cost, by every file created after "
+              f"it; the workers' attempts create ~7 a job, and each side of a round deletes "
+              f"what it made, so back-to-back rounds slow those that follow "
+              f"(--settle 65: each starts clean; settle {args.settle:g} s)", flush=True)
     with slurm_daemons(args.slurm_script, "auto") as why_not:
         if why_not is not None:
             print(f"cannot run: {why_not}")
