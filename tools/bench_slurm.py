@@ -466,9 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", type=int, default=0,
                    help="busy processes beside both sides for a second, loaded run")
     p.add_argument("--settle", type=float, default=0.0,
-                   help="(b) idle seconds before each side of each round, so that the files "
-                        "the side before deleted no longer slow it (see the note printed on "
-                        "an ext4 without a journal; 65 covers it) (default 0)")
+                   help="(b) idle seconds before each side of each round, so that what the "
+                        "side before deleted no longer slows it on an ext4 without a journal "
+                        "(65 covers it) (default 0)")
     p.add_argument("--slurm-script", type=Path, default=DEFAULT_SLURM_SCRIPT,
                    help=f"slurm-local.sh, to start Slurm if it is down ({DEFAULT_SLURM_SCRIPT})")
     args = p.parse_args(argv)
@@ -477,11 +477,10 @@ def main(argv: list[str] | None = None) -> int:
           f"load={os.getloadavg()[0]:.2f}", flush=True)
     device = journal_less_ext4(Path(tempfile.gettempdir()))
     if device is not None and args.only in (None, "throughput", "cpu"):
-        print(f"note: {tempfile.gettempdir()} is on ext4 without a journal ({device}): an inode "
-              f"freed in the last 60 s is passed over, at a cost, by every file created after "
-              f"it; the workers' attempts create ~7 a job, and each side of a round deletes "
-              f"what it made, so back-to-back rounds slow those that follow "
-              f"(--settle 65: each starts clean; settle {args.settle:g} s)", flush=True)
+        print(f"note: {tempfile.gettempdir()} is on ext4 without a journal ({device}): a file "
+              f"created within a minute of many deletions costs more, so back-to-back rounds "
+              f"slow those that follow (--settle 65 waits that out; now {args.settle:g} s)",
+              flush=True)
     with slurm_daemons(args.slurm_script, "auto") as why_not:
         if why_not is not None:
             print(f"cannot run: {why_not}")

@@ -18,25 +18,17 @@ from urllib.parse import urlsplit
 
 
 def journal_less_ext4(path: Path) -> str | None:
-    """The device under ``path`` if it is an ext4 file system without a journal, else None.
+    """The block device under ``path`` if it holds an ext4 file system without a journal,
+    else None (ext4 lists each device it mounts under ``/sys/fs/ext4``, where
+    ``journal_task`` reads ``<none>`` without a journal).
 
     There ext4 keeps an inode freed in the last 60 s (300 s while its table's block is
     unwritten) from being reused, and each file created meanwhile in that block group scans
     past every such inode (``recently_deleted`` in ``fs/ext4/ialloc.c``): a round that
-    follows another's deletions pays for them at every file it creates. Read from
-    ``/proc/self/mountinfo`` and ``/sys/fs/ext4/DEV/journal_task`` (``<none>``: no journal)."""
-    target, best = str(path.resolve()), ("", "", "")
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            fields = line.split()
-            mount, (fstype, source) = fields[4], fields[fields.index("-") + 1:][:2]
-            inside = target == mount or target.startswith(mount.rstrip("/") + "/")
-            if inside and len(mount) >= len(best[0]):
-                best = (mount, fstype, source)
-    device = Path(best[2]).name
-    if best[1] != "ext4" or not device:
-        return None
+    follows another's deletions pays for them at every file it creates."""
+    dev = path.stat().st_dev
     try:
+        device = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve().name
         task = Path(f"/sys/fs/ext4/{device}/journal_task").read_text().strip()
     except OSError:
         return None
