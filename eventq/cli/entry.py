@@ -5,9 +5,9 @@ the reference (their checks, messages and ``--help``).
 Why by hand: the submission is most of what a user types, and its process's CPU is on the
 path to the job's start. argparse (with the gettext and locale it loads, and the submit
 parser it builds) was 8 ms of the 35 ms of CPU of one `eventq jobs submit` (26.8 ms without
-it, same minutes; the interpreter alone 13.2 ms), where the rest is the interpreter, `re`
-(which pip's generated script imports itself) and json. So only the forms read here without
-doubt take this path: options of ``QUICK_VALUES`` and ``QUICK_FLAGS`` by their full names,
+it, same minutes; the interpreter alone 13.2 ms), where the rest was the interpreter, `re`
+(which older pip's scripts import) and json (now ``cjson``). So only the forms read here
+without doubt take this path: options of ``QUICK_VALUES`` and ``QUICK_FLAGS`` by their full names,
 each value one that argparse would take as it is, then ``--`` and the command. Anything else
 (an abbreviation, ``-h``, a value that is not a number, a value that starts with ``-``, no
 ``--``) goes to argparse, which reads it or says what is wrong with it.
@@ -19,10 +19,10 @@ Every way a command can fail ends here or in ``main`` as one message and a non-z
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sys
 
+from eventq.cli import cjson
 from eventq.cli.client import CliError
 
 # typing is not imported at run time (2.5 ms of every command): annotations are strings.
@@ -129,7 +129,7 @@ def wants_json(words: list[str]) -> bool:
 
 def complain(exc: CliError, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(exc.as_json()))
+        print(cjson.dumps(exc.as_json()))
     elif isinstance(exc, UsageError):
         print(exc.usage + str(exc).replace(": ", ": error: ", 1), file=sys.stderr, end="\n")
     else:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 
+from eventq.cli import cjson
 from eventq.cli.client import Client, CliError, path_arg, quote
 
 # What prints an answer (eventq.cli.output) loads once the answer is here: a submission's
@@ -174,7 +174,7 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
 
 def _config_file(path: Path) -> dict[str, Any]:
     try:
-        loaded = json.loads(path.read_text())
+        loaded = cjson.loads(path.read_text())
     except OSError as exc:
         raise CliError(f"cannot read --config {path}: {exc.strerror}") from None
     except ValueError as exc:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
+from eventq.cli import cjson
 from eventq.timefmt import DAY, iso, relative
 from eventq.timefmt import duration as duration  # the CLI's commands take it from here
 
@@ -60,7 +60,7 @@ def cell(value: Any) -> str:
     if isinstance(value, list):
         return ",".join(str(v) for v in value) if value else "-"
     if isinstance(value, dict):
-        return json.dumps(value)
+        return cjson.dumps(value)
     return str(value)
 
 
@@ -73,6 +73,8 @@ def emit_json(value: Any) -> None:
     indents in pure Python (100 ms for the 10,000 jobs of an import): a large value is
     written compact by json's C encoder, then indented by msgspec, which gives the same
     text."""
+    import json  # not at the top: a table needs only ``cjson`` (its docstring says why)
+
     value = readable_times(value)
     compact = json.dumps(value, default=str, separators=(",", ":"))
     if len(compact) > INDENT_BY_MSGSPEC:
