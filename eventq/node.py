@@ -25,6 +25,9 @@ from eventq.log import Record
 
 log = structlog.get_logger()
 
+#: Seconds after a start before the next standby is started.
+STANDBY_AFTER = 0.01
+
 
 @dataclass
 class LocalNode:
@@ -39,6 +42,9 @@ class LocalNode:
     pids: dict[tuple[str, int], int] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     exited: dict[tuple[str, int], asyncio.Event] = field(default_factory=dict)
+    #: The wrapper waiting for the next attempt (``runner.Standby``), if one is.
+    standby: runner.Standby | None = None
+    _standing_by: asyncio.TimerHandle | None = None
 
     def on_durable(self, records: Sequence[Record]) -> None:
         for record in records:
@@ -71,7 +77,9 @@ class LocalNode:
                                            detail=f"could not start: {exc}"))
             return
         try:
-            pid = runner.spawn(spec, e.attempt, e.gpus, directory, self.trainer)
+            pid = self._handed(spec, e.attempt, e.gpus, directory)
+            if pid is None:
+                pid = runner.spawn(spec, e.attempt, e.gpus, directory, self.trainer)
         except (OSError, ValueError) as exc:
             self._ended(key, AttemptReport(e.job_id, e.attempt, "ended", outcome="start_failed",
                                            detail=f"could not start: {exc}"))
@@ -79,6 +87,38 @@ class LocalNode:
         self.pids[key] = pid
         self._report(AttemptReport(e.job_id, e.attempt, "started", pid=pid))
         self._spawn_task(self._watch(key, pid))
+
+    def _handed(self, spec: ev.JobSpec, attempt: int, gpus: list[int],
+                directory: Path) -> int | None:
+        """The standby's pid once it has the attempt; None where there is none to take it
+        (a start right after another, before the next stands by) or it could not."""
+        standby, self.standby = self.standby, None
+        self.stand_by(STANDBY_AFTER)
+        if standby is None:
+            return None
+        if standby.hand(spec, attempt, gpus, directory, self.trainer):
+            return standby.pid
+        self._spawn_task(self._reap(standby.pid))
+        return None
+
+    def stand_by(self, after: float = 0.0) -> None:
+        """Start the next standby ``after`` seconds from now: not at once after a start,
+        whose reply and report come first (``posix_spawn`` holds the loop meanwhile)."""
+        if self._standing_by is None:
+            loop = asyncio.get_running_loop()
+            self._standing_by = loop.call_later(after, self._new_standby)
+
+    def _new_standby(self) -> None:
+        self._standing_by = None
+        if self.standby is not None:
+            return
+        try:
+            self.standby = runner.Standby()
+        except OSError as exc:  # starts spawn their wrappers instead
+            log.warning("standby_failed", error=str(exc))
+
+    async def _reap(self, pid: int) -> None:
+        await runner.wait_child(pid)
 
     async def _watch(self, key: tuple[str, int], pid: int) -> None:
         code = await runner.wait_child(pid)
@@ -165,6 +205,13 @@ class LocalNode:
 
     async def shutdown(self) -> None:
         """Stop watching; running attempts keep running and are adopted after a restart."""
+        if self._standing_by is not None:
+            self._standing_by.cancel()
+        if self.standby is not None:
+            standby, self.standby = self.standby, None
+            standby.retire()  # told nothing, it ends at once
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(runner.wait_child(standby.pid), 5)
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shlex
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,19 +30,32 @@ from pathlib import Path
 from eventq import procgroup
 from eventq.events import JobSpec
 
-WRAPPER = """\
-d=$1; c=$2; w=$3; shift 3
+#: The wrapper's lines once it knows ``d`` (the attempt's directory) and ``c`` (its working
+#: directory), and ``"$@"`` is the job's command: the claim, then the job, then its code.
+_CLAIM = """\
 set -C
 { : > "$d/claim"; } 2>/dev/null || exit 99
 set +C
 echo $$ > "$d/pid"
 trap ':' TERM INT HUP
-if [ -n "$w" ]; then { echo "$$ $d" >&3; } 2>/dev/null || exit 98; exec 3>&-; fi
+"""
+_RUN = """\
 if cd "$c"; then "$@"; else false; fi
 rc=$?
 echo $rc > "$d/exit"
 exit $rc
 """
+WRAPPER = ('d=$1; c=$2; w=$3; shift 3\n' + _CLAIM
+           + 'if [ -n "$w" ]; then { echo "$$ $d" >&3; } 2>/dev/null || exit 98; exec 3>&-; fi\n'
+           + _RUN)
+#: The same wrapper started before its attempt is known (``Standby``). Its pipe brings the
+#: attempt as shell lines the server writes whole, then closes: ``d``, ``c``, the job's
+#: variables, its command as ``set --``, and ``ready=1`` last. The server's end closed
+#: before that line (it stopped, or it wrote part of the lines and died) runs nothing.
+STANDBY = ('. /dev/stdin\n[ "$ready" = 1 ] || exit 0\n'
+           'exec </dev/null >>"$d/stdout.log" 2>>"$d/stderr.log"\n' + _CLAIM + _RUN)
+#: Its last argument, by which ``is_ours`` knows it (its command line has no directory).
+STANDBY_NAME = "eventq-standby"
 
 #: Exit code of a wrapper that found its directory already claimed.
 CLAIMED = 99
@@ -99,11 +114,86 @@ def spawn(spec: JobSpec, attempt: int, gpus: list[int], directory: Path,
         (os.POSIX_SPAWN_OPEN, 2, str(directory / "stderr.log"), append, 0o644)]
     if watch is not None:
         actions.append((os.POSIX_SPAWN_DUP2, watch, 3))
+    env = job_env(spec, attempt, gpus, directory, base_env)
+    if "OPTIND" in env:  # the shell sets its own, and refuses to start on one not a number
+        env["OPTIND"] = "1"
     return os.posix_spawn(
         "/bin/sh",
         ["sh", "-c", WRAPPER, "eventq-attempt", str(directory), spec.cwd or str(directory),
-         "" if watch is None else "3", *argv],
-        job_env(spec, attempt, gpus, directory, base_env), file_actions=actions, setsid=True)
+         "" if watch is None else "3", *argv], env, file_actions=actions, setsid=True)
+
+
+#: Variables dash sets for itself as it starts, whatever its environment says: a job's
+#: value for one of them is exported as the standby's shell has it, as a spawned wrapper's
+#: shell would.
+_SHELL_OWN = frozenset({"IFS", "OPTIND", "PPID"})
+
+
+#: A name a shell can hold; dash drops the others from the environment it passes on.
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def handoff(spec: JobSpec, attempt: int, gpus: list[int], directory: Path,
+            trainer: tuple[str, ...]) -> bytes:
+    """The lines ``STANDBY`` reads for this attempt: what ``spawn`` gives its wrapper as
+    arguments and environment (the standby has the base environment already)."""
+    lines = [f"d={shlex.quote(str(directory))}",
+             f"c={shlex.quote(spec.cwd or str(directory))}"]
+    for name, value in job_env(spec, attempt, gpus, directory, base={}).items():
+        if name in _SHELL_OWN:
+            lines.append(f"export {name}")
+        elif _SHELL_NAME.fullmatch(name):
+            lines.append(f"export {name}={shlex.quote(value)}")
+    argv = job_argv(spec, directory, trainer)
+    lines += ["set -- " + " ".join(map(shlex.quote, argv)), "ready=1", ""]
+    return os.fsencode("\n".join(lines))
+
+
+class Standby:
+    """A wrapper started between attempts, idle on its pipe until ``hand`` gives it one.
+
+    Why: on a busy machine a process created at the moment of a start waits for a CPU
+    before it runs at all. ``spawn`` creates two in a row (the wrapper, then the job), and
+    ``posix_spawn`` holds the server's loop (and the GIL) until the first has run. A
+    standby wakes as any sleeper does, and the job's own process is the only one created
+    on the path: beside two busy processes, from the call to the job's start, 13.4-14.0 ms
+    spawned against 4.2-5.4 ms handed (``docs/performance.md``, section 31).
+    """
+
+    def __init__(self) -> None:
+        read, self._pipe = os.pipe()
+        try:
+            self.pid = os.posix_spawn(
+                "/bin/sh", ["sh", "-c", STANDBY, STANDBY_NAME], os.environ, file_actions=[
+                    (os.POSIX_SPAWN_DUP2, read, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)], setsid=True)
+        except BaseException:
+            os.close(self._pipe)
+            raise
+        finally:
+            os.close(read)
+        os.set_blocking(self._pipe, False)
+
+    def hand(self, spec: JobSpec, attempt: int, gpus: list[int], directory: Path,
+             trainer: tuple[str, ...] = DEFAULT_TRAINER) -> bool:
+        """Give the standby this attempt, which it then runs as ``spawn``'s wrapper would
+        (its pid is ``self.pid``). False if it cannot take it (it has gone, or the lines
+        do not fit its pipe at once): it then runs nothing, and ends."""
+        directory.mkdir(parents=True, exist_ok=True)
+        lines = handoff(spec, attempt, gpus, directory, trainer)
+        try:
+            return os.write(self._pipe, lines) == len(lines)  # a part lacks ``ready=1``
+        except OSError:  # gone (EPIPE), or a pipe full of nothing it reads
+            return False
+        finally:
+            self.retire()
+
+    def retire(self) -> None:
+        """Close its pipe: told nothing, it ends (its caller still reaps ``pid``)."""
+        if self._pipe >= 0:
+            os.close(self._pipe)
+            self._pipe = -1
 
 
 async def wait_child(pid: int) -> int:
@@ -182,14 +272,20 @@ def read_exit(directory: Path) -> int | None:
 
 
 def is_ours(pid: int, directory: Path) -> bool:
-    """Is ``pid`` alive and still our wrapper for this directory (not a reused pid)?"""
+    """Is ``pid`` alive and still our wrapper for this directory (not a reused pid)? A
+    spawned wrapper names the directory in its command line; a ``Standby``'s names none,
+    and is known by its standard output, which it points at the directory's log before
+    it claims."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         stat = Path(f"/proc/{pid}/stat").read_text()
+        mine = str(directory).encode() in args or (
+            STANDBY_NAME.encode() in args
+            and os.readlink(f"/proc/{pid}/fd/1") == str(directory / "stdout.log"))
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return False
     zombie = stat.rsplit(")", 1)[-1].split()[0] == "Z"
-    return not zombie and str(directory).encode() in cmdline.split(b"\0")
+    return mine and not zombie
 
 
 async def inspect(directory: Path) -> Found:

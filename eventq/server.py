@@ -291,6 +291,7 @@ class Orchestrator:
         workers the log shows online get one timeout to come back."""
         await self.scheduler.ask(ReleaseOrphans())
         found = await self.node.recover(self._left_active)
+        self.node.stand_by()
         for job in self.state.jobs.values():
             if job.active and job.spec.max_runtime is not None:
                 self.scheduler.arm_timeout(job)
