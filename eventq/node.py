@@ -43,7 +43,7 @@ class LocalNode:
     pids: dict[tuple[str, int], int] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     exited: dict[tuple[str, int], asyncio.Event] = field(default_factory=dict)
-    #: Attempt directories being made while their dispatch commits (``on_appended``).
+    #: Attempt directories being prepared while their dispatch commits (``on_appended``).
     making: dict[tuple[str, int], Future[None]] = field(default_factory=dict)
     _maker: ThreadPoolExecutor | None = None
     #: The wrapper waiting for the next attempt (``runner.Standby``), if one is.
@@ -61,17 +61,17 @@ class LocalNode:
                     self._spawn_task(self._stop(e.job_id, e.attempt))
 
     def on_appended(self, record: Record) -> None:
-        """Make a local attempt's directory while its dispatch commits, on a thread of its
-        own: an empty directory runs nothing (recovery claims it, and a dispatch that never
-        commits leaves it empty), and making two directories costs a start as much as the
-        commit does on some file systems (``docs/performance.md``, section 31)."""
+        """Make a local attempt's directory and logs while its dispatch commits, on a thread
+        of their own: a directory without a claim runs nothing (recovery claims it, and a
+        dispatch that never commits leaves it so), and making two directories and two files
+        costs a start as much as the commit does on some file systems
+        (``docs/performance.md``, section 31)."""
         e = record.event
         if isinstance(e, ev.AttemptDispatched) and e.node == "local":
             if self._maker is None:
                 self._maker = ThreadPoolExecutor(1, thread_name_prefix="eventq-attempt-dirs")
             directory = runner.attempt_dir(self.data_dir, e.job_id, e.attempt)
-            self.making[(e.job_id, e.attempt)] = self._maker.submit(
-                directory.mkdir, parents=True, exist_ok=True)
+            self.making[(e.job_id, e.attempt)] = self._maker.submit(runner.prepare, directory)
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
