@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Coroutine, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,9 +42,6 @@ class LocalNode:
     pids: dict[tuple[str, int], int] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     exited: dict[tuple[str, int], asyncio.Event] = field(default_factory=dict)
-    #: Attempt directories being prepared while their dispatch commits (``on_appended``).
-    making: dict[tuple[str, int], Future[None]] = field(default_factory=dict)
-    _maker: ThreadPoolExecutor | None = None
     #: The wrapper waiting for the next attempt (``runner.Standby``), if one is.
     standby: runner.Standby | None = None
     _standing_by: asyncio.TimerHandle | None = None
@@ -59,19 +55,6 @@ class LocalNode:
                 job = self.state.jobs.get(e.job_id)
                 if job is not None and job.node == "local":
                     self._spawn_task(self._stop(e.job_id, e.attempt))
-
-    def on_appended(self, record: Record) -> None:
-        """Make a local attempt's directory and logs while its dispatch commits, on a thread
-        of their own: a directory without a claim runs nothing (recovery claims it, and a
-        dispatch that never commits leaves it so), and making two directories and two files
-        costs a start as much as the commit does on some file systems
-        (``docs/performance.md``, section 31)."""
-        e = record.event
-        if isinstance(e, ev.AttemptDispatched) and e.node == "local":
-            if self._maker is None:
-                self._maker = ThreadPoolExecutor(1, thread_name_prefix="eventq-attempt-dirs")
-            directory = runner.attempt_dir(self.data_dir, e.job_id, e.attempt)
-            self.making[(e.job_id, e.attempt)] = self._maker.submit(runner.prepare, directory)
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -87,7 +70,6 @@ class LocalNode:
         key = (e.job_id, e.attempt)
         self.exited[key] = asyncio.Event()
         directory = runner.attempt_dir(self.data_dir, e.job_id, e.attempt)
-        made = self.making.pop(key, None)
         try:
             spec = jobenv.for_local(self.data_dir, self.state.jobs[e.job_id].spec)
         except jobenv.EnvUnreadable as exc:
@@ -95,8 +77,6 @@ class LocalNode:
                                            detail=f"could not start: {exc}"))
             return
         try:
-            if made is not None:
-                made.result()  # what is left of it: it began when the dispatch was appended
             pid = self._handed(spec, e.attempt, e.gpus, directory)
             if pid is None:
                 pid = runner.spawn(spec, e.attempt, e.gpus, directory, self.trainer)
@@ -227,8 +207,6 @@ class LocalNode:
         """Stop watching; running attempts keep running and are adopted after a restart."""
         if self._standing_by is not None:
             self._standing_by.cancel()
-        if self._maker is not None:
-            self._maker.shutdown(wait=False, cancel_futures=True)
         if self.standby is not None:
             standby, self.standby = self.standby, None
             standby.retire()  # told nothing, it ends at once

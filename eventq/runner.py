@@ -69,14 +69,6 @@ def attempt_dir(data_dir: Path, job_id: str, attempt: int) -> Path:
     return data_dir / "jobs" / job_id / str(attempt)
 
 
-def prepare(directory: Path) -> None:
-    """Make the attempt's directory and its empty logs, as its wrapper would: ahead of the
-    start, off its path (``LocalNode.on_appended``). Nothing here claims or runs anything."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in ("stdout.log", "stderr.log"):
-        os.close(os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
-
-
 def job_argv(spec: JobSpec, directory: Path, trainer: tuple[str, ...]) -> list[str]:
     """The command to run: a list as is, a string through ``sh -c``, a config via the trainer."""
     if spec.config is not None:

@@ -179,7 +179,6 @@ class Orchestrator:
         self.log.on_durable(self.env_files.on_durable, EnvFiles.DURABLE_READS)
         self.node = LocalNode(self.data_dir, self.scheduler, self.state, self.grace_seconds)
         self.log.on_durable(self.node.on_durable, LocalNode.DURABLE_READS)
-        self.log.subscribe(self.node.on_appended, {ev.AttemptDispatched})
         self.hub = WorkerHub(self.data_dir, self.state, self.workers, self.registry)
         self.log.on_durable(self.hub.on_durable, WorkerHub.DURABLE_READS)
         self.attempt_logs = AttemptLogs(self.data_dir, self.state, lambda: self.log_cap_bytes)
