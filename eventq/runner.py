@@ -156,8 +156,8 @@ class Standby:
     before it runs at all. ``spawn`` creates two in a row (the wrapper, then the job), and
     ``posix_spawn`` holds the server's loop (and the GIL) until the first has run. A
     standby wakes as any sleeper does, and the job's own process is the only one created
-    on the path: beside two busy processes, from the call to the job's start, 13.4-14.0 ms
-    spawned against 4.2-5.4 ms handed (``docs/performance.md``, section 31).
+    on the path: beside two busy processes, from the call to the job's start, p50 16.5 ms
+    spawned against 2.5 ms handed (``tools/bench_start.py``; ``docs/performance.md`` 31).
     """
 
     def __init__(self) -> None:
