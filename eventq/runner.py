@@ -50,9 +50,11 @@ WRAPPER = ('d=$1; c=$2; w=$3; shift 3\n' + _CLAIM
            + _RUN)
 #: The same wrapper started before its attempt is known (``Standby``). Its pipe brings the
 #: attempt as shell lines the server writes whole, then closes: ``d``, ``c``, the job's
-#: variables, its command as ``set --``, and ``ready=1`` last. The server's end closed
-#: before that line (it stopped, or it wrote part of the lines and died) runs nothing.
-STANDBY = ('. /dev/stdin\n[ "$ready" = 1 ] || exit 0\n'
+#: variables, its command as ``set --``, and ``EVENTQ_HANDED=1`` last. The server's end
+#: closed before that line (it stopped, or it wrote part of the lines and died) runs
+#: nothing, whatever the standby's own environment holds; the job never sees the name.
+STANDBY = ('EVENTQ_HANDED=\n. /dev/stdin\n[ "$EVENTQ_HANDED" = 1 ] || exit 0\n'
+           'unset EVENTQ_HANDED\n'
            'exec </dev/null >>"$d/stdout.log" 2>>"$d/stderr.log"\n' + _CLAIM + _RUN)
 #: Its last argument, by which ``is_ours`` knows it (its command line has no directory).
 STANDBY_NAME = "eventq-standby"
@@ -142,10 +144,10 @@ def handoff(spec: JobSpec, attempt: int, gpus: list[int], directory: Path,
     for name, value in job_env(spec, attempt, gpus, directory, base={}).items():
         if name in _SHELL_OWN:
             lines.append(f"export {name}")
-        elif _SHELL_NAME.fullmatch(name):
+        elif _SHELL_NAME.fullmatch(name) and name != "EVENTQ_HANDED":
             lines.append(f"export {name}={shlex.quote(value)}")
     argv = job_argv(spec, directory, trainer)
-    lines += ["set -- " + " ".join(map(shlex.quote, argv)), "ready=1", ""]
+    lines += ["set -- " + " ".join(map(shlex.quote, argv)), "EVENTQ_HANDED=1", ""]
     return os.fsencode("\n".join(lines))
 
 
@@ -183,7 +185,7 @@ class Standby:
         directory.mkdir(parents=True, exist_ok=True)
         lines = handoff(spec, attempt, gpus, directory, trainer)
         try:
-            return os.write(self._pipe, lines) == len(lines)  # a part lacks ``ready=1``
+            return os.write(self._pipe, lines) == len(lines)  # a part lacks the last line
         except OSError:  # gone (EPIPE), or a pipe full of nothing it reads
             return False
         finally:

@@ -124,13 +124,25 @@ def test_a_standby_told_nothing_or_part_of_an_attempt_runs_nothing(
     directory = tmp_path / "j1" / "1"
     directory.mkdir(parents=True)
     lines = runner.handoff(dump_spec("j1", {}, ["x"], None), 1, [0], directory, ())
-    assert lines.endswith(b"ready=1\n")
+    assert lines.endswith(b"EVENTQ_HANDED=1\n")
     for cut in (len(lines) - 2, len(lines) // 2, lines.index(b"set --") + 12):
         cut_short = standby()  # the server wrote this much of it and died
         os.write(cut_short._pipe, lines[:cut])
         cut_short.retire()
         assert finished(cut_short.pid) in (0, 2)  # 2: the cut left a quote open
         assert not (directory / "claim").exists() and not (directory / "stdout.log").exists()
+
+
+def test_a_standby_told_nothing_runs_nothing_whatever_its_environment_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        standby: Callable[[], runner.Standby]) -> None:
+    for name, value in (("EVENTQ_HANDED", "1"), ("ready", "1"), ("d", str(tmp_path)),
+                        ("c", str(tmp_path))):
+        monkeypatch.setenv(name, value)
+    idle = standby()  # started with the server's environment, which holds them
+    idle.retire()
+    assert finished(idle.pid) == 0
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_standby_killed_while_idle_takes_nothing_and_says_so(

@@ -7,10 +7,10 @@ path to the job's start. argparse (with the gettext and locale it loads, and the
 parser it builds) was 8 ms of the 35 ms of CPU of one `eventq jobs submit` (26.8 ms without
 it, same minutes; the interpreter alone 13.2 ms), where the rest was the interpreter, `re`
 (which older pip's scripts import) and json (now ``cjson``). So only the forms read here
-without doubt take this path: options of ``QUICK_VALUES`` and ``QUICK_FLAGS`` by their full names,
-each value one that argparse would take as it is, then ``--`` and the command. Anything else
-(an abbreviation, ``-h``, a value that is not a number, a value that starts with ``-``, no
-``--``) goes to argparse, which reads it or says what is wrong with it.
+without doubt take this path: options of ``QUICK_VALUES`` and ``QUICK_FLAGS`` by their full
+names, each value one that argparse would take as it is, then ``--`` and the command.
+Anything else (an abbreviation, ``-h``, a value that is not a number, a value that starts
+with ``-``, no ``--``) goes to argparse, which reads it or says what is wrong with it.
 ``tests/test_cli_entry.py`` holds what this path reads equal to what argparse reads.
 
 Every way a command can fail ends here or in ``main`` as one message and a non-zero exit.
