@@ -138,16 +138,18 @@ _SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def handoff(spec: JobSpec, attempt: int, gpus: list[int], directory: Path,
             trainer: tuple[str, ...]) -> bytes:
     """The lines ``STANDBY`` reads for this attempt: what ``spawn`` gives its wrapper as
-    arguments and environment (the standby has the base environment already)."""
-    lines = [f"d={shlex.quote(str(directory))}",
-             f"c={shlex.quote(spec.cwd or str(directory))}"]
+    environment (beyond the base one the standby has already) and as arguments. The
+    variables come first: the wrapper's own ``d``, ``c`` and ``w`` are set after them, as
+    ``WRAPPER`` sets them after the shell has read its environment."""
+    lines = []
     for name, value in job_env(spec, attempt, gpus, directory, base={}).items():
         if name in _SHELL_OWN:
             lines.append(f"export {name}")
         elif _SHELL_NAME.fullmatch(name) and name != "EVENTQ_HANDED":
             lines.append(f"export {name}={shlex.quote(value)}")
     argv = job_argv(spec, directory, trainer)
-    lines += ["set -- " + " ".join(map(shlex.quote, argv)), "EVENTQ_HANDED=1", ""]
+    lines += [f"d={shlex.quote(str(directory))}", f"c={shlex.quote(spec.cwd or str(directory))}",
+              "w=", "set -- " + " ".join(map(shlex.quote, argv)), "EVENTQ_HANDED=1", ""]
     return os.fsencode("\n".join(lines))
 
 
@@ -180,13 +182,14 @@ class Standby:
     def hand(self, spec: JobSpec, attempt: int, gpus: list[int], directory: Path,
              trainer: tuple[str, ...] = DEFAULT_TRAINER) -> bool:
         """Give the standby this attempt, which it then runs as ``spawn``'s wrapper would
-        (its pid is ``self.pid``). False if it cannot take it (it has gone, or the lines
-        do not fit its pipe at once): it then runs nothing, and ends."""
-        directory.mkdir(parents=True, exist_ok=True)
-        lines = handoff(spec, attempt, gpus, directory, trainer)
+        (its pid is ``self.pid``). False if it cannot take it (it has gone, the lines do not
+        fit its pipe at once, or the attempt's directory cannot be made, which ``spawn``
+        then says): it then runs nothing, and ends."""
         try:
+            directory.mkdir(parents=True, exist_ok=True)
+            lines = handoff(spec, attempt, gpus, directory, trainer)
             return os.write(self._pipe, lines) == len(lines)  # a part lacks the last line
-        except OSError:  # gone (EPIPE), or a pipe full of nothing it reads
+        except (OSError, ValueError):
             return False
         finally:
             self.retire()

@@ -77,9 +77,11 @@ def standby() -> Iterator[Callable[[], runner.Standby]]:
                 pass
 
 
-NAMES = st.sampled_from(["IFS", "PPID", "OPTIND", "PATH", "HOME", "a.b", "1x", "_", "x-y",
-                         "LANG", "PWD", "OLDPWD"]) | st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}",
-                                                                   fullmatch=True)
+#: Names the shell treats as its own, the wrapper's own variables, names a shell cannot
+#: hold, and any others.
+NAMES = st.sampled_from(
+    ["IFS", "PPID", "OPTIND", "PWD", "OLDPWD", "PATH", "HOME", "LANG", "c", "d", "w", "rc",
+     "a.b", "1x", "_", "x-y"]) | st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True)
 VALUES = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\0"),
                  max_size=20)
 
@@ -104,12 +106,12 @@ def test_a_standby_runs_the_job_as_a_spawned_wrapper_does(
             pid = waiting.pid
         assert finished(pid) == 0, (path, env, args, (directory / "stderr.log").read_text())
         seen.append(ran(directory))
-    spawned, handed = seen
     if not elsewhere:  # each ran in its own attempt's directory
-        assert spawned["cwd"].endswith("/spawned/j1/1") and handed["cwd"].endswith("/handed/j1/1")
-        for one in seen:
-            one.pop("cwd")
-            one["env"].pop("PWD", None)
+        assert seen[0]["cwd"].endswith("/spawned/j1/1") and seen[1]["cwd"].endswith("/handed/j1/1")
+    # Alike but for the attempt's directory (in the working directory, and in the job's own
+    # variables named like the wrapper's, which it sets as a spawned wrapper does).
+    spawned, handed = (json.loads(json.dumps(one).replace(f"/{path}/j1/1", "/ATTEMPT"))
+                       for one, path in zip(seen, ("spawned", "handed"), strict=True))
     assert handed == spawned
     assert handed["argv"] == args and handed["stdin_is_null"] and handed["group_is_wrapper"]
     assert handed["env"]["CUDA_VISIBLE_DEVICES"] == "0,2" and handed["env"]["EVENTQ_JOB_ID"] == "j1"
@@ -143,6 +145,17 @@ def test_a_standby_told_nothing_runs_nothing_whatever_its_environment_holds(
     idle.retire()
     assert finished(idle.pid) == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_standby_that_cannot_have_its_attempt_is_retired_and_the_spawn_says_why(
+        tmp_path: Path, standby: Callable[[], runner.Standby]) -> None:
+    (tmp_path / "j1").write_text("a file where the job's directory goes")
+    waiting = standby()
+    job = dump_spec("j1", {}, [], None)
+    assert not waiting.hand(job, 1, [0], tmp_path / "j1" / "1", ())
+    assert finished(waiting.pid) == 0  # its pipe closed: it ran nothing and ended
+    with pytest.raises(OSError):
+        runner.spawn(job, 1, [0], tmp_path / "j1" / "1", ())
 
 
 def test_a_standby_killed_while_idle_takes_nothing_and_says_so(
