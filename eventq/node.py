@@ -40,7 +40,7 @@ class LocalNode:
     trainer: tuple[str, ...] = runner.DEFAULT_TRAINER
     #: (job id, attempt) -> pid (= process group) of live attempts.
     pids: dict[tuple[str, int], int] = field(default_factory=dict)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    tasks: set[asyncio.Task[object]] = field(default_factory=set)
     exited: dict[tuple[str, int], asyncio.Event] = field(default_factory=dict)
     #: The wrapper waiting for the next attempt (``runner.Standby``), if one is.
     standby: runner.Standby | None = None
@@ -56,7 +56,7 @@ class LocalNode:
                 if job is not None and job.node == "local":
                     self._spawn_task(self._stop(e.job_id, e.attempt))
 
-    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn_task(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -98,7 +98,7 @@ class LocalNode:
             return None
         if standby.hand(spec, attempt, gpus, directory, self.trainer):
             return standby.pid
-        self._spawn_task(self._reap(standby.pid))
+        self._spawn_task(runner.wait_child(standby.pid))  # reaped once it has ended
         return None
 
     def stand_by(self, after: float = 0.0) -> None:
@@ -116,9 +116,6 @@ class LocalNode:
             self.standby = runner.Standby()
         except OSError as exc:  # starts spawn their wrappers instead
             log.warning("standby_failed", error=str(exc))
-
-    async def _reap(self, pid: int) -> None:
-        await runner.wait_child(pid)
 
     async def _watch(self, key: tuple[str, int], pid: int) -> None:
         code = await runner.wait_child(pid)

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from eventq import events as ev
 from eventq import runner
 from eventq.actors.scheduler import Submit
 from eventq.server import Orchestrator
+from tests.cluster import gone
 from tests.helpers import until
 
 MakeOrch = Callable[..., Awaitable[Orchestrator]]
@@ -168,7 +168,7 @@ def test_a_standby_killed_while_idle_takes_nothing_and_says_so(
     assert not (tmp_path / "j1" / "1" / "claim").exists()
 
 
-def test_a_standby_ends_when_the_server_holding_it_is_killed(tmp_path: Path) -> None:
+async def test_a_standby_ends_when_the_server_holding_it_is_killed() -> None:
     with subprocess.Popen(
             [sys.executable, "-c", "import sys, time; from eventq import runner; "
              "print(runner.Standby().pid, flush=True); time.sleep(60)"],
@@ -176,11 +176,7 @@ def test_a_standby_ends_when_the_server_holding_it_is_killed(tmp_path: Path) -> 
         assert holder.stdout is not None
         pid = int(holder.stdout.readline())
         holder.send_signal(signal.SIGKILL)
-    for _ in range(1000):  # reaped by whoever adopted it
-        if not Path(f"/proc/{pid}").exists():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"standby {pid} outlived the process that held its pipe")
+    await until(lambda: gone(pid), "the standby to end with the process holding its pipe")
 
 
 async def test_a_restarted_server_knows_a_handed_wrapper_as_the_attempt_s_process(

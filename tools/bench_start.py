@@ -66,14 +66,13 @@ def phase(root: Path, samples: int, gap: float) -> tuple[list[float], list[float
     return spawned, handed
 
 
-def report(label: str, spawned: list[float], handed: list[float]) -> float:
+def report(label: str, spawned: list[float], handed: list[float]) -> None:
     for name, values in (("spawned", spawned), ("handed to a standby", handed)):
         head = f"  {label}, {name}:"
         print(f"{head:<52} p50 {statistics.median(values):6.2f} ms  "
               f"p99 {percentile(values, 99):6.2f} ms  n={len(values)}")
     ratio = statistics.median(handed) / statistics.median(spawned)
     print(f"  {label}: p50 handed / p50 spawned = {ratio:.2f}")
-    return ratio
 
 
 def main() -> None:
