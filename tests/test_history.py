@@ -11,18 +11,29 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eventq import events as ev
 from eventq import replay
 from eventq.actors.allocator import GpuTable
-from eventq.actors.scheduler_state import TERMINAL, SchedulerState
+from eventq.actors.scheduler_state import ACTIVE, PARKED, TERMINAL, JobState, SchedulerState
 from eventq.actors.workers_state import Workers
 from eventq.clock import SimClock
 from eventq.http import history as routes
 from eventq.http.app import make_app
 from eventq.log import Record, iter_verified
-from eventq.projections.history import Frame, History
+from eventq.projections import history as history_module
+from eventq.projections.history import (
+    CHANGES_NO_JOB,
+    OPEN,
+    Frame,
+    History,
+    JobRow,
+    row_of,
+)
 from eventq.server import Orchestrator
 from tests.helpers import until
 from tools.bench_log import generate
@@ -416,3 +427,264 @@ def test_the_reason_history_closes_each_span_at_the_event_that_changed_it() -> N
         (["gpus"], 3.0, 5.0, "job_held"),
         (["held"], 5.0, 6.0, "job_released"),
         (["gpus", "user_limit"], 7.0, None, None)]
+
+
+# --- a snapshot builds only the rows that changed ---------------------------------------------
+
+#: (what happens, which job or worker, a detail): the story below turns each into the events
+#: the orchestrator would record for it, or none where it does not apply.
+Move = tuple[str, int, int]
+MOVES = ("submit", "submit", "submit", "ready", "block", "approve", "hold", "release",
+         "priority", "reasons", "dispatch", "dispatch", "start", "stop", "end", "end",
+         "finish", "finish", "cancel", "reject", "retry", "purge", "limits", "settings",
+         "worker", "noise")
+REASONS: tuple[list[ev.Reason], ...] = ([], [ev.Reason("gpus", "needs 2, node local has 1 free")],
+           [ev.Reason("user_limit", "ada runs 2 of 2")])
+OUTCOMES: tuple[ev.Outcome, ...] = ("exited", "exited", "lost", "cancelled", "timeout")
+#: Steps of the clock between events; one steps back, as a wall clock may.
+STEPS = (0.0, 1.0, 1.0, 30.0, -2.0)
+
+
+class Story:
+    """Job events drawn at random, each valid for the state the scheduler holds, folded as a
+    server folds them; every snapshot is checked against the full projection (``now``)."""
+
+    def __init__(self, every: int, keep: int, rows: int) -> None:
+        self.live = Live(every=every, keep=keep, rows=rows)
+        self.seq, self.time, self.submitted, self.free = 0, 1000.0, 0, {0, 1, 2, 3}
+        #: What ``now`` gave at each snapshot's seq.
+        self.expected: dict[int, Frame] = {}
+        self.record(ev.NodeInventoryReported(node="local", simulated=True, gpus=[
+            ev.GpuInfo(index=i, name="A100", memory_gb=80.0) for i in range(4)]), 0)
+
+    def jobs(self, *statuses: str) -> list[JobState]:
+        return list(self.live.state.with_status(*statuses))
+
+    def record(self, event: ev.Event, step: int) -> None:
+        self.seq += 1
+        self.time += STEPS[step % len(STEPS)]
+        history = self.live.history
+        before = history.snapshots[-1]
+        self.live.evolve(Record(self.seq, self.time, "system", event, b""))  # type: ignore[arg-type]
+        if history.snapshot_seqs[-1] == self.seq:
+            self.check(before, history.snapshots[-1])
+
+    def check(self, before: Frame, snapshot: Frame) -> None:
+        full = self.live.history.now()
+        for name in ("seq", "time", "high", "jobs", "nodes", "workers", "limits"):
+            assert getattr(snapshot, name) == getattr(full, name), f"{name} at {self.seq}"
+        for job_id, row in snapshot.jobs.items():  # an unchanged row is shared
+            old = before.jobs.get(job_id)
+            assert old != row or old is row, f"{job_id} copied at {self.seq}"
+        self.expected[self.seq] = full
+
+    def play(self, move: Move) -> None:
+        what, pick, detail = move
+        for event in getattr(self, f"_{what}")(pick, detail):
+            self.record(event, pick)
+
+    def pick(self, pick: int, *statuses: str) -> JobState | None:
+        found = self.jobs(*statuses)
+        return found[pick % len(found)] if found else None
+
+    def _submit(self, pick: int, detail: int) -> list[ev.Event]:
+        self.submitted += 1
+        job_id, others = f"j{self.submitted:03d}", self.jobs(*OPEN)
+        after = [others[pick % len(others)].spec.job_id] if detail == 2 and others else []
+        spec = ev.JobSpec(job_id=job_id, user=("ada", "ben")[pick % 2], priority=pick % 3 * 10,
+                          command=["true"], gpus=detail % 3, depends_on=after,
+                          begin_at=self.time + 100 if detail == 3 else None)
+        waits = REASONS[1] if detail == 4 else None
+        blocked = [ev.JobBlocked(job_id=job_id, reason="cost 9 above 5")] if detail == 5 else []
+        return [ev.JobSubmitted(job=spec, reasons=waits), *blocked]
+
+    def _ready(self, pick: int, detail: int) -> list[ev.Event]:
+        job = self.pick(pick, "waiting")
+        return [ev.JobReady(job_id=job.spec.job_id)] if job else []
+
+    def _block(self, pick: int, detail: int) -> list[ev.Event]:
+        job = self.pick(pick, "pending", "waiting")
+        return [ev.JobBlocked(job_id=job.spec.job_id, reason=f"cost {detail}")] if job else []
+
+    def _approve(self, pick: int, detail: int) -> list[ev.Event]:
+        job = self.pick(pick, "blocked")
+        return [ev.JobApproved(job_id=job.spec.job_id)] if job else []
+
+    def _hold(self, pick: int, detail: int) -> list[ev.Event]:
+        job = self.pick(pick, "pending", "waiting")
+        return [ev.JobHeld(job_id=job.spec.job_id)] if job else []
+
+    def _release(self, pick: int, detail: int) -> list[ev.Event]:
+        job = self.pick(pick, "held")
+        return [ev.JobReleased(job_id=job.spec.job_id)] if job else []
+
+    def _priority(self, pick: int, detail: int) -> list[ev.Event]:
+        job = self.pick(pick, *OPEN)
+        override = None if detail == 0 else detail * 10
+        return [ev.PriorityChanged(job_id=job.spec.job_id, priority_override=override)] \
+            if job else []
+
+    def _reasons(self, pick: int, detail: int) -> list[ev.Event]:
+        job = self.pick(pick, "pending", "waiting")
+        reasons = REASONS[detail % len(REASONS)]  # often the same again: the row is shared
+        return [ev.JobReasonsChanged(job_id=job.spec.job_id, reasons=reasons)] if job else []
+
+    def _dispatch(self, pick: int, detail: int) -> list[ev.Event]:
+        job = self.pick(pick, "pending")
+        if job is None or job.spec.gpus > len(self.free):
+            return []
+        gpus = sorted(self.free)[:job.spec.gpus]
+        self.free -= set(gpus)
+        job_id, attempt = job.spec.job_id, job.attempt + 1
+        return [ev.GpusAllocated(job_id=job_id, attempt=attempt, node="local", gpus=gpus),
+                ev.AttemptDispatched(job_id=job_id, attempt=attempt, node="local", gpus=gpus)]
+
+    def _start(self, pick: int, detail: int) -> list[ev.Event]:
+        job = self.pick(pick, "dispatched")
+        return [ev.AttemptStarted(job_id=job.spec.job_id, attempt=job.attempt, pid=100 + pick)] \
+            if job else []
+
+    def _stop(self, pick: int, detail: int) -> list[ev.Event]:
+        job = self.pick(pick, *ACTIVE)
+        if job is None or not job.active:
+            return []
+        return [ev.AttemptStopRequested(job_id=job.spec.job_id, attempt=job.attempt,
+                                        reason="cancelled" if detail % 2 else "timeout")]
+
+    def _end(self, pick: int, detail: int) -> list[ev.Event]:
+        job = self.pick(pick, *ACTIVE)
+        if job is None or not job.active:
+            return []
+        job_id, attempt, outcome = job.spec.job_id, job.attempt, OUTCOMES[detail % 5]
+        self.free |= set(job.gpus)
+        return [ev.AttemptEnded(job_id=job_id, attempt=attempt, outcome=outcome,
+                                exit_code=detail % 2 if outcome == "exited" else None),
+                ev.GpusReleased(job_id=job_id, attempt=attempt, node="local",
+                                gpus=list(job.gpus), reason="ended")]
+
+    def _finish(self, pick: int, detail: int) -> list[ev.Event]:
+        job = self.pick(pick, *ACTIVE)
+        if job is None or job.active:
+            return []
+        job_id = job.spec.job_id
+        return [(ev.JobCompleted(job_id=job_id), ev.JobFailed(job_id=job_id, reason="exit 1"),
+                 ev.JobRequeued(job_id=job_id, next_attempt=job.attempt + 1, reason="exit 1"),
+                 ev.JobCancelled(job_id=job_id))[detail % 4]]
+
+    def _cancel(self, pick: int, detail: int) -> list[ev.Event]:
+        job = self.pick(pick, "pending", "waiting", *PARKED)
+        return [ev.JobCancelled(job_id=job.spec.job_id)] if job else []
+
+    def _reject(self, pick: int, detail: int) -> list[ev.Event]:
+        job = self.pick(pick, "pending", "blocked")
+        return [ev.JobRejected(job_id=job.spec.job_id, reasons=REASONS[2])] if job else []
+
+    def _retry(self, pick: int, detail: int) -> list[ev.Event]:
+        job = self.pick(pick, "failed", "cancelled")
+        return [ev.JobRequeued(job_id=job.spec.job_id, next_attempt=job.attempt + 1,
+                               reason="retried by its owner")] if job else []
+
+    def _purge(self, pick: int, detail: int) -> list[ev.Event]:
+        ended = [job.spec.job_id for job in self.jobs(*TERMINAL)][pick % 3:][:detail + 1]
+        return [ev.JobsPurged(job_ids=ended, older_than_days=1)] if ended else []
+
+    def _limits(self, pick: int, detail: int) -> list[ev.Event]:
+        return [ev.LimitsChanged(limits=ev.Limits(max_concurrent=detail + 1))]
+
+    def _settings(self, pick: int, detail: int) -> list[ev.Event]:
+        return [ev.SettingsChanged(approval_cost_threshold=float(detail))]
+
+    def _worker(self, pick: int, detail: int) -> list[ev.Event]:
+        worker_id = f"w{pick % 3}"
+        if worker_id not in self.live.workers.by_id:
+            return [ev.WorkerCreated(worker_id=worker_id, name=worker_id,
+                                     worker_type="persistent", labels={}, token_sha256="0")]
+        return [(ev.WorkerConnected(worker_id=worker_id, transport="ws"),
+                 ev.WorkerDraining(worker_id=worker_id),
+                 ev.WorkerLost(worker_id=worker_id, reason="heartbeat timeout"),
+                 ev.WorkerRemoved(worker_id=worker_id))[detail % 4]]
+
+    def _noise(self, pick: int, detail: int) -> list[ev.Event]:
+        """Events that name a job and change nothing of it."""
+        job = self.pick(pick, *OPEN, *TERMINAL)
+        if job is None:
+            return [ev.ServerStarted(pid=1, version="x")]
+        job_id = job.spec.job_id
+        return [ev.StaleReportIgnored(job_id=job_id, attempt=0, current_attempt=job.attempt,
+                                      report="ended"),
+                ev.NotificationDelivered(job_id=job_id, ending=self.seq, target="job",
+                                         tries=1, status=200)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(moves=st.lists(st.tuples(st.sampled_from(MOVES), st.integers(0, 40), st.integers(0, 5)),
+                      min_size=60, max_size=200),
+       every=st.integers(1, 4), keep=st.integers(2, 5), rows=st.sampled_from([30, 10**6]))
+def test_every_snapshot_is_the_full_projection_of_the_live_folds(
+        moves: list[Move], every: int, keep: int, rows: int) -> None:
+    """Whatever jobs do, each snapshot (built from the last one and the jobs named since)
+    is what ``now`` builds from every open job, field by field; and thinning leaves each
+    kept snapshot as it was taken."""
+    story = Story(every, keep, rows)
+    for move in moves:
+        story.play(move)
+    history = story.live.history
+    for seq, snapshot in zip(history.snapshot_seqs[1:], history.snapshots[1:], strict=True):
+        assert snapshot == story.expected[seq], f"the snapshot at {seq}, after thinning"
+
+
+def test_a_snapshot_builds_rows_only_for_the_jobs_changed_since_the_last(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """5,000 jobs wait and one of them is held: the next snapshot builds one row, however
+    many jobs are open, and shares the other 4,999 with the snapshot before."""
+    live, records, built = Live(every=1), iter(range(1, 10**6)), 0
+    history = live.history
+
+    def happens(event: ev.Event) -> None:
+        live.evolve(Record(next(records), 1.0, "system", event, b""))  # type: ignore[arg-type]
+
+    def snapshot_taken() -> Frame:
+        taken = len(history.snapshots)
+        while len(history.snapshots) == taken:
+            happens(ev.ServerStarted(pid=1, version="x"))
+        return history.snapshots[-1]
+
+    for i in range(5000):
+        happens(ev.JobSubmitted(job=ev.JobSpec(job_id=f"j{i:04d}", user="ada", priority=0,
+                                               command=["true"])))
+    before = snapshot_taken()
+    assert len(before.jobs) == 5000
+    happens(ev.JobHeld(job_id="j0042"))
+
+    def counted(job: JobState) -> JobRow:
+        nonlocal built
+        built += 1
+        return row_of(job)
+
+    monkeypatch.setattr(history_module, "row_of", counted)
+    after = snapshot_taken()
+    assert built == 1, f"{built} rows built for one changed job among 5,000"
+    assert after.jobs["j0042"].status == "held" and before.jobs["j0042"].status == "pending"
+    assert sum(1 for job_id, row in after.jobs.items() if row is before.jobs[job_id]) == 4999
+
+
+def test_a_history_made_over_a_folded_state_puts_its_jobs_in_the_first_snapshot() -> None:
+    live = Live(every=2)
+    story = Story(every=2, keep=8, rows=10**6)
+    story.live = live
+    for i in range(3):
+        live.state.evolve(Record(i + 1, 1.0, "system", ev.JobSubmitted(job=ev.JobSpec(
+            job_id=f"early{i}", user="ada", priority=0, command=["true"])), b""))
+    live.history = History(live.state, live.table, live.workers, every=2)
+    story.seq = 3
+    for _ in range(2):
+        story.record(ev.ServerStarted(pid=1, version="x"), 1)
+    assert set(live.history.snapshots[-1].jobs) == {"early0", "early1", "early2"}
+
+
+def test_every_event_the_scheduler_folds_names_the_jobs_it_changes() -> None:
+    """What a snapshot relies on (``History``): a new event type the scheduler folds either
+    names its job by ``job_id`` or is listed, here and in the history, with what it does."""
+    for kind in SchedulerState.READS:
+        assert kind in (ev.JobSubmitted, ev.JobsPurged, *CHANGES_NO_JOB) or \
+            "job_id" in getattr(kind, "__struct_fields__", ()), kind

@@ -3,14 +3,17 @@ attempt held which GPU when.
 
 A ``Frame`` is the state right after one event: the jobs not yet finished (one frozen row
 each), every node's GPUs and their holders, the workers, the limits. ``History`` takes one
-every ``every`` events (at least as many as there are open jobs, so it costs at most a row
-per event) from the live read models, which have folded that event already, and keeps it
-as a snapshot. The state at seq S is the last snapshot at or before S with the events after
-it folded in by ``fold_step``, a light fold of its own, from the log: a few thousand events
-at most, however long the log. Finished jobs are not copied into snapshots: each is
-recorded once, as it ends, in ``finished``, which a question reads back from S. Snapshots
-are thinned past ``keep`` of them (or ``rows`` job rows in all): every other one goes and
-the spacing doubles, so memory stays bounded.
+every ``every`` events (at least as many as there are open jobs, so that snapshots share
+most rows) from the live read models, which have folded that event already, and keeps it as
+a snapshot. A snapshot copies the last one's rows (one dict copy, in C) and builds rows
+only for the jobs the events since then named, so the append that takes it waits for that
+copy (milliseconds at a million open jobs), not for a row per open job. The state at seq S
+is the last snapshot at or before S with the events after it folded in by ``fold_step``, a
+light fold of its own, from the log: a few thousand events at most, however long the log.
+Finished jobs are not copied into snapshots: each is recorded once, as it ends, in
+``finished``, which a question reads back from S. Snapshots are thinned past ``keep`` of
+them (or ``rows`` job rows in all): every other one goes and the spacing doubles, so memory
+stays bounded.
 
 What promises this keeps: a snapshot is what the scheduler, the allocator and the registry
 held at its seq, and ``fold_step`` changes a frame as their folds change them, field by
@@ -48,6 +51,7 @@ KEEP = 512
 ROWS = 500_000
 #: The statuses of a job that has not ended.
 OPEN = ("waiting", "pending", *ACTIVE, *PARKED)
+_OPEN = frozenset(OPEN)
 
 
 class JobRow(msgspec.Struct, frozen=True, gc=False):
@@ -132,6 +136,9 @@ class Frame:
     time: float = 0.0
     #: The latest event time up to ``seq`` (times may step back with the wall clock).
     high: float = 0.0
+    #: Open jobs by id. No reader relies on their order: ``History.now`` lists them by
+    #: status, a snapshot and a fold keep each row's place and add new ones last;
+    #: ``http/history.py`` sorts the waiting ones and lists the others as they come.
     jobs: dict[str, JobRow] = field(default_factory=dict)
     nodes: dict[str, NodeRow] = field(default_factory=dict)
     workers: dict[str, WorkerRow] = field(default_factory=dict)
@@ -409,10 +416,18 @@ class History:
     every hold on GPUs.
 
     The scheduler's, the allocator's and the registry's folds already hold the state at
-    every event: a snapshot is their projection (``project``), taken after they have folded
-    the event (``History`` is subscribed after them). So the append path pays for a time,
-    a seq and, for a few event types, a row or a bar; the light fold (``fold_step``) runs
-    only when a question needs the events after a snapshot.
+    every event: a snapshot is their projection, taken after they have folded the event
+    (``History`` is subscribed after them). So the append path pays for a time, a seq, the
+    id of the job an event changes and, for a few event types, a row or a bar; the light
+    fold (``fold_step``) runs only when a question needs the events after a snapshot.
+
+    A snapshot rebuilds only the rows of the jobs in ``changed``. That holds because a
+    ``JobState`` (all ``row_of`` reads) is written by ``SchedulerState.evolve`` alone, and
+    each event it folds changes at most the jobs it names: ``JobSubmitted`` its
+    ``job.job_id``, ``JobsPurged`` its ``job_ids``, every other job event its ``job_id``;
+    ``LimitsChanged`` and ``SettingsChanged`` change no job (``_step_for``,
+    ``tests/test_history.py`` fails on a new event type the scheduler folds that is none
+    of these).
     """
 
     #: Every event moves it to its seq and time, even one it does nothing else with.
@@ -438,12 +453,16 @@ class History:
     time: float = 0.0
     #: The latest event time so far (times may step back with the wall clock).
     high: float = 0.0
+    #: Jobs whose row may differ from the last snapshot's, in the order first named (a dict,
+    #: so that a snapshot adds new jobs in a fixed order, as a fold from it would).
+    changed: dict[str, None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.snapshots.append(Frame())
         self.snapshot_seqs.append(0)
         self.snapshot_highs.append(0.0)
         self.next_snapshot = self.every
+        self.changed = dict.fromkeys(self.state.jobs)  # a state folded before: in no snapshot
 
     def evolve(self, record: Record) -> None:
         """One event, live: on the append path, so it does as little as it can."""
@@ -460,31 +479,48 @@ class History:
             self._snapshot()
 
     def now(self) -> Frame:
-        """The state at the latest event, from the live read models."""
+        """The state at the latest event, from the live read models: a row per open job."""
         state = self.state
         jobs = {job_id: row_of(state.jobs[job_id])
                 for status in OPEN for job_id in state.by_status.get(status, ())}
+        return self._frame(jobs)
+
+    def _frame(self, jobs: dict[str, JobRow]) -> Frame:
+        """``jobs`` with the nodes, workers and limits as they are now (a few of each)."""
         nodes = {name: NodeRow(tuple(sorted(n.gpus)), dict(n.held))
                  for name, n in self.gpus.nodes.items()}
         workers = {w.worker_id: WorkerRow(w.name, w.online, w.draining, w.offline_reason)
                    for w in self.workers.by_id.values()}
-        return Frame(self.seq, self.time, self.high, jobs, nodes, workers, state.limits)
+        return Frame(self.seq, self.time, self.high, jobs, nodes, workers, self.state.limits)
 
     def _snapshot(self) -> None:
-        frame = self.now()
-        last = self.snapshots[-1].jobs
-        for job_id, row in frame.jobs.items():  # unchanged rows are shared, not copied
-            if last.get(job_id) == row:
-                frame.jobs[job_id] = last[job_id]
+        frame = self._frame(self._jobs_since(self.snapshots[-1].jobs))
         self.snapshots.append(frame)
         self.snapshot_seqs.append(frame.seq)
         self.snapshot_highs.append(frame.high)
         if len(self.snapshots) > self.keep or \
                 sum(len(f.jobs) for f in self.snapshots) > self.rows:
             self._thin()
-        # A snapshot costs a row per open job: at most one row per event, however long the
-        # queue.
+        # The spacing bounds the rows all snapshots hold (a new one shares the unchanged
+        # rows, yet its dict holds an entry per open job); the stall no longer grows with
+        # it: a snapshot builds rows only for the jobs named since the last one.
         self.next_snapshot = frame.seq + max(self.every, len(frame.jobs))
+
+    def _jobs_since(self, last: dict[str, JobRow]) -> dict[str, JobRow]:
+        """``last`` with the jobs named since it changed as the scheduler holds them now:
+        an open one's row (the old one kept where equal, so snapshots share it), an ended
+        or purged one gone. What ``now`` would build, without a row per open job."""
+        jobs, held = dict(last), self.state.jobs
+        for job_id in self.changed:
+            job = held.get(job_id)
+            if job is None or job.status not in _OPEN:
+                jobs.pop(job_id, None)
+                continue
+            row = row_of(job)
+            if last.get(job_id) != row:
+                jobs[job_id] = row
+        self.changed = {}
+        return jobs
 
     def _thin(self) -> None:
         """Every other snapshot goes (the empty log's and the newest stay), and they are
@@ -516,6 +552,15 @@ class History:
 
     # --- what the live path records -----------------------------------------------------------
 
+    def _named(self, e: Any, r: Record) -> None:
+        """An event the scheduler folds into the job it names (``job_id``)."""
+        self.changed[e.job_id] = None
+        self._moved(e, r)
+
+    def _submitted(self, e: ev.JobSubmitted, r: Record) -> None:
+        self.changed[e.job.job_id] = None
+        self._moved(e, r)
+
     def _allocated(self, e: ev.GpusAllocated, r: Record) -> None:
         job = self.state.jobs.get(e.job_id)
         self.bars.allocated(e, r, job.spec if job is not None else None)
@@ -523,7 +568,7 @@ class History:
 
     def _ended(self, e: ev.AttemptEnded, r: Record) -> None:
         self.bars.ended(e)
-        self._moved(e, r)
+        self._named(e, r)
 
     def _released(self, e: ev.GpusReleased, r: Record) -> None:
         self.bars.released(e, r)
@@ -534,18 +579,35 @@ class History:
         job = self.state.jobs.get(e.job_id)
         if job is not None:
             self.finished.add(r.seq, row_of(job))
-        self._moved(e, r)
+        self._named(e, r)
 
     def _purged(self, e: ev.JobsPurged, r: Record) -> None:
+        changed = self.changed
         for job_id in e.job_ids:
             self.finished.purged[job_id] = r.seq
+            changed[job_id] = None
         self._moved(e, r)
 
 
 #: What the live path records besides the seq and time (``_moved``), by event type.
 _LIVE: dict[type, Callable[[History, Any, Record], None]] = {
-    ev.GpusAllocated: History._allocated, ev.AttemptEnded: History._ended,
-    ev.GpusReleased: History._released, ev.JobCompleted: History._finished,
-    ev.JobFailed: History._finished, ev.JobCancelled: History._finished,
-    ev.JobRejected: History._finished, ev.JobsPurged: History._purged}
-History.STEPS = {kind: _LIVE.get(kind, History._moved) for kind in History.READS}
+    ev.JobSubmitted: History._submitted, ev.GpusAllocated: History._allocated,
+    ev.AttemptEnded: History._ended, ev.GpusReleased: History._released,
+    ev.JobCompleted: History._finished, ev.JobFailed: History._finished,
+    ev.JobCancelled: History._finished, ev.JobRejected: History._finished,
+    ev.JobsPurged: History._purged}
+#: Events the scheduler folds that change no job.
+CHANGES_NO_JOB: frozenset[type] = frozenset({ev.LimitsChanged, ev.SettingsChanged})
+
+
+def _step_for(kind: type) -> Callable[[History, Any, Record], None]:
+    """The live step of ``kind``: a job event the scheduler folds marks its job changed."""
+    step = _LIVE.get(kind)
+    if step is not None:
+        return step
+    if kind in SchedulerState.READS and "job_id" in getattr(kind, "__struct_fields__", ()):
+        return History._named
+    return History._moved
+
+
+History.STEPS = {kind: _step_for(kind) for kind in History.READS}
