@@ -244,8 +244,10 @@ def test_a_waiting_job_says_why_in_words_and_starts_live_when_another_is_cancell
     waiter = row(admin, "waiter")
     expect(waiter).to_contain_text("waits for GPUs")
     expect(waiter).to_contain_text("pending")
+    # A limit that falls on another day is shown with its date first (the ten minutes
+    # before midnight, here).
     expect(waiter).to_contain_text(re.compile(
-        r"starts after job hog-a ends, its time limit is \d\d:\d\d"))
+        r"starts after job hog-a ends, its time limit is (\S+ )?\d\d:\d\d"))
     submit(server, "after-waiter", "true")
     unknown = re.compile(r"no estimate: job (hog-b|waiter)[^;]* has no time limit")
     expect(row(admin, "after-waiter")).to_contain_text(unknown)
