@@ -494,7 +494,13 @@ class History:
         return Frame(self.seq, self.time, self.high, jobs, nodes, workers, self.state.limits)
 
     def _snapshot(self) -> None:
-        frame = self._frame(self._jobs_since(self.snapshots[-1].jobs))
+        last, state = self.snapshots[-1].jobs, self.state
+        # Whichever builds fewer rows: a start's log names many jobs between snapshots
+        # that have ended since (most of a million events are ended jobs'), the live path
+        # a few among many open ones.
+        open_jobs = sum(len(state.by_status.get(status, ())) for status in OPEN)
+        jobs = self._jobs_since(last) if len(self.changed) < open_jobs else self._open_jobs(last)
+        frame = self._frame(jobs)
         self.snapshots.append(frame)
         self.snapshot_seqs.append(frame.seq)
         self.snapshot_highs.append(frame.high)
@@ -519,6 +525,15 @@ class History:
             row = row_of(job)
             if last.get(job_id) != row:
                 jobs[job_id] = row
+        self.changed = {}
+        return jobs
+
+    def _open_jobs(self, last: dict[str, JobRow]) -> dict[str, JobRow]:
+        """A row per open job, ``last``'s kept where equal (so snapshots share it)."""
+        jobs = self.now().jobs
+        for job_id, row in jobs.items():
+            if last.get(job_id) == row:
+                jobs[job_id] = last[job_id]
         self.changed = {}
         return jobs
 
@@ -553,9 +568,15 @@ class History:
     # --- what the live path records -----------------------------------------------------------
 
     def _named(self, e: Any, r: Record) -> None:
-        """An event the scheduler folds into the job it names (``job_id``)."""
+        """An event the scheduler folds into the job it names (``job_id``). ``_moved``'s
+        lines are repeated, not called: a start passes a million events through here."""
         self.changed[e.job_id] = None
-        self._moved(e, r)
+        self.seq = seq = r.seq
+        self.time = t = r.time
+        if t > self.high:
+            self.high = t
+        if seq >= self.next_snapshot:
+            self._snapshot()
 
     def _submitted(self, e: ev.JobSubmitted, r: Record) -> None:
         self.changed[e.job.job_id] = None
