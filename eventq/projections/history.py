@@ -483,10 +483,12 @@ class History:
 
     def now(self) -> Frame:
         """The state at the latest event, from the live read models: a row per open job."""
+        return self._frame(self._open_rows())
+
+    def _open_rows(self) -> dict[str, JobRow]:
         state = self.state
-        jobs = {job_id: row_of(state.jobs[job_id])
+        return {job_id: row_of(state.jobs[job_id])
                 for status in OPEN for job_id in state.by_status.get(status, ())}
-        return self._frame(jobs)
 
     def _frame(self, jobs: dict[str, JobRow]) -> Frame:
         """``jobs`` with the nodes, workers and limits as they are now (a few of each)."""
@@ -533,7 +535,7 @@ class History:
 
     def _open_jobs(self, last: dict[str, JobRow]) -> dict[str, JobRow]:
         """A row per open job, ``last``'s kept where equal (so snapshots share it)."""
-        jobs = self.now().jobs
+        jobs = self._open_rows()
         for job_id, row in jobs.items():
             if last.get(job_id) == row:
                 jobs[job_id] = last[job_id]
@@ -571,15 +573,9 @@ class History:
     # --- what the live path records -----------------------------------------------------------
 
     def _named(self, e: Any, r: Record) -> None:
-        """An event the scheduler folds into the job it names (``job_id``). ``_moved``'s
-        lines are repeated, not called: a start passes a million events through here."""
+        """An event the scheduler folds into the job it names (``job_id``)."""
         self.changed[e.job_id] = None
-        self.seq = seq = r.seq
-        self.time = t = r.time
-        if t > self.high:
-            self.high = t
-        if seq >= self.next_snapshot:
-            self._snapshot()
+        self._moved(e, r)
 
     def _submitted(self, e: ev.JobSubmitted, r: Record) -> None:
         self.changed[e.job.job_id] = None
