@@ -688,3 +688,19 @@ def test_every_event_the_scheduler_folds_names_the_jobs_it_changes() -> None:
     for kind in SchedulerState.READS:
         assert kind in (ev.JobSubmitted, ev.JobsPurged, *CHANGES_NO_JOB) or \
             "job_id" in getattr(kind, "__struct_fields__", ()), kind
+
+
+def test_a_state_lists_its_jobs_in_one_order_however_its_frame_was_built() -> None:
+    """At every event of the golden log, the route's rows come in the same order from a
+    snapshot and the records after it as from the live folds (which hold jobs by status)."""
+    records, orders = records_of(GOLDEN), 0
+    live = Live(every=4, keep=6)
+    for record in records:
+        live.evolve(record)
+        history = live.history
+        ids_from = [[j["job_id"] for j in routes.open_rows(frame)]
+                    for frame in (at_seq(history, records, record.seq), history.now())]
+        assert ids_from[0] == ids_from[1], f"at seq {record.seq}"
+        statuses = [j["status"] for j in routes.open_rows(history.now())]
+        orders += len(statuses) > len(set(statuses))
+    assert orders, "some state holds two jobs of one status"

@@ -91,15 +91,22 @@ def job_row(row: JobRow, frame: Frame, position: int | None = None) -> dict[str,
 
 def open_rows(frame: Frame) -> list[dict[str, Any]]:
     """Running jobs, waiting jobs in queue order (with their place), then those waiting
-    for dependencies or a begin time, then blocked and held ones: ``/api/queue``'s order."""
+    for dependencies or a begin time, then blocked and held ones: ``/api/queue``'s groups.
+    Within a group other than the waiting, by status in the group's order, then as they
+    were submitted: one order whether a snapshot or the live folds built the frame."""
     rows = frame.jobs.values()
     waiting = sorted((r for r in rows if r.status in WAITING), key=lambda r: (
         -effective_priority(r.spec, r.queued_at, frame.time, frame.limits), r.order))
-    out = [job_row(r, frame) for r in rows if r.status in RUNNING]
+    out = [job_row(r, frame) for r in _in_order(rows, RUNNING)]
     out += [job_row(r, frame, place) for place, r in enumerate(waiting, start=1)]
     for statuses in (GATED, PARKED):
-        out += [job_row(r, frame) for r in rows if r.status in statuses]
+        out += [job_row(r, frame) for r in _in_order(rows, statuses)]
     return out
+
+
+def _in_order(rows: Iterable[JobRow], statuses: tuple[str, ...]) -> list[JobRow]:
+    return sorted((r for r in rows if r.status in statuses),
+                  key=lambda r: (statuses.index(r.status), r.order))
 
 
 def gpu_rows(frame: Frame) -> list[dict[str, Any]]:

@@ -140,7 +140,7 @@ class Frame:
     high: float = 0.0
     #: Open jobs by id. No reader relies on their order: ``History.now`` lists them by
     #: status, a snapshot and a fold keep each row's place and add new ones last;
-    #: ``http/history.py`` sorts the waiting ones and lists the others as they come.
+    #: ``http/history.py`` sorts them.
     jobs: dict[str, JobRow] = field(default_factory=dict)
     nodes: dict[str, NodeRow] = field(default_factory=dict)
     workers: dict[str, WorkerRow] = field(default_factory=dict)
