@@ -10,8 +10,12 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from eventq import events as ev
+from eventq.actors.allocator import GpuTable
+from eventq.actors.scheduler_state import SchedulerState
 from eventq.clock import SimClock
 from eventq.http.app import make_app
+from eventq.log import Record
+from eventq.projections.queue import QueueView
 from eventq.server import Orchestrator
 from tests.helpers import until
 
@@ -394,3 +398,21 @@ async def listed(api: TestClient[Any, Any], job_id: str,
         convert(row, s.JobSummary)
     found = [j for j in queue if j["job_id"] == job_id]
     return [*found, *table, detail, *([position] if queued else [])]
+
+
+def test_the_average_wait_is_that_of_the_latest_thousand_first_dispatches() -> None:
+    view, seq = QueueView(SchedulerState(), GpuTable()), 0
+
+    def fold(t: float, event: ev.Event) -> None:
+        nonlocal seq
+        seq += 1
+        view.evolve(Record(seq, t, "system", event, b""))
+
+    for i in range(1001):
+        fold(0.0, ev.JobSubmitted(job=ev.JobSpec(job_id=f"j{i}", user="u", priority=10,
+                                                 command=["true"])))
+    for i in range(1001):  # job i waited i + 1 seconds
+        fold(i + 1.0, ev.AttemptDispatched(job_id=f"j{i}", attempt=1, node="local", gpus=[]))
+    fold(5000.0, ev.AttemptDispatched(job_id="j5", attempt=2, node="local", gpus=[]))
+    # Waits 2 to 1001: the oldest left, and a second attempt is no wait in the queue.
+    assert view.stats()["avg_wait_seconds"] == 501.5

@@ -8,6 +8,7 @@ append step as the actors, so a reply reads its own write.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -37,6 +38,7 @@ RUNNING = ("dispatched", "running")
 _TIMED = frozenset({ev.JobSubmitted, ev.AttemptDispatched, ev.JobCompleted, ev.JobFailed,
                     ev.JobCancelled, ev.JobRejected, ev.JobsPurged})
 _Finished = ev.JobCompleted | ev.JobFailed | ev.JobCancelled | ev.JobRejected
+WAITS_KEPT = 1000
 _FINISHED = frozenset({ev.JobCompleted, ev.JobFailed, ev.JobCancelled, ev.JobRejected})
 
 
@@ -59,7 +61,9 @@ class QueueView:
     gpu_table: GpuTable
     scheduler: Scheduler | None = None
     times: dict[str, Times] = field(default_factory=dict)
-    waits: list[float] = field(default_factory=list)
+    #: The latest 1,000 waits from submission to first dispatch (``avg_wait_seconds``): a
+    #: bounded deque, where a list cut at each dispatch moved 1,000 items every time.
+    waits: deque[float] = field(default_factory=lambda: deque(maxlen=WAITS_KEPT))
     #: (head seq, second), how deep the queue was projected, and the estimates so far.
     _estimates: tuple[tuple[int, int], int, dict[str, Estimate]] | None = None
     #: Rendered listings by (head seq, second, query); only the latest few are kept.
@@ -83,7 +87,6 @@ class QueueView:
         t = self.times[e.job_id]
         if t.started_at is None:
             self.waits.append(record.time - t.submitted_at)
-            del self.waits[:-1000]
         t.started_at = record.time
 
     def _finished(self, e: _Finished, record: Record) -> None:
