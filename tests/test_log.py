@@ -221,6 +221,8 @@ HASHED = pytest.mark.parametrize("aside", [False, True], ids=["hashed-here", "ha
     ("UPDATE events SET principal = 'user:mallory' WHERE seq = 6", 6, True),
     ("DELETE FROM events WHERE seq = 4", 4, True),
     ("DELETE FROM events WHERE seq >= 3", 3, True),  # the tail, the anchored head with it
+    # The last row's hash: the one a large start reads after folding the rows unhashed
+    ("UPDATE events SET hash = zeroblob(32) WHERE seq = 7", 7, True),
     ("UPDATE checkpoint SET hash = zeroblob(32)", 7, False),
     ("UPDATE checkpoint SET mac = NULL", 7, False),  # the log has a key: it must be used
     ("DELETE FROM checkpoint", 7, False),
