@@ -35,10 +35,11 @@ GATED = ("waiting",)
 RUNNING = ("dispatched", "running")
 
 
+#: First dispatches whose waits ``avg_wait_seconds`` averages (the latest).
+WAITS_KEPT = 1000
 _TIMED = frozenset({ev.JobSubmitted, ev.AttemptDispatched, ev.JobCompleted, ev.JobFailed,
                     ev.JobCancelled, ev.JobRejected, ev.JobsPurged})
 _Finished = ev.JobCompleted | ev.JobFailed | ev.JobCancelled | ev.JobRejected
-WAITS_KEPT = 1000
 _FINISHED = frozenset({ev.JobCompleted, ev.JobFailed, ev.JobCancelled, ev.JobRejected})
 
 
@@ -61,8 +62,8 @@ class QueueView:
     gpu_table: GpuTable
     scheduler: Scheduler | None = None
     times: dict[str, Times] = field(default_factory=dict)
-    #: The latest 1,000 waits from submission to first dispatch (``avg_wait_seconds``): a
-    #: bounded deque, where a list cut at each dispatch moved 1,000 items every time.
+    #: The latest waits from submission to first dispatch: a bounded deque, where a list
+    #: cut at each dispatch moved ``WAITS_KEPT`` items every time.
     waits: deque[float] = field(default_factory=lambda: deque(maxlen=WAITS_KEPT))
     #: (head seq, second), how deep the queue was projected, and the estimates so far.
     _estimates: tuple[tuple[int, int], int, dict[str, Estimate]] | None = None
