@@ -401,18 +401,39 @@ async def listed(api: TestClient[Any, Any], job_id: str,
 
 
 def test_the_average_wait_is_that_of_the_latest_thousand_first_dispatches() -> None:
-    view, seq = QueueView(SchedulerState(), GpuTable()), 0
+    state = SchedulerState()
+    view, seq = QueueView(state, GpuTable()), 0
 
     def fold(t: float, event: ev.Event) -> None:
         nonlocal seq
         seq += 1
-        view.evolve(Record(seq, t, "system", event, b""))
+        for read_model in (state, view):  # as the server folds them: the state first
+            read_model.evolve(Record(seq, t, "system", event, b""))
 
     for i in range(1001):
         fold(0.0, ev.JobSubmitted(job=ev.JobSpec(job_id=f"j{i}", user="u", priority=10,
-                                                 command=["true"])))
+                                                 command=["true"], gpus=0)))
     for i in range(1001):  # job i waited i + 1 seconds
         fold(i + 1.0, ev.AttemptDispatched(job_id=f"j{i}", attempt=1, node="local", gpus=[]))
+    fold(4000.0, ev.AttemptEnded(job_id="j5", attempt=1, outcome="lost"))
+    fold(4000.0, ev.JobRequeued(job_id="j5", next_attempt=2, reason="lost"))
     fold(5000.0, ev.AttemptDispatched(job_id="j5", attempt=2, node="local", gpus=[]))
     # Waits 2 to 1001: the oldest left, and a second attempt is no wait in the queue.
     assert view.stats()["avg_wait_seconds"] == 501.5
+
+
+async def test_a_retried_job_shows_no_completion_until_it_ends_again(
+        api: TestClient[Any, Any], orch: Orchestrator, tmp_path: Path) -> None:
+    job_id = (await submit(api, command=["false"], gpus=0, max_attempts=1))["job_id"]
+    await until(lambda: orch.state.jobs[job_id].status == "failed")
+    failed = await (await api.get(f"/api/jobs/{job_id}")).json()
+    assert failed["completed_at"] is not None and failed["started_at"] is not None
+    await api.post("/api/queue/concurrency", json={"local_job_max_concurrent": 1})
+    await submit(api, command=runs_until(tmp_path, "go"), gpus=0)  # holds the one slot
+    retry = await api.post(f"/api/queue/{job_id}/retry")
+    assert retry.status == 200 and (await retry.json())["status"] == "pending"
+    retried = await (await api.get(f"/api/jobs/{job_id}")).json()
+    assert retried["status"] == "pending" and retried["completed_at"] is None
+    assert retried["queued_at"] == failed["queued_at"]
+    assert retried["started_at"] == failed["started_at"]  # its last start, until the next
+    (tmp_path / "go").touch()

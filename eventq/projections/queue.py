@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import msgspec
-
 from eventq import events as ev
 from eventq.actors.allocator import GpuTable
 from eventq.actors.scheduler import Scheduler
@@ -37,31 +35,20 @@ RUNNING = ("dispatched", "running")
 
 #: First dispatches whose waits ``avg_wait_seconds`` averages (the latest).
 WAITS_KEPT = 1000
-_TIMED = frozenset({ev.JobSubmitted, ev.AttemptDispatched, ev.JobCompleted, ev.JobFailed,
-                    ev.JobCancelled, ev.JobRejected, ev.JobsPurged})
-_Finished = ev.JobCompleted | ev.JobFailed | ev.JobCancelled | ev.JobRejected
-_FINISHED = frozenset({ev.JobCompleted, ev.JobFailed, ev.JobCancelled, ev.JobRejected})
-
-
-class Times(msgspec.Struct, gc=False):
-    """A job's times, one per job known: a struct, not a ``__dict__`` (~70 B less each),
-    built in C (a start builds one per job in the log) and not tracked by the collector."""
-
-    submitted_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
 
 
 @dataclass
 class QueueView:
-    READS: ClassVar[frozenset[type]] = _TIMED
+    #: Only what the scheduler's state does not keep: the wait before each first dispatch.
+    #: A job's times are the state's (``JobState.queued_at``, ``dispatched_at``,
+    #: ``finished_at``), which a retry clears as it should.
+    READS: ClassVar[frozenset[type]] = frozenset({ev.AttemptDispatched})
     #: Each event type's step, for the log to call straight (``eventq.log.Fold``).
     STEPS: ClassVar[dict[type, Callable[[QueueView, Any, Record], None]]]
 
     state: SchedulerState
     gpu_table: GpuTable
     scheduler: Scheduler | None = None
-    times: dict[str, Times] = field(default_factory=dict)
     #: The latest waits from submission to first dispatch: a bounded deque, where a list
     #: cut at each dispatch moved ``WAITS_KEPT`` items every time.
     waits: deque[float] = field(default_factory=lambda: deque(maxlen=WAITS_KEPT))
@@ -81,21 +68,10 @@ class QueueView:
         if step is not None:
             step(self, record.event, record)
 
-    def _submitted(self, e: ev.JobSubmitted, record: Record) -> None:
-        self.times[e.job.job_id] = Times(record.time)
-
     def _dispatched(self, e: ev.AttemptDispatched, record: Record) -> None:
-        t = self.times[e.job_id]
-        if t.started_at is None:
-            self.waits.append(record.time - t.submitted_at)
-        t.started_at = record.time
-
-    def _finished(self, e: _Finished, record: Record) -> None:
-        self.times[e.job_id].finished_at = record.time
-
-    def _purged(self, e: ev.JobsPurged, record: Record) -> None:
-        for job_id in e.job_ids:
-            self.times.pop(job_id, None)
+        """Folded after the state (``Orchestrator._assemble``): the job is known."""
+        if e.attempt == 1:  # its first: attempts count from 1 (``Scheduler._dispatch``)
+            self.waits.append(record.time - self.state.jobs[e.job_id].queued_at)
 
     def now(self) -> float:
         assert self.scheduler is not None
@@ -173,7 +149,7 @@ class QueueView:
         job = self.state.jobs.get(job_id)
         if job is None:
             return None
-        spec, times = job.spec, self.times[job_id]
+        spec = job.spec
         out: dict[str, Any] = {
             "job_id": job_id, "name": spec.name, "user": spec.user, "team": spec.team,
             "status": job.status, "priority": spec.effective_base,
@@ -181,8 +157,8 @@ class QueueView:
                                                      self.state.limits),
             "gpus": spec.gpus, "allocated_gpus": job.gpus, "node": job.node,
             "target": spec.target, "attempt": job.attempt, "max_attempts": spec.max_attempts,
-            "queued_at": times.submitted_at, "started_at": times.started_at,
-            "completed_at": times.finished_at, "exit_code": job.exit_code, "error": job.error,
+            "queued_at": job.queued_at, "started_at": job.dispatched_at,
+            "completed_at": job.finished_at, "exit_code": job.exit_code, "error": job.error,
             "metadata": redact_value(spec.metadata) if spec.metadata else spec.metadata,
         }
         if job.status in PARKED or job.status in GATED:
@@ -343,9 +319,7 @@ STATUS_WORDS: dict[str, tuple[str, ...]] = {
 }
 
 
-QueueView.STEPS = {ev.JobSubmitted: QueueView._submitted,
-                   ev.AttemptDispatched: QueueView._dispatched, ev.JobsPurged: QueueView._purged,
-                   **{kind: QueueView._finished for kind in _FINISHED}}
+QueueView.STEPS = {ev.AttemptDispatched: QueueView._dispatched}
 
 
 class UnknownStatus(ValueError):
