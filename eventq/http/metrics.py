@@ -29,8 +29,9 @@ from eventq.server import Orchestrator
 
 routes = web.RouteTableDef()
 
-#: What ``Metrics.on_append`` notes.
-READS = frozenset({ev.AttemptDispatched, ev.JobSubmitted, ev.JobCancelled, ev.JobRejected})
+#: What ``Metrics.on_append`` notes: the moment a dispatch is decided. A submission is not
+#: noted: its time is the job's (``JobState.queued_at``), which the state keeps anyway.
+READS = frozenset({ev.AttemptDispatched})
 STATUSES = (*GATED, *WAITING, *PARKED, *RUNNING, *TERMINAL)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 WAIT_BUCKETS = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
@@ -105,38 +106,34 @@ class Metrics:
         self.submit_to_dispatch = Histogram(
             "eventq_submit_to_dispatch_seconds",
             "From a job's submission to its first dispatch being durable (includes time spent "
-            "waiting in the queue; jobs submitted to this process only).",
+            "waiting in the queue; first dispatches this process decided).",
             registry=self.registry, buckets=WAIT_BUCKETS)
         self.commit_batch = Histogram(
             "eventq_log_commit_batch_events", "Events written by one commit of the log.",
             registry=self.registry, buckets=BATCH_BUCKETS)
-        self._submitted: dict[str, float] = {}
         self._decided: dict[int, float] = {}
         self._clock: Callable[[], float] = time.monotonic
 
     def on_append(self, record: Record) -> None:
-        """A fold subscriber: runs inside ``append``, so it only notes a time."""
-        e = record.event
-        if isinstance(e, ev.AttemptDispatched):
-            self._decided[record.seq] = self._clock()
-        elif isinstance(e, ev.JobSubmitted):
-            self._submitted[e.job.job_id] = self._clock()
-        elif isinstance(e, ev.JobCancelled | ev.JobRejected):
-            self._submitted.pop(e.job_id, None)
+        """A fold subscriber of dispatches: runs inside ``append``, so it only notes a time."""
+        self._decided[record.seq] = self._clock()
 
     def on_durable(self, records: Sequence[Record]) -> None:
-        now = self._clock()
+        now, jobs = self._clock(), self.orch.state.jobs
         self.commit_batch.observe(len(records))
         for record in records:
             e = record.event
             if not isinstance(e, ev.AttemptDispatched):
                 continue
             decided = self._decided.pop(record.seq, None)
-            if decided is not None:
-                self.dispatch_latency.observe(now - decided)
-            submitted = self._submitted.pop(e.job_id, None)
-            if submitted is not None:
-                self.submit_to_dispatch.observe(now - submitted)
+            if decided is None:
+                continue
+            durable_after = now - decided
+            self.dispatch_latency.observe(durable_after)
+            job = jobs.get(e.job_id)
+            if e.attempt == 1 and job is not None:  # its first (``Scheduler._dispatch``)
+                # The log's times to the decision, then this process's clock to the disk.
+                self.submit_to_dispatch.observe(record.time - job.queued_at + durable_after)
 
     def attach(self) -> None:
         self.orch.log.subscribe(self.on_append, READS)
