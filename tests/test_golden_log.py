@@ -18,7 +18,9 @@ import msgspec
 import pytest
 
 from eventq import events as ev
-from eventq import replay
+from eventq import gpus, replay
+from eventq.log import EventLog
+from eventq.server import Orchestrator
 
 GOLDEN = Path(__file__).parent / "golden"
 LOG = GOLDEN / "events.db"
@@ -154,3 +156,27 @@ def test_every_stored_limits_event_says_its_local_job_limit() -> None:
     written = msgspec.msgpack.decode(ev.encode(ev.LimitsChanged(limits=ev.Limits())))
     assert set(written["limits"]) == set(ev.Limits.__struct_fields__)
     assert written["limits"]["local_job_max_concurrent"] is None
+
+
+async def test_a_start_folds_the_same_read_models_with_the_chain_hashed_here_or_aside(
+        tmp_path: Path) -> None:
+    """A large start folds its records without their hashes (``eventq.log.UNHASHED``), while
+    a second process checks the chain: every read model the server keeps must come out the
+    same as from records that carry them, or a large start would rebuild another state."""
+    folded = []
+    for aside in (False, True):
+        data = tmp_path / ("aside" if aside else "here")
+        data.mkdir()
+        shutil.copyfile(LOG, data / "events.db")
+        orch = Orchestrator(data, gpus.simulated("4xA100-80GB"))
+        orch.log = await EventLog.open(data / "events.db", orch.clock.now)
+        orch.log.aside_from_rows = 1 if aside else 2**63
+        orch._assemble()  # the server's read models, subscribed as a start subscribes them
+        with orch.state.replaying():
+            assert orch.log.replay() == 62
+        folded.append((orch.state.snapshot(), orch.gpu_table, orch.users, orch.workers,
+                       orch.sessions, orch.history.snapshots, orch.history.finished,
+                       orch.history.bars, orch.history.now(), orch.notifications.owed,
+                       orch.queue.waits, orch.requests))
+        await orch.log.close()
+    assert folded[0] == folded[1]
