@@ -402,6 +402,10 @@ class GpusAllocated(Event, frozen=True, tag="gpus_allocated"):
     gpus: list[int]
 
 
+#: A job's first dispatch is its attempt 1; each one after it takes the next number.
+FIRST_ATTEMPT = 1
+
+
 class AttemptDispatched(Event, frozen=True, tag="attempt_dispatched"):
     job_id: str
     attempt: int

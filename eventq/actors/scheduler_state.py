@@ -45,6 +45,7 @@ class JobState(msgspec.Struct, gc=False):
     order: int
     queued_at: float
     status: str = "pending"
+    #: The latest attempt's number (0: never dispatched; ``ev.FIRST_ATTEMPT`` next).
     attempt: int = 0
     #: An attempt is alive (dispatched or running, also while a cancel takes effect).
     active: bool = False

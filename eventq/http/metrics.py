@@ -131,7 +131,7 @@ class Metrics:
             durable_after = now - decided
             self.dispatch_latency.observe(durable_after)
             job = jobs.get(e.job_id)
-            if e.attempt == 1 and job is not None:  # its first (``Scheduler._dispatch``)
+            if e.attempt == ev.FIRST_ATTEMPT and job is not None:
                 # The log's times to the decision, then this process's clock to the disk.
                 self.submit_to_dispatch.observe(record.time - job.queued_at + durable_after)
 

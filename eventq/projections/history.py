@@ -505,6 +505,7 @@ class History:
         # a few among many open ones.
         open_jobs = sum(len(state.by_status.get(status, ())) for status in OPEN)
         jobs = self._jobs_since(last) if len(self.changed) < open_jobs else self._open_jobs(last)
+        self.changed = {}
         frame = self._frame(jobs)
         self.snapshots.append(frame)
         self.snapshot_seqs.append(frame.seq)
@@ -530,7 +531,6 @@ class History:
             row = row_of(job)
             if last.get(job_id) != row:
                 jobs[job_id] = row
-        self.changed = {}
         return jobs
 
     def _open_jobs(self, last: dict[str, JobRow]) -> dict[str, JobRow]:
@@ -539,7 +539,6 @@ class History:
         for job_id, row in jobs.items():
             if last.get(job_id) == row:
                 jobs[job_id] = last[job_id]
-        self.changed = {}
         return jobs
 
     def _thin(self) -> None:

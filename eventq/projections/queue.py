@@ -70,7 +70,7 @@ class QueueView:
 
     def _dispatched(self, e: ev.AttemptDispatched, record: Record) -> None:
         """Folded after the state (``Orchestrator._assemble``): the job is known."""
-        if e.attempt == 1:  # its first: attempts count from 1 (``Scheduler._dispatch``)
+        if e.attempt == ev.FIRST_ATTEMPT:
             self.waits.append(record.time - self.state.jobs[e.job_id].queued_at)
 
     def now(self) -> float:
