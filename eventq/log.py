@@ -485,6 +485,12 @@ def _connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA page_size=16384")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        # A commit's multi-row INSERTs keep a statement journal (the pages to restore if
+        # a row failed), and past 64 KiB (four pages) SQLite spills it to a file in its
+        # temporary directory ($SQLITE_TMPDIR, $TMPDIR, /var/tmp), created and deleted at
+        # each commit: a full /tmp, where training jobs spill, stopped the log with
+        # "disk is full" while the data disk had room. In memory, the log needs one disk.
+        conn.execute("PRAGMA temp_store=MEMORY")
         conn.executescript(SCHEMA)
     except BaseException:
         conn.close()

@@ -146,3 +146,30 @@ def test_a_disk_that_fills_stops_the_server_and_loses_nothing_acknowledged(
         assert missing == [], f"{len(missing)} of {len(acked)} acknowledged jobs lost"
         verified = serverproc.eventq("replay", "verify", "--data-dir", str(data))
         assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def fill(where: Path) -> None:
+    """Write into ``where`` until its file system has no room left."""
+    with (where / "filler").open("wb", buffering=0) as out, pytest.raises(OSError):
+        while True:
+            out.write(b"\0" * 4096)
+
+
+def test_a_full_temporary_directory_stops_no_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite keeps a commit's statement journal in its temporary directory
+    (``$SQLITE_TMPDIR``, ``$TMPDIR``, else ``/var/tmp``) once it outgrows 64 KiB, a few
+    16 KiB pages. On a GPU machine that directory is where training jobs spill, not the
+    data disk: a full one must not stop the queue, whose own disk has room."""
+    with tmpfs(tmp_path / "tmp", "64k") as tmp:
+        fill(tmp)
+        monkeypatch.setenv("SQLITE_TMPDIR", str(tmp))
+        data = tmp_path / "data"
+        with serverproc.running(data, tmp_path / "stderr") as server:
+            acked = submit_until_refused(server, clients=16, most=1_600)
+            alive = server.proc.poll() is None
+        lines = (tmp_path / "stderr").read_text()
+        assert alive and len(acked) == 1_600, (len(acked), lines[-400:])
+        assert "FATAL" not in lines
+        verified = serverproc.eventq("replay", "verify", "--data-dir", str(data))
+        assert verified.returncode == 0, verified.stdout + verified.stderr
