@@ -530,13 +530,25 @@ def insert_statements(rows: Sequence[Row]) -> Iterator[tuple[str, list[object]]]
             at += size
 
 
+class ReaderFailed(Exception):
+    """A durable subscriber raised on a commit's records: what it keeps (processes started,
+    workers told, lines written) may lack them, so the process stops as for a failed commit."""
+
+
 def _fail_stop(exc: BaseException) -> None:
     """One line, then exit at once: no further reply, dispatch or process start can go out
-    on memory the disk did not take; the next start folds what the log holds."""
-    sys.stderr.write(f"eventq: FATAL: the event log could not be written ({exc or repr(exc)}); "
-                     "stopping now: nothing unwritten was acknowledged. Restart once the disk "
-                     "is writable and has room: the log is the truth\n")
-    sys.stderr.flush()
+    on memory the disk did not take, or on a reader that missed a commit; the next start
+    folds what the log holds. The line is lost, never the exit, if stderr is gone."""
+    if isinstance(exc, ReaderFailed):
+        line = f"eventq: FATAL: {exc}; stopping now: every acknowledged event is in the log. " \
+               "Restart: the log is the truth\n"
+    else:
+        line = f"eventq: FATAL: the event log could not be written ({exc or repr(exc)}); " \
+               "stopping now: nothing unwritten was acknowledged. Restart once the disk " \
+               "is writable and has room: the log is the truth\n"
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(line)
+        sys.stderr.flush()
     os._exit(70)
 
 
@@ -811,11 +823,23 @@ class EventLog:
         self.committed_events += len(rows)
         if future is not None and not future.done():
             future.set_result(None)
+        return self._tell_durable(records)
+
+    def _tell_durable(self, records: list[Record]) -> bool:
+        """Hand a commit's records to the durable subscribers; False once one has failed
+        and stopped the log (a failure ended this task before, and every later commit
+        with it, while the server went on taking submissions it never answered)."""
         for subscriber, reads in self.durable_subscribers:
-            if reads is None:
-                subscriber(records)
-            elif mine := [r for r in records if type(r.event) in reads]:
-                subscriber(mine)
+            try:
+                if reads is None:
+                    subscriber(records)
+                elif mine := [r for r in records if type(r.event) in reads]:
+                    subscriber(mine)
+            except Exception as exc:  # noqa: BLE001 - any failure stops the process
+                self.on_fatal(ReaderFailed(
+                    f"{getattr(subscriber, '__qualname__', subscriber)} failed on the commit "
+                    f"up to seq {records[-1].seq}: {exc!r}"))
+                return False
         return True
 
     async def _on_writer(self, step: Callable[[], None]) -> None:

@@ -10,10 +10,13 @@ stamped with their events' own time: the server's hot path pays a few microsecon
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import os
 import sys
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import msgspec
 import structlog
@@ -107,3 +110,60 @@ class Lines:
             self.stream.write("\n".join(self.kept))
             self.stream.flush()
             self.kept.clear()
+
+
+class Outlet(io.TextIOBase):
+    """A stream a server or worker writes lines to, whose failures cost those lines and
+    never the process. When whoever read the server's stderr went away (a pipe's reader ended,
+    journald restarted without keeping its streams), every write raised
+    ``BrokenPipeError``, wherever it was made: in the log's commit loop it stopped every
+    commit after it. A broken pipe never mends, so its descriptor is then pointed at
+    ``/dev/null``, and what was buffered for it goes there too; any other failure (a full
+    disk under a redirected file) drops the write and tries the next."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+        #: Writes and flushes that failed.
+        self.lost = 0
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as exc:
+            self._failed(exc)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        self.lost += 1
+        if isinstance(exc, BrokenPipeError):
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self.stream.fileno())
+                os.close(devnull)
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def writable(self) -> bool:
+        return True
+
+
+def keep_writing() -> None:
+    """A long-running process's stdout and stderr (the server's, a worker's) as
+    ``Outlet``s, for every writer that finds them in ``sys``: structlog's (so before
+    ``configure``, which hands it the stream), the action log's, the fail-stop line, the
+    announcement. A command keeps its own: ``eventq jobs list | head`` ends with 141."""
+    if not isinstance(sys.stderr, Outlet):
+        sys.stderr = cast(TextIO, Outlet(sys.stderr))
+    if not isinstance(sys.stdout, Outlet):
+        sys.stdout = cast(TextIO, Outlet(sys.stdout))

@@ -446,3 +446,31 @@ async def test_a_restarted_agent_reports_what_ended_while_away_and_stops_what_wa
     assert [m["job_id"] for m in seen if m["type"] == "started"] == ["later"]
     assert ledger.read_text() == "ran\n"
     conn.done.set()
+
+
+def test_a_worker_whose_lines_lost_their_reader_runs_its_jobs(cluster: Cluster,
+                                                               tmp_path: Path) -> None:
+    """Whoever read the worker's output went away (journald restarted, a ``tee`` ended):
+    its next line raised ``BrokenPipeError`` and the worker exited with 141, leaving its
+    jobs to wait for a worker that would never come back. Lines are lost now; jobs are not."""
+    server = cluster.server()
+    created = server.call("POST", "/api/admin/workers",
+                          {"name": "quiet", "worker_type": "persistent", "labels": {}})
+    proc = subprocess.Popen(
+        [EVENTQ, "worker", "--url", server.url, "--token", created["token"], "--data-dir",
+         str(tmp_path / "quiet"), "--grace", "1", "--gpus", "1xA100-80GB"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=clean_env())
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if b"] connected " in line:
+                break
+        proc.stdout.close()  # the reader goes away
+        jobs = [server.submit("echo ran", gpus=1) for _ in range(3)]
+        for job in jobs:
+            server.wait_job(job, "completed")
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        code = proc.wait(15)
+    assert code == 0

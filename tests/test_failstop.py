@@ -173,3 +173,34 @@ def test_a_full_temporary_directory_stops_no_commit(
         assert "FATAL" not in lines
         verified = serverproc.eventq("replay", "verify", "--data-dir", str(data))
         assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_server_whose_lines_lost_their_reader_goes_on(tmp_path: Path) -> None:
+    """Whoever read the server's stderr went away (journald restarted, the ``tee`` of
+    ``eventq server 2>&1 | tee`` ended). The next line's write raised ``BrokenPipeError`` in
+    the log's commit loop and ended it: the server went on taking submissions, answered
+    none, and would not stop. Lines are lost now; the queue is not."""
+    data = tmp_path / "data"
+    proc = subprocess.Popen(serverproc.server_argv(data), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=serverproc.clean_env(),
+                            start_new_session=True)
+    try:
+        line = serverproc.first_line(proc, 60)
+        assert line is not None and line.startswith(serverproc.LISTENING), line
+        assert proc.stderr is not None
+        proc.stderr.close()  # the reader goes away
+        server = serverproc.Server(proc, line[len(serverproc.LISTENING):].split()[0],
+                                   (data / "admin.token").read_text().strip())
+        jobs = []
+        for _ in range(5):
+            status, reply = server.call("POST", "/api/queue/submit",
+                                        {"command": ["sh", "-c", "echo ran"], "gpus": 1})
+            assert status == 200, reply
+            jobs.append(reply["job_id"])
+        serverproc.wait_until(lambda: all(
+            server.call("GET", f"/api/jobs/{job}")[1]["status"] == "completed"
+            for job in jobs), "the jobs to complete")
+        assert proc.poll() is None
+    finally:
+        code = serverproc.end(proc)
+    assert code == 0  # SIGTERM still stops it, cleanly

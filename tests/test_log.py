@@ -6,7 +6,7 @@ import asyncio
 import sqlite3
 import stat
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from eventq.log import (
     EventLog,
     HeadTrust,
     LogCorrupt,
+    ReaderFailed,
     Record,
     anchor_mac,
     chain_hash,
@@ -424,6 +425,27 @@ async def test_a_failed_commit_stops_the_process(open_log: OpenLog, path: Path) 
     with pytest.raises(RuntimeError, match="event log write failed"):
         await appended.durable
     assert len(stopped) == 1 and isinstance(stopped[0], sqlite3.IntegrityError)
+
+
+async def test_a_reader_that_fails_on_a_commit_stops_the_process(
+        open_log: OpenLog) -> None:
+    """A durable subscriber that raised (the action log's stderr gone: its reader closed
+    the pipe) ended the commit loop silently: the server took submissions and answered
+    none, and would not stop. The process stops as for a failed commit, saying who failed."""
+    stopped: list[BaseException] = []
+    log = await open_log(on_fatal=stopped.append)
+    told: list[int] = []
+
+    def lines_gone(records: Sequence[Record]) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    log.on_durable(lines_gone)
+    log.on_durable(lambda records: told.extend(r.seq for r in records))
+    await log.append("system", [limits_event(1)]).durable
+    await log.close()  # the commit loop has ended; it raised the pipe's error before
+    assert len(stopped) == 1 and isinstance(stopped[0], ReaderFailed)
+    assert "lines_gone" in str(stopped[0]) and "Broken pipe" in str(stopped[0])
+    assert told == []  # no reader after the failed one acts on the commit
 
 
 def test_old_schema_versions_are_upcast_on_read() -> None:

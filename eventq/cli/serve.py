@@ -161,6 +161,7 @@ def run_server(args: argparse.Namespace) -> int:
         tls.advertised_url(args.host, args.port, "https", args.advertise_url)
     except tls.TlsError as exc:
         raise CliError(str(exc)) from None
+    serverlog.keep_writing()  # lines lost, never the queue (serverlog.Outlet)
     serverlog.configure(args.log_format, args.log_level)
     try:
         inventory = gpus.detect(args.gpus)

@@ -168,6 +168,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
         args.max_runtime = read_time_left(asked)
     config = _config(args, url, token, allocated)
+    serverlog.keep_writing()  # lines lost, never the attempts it runs (serverlog.Outlet)
     serverlog.configure(args.log_format)
     try:
         return asyncio.run(Agent(config).run())
