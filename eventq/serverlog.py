@@ -167,3 +167,8 @@ def keep_writing() -> None:
         sys.stderr = cast(TextIO, Outlet(sys.stderr))
     if not isinstance(sys.stdout, Outlet):
         sys.stdout = cast(TextIO, Outlet(sys.stdout))
+
+
+def lines_lost() -> int:
+    """Writes to this process's stdout and stderr that failed and were dropped."""
+    return sum(stream.lost for stream in (sys.stdout, sys.stderr) if isinstance(stream, Outlet))

@@ -201,6 +201,10 @@ def test_a_server_whose_lines_lost_their_reader_goes_on(tmp_path: Path) -> None:
             server.call("GET", f"/api/jobs/{job}")[1]["status"] == "completed"
             for job in jobs), "the jobs to complete")
         assert proc.poll() is None
+        status, metrics = server.call("GET", "/metrics")
+        lost = next(float(ln.split()[-1]) for ln in metrics.splitlines()
+                    if ln.startswith("eventq_lines_lost_total "))
+        assert status == 200 and lost >= 1  # what an operator sees of the lines gone
     finally:
         code = serverproc.end(proc)
     assert code == 0  # SIGTERM still stops it, cleanly

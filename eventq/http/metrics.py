@@ -21,6 +21,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 from eventq import events as ev
+from eventq import serverlog
 from eventq.actors.scheduler_state import PARKED, TERMINAL
 from eventq.http.common import ORCH, ApiError
 from eventq.log import Record
@@ -89,6 +90,10 @@ class StateCollector:
                                   value=log.commits)
         yield CounterMetricFamily("eventq_log_committed_events",
                                   "Events committed by this process.", value=log.committed_events)
+        yield CounterMetricFamily("eventq_lines_lost", "Writes of the server's lines dropped "
+                                  "because they failed (their reader gone, their disk full); "
+                                  "the event log holds what they said.",
+                                  value=serverlog.lines_lost())
 
 
 class Metrics:
