@@ -122,7 +122,7 @@ class LocalNode:
         if code == runner.CLAIMED:
             log.error("attempt_already_claimed", job_id=key[0], attempt=key[1])
         else:
-            await runner.end_group(pid, self.grace_seconds)
+            await runner.end_group(pid, self.grace_seconds, key)
         self._ended(key, AttemptReport(*key, "ended", exit_code=code))
 
     def _ended(self, key: tuple[str, int], report: AttemptReport) -> None:
@@ -175,8 +175,9 @@ class LocalNode:
             elif seen.state == "exited":
                 found["exited"] += 1
                 ended = AttemptReport(*key, "ended", pid=seen.pid, exit_code=seen.exit_code)
-                if seen.pid is not None and procgroup.left_behind(seen.pid):
-                    self._spawn_task(self._after_group(seen.pid, ended))  # a straggler
+                if seen.pid is not None and (procgroup.left_behind(seen.pid)
+                                             or procgroup.strays(*key)):
+                    self._spawn_task(self._after_group(seen.pid, key, ended))  # a straggler
                 else:
                     self._report(ended)
             else:
@@ -187,13 +188,14 @@ class LocalNode:
                 self._report(AttemptReport(*key, "ended", outcome="lost", detail=why))
         return found
 
-    async def _after_group(self, pgid: int, ended: AttemptReport) -> None:
-        await runner.end_group(pgid, self.grace_seconds)
+    async def _after_group(self, pgid: int, key: tuple[str, int],
+                           ended: AttemptReport) -> None:
+        await runner.end_group(pgid, self.grace_seconds, key)
         self._report(ended)
 
     async def _watch_adopted(self, key: tuple[str, int], pid: int, directory: Path) -> None:
         code = await runner.wait_foreign(pid, directory)
-        await runner.end_group(pid, self.grace_seconds)
+        await runner.end_group(pid, self.grace_seconds, key)
         if code is None:
             self._ended(key, AttemptReport(*key, "ended", outcome="lost",
                                            detail="adopted process ended without an exit code"))

@@ -40,3 +40,27 @@ def left_behind(pgid: int) -> bool:
     except (OSError, IndexError):
         leader_state = b"Z"
     return leader_state == b"Z" and alive(pgid)
+
+
+def strays(job_id: str, attempt: int) -> list[int]:
+    """Live processes of the attempt, found by the variables every one of them inherits
+    (``EVENTQ_JOB_ID``, ``EVENTQ_ATTEMPT``; ``runner.job_env`` sets them last, over any the
+    submitter exported): what left the attempt's process group (a daemon the job forked
+    calls ``setsid``) is still among them, and still holds the attempt's GPUs.
+
+    A process's environment reads only where this one may signal it (the same user, or
+    root), and a zombie's reads empty: it holds nothing and is not counted. Costs a read
+    of each process's environment (~4 µs each on the machine of docs/performance.md)."""
+    marks = (f"\0EVENTQ_JOB_ID={job_id}\0".encode(), f"\0EVENTQ_ATTEMPT={attempt}\0".encode())
+    me, found = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as environ:
+                env = b"\0" + environ.read()
+        except OSError:
+            continue
+        if all(mark in env for mark in marks):
+            found.append(int(name))
+    return found

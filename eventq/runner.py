@@ -18,6 +18,7 @@ agent that renews it is alive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -233,22 +234,43 @@ def _settle(done: asyncio.Future[None]) -> None:
 GROUP_POLL = 0.02
 
 
-async def end_group(pgid: int, grace: float) -> None:
-    """After the wrapper: stop what the job left in its group and wait until it is gone.
+async def end_group(pgid: int, grace: float, attempt: tuple[str, int] | None = None) -> None:
+    """After the wrapper: stop what the job left and wait until it is gone.
 
     An attempt ends only when nothing of it is left to hold its GPUs, so the next attempt
     there never starts beside a straggler (a child that outlived ``sh -c``, a daemon the
     job forked): SIGTERM at once, SIGKILL after the grace, as Slurm does at a job's end.
+    What it left is its process group and, given ``attempt`` (job id, number), every
+    process that carries its variables: a daemon leaves the group with ``setsid``.
     """
-    if not procgroup.left_behind(pgid) or not signal_group(pgid, signal.SIGTERM):
+    def left() -> list[int]:
+        return procgroup.strays(*attempt) if attempt is not None else []
+
+    grouped, strays = procgroup.left_behind(pgid), left()
+    if not grouped and not strays:
+        return
+    if not _signal_all(pgid if grouped else None, strays, signal.SIGTERM):
         return
     loop = asyncio.get_running_loop()
     kill_at: float | None = loop.time() + grace
-    while procgroup.left_behind(pgid):
+    while True:
+        grouped, strays = procgroup.left_behind(pgid), left()
+        if not grouped and not strays:
+            return
         if kill_at is not None and loop.time() >= kill_at:
-            signal_group(pgid, signal.SIGKILL)
+            _signal_all(pgid if grouped else None, strays, signal.SIGKILL)
             kill_at = None
         await asyncio.sleep(GROUP_POLL)
+
+
+def _signal_all(pgid: int | None, pids: list[int], sig: signal.Signals) -> bool:
+    """The group (if given) and each of ``pids``; False if none of them was left."""
+    sent = pgid is not None and signal_group(pgid, sig)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+            sent = True
+    return sent
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> bool:

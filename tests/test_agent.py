@@ -474,3 +474,26 @@ def test_a_worker_whose_lines_lost_their_reader_runs_its_jobs(cluster: Cluster,
         proc.terminate()
         code = proc.wait(15)
     assert code == 0
+
+
+def test_a_worker_frees_its_gpu_only_once_a_daemon_the_job_forked_is_gone(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """A daemon the job forked out of its process group (``setsid``) is stopped with the
+    attempt, found by the attempt's variables, and the next job on that GPU starts after."""
+    server = cluster.server()
+    cluster.worker(server, "solo")
+    ledger, stray = tmp_path / "ledger", tmp_path / "stray"
+    daemon = (f"setsid sh -c 'echo $$ > {stray}; "
+              f"trap \"sleep 0.5; echo left >> {ledger}; exit\" TERM; "
+              f"echo up >> {ledger}; while :; do sleep 0.05; done' & "
+              f"until grep -q up {ledger} 2>/dev/null; do sleep 0.01; done")
+    try:
+        first = server.submit(daemon, gpus=1)
+        second = server.submit(f"echo next >> {ledger}", gpus=1)
+        server.wait_job(second, "completed")
+        assert server.job(first)["status"] == "completed"
+        assert ledger.read_text().split() == ["up", "left", "next"]
+        assert gone(int(stray.read_text()))
+    finally:  # a daemon that was not stopped must not outlive the test
+        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+            os.kill(int(stray.read_text()), signal.SIGKILL)

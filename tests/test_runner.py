@@ -239,6 +239,30 @@ async def test_an_attempt_ends_only_when_what_it_left_in_its_group_is_gone(
             os.killpg(int(pid_file.read_text()), signal.SIGKILL)
 
 
+async def test_an_attempt_ends_only_when_a_daemon_it_forked_out_of_its_group_is_gone(
+        make_orch: MakeOrch, tmp_path: Path) -> None:
+    """A daemon the job forked leaves its process group (``setsid``): the group's SIGTERM
+    missed it, the attempt ended at once, and the next job started on its GPU beside it.
+    It keeps the attempt's variables, by which it is found, stopped and waited for."""
+    orch = await make_orch("1xA100-80GB", limits=ROOMY)
+    ledger, stray = tmp_path / "ledger", tmp_path / "stray"
+    daemon = (f"setsid sh -c 'echo $$ > {stray}; "
+              f"trap \"sleep 0.5; echo left $(date +%s%N) >> {ledger}; exit\" TERM; "
+              f"echo up >> {ledger}; while :; do sleep 0.05; done' & "
+              f"until grep -q up {ledger} 2>/dev/null; do sleep 0.01; done")
+    await submit(orch, spec("first", daemon))
+    try:
+        await submit(orch, spec("second", f"echo next $(date +%s%N) >> {ledger}"))
+        await until(lambda: orch.state.jobs["second"].status == "completed", "the second job")
+        lines = [line.split() for line in ledger.read_text().splitlines()]
+        assert [line[0] for line in lines] == ["up", "left", "next"]
+        assert int(lines[1][1]) < int(lines[2][1])
+        assert gone(int(stray.read_text()))
+    finally:  # a daemon that was not stopped must not outlive the test
+        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+            os.kill(int(stray.read_text()), signal.SIGKILL)
+
+
 async def test_a_watchdog_that_left_is_started_again_for_the_next_attempt(
         tmp_path: Path, spawned: list[int], watchdog: Watchdog) -> None:
     write_lease(tmp_path / "lease", 30.0, 0.3)

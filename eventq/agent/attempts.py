@@ -332,9 +332,11 @@ class Attempts:
         return self.stopping.is_set()
 
     async def _left_behind(self, att: Attempt) -> None:
-        """The job's process ended: the attempt ends once nothing of its group is left."""
+        """The job's process ended: the attempt ends once nothing of it is left, in its
+        group or out of it (``runner.end_group``)."""
         assert att.pid is not None
-        await runner.end_group(att.pid, self.grace_seconds if att.grace is None else att.grace)
+        await runner.end_group(att.pid, self.grace_seconds if att.grace is None else att.grace,
+                               (att.job_id, att.attempt))
         att.process_done.set()
 
     # --- watching -----------------------------------------------------------------------
