@@ -176,7 +176,7 @@ class LocalNode:
                 found["exited"] += 1
                 ended = AttemptReport(*key, "ended", pid=seen.pid, exit_code=seen.exit_code)
                 if seen.pid is not None and (procgroup.left_behind(seen.pid)
-                                             or procgroup.strays(*key)):
+                                             or procgroup.strays(*key, since=seen.pid)):
                     self._spawn_task(self._after_group(seen.pid, key, ended))  # a straggler
                 else:
                     self._report(ended)

@@ -244,7 +244,7 @@ async def end_group(pgid: int, grace: float, attempt: tuple[str, int] | None = N
     process that carries its variables: a daemon leaves the group with ``setsid``.
     """
     def left() -> list[int]:
-        return procgroup.strays(*attempt) if attempt is not None else []
+        return procgroup.strays(*attempt, since=pgid) if attempt is not None else []
 
     grouped, strays = procgroup.left_behind(pgid), left()
     if not grouped and not strays:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from eventq import events as ev
-from eventq import runner
+from eventq import procgroup, runner
 from eventq.actors.scheduler import Submit
 from eventq.agent.watchdog import FENCED_FILE, Watchdog, now
 from eventq.server import Orchestrator
@@ -237,6 +238,24 @@ async def test_an_attempt_ends_only_when_what_it_left_in_its_group_is_gone(
     finally:  # a straggler that was not stopped must not outlive the test
         with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
             os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_an_attempts_processes_are_found_by_its_variables_wherever_the_pids_stand() -> None:
+    env = {**os.environ, "EVENTQ_JOB_ID": "stray-job", "EVENTQ_ATTEMPT": "3"}
+    stray = subprocess.Popen(["sleep", "30"], env=env, start_new_session=True)
+    later = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        assert procgroup.strays("stray-job", 3) == [stray.pid]
+        assert procgroup.strays("stray-job", 3, since=stray.pid) == [stray.pid]
+        # started before the attempt's first pid: not the attempt's, and not read
+        assert procgroup.strays("stray-job", 3, since=later.pid) == []
+        # the pids have wrapped around since (the last one is below it): all are read
+        assert procgroup.strays("stray-job", 3, since=10**9) == [stray.pid]
+        assert procgroup.strays("stray-job", 30) == procgroup.strays("stray-jo", 3) == []
+    finally:
+        for proc in (stray, later):
+            proc.kill()
+            proc.wait()
 
 
 async def test_an_attempt_ends_only_when_a_daemon_it_forked_out_of_its_group_is_gone(
