@@ -27,11 +27,13 @@ from tests.cluster import (
     EVENTQ,
     HEARTBEAT_TIMEOUT,
     Cluster,
+    Worker,
     clean_env,
     free_port,
     gone,
     wait_for,
 )
+from tests.helpers import fill, tmpfs
 from tools.ledger import assert_no_overlaps, job_command, read_ledger
 
 pytestmark = pytest.mark.slow
@@ -497,3 +499,24 @@ def test_a_worker_frees_its_gpu_only_once_a_daemon_the_job_forked_is_gone(
     finally:  # a daemon that was not stopped must not outlive the test
         with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
             os.kill(int(stray.read_text()), signal.SIGKILL)
+
+
+def test_a_worker_whose_disk_filled_keeps_its_lease_and_its_running_job(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """The lease file was renewed as a new file renamed over the old: with the worker's
+    disk full (a job's checkpoints, a dataset cache) every renewal failed, the agent took
+    that for a lost connection, and the watchdog stopped the healthy job as lost. The
+    renewal now writes over the file's own bytes and needs no room."""
+    server = cluster.server()
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        created = server.call("POST", "/api/admin/workers",
+                              {"name": "full", "worker_type": "persistent", "labels": {}})
+        worker = Worker(server, disk / "full", created)
+        cluster.workers.append(worker)
+        worker.start("--gpus", "1xA100-80GB")
+        job = server.submit("sleep 4", gpus=1)  # it writes nothing: a full disk is no harm
+        server.wait_job(job, "running")
+        fill(disk)
+        done = server.wait_job(job, "completed")
+        assert done["node"] == created["worker_id"]
+        assert "lease_lapsed" not in worker.output() and "connect_failed" not in worker.output()

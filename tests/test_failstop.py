@@ -7,43 +7,19 @@ which needs root; elsewhere they are skipped, saying so.
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import shutil
 import socket
 import sqlite3
 import subprocess
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from eventq import lockfile
 from tests import serverproc
+from tests.helpers import fill, mount, tmpfs
 
 GATED = {"command": ["true"], "requires_approval": True, "gpus": 0}
-
-
-def mount(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
-
-
-@contextmanager
-def tmpfs(where: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` at ``where`` for the block (skips the test if none can be had)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (as CI runs): a read-only or full disk "
-                    "cannot be made otherwise for a process that owns its files")
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command on this machine")
-    where.mkdir()
-    done = mount("-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where))
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
 
 
 def assert_one_clear_line(refusal: serverproc.Refusal, *words: str) -> str:
@@ -146,13 +122,6 @@ def test_a_disk_that_fills_stops_the_server_and_loses_nothing_acknowledged(
         assert missing == [], f"{len(missing)} of {len(acked)} acknowledged jobs lost"
         verified = serverproc.eventq("replay", "verify", "--data-dir", str(data))
         assert verified.returncode == 0, verified.stdout + verified.stderr
-
-
-def fill(where: Path) -> None:
-    """Write into ``where`` until its file system has no room left."""
-    with (where / "filler").open("wb", buffering=0) as out, pytest.raises(OSError):
-        while True:
-            out.write(b"\0" * 4096)
 
 
 def test_a_full_temporary_directory_stops_no_commit(

@@ -151,6 +151,7 @@ class Agent:
             if guard is not None:
                 guard.cancel()
             left = await self.attempts.close()
+            self.lease.close()
             self._summary(left)
             lock.close()
         return 0

@@ -17,6 +17,8 @@ from pathlib import Path
 from eventq.agent.watchdog import now
 
 LEASE_FILE = "lease"
+#: The deadline's width in the file, so that every record has one length.
+RECORD_WIDTH = 20
 
 
 class Lease:
@@ -26,6 +28,7 @@ class Lease:
         self.seconds: float | None = None
         self.grace = 10.0
         self.deadline = math.inf
+        self._fd: int | None = None
 
     def grant(self, seconds: float | None, grace: float, sent_at: float) -> None:
         """A welcome's terms, counted from when the hello was sent."""
@@ -53,7 +56,19 @@ class Lease:
         return self.left <= 0
 
     def _write(self) -> None:
-        tmp = self.path.with_name(f"{LEASE_FILE}.tmp")
+        """Over the file's own bytes, at the same length each time: a renewal needs no new
+        block of the disk. It was a new file renamed over the old, so a worker whose disk
+        had filled (a job's checkpoints, a dataset cache) failed every renewal and its
+        watchdogs stopped its healthy attempts. A reader may catch a write half done;
+        ``watchdog.read_lease`` reads until two reads agree."""
         deadline = "inf" if math.isinf(self.deadline) else f"{self.deadline:.3f}"
-        tmp.write_text(f"{deadline} {self.grace:.3f}\n")
-        os.replace(tmp, self.path)
+        record = f"{deadline:>{RECORD_WIDTH}} {self.grace:.3f}\n".encode()
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.pwrite(self._fd, record, 0)
+        os.ftruncate(self._fd, len(record))  # a file an older agent wrote may be longer
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -47,6 +47,8 @@ MAX_SLEEP = 1.0
 POLL = 0.05
 #: Where its own complaints go, in the agent's data directory.
 LOG_FILE = "watchdog.log"
+#: Reads of the lease file at most, until two in a row agree.
+READS_TO_AGREE = 5
 
 
 def now() -> float:
@@ -54,9 +56,19 @@ def now() -> float:
 
 
 def read_lease(path: Path) -> tuple[float, float]:
-    """(deadline, grace) from the lease file; a lapsed lease if it cannot be read."""
+    """(deadline, grace) from the lease file; a lapsed lease if it cannot be read.
+
+    The agent writes the file in place (``Lease._write``), and a read that meets a write
+    half done could take a wrong deadline for a lapsed one: the file is read until two
+    reads in a row agree."""
     try:
-        deadline, grace = path.read_text().split()
+        text, again = path.read_bytes(), b""
+        for _ in range(READS_TO_AGREE):
+            again = path.read_bytes()
+            if again == text:
+                break
+            text = again
+        deadline, grace = text.split()
         return float(deadline), float(grace)
     except (OSError, ValueError):
         return 0.0, 1.0
