@@ -108,6 +108,35 @@ def test_the_environment_and_directory_of_the_submitter_are_sent(
     assert (work / "out").read_text().split() == [str(work), "from-the-shell"]
 
 
+def test_text_that_is_not_utf8_is_named_and_the_rest_of_the_shell_is_sent(
+        server: tuple[Path, Any], tmp_path: Path) -> None:
+    """A shell variable holding bytes of another encoding (Latin-1, a file name's bytes):
+    every submission from that shell was refused as "request body is not valid JSON". The
+    variable is left out, saying so; a command word of such bytes is named, nothing sent."""
+    data, _ = server
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environb.items() if not k.startswith(b"EVENTQ_")}
+    env.update({b"LATIN1_SETTING": b"caf\xe9", b"MY_SETTING": b"from-the-shell"})
+    done = subprocess.run([EVENTQ, "jobs", "submit", "--data-dir", str(data), "--gpus", "0",
+                           "--", "sh", "-c", "echo $MY_SETTING > out"],
+                          cwd=work, env=env, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert b"eventq: not exported, not UTF-8 text: LATIN1_SETTING\n" in done.stderr
+    for _ in range(300):
+        if (work / "out").exists() and (work / "out").read_text():
+            break
+        time.sleep(0.02)
+    assert (work / "out").read_text() == "from-the-shell\n"
+
+    before = as_json(eventq(data, "jobs", "list", "--format", "json"))
+    bad = subprocess.run([EVENTQ, "jobs", "submit", "--data-dir", str(data), "--gpus", "0",
+                          "--", "echo", b"caf\xe9"], env=env, capture_output=True, timeout=30)
+    assert bad.returncode != 0
+    assert b"eventq: command[1] is not UTF-8 text (caf\\xe9)" in bad.stderr, bad.stderr
+    assert as_json(eventq(data, "jobs", "list", "--format", "json")) == before
+
+
 def test_bad_input_gets_a_message_and_a_nonzero_exit(server: tuple[Path, Any]) -> None:
     data, _ = server
     too_many = eventq(data, "jobs", "submit", "--gpus", "9", "--", "true", check=False)

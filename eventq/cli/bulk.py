@@ -28,7 +28,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from eventq import jobscheduler as jsv2
 from eventq.cli import output
-from eventq.cli.client import Client, CliError, quote
+from eventq.cli.client import Client, CliError, exportable_environ, quote
 from eventq.cli.output import emit_json
 from eventq.jobscheduler import (
     BEGIN,
@@ -270,7 +270,7 @@ def _shared_fields(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_export_env and args.target != "worker":
         shared["exported_cwd"] = os.getcwd()
     if args.export_env and args.target != "worker":
-        shared["exported_env"] = dict(os.environ)
+        shared["exported_env"] = exportable_environ()
     return shared
 
 

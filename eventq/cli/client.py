@@ -130,7 +130,7 @@ class Client:
         import urllib.error
         import urllib.request
 
-        data = None if body is None else cjson.dumps(body).encode()
+        data = None if body is None else request_body(body)
         req = urllib.request.Request(self.url + path, data=data, method=method, headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
         try:
@@ -166,7 +166,7 @@ class Client:
                ) -> tuple[int, bytes]:
         """One plain-HTTP request on its own connection: the status and the body."""
         netloc, host, port, target = split_http_url(self.url + path)
-        data = b"" if body is None else cjson.dumps(body).encode()
+        data = b"" if body is None else request_body(body)
         try:
             head = (f"{method} {target} HTTP/1.1\r\nHost: {netloc}"
                     f"\r\nAuthorization: Bearer {self.token}\r\nContent-Type: "
@@ -221,6 +221,65 @@ def parse_sse(lines: Iterator[bytes] | Any) -> Iterator[ServerSentEvent]:
             last_id = value
     if data:
         yield ServerSentEvent(event or "message", "\n".join(data), last_id)
+
+
+def request_body(body: Any) -> bytes:
+    """``body`` as the request's JSON. A word, path or variable of the shell that is not
+    UTF-8 (bytes of another encoding) is held by Python as lone surrogates, which JSON
+    escapes and the server refuses, the whole request, as "not valid JSON": it is named
+    here instead, with what it holds."""
+    text = cjson.dumps(body)
+    if "\\ud" in text and (found := not_utf8(body, "")):
+        where, value = found
+        raise CliError(f"{where or 'the request'} is not UTF-8 text ({shown(value)}); eventq "
+                       "sends requests as JSON, which carries UTF-8 only")
+    return text.encode()
+
+
+def not_utf8(value: Any, where: str) -> tuple[str, str] | None:
+    """Where in ``value`` the first text that is not UTF-8 is, and that text."""
+    if isinstance(value, str):
+        return None if _utf8(value) else (where, value)
+    items = value.items() if isinstance(value, dict) else \
+        enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if not isinstance(key, str):
+            inner = f"{where}[{key}]"
+        elif not _utf8(key):
+            return f"a name in {where or 'the request'}", key
+        else:
+            inner = f"{where}.{key}" if where else key
+        if found := not_utf8(item, inner):
+            return found
+    return None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(text: str) -> str:
+    """``text`` with the bytes that are not UTF-8 as ``\\xNN``."""
+    return text.encode(errors="surrogateescape").decode(errors="backslashreplace")
+
+
+def exportable_environ() -> dict[str, str]:
+    """This shell's variables, for a job run on the server's machine: those that are UTF-8
+    text; the others (bytes of another encoding) are named on stderr and left out, rather
+    than the whole submission refused for one of them."""
+    env, left = {}, []
+    for name, value in os.environ.items():
+        if _utf8(name) and _utf8(value):
+            env[name] = value
+        else:
+            left.append(shown(name))
+    if left:
+        print(f"eventq: not exported, not UTF-8 text: {', '.join(left)}", file=sys.stderr)
+    return env
 
 
 def split_http_url(url: str) -> tuple[str, str, int, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from eventq.cli import cjson
-from eventq.cli.client import Client, CliError, path_arg, quote
+from eventq.cli.client import Client, CliError, exportable_environ, path_arg, quote
 
 # What prints an answer (eventq.cli.output) loads once the answer is here: a submission's
 # request leaves before it, and its job may start while it loads.
@@ -168,7 +168,7 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
     if declared:
         out["env"] = declared
     if not args.no_export_env and args.target != "worker":
-        out["exported_cwd"], out["exported_env"] = os.getcwd(), dict(os.environ)
+        out["exported_cwd"], out["exported_env"] = os.getcwd(), exportable_environ()
     return out
 
 
