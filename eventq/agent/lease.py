@@ -66,7 +66,7 @@ class Lease:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         os.pwrite(self._fd, record, 0)
-        os.ftruncate(self._fd, len(record))  # a file an older agent wrote may be longer
+        os.ftruncate(self._fd, len(record))  # what the file held before may be longer
 
     def close(self) -> None:
         if self._fd is not None:

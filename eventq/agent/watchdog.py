@@ -62,7 +62,7 @@ def read_lease(path: Path) -> tuple[float, float]:
     half done could take a wrong deadline for a lapsed one: the file is read until two
     reads in a row agree."""
     try:
-        text, again = path.read_bytes(), b""
+        text = path.read_bytes()
         for _ in range(READS_TO_AGREE):
             again = path.read_bytes()
             if again == text:
