@@ -217,23 +217,35 @@ async def test_without_a_watchdog_to_tell_the_wrapper_runs_nothing(
     assert not ran.exists() and runner.read_exit(directory) is None
 
 
+def lingering(ledger: Path, launch: str = "", pid_file: Path | None = None) -> str:
+    """A job that leaves a child behind (started with ``launch``, e.g. ``setsid``; its pid
+    written to ``pid_file``), which takes 0.5 s to leave after SIGTERM and notes when."""
+    note = f"echo $$ > {pid_file}; " if pid_file is not None else ""
+    return (f"{launch}sh -c '{note}"
+            f"trap \"sleep 0.5; echo left $(date +%s%N) >> {ledger}; exit\" TERM; "
+            f"echo up >> {ledger}; while :; do sleep 0.05; done' & "
+            f"until grep -q up {ledger} 2>/dev/null; do sleep 0.01; done")
+
+
+async def assert_the_next_starts_once_it_left(orch: Orchestrator, ledger: Path) -> None:
+    """A second job on the same GPU writes only after the first one's child has left."""
+    await submit(orch, spec("second", f"echo next $(date +%s%N) >> {ledger}"))
+    await until(lambda: orch.state.jobs["second"].status == "completed", "the second job")
+    lines = [line.split() for line in ledger.read_text().splitlines()]
+    assert [line[0] for line in lines] == ["up", "left", "next"]
+    assert int(lines[1][1]) < int(lines[2][1])
+
+
 async def test_an_attempt_ends_only_when_what_it_left_in_its_group_is_gone(
         make_orch: MakeOrch, tmp_path: Path) -> None:
     """``sh -c`` exits at once and leaves a child that takes a while to leave after
     SIGTERM: the GPU is not free, and the next job does not start, until it has left."""
     orch = await make_orch("1xA100-80GB", limits=ROOMY)
     ledger = tmp_path / "ledger"
-    straggler = (f"sh -c 'trap \"sleep 0.5; echo left $(date +%s%N) >> {ledger}; exit\" TERM; "
-                 f"echo up >> {ledger}; while :; do sleep 0.05; done' & "
-                 f"until grep -q up {ledger} 2>/dev/null; do sleep 0.01; done")
-    await submit(orch, spec("first", straggler))
+    await submit(orch, spec("first", lingering(ledger)))
     pid_file = runner.attempt_dir(orch.data_dir, "first", 1) / "pid"
     try:
-        await submit(orch, spec("second", f"echo next $(date +%s%N) >> {ledger}"))
-        await until(lambda: orch.state.jobs["second"].status == "completed", "the second job")
-        lines = [line.split() for line in ledger.read_text().splitlines()]
-        assert [line[0] for line in lines] == ["up", "left", "next"]
-        assert int(lines[1][1]) < int(lines[2][1])
+        await assert_the_next_starts_once_it_left(orch, ledger)
         assert orch.state.jobs["first"].status == "completed"
     finally:  # a straggler that was not stopped must not outlive the test
         with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
@@ -265,17 +277,9 @@ async def test_an_attempt_ends_only_when_a_daemon_it_forked_out_of_its_group_is_
     It keeps the attempt's variables, by which it is found, stopped and waited for."""
     orch = await make_orch("1xA100-80GB", limits=ROOMY)
     ledger, stray = tmp_path / "ledger", tmp_path / "stray"
-    daemon = (f"setsid sh -c 'echo $$ > {stray}; "
-              f"trap \"sleep 0.5; echo left $(date +%s%N) >> {ledger}; exit\" TERM; "
-              f"echo up >> {ledger}; while :; do sleep 0.05; done' & "
-              f"until grep -q up {ledger} 2>/dev/null; do sleep 0.01; done")
-    await submit(orch, spec("first", daemon))
+    await submit(orch, spec("first", lingering(ledger, launch="setsid ", pid_file=stray)))
     try:
-        await submit(orch, spec("second", f"echo next $(date +%s%N) >> {ledger}"))
-        await until(lambda: orch.state.jobs["second"].status == "completed", "the second job")
-        lines = [line.split() for line in ledger.read_text().splitlines()]
-        assert [line[0] for line in lines] == ["up", "left", "next"]
-        assert int(lines[1][1]) < int(lines[2][1])
+        await assert_the_next_starts_once_it_left(orch, ledger)
         assert gone(int(stray.read_text()))
     finally:  # a daemon that was not stopped must not outlive the test
         with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
