@@ -185,7 +185,11 @@ class LocalNode:
                 why = ("the process never started before the server stopped"
                        if seen.state == "never_started" else "the process vanished while the "
                        "server was down")
-                self._report(AttemptReport(*key, "ended", outcome="lost", detail=why))
+                lost = AttemptReport(*key, "ended", outcome="lost", detail=why)
+                if seen.pid is not None and procgroup.strays(*key, since=seen.pid):
+                    self._spawn_task(self._after_group(seen.pid, key, lost))  # a daemon of it
+                else:
+                    self._report(lost)
         return found
 
     async def _after_group(self, pgid: int, key: tuple[str, int],

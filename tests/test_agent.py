@@ -520,3 +520,33 @@ def test_a_worker_whose_disk_filled_keeps_its_lease_and_its_running_job(
         done = server.wait_job(job, "completed")
         assert done["node"] == created["worker_id"]
         assert "lease_lapsed" not in worker.output() and "connect_failed" not in worker.output()
+
+
+def test_a_restarted_worker_stops_a_daemon_of_an_attempt_that_vanished_while_it_was_away(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """The agent was killed, then the attempt's group (no exit code: it vanished), and a
+    daemon it forked out of the group lived on. The restarted agent stops the daemon
+    before it reports the attempt lost, so the retry never starts beside it. (It reported
+    a vanished attempt as exited without a code, and the job failed for good.)"""
+    server = cluster.server(heartbeat_timeout=6.0)
+    worker = cluster.worker(server, "box")
+    ledger, stray = tmp_path / "ledger", tmp_path / "stray"
+    job = server.submit(
+        f'if [ "$EVENTQ_ATTEMPT" = 1 ]; then setsid sh -c \'echo $$ > {stray}; '
+        f'trap "echo left >> {ledger}; exit" TERM; while :; do sleep 0.05; done\' & '
+        f'sleep 300; else echo next >> {ledger}; fi')
+    wait_for(lambda: stray.exists() and stray.read_text().strip(), "the daemon")
+    daemon = int(stray.read_text())
+    try:
+        worker.kill9()
+        pgid = int((worker.data / "jobs" / job / "1" / "pid").read_text())
+        os.killpg(pgid, signal.SIGKILL)
+        wait_for(lambda: gone(pgid), "the attempt's wrapper to be gone")
+        worker.start("--gpus", "1xA100-80GB")
+        done = server.wait_job(job, "completed")
+        assert done["attempt"] == 2  # the vanished one was lost, not a failure of the job
+        assert ledger.read_text().split() == ["left", "next"]
+        assert gone(daemon)
+    finally:  # a daemon that was not stopped must not outlive the test
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon, signal.SIGKILL)

@@ -286,6 +286,34 @@ async def test_an_attempt_ends_only_when_a_daemon_it_forked_out_of_its_group_is_
             os.kill(int(stray.read_text()), signal.SIGKILL)
 
 
+async def test_a_daemon_of_an_attempt_that_vanished_while_the_server_was_down_is_stopped(
+        make_orch: MakeOrch, tmp_path: Path) -> None:
+    """While the server was down the attempt's group was killed (no exit code: it
+    vanished), and a daemon it forked out of the group lived on. Recovery stops the daemon
+    before it reports the attempt lost, so the retry never starts beside it."""
+    ledger, stray = tmp_path / "ledger", tmp_path / "stray"
+    first = await make_orch("1xA100-80GB", limits=ROOMY)
+    await submit(first, spec("gone", (
+        f'if [ "$EVENTQ_ATTEMPT" = 1 ]; then setsid sh -c \'echo $$ > {stray}; '
+        f'trap "echo left >> {ledger}; exit" TERM; while :; do sleep 0.05; done\' & '
+        f'sleep 300; else echo next >> {ledger}; fi')))
+    await until(lambda: stray.exists() and bool(stray.read_text().strip()), "the daemon")
+    daemon = int(stray.read_text())
+    await first.stop()
+    pgid = int((first.data_dir / "jobs/gone/1/pid").read_text())
+    os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pgid, 0)
+    try:
+        second = await make_orch("1xA100-80GB", limits=ROOMY)
+        await until(lambda: second.state.jobs["gone"].status == "completed", "the retry")
+        assert ledger.read_text().split() == ["left", "next"]
+        assert gone(daemon)
+    finally:  # a daemon that was not stopped must not outlive the test
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon, signal.SIGKILL)
+
+
 async def test_a_watchdog_that_left_is_started_again_for_the_next_attempt(
         tmp_path: Path, spawned: list[int], watchdog: Watchdog) -> None:
     write_lease(tmp_path / "lease", 30.0, 0.3)

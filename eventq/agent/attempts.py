@@ -303,9 +303,11 @@ class Attempts:
                 await self._left_behind(att)  # what the job left in its group, if anything
             att.process_done.set()
             return _ended(att, seen.exit_code, "it ended while the agent was away")
-        att.process_done.set()
         if seen.pid is not None:
+            att.pid = seen.pid
+            await self._left_behind(att)  # a daemon it forked may outlive its wrapper
             return _ended(att, None, "the process vanished while the agent was away")
+        att.process_done.set()
         return Exit("start_failed", None,
                     "the agent stopped before this attempt could start; it never will")
 
@@ -473,10 +475,15 @@ async def _now(end: Exit) -> Exit:
 
 
 def _ended(att: Attempt, code: int | None, detail: str = "") -> Exit:
-    """How a process that ran ended: stopped by a lapsed lease, asked to stop, or by itself."""
+    """How a process that ran ended: stopped by a lapsed lease, asked to stop, by itself,
+    or with no exit code to tell (it vanished while the agent was away, or was adopted and
+    ended without one): lost, as the orchestrator's own node reports it, so the job runs
+    again. It was reported exited with no code, and the job failed for good."""
     if (att.directory / FENCED_FILE).exists():
         return Exit("lost", code, "stopped when the worker's lease lapsed (no answer from "
                                   "the orchestrator in time)")
+    if code is None and att.stop_reason is None:
+        return Exit("lost", None, detail)
     return Exit(att.stop_reason or "exited", code, detail)
 
 
