@@ -174,23 +174,25 @@ class LocalNode:
                 self._spawn_task(self._watch_adopted(key, seen.pid, directory))
             elif seen.state == "exited":
                 found["exited"] += 1
-                ended = AttemptReport(*key, "ended", pid=seen.pid, exit_code=seen.exit_code)
-                if seen.pid is not None and (procgroup.left_behind(seen.pid)
-                                             or procgroup.strays(*key, since=seen.pid)):
-                    self._spawn_task(self._after_group(seen.pid, key, ended))  # a straggler
-                else:
-                    self._report(ended)
+                self._report_once_gone(seen.pid, key, AttemptReport(
+                    *key, "ended", pid=seen.pid, exit_code=seen.exit_code))
             else:
                 found["vanished"] += 1
                 why = ("the process never started before the server stopped"
                        if seen.state == "never_started" else "the process vanished while the "
                        "server was down")
-                lost = AttemptReport(*key, "ended", outcome="lost", detail=why)
-                if seen.pid is not None and procgroup.strays(*key, since=seen.pid):
-                    self._spawn_task(self._after_group(seen.pid, key, lost))  # a daemon of it
-                else:
-                    self._report(lost)
+                self._report_once_gone(seen.pid, key, AttemptReport(
+                    *key, "ended", outcome="lost", detail=why))
         return found
+
+    def _report_once_gone(self, pid: int | None, key: tuple[str, int],
+                          ended: AttemptReport) -> None:
+        """Report an attempt recovery found ended once nothing of it is left: a straggler
+        in its group, or a daemon of it outside (``runner.end_group``)."""
+        if pid is not None and (procgroup.left_behind(pid) or procgroup.strays(*key, since=pid)):
+            self._spawn_task(self._after_group(pid, key, ended))
+        else:
+            self._report(ended)
 
     async def _after_group(self, pgid: int, key: tuple[str, int],
                            ended: AttemptReport) -> None:

@@ -60,7 +60,7 @@ def strays(job_id: str, attempt: int, since: int | None = None) -> list[int]:
     newer = since if since is not None and since <= _last_pid() else 0
     me, found = os.getpid(), []
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) < newer or int(name) == me:
+        if not name.isdigit() or (pid := int(name)) < newer or pid == me:
             continue
         try:
             with open(f"/proc/{name}/environ", "rb") as environ:
@@ -68,7 +68,7 @@ def strays(job_id: str, attempt: int, since: int | None = None) -> list[int]:
         except OSError:
             continue
         if all(mark in env for mark in marks):
-            found.append(int(name))
+            found.append(pid)
     return found
 
 

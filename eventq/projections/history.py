@@ -9,13 +9,12 @@ a snapshot. A snapshot copies the last one's rows (one dict copy, in C) and buil
 only for the jobs the events since then named, so the append that takes it waits for that
 copy (60-90 ms at a million open jobs), not for a row per open job (1.5 s); a start's
 replay, which names more ended jobs than there are open ones, builds a row per open job
-instead, whichever is fewer. The state at seq S
-is the last snapshot at or before S with the events after it folded in by ``fold_step``, a
-light fold of its own, from the log: a few thousand events at most, however long the log.
-Finished jobs are not copied into snapshots: each is recorded once, as it ends, in
-``finished``, which a question reads back from S. Snapshots are thinned past ``keep`` of
-them (or ``rows`` job rows in all): every other one goes and the spacing doubles, so memory
-stays bounded.
+instead, whichever is fewer. The state at seq S is the last snapshot at or before S with the
+events after it folded in by ``fold_step``, a light fold of its own, from the log: a few
+thousand events at most, however long the log. Finished jobs are not copied into
+snapshots: each is recorded once, as it ends, in ``finished``, which a question reads back
+from S. Snapshots are thinned past ``keep`` of them (or ``rows`` job rows in all): every
+other one goes and the spacing doubles, so memory stays bounded.
 
 What promises this keeps: a snapshot is what the scheduler, the allocator and the registry
 held at its seq, and ``fold_step`` changes a frame as their folds change them, field by
@@ -424,9 +423,9 @@ class History:
     fold (``fold_step``) runs only when a question needs the events after a snapshot.
 
     A snapshot rebuilds only the rows of the jobs in ``changed`` (or of every open job,
-    where those are fewer). That holds because a
-    ``JobState`` (all ``row_of`` reads) is written by ``SchedulerState.evolve`` alone, and
-    each event it folds changes at most the jobs it names: ``JobSubmitted`` its
+    where those are fewer). That holds because a ``JobState`` (all ``row_of`` reads) is
+    written by ``SchedulerState.evolve`` alone, and each event it folds changes at most the
+    jobs it names: ``JobSubmitted`` its
     ``job.job_id``, ``JobsPurged`` its ``job_ids``, every other job event its ``job_id``;
     ``LimitsChanged`` and ``SettingsChanged`` change no job (``_step_for``,
     ``tests/test_history.py`` fails on a new event type the scheduler folds that is none
